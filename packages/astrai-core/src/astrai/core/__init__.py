@@ -1,0 +1,1 @@
+"""AstrAI core: models, tokenizer, checkpoints and the inference engine."""

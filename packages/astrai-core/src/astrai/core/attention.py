@@ -1,0 +1,55 @@
+"""Grouped-query attention, with optional q/k/v bias, qk-norm and an output gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache_view import KVCacheView, KVLayout
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.scale = self.head_dim**-0.5
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.dim, q_out, bias=config.attn_bias)
+        self.k_proj = nn.Linear(config.dim, kv_out, bias=config.attn_bias)
+        self.v_proj = nn.Linear(config.dim, kv_out, bias=config.attn_bias)
+        self.o_proj = nn.Linear(q_out, config.dim, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        # Gated attention: a per-channel sigmoid gate on the attention output lets a head
+        # switch itself off, which removes attention sinks and loss spikes.
+        self.o_gate_proj = nn.Linear(config.dim, q_out, bias=False) if config.gated_attn else None
+
+    @staticmethod
+    def kv_layout(config: ModelConfig) -> KVLayout:
+        return KVLayout(config.n_layers, config.n_kv_heads, config.head_dim, config.head_dim)
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCacheView | None = None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            out = cache.attend(self.layer_idx, q, k, v, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True,
+            ).transpose(1, 2)
+        out = out.reshape(b, t, -1)
+        if self.o_gate_proj is not None:
+            out = out * torch.sigmoid(self.o_gate_proj(x))
+        return self.o_proj(out)

@@ -1,0 +1,148 @@
+"""Model configuration: one dataclass describes every architecture in the zoo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
+ATTENTION_TYPES = ("gqa", "mla")
+FFN_TYPES = ("mlp", "moe")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim: int | None = None  # None: ~8/3 * dim rounded up to a multiple of 64
+    norm_eps: float = 1e-6
+    max_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_embeddings: bool = False
+    attn_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
+    gated_attn: bool = False  # sigmoid output gate per head, computed from the input
+    attn_type: str = "gqa"
+    # Multi-head latent attention (DeepSeek-V2 style); used when attn_type == "mla".
+    q_lora_rank: int | None = None  # None: q projected directly
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    ffn_type: str = "mlp"
+    # Mixture of experts; used when ffn_type == "moe".
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2
+    moe_ffn_dim: int | None = None  # None: ffn_dim
+    moe_aux_loss_coef: float = 0.01
+    init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept on round-trip
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and self.n_heads and self.dim % self.n_heads == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = 64 * -(-int(8 * self.dim / 3) // 64)
+        if self.moe_ffn_dim is None:
+            self.moe_ffn_dim = self.ffn_dim
+        self.validate()
+
+    # -- validation -------------------------------------------------------------
+    def validate(self) -> None:
+        positive = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_len"]
+        for name in positive:
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
+                     f"must be a positive integer, got {getattr(self, name)!r}")
+        _require(self.head_dim is not None and self.head_dim > 0, "head_dim",
+                 f"must be positive; set it explicitly when dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
+        _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        _require(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        _require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        _require(self.attn_type in ATTENTION_TYPES, "attn_type", f"must be one of {ATTENTION_TYPES}, got {self.attn_type!r}")
+        _require(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}, got {self.ffn_type!r}")
+        if self.attn_type == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                _require(getattr(self, name) > 0, name, "must be > 0 for attn_type='mla'")
+            _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotary pairs)")
+            _require(not self.qk_norm, "qk_norm", "is not supported with attn_type='mla' (MLA normalises its latents)")
+        else:
+            _require(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+        if self.ffn_type == "moe":
+            _require(self.n_routed_experts > 0, "n_routed_experts", "must be > 0 for ffn_type='moe'")
+            _require(0 < self.n_activated_experts <= self.n_routed_experts, "n_activated_experts",
+                     f"must be in 1..n_routed_experts ({self.n_routed_experts}), got {self.n_activated_experts}")
+            _require(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        s = self.rope_scaling
+        if s is None:
+            return
+        _require(isinstance(s, dict), "rope_scaling", "must be a mapping like {'type': 'linear', 'factor': 2.0} or null")
+        kind = s.get("type", s.get("rope_type"))
+        _require(kind in ROPE_SCALING_TYPES + ("default",), "rope_scaling.type",
+                 f"must be one of {ROPE_SCALING_TYPES}, got {kind!r}")
+        if kind != "default":
+            factor = s.get("factor")
+            _require(isinstance(factor, (int, float)) and factor >= 1.0, "rope_scaling.factor",
+                     f"must be a number >= 1, got {factor!r}")
+        if kind == "llama3":
+            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                _require(key in s, f"rope_scaling.{key}", "is required for rope type 'llama3'")
+
+    # -- derived ------------------------------------------------------------------
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotated part of q/k."""
+        return self.qk_rope_head_dim if self.attn_type == "mla" else self.head_dim
+
+    # -- serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> "ModelConfig":
+        p = Path(path_or_text) if not str(path_or_text).lstrip().startswith("{") else None
+        try:
+            data = json.loads(p.read_text(encoding="utf-8") if p else str(path_or_text))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p or 'config text'} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"ModelConfig.{name} {message}")

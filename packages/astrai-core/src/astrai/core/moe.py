@@ -1,0 +1,49 @@
+"""Mixture of experts: top-k routed SwiGLU experts plus always-on shared experts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .mlp import MLP
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_routed_experts, config.n_activated_experts
+        self.gate = nn.Linear(config.dim, self.n_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(MLP(config.dim, config.moe_ffn_dim) for _ in range(self.n_experts))
+        shared = config.n_shared_experts * config.moe_ffn_dim
+        self.shared_experts = MLP(config.dim, shared) if shared else None
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        probs = self.gate(tokens).float().softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(tokens)
+        for e in range(self.n_experts):
+            token_idx, slot = torch.where(chosen == e)
+            if token_idx.numel():
+                y = self.experts[e](tokens[token_idx]) * weights[token_idx, slot, None]
+                out.index_add_(0, token_idx, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        if self.training:
+            self.aux_loss = self._balance_loss(probs, chosen)
+        return out.view(shape)
+
+    def _balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Switch-style load balancing: n_experts * sum_e (share of routed slots) * (mean router prob).
+
+        It equals 1 when routing is uniform and grows as experts are over- or under-used.
+        """
+        counts = torch.zeros(self.n_experts, device=probs.device).index_add_(
+            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device)
+        )
+        share = counts / chosen.numel()
+        return self.n_experts * (share * probs.mean(0)).sum()

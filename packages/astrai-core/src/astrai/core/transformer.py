@@ -1,0 +1,133 @@
+"""The decoder-only transformer shared by every architecture in the zoo.
+
+Module names follow the Hugging Face Llama layout (model.layers.N.self_attn.q_proj, ...),
+so checkpoints map onto Llama / Qwen2 / Qwen3 directories by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention
+from .config import ModelConfig
+from .kv_cache_view import KVCacheView, KVLayout
+from .masks import build_attention_mask, default_position_ids, has_packed_samples
+from .mla import LatentAttention
+from .mlp import MLP
+from .moe import MoE
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+def _attention_class(config: ModelConfig):
+    return LatentAttention if config.attn_type == "mla" else Attention
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = _attention_class(config)(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MoE(config) if config.ffn_type == "moe" else MLP(config.dim, config.ffn_dim)
+
+    def forward(self, x, cos, sin, mask, cache: KVCacheView | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TransformerModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cache: KVCacheView | None = None):
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        mask = None
+        if cache is None:
+            packed = has_packed_samples(position_ids)
+            mask = build_attention_mask(position_ids, attention_mask, packed)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model: token ids in, next-token logits out."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = TransformerModel(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCacheView | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab), or (n, vocab) for the flattened positions in logits_index.
+
+        attention_mask: (batch, seq) with 0 for padding, or a boolean (batch, 1, seq, seq) mask.
+        Packed rows are recognised by position_ids restarting at 0; samples never see each other.
+        """
+        hidden = self.model(input_ids, position_ids, attention_mask, cache)
+        if logits_index is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logits_index)
+        return self.lm_head(hidden)
+
+    # -- helpers used by the trainer and the engine ---------------------------------
+    def kv_layout(self) -> KVLayout:
+        return _attention_class(self.config).kv_layout(self.config)
+
+    def aux_loss(self) -> torch.Tensor | float:
+        """Load-balancing loss of the MoE layers from the last training forward (0 without MoE)."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        return self.config.moe_aux_loss_coef * sum(losses) / len(losses) if losses else 0.0
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.model.gradient_checkpointing = enabled
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}  # tied weights count once
+        if exclude_embeddings:
+            params.pop(id(self.model.embed_tokens.weight), None)
+            params.pop(id(self.lm_head.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, std) init; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)
+        so the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, out_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.reset_parameters()

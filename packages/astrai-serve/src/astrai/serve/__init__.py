@@ -1,0 +1,1 @@
+"""AstrAI serving: OpenAI- and Anthropic-compatible LitServe server over the core engine."""

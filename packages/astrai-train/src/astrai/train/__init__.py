@@ -1,0 +1,1 @@
+"""AstrAI training: Lightning modules, data modules and the astrai-train command."""
