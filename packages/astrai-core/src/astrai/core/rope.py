@@ -14,7 +14,7 @@ def rope_frequencies(config: ModelConfig, seq_len: int | None = None) -> tuple[t
     """Inverse frequencies (float32, rope_dim // 2) and the attention scaling applied to cos/sin."""
     dim, base = config.rope_dim, float(config.rope_theta)
     scaling = config.rope_scaling or {}
-    kind = scaling.get("type", scaling.get("rope_type", "default"))
+    kind = rope_kind(config)
     factor = float(scaling.get("factor", 1.0))
     original = int(scaling.get("original_max_position_embeddings", config.max_len))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
@@ -31,6 +31,12 @@ def rope_frequencies(config: ModelConfig, seq_len: int | None = None) -> tuple[t
     return inv_freq, 1.0
 
 
+def rope_kind(config: ModelConfig) -> str:
+    """The scaling type; both our "type" key and transformers' "rope_type" key are accepted."""
+    scaling = config.rope_scaling or {}
+    return scaling.get("type", scaling.get("rope_type", "default"))
+
+
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
@@ -44,13 +50,15 @@ def _yarn(inv_freq, dim, base, factor, original, scaling) -> tuple[torch.Tensor,
             attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
         else:
             attention = _yarn_mscale(factor)
-    beta_fast, beta_slow = float(scaling.get("beta_fast", 32)), float(scaling.get("beta_slow", 1))
+    beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):  # the original YaRN rounds the ramp to whole dimensions
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
     keep = 1.0 - ramp.clamp(0, 1)  # 1 where the original (extrapolated) frequency is kept
     blended = (inv_freq / factor) * (1 - keep) + inv_freq * keep
@@ -77,7 +85,7 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         inv_freq, self.attention_scaling = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.dynamic = (config.rope_scaling or {}).get("type") == "dynamic"
+        self.dynamic = rope_kind(config) == "dynamic"
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq

@@ -1,0 +1,307 @@
+"""Save and load model directories in the Hugging Face layout.
+
+    config.json                     our config, or a Llama/Qwen2/Qwen3 one (see hf_config.py)
+    generation_config.json          bos/eos ids for generation tools
+    model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    tokenizer.json, tokenizer_config.json, chat_template.jinja   when a tokenizer is given
+
+Loading builds the model on the meta device and assigns the tensors read from disk straight
+onto the target device, so weights are never materialised twice. Every way a directory can
+be wrong ends in a CheckpointError that names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .hf_config import HFConfigError, from_hf_dict, to_hf_dict
+from .rope import RotaryEmbedding, rope_frequencies
+from .transformer import CausalLM
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_TIED_KEY = "lm_head.weight"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
+class CheckpointError(ValueError):
+    """A model directory cannot be read or written; the message names the file and the tensor."""
+
+
+# -- saving ---------------------------------------------------------------------------------
+def save_pretrained(model: CausalLM, path: str | Path, tokenizer=None, max_shard_size: int | str = "2GB") -> Path:
+    """Write `model` (and `tokenizer`) as a directory that we and transformers can both load."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"save_pretrained expects an astrai CausalLM, got {type(model).__name__}")
+    config = model.config
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but config.vocab_size is {config.vocab_size}; "
+            "build the model with vocab_size >= the tokenizer's vocab_size"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = _tensors_to_save(model)
+    dtype = next(iter(tensors.values())).dtype
+    _write_json(path / CONFIG_FILE, to_hf_dict(config, str(dtype).removeprefix("torch.")))
+    _write_generation_config(path, config, tokenizer)
+    _write_weights(path, tensors, parse_size(max_shard_size))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _tensors_to_save(model: CausalLM) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop(_TIED_KEY)  # the same storage as embed_tokens; safetensors refuses shared tensors
+    meta = [name for name, t in state.items() if t.is_meta]
+    if meta:
+        raise CheckpointError(f"cannot save a model whose weights are on the meta device (e.g. {meta[0]!r})")
+    return state
+
+
+def _write_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # an older save must not leave shards the new index ignores
+    shards = _split(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(_to_cpu(shards[0]), path / WEIGHTS_FILE, metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(_to_cpu(shard), path / name, metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_json(path / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy shards in state-dict order; a tensor bigger than max_bytes gets a shard of its own."""
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+
+
+def _write_generation_config(path: Path, config: ModelConfig, tokenizer) -> None:
+    bos = config.bos_token_id if config.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+    eos = config.eos_token_id if config.eos_token_id is not None else _tokenizer_stops(tokenizer)
+    pad = config.pad_token_id if config.pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+    if bos is None and eos is None:
+        (path / GENERATION_CONFIG_FILE).unlink(missing_ok=True)
+        return
+    gen = {"bos_token_id": bos, "eos_token_id": eos}
+    if pad is not None:
+        gen["pad_token_id"] = pad
+    _write_json(path / GENERATION_CONFIG_FILE, gen)
+
+
+def _tokenizer_stops(tokenizer) -> int | list[int] | None:
+    stops = list(getattr(tokenizer, "stop_token_ids", None) or [])
+    return None if not stops else stops[0] if len(stops) == 1 else stops
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in "2GB" (powers of 1000, as transformers reads it), "500MiB" (powers of 1024) or an int."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise CheckpointError(f"max_shard_size must be positive, got {size}")
+        return size
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
+    if not match or match.group(2) not in units or float(match.group(1)) <= 0:
+        raise CheckpointError(f"max_shard_size {size!r} is not a size; use e.g. '2GB', '500MiB' or a number of bytes")
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# -- loading --------------------------------------------------------------------------------
+def load_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a model directory (ours, or a Llama / Qwen2 / Qwen3 one)."""
+    path = _model_dir(path)
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found; a model directory needs config.json next to its weights")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: must hold a JSON object, got {type(data).__name__}")
+    try:
+        return from_hf_dict(data)
+    except HFConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> CausalLM:
+    """Load a model directory straight onto `device` in `dtype` (default: the stored dtype).
+
+    The model comes back in eval mode, like a freshly loaded Hugging Face model.
+    """
+    path = _model_dir(path)
+    config = load_config(path)
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop(_TIED_KEY)
+    state = _read_weights(path, expected, device, dtype)
+    model.load_state_dict(state, strict=False, assign=True)  # keys were checked above, tied head aside
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):  # non-persistent: never on disk, still on meta
+            module.register_buffer("inv_freq", rope_frequencies(config)[0].to(device), persistent=False)
+    return model.eval()
+
+
+def _read_weights(path: Path, expected: dict[str, tuple], device: torch.device, dtype) -> dict[str, torch.Tensor]:
+    files = _weight_files(path)
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for file, listed in files.items():
+        for name, tensor in _read_file(path / file, listed, expected, device, dtype):
+            if name in state:
+                raise CheckpointError(f"{file}: tensor {name!r} is also stored in {origin[name]}")
+            state[name], origin[name] = tensor, file
+    tied = _TIED_KEY not in expected and _TIED_KEY in state
+    if tied:
+        _check_tied_copy(state, origin)
+    missing = [name for name in expected if name not in state]
+    if missing:
+        where = INDEX_FILE if len(files) > 1 else next(iter(files))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}; the weights do not match config.json")
+    if dtype is None:  # keep the stored dtype; a mixed checkpoint follows its embeddings
+        target = state["model.embed_tokens.weight"].dtype
+        for name in state:
+            state[name] = state[name].to(target)
+    return state
+
+
+def _read_file(
+    file: Path, listed: set[str] | None, expected: dict[str, tuple], device, dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in one safetensors file, checking names and shapes first."""
+    if not file.is_file():
+        raise CheckpointError(f"{file.name}: not found in {file.parent}")
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            names = list(f.keys())
+            absent = sorted((listed or set()) - set(names))
+            if absent:
+                raise CheckpointError(f"{file.name}: tensor {absent[0]!r} is listed in {INDEX_FILE} but not in the file")
+            for name in names:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # old transformers checkpoints saved this derived buffer
+                shape = tuple(f.get_slice(name).get_shape())
+                _check_tensor(file.name, name, shape, expected)
+                tensor = f.get_tensor(name)
+                yield name, tensor if dtype is None else tensor.to(dtype)
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{file.name}: not a readable safetensors file ({e}); it is corrupt or truncated, save or copy it again"
+        ) from None
+
+
+def _check_tensor(file: str, name: str, shape: tuple, expected: dict[str, tuple]) -> None:
+    if name == _TIED_KEY and name not in expected:
+        return  # a tied model stored with its lm_head copy; checked against embed_tokens below
+    if name not in expected:
+        raise CheckpointError(
+            f"{file}: unexpected tensor {name!r} {shape}; the config does not describe such a weight "
+            "(wrong config.json, or a checkpoint of another architecture)"
+        )
+    if shape != expected[name]:
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {shape} but the config expects {expected[name]}")
+
+
+def _check_tied_copy(state: dict[str, torch.Tensor], origin: dict[str, str]) -> None:
+    head = state.pop(_TIED_KEY)
+    embed = state.get("model.embed_tokens.weight")
+    if embed is not None and not torch.equal(head, embed):
+        raise CheckpointError(
+            f"{origin[_TIED_KEY]}: tensor {_TIED_KEY!r} differs from 'model.embed_tokens.weight' but config.json says "
+            "the embeddings are tied; set tie_word_embeddings (astrai: tie_embeddings) to false"
+        )
+
+
+def _weight_files(path: Path) -> dict[str, set[str] | None]:
+    """{file name: tensor names the index puts there (None without an index)}."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files: dict[str, set[str]] = {}
+            for name, file in weight_map.items():
+                files.setdefault(file, set()).add(name)
+            return files
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' of tensor -> file): {e!r}") from None
+    if (path / WEIGHTS_FILE).is_file():
+        return {WEIGHTS_FILE: None}
+    others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+    hint = f"; found {others}: convert them to safetensors" if others else ""
+    raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
+
+
+def _model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: model directory not found")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is a file; pass the model directory that holds config.json")
+    return path
+
+
+def _resolve_device(device) -> torch.device:
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    if name not in _DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)} or a torch.dtype")
+    return _DTYPES[name]
