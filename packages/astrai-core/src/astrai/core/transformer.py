@@ -50,14 +50,14 @@ class TransformerModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cache: KVCacheView | None = None):
+        # Packing can only be present when the caller gives position ids; checking for it
+        # costs a host sync, so the common path (no position ids) skips it.
+        packed = position_ids is not None and cache is None and has_packed_samples(position_ids)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
-        mask = None
-        if cache is None:
-            packed = has_packed_samples(position_ids)
-            mask = build_attention_mask(position_ids, attention_mask, packed)
+        mask = None if cache is not None else build_attention_mask(position_ids, attention_mask, packed)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
