@@ -22,7 +22,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        probs = self.gate(tokens).float().softmax(dim=-1)
+        # Route in at least float32 (bf16 ties flip expert choices) but never below the input's precision.
+        probs = self.gate(tokens).to(torch.promote_types(tokens.dtype, torch.float32)).softmax(dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(tokens)
@@ -42,8 +43,8 @@ class MoE(nn.Module):
 
         It equals 1 when routing is uniform and grows as experts are over- or under-used.
         """
-        counts = torch.zeros(self.n_experts, device=probs.device).index_add_(
-            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device)
+        counts = torch.zeros(self.n_experts, device=probs.device, dtype=probs.dtype).index_add_(
+            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device, dtype=probs.dtype)
         )
         share = counts / chosen.numel()
         return self.n_experts * (share * probs.mean(0)).sum()
