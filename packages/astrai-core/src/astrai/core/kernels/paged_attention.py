@@ -1,0 +1,50 @@
+"""Attention that reads the paged KV cache in place.
+
+Layout (one layer): k_cache (num_pages, page_size, n_kv_heads, k_dim) and v_cache
+(num_pages, page_size, n_kv_heads, v_dim). For multi-head latent attention v_cache is None
+and the values are the first v_dim channels of the keys (the cached latent).
+
+A step's queries are flattened over sequences ("varlen"): q (n_tokens, n_heads, k_dim),
+sequence b owns rows query_start[b]:query_start[b+1]; these are its newest tokens, so
+with context length seq_lens[b] the i-th of its q_len queries sits at position
+seq_lens[b] - q_len + i and sees keys 0..that position. Decode (q_len = 1), prefill and
+chunked prefill are the same call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None):
+    """Gather each sequence's pages and run SDPA: the CPU path, and the oracle for the kernel."""
+    n_heads = q.shape[1]
+    v_dim = v_dim if v_cache is None else v_cache.shape[-1]
+    out = q.new_empty(q.shape[0], n_heads, v_dim)
+    page_size = k_cache.shape[1]
+    starts = query_start.tolist()
+    for b, ctx in enumerate(seq_lens.tolist()):
+        lo, hi = starts[b], starts[b + 1]
+        if hi == lo:
+            continue
+        pages = page_table[b, : -(-ctx // page_size)]
+        k = k_cache[pages].flatten(0, 1)[:ctx]
+        v = k[..., :v_dim] if v_cache is None else v_cache[pages].flatten(0, 1)[:ctx]
+        q_len = hi - lo
+        mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
+        o = F.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )
+        out[lo:hi] = o.transpose(0, 1)
+    return out
+
+
+def paged_attention(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None):
+    """Triton kernel on CUDA, the reference elsewhere. max_q_len avoids a host sync when known."""
+    if q.is_cuda:
+        from .paged_attention_triton import paged_attention_triton
+
+        return paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim, max_q_len)
+    return paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim)

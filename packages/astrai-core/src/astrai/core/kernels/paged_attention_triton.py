@@ -1,0 +1,98 @@
+"""Triton flash-attention over a paged KV cache (varlen queries, causal, GQA/MQA/MLA).
+
+One program handles BLOCK_M query tokens x all query heads of one KV head, so each key/value
+page is read once per group of heads; keys are streamed BLOCK_N at a time with an online
+softmax. Decode steps (one query token per sequence) use small BLOCK_M.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_attention_kernel(
+    Q, K, V, O, page_table, seq_lens, query_start, scale,
+    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_pt,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    b = tl.program_id(0)
+    mblk = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_begin = tl.load(query_start + b)
+    q_len = tl.load(query_start + b + 1) - q_begin
+    if mblk * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(seq_lens + b)
+    rows = tl.arange(0, BLOCK_M * GROUP_P)
+    tok = mblk * BLOCK_M + rows // GROUP_P
+    g = rows % GROUP_P
+    head = kvh * GROUP + g
+    row_ok = (tok < q_len) & (g < GROUP)
+    qpos = ctx - q_len + tok
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
+                mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    m_i = tl.full([BLOCK_M * GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUP_P], tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP_P, BLOCK_DV], tl.float32)
+    # Keys past the last query of this block are never visible: stop there.
+    kv_end = tl.minimum(ctx, ctx - q_len + (mblk + 1) * BLOCK_M)
+    qk_scale = scale * 1.4426950408889634  # log2(e): use exp2
+    for start in range(0, kv_end, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < kv_end
+        page = tl.load(page_table + b * stride_pt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        slot = n % PAGE
+        k = tl.load(K + page[None, :] * stride_kp + slot[None, :] * stride_ks + kvh * stride_kh + dk[:, None],
+                    mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
+        s = tl.dot(q, k) * qk_scale
+        visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
+                    mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(O + (q_begin + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+
+
+def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None):
+    n_tokens, n_heads, dk = q.shape
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1, "last dims must be contiguous"
+    n_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    v = k_cache if v_cache is None else v_cache
+    dv = v_dim if v_cache is None else v_cache.shape[-1]
+    out = q.new_empty(n_tokens, n_heads, dv)
+    group = n_heads // n_kv_heads
+    group_p = triton.next_power_of_2(group)
+    batch = seq_lens.shape[0]
+    if max_q_len is None:
+        max_q_len = int((query_start[1:] - query_start[:-1]).max())
+    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    wide = block_dk > 128  # MLA latents: keep tiles small enough for shared memory
+    # tl.dot needs >= 16 rows; decode fills them with heads, prefill with tokens.
+    rows = 16 if max_q_len == 1 or wide else 64
+    block_m = max(rows // group_p, 1)
+    block_n = 32 if wide else 64
+    grid = (batch, triton.cdiv(max_q_len, block_m), n_kv_heads)
+    _paged_attention_kernel[grid](
+        q, k_cache, v, out, page_table, seq_lens, query_start, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), page_table.stride(0),
+        GROUP=group, GROUP_P=group_p, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        DK=dk, DV=dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+        num_warps=8 if wide else 4, num_stages=1 if wide else 2,
+    )
+    return out
