@@ -1,0 +1,25 @@
+"""Inference engine: paged KV cache, prefix cache, continuous batching and batched sampling.
+
+    from astrai.core.engine import InferenceEngine, SamplingParams
+    engine = InferenceEngine(model, tokenizer)
+    print(engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))[0].text)
+"""
+
+from .attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
+from .engine import InferenceEngine, parse_bytes
+from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
+from .params import SamplingParams
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "Completion",
+    "EngineError",
+    "InferenceEngine",
+    "Sample",
+    "SamplingParams",
+    "StreamEvent",
+    "TokenLogprob",
+    "TorchPagedAttention",
+    "parse_bytes",
+]

@@ -1,0 +1,127 @@
+"""Attention over the paged KV cache for one flattened step.
+
+A step runs the new tokens of every scheduled sequence as one row (varlen). The metadata
+says where each sequence's queries sit in that row, how long its context is, and which
+pages hold its keys. A backend turns queries plus the page pool into attention outputs;
+`TorchPagedAttention` is the reference in plain PyTorch for CPU and GPU. A fused kernel
+(Triton, FlexAttention) plugs in by implementing the same two methods, `prepare` and
+`__call__`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout, shared by every layer.
+
+    slot_mapping (T,): flat pool slot (page * page_size + offset) of each new token.
+    query_start (B + 1,): where each sequence's new tokens begin in the flattened row.
+    context_lens (B,): tokens each sequence attends to, the new ones included.
+    page_table (B, max_pages): each sequence's pages in order, padded with 0.
+    The *_list fields hold the same numbers as Python ints, for backends that loop.
+    """
+
+    slot_mapping: torch.Tensor
+    query_start: torch.Tensor
+    context_lens: torch.Tensor
+    page_table: torch.Tensor
+    page_size: int
+    query_start_list: list[int]
+    context_lens_list: list[int]
+
+
+class AttentionBackend(Protocol):
+    def prepare(self, meta: AttentionMetadata) -> Any:
+        """Work done once per step (index tensors, kernel plans); passed to every call."""
+        ...
+
+    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, state: Any,
+                 scale: float) -> torch.Tensor:
+        """q (T, H, Dk); k_pool (slots, Hkv, Dk); v_pool (slots, Hkv, Dv) -> (T, H, Dv)."""
+        ...
+
+
+def build_metadata(
+    query_lens: list[int], context_lens: list[int], pages: list[list[int]], page_size: int, device
+) -> AttentionMetadata:
+    """Metadata for sequences whose new tokens are the last query_lens[i] of context_lens[i]."""
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    width = max(len(p) for p in pages)
+    table = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.long)
+    ctx = torch.tensor(context_lens, dtype=torch.long)
+    qlen = torch.tensor(query_lens, dtype=torch.long)
+    # Absolute position of every new token, then the slot that holds it.
+    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), qlen)
+    first_pos = (ctx - qlen)[seq_of_token]
+    pos = first_pos + torch.arange(int(qlen.sum())) - torch.tensor(starts[:-1], dtype=torch.long)[seq_of_token]
+    slots = table[seq_of_token, pos // page_size] * page_size + pos % page_size
+    return AttentionMetadata(
+        slot_mapping=slots.to(device), query_start=torch.tensor(starts, device=device), context_lens=ctx.to(device),
+        page_table=table.to(device), page_size=page_size, query_start_list=starts, context_lens_list=list(context_lens),
+    )
+
+
+@dataclass
+class _TorchPlan:
+    decode_tokens: torch.Tensor | None  # (Bd,) row positions of one-token sequences
+    decode_slots: torch.Tensor | None  # (Bd, L) slots of their contexts, padded
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, L) True where the slot is part of the context
+    prefills: list[tuple[int, int, torch.Tensor]]  # (query start, query length, context slots)
+
+
+class TorchPagedAttention:
+    """Gather each sequence's keys/values from its pages and run SDPA.
+
+    One-token (decode) sequences are batched into a single padded SDPA call; sequences with
+    several new tokens (prefill chunks) get one causal call each, with their earlier context
+    in front.
+    """
+
+    def prepare(self, meta: AttentionMetadata) -> _TorchPlan:
+        starts, ctx, ps = meta.query_start_list, meta.context_lens_list, meta.page_size
+        decode = [i for i in range(len(ctx)) if starts[i + 1] - starts[i] == 1]
+        prefill = [i for i in range(len(ctx)) if starts[i + 1] - starts[i] > 1]
+        device = meta.slot_mapping.device
+        plan = _TorchPlan(None, None, None, [])
+        if decode:
+            rows = torch.tensor(decode, device=device)
+            width = max(ctx[i] for i in decode)
+            pos = torch.arange(width, device=device)
+            table = meta.page_table.index_select(0, rows)
+            plan.decode_slots = table.gather(1, (pos // ps).expand(len(decode), -1)) * ps + pos % ps
+            plan.decode_mask = (pos < meta.context_lens.index_select(0, rows)[:, None])[:, None, None, :]
+            plan.decode_tokens = meta.query_start.index_select(0, rows)
+        for i in prefill:
+            pos = torch.arange(ctx[i], device=device)
+            slots = meta.page_table[i, pos // ps] * ps + pos % ps
+            plan.prefills.append((starts[i], starts[i + 1] - starts[i], slots))
+        return plan
+
+    def __call__(self, q, k_pool, v_pool, plan: _TorchPlan, scale: float) -> torch.Tensor:
+        out = q.new_empty(q.shape[0], q.shape[1], v_pool.shape[-1])
+        if plan.decode_tokens is not None:
+            qd = q.index_select(0, plan.decode_tokens).unsqueeze(2)  # (Bd, H, 1, Dk)
+            kd = k_pool[plan.decode_slots].transpose(1, 2)  # (Bd, Hkv, L, Dk)
+            vd = v_pool[plan.decode_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
+            out.index_copy_(0, plan.decode_tokens, od.squeeze(2))
+        for start, n, slots in plan.prefills:
+            qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # (1, H, n, Dk)
+            kp = k_pool[slots].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, Dk)
+            vp = v_pool[slots].transpose(0, 1).unsqueeze(0)
+            ctx = slots.shape[0]
+            # Query i sits at position ctx - n + i and sees keys up to there.
+            mask = None if ctx == n else torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
+                                                scale=scale, enable_gqa=True)
+            out[start : start + n] = op.squeeze(0).transpose(0, 1)
+        return out
