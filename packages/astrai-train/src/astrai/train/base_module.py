@@ -1,0 +1,242 @@
+"""What every training module shares: building the model, LoRA, gradient checkpointing,
+torch.compile, the optimizer and LR schedule, throughput/MFU logging and export on fit end.
+
+Batch contract (produced by astrai.train.data, consumed by the subclasses):
+  labels[b, t] is the token to predict after input_ids[b, :t+1]; -100 = no target.
+  seq / sft: input_ids, labels (B, T) [, position_ids (B, T) restarting at 0 per packed sample]
+             [, attention_mask (B, T) 1 = token, 0 = padding]
+  dpo: {chosen,rejected}_{input_ids,labels,attention_mask} (B, T) [, ref_{chosen,rejected}_logps (B,)]
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from astrai.core.auto import AutoModel
+from astrai.core.config import ModelConfig
+from astrai.core.tokenizer import AutoTokenizer
+from astrai.core.transformer import CausalLM
+
+from .export import export_model
+from .lora import LoRAConfig, apply_lora
+from .metrics import Throughput, flops_per_token, mfu, peak_flops, precision_dtype
+from .optimizers import build_optimizer
+from .schedulers import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class BatchError(ValueError):
+    """A batch does not follow the batch contract; the message names the key and what was expected."""
+
+
+def load_tokenizer(path: str | None) -> AutoTokenizer | None:
+    if path is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"model.tokenizer: {e}") from None
+
+
+def build_model(source: str | dict[str, Any], tokenizer: AutoTokenizer | None) -> CausalLM:
+    """A model directory (ours or Hugging Face) is loaded with its weights; a ModelConfig (JSON
+    file or mapping) builds a freshly initialised model whose vocabulary and special-token ids
+    come from the tokenizer."""
+    if isinstance(source, str) and Path(source).is_dir():
+        model = AutoModel.from_pretrained(source, dtype=torch.float32)  # fp32 master weights
+        if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"model.tokenizer has {tokenizer.vocab_size} tokens but the model in {source} embeds "
+                             f"only {model.config.vocab_size}; use the tokenizer the model was trained with")
+        return model.train()
+    if isinstance(source, dict):
+        fields = dict(source)
+    elif isinstance(source, str) and Path(source).is_file():
+        fields = ModelConfig.from_json(source).to_dict()
+    else:
+        raise ValueError(f"model: {source!r} is neither a model directory nor a ModelConfig JSON file "
+                         "(nor a mapping of ModelConfig fields)")
+    if tokenizer is not None:
+        fields["vocab_size"] = tokenizer.vocab_size
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if fields.get(name) is None:
+                fields[name] = getattr(tokenizer, name)
+    return AutoModel.from_config(ModelConfig.from_dict(fields))
+
+
+def check_batch(batch: Any, required: tuple[str, ...], owner: str) -> None:
+    if not isinstance(batch, dict):
+        raise BatchError(f"{owner} expects a dict batch with keys {list(required)}, got {type(batch).__name__}")
+    missing = [k for k in required if k not in batch]
+    if missing:
+        raise BatchError(f"{owner}: batch is missing {missing} (it has {sorted(batch)}); "
+                         "see the batch contract in astrai.train.base_module")
+    shape = batch[required[0]].shape
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() == 2 and value.shape != shape:
+            raise BatchError(f"{owner}: batch[{key!r}] has shape {tuple(value.shape)}, expected {tuple(shape)} "
+                             f"like batch[{required[0]!r}]")
+
+
+class CausalLMModule(L.LightningModule):
+    """Base of SeqModule, SFTModule and DPOModule (not used on its own).
+
+    Args:
+        model: a model directory (ours or Hugging Face Llama/Qwen2/Qwen3), a ModelConfig JSON
+            file, or a mapping of ModelConfig fields; a config builds a new model whose
+            vocab_size and bos/eos/pad ids come from the tokenizer.
+        tokenizer: tokenizer directory, saved with the exported model; defaults to the model
+            directory when that holds a tokenizer.
+        optimizer: "adamw" (fused on CUDA) or "muon" (hidden 2-D weights; AdamW for the rest).
+        lr, weight_decay, betas, eps: optimizer settings (weight decay on matrices only).
+        momentum, ns_steps: Muon momentum and Newton-Schulz steps.
+        scheduler: "cosine" (warmup then cosine to min_lr_ratio * lr), "sgdr" (cosine with warm
+            restarts every cycle_steps, growing by cycle_mult) or "constant" (warmup then flat).
+        warmup_steps: linear warmup length in optimizer steps.
+        decay_steps: length of the cosine; defaults to trainer.max_steps (or the estimated
+            number of steps of an epoch-based run).
+        lora: LoRA adapters (rank, alpha, dropout, targets); only the adapters train; export merges them.
+        gradient_checkpointing: recompute each block's activations in backward (less memory).
+        compile: torch.compile the model.
+        export_dir: where to export the model on fit end; default <log_dir>/export.
+        export_on_fit_end: export when fit ends.
+        export_dtype: dtype of the exported weights (e.g. "bfloat16"); default: as trained.
+        peak_flops: the device's peak FLOP/s for MFU; default from Lightning's table of GPUs (none on CPU).
+    """
+
+    def __init__(
+        self,
+        model: str | dict[str, Any],
+        tokenizer: str | None = None,
+        *,
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        scheduler: Literal["cosine", "sgdr", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        decay_steps: int | None = None,
+        cycle_steps: int | None = None,
+        cycle_mult: float = 1.0,
+        lora: LoRAConfig | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        export_dir: str | None = None,
+        export_on_fit_end: bool = True,
+        export_dtype: str | None = None,
+        peak_flops: float | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if tokenizer is None and isinstance(model, str) and (Path(model) / "tokenizer.json").is_file():
+            tokenizer = self.hparams.tokenizer = model
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.model = build_model(model, self.tokenizer)
+        self.lora_config = lora
+        if lora is not None:
+            apply_lora(self.model, lora)
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self._throughput = Throughput()
+        self._flops_per_token: dict[int, float] = {}
+        self._peak_flops: float | None = None
+        self._checked: set[str] = set()
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+        return self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask)
+
+    # -- Lightning hooks ---------------------------------------------------------------
+    def configure_model(self) -> None:
+        # nn.Module.compile compiles in place, so parameter names (and checkpoints) are unchanged.
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
+
+    def configure_optimizers(self):
+        h = self.hparams
+        optimizer = build_optimizer(self.model, h.optimizer, lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
+                                    eps=h.eps, momentum=h.momentum, ns_steps=h.ns_steps)
+        scheduler = build_scheduler(optimizer, h.scheduler, warmup_steps=h.warmup_steps,
+                                    total_steps=self._schedule_length(), min_lr_ratio=h.min_lr_ratio,
+                                    cycle_steps=h.cycle_steps, cycle_mult=h.cycle_mult)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_length(self) -> int | None:
+        if self.hparams.decay_steps:
+            return self.hparams.decay_steps
+        if self.hparams.scheduler != "cosine":
+            return None
+        if self.trainer.max_steps > 0:
+            # Preferred over estimated_stepping_batches, which builds the train dataloader before
+            # the checkpoint is restored and so loses a resumable loader's position.
+            return self.trainer.max_steps
+        return int(self.trainer.estimated_stepping_batches)
+
+    def on_fit_start(self) -> None:
+        self._peak_flops = self.hparams.peak_flops or peak_flops(self.device, precision_dtype(self.trainer.precision))
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_on_fit_end:
+            path = export_model(self, self.export_path(), self.trainer)
+            if path is not None:
+                log.info("exported the model to %s", path)
+
+    def export_path(self) -> Path:
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir)
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(root) / "export"
+
+    # -- helpers for the subclasses ----------------------------------------------------
+    def check_once(self, batch: Any, required: tuple[str, ...], stage: str) -> None:
+        """Check a batch's keys, shapes and token-id range on the first batch of each stage
+        (the range check syncs with the device, too costly for every step)."""
+        check_batch(batch, required, type(self).__name__)
+        if stage in self._checked:
+            return
+        self._checked.add(stage)
+        vocab = self.config.vocab_size
+        for key, value in batch.items():
+            if key.endswith(("input_ids", "labels")) and value.numel():
+                bad = value[(value != -100) & ((value < 0) | (value >= vocab))] if key.endswith("labels") else \
+                    value[(value < 0) | (value >= vocab)]
+                if bad.numel():
+                    raise BatchError(f"{type(self).__name__}: batch[{key!r}] holds token id {int(bad[0])}, outside "
+                                     f"the model's vocabulary 0..{vocab - 1}; was the data tokenised with "
+                                     "another tokenizer?")
+
+    def log_throughput(self, tokens: int, seq_len: int) -> None:
+        """Log tokens/s (all devices) and MFU for a training batch of ``tokens`` tokens."""
+        per_device = self._throughput.update(tokens)
+        if per_device is None:
+            return
+        if seq_len not in self._flops_per_token:
+            self._flops_per_token[seq_len] = flops_per_token(self.model, self.config, seq_len)
+        self.log("train/tokens_per_sec", per_device * self.trainer.world_size, batch_size=1)
+        util = mfu(per_device, self._flops_per_token[seq_len], self._peak_flops)
+        if util is not None:
+            self.log("train/mfu", util, batch_size=1)
+
+    def log_lr(self) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+
+    def add_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Add the MoE load-balancing loss of the last forward (0 for dense models)."""
+        aux = self.model.aux_loss()
+        if torch.is_tensor(aux):
+            self.log("train/aux_loss", aux.detach(), batch_size=1)
+            return loss + aux
+        return loss

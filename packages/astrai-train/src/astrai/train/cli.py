@@ -1,0 +1,177 @@
+"""`astrai-train`: LightningCLI over the training modules and the data modules.
+
+    astrai-train fit --config configs/train/sft.yaml --model.lr=1e-4 --trainer.max_steps=100
+    astrai-train fit --model=sft --model.model=runs/pretrain/export --data=sft --data.train=chat.jsonl ...
+    astrai-train fit --config run.yaml --ckpt_path=last          # resume exactly where it stopped
+    astrai-train validate --config run.yaml --ckpt_path=last
+
+Every field of the model, data and trainer is a command-line flag; `--print_config` prints
+the complete configuration. Classes are picked by `class_path` or by class name
+(`--model=SFTModule`), and on the command line also by a short name: seq/pretrain, sft, dpo.
+Defaults added here: a CSV logger and the checkpoints in `<default_root_dir>/checkpoints`
+with `last.ckpt` kept (so `--ckpt_path=last` finds the previous run's state), an export
+callback (`--export.every_n_train_steps`), and the tokenizer given once for model and data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from astrai.core.checkpoint import CheckpointError
+from astrai.core.config import ConfigError
+
+from .base_module import BatchError, CausalLMModule
+from .dpo_module import DPOModule
+from .export import ModelExport
+from .seq_module import SeqModule
+from .sft_module import SFTModule
+
+MODEL_ALIASES = {
+    "seq": SeqModule, "pretrain": SeqModule, "sft": SFTModule, "dpo": DPOModule,
+}
+# The data modules, imported on demand so a missing one only matters when asked for.
+DATA_ALIASES = {
+    "seq": "astrai.train.data.pretrain.PretrainDataModule",
+    "pretrain": "astrai.train.data.pretrain.PretrainDataModule",
+    "sft": "astrai.train.data.sft.SFTDataModule",
+    "dpo": "astrai.train.data.dpo.DPODataModule",
+}
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, BatchError, FileNotFoundError)
+try:  # errors of the data modules are phrased for the user too
+    from .data.records import DataError
+
+    USER_ERRORS += (DataError,)
+except ImportError:
+    pass
+
+
+class UsageError(Exception):
+    """Bad configuration found while building the model, data or trainer."""
+
+
+def _class_path(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def expand_aliases(args: list[str]) -> list[str]:
+    """Rewrite `--model=sft` / `--data dpo` style short names into class paths."""
+    tables = {"--model": {k: _class_path(v) for k, v in MODEL_ALIASES.items()}, "--data": DATA_ALIASES}
+    tables.update({f"{flag}.class_path": table for flag, table in list(tables.items())})
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in tables and eq and value in tables[flag]:
+            arg = f"{flag}={tables[flag][value]}"
+        elif arg in tables and i + 1 < len(args) and args[i + 1] in tables[arg]:
+            out.append(arg)
+            arg = tables[arg][args[i + 1]]
+            i += 1
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _import_data_modules() -> None:
+    """Import the data modules so `--data=SFTDataModule` resolves by class name."""
+    import importlib
+
+    for path in set(DATA_ALIASES.values()):
+        try:
+            importlib.import_module(path.rsplit(".", 1)[0])
+        except ImportError:
+            pass
+
+
+class AstraiCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(ModelExport, "export")
+
+    def parse_arguments(self, parser, args) -> None:
+        if args is None:
+            args = sys.argv[1:]
+        if isinstance(args, list):
+            args = expand_aliases(args)
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = Path(config.trainer.get("default_root_dir") or ".")
+        # A logger whose files land under default_root_dir (Lightning's default would print a notice).
+        if config.trainer.get("logger") in (None, True):
+            config.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                     "init_args": {"save_dir": str(root), "name": "logs"}}
+        # A fixed checkpoint folder: a run's versioned log folder would hide last.ckpt from the next run.
+        if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
+            config.checkpoint.dirpath = str(root / "checkpoints")
+        self._share_tokenizer(config)
+
+    @staticmethod
+    def _share_tokenizer(config) -> None:
+        model_args = config.model.get("init_args") if config.get("model") else None
+        data_args = config.data.get("init_args") if config.get("data") else None
+        if model_args is None or data_args is None or "tokenizer" not in data_args:
+            return
+        if not model_args.get("tokenizer") and data_args.get("tokenizer"):
+            model_args.tokenizer = data_args.tokenizer
+        elif model_args.get("tokenizer") and not data_args.get("tokenizer"):
+            data_args.tokenizer = model_args.tokenizer
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as e:  # our constructors say which field and why
+            raise UsageError(str(e)) from e
+
+
+def _quiet_logs() -> None:
+    # Lightning's promotional tips are noise in a training log.
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "litlogger" not in record.getMessage() and "Lightning AI" not in record.getMessage()
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> AstraiCLI:
+    """Build (and by default run) the CLI; tests call this with an argument list."""
+    _quiet_logs()
+    _import_data_modules()
+    return AstraiCLI(
+        CausalLMModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        seed_everything_default=42,
+        auto_configure_optimizers=False,  # optimizer and schedule are model options (--model.lr, ...)
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"log_every_n_steps": 10},
+    )
+
+
+def main(args: list[str] | None = None) -> int:
+    try:
+        cli_main(args)
+    except (UsageError, *USER_ERRORS) as e:
+        if os.environ.get("ASTRAI_DEBUG"):
+            raise
+        print(f"astrai-train: error: {e}\n(set ASTRAI_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
