@@ -5,7 +5,7 @@
     print(engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))[0].text)
 """
 
-from .attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
+from .attention import AttentionBackend, AttentionMetadata, KernelPagedAttention, TorchPagedAttention
 from .engine import InferenceEngine, parse_bytes
 from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
 from .params import SamplingParams
@@ -16,6 +16,7 @@ __all__ = [
     "Completion",
     "EngineError",
     "InferenceEngine",
+    "KernelPagedAttention",
     "Sample",
     "SamplingParams",
     "StreamEvent",

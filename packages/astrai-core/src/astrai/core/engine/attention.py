@@ -3,9 +3,9 @@
 A step runs the new tokens of every scheduled sequence as one row (varlen). The metadata
 says where each sequence's queries sit in that row, how long its context is, and which
 pages hold its keys. A backend turns queries plus the page pool into attention outputs;
-`TorchPagedAttention` is the reference in plain PyTorch for CPU and GPU. A fused kernel
-(Triton, FlexAttention) plugs in by implementing the same two methods, `prepare` and
-`__call__`.
+`TorchPagedAttention` is plain PyTorch (the CPU path); `KernelPagedAttention` calls the
+Triton kernel of `astrai.core.kernels` on CUDA. Another kernel (FlexAttention, ...) plugs in
+by implementing the same two methods, `prepare` and `__call__`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class AttentionMetadata:
     page_size: int
     query_start_list: list[int]
     context_lens_list: list[int]
+    max_query_len: int
 
 
 class AttentionBackend(Protocol):
@@ -42,9 +43,10 @@ class AttentionBackend(Protocol):
         """Work done once per step (index tensors, kernel plans); passed to every call."""
         ...
 
-    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, state: Any,
-                 scale: float) -> torch.Tensor:
-        """q (T, H, Dk); k_pool (slots, Hkv, Dk); v_pool (slots, Hkv, Dv) -> (T, H, Dv)."""
+    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, state: Any,
+                 scale: float, v_dim: int) -> torch.Tensor:
+        """q (T, H, Dk); k_pool (pages, page_size, Hkv, Dk); v_pool likewise with Dv, or None when
+        the values are the first v_dim channels of the keys (MLA) -> (T, H, Dv)."""
         ...
 
 
@@ -67,6 +69,7 @@ def build_metadata(
     return AttentionMetadata(
         slot_mapping=slots.to(device), query_start=torch.tensor(starts, device=device), context_lens=ctx.to(device),
         page_table=table.to(device), page_size=page_size, query_start_list=starts, context_lens_list=list(context_lens),
+        max_query_len=max(query_lens),
     )
 
 
@@ -106,8 +109,10 @@ class TorchPagedAttention:
             plan.prefills.append((starts[i], starts[i + 1] - starts[i], slots))
         return plan
 
-    def __call__(self, q, k_pool, v_pool, plan: _TorchPlan, scale: float) -> torch.Tensor:
-        out = q.new_empty(q.shape[0], q.shape[1], v_pool.shape[-1])
+    def __call__(self, q, k_pool, v_pool, plan: _TorchPlan, scale: float, v_dim: int) -> torch.Tensor:
+        k_pool = k_pool.flatten(0, 1)  # (slots, Hkv, Dk)
+        v_pool = k_pool[..., :v_dim] if v_pool is None else v_pool.flatten(0, 1)
+        out = q.new_empty(q.shape[0], q.shape[1], v_dim)
         if plan.decode_tokens is not None:
             qd = q.index_select(0, plan.decode_tokens).unsqueeze(2)  # (Bd, H, 1, Dk)
             kd = k_pool[plan.decode_slots].transpose(1, 2)  # (Bd, Hkv, L, Dk)
@@ -125,3 +130,20 @@ class TorchPagedAttention:
                                                 scale=scale, enable_gqa=True)
             out[start : start + n] = op.squeeze(0).transpose(0, 1)
         return out
+
+
+class KernelPagedAttention:
+    """The fused Triton kernel (astrai.core.kernels.paged_attention); reads the pages in place."""
+
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        return meta
+
+    def __call__(self, q, k_pool, v_pool, meta: AttentionMetadata, scale: float, v_dim: int) -> torch.Tensor:
+        from ..kernels.paged_attention import paged_attention
+
+        return paged_attention(q, k_pool, v_pool, meta.page_table, meta.context_lens, meta.query_start, scale,
+                               v_dim=v_dim, max_q_len=meta.max_query_len)
+
+
+def default_backend(device: torch.device) -> AttentionBackend:
+    return KernelPagedAttention() if device.type == "cuda" else TorchPagedAttention()

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence as SequenceABC
 import torch
 from torch import nn
 
-from .attention import AttentionBackend, TorchPagedAttention, build_metadata
+from .attention import AttentionBackend, build_metadata, default_backend
 from .outputs import Completion, EngineError, Sample, StreamEvent
 from .page_allocator import PageAllocator
 from .paged_cache import PagedKVCache
@@ -57,7 +57,8 @@ class InferenceEngine:
     device: where the model and the cache live (default: the model's device).
     max_model_len: prompt + output limit per sequence (default and maximum: config.max_len);
         lowered to what the page pool can hold, so one sequence always fits.
-    attention_backend: the paged attention implementation (default: TorchPagedAttention).
+    attention_backend: the paged attention implementation (default: the Triton kernel on CUDA,
+        TorchPagedAttention elsewhere).
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class InferenceEngine:
         self.cache = PagedKVCache(layout, num_pages, page_size, dtype, self.device)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(self.allocator, page_size, max_batch_size, max_num_batched_tokens)
-        self.backend = attention_backend or TorchPagedAttention()
+        self.backend = attention_backend or default_backend(self.device)
         vocab_limit = tokenizer.vocab_size if tokenizer is not None else None
         self.sampler = Sampler(vocab_limit)
         self.eos_ids = frozenset(tokenizer.stop_token_ids if tokenizer is not None else _config_eos(config))
@@ -115,6 +116,7 @@ class InferenceEngine:
         self._ids = itertools.count()
         self._generated = 0
         self._steps = 0
+        self._computed = 0
         self._recent: deque[tuple[float, int]] = deque()
         self._ended: list[Request] = []  # finished or failed since the last step returned
 
@@ -264,7 +266,9 @@ class InferenceEngine:
             "page_size": self.page_size,
             "prefix_cache_hit_rate": s.hit_tokens / s.lookup_tokens if s.lookup_tokens else 0.0,
             "preemptions": s.num_preemptions,
+            "page_copies": s.num_page_copies,
             "steps": self._steps,
+            "computed_tokens": self._computed,
             "generated_tokens": self._generated,
             "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0,
             "weights_version": self.weights_version,
@@ -427,6 +431,7 @@ class InferenceEngine:
         for c in plan.chunks:
             self.scheduler.commit(c)
         self._steps += 1
+        self._computed += len(ids)
         if sampled:
             self._sample([c for _, c in sampled], logits)
 

@@ -54,6 +54,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order; the last one is preempted first
         self.epoch = 0  # bumped when the prefix cache is invalidated (new weights)
         self.num_preemptions = 0
+        self.num_page_copies = 0
         self.lookup_tokens = 0
         self.hit_tokens = 0
 
@@ -159,6 +160,7 @@ class Scheduler:
             old = seq.pages[start // ps]
             seq.pages[start // ps] = new = self.allocator.allocate()
             plan.copies.append((old, new))
+            self.num_page_copies += 1
             self.allocator.release(old)
         seq.pages.extend(self.allocator.allocate() for _ in range(needed))
         return True

@@ -1,0 +1,59 @@
+"""Helpers shared by the engine tests: tiny models, a full-recompute reference loop, page checks."""
+
+from __future__ import annotations
+
+import torch
+
+from astrai.core.config import ModelConfig
+from astrai.core.transformer import CausalLM
+
+WORDS = ("the a small model reads and writes text every day while we watch it learn new words "
+         "quickly slowly cat dog sun rain tree river stone light dark open close hello world").split()
+
+
+def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
+    # A large init std spreads the logits, so greedy ties (which float noise could flip) are unlikely.
+    base = dict(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                max_len=256, init_std=0.2)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> CausalLM:
+    torch.manual_seed(seed)
+    return CausalLM(tiny_config(vocab_size, **overrides)).eval()
+
+
+@torch.no_grad()
+def full_recompute_logits(model, token_ids: list[int]) -> torch.Tensor:
+    """Last-position logits of the whole sequence, with no cache at all."""
+    return model(torch.tensor([token_ids]))[0, -1].float()
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], max_tokens: int, stop_ids=()) -> list[int]:
+    """The plainest possible greedy loop: recompute everything for every token."""
+    ids, out = list(prompt), []
+    for _ in range(max_tokens):
+        token = int(full_recompute_logits(model, ids).argmax())
+        out.append(token)
+        ids.append(token)
+        if token in stop_ids:
+            break
+    return out
+
+
+def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    # Skip the 5 special tokens so prompts look like text.
+    return [torch.randint(5, vocab, (L,), generator=g).tolist() for L in lengths]
+
+
+def assert_pages_released(engine) -> None:
+    """Nothing holds a page: every page is free or merely parked in the prefix cache."""
+    alloc = engine.allocator
+    assert alloc.num_used == 0, engine.stats()
+    assert all(c == 0 for c in alloc.refcount)
+    assert alloc.num_free == alloc.num_pages
+    assert not engine.scheduler.running and not engine.scheduler.waiting
