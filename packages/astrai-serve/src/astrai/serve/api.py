@@ -1,0 +1,162 @@
+"""The LitAPI that runs in LitServe's inference worker: one engine shared by every request.
+
+LitServe spawns the worker and unpickles this object there, so the model and the engine
+(with its thread) are created in `setup()`. With `enable_async=True` and an async-generator
+`predict`, LitServe runs each request as its own task on one event loop, and those tasks all
+feed the same engine: continuous batching happens in the engine, not in LitServe.
+
+The HTTP side (server.py) sends three kinds of payload, all already validated:
+  {"op": "generate", "request_id", "prompt_ids", "params", "stream"} -> {"events": [...]}*
+  {"op": "abort", "request_id"}                                      -> {"ok": true}
+  {"op": "stats"}                                                     -> {"stats": {...}}
+Failures come back as {"error": {"status", "message", "param"}} rather than exceptions, so
+the HTTP side can answer in the client's protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, AsyncIterator
+
+import litserve as ls
+
+from .config import ServeConfig, parse_size
+
+log = logging.getLogger("astrai.serve")
+_DONE = object()
+
+
+def event_to_dict(event) -> dict[str, Any]:
+    """A StreamEvent as plain data (it crosses a process boundary)."""
+    logprobs = None
+    if event.logprobs is not None:
+        logprobs = [{"id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+                    for lp in event.logprobs]
+    return {"index": event.index, "text": event.text, "token_ids": list(event.token_ids), "logprobs": logprobs,
+            "finish_reason": event.finish_reason, "stop_reason": event.stop_reason,
+            "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
+
+
+def _error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message, "param": param}}
+
+
+class EngineAPI(ls.LitAPI):
+    def __init__(self, config: ServeConfig, spec: ls.LitSpec) -> None:
+        super().__init__(spec=spec, enable_async=True)
+        self.config = config
+        self.engine = None
+
+    # -- worker start-up ----------------------------------------------------------------
+    def setup(self, device: str) -> None:
+        import torch
+
+        from astrai.core.auto import AutoModel
+        from astrai.core.engine import InferenceEngine
+        from astrai.core.tokenizer import AutoTokenizer
+
+        logging.basicConfig(level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        cfg = self.config
+        dtype = None if cfg.dtype == "auto" else cfg.dtype
+        model = AutoModel.from_pretrained(cfg.model, dtype=dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        kv_bytes = parse_size(cfg.kv_cache_memory, "kv_cache_memory") if cfg.kv_cache_memory else None
+        self.engine = InferenceEngine(
+            model, tokenizer, max_batch_size=cfg.max_batch_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            page_size=cfg.page_size, num_pages=cfg.num_pages, kv_cache_memory=kv_bytes, device=device,
+            max_model_len=cfg.max_model_len,
+        )
+        self.engine.start()
+        self._active: set[str] = set()
+        self._aborted: deque[str] = deque(maxlen=4096)  # aborts that arrived before their request
+        stats = self.engine.stats()
+        dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+        log.info("model %s (%s, %.1fM parameters, %s) on %s; KV cache: %d pages of %d tokens, max_model_len %d; "
+                 "torch threads %d",
+                 cfg.name, cfg.model, model.num_parameters() / 1e6, dtype_name, device,
+                 stats["pages_total"], stats["page_size"], stats["max_model_len"], torch.get_num_threads())
+        host = "[::1]" if cfg.host == "::" else cfg.host
+        log.info("serving on http://%s:%d  (OpenAI: /v1/chat/completions, /v1/completions, /v1/models; "
+                 "Anthropic: /v1/messages; /health, /stats, /metrics)", host, cfg.port)
+
+    # -- request handling ---------------------------------------------------------------
+    async def decode_request(self, request: dict, **kwargs: Any) -> dict:
+        return request
+
+    async def predict(self, request: dict, **kwargs: Any) -> AsyncIterator[dict]:
+        op = request.get("op")
+        if op == "generate":
+            async for message in self._generate(request):
+                yield message
+        elif op == "abort":
+            self._abort(request["request_id"])
+            yield {"ok": True}
+        elif op == "stats":
+            yield {"stats": self.engine.stats()}
+        else:
+            yield _error(400, f"unknown operation {op!r}")
+
+    async def encode_response(self, outputs: AsyncIterator[dict], **kwargs: Any) -> AsyncIterator[dict]:
+        async for message in outputs:
+            yield message
+
+    def format_encoded_response(self, data: Any) -> Any:
+        return data  # keep dicts: the transport pickles them, no need for a JSON round trip
+
+    def _abort(self, request_id: str) -> None:
+        if request_id in self._active:
+            self.engine.abort(request_id)
+        else:
+            self._aborted.append(request_id)
+
+    async def _generate(self, request: dict) -> AsyncIterator[dict]:
+        from astrai.core.engine import SamplingParams
+
+        request_id = request["request_id"]
+        if request_id in self._aborted:
+            return  # the client left before its request reached the engine
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                params = SamplingParams(**request["params"])
+                async for event in self.engine.astream(request["prompt_ids"], params, request_id=request_id):
+                    queue.put_nowait(event_to_dict(event))
+            except ValueError as e:  # the engine's own validation, e.g. a prompt longer than it allows
+                queue.put_nowait(_error(400, str(e)))
+            except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+                log.exception("request %s failed", request_id)
+                queue.put_nowait(_error(500, f"generation failed: {type(e).__name__}: {e}"))
+            queue.put_nowait(_DONE)
+
+        self._active.add(request_id)
+        task = asyncio.create_task(pump())
+        pending: list[dict] = []
+        try:
+            while True:
+                # Take everything that is ready: under load one message carries many tokens,
+                # which keeps the per-message cost of the process hop off the token rate.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                for item in items:
+                    if item is _DONE:
+                        break
+                    if "error" in item:
+                        yield item
+                        return
+                    pending.append(item)
+                if request["stream"] and pending:
+                    yield {"events": pending}
+                    pending = []
+                if items[-1] is _DONE:
+                    break
+            if pending:
+                yield {"events": pending}
+        finally:
+            self._active.discard(request_id)
+            if not task.done():
+                self.engine.abort(request_id)
+                task.cancel()

@@ -1,0 +1,128 @@
+"""`astrai-serve`: check the model directory, then start the LitServe server.
+
+Everything that can be wrong with the settings or the model directory is found here, in the
+main process, before LitServe spawns its worker: a bad path ends with one line naming the
+file and a non-zero exit code instead of a worker traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+from .config import ServeConfig, ServeConfigError, build_config
+
+log = logging.getLogger("astrai.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="astrai-serve",
+        description="Serve an AstrAI model over HTTP with OpenAI-compatible (/v1/chat/completions, "
+                    "/v1/completions, /v1/models) and Anthropic-compatible (/v1/messages) endpoints, plus "
+                    "/health, /stats and /metrics. One continuous-batching engine serves all requests.",
+        epilog="Settings come from the defaults, then --config, then the flags given. "
+               "Example: astrai-serve --model out/sft --port 8000 --api-key secret",
+    )
+    parser.add_argument("--config", metavar="YAML", help="YAML file with any of the settings below "
+                        "(keys as the flags, without dashes: max_batch_size: 32)")
+    for f in dataclasses.fields(ServeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = int if f.type in ("int", "int | None") else str
+        default = "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.metadata.get("metavar"),
+                            help=f.metadata["help"] + default)
+    parser.add_argument("--print-config", action="store_true", help="print the resulting settings as YAML and exit")
+    return parser
+
+
+def preflight(config: ServeConfig):
+    """Load the tokenizer and check the weights on the CPU; returns the HTTP side's ModelInfo."""
+    import torch
+
+    from astrai.core.checkpoint import load_config, load_pretrained
+    from astrai.core.tokenizer import AutoTokenizer
+
+    from .generation import ModelInfo
+
+    model_config = load_config(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
+                         f"vocab_size is {model_config.vocab_size}; tokenizer and model do not belong together")
+    if config.max_model_len is not None and config.max_model_len > model_config.max_len:
+        raise ServeConfigError(f"max_model_len: {config.max_model_len} exceeds the model's max_len "
+                               f"({model_config.max_len} in config.json)")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ServeConfigError(f"device: {config.device!r} requested but CUDA is not available; use --device cpu")
+    # Reading every tensor once (names, shapes, file integrity) costs about as much as the
+    # worker's own load, and turns a broken checkpoint into one clear line here.
+    model = load_pretrained(config.model, dtype=None if config.dtype == "auto" else config.dtype, device="cpu")
+    params = model.num_parameters()
+    del model
+    log.info("model %s: %s, %.1fM parameters, context %d tokens, vocabulary %d",
+             config.name, config.model, params / 1e6, config.max_model_len or model_config.max_len,
+             tokenizer.vocab_size)
+    return ModelInfo(config.name, tokenizer, config.max_model_len or model_config.max_len,
+                     max_batch_size=config.max_batch_size, created=int(time.time()))
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServeConfigError(f"port: cannot listen on {host}:{port} ({e.strerror}); "
+                                   "stop the other server or pick another --port") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
+    try:
+        config = build_config(args.config, **overrides)
+        if config.api_key is None and os.environ.get("ASTRAI_API_KEY"):
+            config.api_key = os.environ["ASTRAI_API_KEY"]
+    except ServeConfigError as e:
+        print(f"astrai-serve: error: {e}", file=sys.stderr)
+        return 2
+    except TypeError as e:  # a YAML value of the wrong type reaching the dataclass
+        print(f"astrai-serve: error: config: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "api_key"}, sort_keys=False), end="")
+        return 0
+
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The API-server process is forked after the tokenizer was used; keep tokenizers single-threaded.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        _check_port(config.host, config.port)
+        info = preflight(config)
+    except (ServeConfigError, ValueError, OSError) as e:  # CheckpointError and tokenizer errors are ValueErrors
+        print(f"astrai-serve: error: {e}", file=sys.stderr)
+        return 1
+
+    from .server import build_server, run_server
+
+    try:
+        run_server(build_server(config, info), config)
+    except RuntimeError as e:  # LitServe: the worker failed in setup(); its log is above
+        print(f"astrai-serve: error: the inference worker failed to start ({e}); see its log above",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Server settings: one dataclass, filled from defaults < YAML file < command-line flags.
+
+Every field is also a flag of `astrai-serve` (underscores become dashes); `help` in the field
+metadata is the flag's help text, so the YAML keys and the flags cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe's run() accepts
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+class ServeConfigError(ValueError):
+    """A setting is wrong; the message names it and says what to use instead."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = _opt(None, "model directory (config.json, model.safetensors, tokenizer files)", metavar="DIR")
+    host: str = _opt("127.0.0.1", f"address to listen on: one of {', '.join(HOSTS)}")
+    port: int = _opt(8000, "port to listen on (1024-65535)")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    dtype: str = _opt("auto", f"weights dtype: {', '.join(DTYPES)} (auto: as stored)")
+    max_batch_size: int = _opt(64, "most sequences the engine decodes together")
+    max_num_batched_tokens: int = _opt(2048, "most tokens (prefill + decode) in one engine step")
+    kv_cache_memory: str | None = _opt(None, "memory for the paged KV cache, e.g. 2GiB or 512MB "
+                                             "(default: the engine's choice)", metavar="SIZE")
+    num_pages: int | None = _opt(None, "KV cache pages (overrides --kv-cache-memory)")
+    page_size: int = _opt(16, "tokens per KV cache page")
+    max_model_len: int | None = _opt(None, "longest prompt + completion in tokens (default: the model's max_len)")
+    served_model_name: str | None = _opt(None, "model name clients send and /v1/models lists "
+                                               "(default: the directory name)", metavar="NAME")
+    api_key: str | None = _opt(None, "require this key: 'Authorization: Bearer KEY' (OpenAI) or "
+                                     "'x-api-key: KEY' (Anthropic); default: $ASTRAI_API_KEY, else no auth",
+                               metavar="KEY")
+    log_level: str = _opt("info", f"one of {', '.join(LOG_LEVELS)}")
+
+    def validate(self) -> "ServeConfig":
+        if not self.model:
+            raise ServeConfigError("model: no model directory given; pass --model DIR or set 'model:' in the YAML")
+        if self.host not in HOSTS:
+            raise ServeConfigError(f"host: {self.host!r} is not supported; use one of {', '.join(HOSTS)}")
+        _check_int(self, "port", 1024, 65535)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ServeConfigError(f"device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        if self.dtype not in DTYPES:
+            raise ServeConfigError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        for name in ("max_batch_size", "max_num_batched_tokens", "page_size"):
+            _check_int(self, name, 1)
+        for name in ("num_pages", "max_model_len"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, 1)
+        if self.kv_cache_memory is not None:
+            parse_size(self.kv_cache_memory, "kv_cache_memory")
+        if self.log_level not in LOG_LEVELS:
+            raise ServeConfigError(f"log_level: {self.log_level!r}; use one of {', '.join(LOG_LEVELS)}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or Path(str(self.model)).resolve().name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_int(cfg: ServeConfig, name: str, lo: int, hi: int | None = None) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        allowed = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+        raise ServeConfigError(f"{name}: must be an integer {allowed}, got {value!r}")
+
+
+def parse_size(size: int | str, name: str = "size") -> int:
+    """Bytes from an int or a string like '2GiB', '512MB', '1.5G'."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = _SIZE.match(str(size))
+    if isinstance(size, bool) or not match or (match.group(2) or "").lower() not in _UNITS:
+        raise ServeConfigError(f"{name}: {size!r} is not a size; use e.g. 2GiB, 512MB or a number of bytes")
+    value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    if value <= 0:
+        raise ServeConfigError(f"{name}: must be positive, got {size!r}")
+    return value
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ServeConfig)]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML mapping; keys may use dashes or underscores."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ServeConfigError(f"config: {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ServeConfigError(f"config: {path} is not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ServeConfigError(f"config: {path} must hold a mapping of settings, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(field_names()))
+    if unknown:
+        raise ServeConfigError(f"config: {path}: unknown setting(s) {unknown}; known: {field_names()}")
+    return data
+
+
+def build_config(yaml_path: str | Path | None = None, **overrides: Any) -> ServeConfig:
+    """Defaults, then the YAML file, then `overrides` (flags that were given; None = not given)."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("kv_cache_memory"), int):
+        values["kv_cache_memory"] = str(values["kv_cache_memory"])
+    return ServeConfig(**values).validate()

@@ -1,0 +1,121 @@
+"""What every protocol turns a request into, and how engine events fold back into answers.
+
+The HTTP process validates and tokenizes; the inference worker only sees a `Generation`
+payload (prompt ids + SamplingParams fields), so every 4xx is decided before the engine
+is involved. The worker sends back lists of event dicts (see api.py `event_to_dict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from astrai.core.engine import SamplingParams
+
+from .errors import APIError, bad_request
+
+
+@dataclass
+class ModelInfo:
+    """What the HTTP process knows about the served model."""
+
+    name: str
+    tokenizer: Any  # astrai.core.tokenizer.AutoTokenizer
+    max_model_len: int
+    max_batch_size: int = 64
+    created: int = 0
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    params: dict[str, Any]  # SamplingParams keyword arguments
+    stream: bool = False
+
+    def payload(self, request_id: str) -> dict[str, Any]:
+        return {"op": "generate", "request_id": request_id, "prompt_ids": self.prompt_ids,
+                "params": self.params, "stream": self.stream}
+
+
+def fit_max_tokens(prompt_len: int, requested: int | None, info: ModelInfo, param: str, prompt_param: str) -> int:
+    """The number of tokens to generate, or a 400 when prompt + completion exceed the context."""
+    limit = info.max_model_len
+    if prompt_len == 0:
+        raise bad_request(f"'{prompt_param}' is empty after tokenization; send at least one token", prompt_param)
+    if prompt_len >= limit:
+        raise bad_request(
+            f"this model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens; "
+            f"shorten '{prompt_param}'", prompt_param)
+    if requested is None:
+        return limit - prompt_len
+    if prompt_len + requested > limit:
+        raise bad_request(
+            f"this model's maximum context length is {limit} tokens, but {prompt_len + requested} were requested "
+            f"({prompt_len} in the prompt, {requested} in '{param}'); set '{param}' to at most {limit - prompt_len} "
+            "or shorten the prompt", param)
+    return requested
+
+
+def checked_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Run the engine's own validation so nothing the protocol layer missed reaches the worker."""
+    try:
+        SamplingParams(**params).validate()
+    except ValueError as e:
+        name = str(e).split()[0].removeprefix("SamplingParams.")
+        raise bad_request(str(e).removeprefix("SamplingParams."), name) from None
+    return params
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = [i for i in ids if i >= vocab_size]
+    if bad:
+        raise bad_request(f"'{param}' holds token id {bad[0]}, but the vocabulary has {vocab_size} tokens", param)
+
+
+@dataclass
+class Choice:
+    """One sample of a finished request, folded from its events."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class Accumulator:
+    """Fold worker events (possibly from several samples, interleaved) into choices and usage."""
+
+    def __init__(self, n: int) -> None:
+        self.choices = [Choice(i) for i in range(n)]
+        self.prompt_tokens = 0
+
+    def add(self, event: dict[str, Any]) -> Choice:
+        choice = self.choices[event["index"]]
+        choice.text += event["text"]
+        choice.token_ids += event["token_ids"]
+        choice.logprobs += event["logprobs"] or []
+        if event["finish_reason"] is not None:
+            choice.finish_reason = event["finish_reason"]
+            choice.stop_reason = event["stop_reason"]
+        self.prompt_tokens = max(self.prompt_tokens, event["prompt_tokens"])
+        return choice
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def worker_error(message: dict[str, Any]) -> APIError:
+    """An error the worker reported as {"error": {"status", "message", "param"}}."""
+    err = message["error"]
+    return APIError(err.get("status", 500), err["message"], param=err.get("param"))

@@ -1,0 +1,323 @@
+"""OpenAI protocol: /v1/chat/completions and /v1/completions requests in, response JSON and
+stream chunks out. Pure functions and small classes; no HTTP here (see server.py).
+
+Beyond OpenAI's fields we take vLLM's extras: top_k, min_p, repetition_penalty, ignore_eos,
+stop_token_ids, skip_special_tokens. Fields that would change the answer but that we cannot
+honour (tools, JSON mode, logit_bias, suffix) are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from jinja2 import TemplateError
+
+from . import fields
+from .errors import APIError, bad_request
+from .generation import Accumulator, Choice, Generation, ModelInfo, check_token_ids, checked_params, fit_max_tokens
+
+MAX_TOP_LOGPROBS = 20
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+_UNSUPPORTED_CHAT = {
+    "tools": "tool calling is not implemented; describe the tools in the system message instead",
+    "functions": "function calling is not implemented",
+    "logit_bias": "logit biases are not implemented",
+}
+_UNSUPPORTED_COMPLETION = {
+    "suffix": "fill-in-the-middle is not implemented",
+    "logit_bias": "logit biases are not implemented",
+}
+
+
+def check_model(body: dict, info: ModelInfo) -> None:
+    model = body.get("model")
+    if model is not None and model != info.name:
+        raise APIError(404, f"model {model!r} does not exist; this server serves {info.name!r} (see GET /v1/models)",
+                       param="model", type="invalid_request_error", code="model_not_found")
+
+
+def _sampling(body: dict, info: ModelInfo) -> dict[str, Any]:
+    """SamplingParams fields shared by both OpenAI endpoints."""
+    stop = fields.string_list(body, "stop")
+    n = fields.integer(body, "n", 1, 1)
+    if n > info.max_batch_size:  # the samples of one request decode side by side
+        raise bad_request(f"'n' is {n} but this server decodes at most {info.max_batch_size} sequences at once "
+                          "(--max-batch-size); ask for fewer samples", "n")
+    return {
+        "temperature": fields.number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": fields.number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        "n": n,
+        "presence_penalty": fields.number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": fields.number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "seed": fields.integer(body, "seed", None, 0, 2**63 - 1),
+        "stop": stop or None,
+        "top_k": fields.integer(body, "top_k", 0, -1),
+        "min_p": fields.number(body, "min_p", 0.0, 0.0, 1.0),
+        "repetition_penalty": fields.number(body, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True),
+        "ignore_eos": fields.boolean(body, "ignore_eos", False),
+        "skip_special_tokens": fields.boolean(body, "skip_special_tokens", True),
+        "stop_token_ids": fields.int_list(body, "stop_token_ids") or None,
+    }
+
+
+def _include_usage(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad_request("'stream_options' is only allowed together with \"stream\": true", "stream_options")
+    if not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
+    return fields.boolean(options, "include_usage", False)
+
+
+def _chat_messages(body: dict) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("'messages' is required: a list of {\"role\", \"content\"} objects", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"'{where}' must be an object with 'role' and 'content'", where)
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"'{where}.role' is {role!r}; supported roles are {', '.join(CHAT_ROLES)}", f"{where}.role")
+        out.append({"role": CHAT_ROLES[role], "content": _text_content(message.get("content"), f"{where}.content")})
+    return out
+
+
+def _text_content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"'{where}[{j}]' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}; "
+                                  "this model reads text only", f"{where}[{j}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad_request(f"'{where}' must be a string or a list of text parts, got {type(content).__name__}", where)
+
+
+def _logprobs_count(body: dict) -> int | None:
+    """Chat: `logprobs` (bool) + `top_logprobs` (0..20) -> SamplingParams.logprobs."""
+    wanted = fields.boolean(body, "logprobs", False)
+    top = fields.integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def parse_chat(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:
+    """Validate a chat completion request; returns the generation and the response options."""
+    check_model(body, info)
+    fields.reject_unsupported(body, _UNSUPPORTED_CHAT)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad_request("'response_format' other than {\"type\": \"text\"} is not supported (no JSON mode)",
+                          "response_format")
+    messages = _chat_messages(body)
+    stream = fields.boolean(body, "stream", False)
+    options = {"stream": stream, "include_usage": _include_usage(body, stream), "logprobs": _logprobs_count(body)}
+    params = _sampling(body, info)
+    try:
+        prompt_ids = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except (ValueError, TemplateError) as e:
+        raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    requested = fields.integer(body, name, None, 1)
+    params["max_tokens"] = fit_max_tokens(len(prompt_ids), requested, info, name, "messages")
+    params["logprobs"] = options["logprobs"]
+    check_token_ids(params["stop_token_ids"] or [], info.tokenizer.vocab_size, "stop_token_ids")
+    return Generation(prompt_ids, checked_params(params), stream), options
+
+
+def _completion_prompt(body: dict, info: ModelInfo) -> tuple[list[int], str]:
+    """Legacy `prompt`: a string or a list of token ids (or a one-element list of either)."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad_request("'prompt' is required: a string or a list of token ids", "prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return info.tokenizer.encode(prompt, add_special_tokens=True), prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in prompt):
+        check_token_ids(prompt, info.tokenizer.vocab_size, "prompt")
+        return prompt, info.tokenizer.decode(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise bad_request(f"'prompt' holds {len(prompt)} prompts; send one prompt per request "
+                          "(requests are batched by the server anyway)", "prompt")
+    raise bad_request("'prompt' must be a non-empty string or a non-empty list of non-negative token ids", "prompt")
+
+
+def parse_completion(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:
+    check_model(body, info)
+    fields.reject_unsupported(body, _UNSUPPORTED_COMPLETION)
+    prompt_ids, prompt_text = _completion_prompt(body, info)
+    stream = fields.boolean(body, "stream", False)
+    logprobs = fields.integer(body, "logprobs", None, 0, 5)
+    echo = fields.boolean(body, "echo", False)
+    if echo and logprobs is not None:
+        raise bad_request("'echo' together with 'logprobs' is not supported (no prompt logprobs)", "echo")
+    best_of = fields.integer(body, "best_of", None, 1)
+    params = _sampling(body, info)
+    if best_of is not None and best_of != params["n"]:
+        raise bad_request("'best_of' different from 'n' is not supported", "best_of")
+    requested = fields.integer(body, "max_tokens", 16, 1)  # OpenAI's legacy default
+    params["max_tokens"] = fit_max_tokens(len(prompt_ids), requested, info, "max_tokens", "prompt")
+    params["logprobs"] = logprobs
+    check_token_ids(params["stop_token_ids"] or [], info.tokenizer.vocab_size, "stop_token_ids")
+    options = {"stream": stream, "include_usage": _include_usage(body, stream), "logprobs": logprobs,
+               "echo": prompt_text if echo else None}
+    return Generation(prompt_ids, checked_params(params), stream), options
+
+
+# -- responses ------------------------------------------------------------------------------
+def _token(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    text = tokenizer.decode([token_id])
+    raw = tokenizer.token_bytes(token_id) if "\ufffd" in text else text.encode("utf-8")
+    return text, list(raw)
+
+
+def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
+    """Worker logprob entries ({"id", "logprob", "top": [[id, logprob], ...]}) -> OpenAI chat shape."""
+    content = []
+    for entry in entries:
+        text, raw = _token(tokenizer, entry["id"])
+        top = []
+        for token_id, logprob in entry["top"]:
+            t, b = _token(tokenizer, token_id)
+            top.append({"token": t, "logprob": logprob, "bytes": b})
+        content.append({"token": text, "logprob": entry["logprob"], "bytes": raw, "top_logprobs": top})
+    return {"content": content}
+
+
+def completion_logprobs(tokenizer, entries: list[dict], offset: int = 0) -> dict[str, Any]:
+    """Worker logprob entries -> legacy completions shape (parallel lists)."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for entry in entries:
+        text, _ = _token(tokenizer, entry["id"])
+        tokens.append(text)
+        token_logprobs.append(entry["logprob"])
+        top.append({_token(tokenizer, i)[0]: lp for i, lp in entry["top"]})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def chat_response(request_id: str, info: ModelInfo, acc: Accumulator, options: dict) -> dict[str, Any]:
+    def choice(c: Choice) -> dict[str, Any]:
+        logprobs = chat_logprobs(info.tokenizer, c.logprobs) if options["logprobs"] is not None else None
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": info.name,
+            "choices": [choice(c) for c in acc.choices], "usage": acc.usage(), "system_fingerprint": None}
+
+
+def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, options: dict) -> dict[str, Any]:
+    echo = options["echo"] or ""
+
+    def choice(c: Choice) -> dict[str, Any]:
+        logprobs = completion_logprobs(info.tokenizer, c.logprobs) if options["logprobs"] is not None else None
+        return {"index": c.index, "text": echo + c.text, "logprobs": logprobs,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": info.name,
+            "choices": [choice(c) for c in acc.choices], "usage": acc.usage(), "system_fingerprint": None}
+
+
+class ChatStream:
+    """Turns worker events into `chat.completion.chunk` objects, in OpenAI's order: a role chunk
+    per choice, content chunks, the finish_reason, then (with include_usage) a usage-only chunk."""
+
+    object = "chat.completion.chunk"
+
+    def __init__(self, request_id: str, info: ModelInfo, n: int, options: dict) -> None:
+        self.id, self.info, self.options = request_id, info, options
+        self.created = int(time.time())
+        self.acc = Accumulator(n)
+
+    def _chunk(self, choices: list[dict], **extra: Any) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": self.object, "created": self.created, "model": self.info.name,
+                 "choices": choices, "system_fingerprint": None}
+        if self.options["include_usage"]:
+            chunk["usage"] = None
+        chunk.update(extra)
+        return chunk
+
+    def start(self) -> list[dict]:
+        return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for c in self.acc.choices])]
+
+    def _delta(self, event: dict) -> dict[str, Any]:
+        return {"content": event["text"]} if event["text"] else {}
+
+    def _logprobs(self, event: dict) -> dict | None:
+        if self.options["logprobs"] is None:
+            return None
+        return chat_logprobs(self.info.tokenizer, event["logprobs"] or [])
+
+    def events(self, events: list[dict]) -> list[dict]:
+        chunks = []
+        for event in events:
+            self.acc.add(event)
+            if not event["text"] and event["finish_reason"] is None and not event["logprobs"]:
+                continue  # e.g. a stop token or half of a multibyte character: nothing to show yet
+            choice = {"index": event["index"], "delta": self._delta(event), "logprobs": self._logprobs(event),
+                      "finish_reason": event["finish_reason"]}
+            if event["finish_reason"] is not None:
+                choice["stop_reason"] = event["stop_reason"]
+            chunks.append(self._chunk([choice]))
+        return chunks
+
+    def end(self) -> list[dict]:
+        if not self.options["include_usage"]:
+            return []
+        return [self._chunk([], usage=self.acc.usage())]
+
+
+class CompletionStream(ChatStream):
+    """Legacy completions stream: `text_completion` chunks with `text` instead of `delta`."""
+
+    object = "text_completion"
+
+    def __init__(self, request_id: str, info: ModelInfo, n: int, options: dict) -> None:
+        super().__init__(request_id, info, n, options)
+        self.offsets = [0] * n
+
+    def start(self) -> list[dict]:
+        echo = self.options["echo"]
+        if not echo:
+            return []
+        return [self._chunk([{"index": c.index, "text": echo, "logprobs": None, "finish_reason": None}
+                             for c in self.acc.choices])]
+
+    def events(self, events: list[dict]) -> list[dict]:
+        chunks = []
+        for event in events:
+            self.acc.add(event)
+            if not event["text"] and event["finish_reason"] is None and not event["logprobs"]:
+                continue
+            i = event["index"]
+            logprobs = None
+            if self.options["logprobs"] is not None:
+                logprobs = completion_logprobs(self.info.tokenizer, event["logprobs"] or [], self.offsets[i])
+            self.offsets[i] += len(event["text"])
+            choice = {"index": i, "text": event["text"], "logprobs": logprobs, "finish_reason": event["finish_reason"]}
+            if event["finish_reason"] is not None:
+                choice["stop_reason"] = event["stop_reason"]
+            chunks.append(self._chunk([choice]))
+        return chunks

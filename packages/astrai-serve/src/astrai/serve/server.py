@@ -1,0 +1,342 @@
+"""HTTP side: our own LitSpec with the OpenAI and Anthropic routes, and `build_server()`.
+
+LitServe runs these routes in its API-server process. Each route validates and tokenizes
+the request, puts one payload on the worker's request queue and relays what the worker
+sends back. All routes share the one LitAPI (one queue, one worker, one engine); LitServe's
+OpenAISpec is not used because it fixes finish_reason to "stop", gives every chunk its own
+id and cannot serve a second protocol.
+
+A client that goes away is noticed here (the stream's generator is cancelled, or the
+connection reports a disconnect), and an abort is sent to the worker so its KV pages free up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import pickle
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any, AsyncIterator, Callable
+
+import litserve as ls
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
+
+from . import anthropic_protocol, openai_protocol
+from .config import ServeConfig
+from .errors import APIError, anthropic_error_body, openai_error_body
+from .fields import parse_json_object
+from .generation import Accumulator, ModelInfo, worker_error
+from .metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger("astrai.serve")
+OPENAI, ANTHROPIC = "openai", "anthropic"
+_GONE = object()  # the client disconnected
+
+
+def _error_response(protocol: str, err: APIError) -> JSONResponse:
+    body = anthropic_error_body(err) if protocol == ANTHROPIC else openai_error_body(err)
+    return JSONResponse(body, status_code=err.status)
+
+
+def _sse_openai(item: dict) -> str:
+    return f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+
+
+def _sse_anthropic(item: tuple[str, dict]) -> str:
+    name, data = item
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class ProtocolSpec(LitSpec):
+    """Routes of both protocols over one worker queue (LitServe keys the queue by `api_path`)."""
+
+    def __init__(self, config: ServeConfig, info: ModelInfo) -> None:
+        super().__init__()
+        self.api_path = "/v1/chat/completions"
+        self.config = config
+        self.info = info
+        self.metrics = Metrics()
+        self._synced = False
+
+    @property
+    def stream(self) -> bool:
+        return True  # every route reads the worker's output as a stream of messages
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["info"] = None  # the worker loads its own tokenizer; no need to pickle ours
+        return state
+
+    def pre_setup(self, lit_api: ls.LitAPI) -> None:
+        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
+        self.add_endpoint("/v1/completions", self.completions, ["POST"])
+        self.add_endpoint("/v1/messages", self.messages, ["POST"])
+        self.add_endpoint("/v1/models", self.models, ["GET"])
+        self.add_endpoint("/stats", self.stats, ["GET"])
+        self.add_endpoint("/metrics", self.prometheus, ["GET"])
+
+    # -- plumbing to the worker ---------------------------------------------------------
+    def _submit(self, payload: dict) -> tuple[str, deque, asyncio.Event]:
+        uid = uuid.uuid4().hex
+        queue, event = deque(), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
+        return uid, queue, event
+
+    async def _replies(self, uid: str, queue: deque, event: asyncio.Event) -> AsyncIterator[dict]:
+        """Messages the worker sends for one submitted payload; worker errors become APIError."""
+        try:
+            async for data, status in self.data_streamer(queue, event, send_status=True):
+                if status == LitAPIStatus.ERROR:
+                    raise APIError(500, f"the inference worker failed: {_describe(data)}")
+                if "error" in data:
+                    raise worker_error(data)
+                yield data
+        finally:
+            self.response_buffer.pop(uid, None)
+
+    def _abort(self, request_id: str) -> None:
+        # Fire and forget: no reply buffer, so the worker's {"ok": true} is dropped on arrival.
+        self.request_queue.put((self.response_queue_id, uuid.uuid4().hex, time.monotonic(),
+                                {"op": "abort", "request_id": request_id}))
+        self.metrics.aborted += 1
+        log.info("client went away: aborted %s", request_id)
+
+    async def _ask(self, payload: dict) -> dict:
+        async for reply in self._replies(*self._submit(payload)):
+            return reply
+        raise APIError(500, "the inference worker sent no reply")
+
+    async def _model_info(self) -> ModelInfo:
+        """The engine may cap max_model_len to what its KV pool holds; learn the real limit once."""
+        if not self._synced:
+            self.info.max_model_len = (await self._ask({"op": "stats"}))["stats"]["max_model_len"]
+            self._synced = True
+        return self.info
+
+    def _authorize(self, request: Request, protocol: str) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        auth = request.headers.get("authorization", "")
+        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        sent = request.headers.get("x-api-key", "")
+        if hmac.compare_digest(bearer.encode(), key.encode()) or hmac.compare_digest(sent.encode(), key.encode()):
+            return
+        how = "'x-api-key: <key>'" if protocol == ANTHROPIC else "'Authorization: Bearer <key>'"
+        state = "missing" if not (bearer or sent) else "invalid"
+        raise APIError(401, f"API key {state}; send the server's key as {how}", type="authentication_error",
+                       code="invalid_api_key")
+
+    # -- generation routes --------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, OPENAI, "/v1/chat/completions", openai_protocol.parse_chat,
+                                    "chatcmpl", openai_protocol.chat_response, openai_protocol.ChatStream)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, OPENAI, "/v1/completions", openai_protocol.parse_completion,
+                                    "cmpl", openai_protocol.completion_response, openai_protocol.CompletionStream)
+
+    async def messages(self, request: Request) -> Response:
+        return await self._generate(request, ANTHROPIC, "/v1/messages", anthropic_protocol.parse_messages,
+                                    "msg", anthropic_protocol.message_response, None)
+
+    async def _generate(self, request: Request, protocol: str, route: str, parse: Callable, prefix: str,
+                        respond: Callable, stream_cls: type | None) -> Response:
+        start = time.monotonic()
+        try:
+            self._authorize(request, protocol)
+            body = parse_json_object(await request.body())
+            gen, options = parse(body, await self._model_info())
+        except APIError as e:
+            self.metrics.request_done(route, e.status)
+            return _error_response(protocol, e)
+        request_id = anthropic_protocol.new_id() if protocol == ANTHROPIC else openai_protocol.new_id(prefix)
+        replies = self._replies(*self._submit(gen.payload(request_id)))
+        n = gen.params.get("n", 1)
+        try:
+            # Streams too wait for the first reply, so an error the engine finds still gets a 4xx.
+            first = await self._unless_gone(request, request_id, anext(replies, None))
+            if first is _GONE:
+                return Response(status_code=499)  # nobody is listening any more
+            self.metrics.ttft.observe(time.monotonic() - start)
+            if gen.stream:
+                if protocol == ANTHROPIC:
+                    streamer = anthropic_protocol.MessageStream(request_id, self.info, len(gen.prompt_ids), options)
+                    fmt = _sse_anthropic
+                else:
+                    streamer, fmt = stream_cls(request_id, self.info, n, options), _sse_openai
+                self.metrics.request_done(route, 200)
+                body_iter = self._stream(request_id, first, replies, streamer, fmt, protocol, start)
+                return StreamingResponse(body_iter, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            acc = Accumulator(n)
+            if await self._unless_gone(request, request_id, _fold(first, replies, acc)) is _GONE:
+                return Response(status_code=499)
+        except APIError as e:
+            self.metrics.request_done(route, e.status)
+            return _error_response(protocol, e)
+        self._finished(acc, start)
+        self.metrics.request_done(route, 200)
+        return JSONResponse(respond(request_id, self.info, acc, options))
+
+    async def _unless_gone(self, request: Request, request_id: str, awaitable: Any) -> Any:
+        """Await `awaitable` unless the client disconnects first: then abort and return _GONE.
+
+        Starlette does not cancel a handler when its client leaves, so poll for it.
+        """
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    self._abort(request_id)
+                    return _GONE
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _stream(self, request_id: str, first: dict | None, replies: AsyncIterator[dict], streamer: Any,
+                      fmt: Callable, protocol: str, start: float) -> AsyncIterator[str]:
+        finished = False
+        try:
+            for item in streamer.start():
+                yield fmt(item)
+            if first is not None:
+                for item in streamer.events(first["events"]):
+                    yield fmt(item)
+                async for reply in replies:
+                    for item in streamer.events(reply["events"]):
+                        yield fmt(item)
+            finished = True
+            for item in streamer.end():
+                yield fmt(item)
+            if protocol == OPENAI:
+                yield "data: [DONE]\n\n"
+            self._finished(streamer.acc, start)
+        except APIError as e:
+            finished = True
+            if protocol == ANTHROPIC:
+                yield _sse_anthropic(("error", anthropic_error_body(e)))
+            else:
+                yield _sse_openai(openai_error_body(e))
+        finally:
+            if not finished:  # cancelled: the client disconnected mid-stream
+                self._abort(request_id)
+
+    def _finished(self, acc: Accumulator, start: float) -> None:
+        self.metrics.latency.observe(time.monotonic() - start)
+        self.metrics.prompt_tokens += acc.prompt_tokens
+        self.metrics.generation_tokens += acc.completion_tokens
+
+    # -- other routes -------------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        anthropic = "anthropic-version" in request.headers
+        try:
+            self._authorize(request, ANTHROPIC if anthropic else OPENAI)
+            info = await self._model_info()
+        except APIError as e:
+            return _error_response(ANTHROPIC if anthropic else OPENAI, e)
+        if anthropic:
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created))
+            model = {"type": "model", "id": info.name, "display_name": info.name, "created_at": created,
+                     "max_input_tokens": info.max_model_len - 1, "max_tokens": info.max_model_len - 1}
+            return JSONResponse({"data": [model], "has_more": False, "first_id": info.name, "last_id": info.name})
+        model = {"id": info.name, "object": "model", "created": info.created, "owned_by": "astrai",
+                 "max_model_len": info.max_model_len}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def stats(self, request: Request) -> Response:
+        try:
+            reply = await self._ask({"op": "stats"})
+        except APIError as e:
+            return _error_response(OPENAI, e)
+        return JSONResponse({"model": self.info.name, "max_model_len": self.info.max_model_len,
+                             "engine": reply["stats"]})
+
+    async def prometheus(self, request: Request) -> Response:
+        try:
+            stats = (await self._ask({"op": "stats"}))["stats"]
+        except APIError:
+            stats = {}
+        return Response(self.metrics.render(stats), media_type=CONTENT_TYPE)
+
+
+async def _fold(first: dict | None, replies: AsyncIterator[dict], acc: Accumulator) -> None:
+    if first is None:
+        return
+    for event in first["events"]:
+        acc.add(event)
+    async for reply in replies:
+        for event in reply["events"]:
+            acc.add(event)
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, bytes):
+        try:
+            data = pickle.loads(data)
+        except Exception:  # noqa: BLE001 - best effort description of a worker failure
+            return "unknown error"
+    return f"{type(data).__name__}: {data}"
+
+
+def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
+    """A LitServer with one worker (one engine) on the configured device."""
+    from .api import EngineAPI
+
+    spec = ProtocolSpec(config, info)
+    api = EngineAPI(config, spec)
+    if config.device.startswith("cuda"):
+        index = int(config.device.partition(":")[2] or 0)
+        accelerator, devices = "cuda", [index]
+    else:
+        accelerator, devices = config.device, 1
+    # timeout=False: requests leave LitServe's queue at once (the engine schedules them), so a
+    # queue timeout would only cut off long generations.
+    return ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=1, timeout=False,
+                        model_metadata={"model": info.name, "max_model_len": info.max_model_len})
+
+
+def run_server(server: ls.LitServer, config: ServeConfig) -> None:
+    """`server.run()` with a start-up watchdog.
+
+    LitServe waits for its worker's status without checking that the process is alive, so a
+    worker that dies before reporting (an import error, the OOM killer) would hang start-up.
+    The watchdog marks such a worker failed, and `run()` raises RuntimeError.
+    """
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            status = getattr(server, "workers_setup_status", None)
+            workers = list(getattr(server, "inference_workers", None) or [])
+            if status is None or not workers:
+                continue
+            try:
+                states = dict(status)
+                if any(v == WorkerSetupStatus.READY for v in states.values()):
+                    return
+                if any(not w.is_alive() for w in workers):
+                    for key in states:
+                        status[key] = WorkerSetupStatus.ERROR
+                    return
+            except (OSError, EOFError, BrokenPipeError):  # the manager is gone: shutting down
+                return
+
+    threading.Thread(target=watch, name="astrai-startup-watch", daemon=True).start()
+    try:
+        server.run(host=config.host, port=config.port, log_level=config.log_level, generate_client_file=False,
+                   num_api_servers=1)
+    finally:
+        done.set()

@@ -1,0 +1,117 @@
+"""Fixtures for the serving tests: a tiny model directory and one real server per session.
+
+The model is random (init_std 0.2 keeps logits O(1), so greedy choices are well separated)
+and the tokenizer is trained here on a few bilingual lines; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from astrai.core.auto import AutoModel
+from astrai.core.config import ModelConfig
+from astrai.core.tokenizer_trainer import train_tokenizer
+
+API_KEY = "test-key"
+MODEL_NAME = "tiny-serve"
+MAX_LEN = 2048
+REPO = Path(__file__).resolve().parents[2]
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Small language models can run on a laptop.",
+    "Hello, how are you today? I am fine, thank you.",
+    "今天天气很好，我们去公园散步吧。",
+    "机器学习是人工智能的一个分支。",
+    "你好，世界！Hello, world!",
+    "Numbers like 12345 and 3.14 appear in text.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "tiny-model"
+    tokenizer = train_tokenizer(iter(TEXTS), vocab_size=320, min_frequency=2, show_progress=False)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                         max_len=MAX_LEN, init_std=0.2, tie_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(1234)
+    model = AutoModel.from_config(config)
+    AutoModel.save_pretrained(model, path, tokenizer=tokenizer)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "astrai.serve.cli", *args]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT to the whole process group (LitServe's graceful path), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()}")
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/stats", timeout=10).json()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    """The real `astrai-serve` on a free port, with an API key; one per test session."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            serve_command("--model", str(model_dir), "--port", str(port), "--device", "cpu",
+                          "--served-model-name", MODEL_NAME, "--api-key", API_KEY, "--max-batch-size", "32",
+                          "--log-level", "info"),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=REPO,
+        )
+    srv = Server(proc, port, log)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        stop(proc)

@@ -1,0 +1,260 @@
+"""The protocol layer without a server: request validation, prompt building, response shapes.
+
+Error tests check the status, the field the error names and that the message says what to do;
+success tests compare prompt ids against the tokenizer's own chat template rendering.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from astrai.core.tokenizer import AutoTokenizer
+from astrai.serve import anthropic_protocol as anth
+from astrai.serve import openai_protocol as oai
+from astrai.serve.errors import APIError, anthropic_error_body, openai_error_body
+from astrai.serve.fields import parse_json_object
+from astrai.serve.generation import Accumulator, ModelInfo
+
+CTX = 64
+
+
+@pytest.fixture(scope="module")
+def info(model_dir) -> ModelInfo:
+    return ModelInfo("tiny", AutoTokenizer.from_pretrained(model_dir), max_model_len=CTX, max_batch_size=8)
+
+
+def chat(**body):
+    return {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], **body}
+
+
+def event(index=0, text="", token_ids=(), finish_reason=None, stop_reason=None, logprobs=None, prompt_tokens=5):
+    return {"index": index, "text": text, "token_ids": list(token_ids), "logprobs": logprobs,
+            "finish_reason": finish_reason, "stop_reason": stop_reason, "prompt_tokens": prompt_tokens,
+            "completion_tokens": 0}
+
+
+def error_of(fn, *args) -> APIError:
+    with pytest.raises(APIError) as exc:
+        fn(*args)
+    return exc.value
+
+
+# -- OpenAI chat -----------------------------------------------------------------------------
+def test_chat_prompt_is_the_chat_template_with_generation_prompt(info):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "你好"}, {"type": "text", "text": " there"}]}]
+    gen, options = oai.parse_chat({"messages": messages, "max_tokens": 7, "temperature": 0, "top_k": 5,
+                                   "stop": "x", "seed": 3}, info)
+    expected = info.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好 there"}],
+        add_generation_prompt=True)
+    assert gen.prompt_ids == expected
+    assert gen.params["max_tokens"] == 7 and gen.params["temperature"] == 0 and gen.params["top_k"] == 5
+    assert gen.params["stop"] == ["x"] and gen.params["seed"] == 3 and gen.params["logprobs"] is None
+    assert options == {"stream": False, "include_usage": False, "logprobs": None}
+
+
+def test_chat_developer_role_is_a_system_message(info):
+    a, _ = oai.parse_chat(chat(messages=[{"role": "developer", "content": "Rules"}]), info)
+    b, _ = oai.parse_chat(chat(messages=[{"role": "system", "content": "Rules"}]), info)
+    assert a.prompt_ids == b.prompt_ids
+
+
+def test_chat_default_max_tokens_fills_the_context(info):
+    gen, _ = oai.parse_chat(chat(), info)
+    assert gen.params["max_tokens"] == CTX - len(gen.prompt_ids)
+
+
+def test_chat_max_completion_tokens_wins_over_max_tokens(info):
+    gen, _ = oai.parse_chat(chat(max_tokens=3, max_completion_tokens=5), info)
+    assert gen.params["max_tokens"] == 5
+
+
+def test_chat_logprobs_and_usage_options(info):
+    gen, options = oai.parse_chat(chat(logprobs=True, top_logprobs=3, stream=True,
+                                       stream_options={"include_usage": True}), info)
+    assert gen.params["logprobs"] == 3 and gen.stream
+    assert options["include_usage"] is True
+
+
+@pytest.mark.parametrize("body, param, hint", [
+    ({"model": "tiny"}, "messages", "required"),
+    (chat(messages=[]), "messages", "non-empty"),
+    (chat(messages="hi"), "messages", "non-empty"),
+    (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0].role", "supported roles"),
+    (chat(messages=[{"role": "user"}]), "messages[0].content", "string or a list"),
+    (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+     "messages[0].content[0]", "text only"),
+    (chat(temperature=3), "temperature", "at most 2"),
+    (chat(temperature=True), "temperature", "number"),
+    (chat(temperature="0.5"), "temperature", "number"),
+    (chat(top_p=0), "top_p", "greater than 0"),
+    (chat(presence_penalty=-2.5), "presence_penalty", "at least -2"),
+    (chat(n=0), "n", "at least 1"),
+    (chat(n=9), "n", "--max-batch-size"),
+    (chat(max_tokens=0), "max_tokens", "at least 1"),
+    (chat(max_tokens=CTX), "max_tokens", "at most"),
+    (chat(max_completion_tokens=10_000), "max_completion_tokens", "maximum context length"),
+    (chat(messages=[{"role": "user", "content": "word " * 200}]), "messages", "maximum context length"),
+    (chat(stop=["", "x"]), "stop", "non-empty"),
+    (chat(stop=[1]), "stop", "strings"),
+    (chat(top_logprobs=2), "top_logprobs", "logprobs"),
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs", "between 0 and 20"),
+    (chat(stream_options={"include_usage": True}), "stream_options", "stream"),
+    (chat(repetition_penalty=0), "repetition_penalty", "greater than 0"),
+    (chat(min_p=1.5), "min_p", "at most 1"),
+    (chat(seed=-1), "seed", "integer"),
+    (chat(stop_token_ids=[10**6]), "stop_token_ids", "vocabulary"),
+    (chat(tools=[{"type": "function"}]), "tools", "not supported"),
+    (chat(response_format={"type": "json_object"}), "response_format", "not supported"),
+])
+def test_chat_rejects_bad_fields_naming_them(info, body, param, hint):
+    err = error_of(oai.parse_chat, body, info)
+    assert err.status == 400
+    assert err.param == param
+    assert hint in err.message
+
+
+def test_unknown_model_is_404_naming_the_served_one(info):
+    err = error_of(oai.parse_chat, chat(model="gpt-4"), info)
+    assert err.status == 404 and "'tiny'" in err.message and err.code == "model_not_found"
+
+
+def test_malformed_json_and_non_objects_are_400():
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        err = error_of(parse_json_object, raw)
+        assert err.status == 400 and "JSON" in err.message
+
+
+def test_error_bodies_have_each_protocols_shape():
+    err = APIError(400, "bad 'temperature'", param="temperature")
+    assert openai_error_body(err) == {"error": {"message": "bad 'temperature'", "type": "invalid_request_error",
+                                                "param": "temperature", "code": None}}
+    assert anthropic_error_body(err) == {"type": "error", "error": {"type": "invalid_request_error",
+                                                                    "message": "bad 'temperature'"}}
+    assert anthropic_error_body(APIError(401, "key", type="authentication_error"))["error"]["type"] == \
+        "authentication_error"
+
+
+# -- OpenAI legacy completions ---------------------------------------------------------------
+def test_completion_string_prompt_gets_bos_token_list_is_kept(info):
+    gen, options = oai.parse_completion({"prompt": "Hello world"}, info)
+    assert gen.prompt_ids == info.tokenizer.encode("Hello world", add_special_tokens=True)
+    assert gen.prompt_ids[0] == info.tokenizer.bos_token_id
+    assert gen.params["max_tokens"] == 16  # OpenAI's legacy default
+    ids = info.tokenizer.encode("Hello")
+    gen, _ = oai.parse_completion({"prompt": ids, "max_tokens": 4, "echo": True}, info)
+    assert gen.prompt_ids == ids
+    gen, options = oai.parse_completion({"prompt": [ids], "echo": True}, info)
+    assert gen.prompt_ids == ids and options["echo"] == info.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": [10**6]}, "prompt"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+])
+def test_completion_rejects_bad_fields(info, body, param):
+    err = error_of(oai.parse_completion, body, info)
+    assert err.status == 400 and err.param == param
+
+
+# -- Anthropic -------------------------------------------------------------------------------
+def test_messages_prompt_has_system_and_prefill(info):
+    body = {"model": "tiny", "max_tokens": 5, "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure,"}],
+            "stop_sequences": ["\n\n"], "temperature": 0.5, "top_k": 4}
+    gen, options = anth.parse_messages(body, info)
+    text = info.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        add_generation_prompt=True, tokenize=False)
+    assert gen.prompt_ids == info.tokenizer.encode(text + "Sure,")
+    assert gen.params == {"temperature": 0.5, "top_p": 1.0, "top_k": 4, "stop": ["\n\n"], "max_tokens": 5}
+    assert options == {"stream": False, "stop": ["\n\n"]}
+
+
+@pytest.mark.parametrize("body, hint", [
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "max_tokens: Field required"),
+    ({"max_tokens": 5}, "messages: Field required"),
+    ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "top-level 'system'"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, "'image' is not supported"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "temperature": 1.5}, "'temperature'"),
+    ({"max_tokens": 10_000, "messages": [{"role": "user", "content": "Hi"}]}, "maximum context length"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "stop_sequences": "x y"}, None),
+])
+def test_messages_rejects_bad_requests(info, body, hint):
+    if hint is None:  # a single string is accepted as one stop sequence
+        gen, _ = anth.parse_messages(body, info)
+        assert gen.params["stop"] == ["x y"]
+        return
+    err = error_of(anth.parse_messages, body, info)
+    assert err.status == 400 and hint in err.message
+
+
+@pytest.mark.parametrize("finish, stop_reason, expected", [
+    ("length", None, ("max_tokens", None)),
+    ("stop", "END", ("stop_sequence", "END")),
+    ("stop", None, ("end_turn", None)),
+    ("stop", 7, ("end_turn", None)),
+])
+def test_anthropic_stop_reasons(finish, stop_reason, expected):
+    out = anth.stop_fields(finish, stop_reason, ["END"])
+    assert (out["stop_reason"], out["stop_sequence"]) == expected
+
+
+# -- response shaping ------------------------------------------------------------------------
+def test_accumulator_folds_interleaved_samples():
+    acc = Accumulator(2)
+    acc.add(event(0, "He", [1, 2]))
+    acc.add(event(1, "Yo", [3]))
+    acc.add(event(0, "llo", [4], finish_reason="stop"))
+    assert not acc.done
+    acc.add(event(1, "", [5], finish_reason="length"))
+    assert acc.done and [c.text for c in acc.choices] == ["Hello", "Yo"]
+    assert acc.usage() == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+
+
+def test_chat_stream_chunk_order_ids_and_usage(info):
+    stream = oai.ChatStream("chatcmpl-1", info, 1, {"include_usage": True, "logprobs": None})
+    chunks = stream.start() + stream.events([event(text="Hi", token_ids=[1]), event(token_ids=[2]),
+                                             event(text="!", token_ids=[3], finish_reason="length")]) + stream.end()
+    assert {c["id"] for c in chunks} == {"chatcmpl-1"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
+    assert deltas == ["Hi", "!"]  # the text-less token event is not sent
+    assert [c["choices"][0]["finish_reason"] for c in chunks[1:-1]] == [None, "length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all(c["usage"] is None for c in chunks[:-1])
+    json.dumps(chunks)
+
+
+def test_chat_logprobs_shape(info):
+    tok = info.tokenizer
+    a, b = tok.encode("Hello")[:1][0], tok.encode(" world")[0]
+    out = oai.chat_logprobs(tok, [{"id": a, "logprob": -0.5, "top": [[a, -0.5], [b, -1.5]]}])
+    entry = out["content"][0]
+    assert entry["token"] == tok.decode([a]) and entry["logprob"] == -0.5
+    assert bytes(entry["bytes"]).decode() == tok.decode([a])
+    assert [t["logprob"] for t in entry["top_logprobs"]] == [-0.5, -1.5]
+
+
+def test_anthropic_stream_event_sequence(info):
+    stream = anth.MessageStream("msg_1", info, 4, {"stop": ["END"]})
+    items = stream.start() + stream.events([event(text="Hi", token_ids=[1]),
+                                            event(text="", token_ids=[2], finish_reason="stop", stop_reason="END")])
+    items += stream.end()
+    assert [name for name, _ in items] == ["message_start", "content_block_start", "ping", "content_block_delta",
+                                           "content_block_stop", "message_delta", "message_stop"]
+    assert all(data["type"] == name for name, data in items)
+    assert items[0][1]["message"]["usage"] == {"input_tokens": 4, "output_tokens": 0}
+    delta = items[5][1]
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+    assert delta["usage"] == {"output_tokens": 2}
