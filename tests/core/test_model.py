@@ -175,6 +175,20 @@ def test_dynamic_rope_rescales_past_max_len(key):
         torch.testing.assert_close(sin[0], torch.cat([angles, angles], -1).sin())
 
 
+def test_rope_frequencies_stay_float32_when_the_model_is_cast(make_model):
+    model = make_model("qk_norm")
+    exact = model.model.rotary.inv_freq.clone()
+    far = torch.tensor([[3000]])
+    cos32, _ = model.model.rotary(far, torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        model.to(dtype)
+        assert model.model.rotary.inv_freq.dtype == torch.float32
+        assert torch.equal(model.model.rotary.inv_freq, exact)
+        cos, _ = model.model.rotary(far, torch.float32)
+        assert torch.equal(cos, cos32)  # rounded frequencies would be off by whole radians here
+        model.to(torch.float32)
+
+
 # -- mixture of experts ----------------------------------------------------------------------
 def _softmax64(logits: torch.Tensor) -> torch.Tensor:
     e = (logits - logits.max(-1, keepdim=True).values).exp()

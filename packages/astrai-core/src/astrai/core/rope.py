@@ -99,6 +99,14 @@ class RotaryEmbedding(nn.Module):
         seq_len = int(position_ids.max()) + 1
         return rope_frequencies(self.config, seq_len)[0].to(position_ids.device)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) casts buffers too, and bf16 frequencies (8 mantissa bits) put far
+        # positions in the wrong place. Keep them float32 whatever dtype the weights take.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype in (torch.bfloat16, torch.float16):
+            self.inv_freq = rope_frequencies(self.config)[0].to(self.inv_freq.device)
+        return self
+
     def reset_parameters(self) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after building the model on the meta device."""
         self.inv_freq = rope_frequencies(self.config)[0].to(self.inv_freq.device)
