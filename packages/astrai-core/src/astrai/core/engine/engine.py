@@ -33,7 +33,7 @@ from .paged_cache import PagedKVCache
 from .params import SamplingParams
 from .sampler import Sampler, SampleRow
 from .scheduler import Chunk, Scheduler, StepPlan
-from .sequence import Request, Sequence
+from .sequence import Request, Sequence, Status
 from .stop import SampleText
 
 _END = object()  # last item a request's sink receives
@@ -286,13 +286,9 @@ class InferenceEngine:
         return request.request_id
 
     def step(self) -> list[Completion]:
-        """Run one engine step in this thread; returns the requests it finished."""
+        """Run one engine step in this thread; returns the requests it ended (failed ones with .error set)."""
         with self._step_lock:
-            done = self._step()
-        for r in done:
-            if r.error is not None:
-                raise r.error
-        return [r.completion for r in done]
+            return [r.completion for r in self._step()]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._active)
@@ -405,22 +401,39 @@ class InferenceEngine:
             plan = StepPlan()
         if plan.chunks:
             try:
-                self._run(plan)
+                self.cache.copy_pages(plan.copies)
+                self._run(plan.chunks)
             except Exception as e:
-                self._fail([c.seq.request for c in plan.chunks], e)
+                self._isolate(plan.chunks, e)
         ended, self._ended = self._ended, []
         return ended
 
+    def _isolate(self, chunks: list[Chunk], error: Exception) -> None:
+        """A batched step failed: rerun its chunks one by one and fail only the requests that fail alone.
+
+        Rerunning is safe: a chunk rewrites the same slots, and a sequence that already got its
+        token has a chunk that no longer samples.
+        """
+        if len(chunks) == 1:
+            self._fail([chunks[0].seq.request], error)
+            return
+        for c in chunks:
+            if c.seq.status is not Status.RUNNING:
+                continue
+            try:
+                self._run([c])
+            except Exception as e:
+                self._fail([c.seq.request], e)
+
     @torch.inference_mode()
-    def _run(self, plan: StepPlan) -> None:
-        self.cache.copy_pages(plan.copies)
+    def _run(self, chunks: list[Chunk]) -> None:
         ids, positions = [], []
-        for c in plan.chunks:
+        for c in chunks:
             ids += c.seq.token_ids[c.start : c.start + c.length]
             positions += range(c.start, c.start + c.length)
-        meta = build_metadata([c.length for c in plan.chunks], [c.start + c.length for c in plan.chunks],
-                              [c.seq.pages for c in plan.chunks], self.page_size, self.device)
-        sampled = [(i, c) for i, c in enumerate(plan.chunks) if c.samples]
+        meta = build_metadata([c.length for c in chunks], [c.start + c.length for c in chunks],
+                              [c.seq.pages for c in chunks], self.page_size, self.device)
+        sampled = [(i, c) for i, c in enumerate(chunks) if c.samples]
         last = [meta.query_start_list[i + 1] - 1 for i, _ in sampled]
         logits = self.model(
             torch.tensor([ids], device=self.device),
@@ -428,7 +441,7 @@ class InferenceEngine:
             cache=self.cache.view(meta, self.backend),
             logits_index=torch.tensor(last, dtype=torch.long, device=self.device),
         )
-        for c in plan.chunks:
+        for c in chunks:
             self.scheduler.commit(c)
         self._steps += 1
         self._computed += len(ids)
@@ -523,10 +536,15 @@ class InferenceEngine:
                 continue
             for seq in list(r.seqs):
                 self.scheduler.remove(seq)
+                r.samples[seq.index] = Sample(seq.index, seq.output_ids, seq.text.text, "abort", None, seq.logprobs)
             r.seqs.clear()
             r.error = EngineError(f"request {r.request_id!r} failed in an engine step: {error!r}")
             r.error.__cause__ = error
-            r.completion = None
+            for i, sample in enumerate(r.samples):
+                if sample is None:
+                    r.samples[i] = Sample(i, [], "", "abort")
+            r.completion = Completion(r.request_id, r.prompt_token_ids, list(r.samples), r.prompt,
+                                      self.weights_version, error=str(r.error))
             with self._cv:
                 self._active.pop(r.request_id, None)
             self._ended.append(r)

@@ -39,13 +39,14 @@ class Sample:
 
 @dataclass
 class Completion:
-    """All samples of one prompt. The shortcuts (text, token_ids, finish_reason) read samples[0]."""
+    """All samples of one prompt. The shortcuts (text, token_ids, finish_reason, stop_reason) read samples[0]."""
 
     request_id: str
     prompt_token_ids: list[int]
     samples: list[Sample]
     prompt: str | None = None
     weights_version: int = 0  # engine.weights_version when the request finished
+    error: str | None = None  # set when an engine step failed this request (its samples end "abort")
 
     @property
     def text(self) -> str:
@@ -58,6 +59,10 @@ class Completion:
     @property
     def finish_reason(self) -> str | None:
         return self.samples[0].finish_reason
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        return self.samples[0].stop_reason
 
     @property
     def prompt_tokens(self) -> int:
