@@ -115,14 +115,14 @@ class TorchPagedAttention:
         out = q.new_empty(q.shape[0], q.shape[1], v_dim)
         if plan.decode_tokens is not None:
             qd = q.index_select(0, plan.decode_tokens).unsqueeze(2)  # (Bd, H, 1, Dk)
-            kd = k_pool[plan.decode_slots].transpose(1, 2)  # (Bd, Hkv, L, Dk)
-            vd = v_pool[plan.decode_slots].transpose(1, 2)
+            kd = _gather(k_pool, plan.decode_slots).transpose(1, 2)  # (Bd, Hkv, L, Dk)
+            vd = _gather(v_pool, plan.decode_slots).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
             out.index_copy_(0, plan.decode_tokens, od.squeeze(2))
         for start, n, slots in plan.prefills:
             qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # (1, H, n, Dk)
-            kp = k_pool[slots].transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, Dk)
-            vp = v_pool[slots].transpose(0, 1).unsqueeze(0)
+            kp = _gather(k_pool, slots).transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, Dk)
+            vp = _gather(v_pool, slots).transpose(0, 1).unsqueeze(0)
             ctx = slots.shape[0]
             # Query i sits at position ctx - n + i and sees keys up to there.
             mask = None if ctx == n else torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
@@ -130,6 +130,11 @@ class TorchPagedAttention:
                                                 scale=scale, enable_gqa=True)
             out[start : start + n] = op.squeeze(0).transpose(0, 1)
         return out
+
+
+def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool[slots] for a (slots, ...) pool; index_select is several times faster than fancy indexing on CPU."""
+    return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
 
 
 class KernelPagedAttention:

@@ -2,8 +2,8 @@
 
 Every row of the batch carries its own parameters; the filters run on the whole batch
 at once and only when at least one row uses them. The draw is an exponential race: the
-token with the largest p / E, E ~ Exp(1) drawn per token, is an exact sample from p, so one
-argmax samples every row. A seeded row draws its E from its own torch.Generator, so its
+token with the largest p / E, E ~ Exp(1) drawn per token, is an exact sample from p (E = 0
+cannot happen, and U = 0 gives E = inf: that token loses), so one argmax samples every row. A seeded row draws its E from its own torch.Generator, so its
 output does not depend on what else is in the batch.
 """
 
@@ -61,11 +61,12 @@ class Sampler:
         probs = x.softmax(-1)
         if any(r.params.min_p > 0 for r in rows):
             probs = min_p_filter(probs, [r.params.min_p for r in rows])
-        noise = torch.empty_like(probs).exponential_()
+        # E = -log(U), U ~ Uniform[0, 1): several times faster than exponential_() on CPU.
+        noise = torch.rand_like(probs)
         for i, r in enumerate(rows):
             if r.generator is not None:
-                noise[i].exponential_(generator=r.generator)
-        return (probs / noise.clamp_min(1e-20)).argmax(-1)
+                noise[i].uniform_(generator=r.generator)
+        return (probs / noise.log_().neg_()).argmax(-1)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
