@@ -1,0 +1,458 @@
+"""Group relative policy optimisation (GRPO).
+
+Each training step takes a batch of prompts and
+  1. rolls out a group of ``group_size`` completions per prompt with the InferenceEngine, which
+     runs a copy of the policy (rollout.py);
+  2. scores every completion with the configured rewards (rewards.py);
+  3. turns rewards into advantages relative to the group: A = (r - mean_group) / std_group
+     (or just r - mean_group with ``scale_rewards: false``);
+  4. runs ``ppo_epochs`` passes over the rollouts, in mini-batches of ``mini_batch_size``
+     sequences, each an optimizer step on the clipped objective
+         -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) + kl_coef * KL(policy || reference),
+     rho = pi(token) / pi_old(token) per completion token, KL by the k3 estimator
+     exp(ref - logp) - (ref - logp) - 1, averaged over tokens (``aggregation: token``) or over
+     each sequence's tokens and then sequences (``aggregation: sequence``);
+  5. copies the new weights into the engine every ``sync_interval`` optimizer steps, with the
+     step number as the weights' version.
+
+Offline batches (prompts with responses and rewards already given, data/grpo.py) skip 1-2.
+Optimisation is manual (several optimizer steps per batch), so gradient clipping is this
+module's ``max_grad_norm``, not the Trainer's ``gradient_clip_val``; ``trainer.max_steps``
+counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from astrai.core.engine import SamplingParams
+
+from .base_module import BatchError, CausalLMModule, build_model
+from .lora import adapters_disabled
+from .losses import IGNORE_INDEX
+from .rewards import RewardSpec, load_rewards, score
+from .rollout import RolloutEngine, resolve_dtype
+
+AGGREGATIONS = ("token", "sequence")
+OLD_LOGPS = ("policy", "engine")
+ONLINE_KEYS = ("prompt_ids", "prompts", "rows")
+OFFLINE_KEYS = ("input_ids", "labels", "attention_mask", "rewards", "group_ids")
+REF_PREFIX = "ref_model."
+
+
+# ---- the math, as pure functions ------------------------------------------------------------------
+
+def group_moments(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (ids 0..G-1): the mean and the sample standard deviation (n - 1) of its
+    completions' rewards (std 0 for a group of one)."""
+    n_groups = int(group_ids.max()) + 1
+    zeros = rewards.new_zeros(n_groups)
+    counts = zeros.index_add(0, group_ids, torch.ones_like(rewards))
+    mean = zeros.index_add(0, group_ids, rewards) / counts.clamp(min=1)
+    var = zeros.index_add(0, group_ids, (rewards - mean[group_ids]) ** 2) / (counts - 1).clamp(min=1)
+    return mean, var.sqrt()
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (group std + eps), or r - group mean without ``scale``. A group whose
+    completions all scored the same gives advantage 0: it carries no signal about what is better."""
+    mean, std = group_moments(rewards, group_ids)
+    centered = rewards - mean[group_ids]
+    return centered / (std[group_ids] + eps) if scale else centered
+
+
+class GRPOLoss(NamedTuple):
+    loss: torch.Tensor  # what is minimised
+    kl: torch.Tensor  # mean k3 KL per completion token (detached; 0 without a reference)
+    clip_frac: torch.Tensor  # share of completion tokens whose ratio was clipped (detached)
+    ratio: torch.Tensor  # mean probability ratio (detached)
+    n_tokens: torch.Tensor  # completion tokens in this call
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    kl_coef: float = 0.0,
+    aggregation: Literal["token", "sequence"] = "token",
+    normalizer: float | torch.Tensor | None = None,
+) -> GRPOLoss:
+    """Clipped policy-gradient loss with an optional KL penalty (see module docstring).
+
+    logps, old_logps, ref_logps, mask: (N, T) per-token values, mask 1 on completion tokens;
+    advantages: (N,). ``normalizer`` is what the summed loss is divided by: by default this
+    call's completion tokens (token) or sequences (sequence); pass the mini-batch's count when
+    a mini-batch is split into micro-batches, so the gradients add up to the mini-batch's.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.to(logps.dtype)[:, None]
+    high = epsilon if epsilon_high is None else epsilon_high
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon, 1 + high) * adv)
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+    lengths = mask.sum(-1)
+    if aggregation == "token":
+        total = (per_token * mask).sum()
+        denominator = lengths.sum() if normalizer is None else normalizer
+    else:
+        total = ((per_token * mask).sum(-1) / lengths.clamp(min=1)).sum()
+        denominator = logps.shape[0] if normalizer is None else normalizer
+    loss = total / torch.as_tensor(denominator, dtype=logps.dtype, device=logps.device).clamp(min=1)
+    with torch.no_grad():
+        n = lengths.sum()
+        clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+        mean = lambda x: (x * mask).sum() / n.clamp(min=1)  # noqa: E731
+        return GRPOLoss(loss, mean(kl), mean(clipped.to(mask.dtype)), mean(ratio), n)
+
+
+def _seed(*parts: int) -> int:
+    # hash() of a tuple of ints is the same in every process and run (only str hashing is salted).
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# ---- the Lightning module ------------------------------------------------------------------------
+
+class GRPOModule(CausalLMModule):
+    """GRPO fine-tuning of a policy that starts from `model` (usually an SFT or DPO export).
+
+    Args:
+        rewards: the reward functions, ``[{fn: <import path>, weight: 1.0, kwargs: {...}}, ...]``
+            (see astrai.train.rewards); the total reward is their weighted sum. Needed for
+            online training and for validation.
+        group_size: completions per prompt (G >= 2).
+        max_new_tokens: most tokens per completion.
+        temperature, top_k, top_p: sampling of the rollouts.
+        epsilon, epsilon_high: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+            (epsilon_high defaults to epsilon).
+        kl_coef: weight of the KL penalty towards the frozen reference; 0 builds no reference.
+        reference_model: directory of the reference (default: a frozen copy of the initial
+            policy, or with LoRA the policy with adapters disabled).
+        scale_rewards: divide advantages by the group's reward std (off: only subtract the mean).
+        aggregation: "token" (mean over all completion tokens of a mini-batch) or "sequence"
+            (mean over each completion's tokens, then over completions).
+        ppo_epochs: optimisation passes over each rollout batch.
+        mini_batch_size: completions per optimizer step (default: the whole rollout batch).
+        micro_batch_size: completions per forward/backward pass inside a mini-batch (memory).
+        sync_interval: copy the policy into the engine every this many optimizer steps.
+        old_logps: behaviour log-probs in the ratio: "policy" (recomputed by the policy before
+            the first epoch; robust to the engine's lower precision) or "engine" (as sampled:
+            saves a forward pass and weights stale samples correctly).
+        rollout_dtype: the engine's dtype: auto (bfloat16 on GPUs, else float32), float32, bfloat16, float16.
+        engine: InferenceEngine options, e.g. {max_batch_size: 64, kv_cache_memory: 2GiB}.
+        max_grad_norm: clip the gradient norm before each optimizer step (None: off).
+        rollout_seed: seeds the sampling (each prompt's seed also depends on the step).
+        val_temperature, val_samples: sampling of the validation completions (default: one
+            greedy completion per prompt).
+        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, lr, lora, ...).
+
+    Logs train/reward (mean), train/reward_std (mean within-group std), train/reward/<name>,
+    train/kl, train/clip_frac, train/ratio, train/loss, train/completion_len(_max),
+    train/truncated (share cut at max_new_tokens), train/rollout_tokens_per_sec,
+    train/weights_lag (optimizer steps between the weights that sampled and the policy),
+    train/zero_std_groups (share of groups without signal), train/logp_gap (mean |policy -
+    engine| log-prob, old_logps=policy); val/reward, val/reward/<name>, val/completion_len.
+    """
+
+    def __init__(
+        self,
+        rewards: list[RewardSpec] | None = None,
+        group_size: int = 4,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        kl_coef: float = 0.0,
+        reference_model: str | None = None,
+        scale_rewards: bool = True,
+        aggregation: Literal["token", "sequence"] = "token",
+        ppo_epochs: int = 1,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        sync_interval: int = 1,
+        old_logps: Literal["policy", "engine"] = "policy",
+        rollout_dtype: str | None = "auto",
+        engine: dict | None = None,
+        max_grad_norm: float | None = 1.0,
+        rollout_seed: int = 0,
+        val_temperature: float = 0.0,
+        val_samples: int = 1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        _check(isinstance(group_size, int) and group_size >= 2, "group_size",
+               f"must be an integer >= 2 (advantages compare completions of one prompt), got {group_size!r}")
+        for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs),
+                            ("sync_interval", sync_interval), ("val_samples", val_samples)):
+            _check(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        for name, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
+            _check(value is None or (isinstance(value, int) and value >= 1), name,
+                   f"must be a positive integer or null, got {value!r}")
+        _check(0 < epsilon < 1, "epsilon", f"must be in (0, 1), got {epsilon!r}")
+        _check(epsilon_high is None or epsilon_high > 0, "epsilon_high", f"must be > 0, got {epsilon_high!r}")
+        _check(kl_coef >= 0, "kl_coef", f"must be >= 0, got {kl_coef!r}")
+        _check(aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}, got {aggregation!r}")
+        _check(old_logps in OLD_LOGPS, "old_logps", f"must be one of {OLD_LOGPS}, got {old_logps!r}")
+        _check(max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", f"must be > 0 or null, got {max_grad_norm!r}")
+        _check(reference_model is None or kl_coef > 0, "reference_model",
+               "is only used for the KL penalty; set model.kl_coef > 0 or drop it")
+        resolve_dtype(rollout_dtype, torch.device("cpu"))  # checks the name now rather than at the first step
+        self.rewards = load_rewards(rewards)
+        self.group_size, self.max_new_tokens = group_size, max_new_tokens
+        self.sampling = SamplingParams(n=group_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       max_tokens=max_new_tokens, logprobs=0)
+        self.val_sampling = SamplingParams(n=val_samples, temperature=val_temperature, top_k=top_k, top_p=top_p,
+                                           max_tokens=max_new_tokens, logprobs=0)
+        try:
+            self.sampling.validate(), self.val_sampling.validate()
+        except ValueError as e:
+            raise ValueError(f"model: {e}") from None
+        self.epsilon, self.epsilon_high, self.kl_coef = epsilon, epsilon_high, kl_coef
+        self.scale_rewards, self.aggregation, self.ppo_epochs = scale_rewards, aggregation, ppo_epochs
+        self.mini_batch_size, self.micro_batch_size = mini_batch_size, micro_batch_size
+        self.sync_interval, self.old_logps_source = sync_interval, old_logps
+        self.rollout_dtype_name, self.engine_kwargs = rollout_dtype, dict(engine or {})
+        self.max_grad_norm, self.rollout_seed = max_grad_norm, rollout_seed
+        self.ref_model = None
+        if kl_coef > 0 and reference_model is not None:
+            self.ref_model = build_model(reference_model, self.tokenizer)
+        elif kl_coef > 0 and self.lora_config is None:
+            self.ref_model = copy.deepcopy(self.model)
+        if self.ref_model is not None:
+            self.ref_model.requires_grad_(False).eval()
+            self.ref_model.enable_gradient_checkpointing(False)
+        self._rollout: RolloutEngine | None = None  # built on first use, on the training device
+        self._checked_online = False
+
+    # -- the engine ------------------------------------------------------------------------------
+    def rollout_engine(self, fresh: bool = False) -> RolloutEngine:
+        """The engine, built on first use; ``fresh``: first sync it to the current weights."""
+        if self.tokenizer is None:
+            raise BatchError("GRPOModule: generating completions needs a tokenizer; set model.tokenizer "
+                             "(or give a model directory that holds one)")
+        if self._rollout is None:
+            dtype = resolve_dtype(self.rollout_dtype_name, self.device)
+            self._rollout = RolloutEngine(self.model, self.tokenizer, dtype, self.device, self.lora_config,
+                                          **self.engine_kwargs)
+            self._rollout.sync(self.model, self.global_step)
+        elif fresh and self._rollout.version != self.global_step:
+            self._rollout.sync(self.model, self.global_step)
+        return self._rollout
+
+    def _generate(self, batch: dict, params: SamplingParams, stage: str, step: int):
+        self._check_online(batch, stage)
+        if not self.rewards:
+            raise BatchError(f"GRPOModule: {stage} generates completions and scores them, but model.rewards is "
+                             "empty; name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]")
+        engine = self.rollout_engine(fresh=stage != "train")
+        seeds = [_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
+        rollout = engine.generate(batch["prompt_ids"], params, seeds)
+        prompts = [batch["prompts"][g] for g in rollout.group_ids]
+        rows = [batch["rows"][g] for g in rollout.group_ids]
+        total, parts = score(self.rewards, prompts, rollout.texts, rows)
+        return rollout, total, parts
+
+    def _check_online(self, batch, stage: str) -> None:
+        if not isinstance(batch, dict) or any(k not in batch for k in ONLINE_KEYS):
+            have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise BatchError(f"GRPOModule: a {stage} batch needs {list(ONLINE_KEYS)} (prompts to complete; see "
+                             f"astrai.train.data.grpo), got {have}")
+        if not self._checked_online:
+            self._checked_online = True
+            vocab = self.config.vocab_size
+            bad = [t for ids in batch["prompt_ids"] for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise BatchError(f"GRPOModule: batch['prompt_ids'] holds token id {bad[0]}, outside the model's "
+                                 f"vocabulary 0..{vocab - 1}; was the data tokenised with another tokenizer?")
+
+    # -- log-probabilities ---------------------------------------------------------------------------
+    def _token_logps(self, model, data: dict, idx: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs (len(idx), T) of the labels of rows ``idx``; 0 where unlabelled.
+        Only labelled positions go through the output head."""
+        labels = data["labels"][idx]
+        length = int(data["attention_mask"][idx].sum(1).max())
+        # Rows are right-padded: causal attention already keeps real tokens from seeing the
+        # padding after them, so no mask is needed (and the fast causal path is used).
+        ids, cut = data["input_ids"][idx, :length], labels[:, :length]
+        flat = (cut != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+        logits = model(ids, logits_index=flat)
+        lp = -F.cross_entropy(logits.float(), cut.reshape(-1)[flat], reduction="none")
+        out = lp.new_zeros(cut.numel()).index_put((flat,), lp).view(cut.shape)
+        return F.pad(out, (0, labels.shape[1] - length))
+
+    @torch.no_grad()
+    def _frozen_logps(self, model, data: dict) -> torch.Tensor:
+        n = data["labels"].shape[0]
+        step = self.micro_batch_size or n
+        was_training = model.training
+        model.eval()  # no (LoRA) dropout in the behaviour / reference log-probs
+        try:
+            parts = [self._token_logps(model, data, torch.arange(s, min(s + step, n), device=self.device))
+                     for s in range(0, n, step)]
+        finally:
+            model.train(was_training)
+        return torch.cat(parts)
+
+    def reference_logps(self, data: dict) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._frozen_logps(self.ref_model, data)
+        with adapters_disabled(self.model):
+            return self._frozen_logps(self.model, data)
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        if isinstance(batch, dict) and "prompt_ids" in batch:
+            data, stats = self._online_batch(batch)
+        else:
+            self.check_once(batch, OFFLINE_KEYS, "train")
+            data, stats = {k: batch[k] for k in OFFLINE_KEYS}, {}
+        self._optimise(data, stats)
+
+    def _online_batch(self, batch: dict) -> tuple[dict, dict]:
+        rollout, total, parts = self._generate(batch, self.sampling, "train", self.global_step)
+        data = rollout.tensors(self.tokenizer.pad_token_id or 0, self.device)
+        data["rewards"] = total.to(self.device, torch.float32)
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        stats = {f"reward/{name}": values.mean() for name, values in parts.items()}
+        stats.update({
+            "completion_len": lengths.mean(), "completion_len_max": lengths.max(),
+            "truncated": torch.tensor([r == "length" for r in rollout.finish_reasons], dtype=torch.float32).mean(),
+            "rollout_tokens_per_sec": rollout.num_tokens / max(rollout.seconds, 1e-9),
+            "weights_lag": float(self.global_step - min(rollout.versions)),
+        })
+        return data, stats
+
+    def _optimise(self, data: dict, stats: dict) -> None:
+        mask = data["labels"] != IGNORE_INDEX
+        rewards, groups = data["rewards"].float(), data["group_ids"]
+        advantages = group_advantages(rewards, groups, self.scale_rewards)
+        if self.old_logps_source == "engine" and "engine_logps" in data:
+            old = data["engine_logps"]
+        else:
+            old = self._frozen_logps(self.model, data)
+            if "engine_logps" in data:
+                stats["logp_gap"] = ((old - data["engine_logps"]).abs() * mask).sum() / mask.sum().clamp(min=1)
+        ref = self.reference_logps(data) if self.kl_coef > 0 else None
+
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        n = rewards.shape[0]
+        mini = min(self.mini_batch_size or n, n)
+        micro = min(self.micro_batch_size or mini, mini)
+        shuffle = torch.Generator().manual_seed(_seed(self.rollout_seed, self.global_step, 1))
+        sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 0.0}
+        tokens = updates = 0
+        max_steps = self.trainer.max_steps
+        for _ in range(self.ppo_epochs):
+            order = torch.randperm(n, generator=shuffle).to(self.device) if mini < n else torch.arange(n, device=self.device)
+            for start in range(0, n, mini):
+                if 0 < max_steps <= self.global_step:
+                    break
+                rows = order[start : start + mini]
+                normalizer = mask[rows].sum() if self.aggregation == "token" else len(rows)
+                for m in range(0, len(rows), micro):
+                    idx = rows[m : m + micro]
+                    out = grpo_loss(self._token_logps(self.model, data, idx), old[idx], advantages[idx], mask[idx],
+                                    None if ref is None else ref[idx], self.epsilon, self.epsilon_high, self.kl_coef,
+                                    self.aggregation, normalizer)
+                    loss = out.loss
+                    aux = self.model.aux_loss()
+                    if torch.is_tensor(aux):  # MoE load balancing, weighted by this micro-batch's share
+                        loss = loss + aux * len(idx) / len(rows)
+                    self.manual_backward(loss)
+                    k = int(out.n_tokens)
+                    sums["loss"] += float(out.loss.detach())
+                    for name in ("kl", "clip_frac", "ratio"):
+                        sums[name] += float(getattr(out, name)) * k
+                    tokens += k
+                if self.max_grad_norm:
+                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                updates += 1
+                if self._rollout is not None and self.global_step % self.sync_interval == 0:
+                    self._rollout.sync(self.model, self.global_step)
+        self._log_step(rewards, groups, advantages, sums, tokens, updates, stats, data)
+
+    def _log_step(self, rewards, groups, advantages, sums, tokens, updates, stats, data) -> None:
+        _, group_std = group_moments(rewards, groups)
+        metrics = {"reward": rewards.mean(), "reward_std": group_std.mean(),
+                   "zero_std_groups": (group_std < 1e-6).float().mean(),
+                   "loss": sums["loss"] / max(updates, 1)}
+        if tokens:
+            metrics.update({name: sums[name] / tokens for name in ("clip_frac", "ratio")})
+            if self.kl_coef > 0:
+                metrics["kl"] = sums["kl"] / tokens
+        metrics.update(stats)
+        for name, value in metrics.items():
+            self.log(f"train/{name}", torch.as_tensor(value, dtype=torch.float32), batch_size=1,
+                     prog_bar=name in ("reward", "loss"))
+        self.log_lr()
+        self.log_throughput(int(data["attention_mask"].sum()) * self.ppo_epochs, data["input_ids"].shape[1])
+
+    def _schedule_length(self) -> int | None:
+        if self.hparams.decay_steps or self.hparams.scheduler != "cosine" or self.trainer.max_steps > 0:
+            return super()._schedule_length()
+        # Epoch-based run: several optimizer steps per batch (an estimate when mini-batches split it).
+        per_batch = 1
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if self.mini_batch_size and batch_size:
+            per_batch = math.ceil(batch_size * self.group_size / self.mini_batch_size)
+        return int(self.trainer.estimated_stepping_batches) * per_batch * self.ppo_epochs
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
+        if not (isinstance(batch, dict) and "prompt_ids" in batch):
+            raise BatchError(f"GRPOModule: {stage} batches must be prompts (astrai.train.data.grpo serves "
+                             "validation rows as prompts), got " + (f"keys {sorted(batch)}" if isinstance(batch, dict)
+                                                                    else type(batch).__name__))
+        # A fixed seed per batch: every validation run samples alike, so runs are comparable.
+        rollout, total, parts = self._generate(batch, self.val_sampling, stage, -1 - batch_idx)
+        n = len(rollout.texts)
+        self.log(f"{stage}/reward", total.mean().float(), batch_size=n, prog_bar=True, sync_dist=True)
+        for name, values in parts.items():
+            self.log(f"{stage}/reward/{name}", values.mean().float(), batch_size=n, sync_dist=True)
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        self.log(f"{stage}/completion_len", lengths.mean(), batch_size=n, sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "test")
+
+    # -- checkpoints without the frozen reference -----------------------------------------------------
+    def on_save_checkpoint(self, checkpoint) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(REF_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        if self.ref_model is not None:
+            state = checkpoint.setdefault("state_dict", {})
+            for key, value in self.ref_model.state_dict().items():
+                state.setdefault(REF_PREFIX + key, value)
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"model.{name} {message}")

@@ -1,0 +1,166 @@
+"""Rollouts for GRPO: the core InferenceEngine generates groups of completions with a copy of
+the policy, and that copy is refreshed in place from the policy as training goes on.
+
+The engine holds its own model instance (in the inference dtype, e.g. bfloat16 on a GPU), so
+generation never touches the training weights, their autograd state or LoRA wrappers; for a
+0.1-1B model the second copy is cheap. ``sync`` copies the policy's weights (adapters merged)
+into it and stamps a version number, which every rollout carries, so the trainer knows how
+stale the weights that produced a sample were.
+
+A group is one request with ``n = group_size``: its samples share the prompt's KV pages, so
+the prompt is computed once per group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from astrai.core.auto import AutoModel
+from astrai.core.engine import InferenceEngine, SamplingParams
+from astrai.core.engine.paged_cache import PagedKVCache
+from astrai.core.tokenizer import AutoTokenizer
+
+from .losses import IGNORE_INDEX
+from .lora import LoRAConfig, merge_lora_state_dict
+
+# Share of free GPU memory the engine's KV cache may take by default: training needs the rest.
+DEFAULT_KV_SHARE = 0.25
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The engine's dtype: as named, or by default bfloat16 on GPUs that have it, else float32."""
+    if name is None or name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"model.rollout_dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+def policy_state(model: nn.Module, lora: LoRAConfig | None = None) -> dict[str, torch.Tensor]:
+    """The policy's weights as a plain CausalLM state dict (LoRA adapters merged in)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    return merge_lora_state_dict(state, lora.scaling) if lora is not None else state
+
+
+@dataclass
+class Rollout:
+    """Flat rollout results, one entry per completion; completion i belongs to prompt group_ids[i]."""
+
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
+    logps: list[list[float]] = field(default_factory=list)  # engine log-probs of each completion token
+    texts: list[str] = field(default_factory=list)
+    finish_reasons: list[str | None] = field(default_factory=list)
+    group_ids: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # weights version that generated each completion
+    seconds: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(map(len, self.completion_ids))
+
+    def tensors(self, pad_id: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The batch the policy trains on: prompt + completion right-padded, labels on the
+        completion tokens only (labels[t] is the token after input_ids[:t+1]), and the engine's
+        log-prob of each label at the same position (0 elsewhere)."""
+        n = len(self.completion_ids)
+        length = max(len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids))
+        input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(n, length, dtype=torch.long)
+        logps = torch.zeros(n, length, dtype=torch.float32)
+        for i, (prompt, completion, lp) in enumerate(zip(self.prompt_ids, self.completion_ids, self.logps)):
+            p, c = len(prompt), len(completion)
+            input_ids[i, : p + c] = torch.tensor(prompt + completion)
+            attention_mask[i, : p + c] = 1
+            if c:
+                labels[i, p - 1 : p + c - 1] = torch.tensor(completion)
+                logps[i, p - 1 : p + c - 1] = torch.tensor(lp, dtype=torch.float32)
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "engine_logps": logps,
+               "group_ids": torch.tensor(self.group_ids, dtype=torch.long)}
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+class RolloutEngine:
+    """An InferenceEngine over a private copy of the policy.
+
+    Args:
+        policy: the model being trained (its config and current weights are copied).
+        tokenizer: decodes completions and supplies the stop tokens.
+        dtype: the engine model's dtype.
+        device: where the engine runs (default: the policy's device).
+        lora: the policy's LoRA config, so synced weights have the adapters merged.
+        **engine_kwargs: InferenceEngine options (max_batch_size, kv_cache_memory, page_size, ...).
+            By default the KV cache holds max_batch_size sequences of max_model_len tokens,
+            and on a GPU at most a quarter of the free memory.
+    """
+
+    def __init__(self, policy: nn.Module, tokenizer: AutoTokenizer, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, lora: LoRAConfig | None = None, **engine_kwargs):
+        device = torch.device(device) if device is not None else next(policy.parameters()).device
+        self.lora = lora
+        model = AutoModel.from_config(policy.config, dtype=dtype, device=device)
+        model.load_state_dict(policy_state(policy, lora))
+        model.requires_grad_(False)
+        kwargs = {"max_batch_size": 64, **engine_kwargs}
+        if device.type == "cuda" and "num_pages" not in kwargs and "kv_cache_memory" not in kwargs:
+            kwargs["kv_cache_memory"] = _default_kv_budget(model, dtype, device, kwargs)
+        try:
+            self.engine = InferenceEngine(model, tokenizer, device=device, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"model.engine: {e}; see astrai.core.engine.InferenceEngine for its options") from None
+        self.version = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def sync(self, policy: nn.Module, version: int) -> None:
+        """Copy the policy's current weights into the engine; later rollouts carry ``version``."""
+        self.engine.update_weights(policy_state(policy, self.lora), version)
+        self.version = version
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> Rollout:
+        """``params.n`` completions of every prompt (one seeded request per prompt), with the
+        log-prob of each generated token under the engine's (raw, untempered) distribution."""
+        if params.logprobs is None:
+            params = dataclasses.replace(params, logprobs=0)
+        per_prompt = params
+        if seeds is not None:
+            per_prompt = [dataclasses.replace(params, seed=s) for s in seeds]
+        too_long = [i for i, p in enumerate(prompt_ids) if len(p) >= self.engine.max_model_len]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(f"prompt {i} has {len(prompt_ids[i])} tokens, leaving no room to generate within the "
+                             f"engine's max_model_len={self.engine.max_model_len}; lower data.max_prompt_len or raise "
+                             "model.engine.max_model_len (at most the model's max_len)")
+        start = time.perf_counter()
+        completions = self.engine.generate(prompt_ids, per_prompt)
+        out = Rollout(seconds=time.perf_counter() - start)
+        for g, completion in enumerate(completions):
+            for sample in completion.samples:
+                out.prompt_ids.append(list(completion.prompt_token_ids))
+                out.completion_ids.append(list(sample.token_ids))
+                out.logps.append([lp.logprob for lp in sample.logprobs or []])
+                out.texts.append(sample.text)
+                out.finish_reasons.append(sample.finish_reason)
+                out.group_ids.append(g)
+                out.versions.append(completion.weights_version)
+        return out
+
+
+def _default_kv_budget(model: nn.Module, dtype: torch.dtype, device: torch.device, kwargs: dict) -> int:
+    page_size = kwargs.get("page_size", 16)
+    max_len = kwargs.get("max_model_len") or model.config.max_len
+    pages = kwargs["max_batch_size"] * -(-max_len // page_size)
+    per_page = PagedKVCache.bytes_per_page(model.kv_layout(), page_size, dtype)
+    free = torch.cuda.mem_get_info(device)[0]
+    return max(per_page, min(pages * per_page, int(DEFAULT_KV_SHARE * free)))
