@@ -4,6 +4,7 @@ for every way a directory can be broken."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from astrai.core.auto import AutoModel
 from astrai.core.checkpoint import CheckpointError, load_config, load_pretrained, parse_size, save_pretrained
+from astrai.core.config import ModelConfig
 from astrai.core.hf_config import from_hf_dict, to_hf_dict
 from astrai.core.transformer import CausalLM
 
@@ -216,6 +218,41 @@ def test_transformers_4_style_rope_fields():
     config = from_hf_dict(data)
     assert (config.rope_theta, config.rope_scaling, config.n_kv_heads, config.head_dim) == (5e5, {"type": "linear", "factor": 2.0}, 4, 8)
     assert (config.bos_token_id, config.eos_token_id, config.max_len) == (1, 2, 2048)  # LlamaConfig's defaults
+
+
+# config.json files as published on the Hugging Face Hub (transformers 4.x layout).
+PUBLISHED = {
+    "qwen2.5-0.5b.json": {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+        "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+        "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+    "qwen3-0.6b.json": {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+        "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960,
+        "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+        "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936},
+    "tinyllama-1.1b.json": {
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 2048,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000},
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_configs_map_to_our_shipped_shapes(name):
+    ours = ModelConfig.from_json(Path(__file__).resolve().parents[2] / "configs" / "model" / name).to_dict()
+    theirs = from_hf_dict(PUBLISHED[name]).to_dict()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "extra"):  # ours leave ids to the tokenizer
+        ours.pop(key), theirs.pop(key)
+    assert theirs == ours
 
 
 # -- broken directories ----------------------------------------------------------------------
