@@ -137,3 +137,15 @@ def test_matches_transformers_generate_on_a_hugging_face_checkpoint(tmp_path, ki
             expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
             assert completion.token_ids == expected
+
+
+def test_identical_prompts_arriving_together_compute_the_prefix_once(model, tokenizer):
+    # A GRPO group sent as separate requests: the first computes the prompt, the others wait
+    # one step and take its pages from the prefix cache.
+    prompt = random_prompts(1, tokenizer.vocab_size, 24, 24, seed=9)[0]
+    engine = InferenceEngine(model, tokenizer, page_size=8)
+    completions = engine.generate([prompt] * 4, GREEDY)
+    check_against_reference(model, [prompt] * 4, completions, 10)
+    # 24 prompt tokens once; the 3 followers recompute only the last page (8 tokens) for logits.
+    assert engine.stats()["computed_tokens"] == 24 + 3 * 8 + 4 * 9
+    assert_pages_released(engine)

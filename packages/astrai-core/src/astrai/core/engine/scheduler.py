@@ -6,7 +6,9 @@ prefill). What is left of the budget admits waiting sequences in arrival order, 
 cached prefix pages. When the pool runs out of pages the newest running sequence is
 preempted: its pages are released (full ones stay in the prefix cache) and it goes back to
 the waiting queue to be recomputed later, so nothing crashes and no request is lost. No new
-sequence is admitted in a step that had to preempt.
+sequence is admitted in a step that had to preempt. A waiting sequence whose next prefix
+page is being computed in this very step by another one (a GRPO group, the same system
+prompt arriving twice) waits a step and then finds it in the prefix cache.
 """
 
 from __future__ import annotations
@@ -105,18 +107,42 @@ class Scheduler:
             i += 1
         if plan.preempted:
             return plan
+        inflight = set()  # hashes of pages that become full during this step
+        for chunk in plan.chunks:
+            self._mark_inflight(chunk, inflight)
         slots = sum(s.num_samples for s in self.running)
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
+        at = 0
+        while at < len(self.waiting) and budget > 0:
+            seq = self.waiting[at]
             if slots + seq.num_samples > self.max_batch_size:
                 break
-            length = self._admit(seq, budget, plan)
+            if self._next_page_inflight(seq, inflight):
+                at += 1
+                continue
+            length = self._admit(seq, at, budget, plan)
             if length is None:
                 break
-            plan.chunks.append(Chunk(seq, seq.num_computed, length))
+            chunk = Chunk(seq, seq.num_computed, length)
+            plan.chunks.append(chunk)
+            self._mark_inflight(chunk, inflight)
             budget -= length
             slots += seq.num_samples
         return plan
+
+    def _mark_inflight(self, chunk: Chunk, inflight: set[int]) -> None:
+        full = (chunk.start + chunk.length) // self.page_size
+        if full > chunk.seq.num_registered:
+            self._extend_hashes(chunk.seq)
+            inflight.update(chunk.seq.page_hashes[chunk.seq.num_registered : full])
+
+    def _next_page_inflight(self, seq: Sequence, inflight: set[int]) -> bool:
+        """True if the first prefix page seq would have to compute is being computed right now."""
+        if not inflight:
+            return False
+        self._extend_hashes(seq)
+        usable = (len(seq.token_ids) - 1) // self.page_size
+        hit = len(self.allocator.prefix_cache.lookup(seq.page_hashes[:usable]))
+        return hit < usable and seq.page_hashes[hit] in inflight
 
     def commit(self, chunk: Chunk) -> None:
         """After the forward pass: the chunk's keys/values are in the cache; offer full pages to the prefix cache."""
@@ -165,8 +191,8 @@ class Scheduler:
         seq.pages.extend(self.allocator.allocate() for _ in range(needed))
         return True
 
-    def _admit(self, seq: Sequence, budget: int, plan: StepPlan) -> int | None:
-        """Move the first waiting sequence to running with its cached prefix; None if pages are short."""
+    def _admit(self, seq: Sequence, at: int, budget: int, plan: StepPlan) -> int | None:
+        """Move waiting[at] to running with its cached prefix; None if pages are short."""
         self._extend_hashes(seq)
         # Leave at least one token to compute: its logits give the next token.
         usable = (len(seq.token_ids) - 1) // self.page_size
@@ -182,7 +208,7 @@ class Scheduler:
         self.lookup_tokens += len(seq.token_ids)
         self.hit_tokens += seq.num_computed
         seq.epoch = self.epoch
-        self.waiting.pop(0)
+        self.waiting.pop(at)
         self.running.append(seq)
         seq.status = Status.RUNNING
         return length
