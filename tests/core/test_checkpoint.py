@@ -316,6 +316,20 @@ def test_missing_tensor(saved):
     assert "model.safetensors: missing tensor 'model.layers.1.mlp.up_proj.weight'" in error_of(saved)
 
 
+def test_missing_untied_head_hints_at_tying(saved):
+    tensors = load_file(saved / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
+    message = error_of(saved)
+    assert "model.safetensors: missing tensor 'lm_head.weight'" in message and "tie_word_embeddings" in message
+
+
+def test_bad_shard_size_writes_nothing(make_model, tmp_path):
+    with pytest.raises(CheckpointError, match="max_shard_size"):
+        save_pretrained(make_model(), tmp_path / "out", max_shard_size="lots")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unexpected_tensor(saved):
     tensors = load_file(saved / "model.safetensors")
     tensors["model.layers.2.mlp.up_proj.weight"] = torch.zeros(48, 32)  # a third layer the config lacks

@@ -52,6 +52,7 @@ def save_pretrained(model: CausalLM, path: str | Path, tokenizer=None, max_shard
     if not isinstance(model, CausalLM):
         raise TypeError(f"save_pretrained expects an astrai CausalLM, got {type(model).__name__}")
     config = model.config
+    max_shard_bytes = parse_size(max_shard_size)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(
             f"tokenizer has {tokenizer.vocab_size} tokens but config.vocab_size is {config.vocab_size}; "
@@ -63,7 +64,7 @@ def save_pretrained(model: CausalLM, path: str | Path, tokenizer=None, max_shard
     dtype = next(iter(tensors.values())).dtype
     _write_json(path / CONFIG_FILE, to_hf_dict(config, str(dtype).removeprefix("torch.")))
     _write_generation_config(path, config, tokenizer)
-    _write_weights(path, tensors, parse_size(max_shard_size))
+    _write_weights(path, tensors, max_shard_bytes)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -80,8 +81,9 @@ def _tensors_to_save(model: CausalLM) -> dict[str, torch.Tensor]:
 
 
 def _write_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
-    for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)  # an older save must not leave shards the new index ignores
+    shards_on_disk = [p for p in path.glob("model-*.safetensors") if _SHARD_PATTERN.fullmatch(p.name)]
+    for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *shards_on_disk]:
+        stale.unlink(missing_ok=True)  # an older save must not leave weights the new one does not list
     shards = _split(tensors, max_shard_bytes)
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
     if len(shards) == 1:
@@ -201,14 +203,15 @@ def _read_weights(path: Path, expected: dict[str, tuple], device: torch.device, 
             if name in state:
                 raise CheckpointError(f"{file}: tensor {name!r} is also stored in {origin[name]}")
             state[name], origin[name] = tensor, file
-    tied = _TIED_KEY not in expected and _TIED_KEY in state
-    if tied:
+    if _TIED_KEY not in expected and _TIED_KEY in state:
         _check_tied_copy(state, origin)
     missing = [name for name in expected if name not in state]
     if missing:
         where = INDEX_FILE if len(files) > 1 else next(iter(files))
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}; the weights do not match config.json")
+        hint = ("; if the head shares the embedding matrix, set tie_word_embeddings (astrai: tie_embeddings) to true"
+                if missing == [_TIED_KEY] else "; the weights do not match config.json")
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}{hint}")
     if dtype is None:  # keep the stored dtype; a mixed checkpoint follows its embeddings
         target = state["model.embed_tokens.weight"].dtype
         for name in state:
