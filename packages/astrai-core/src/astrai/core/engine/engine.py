@@ -288,7 +288,7 @@ class InferenceEngine:
     def step(self) -> list[Completion]:
         """Run one engine step in this thread; returns the requests it ended (failed ones with .error set)."""
         with self._step_lock:
-            return [r.completion for r in self._step()]
+            return [r.completion for r in self._guarded_step()]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._active)
@@ -369,6 +369,8 @@ class InferenceEngine:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
         for r in inbox:
+            if r.done.is_set():  # failed while it waited in the inbox
+                continue
             seq = Sequence(request=r, index=0, token_ids=list(r.prompt_token_ids), text=self._sample_text(r),
                            num_samples=r.params.n, logprobs=self._logprob_list(r))
             r.seqs.append(seq)
@@ -453,7 +455,8 @@ class InferenceEngine:
         for j, c in enumerate(chunks):
             seq, r = c.seq, c.seq.request
             for k in range(seq.num_samples):  # > 1 only on a request's first token: n draws
-                rows.append(SampleRow(r.params, r.generators[seq.index + k], r.prompt_token_ids, seq.output_ids))
+                history = (r.prompt_token_ids, seq.output_ids) if r.params.has_penalties else ([], [])
+                rows.append(SampleRow(r.params, r.generators[seq.index + k], *history))
                 row_logit.append(j)
         if len(row_logit) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(row_logit, device=logits.device))
@@ -566,8 +569,16 @@ class InferenceEngine:
                 if self._stopping:
                     return
             with self._step_lock:
-                self._step()
+                self._guarded_step()
                 self._busy = self.scheduler.has_work()
+
+    def _guarded_step(self) -> list[Request]:
+        try:
+            return self._step()
+        except Exception as e:  # a bug outside the guarded parts of a step: end everything, keep serving
+            self._fail(list(self._active.values()), e)
+            ended, self._ended = self._ended, []
+            return ended
 
     def _wait(self, requests: list[Request], use_tqdm: bool) -> None:
         bar = None
@@ -582,7 +593,7 @@ class InferenceEngine:
                     pending[0].done.wait(timeout=0.05)
                 else:
                     with self._step_lock:
-                        self._step()
+                        self._guarded_step()
                 still = [r for r in pending if not r.done.is_set()]
                 if bar is not None:
                     bar.update(len(pending) - len(still))
