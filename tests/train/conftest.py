@@ -1,5 +1,5 @@
 """Fixtures for the training tests: a tiny bilingual tokenizer, a tiny model config, small
-learnable batches that follow the batch contract, and a quiet CPU Trainer.
+learnable data and a quiet CPU Trainer (helpers in trainhelp.py).
 
 Shared by the "modules" and the "data" tests: either side may add fixtures here (append,
 keep them tiny and download-free).
@@ -8,35 +8,17 @@ keep them tiny and download-free).
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 
-import lightning as L
 import pytest
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from astrai.core.tokenizer_trainer import train_tokenizer
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Language models predict the next token from the ones before it.",
-    "Small models can be trained on a laptop in a few minutes.",
-    "今天天气很好，我们去公园散步吧。",
-    "机器学习模型从数据中学习规律。",
-    "小模型也可以在笔记本电脑上训练。",
-    "Hello world! 你好，世界！",
-    "One, two, three, four, five. 一二三四五。",
-]
+from trainhelp import CORPUS, QUIET_WARNINGS, TINY_MODEL, TinyData, make_trainer
 
-TINY_MODEL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_len=128, init_std=0.02)
 
-# Lightning's advice about worker counts and logging intervals is noise at this scale.
-for pattern in (".*does not have many workers.*", ".*log_every_n_steps.*", ".*LitLogger.*",
-                ".*smaller than the logging interval.*", ".*is a tensor.*"):
-    warnings.filterwarnings("ignore", message=pattern)
-logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+def pytest_configure(config):
+    for message in QUIET_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:.*{message}")
 
 
 @pytest.fixture(scope="session")
@@ -55,54 +37,9 @@ def model_config_json(tmp_path_factory):
     return str(path)
 
 
-class CycleBatches(Dataset):
-    """Rows of a periodic token sequence: every next token is fully determined by the current
-    one, so a model that learns anything drives the loss towards zero."""
-
-    def __init__(self, n_rows: int = 16, seq_len: int = 16, vocab: int = 320, period: int = 7, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        cycle = torch.randperm(vocab - 10, generator=g)[:period] + 10  # avoid the special tokens
-        self.rows = []
-        for i in range(n_rows):
-            ids = cycle[(torch.arange(seq_len + 1) + i) % period]
-            self.rows.append({"input_ids": ids[:-1].clone(), "labels": ids[1:].clone()})
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
-class TinyData(L.LightningDataModule):
-    """A LightningDataModule over CycleBatches with a seeded, epoch-dependent shuffle."""
-
-    def __init__(self, n_rows: int = 16, seq_len: int = 16, batch_size: int = 4, vocab: int = 320):
-        super().__init__()
-        self.train_set = CycleBatches(n_rows, seq_len, vocab)
-        self.val_set = CycleBatches(8, seq_len, vocab, seed=0)
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(0))
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size)
-
-
 @pytest.fixture
 def tiny_data():
     return TinyData
-
-
-def make_trainer(tmp_path, **kwargs) -> L.Trainer:
-    """A quiet CPU Trainer writing under tmp_path."""
-    defaults = dict(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                    num_sanity_val_steps=0, limit_val_batches=0)
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
 
 
 @pytest.fixture

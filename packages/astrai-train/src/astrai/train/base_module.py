@@ -76,11 +76,13 @@ def check_batch(batch: Any, required: tuple[str, ...], owner: str) -> None:
     if missing:
         raise BatchError(f"{owner}: batch is missing {missing} (it has {sorted(batch)}); "
                          "see the batch contract in astrai.train.base_module")
-    shape = batch[required[0]].shape
-    for key, value in batch.items():
-        if torch.is_tensor(value) and value.dim() == 2 and value.shape != shape:
-            raise BatchError(f"{owner}: batch[{key!r}] has shape {tuple(value.shape)}, expected {tuple(shape)} "
-                             f"like batch[{required[0]!r}]")
+    # Tensors of one sequence (chosen_*, rejected_*, or the unprefixed ones) share one shape.
+    for key in [k for k in required if k.endswith("input_ids")]:
+        prefix, shape = key[: -len("input_ids")], batch[key].shape
+        for name, value in batch.items():
+            if name.startswith(prefix) and torch.is_tensor(value) and value.dim() == 2 and value.shape != shape:
+                raise BatchError(f"{owner}: batch[{name!r}] has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(shape)} like batch[{key!r}]")
 
 
 class CausalLMModule(L.LightningModule):
@@ -127,7 +129,7 @@ class CausalLMModule(L.LightningModule):
         decay_steps: int | None = None,
         cycle_steps: int | None = None,
         cycle_mult: float = 1.0,
-        lora: LoRAConfig | None = None,
+        lora: LoRAConfig | dict | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         export_dir: str | None = None,
@@ -141,6 +143,8 @@ class CausalLMModule(L.LightningModule):
             tokenizer = self.hparams.tokenizer = model
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = build_model(model, self.tokenizer)
+        if isinstance(lora, dict):  # from Python code; the CLI builds the dataclass itself
+            lora = LoRAConfig(**lora)
         self.lora_config = lora
         if lora is not None:
             apply_lora(self.model, lora)

@@ -4,12 +4,14 @@ The reference is, in order of preference:
   1. log-probabilities precomputed in the batch (ref_chosen_logps, ref_rejected_logps);
   2. with LoRA, the policy itself with its adapters switched off (no second copy in memory);
   3. otherwise a frozen model: `reference_model` if given, else a copy of the initial policy.
-The frozen copy is left out of checkpoints (it never changes) and rebuilt on load.
+A reference read from a model directory is left out of checkpoints (it never changes) and
+read again on load; one copied from a freshly initialised policy cannot be rebuilt, so it stays in.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -65,6 +67,8 @@ class DPOModule(CausalLMModule):
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.precomputed_reference = precomputed_reference
         self.ref_model = None
+        source = reference_model if reference_model is not None else self.hparams.model
+        self._reference_on_disk = isinstance(source, str) and Path(source).is_dir()
         if reference_model is not None:
             self.ref_model = build_model(reference_model, self.tokenizer)
         elif not precomputed_reference and self.lora_config is None:
@@ -134,6 +138,8 @@ class DPOModule(CausalLMModule):
 
     # -- checkpoints without the frozen reference -----------------------------------------
     def on_save_checkpoint(self, checkpoint) -> None:
+        if not self._reference_on_disk:
+            return
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(REF_PREFIX)]:
             del state[key]
