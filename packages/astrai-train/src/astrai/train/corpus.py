@@ -260,7 +260,7 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
                  sft_repeats: int = 1) -> dict[str, Path]:
     """Write every data set under ``out_dir``; returns their paths by name:
 
-    pretrain_train / pretrain_val ({"text"}), sft_train / sft_val ({"messages"}), sft_heldout
+    tokenizer_text ({"text"}: documents and training questions), pretrain_train / pretrain_val ({"text"}), sft_train / sft_val ({"messages"}), sft_heldout
     (held-out questions: {"messages", "reference", "answer", "task", "lang"}), dpo_train /
     dpo_val ({"prompt", "chosen", "rejected"}), grpo_train / grpo_val ({"prompt", "answer", "reference"}).
     """
@@ -274,9 +274,12 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
     def grpo_rows(qs: list[Question]) -> list[dict]:
         return [{"prompt": q.prompt, "answer": q.answer, "reference": q.reference} for q in qs]
 
+    docs = [{"text": t} for t in pretrain_documents(n_docs, seed)]
+    chat_text = [{"text": f"{q.prompt}\n{q.reference}"} for q in train_q]
     return {
-        "pretrain_train": _write(out / "pretrain" / "train.jsonl",
-                                 [{"text": t} for t in pretrain_documents(n_docs, seed)]),
+        # Tokenizer training text: the documents plus the training questions' wording.
+        "tokenizer_text": _write(out / "tokenizer" / "train.jsonl", docs + chat_text),
+        "pretrain_train": _write(out / "pretrain" / "train.jsonl", docs),
         # A different seed stream: the validation text is new text about the same world.
         "pretrain_val": _write(out / "pretrain" / "val.jsonl",
                                [{"text": t} for t in pretrain_documents(n_val_docs, seed + 1000)]),

@@ -88,8 +88,14 @@ def require_messages(value: Any, field: str, *, need_assistant: bool = True) -> 
     return messages
 
 
+def _string_or_list(value: Any, field: str) -> None:
+    if value is not None and not isinstance(value, (str, list, tuple)):
+        raise RecordError(field, f"must be a string or a list of {{'role', 'content'}} messages, got {_type_name(value)}")
+
+
 def prompt_messages(value: Any, field: str = "prompt", system_prompt: str | None = None) -> list[dict[str, str]]:
     """A prompt as a message list: a string becomes one user turn (after an optional system turn)."""
+    _string_or_list(value, field)
     if isinstance(value, str) or value is None:
         text = require_text(value, field)
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -103,6 +109,7 @@ def prompt_messages(value: Any, field: str = "prompt", system_prompt: str | None
 def reply_messages(value: Any, field: str, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
     """A reply as a message list: a string is one assistant turn. A full conversation that
     starts with the prompt (a common layout of preference data) is cut to what follows it."""
+    _string_or_list(value, field)
     if isinstance(value, str) or value is None:
         return [{"role": "assistant", "content": require_text(value, field)}]
     messages = require_messages(value, field)
