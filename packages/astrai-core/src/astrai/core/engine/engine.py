@@ -119,6 +119,7 @@ class InferenceEngine:
         self._computed = 0
         self._recent: deque[tuple[float, int]] = deque()
         self._ended: list[Request] = []  # finished or failed since the last step returned
+        self._outbox: list[tuple[object, object]] = []  # (sink, item) to deliver after the step
 
     # ------------------------------------------------------------------------------------
     # public API
@@ -198,6 +199,7 @@ class InferenceEngine:
         if not self._thread_alive():
             with self._step_lock:
                 self._drain_inbox()
+                self._flush()
 
     def start(self) -> "InferenceEngine":
         """Start the background engine thread (idempotent)."""
@@ -222,6 +224,7 @@ class InferenceEngine:
             self._aborts.update(self._active)
         with self._step_lock:
             self._drain_inbox()
+            self._flush()
 
     def __enter__(self) -> "InferenceEngine":
         return self.start()
@@ -495,6 +498,24 @@ class InferenceEngine:
     # ------------------------------------------------------------------------------------
     # requests out
     # ------------------------------------------------------------------------------------
+    def _send(self, r: Request, item) -> None:
+        self._outbox.append((r.sink, item))
+
+    def _flush(self) -> None:
+        """Deliver what the step produced: one wake-up per asyncio loop per step, not one per event."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict = {}
+        for sink, item in outbox:
+            if isinstance(sink, _LoopSink):
+                by_loop.setdefault(sink.loop, []).append((sink.queue, item))
+            else:
+                sink(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
     def _emit(self, seq: Sequence, finish_reason, stop_reason) -> None:
         r = seq.request
         text = seq.text.delta(final=finish_reason is not None)
@@ -504,8 +525,8 @@ class InferenceEngine:
         new = out[seq.num_streamed :]
         logprobs = seq.logprobs[seq.num_streamed :] if seq.logprobs is not None else None
         seq.num_streamed = len(out)
-        r.sink(StreamEvent(r.request_id, seq.index, text, new, logprobs, finish_reason, stop_reason,
-                           len(r.prompt_token_ids), len(out), self.weights_version))
+        self._send(r, StreamEvent(r.request_id, seq.index, text, new, logprobs, finish_reason, stop_reason,
+                                  len(r.prompt_token_ids), len(out), self.weights_version))
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         """End seq (and, before its first token, the samples it would have forked)."""
@@ -518,8 +539,8 @@ class InferenceEngine:
             idx = seq.index + k
             r.samples[idx] = Sample(idx, [], "", reason, stop_reason, self._logprob_list(r))
             if r.sink is not None:
-                r.sink(StreamEvent(r.request_id, idx, "", [], r.samples[idx].logprobs, reason, stop_reason,
-                                   len(r.prompt_token_ids), 0, self.weights_version))
+                self._send(r, StreamEvent(r.request_id, idx, "", [], r.samples[idx].logprobs, reason, stop_reason,
+                                          len(r.prompt_token_ids), 0, self.weights_version))
         if r.finished:
             self._complete(r)
 
@@ -531,7 +552,7 @@ class InferenceEngine:
         self._ended.append(r)
         r.done.set()
         if r.sink is not None:
-            r.sink(_END)
+            self._send(r, _END)
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
         for r in dict.fromkeys(requests):
@@ -553,7 +574,7 @@ class InferenceEngine:
             self._ended.append(r)
             r.done.set()
             if r.sink is not None:
-                r.sink(r.error)
+                self._send(r, r.error)
 
     # ------------------------------------------------------------------------------------
     # threads
@@ -579,6 +600,8 @@ class InferenceEngine:
             self._fail(list(self._active.values()), e)
             ended, self._ended = self._ended, []
             return ended
+        finally:
+            self._flush()
 
     def _wait(self, requests: list[Request], use_tqdm: bool) -> None:
         bar = None
@@ -619,13 +642,7 @@ class InferenceEngine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def sink(item) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-        request.sink = sink
+        request.sink = _LoopSink(loop, events)
         self._submit(request)
         self.start()
         try:
@@ -677,6 +694,19 @@ class InferenceEngine:
                 "update_weights: the weights do not match the served model; "
                 f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}, shape mismatches {shapes[:5]}"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopSink:
+    """Where an asyncio consumer's events go: its queue, filled from inside its loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def parse_bytes(value: int | str) -> int:

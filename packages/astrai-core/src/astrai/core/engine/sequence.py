@@ -9,7 +9,6 @@ sequence, scheduled, preempted and finished on its own.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -36,7 +35,7 @@ class Request:
     max_tokens: int  # params.max_tokens capped by the room left under max_model_len
     generators: list[torch.Generator | None]  # one per sample, None when unseeded
     eos_ids: frozenset[int]
-    sink: Callable[[object], None] | None = None  # receives StreamEvents, then the end marker
+    sink: object = None  # where StreamEvents go (a callable or an asyncio loop's queue), then the end marker
     samples: list[Sample | None] = field(default_factory=list)  # filled in as samples finish
     seqs: list["Sequence"] = field(default_factory=list)  # live sequences
     done: threading.Event = field(default_factory=threading.Event)
