@@ -58,8 +58,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(*args: str) -> list[str]:
+def _serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "astrai.serve.cli", *args]
+
+
+@pytest.fixture
+def serve_command():
+    """serve_command(*args) -> argv that runs `astrai-serve` with this interpreter."""
+    return _serve_command
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -75,8 +81,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
-        self.proc, self.port, self.log = proc, port, log
+    api_key = API_KEY
+    model = MODEL_NAME
+    max_len = MAX_LEN
+
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path, model_dir: Path) -> None:
+        self.proc, self.port, self.log, self.model_dir = proc, port, log, model_dir
         self.url = f"http://127.0.0.1:{port}"
 
     def wait_ready(self, timeout: float = 180) -> None:
@@ -104,12 +114,12 @@ def server(model_dir, tmp_path_factory):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     with log.open("w") as out:
         proc = subprocess.Popen(
-            serve_command("--model", str(model_dir), "--port", str(port), "--device", "cpu",
+            _serve_command("--model", str(model_dir), "--port", str(port), "--device", "cpu",
                           "--served-model-name", MODEL_NAME, "--api-key", API_KEY, "--max-batch-size", "32",
                           "--log-level", "info"),
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=REPO,
         )
-    srv = Server(proc, port, log)
+    srv = Server(proc, port, log, model_dir)
     try:
         srv.wait_ready()
         yield srv

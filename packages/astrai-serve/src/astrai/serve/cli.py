@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -84,6 +85,28 @@ def _check_port(host: str, port: int) -> None:
                                    "stop the other server or pick another --port") from None
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM both take LitServe's graceful path (KeyboardInterrupt).
+
+    A shell starts background jobs with SIGINT ignored, and LitServe leaves its worker
+    running on SIGTERM; either would leave the port bound after `kill`.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Forked children (LitServe's HTTP process) re-raise the signal that stopped them once
+    # they have shut down; with the default disposition that ends them quietly.
+    os.register_at_fork(after_in_child=_default_signals)
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
@@ -115,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .server import build_server, run_server
 
+    _stop_on_signals()
     try:
         run_server(build_server(config, info), config)
     except RuntimeError as e:  # LitServe: the worker failed in setup(); its log is above

@@ -39,7 +39,7 @@ class ServeConfig:
     max_num_batched_tokens: int = _opt(2048, "most tokens (prefill + decode) in one engine step")
     kv_cache_memory: str | None = _opt(None, "memory for the paged KV cache, e.g. 2GiB or 512MB "
                                              "(default: the engine's choice)", metavar="SIZE")
-    num_pages: int | None = _opt(None, "KV cache pages (overrides --kv-cache-memory)")
+    num_pages: int | None = _opt(None, "KV cache size as a page count (instead of --kv-cache-memory)")
     page_size: int = _opt(16, "tokens per KV cache page")
     max_model_len: int | None = _opt(None, "longest prompt + completion in tokens (default: the model's max_len)")
     served_model_name: str | None = _opt(None, "model name clients send and /v1/models lists "
@@ -66,6 +66,8 @@ class ServeConfig:
                 _check_int(self, name, 1)
         if self.kv_cache_memory is not None:
             parse_size(self.kv_cache_memory, "kv_cache_memory")
+            if self.num_pages is not None:
+                raise ServeConfigError("num_pages: set either num_pages or kv_cache_memory, not both")
         if self.log_level not in LOG_LEVELS:
             raise ServeConfigError(f"log_level: {self.log_level!r}; use one of {', '.join(LOG_LEVELS)}")
         return self
