@@ -90,6 +90,8 @@ def test_request_ids_and_tokenizer_free_use(model, tokenizer):
 
 
 def test_engine_settings_are_checked(model, tokenizer):
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be >= max_batch_size \(16\)"):
+        InferenceEngine(model, tokenizer, max_batch_size=16, max_num_batched_tokens=8)
     with pytest.raises(ValueError, match="page_size must be a positive integer"):
         InferenceEngine(model, tokenizer, page_size=0)
     with pytest.raises(ValueError, match=r"max_model_len must be an integer in \[2, model max_len=256\]"):

@@ -108,7 +108,7 @@ def test_greedy_with_penalties_matches_a_reference_loop(model, tokenizer):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.5,
                             frequency_penalty=0.5, presence_penalty=0.3)
     prompts = random_prompts(3, tokenizer.vocab_size, 4, 12, seed=20)
-    engine = InferenceEngine(model, tokenizer, max_num_batched_tokens=8, page_size=4)
+    engine = InferenceEngine(model, tokenizer, max_batch_size=4, max_num_batched_tokens=8, page_size=4)
     completions = engine.generate(prompts, params)
     for prompt, completion in zip(prompts, completions):
         ids, out = list(prompt), []
@@ -137,7 +137,7 @@ def test_temperature_near_zero_is_greedy(model, tokenizer):
 def test_seed_reproduces_whatever_else_is_in_the_batch(model, tokenizer):
     prompt = random_prompts(1, tokenizer.vocab_size, 6, 6, seed=22)[0]
     seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
-    engine = InferenceEngine(model, tokenizer, max_num_batched_tokens=16, page_size=4)
+    engine = InferenceEngine(model, tokenizer, max_batch_size=8, max_num_batched_tokens=16, page_size=4)
     alone = engine.generate([prompt], seeded)[0].token_ids
     others = random_prompts(5, tokenizer.vocab_size, 2, 30, seed=23)
     mixed = engine.generate(
@@ -184,7 +184,7 @@ def test_greedy_forks_under_preemption_equal_the_reference(model, tokenizer):
 def test_logprobs_equal_log_softmax_of_a_full_recompute(model, tokenizer, temperature):
     prompts = random_prompts(2, tokenizer.vocab_size, 4, 9, seed=26)
     params = SamplingParams(max_tokens=6, temperature=temperature, logprobs=3, seed=3, ignore_eos=True)
-    engine = InferenceEngine(model, tokenizer, max_num_batched_tokens=6, page_size=4)
+    engine = InferenceEngine(model, tokenizer, max_batch_size=4, max_num_batched_tokens=6, page_size=4)
     for prompt, c in zip(prompts, engine.generate(prompts, params)):
         assert len(c.samples[0].logprobs) == len(c.token_ids) == 6
         ids = list(prompt)

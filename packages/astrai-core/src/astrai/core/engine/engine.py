@@ -20,6 +20,7 @@ import queue
 import re
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence as SequenceABC
 
@@ -77,6 +78,9 @@ class InferenceEngine:
         for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("page_size", page_size)):
             _require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        _require(max_num_batched_tokens >= max_batch_size, "max_num_batched_tokens",
+                 f"({max_num_batched_tokens}) must be >= max_batch_size ({max_batch_size}): every running "
+                 "sequence needs a token of each step's budget")
         if not hasattr(model, "kv_layout") or not hasattr(model, "config"):
             raise TypeError(f"model must be a CausalLM (with .config and .kv_layout()), got {type(model).__name__}")
         config = model.config
@@ -319,7 +323,7 @@ class InferenceEngine:
         _require(params.n <= self.max_batch_size, "SamplingParams.n",
                  f"({params.n}) exceeds the engine's max_batch_size ({self.max_batch_size})")
         if request_id is None:
-            request_id = f"req-{next(self._ids)}"
+            request_id = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         _require(isinstance(request_id, str) and request_id, "request_id", f"must be a non-empty string, got {request_id!r}")
         _require(request_id not in self._active, "request_id", f"{request_id!r} is already in flight")
         room = self.max_model_len - len(ids)
@@ -518,9 +522,12 @@ class InferenceEngine:
 
     def _emit(self, seq: Sequence, finish_reason, stop_reason) -> None:
         r = seq.request
-        text = seq.text.delta(final=finish_reason is not None)
+        final = finish_reason is not None
         if r.sink is None:
+            if final:
+                seq.text.delta(final=True)  # flush the decoder into seq.text.text
             return
+        text = seq.text.delta(final=final)
         out = seq.output_ids
         new = out[seq.num_streamed :]
         logprobs = seq.logprobs[seq.num_streamed :] if seq.logprobs is not None else None

@@ -96,6 +96,9 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
+        # Decodes need one token each and the budget covers max_batch_size of them. A sequence
+        # still in prefill is always the last one admitted (it took the rest of a budget), so
+        # it never starves the decodes ahead of it.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
