@@ -34,7 +34,7 @@ def trained(tmp_path_factory, tokenizer_dir):
     module = SeqModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=1e-2)
     trainer = make_trainer(root, max_steps=25, logger=L.pytorch.loggers.CSVLogger(root, name="logs"))
     trainer.fit(module, DataLoader(CycleBatches(16, 16), batch_size=4, shuffle=True))
-    return module.eval(), Path(trainer.log_dir) / "export"
+    return module.eval(), root / "export"
 
 
 def test_fit_end_export_loads_in_automodel_with_equal_logits(trained):

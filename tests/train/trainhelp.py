@@ -27,7 +27,8 @@ logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
 # Lightning's advice about worker counts, logging intervals and missing loaders is noise at this scale.
 QUIET_WARNINGS = ["does not have many workers", "log_every_n_steps", "smaller than the logging interval",
-                  "but have no `val_dataloader`", "LeafSpec", "LitLogger", "Checkpoint directory .* exists"]
+                  "but have no `val_dataloader`", "LeafSpec", "LitLogger", "Checkpoint directory .* exists",
+                  "args parameter is intended to run from within Python", "Total length of .* across ranks is zero"]
 
 
 class CycleBatches(Dataset):

@@ -105,7 +105,7 @@ class CausalLMModule(L.LightningModule):
         lora: LoRA adapters (rank, alpha, dropout, targets); only the adapters train; export merges them.
         gradient_checkpointing: recompute each block's activations in backward (less memory).
         compile: torch.compile the model.
-        export_dir: where to export the model on fit end; default <log_dir>/export.
+        export_dir: where to export the model on fit end; default <trainer.default_root_dir>/export.
         export_on_fit_end: export when fit ends.
         export_dtype: dtype of the exported weights (e.g. "bfloat16"); default: as trained.
         peak_flops: the device's peak FLOP/s for MFU; default from Lightning's table of GPUs (none on CPU).
@@ -201,8 +201,7 @@ class CausalLMModule(L.LightningModule):
     def export_path(self) -> Path:
         if self.hparams.export_dir:
             return Path(self.hparams.export_dir)
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        return Path(root) / "export"
+        return Path(self.trainer.default_root_dir) / "export"
 
     # -- helpers for the subclasses ----------------------------------------------------
     def check_once(self, batch: Any, required: tuple[str, ...], stage: str) -> None:

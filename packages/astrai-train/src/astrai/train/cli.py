@@ -8,9 +8,11 @@
 Every field of the model, data and trainer is a command-line flag; `--print_config` prints
 the complete configuration. Classes are picked by `class_path` or by class name
 (`--model=SFTModule`), and on the command line also by a short name: seq/pretrain, sft, dpo.
-Defaults added here: a CSV logger and the checkpoints in `<default_root_dir>/checkpoints`
-with `last.ckpt` kept (so `--ckpt_path=last` finds the previous run's state), an export
-callback (`--export.every_n_train_steps`), and the tokenizer given once for model and data.
+Defaults added here: a CSV logger; checkpoints in `<default_root_dir>/checkpoints` with
+`last.ckpt` kept and written after the final step (so `--ckpt_path=last` continues the
+previous run exactly, even with a larger max_steps); the model exported to
+`<default_root_dir>/export` on fit end and, with `--export.every_n_train_steps`, at intervals;
+and the tokenizer given once, for model and data.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from astrai.core.checkpoint import CheckpointError
 from astrai.core.config import ConfigError
 
 from .base_module import BatchError, CausalLMModule
+from .checkpointing import Checkpoint
 from .dpo_module import DPOModule
 from .export import ModelExport
 from .seq_module import SeqModule
@@ -93,16 +95,9 @@ def _import_data_modules() -> None:
 
 class AstraiCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(ModelExport, "export")
-
-    def parse_arguments(self, parser, args) -> None:
-        if args is None:
-            args = sys.argv[1:]
-        if isinstance(args, list):
-            args = expand_aliases(args)
-        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -148,6 +143,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AstraiCLI:
     """Build (and by default run) the CLI; tests call this with an argument list."""
     _quiet_logs()
     _import_data_modules()
+    if args is None:
+        sys.argv[1:] = expand_aliases(sys.argv[1:])
+    elif isinstance(args, list):
+        args = expand_aliases(args)
     return AstraiCLI(
         CausalLMModule,
         L.LightningDataModule,
@@ -158,7 +157,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AstraiCLI:
         seed_everything_default=42,
         auto_configure_optimizers=False,  # optimizer and schedule are model options (--model.lr, ...)
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"log_every_n_steps": 10},
+        trainer_defaults={"log_every_n_steps": 5},
     )
 
 

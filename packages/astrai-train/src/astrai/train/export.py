@@ -60,7 +60,8 @@ def export_model(module: L.LightningModule, path: str | Path, trainer: L.Trainer
 
 class ModelExport(Callback):
     """Export the model every ``every_n_train_steps`` optimizer steps to ``dirpath/step-NNNNNN``
-    (default dirpath: <log_dir>/export), keeping the last ``keep_last`` exports (0 = all)."""
+    (default dirpath: <trainer.default_root_dir>/export-steps; the final export goes to
+    <default_root_dir>/export), keeping the last ``keep_last`` exports (0 = all)."""
 
     def __init__(self, every_n_train_steps: int = 0, dirpath: str | None = None, keep_last: int = 0):
         if every_n_train_steps < 0 or keep_last < 0:
@@ -76,7 +77,7 @@ class ModelExport(Callback):
         if not self.every_n_train_steps or step == 0 or step % self.every_n_train_steps or step == self._last_step:
             return
         self._last_step = step  # with gradient accumulation several batches end on one step
-        root = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "export"
+        root = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "export-steps"
         path = export_model(pl_module, root / f"step-{step:06d}", trainer)
         if path is None:
             return
