@@ -52,14 +52,20 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-def free_port() -> int:
+@pytest.fixture
+def free_port():
+    """free_port() -> a TCP port nobody listens on."""
+    return _free_port
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _serve_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "astrai.serve.cli", *args]
+def _serve_command(*args) -> list[str]:
+    return [sys.executable, "-m", "astrai.serve.cli", *map(str, args)]
 
 
 @pytest.fixture
@@ -81,22 +87,27 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 class Server:
+    """A running `astrai-serve` process (its own process group) and how to reach it."""
+
     api_key = API_KEY
     model = MODEL_NAME
     max_len = MAX_LEN
 
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path, model_dir: Path) -> None:
-        self.proc, self.port, self.log, self.model_dir = proc, port, log, model_dir
+    def __init__(self, argv: list, port: int, log: Path, model_dir: Path | None = None, **popen) -> None:
+        self.port, self.log, self.model_dir = port, log, model_dir
         self.url = f"http://127.0.0.1:{port}"
+        with log.open("w") as out:
+            self.proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, **popen)
 
-    def wait_ready(self, timeout: float = 180) -> None:
+    def wait_ready(self, timeout: float = 240) -> "Server":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
+                    return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
@@ -105,23 +116,26 @@ class Server:
     def stats(self) -> dict:
         return httpx.get(self.url + "/stats", timeout=10).json()
 
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """launch(argv, port, log, model_dir=None, **popen) -> Server (started, not yet ready)."""
+    return Server
+
 
 @pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory):
     """The real `astrai-serve` on a free port, with an API key; one per test session."""
-    port = free_port()
+    port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            _serve_command("--model", str(model_dir), "--port", str(port), "--device", "cpu",
-                          "--served-model-name", MODEL_NAME, "--api-key", API_KEY, "--max-batch-size", "32",
-                          "--log-level", "info"),
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=REPO,
-        )
-    srv = Server(proc, port, log, model_dir)
+    argv = _serve_command("--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name", MODEL_NAME,
+                          "--api-key", API_KEY, "--max-batch-size", "32", "--log-level", "info")
+    srv = Server(argv, port, log, model_dir, env=env, cwd=REPO)
     try:
-        srv.wait_ready()
-        yield srv
+        yield srv.wait_ready()
     finally:
-        stop(proc)
+        srv.stop()
