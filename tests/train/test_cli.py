@@ -149,3 +149,13 @@ def test_bad_input_gives_one_clear_line(files, tokenizer_dir, tmp_path, capsys):
         main([*base, "--model.optimizer=sgd"])
     err = capsys.readouterr().err
     assert "optimizer" in err and "adamw" in err and "muon" in err
+
+
+@pytest.mark.parametrize("config", sorted(Path(__file__).parents[2].glob("configs/train/*.yaml")), ids=lambda p: p.name)
+def test_example_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", f"--config={config}", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("astrai.train.")
+    assert printed["data"]["class_path"].startswith("astrai.train.data.")

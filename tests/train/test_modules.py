@@ -38,7 +38,7 @@ def test_seq_module_learns_and_logs(tmp_path, tokenizer_dir, model_config_json):
     assert module.config.eos_token_id == tok.eos_token_id
     train = DataLoader(CycleBatches(16, 16), batch_size=4, shuffle=True)
     val = DataLoader(CycleBatches(8, 16, seed=0), batch_size=4)
-    trainer = make_trainer(tmp_path, max_steps=40)
+    trainer = make_trainer(tmp_path, max_steps=20)
     before = _val_metrics(trainer, module, val)
     trainer.fit(module, train)
     logged = dict(trainer.callback_metrics)
@@ -90,13 +90,13 @@ def test_moe_model_trains_with_the_balance_loss(tmp_path, tokenizer_dir):
 
 def test_muon_and_sgdr_train_the_model(tmp_path, tokenizer_dir, model_config_json):
     module = SeqModule(model=model_config_json, tokenizer=tokenizer_dir, optimizer="muon", lr=2e-2,
-                       scheduler="sgdr", cycle_steps=10, min_lr_ratio=0.0, export_on_fit_end=False)
+                       scheduler="sgdr", cycle_steps=5, min_lr_ratio=0.0, export_on_fit_end=False)
     val = DataLoader(CycleBatches(8, 16), batch_size=4)
-    trainer = make_trainer(tmp_path, max_steps=30)
+    trainer = make_trainer(tmp_path, max_steps=20)
     before = _val_metrics(trainer, module, val)["val/loss"]
     trainer.fit(module, DataLoader(CycleBatches(16, 16), batch_size=4, shuffle=True))
     assert _val_metrics(trainer, module, val)["val/loss"] < 0.5 * before
-    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(2e-2)  # step 30: a restart
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(2e-2)  # step 20: a restart
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer_dir, model_config_json):
