@@ -106,3 +106,25 @@ def test_export_callback_writes_every_n_steps_and_keeps_the_last(tmp_path, token
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["step-000004", "step-000006"]
     last = AutoModel.from_pretrained(tmp_path / "exports" / "step-000006")
     assert last.config.vocab_size == 320
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP needs CUDA")
+@pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 8, "targets": ["all-linear"]}], ids=["full", "lora"])
+def test_fsdp_fit_exports_the_gathered_model(tmp_path, tokenizer_dir, lora):
+    """Under FSDP the weights are sharded: the export gathers them (and merges LoRA) on rank 0."""
+    torch.manual_seed(0)
+    module = SFTModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=1e-2, lora=lora, export_dir=str(tmp_path / "out"))
+    trainer = make_trainer(tmp_path, max_steps=4, accelerator="gpu", strategy="fsdp", precision="bf16-mixed")
+    trainer.fit(module, DataLoader(CycleBatches(8, 16), batch_size=4))
+    assert not any("lora" in name for name in _tensor_names(tmp_path / "out"))
+    torch.manual_seed(0)
+    initial = SFTModule(model=TINY_MODEL, tokenizer=tokenizer_dir).model.eval()
+    exported = AutoModel.from_pretrained(tmp_path / "out")
+    batch = next(iter(DataLoader(CycleBatches(8, 16), batch_size=8)))
+
+    def loss(model):
+        with torch.no_grad():
+            logits = model(batch["input_ids"])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()).item()
+
+    assert loss(exported) < loss(initial) - 0.05  # the trained weights, not the initial ones
