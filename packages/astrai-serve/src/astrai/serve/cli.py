@@ -35,8 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(keys as the flags, without dashes: max_batch_size: 32)")
     for f in dataclasses.fields(ServeConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = int if f.type in ("int", "int | None") else str
         default = "" if f.default is None else f" (default: {f.default})"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata["help"] + default)
+            continue
+        kind = int if f.type in ("int", "int | None") else str
         parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.metadata.get("metavar"),
                             help=f.metadata["help"] + default)
     parser.add_argument("--print-config", action="store_true", help="print the resulting settings as YAML and exit")

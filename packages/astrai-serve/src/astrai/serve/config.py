@@ -47,6 +47,8 @@ class ServeConfig:
     api_key: str | None = _opt(None, "require this key: 'Authorization: Bearer KEY' (OpenAI) or "
                                      "'x-api-key: KEY' (Anthropic); default: $ASTRAI_API_KEY, else no auth",
                                metavar="KEY")
+    fast_queue: bool = _opt(True, "ZeroMQ between the HTTP process and the engine's worker "
+                                  "(--no-fast-queue: multiprocessing queues, slower)")
     log_level: str = _opt("info", f"one of {', '.join(LOG_LEVELS)}")
 
     def validate(self) -> "ServeConfig":
@@ -68,6 +70,8 @@ class ServeConfig:
             parse_size(self.kv_cache_memory, "kv_cache_memory")
             if self.num_pages is not None:
                 raise ServeConfigError("num_pages: set either num_pages or kv_cache_memory, not both")
+        if not isinstance(self.fast_queue, bool):
+            raise ServeConfigError(f"fast_queue: must be true or false, got {self.fast_queue!r}")
         if self.log_level not in LOG_LEVELS:
             raise ServeConfigError(f"log_level: {self.log_level!r}; use one of {', '.join(LOG_LEVELS)}")
         return self

@@ -305,6 +305,7 @@ def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
     # timeout=False: requests leave LitServe's queue at once (the engine schedules them), so a
     # queue timeout would only cut off long generations.
     return ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=1, timeout=False,
+                        fast_queue=config.fast_queue,
                         model_metadata={"model": info.name, "max_model_len": info.max_model_len})
 
 
