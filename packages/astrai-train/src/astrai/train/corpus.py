@@ -4,11 +4,13 @@ The world is a handful of facts a tiny model can learn on a CPU in minutes: sums
 differences of small numbers ("3 + 4 = 7." / "三加四等于七。"), weekdays in order, the colour
 of things, animals' legs and sounds, counting, and number words in both languages.
 
-- pre-training documents state the facts in running text, in both languages;
-- SFT conversations ask about them (a question, an answer in the fact's own wording); the
-  sums of some number pairs are never asked about in training: those questions are the
-  held-out set, so SFT accuracy measures whether the model learnt the format and recalls
-  facts it only read during pre-training;
+- pre-training documents state the facts in running text, in both languages, with some
+  web-style "Q: ... A: ..." text and digits said twice (which teaches copying from context);
+- SFT conversations ask about the facts (a question, an answer in the fact's own wording);
+- the sums of some number pairs are never asked about, in SFT or in pre-training's Q&A text:
+  those questions are the held-out set. Pre-training only states their sums ("3 + 4 = 7."),
+  so SFT accuracy on them measures whether the model learnt to answer in the chat format
+  and recalls facts it only read;
 - DPO pairs put a correct answer (chosen) against a near miss (rejected);
 - GRPO prompts come with the answer a reward function can check.
 
@@ -127,32 +129,23 @@ def _counting_sentences(rng: random.Random, lang: str) -> list[str]:
     return ["、".join(zh_number(n) for n in run) + "。"]
 
 
+def _repeat_sentences(rng: random.Random, lang: str) -> list[str]:
+    # Random digits said twice: only copying predicts the second half, which teaches the model
+    # to copy from its context (what answering "What is 3 + 4?" with "3 + 4 = 7." needs).
+    digits = [rng.randrange(10) for _ in range(rng.randint(2, 5))]
+    if lang == "en":
+        said = " ".join(map(str, digits))
+        return [f"Say {said}. {said}."]
+    said = "".join(ZH_DIGITS[d] for d in digits)
+    return [f"跟我说{said}。{said}。"]
+
+
 def _translation_sentences(rng: random.Random, lang: str) -> list[str]:
     out = []
     for n in rng.sample(range(21), 3):
         out.append(f"In Chinese, {EN_NUMBERS[n]} is {zh_number(n)}." if lang == "en"
                    else f"{zh_number(n)}的英文是 {EN_NUMBERS[n]}。")
     return out
-
-
-TOPICS: list[Callable[[random.Random, str], list[str]]] = [
-    _arithmetic_sentences, _arithmetic_sentences, _weekday_sentences, _colour_sentences,
-    _animal_sentences, _counting_sentences, _translation_sentences,
-]
-
-
-def pretrain_documents(n_docs: int, seed: int = 0) -> list[str]:
-    """``n_docs`` short documents, about half English, half Chinese, some mixing both."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        lang = rng.choice(["en", "zh"])
-        sentences: list[str] = []
-        for _ in range(rng.randint(1, 3)):
-            topic_lang = lang if rng.random() < 0.85 else ("zh" if lang == "en" else "en")
-            sentences += rng.choice(TOPICS)(rng, topic_lang)
-        docs.append((" " if lang == "en" else "").join(sentences))
-    return docs
 
 
 # ---- questions with checkable answers ----------------------------------------------------
@@ -175,12 +168,14 @@ ADD_PROMPTS_EN = ["What is {a} + {b}?", "How much is {a} + {b}?", "Compute {a} +
 ADD_PROMPTS_ZH = ["{a}加{b}等于几？", "{a}加{b}是多少？"]
 
 
-def addition_questions(a: int, b: int, rng: random.Random) -> list[Question]:
+def addition_questions(a: int, b: int, rng: random.Random | None = None) -> list[Question]:
+    """The sum of a and b asked in every wording (``rng=None``) or in one random wording per language."""
+    en = ADD_PROMPTS_EN if rng is None else [rng.choice(ADD_PROMPTS_EN)]
+    zh = ADD_PROMPTS_ZH if rng is None else [rng.choice(ADD_PROMPTS_ZH)]
     s = a + b
-    en = rng.choice(ADD_PROMPTS_EN).format(a=a, b=b)
-    zh = rng.choice(ADD_PROMPTS_ZH).format(a=zh_number(a), b=zh_number(b))
-    return [Question("add", "en", en, add_en(a, b), str(s), (a, b)),
-            Question("add", "zh", zh, add_zh(a, b), zh_number(s), (a, b))]
+    return ([Question("add", "en", p.format(a=a, b=b), add_en(a, b), str(s), (a, b)) for p in en]
+            + [Question("add", "zh", p.format(a=zh_number(a), b=zh_number(b)), add_zh(a, b), zh_number(s), (a, b))
+               for p in zh])
 
 
 def other_questions() -> list[Question]:
@@ -212,8 +207,44 @@ def split_questions(seed: int = 0, heldout_pairs: int = 20) -> tuple[list[Questi
     pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
     rng.shuffle(pairs)
     held = [q for a, b in sorted(pairs[:heldout_pairs]) for q in addition_questions(a, b, rng)]
-    train = [q for a, b in sorted(pairs[heldout_pairs:]) for q in addition_questions(a, b, rng)]
+    train = [q for a, b in sorted(pairs[heldout_pairs:]) for q in addition_questions(a, b)]
     return train + other_questions(), held
+
+
+def _qa_sentences(questions: list[Question]) -> Callable[[random.Random, str], list[str]]:
+    """Question-and-answer text (as found on the web) about the given questions only."""
+    by_lang = {lang: [q for q in questions if q.lang == lang] for lang in ("en", "zh")}
+
+    def sentences(rng: random.Random, lang: str) -> list[str]:
+        picked = rng.sample(by_lang[lang], 2)
+        if lang == "en":
+            return [f"Q: {q.prompt} A: {q.reference}" for q in picked]
+        return [f"问：{q.prompt}答：{q.reference}" for q in picked]
+
+    return sentences
+
+
+TOPICS: list[Callable[[random.Random, str], list[str]]] = [
+    _arithmetic_sentences, _arithmetic_sentences, _weekday_sentences, _colour_sentences,
+    _animal_sentences, _counting_sentences, _translation_sentences, _repeat_sentences,
+]
+
+
+def pretrain_documents(n_docs: int, seed: int = 0, qa: list[Question] | None = None) -> list[str]:
+    """``n_docs`` short documents, about half English, half Chinese, some mixing both; with
+    ``qa``, some documents also hold those questions with their answers."""
+    rng = random.Random(seed)
+    topics = TOPICS + ([_qa_sentences(qa)] * 2 if qa else [])
+    docs = []
+    for _ in range(n_docs):
+        lang = rng.choice(["en", "zh"])
+        sentences: list[str] = []
+        for _ in range(rng.randint(1, 3)):
+            topic_lang = lang if rng.random() < 0.85 else ("zh" if lang == "en" else "en")
+            sentences += rng.choice(topics)(rng, topic_lang)
+        # English sentences are followed by a space, Chinese ones (ending in "。") are not.
+        docs.append("".join(t + (" " if t[-1] in ".?" else "") for t in sentences).rstrip())
+    return docs
 
 
 def is_correct(reply: str, question: Question) -> bool:
@@ -274,7 +305,8 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
     def grpo_rows(qs: list[Question]) -> list[dict]:
         return [{"prompt": q.prompt, "answer": q.answer, "reference": q.reference} for q in qs]
 
-    docs = [{"text": t} for t in pretrain_documents(n_docs, seed)]
+    # Pre-training reads questions and answers about the training questions, never the held-out ones.
+    docs = [{"text": t} for t in pretrain_documents(n_docs, seed, qa=train_q)]
     chat_text = [{"text": f"{q.prompt}\n{q.reference}"} for q in train_q]
     return {
         # Tokenizer training text: the documents plus the training questions' wording.
@@ -282,7 +314,7 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
         "pretrain_train": _write(out / "pretrain" / "train.jsonl", docs),
         # A different seed stream: the validation text is new text about the same world.
         "pretrain_val": _write(out / "pretrain" / "val.jsonl",
-                               [{"text": t} for t in pretrain_documents(n_val_docs, seed + 1000)]),
+                               [{"text": t} for t in pretrain_documents(n_val_docs, seed + 1000, qa=train_q)]),
         "sft_train": _write(out / "sft" / "train.jsonl",
                             [{"messages": q.messages(q.reference)} for q in train_q] * sft_repeats),
         "sft_val": _write(out / "sft" / "val.jsonl", [{"messages": q.messages(q.reference)} for q in held_q]),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pyarrow.compute as pc
 from datasets import Dataset, Features, Value, concatenate_datasets
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
@@ -141,9 +142,12 @@ class BaseDataModule(L.LightningDataModule):
         rename: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("num_workers", num_workers + 1)):
-            if not isinstance(value, int) or value < 1:
-                raise DataError(f"data.{name} must be a positive integer, got {value!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"data.batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise DataError(f"data.num_workers must be 0 (load in the training process) or more, got {num_workers!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
         self.tokenizer_path = str(tokenizer)
         self.train_spec, self.val_spec, self.test_spec = train, val, test
         self.val_fraction = val_fraction
@@ -212,7 +216,8 @@ class BaseDataModule(L.LightningDataModule):
                            tokenizer=self.tokenizer_path, options=options, origin=part.origin,
                            skip=self.skip_bad_rows),
         )
-        errors = [e for e in ds[ERROR] if e]
+        column = ds.with_format("arrow")[ERROR]  # counted in Arrow: no Python string per row
+        errors = pc.filter(column, pc.not_equal(column, "")).to_pylist()
         skipped = part.skipped + errors
         if errors:
             ds = ds.filter(_is_good, input_columns=ERROR, batched=True, new_fingerprint=fingerprint + "-good")
@@ -222,7 +227,7 @@ class BaseDataModule(L.LightningDataModule):
         if len(ds) == 0:
             raise DataError(f"{part.origin}: no usable rows" + (f" (first problem: {skipped[0]})" if skipped else ""))
         if TRUNCATED in ds.column_names:
-            if n := sum(ds[TRUNCATED]):
+            if n := pc.sum(ds.with_format("arrow")[TRUNCATED]).as_py():
                 self.truncated[split] = self.truncated.get(split, 0) + n
                 log.warning("%s: %d rows were longer than data.max_len and were truncated", part.origin, n)
             ds = ds.remove_columns(TRUNCATED)

@@ -33,16 +33,22 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """DataLoader whose position inside an epoch survives a checkpoint (see module docstring)."""
+    """DataLoader whose position inside an epoch survives a checkpoint (see module docstring).
+
+    With another sampler (Lightning swaps in a sequential one for ``overfit_batches``) it is a
+    plain DataLoader and resumes at the start of the epoch.
+    """
 
     def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
-        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
-            raise TypeError("ResumableDataLoader needs batch_size and sampler=ResumableSampler(...)")
+        self._resumable = isinstance(self.sampler, ResumableSampler) and self.batch_size is not None
         self._done = 0  # batches of the current epoch handed out so far
         self._resume: dict[str, int] | None = None
 
     def __iter__(self) -> Iterator[Any]:
+        if not self._resumable:
+            yield from super().__iter__()
+            return
         start = 0
         if self._resume is not None and self._resume["epoch"] == self.sampler.epoch:
             start = self._resume["batches"] if self._resume["batches"] < len(self) else 0
@@ -56,7 +62,8 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._done}
+        return {"epoch": self.sampler.epoch, "batches": self._done} if self._resumable else {}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        if self._resumable and state:
+            self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
