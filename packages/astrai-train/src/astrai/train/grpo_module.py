@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
@@ -233,12 +234,14 @@ class GRPOModule(CausalLMModule):
         self.rollout_dtype_name, self.engine_kwargs = rollout_dtype, dict(engine or {})
         self.max_grad_norm, self.rollout_seed = max_grad_norm, rollout_seed
         self.ref_model = None
+        source = reference_model if reference_model is not None else self.hparams.model
+        self._reference_on_disk = isinstance(source, str) and Path(source).is_dir()
         if kl_coef > 0 and reference_model is not None:
             self.ref_model = build_model(reference_model, self.tokenizer)
         elif kl_coef > 0 and self.lora_config is None:
             self.ref_model = copy.deepcopy(self.model)
         if self.ref_model is not None:
-            self.ref_model.requires_grad_(False).eval()
+            self.ref_model.requires_grad_(False)
             self.ref_model.enable_gradient_checkpointing(False)
         self._rollout: RolloutEngine | None = None  # built on first use, on the training device
         self._checked_online = False
@@ -440,8 +443,10 @@ class GRPOModule(CausalLMModule):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "test")
 
-    # -- checkpoints without the frozen reference -----------------------------------------------------
+    # -- checkpoints without a frozen reference that can be read again from disk ---------------------
     def on_save_checkpoint(self, checkpoint) -> None:
+        if not self._reference_on_disk:
+            return  # a copy of a freshly initialised policy cannot be rebuilt: it stays in
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(REF_PREFIX)]:
             del state[key]

@@ -1,0 +1,182 @@
+"""GRPOModule end to end on a CPU: online GRPO raises the reward of a toy task, offline GRPO
+moves probability towards the better-rewarded responses, optimizer steps and weight syncs are
+counted as configured, the reference model exists only when the KL needs it, and settings and
+batches are checked with errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from astrai.train.base_module import BatchError
+from astrai.train.data.grpo import GRPODataModule
+from astrai.train.grpo_module import GRPOModule
+from astrai.train.lora import LoRAConfig
+from astrai.train.rewards import RewardError
+
+from datahelp import word_tokenizer, write_jsonl
+from trainhelp import TINY_MODEL, make_trainer
+
+PROMPTS = ["what is one", "what is two", "what is three", "hi", "yo", "what is a", "what is b", "what is c"]
+ANSWER = [{"fn": "astrai.train.rewards.answer_match"}]
+
+
+@pytest.fixture
+def word_tok(tmp_path):
+    return word_tokenizer(tmp_path / "tok")
+
+
+def online_data(tmp_path, tok, batch_size=4, **kwargs) -> GRPODataModule:
+    """Prompts whose reward is 1 when the reply contains the word 'good' (a word of the vocabulary)."""
+    rows = [{"prompt": p, "answer": "good"} for p in PROMPTS]
+    path = write_jsonl(tmp_path / "grpo.jsonl", rows)
+    return GRPODataModule(tok, path, val=path, batch_size=batch_size, val_batch_size=len(PROMPTS),
+                          cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def module(tok, **kwargs) -> GRPOModule:
+    torch.manual_seed(0)
+    options = dict(model={**TINY_MODEL, "max_len": 64}, tokenizer=tok, rewards=ANSWER, group_size=8,
+                   max_new_tokens=4, lr=1e-2, scheduler="constant", weight_decay=0.0, export_on_fit_end=False,
+                   val_temperature=1.0, val_samples=8)
+    options.update(kwargs)
+    return GRPOModule(**options)
+
+
+@pytest.mark.slow
+def test_online_grpo_raises_the_reward_of_a_toy_task(tmp_path, word_tok):
+    """A random tiny model says 'good' in about 1 of 7 four-token replies; 25 GRPO steps make it
+    the rule. Measured by sampling 8 replies to each of the 8 prompts before and after, with the
+    same seeds."""
+    m = module(word_tok, old_logps="engine")
+    dm = online_data(tmp_path, word_tok)
+    trainer = make_trainer(tmp_path, max_steps=25, limit_val_batches=1, check_val_every_n_epoch=1000)
+    before = trainer.validate(m, dm, verbose=False)[0]["val/reward"]
+    trainer.fit(m, dm)
+    metrics = trainer.callback_metrics
+    after = trainer.validate(m, dm, verbose=False)[0]["val/reward"]
+    assert before < 0.4
+    assert after > before + 0.4 and after >= 0.8
+    assert trainer.global_step == 25
+    assert m.rollout_engine().version == 25  # the engine samples with the latest weights
+    for key in ("train/reward", "train/reward_std", "train/reward/answer_match", "train/clip_frac", "train/ratio",
+                "train/loss", "train/completion_len", "train/completion_len_max", "train/truncated",
+                "train/rollout_tokens_per_sec", "train/weights_lag", "train/zero_std_groups", "train/lr"):
+        assert key in metrics, key
+    assert float(metrics["train/weights_lag"]) == 0  # synced after every step
+    assert float(metrics["train/rollout_tokens_per_sec"]) > 0
+
+
+@pytest.mark.parametrize("ppo_epochs,mini_batch_size,sync_interval,expect_version", [
+    (1, None, 1, 3), (2, 4, 1, 12), (2, 4, 5, 10)])
+def test_optimizer_steps_and_weight_syncs_are_counted(tmp_path, word_tok, ppo_epochs, mini_batch_size,
+                                                      sync_interval, expect_version):
+    """Each batch of 2 prompts x 4 completions gives ppo_epochs x (8 / mini_batch_size) optimizer
+    steps; the engine gets the weights every sync_interval steps, stamped with the step."""
+    per_batch = ppo_epochs * (8 // (mini_batch_size or 8))
+    m = module(word_tok, group_size=4, ppo_epochs=ppo_epochs, mini_batch_size=mini_batch_size,
+               micro_batch_size=2, sync_interval=sync_interval, max_new_tokens=3)
+    trainer = make_trainer(tmp_path, max_steps=3 * per_batch, limit_val_batches=0)
+    trainer.fit(m, online_data(tmp_path, word_tok, batch_size=2))
+    assert trainer.global_step == 3 * per_batch
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3  # rollout batches
+    assert m._rollout.version == expect_version
+    lag = float(trainer.callback_metrics["train/weights_lag"])
+    assert lag == (per_batch * 2) % sync_interval if sync_interval > 1 else lag == 0
+
+
+def test_policy_and_engine_old_logps_agree_in_float32(tmp_path, word_tok):
+    m = module(word_tok, kl_coef=0.1)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(m, online_data(tmp_path, word_tok))
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/logp_gap"]) < 1e-4
+    assert "train/kl" in metrics and float(metrics["train/kl"]) > 0  # the policy moved after the first step
+
+
+def offline_rows() -> list[dict]:
+    return [{"prompt": p, "responses": ["good", "bad", "one two", "yo"], "rewards": [1.0, 0.0, 0.0, 0.2]}
+            for p in PROMPTS[:4]]
+
+
+def test_offline_grpo_prefers_the_rewarded_responses(tmp_path, word_tok):
+    path = write_jsonl(tmp_path / "offline.jsonl", offline_rows())
+    dm = GRPODataModule(word_tok, path, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    assert dm.offline
+    batch = next(iter(dm.train_dataloader()))
+    m = module(word_tok, aggregation="sequence", kl_coef=0.05)
+
+    def logps():
+        per_token = m._frozen_logps(m.model, batch)
+        return per_token.sum(-1).view(-1, 4)  # (prompts, responses)
+
+    before = logps()
+    trainer = make_trainer(tmp_path, max_steps=12, limit_val_batches=0)
+    trainer.fit(m, dm)
+    after = logps()
+    gain = after - before
+    assert (gain[:, 0] > 1.0).all()  # the best response gained most, by a wide margin
+    assert (gain[:, 0] > gain[:, 1:].max(1).values).all()
+    assert (gain[:, 1] < 0).all() and (gain[:, 2] < 0).all()
+    assert m._rollout is None  # offline training never builds the engine
+    assert float(trainer.callback_metrics["train/reward"]) == pytest.approx(0.3)
+
+
+def test_reference_only_when_the_kl_needs_it(tmp_path, word_tok):
+    assert module(word_tok).ref_model is None
+    with_kl = module(word_tok, kl_coef=0.1)
+    assert with_kl.ref_model is not None and not any(p.requires_grad for p in with_kl.ref_model.parameters())
+    assert module(word_tok, kl_coef=0.1, lora=LoRAConfig(rank=2)).ref_model is None  # adapters off instead
+    with pytest.raises(ValueError, match=r"model.reference_model .*kl_coef"):
+        module(word_tok, reference_model=str(tmp_path))
+    # A reference copied from a fresh initialisation cannot be rebuilt: checkpoints keep it.
+    state = {"state_dict": with_kl.state_dict()}
+    with_kl.on_save_checkpoint(state)
+    assert any(k.startswith("ref_model.") for k in state["state_dict"])
+
+
+def test_reference_read_from_a_directory_stays_out_of_checkpoints(tmp_path, word_tok):
+    from astrai.train.export import export_model
+
+    source = module(word_tok)
+    directory = export_model(source, tmp_path / "policy")
+    m = GRPOModule(model=str(directory), rewards=ANSWER, kl_coef=0.1, export_on_fit_end=False)
+    state = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(state)
+    assert not any(k.startswith("ref_model.") for k in state["state_dict"])
+    m.on_load_checkpoint(state)
+    assert any(k.startswith("ref_model.") for k in state["state_dict"])
+    m.load_state_dict(state["state_dict"])
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"group_size": 1}, r"model.group_size must be an integer >= 2"),
+    ({"epsilon": 0.0}, r"model.epsilon"),
+    ({"kl_coef": -1.0}, r"model.kl_coef"),
+    ({"aggregation": "mean"}, r"model.aggregation"),
+    ({"old_logps": "ref"}, r"model.old_logps"),
+    ({"ppo_epochs": 0}, r"model.ppo_epochs"),
+    ({"mini_batch_size": 0}, r"model.mini_batch_size"),
+    ({"temperature": -1.0}, r"SamplingParams.temperature"),
+])
+def test_settings_are_checked(word_tok, options, match):
+    with pytest.raises(ValueError, match=match):
+        module(word_tok, **options)
+
+
+def test_rewards_are_checked_when_the_module_is_built(word_tok):
+    with pytest.raises(RewardError, match=r"model.rewards\[0\].fn: .*no 'nope'"):
+        module(word_tok, rewards=[{"fn": "astrai.train.rewards.nope"}])
+
+
+def test_online_batches_need_rewards_and_a_vocabulary_match(tmp_path, word_tok):
+    m = module(word_tok, rewards=None)
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    with pytest.raises(BatchError, match=r"model.rewards is empty"):
+        trainer.fit(m, online_data(tmp_path, word_tok))
+    m = module(word_tok)
+    with pytest.raises(BatchError, match=r"needs \['prompt_ids', 'prompts', 'rows'\]"):
+        m._eval_step({"prompt_ids": [[1]]}, 0, "val")
+    with pytest.raises(BatchError, match=r"token id 999, outside"):
+        m._eval_step({"prompt_ids": [[1, 999]], "prompts": ["x"], "rows": [{}]}, 0, "val")
