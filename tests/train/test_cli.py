@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from astrai.core.auto import AutoModel
+from astrai.train.checkpointing import Checkpoint
 from astrai.train.cli import cli_main, expand_aliases, main
 from astrai.train.sft_module import SFTModule
 
@@ -128,6 +130,14 @@ def test_strategy_by_short_name_or_class_path(files, tokenizer_dir, tmp_path):
         "class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": {"find_unused_parameters": True}}}}))
     cli = _strategy_cli(files, tokenizer_dir, tmp_path, f"--config={tmp_path / 'ddp.yaml'}")
     assert cli.trainer.strategy._ddp_kwargs["find_unused_parameters"] is True
+
+
+def test_checkpoints_default_on_and_can_be_switched_off(files, tokenizer_dir, tmp_path):
+    cli = _strategy_cli(files, tokenizer_dir, tmp_path)
+    (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, Checkpoint)]
+    assert checkpoint.save_last and Path(checkpoint.dirpath) == tmp_path / "run" / "checkpoints"
+    cli = _strategy_cli(files, tokenizer_dir, tmp_path, "--trainer.enable_checkpointing=false")
+    assert not any(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP needs CUDA")

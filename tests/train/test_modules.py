@@ -221,6 +221,19 @@ def test_start_from_a_model_directory(tmp_path, tokenizer_dir):
     torch.testing.assert_close(module(ids), source(ids))
 
 
+def test_start_from_a_hugging_face_directory(tmp_path, tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "llama")
+    module = SFTModule(model=str(tmp_path / "llama"), tokenizer=tokenizer_dir).eval()
+    ids = torch.randint(0, 320, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(module(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 # -- DPO ------------------------------------------------------------------------------------------
 class Preferences(Dataset):
     """A prompt (labels -100), then a chosen reply that continues the prompt's cycle and a

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from astrai.core.checkpoint import CheckpointError
@@ -45,7 +46,8 @@ DATA_ALIASES = {
     "sft": "astrai.train.data.sft.SFTDataModule",
     "dpo": "astrai.train.data.dpo.DPODataModule",
 }
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, BatchError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, BatchError, FileNotFoundError,
+                                            MisconfigurationException)
 try:  # errors of the data modules are phrased for the user too
     from .data.records import DataError
 
@@ -121,6 +123,12 @@ class AstraiCLI(LightningCLI):
             model_args.tokenizer = data_args.tokenizer
         elif model_args.get("tokenizer") and not data_args.get("tokenizer"):
             data_args.tokenizer = model_args.tokenizer
+
+    def _instantiate_trainer(self, config, callbacks):
+        # `--trainer.enable_checkpointing=false` means no checkpoints, ours included.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
         try:
