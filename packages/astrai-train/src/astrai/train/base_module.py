@@ -24,6 +24,7 @@ from astrai.core.transformer import CausalLM
 
 from .export import export_model
 from .lora import LoRAConfig, apply_lora
+from .losses import IGNORE_INDEX
 from .metrics import Throughput, flops_per_token, mfu, peak_flops, precision_dtype
 from .optimizers import build_optimizer
 from .schedulers import build_scheduler
@@ -213,13 +214,14 @@ class CausalLMModule(L.LightningModule):
         self._checked.add(stage)
         vocab = self.config.vocab_size
         for key, value in batch.items():
-            if key.endswith(("input_ids", "labels")) and value.numel():
-                bad = value[(value != -100) & ((value < 0) | (value >= vocab))] if key.endswith("labels") else \
-                    value[(value < 0) | (value >= vocab)]
-                if bad.numel():
-                    raise BatchError(f"{type(self).__name__}: batch[{key!r}] holds token id {int(bad[0])}, outside "
-                                     f"the model's vocabulary 0..{vocab - 1}; was the data tokenised with "
-                                     "another tokenizer?")
+            if not key.endswith(("input_ids", "labels")):
+                continue
+            ids = value[value != IGNORE_INDEX] if key.endswith("labels") else value
+            bad = ids[(ids < 0) | (ids >= vocab)]
+            if bad.numel():
+                raise BatchError(f"{type(self).__name__}: batch[{key!r}] holds token id {int(bad[0])}, outside "
+                                 f"the model's vocabulary 0..{vocab - 1}; was the data tokenised with "
+                                 "another tokenizer?")
 
     def log_throughput(self, tokens: int, seq_len: int) -> None:
         """Log tokens/s (all devices) and MFU for a training batch of ``tokens`` tokens."""

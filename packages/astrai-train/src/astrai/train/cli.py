@@ -166,6 +166,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AstraiCLI:
         auto_configure_optimizers=False,  # optimizer and schedule are model options (--model.lr, ...)
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"log_every_n_steps": 5},
+        parser_kwargs={"description": "Train AstrAI models: pre-training (seq), SFT (sft) and DPO (dpo) "
+                                      "with Lightning. Every option is a flag; see --print_config."},
     )
 
 
