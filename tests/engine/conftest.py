@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import WORDS, tiny_model
+
+# The suite runs with --import-mode=importlib, which puts no test folder on sys.path: add this
+# one so the test files can import their shared helpers.
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_helpers import WORDS, tiny_model  # noqa: E402
 
 from astrai.core.tokenizer_trainer import train_tokenizer
 

@@ -6,8 +6,9 @@
 """
 
 from .attention import AttentionBackend, AttentionMetadata, KernelPagedAttention, TorchPagedAttention
-from .engine import InferenceEngine, parse_bytes
+from .engine import InferenceEngine
 from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
+from .paged_cache import parse_bytes
 from .params import SamplingParams
 
 __all__ = [

@@ -8,6 +8,8 @@ channels.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..kv_cache_view import KVLayout
@@ -56,3 +58,35 @@ class PagedCacheView:
             v_pool.flatten(0, 1).index_copy_(0, self.meta.slot_mapping, v[0].to(v_pool.dtype))
         out = self.backend(q[0], k_pool, v_pool, self.state, scale, self.cache.layout.v_dim)
         return out.unsqueeze(0)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """2147483648, "2GiB", "512 MiB", "1.5GB" -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"kv_cache_memory must be a positive byte count or a size like '2GiB' / '512MB', got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def pool_pages(num_pages, kv_cache_memory, per_page: int, wanted: int, device: torch.device) -> int:
+    """Pages in the pool: given, from a byte budget, or `wanted` capped by memory (90% of free GPU
+    memory on CUDA, 1 GiB elsewhere)."""
+    if num_pages is not None:
+        if not (isinstance(num_pages, int) and not isinstance(num_pages, bool) and num_pages >= 1):
+            raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
+        if kv_cache_memory is not None:
+            raise ValueError("kv_cache_memory cannot be combined with num_pages; give one")
+        return num_pages
+    if kv_cache_memory is not None:
+        budget = parse_bytes(kv_cache_memory)
+        if budget < per_page:
+            raise ValueError(f"kv_cache_memory ({budget} bytes) is smaller than one KV page ({per_page} bytes)")
+        return budget // per_page
+    free = int(0.9 * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 2**30
+    return max(1, min(wanted, free // per_page))

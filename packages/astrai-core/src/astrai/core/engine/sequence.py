@@ -40,8 +40,7 @@ class Request:
     seqs: list["Sequence"] = field(default_factory=list)  # live sequences
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    completion: Completion | None = None
-    weights_version: int = 0
+    completion: Completion | None = None  # set when the request ends (finished, aborted or failed)
 
     def __post_init__(self) -> None:
         self.samples = [None] * self.params.n

@@ -1,0 +1,265 @@
+"""EngineCore: one step of continuous batching, from a scheduled plan to delivered tokens.
+
+A step flattens the new tokens of every scheduled sequence into one row, runs the model once
+with a paged cache view, samples the sequences whose prompt is fully computed, and hands the
+new text to each request's sink. Not thread-safe: InferenceEngine calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import deque
+
+import torch
+
+from .attention import AttentionBackend, build_metadata
+from .outputs import Completion, EngineError, Sample, StreamEvent
+from .paged_cache import PagedKVCache
+from .sampler import Sampler, SampleRow
+from .scheduler import Chunk, Scheduler, StepPlan
+from .sequence import Request, Sequence, Status
+from .stop import SampleText
+
+END = object()  # the last item a request's sink receives
+_RATE_WINDOW_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSink:
+    """Where an asyncio consumer's events go: its queue, filled from inside its loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class EngineCore:
+    def __init__(self, model, tokenizer, cache: PagedKVCache, scheduler: Scheduler, backend: AttentionBackend,
+                 device: torch.device):
+        self.model, self.tokenizer, self.cache, self.scheduler = model, tokenizer, cache, scheduler
+        self.backend, self.device = backend, device
+        self.sampler = Sampler(tokenizer.vocab_size if tokenizer is not None else None)
+        self.weights_version = 0
+        self.num_steps = self.num_computed = self.num_generated = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step
+        self._ended: list[Request] = []  # requests that finished or failed since the last step()
+        self._outbox: list[tuple[object, object]] = []  # (sink, item) to deliver after the step
+
+    # -- requests in ---------------------------------------------------------------------
+    def add(self, r: Request) -> None:
+        seq = Sequence(request=r, index=0, token_ids=list(r.prompt_token_ids), text=self._sample_text(r),
+                       num_samples=r.params.n, logprobs=_logprob_list(r))
+        r.seqs.append(seq)
+        self.scheduler.add(seq)
+
+    def abort(self, r: Request) -> None:
+        for seq in list(r.seqs):
+            self._finish(seq, "abort", None)
+
+    def take_ended(self) -> list[Request]:
+        ended, self._ended = self._ended, []
+        return ended
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> None:
+        """Schedule and run one step; what it ends is collected for take_ended()."""
+        try:
+            plan = self.scheduler.schedule()
+            if not plan.chunks and self.scheduler.has_work():
+                raise RuntimeError("the scheduler could not place any waiting request")
+        except Exception as e:  # a bug in scheduling: fail everything rather than spin or hang
+            self.fail([s.request for s in self.scheduler.running + self.scheduler.waiting], e)
+            plan = StepPlan()
+        if plan.chunks:
+            try:
+                self.cache.copy_pages(plan.copies)
+                self._run(plan.chunks)
+            except Exception as e:
+                self._isolate(plan.chunks, e)
+
+    def _isolate(self, chunks: list[Chunk], error: Exception) -> None:
+        """A batched step failed: rerun its chunks one by one and fail only the requests that fail alone.
+
+        Rerunning is safe: a chunk rewrites the same slots, and a sequence that already got its
+        token has a chunk that no longer samples.
+        """
+        if len(chunks) == 1:
+            self.fail([chunks[0].seq.request], error)
+            return
+        for c in chunks:
+            if c.seq.status is not Status.RUNNING:
+                continue
+            try:
+                self._run([c])
+            except Exception as e:
+                self.fail([c.seq.request], e)
+
+    @torch.inference_mode()
+    def _run(self, chunks: list[Chunk]) -> None:
+        ids, positions = [], []
+        for c in chunks:
+            ids += c.seq.token_ids[c.start : c.start + c.length]
+            positions += range(c.start, c.start + c.length)
+        meta = build_metadata([c.length for c in chunks], [c.start + c.length for c in chunks],
+                              [c.seq.pages for c in chunks], self.cache.page_size, self.device)
+        sampled = [(i, c) for i, c in enumerate(chunks) if c.samples]
+        last = [meta.query_start_list[i + 1] - 1 for i, _ in sampled]
+        logits = self.model(
+            torch.tensor([ids], device=self.device),
+            position_ids=torch.tensor([positions], device=self.device),
+            cache=self.cache.view(meta, self.backend),
+            logits_index=torch.tensor(last, dtype=torch.long, device=self.device),
+        )
+        for c in chunks:
+            self.scheduler.commit(c)
+        self.num_steps += 1
+        self.num_computed += len(ids)
+        if sampled:
+            self._sample([c for _, c in sampled], logits)
+
+    def _sample(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
+        rows, row_logit = [], []
+        for j, c in enumerate(chunks):
+            seq, r = c.seq, c.seq.request
+            for k in range(seq.num_samples):  # > 1 only on a request's first token: n draws
+                history = (r.prompt_token_ids, seq.output_ids) if r.params.has_penalties else ([], [])
+                rows.append(SampleRow(r.params, r.generators[seq.index + k], *history))
+                row_logit.append(j)
+        if len(row_logit) != logits.shape[0]:
+            logits = logits.index_select(0, torch.tensor(row_logit, device=logits.device))
+        tokens, logprobs = self.sampler(logits, rows)
+        at = 0
+        for c in chunks:
+            for target in self._fork(c.seq):
+                self._append(target, tokens[at], logprobs[at])
+                at += 1
+        self.num_generated += at
+        self._recent.append((time.perf_counter(), at))
+        while self._recent and self._recent[-1][0] - self._recent[0][0] > _RATE_WINDOW_S:
+            self._recent.popleft()
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """seq and, on a request's first token, the n - 1 samples forked from it."""
+        targets = [seq]
+        n, seq.num_samples = seq.num_samples, 1
+        for k in range(1, n):
+            child = self.scheduler.fork(seq, k, self._sample_text(seq.request))
+            child.logprobs = _logprob_list(seq.request)
+            seq.request.seqs.append(child)
+            targets.append(child)
+        return targets
+
+    def _append(self, seq: Sequence, token: int, logprob) -> None:
+        seq.token_ids.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+        reason, stop_reason = seq.text.append(token)
+        if reason is None and len(seq.token_ids) - seq.num_prompt_tokens >= seq.request.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, reason, stop_reason)
+        else:
+            self._emit(seq, None, None)
+
+    def _sample_text(self, r: Request) -> SampleText:
+        return SampleText(self.tokenizer, r.params, r.eos_ids)
+
+    # -- requests out ----------------------------------------------------------------------
+    def _emit(self, seq: Sequence, finish_reason, stop_reason) -> None:
+        r = seq.request
+        final = finish_reason is not None
+        if r.sink is None:
+            if final:
+                seq.text.delta(final=True)  # flush the decoder into seq.text.text
+            return
+        text = seq.text.delta(final=final)
+        out = seq.output_ids
+        new = out[seq.num_streamed :]
+        logprobs = seq.logprobs[seq.num_streamed :] if seq.logprobs is not None else None
+        seq.num_streamed = len(out)
+        self._send(r, StreamEvent(r.request_id, seq.index, text, new, logprobs, finish_reason, stop_reason,
+                                  len(r.prompt_token_ids), len(out), self.weights_version))
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        """End seq (and, before its first token, the samples it would have forked)."""
+        r = seq.request
+        self.scheduler.remove(seq)
+        r.seqs.remove(seq)
+        self._emit(seq, reason, stop_reason)
+        r.samples[seq.index] = Sample(seq.index, seq.output_ids, seq.text.text, reason, stop_reason, seq.logprobs)
+        for k in range(1, seq.num_samples):
+            idx = seq.index + k
+            r.samples[idx] = Sample(idx, [], "", reason, stop_reason, _logprob_list(r))
+            if r.sink is not None:
+                self._send(r, StreamEvent(r.request_id, idx, "", [], r.samples[idx].logprobs, reason, stop_reason,
+                                          len(r.prompt_token_ids), 0, self.weights_version))
+        if r.finished:
+            r.completion = Completion(r.request_id, r.prompt_token_ids, list(r.samples), r.prompt,
+                                      self.weights_version)
+            self._end(r, END)
+
+    def fail(self, requests: list[Request], error: Exception) -> None:
+        """End requests with an EngineError; their samples keep what they had and end with "abort"."""
+        for r in dict.fromkeys(requests):
+            if r.completion is not None:
+                continue
+            for seq in list(r.seqs):
+                self.scheduler.remove(seq)
+                r.samples[seq.index] = Sample(seq.index, seq.output_ids, seq.text.text, "abort", None, seq.logprobs)
+            r.seqs.clear()
+            for i, sample in enumerate(r.samples):
+                if sample is None:
+                    r.samples[i] = Sample(i, [], "", "abort")
+            r.error = EngineError(f"request {r.request_id!r} failed in an engine step: {error!r}")
+            r.error.__cause__ = error
+            r.completion = Completion(r.request_id, r.prompt_token_ids, list(r.samples), r.prompt,
+                                      self.weights_version, error=str(r.error))
+            self._end(r, r.error)
+
+    def _end(self, r: Request, last_item) -> None:
+        self._ended.append(r)
+        if r.sink is not None:
+            self._send(r, last_item)
+
+    def _send(self, r: Request, item) -> None:
+        self._outbox.append((r.sink, item))
+
+    def flush(self) -> None:
+        """Deliver what the step produced: one wake-up per asyncio loop per step, not one per event."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict = {}
+        for sink, item in outbox:
+            if isinstance(sink, LoopSink):
+                by_loop.setdefault(sink.loop, []).append((sink.queue, item))
+            else:
+                sink(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    # -- weights and numbers -----------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        own = self.model.state_dict()
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+        self.scheduler.reset_prefix_cache()
+        self.weights_version = version
+
+    def tokens_per_s(self) -> float:
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= _RATE_WINDOW_S]
+        span = now - recent[0][0] if recent else 0.0
+        return sum(n for _, n in recent) / span if span > 0 else 0.0
+
+
+def _logprob_list(r: Request):
+    return [] if r.params.logprobs is not None else None
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
