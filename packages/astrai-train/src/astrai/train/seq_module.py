@@ -40,7 +40,8 @@ class SeqModule(CausalLMModule):
         _, out = self.compute_loss(batch, "train")
         loss = self.add_aux_loss(out.loss)
         n = out.n_tokens.clamp(min=1)
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=1)
+        # Averaged over ranks: under DDP/FSDP the logged curve is the global batch's, as on one device.
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=1, sync_dist=True)
         self.log("train/ppl", torch.exp(out.nll_sum / n), batch_size=1)
         self.log_lr()
         self.log_throughput(batch["input_ids"].numel(), batch["input_ids"].shape[1])
