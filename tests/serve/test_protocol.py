@@ -15,7 +15,7 @@ from astrai.serve import anthropic_protocol as anth
 from astrai.serve import openai_protocol as oai
 from astrai.serve.errors import APIError, anthropic_error_body, openai_error_body
 from astrai.serve.fields import parse_json_object
-from astrai.serve.generation import Accumulator, ModelInfo
+from astrai.serve.generation import Accumulator, ModelInfo, merge_events
 
 CTX = 64
 
@@ -220,6 +220,25 @@ def test_accumulator_folds_interleaved_samples():
     acc.add(event(1, "", [5], finish_reason="length"))
     assert acc.done and [c.text for c in acc.choices] == ["Hello", "Yo"]
     assert acc.usage() == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+
+
+def test_merge_events_joins_each_samples_deltas_in_order():
+    lp = lambda i: [{"id": i, "logprob": -1.0, "top": []}]  # noqa: E731
+    events = [event(0, "a", [1], logprobs=lp(1)), event(1, "x", [7], logprobs=lp(7)),
+              event(0, "b", [2], logprobs=lp(2)), event(0, "", [3], finish_reason="stop", logprobs=lp(3))]
+    merged = merge_events(events)
+    assert [m["index"] for m in merged] == [0, 1]
+    assert merged[0]["text"] == "ab" and merged[0]["token_ids"] == [1, 2, 3]
+    assert [e["id"] for e in merged[0]["logprobs"]] == [1, 2, 3] and merged[0]["finish_reason"] == "stop"
+    assert merged[1]["token_ids"] == [7] and merged[1]["finish_reason"] is None
+    assert events[0]["token_ids"] == [1]  # inputs untouched
+    folded, direct = Accumulator(2), Accumulator(2)
+    for e in merged:
+        folded.add(e)
+    for e in events:
+        direct.add(e)
+    assert [(c.text, c.token_ids, c.finish_reason) for c in folded.choices] == \
+        [(c.text, c.token_ids, c.finish_reason) for c in direct.choices]
 
 
 def test_chat_stream_chunk_order_ids_and_usage(info):

@@ -15,7 +15,6 @@ the HTTP side can answer in the client's protocol.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from typing import Any, AsyncIterator
@@ -23,9 +22,9 @@ from typing import Any, AsyncIterator
 import litserve as ls
 
 from .config import ServeConfig, parse_size
+from .generation import merge_events
 
 log = logging.getLogger("astrai.serve")
-_DONE = object()
 
 
 def event_to_dict(event) -> dict[str, Any]:
@@ -117,46 +116,28 @@ class EngineAPI(ls.LitAPI):
         request_id = request["request_id"]
         if request_id in self._aborted:
             return  # the client left before its request reached the engine
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump() -> None:
-            try:
-                params = SamplingParams(**request["params"])
-                async for event in self.engine.astream(request["prompt_ids"], params, request_id=request_id):
-                    queue.put_nowait(event_to_dict(event))
-            except ValueError as e:  # the engine's own validation, e.g. a prompt longer than it allows
-                queue.put_nowait(_error(400, str(e)))
-            except Exception as e:  # noqa: BLE001 - reported to the client, logged here
-                log.exception("request %s failed", request_id)
-                queue.put_nowait(_error(500, f"generation failed: {type(e).__name__}: {e}"))
-            queue.put_nowait(_DONE)
-
+        try:
+            params = SamplingParams(**request["params"])
+            events = self.engine.astream(request["prompt_ids"], params, request_id=request_id)
+        except ValueError as e:  # the engine's own validation, e.g. a prompt longer than it allows
+            yield _error(400, str(e))
+            return
+        # Streams send every event as it comes (the HTTP side merges whatever piles up); a
+        # full answer is sent once. No extra queue or task here: in this process every
+        # Python step competes with the engine thread for the GIL.
         self._active.add(request_id)
-        task = asyncio.create_task(pump())
         pending: list[dict] = []
         try:
-            while True:
-                # Take everything that is ready: under load one message carries many tokens,
-                # which keeps the per-message cost of the process hop off the token rate.
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                for item in items:
-                    if item is _DONE:
-                        break
-                    if "error" in item:
-                        yield item
-                        return
-                    pending.append(item)
-                if request["stream"] and pending:
-                    yield {"events": pending}
-                    pending = []
-                if items[-1] is _DONE:
-                    break
-            if pending:
-                yield {"events": pending}
+            async for event in events:
+                if request["stream"]:
+                    yield {"events": [event_to_dict(event)]}
+                else:
+                    pending.append(event_to_dict(event))
+        except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+            log.exception("request %s failed", request_id)
+            yield _error(500, f"generation failed: {type(e).__name__}: {e}")
+            return
         finally:
             self._active.discard(request_id)
-            if not task.done():
-                self.engine.abort(request_id)
-                task.cancel()
+        if pending:
+            yield {"events": merge_events(pending)}

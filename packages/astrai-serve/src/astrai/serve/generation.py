@@ -115,6 +115,28 @@ class Accumulator:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+def merge_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join the deltas of each sample into one event, samples in order of first appearance.
+
+    Whatever piled up while the HTTP side was busy goes out as one chunk per sample, so the
+    number of chunks adapts to load instead of the cost per token growing with it.
+    """
+    merged: dict[int, dict[str, Any]] = {}
+    for event in events:
+        into = merged.get(event["index"])
+        if into is None:
+            merged[event["index"]] = {**event, "token_ids": list(event["token_ids"]),
+                                      "logprobs": None if event["logprobs"] is None else list(event["logprobs"])}
+            continue
+        into["text"] += event["text"]
+        into["token_ids"] += event["token_ids"]
+        if event["logprobs"] is not None:
+            into["logprobs"] = (into["logprobs"] or []) + event["logprobs"]
+        for key in ("finish_reason", "stop_reason", "prompt_tokens", "completion_tokens"):
+            into[key] = event[key]
+    return list(merged.values())
+
+
 def worker_error(message: dict[str, Any]) -> APIError:
     """An error the worker reported as {"error": {"status", "message", "param"}}."""
     err = message["error"]

@@ -33,7 +33,7 @@ from . import anthropic_protocol, openai_protocol
 from .config import ServeConfig
 from .errors import APIError, anthropic_error_body, openai_error_body
 from .fields import parse_json_object
-from .generation import Accumulator, ModelInfo, worker_error
+from .generation import Accumulator, ModelInfo, merge_events, worker_error
 from .metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("astrai.serve")
@@ -91,17 +91,35 @@ class ProtocolSpec(LitSpec):
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
         return uid, queue, event
 
-    async def _replies(self, uid: str, queue: deque, event: asyncio.Event) -> AsyncIterator[dict]:
-        """Messages the worker sends for one submitted payload; worker errors become APIError."""
+    async def _bursts(self, uid: str, queue: deque, event: asyncio.Event) -> AsyncIterator[list[dict]]:
+        """What the worker sent for one payload, as lists: everything that arrived since the last
+        look (one message when idle, several under load). Worker errors become APIError."""
         try:
-            async for data, status in self.data_streamer(queue, event, send_status=True):
-                if status == LitAPIStatus.ERROR:
-                    raise APIError(500, f"the inference worker failed: {_describe(data)}")
-                if "error" in data:
-                    raise worker_error(data)
-                yield data
+            while True:
+                await event.wait()
+                items = list(queue)
+                queue.clear()
+                event.clear()  # no await since the copy: nothing can slip in between
+                burst = []
+                for data, status in items:
+                    if status == LitAPIStatus.FINISH_STREAMING:
+                        if burst:
+                            yield burst
+                        return
+                    if status == LitAPIStatus.ERROR:
+                        raise APIError(500, f"the inference worker failed: {_describe(data)}")
+                    if "error" in data:
+                        raise worker_error(data)
+                    burst.append(data)
+                if burst:
+                    yield burst
         finally:
             self.response_buffer.pop(uid, None)
+
+    async def _event_batches(self, payload: dict) -> AsyncIterator[list[dict]]:
+        """Submit a generation; yield its events, merged per sample, as they arrive."""
+        async for burst in self._bursts(*self._submit(payload)):
+            yield merge_events([event for reply in burst for event in reply["events"]])
 
     def _abort(self, request_id: str) -> None:
         # Fire and forget: no reply buffer, so the worker's {"ok": true} is dropped on arrival.
@@ -111,8 +129,8 @@ class ProtocolSpec(LitSpec):
         log.info("client went away: aborted %s", request_id)
 
     async def _ask(self, payload: dict) -> dict:
-        async for reply in self._replies(*self._submit(payload)):
-            return reply
+        async for burst in self._bursts(*self._submit(payload)):
+            return burst[0]
         raise APIError(500, "the inference worker sent no reply")
 
     async def _model_info(self) -> ModelInfo:
@@ -160,11 +178,11 @@ class ProtocolSpec(LitSpec):
             self.metrics.request_done(route, e.status)
             return _error_response(protocol, e)
         request_id = anthropic_protocol.new_id() if protocol == ANTHROPIC else openai_protocol.new_id(prefix)
-        replies = self._replies(*self._submit(gen.payload(request_id)))
+        batches = self._event_batches(gen.payload(request_id))
         n = gen.params.get("n", 1)
         try:
             # Streams too wait for the first reply, so an error the engine finds still gets a 4xx.
-            first = await self._unless_gone(request, request_id, anext(replies, None))
+            first = await self._unless_gone(request, request_id, anext(batches, None))
             if first is _GONE:
                 return Response(status_code=499)  # nobody is listening any more
             self.metrics.ttft.observe(time.monotonic() - start)
@@ -175,11 +193,11 @@ class ProtocolSpec(LitSpec):
                 else:
                     streamer, fmt = stream_cls(request_id, self.info, n, options), _sse_openai
                 self.metrics.request_done(route, 200)
-                body_iter = self._stream(request_id, first, replies, streamer, fmt, protocol, start)
+                body_iter = self._stream(request_id, first, batches, streamer, fmt, protocol, start)
                 return StreamingResponse(body_iter, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             acc = Accumulator(n)
-            if await self._unless_gone(request, request_id, _fold(first, replies, acc)) is _GONE:
+            if await self._unless_gone(request, request_id, _fold(first, batches, acc)) is _GONE:
                 return Response(status_code=499)
         except APIError as e:
             self.metrics.request_done(route, e.status)
@@ -206,23 +224,21 @@ class ProtocolSpec(LitSpec):
             if not task.done():
                 task.cancel()
 
-    async def _stream(self, request_id: str, first: dict | None, replies: AsyncIterator[dict], streamer: Any,
-                      fmt: Callable, protocol: str, start: float) -> AsyncIterator[str]:
+    async def _stream(self, request_id: str, first: list[dict] | None, batches: AsyncIterator[list[dict]],
+                      streamer: Any, fmt: Callable, protocol: str, start: float) -> AsyncIterator[str]:
+        # One write per batch of events: under load that is far fewer writes than tokens.
         finished = False
         try:
-            for item in streamer.start():
-                yield fmt(item)
+            head = "".join(fmt(item) for item in streamer.start())
             if first is not None:
-                for item in streamer.events(first["events"]):
-                    yield fmt(item)
-                async for reply in replies:
-                    for item in streamer.events(reply["events"]):
-                        yield fmt(item)
+                yield head + "".join(fmt(item) for item in streamer.events(first))
+                async for events in batches:
+                    text = "".join(fmt(item) for item in streamer.events(events))
+                    if text:
+                        yield text
             finished = True
-            for item in streamer.end():
-                yield fmt(item)
-            if protocol == OPENAI:
-                yield "data: [DONE]\n\n"
+            tail = "".join(fmt(item) for item in streamer.end())
+            yield (head if first is None else "") + tail + ("data: [DONE]\n\n" if protocol == OPENAI else "")
             self._finished(streamer.acc, start)
         except APIError as e:
             finished = True
@@ -272,13 +288,13 @@ class ProtocolSpec(LitSpec):
         return Response(self.metrics.render(stats), media_type=CONTENT_TYPE)
 
 
-async def _fold(first: dict | None, replies: AsyncIterator[dict], acc: Accumulator) -> None:
+async def _fold(first: list[dict] | None, batches: AsyncIterator[list[dict]], acc: Accumulator) -> None:
     if first is None:
         return
-    for event in first["events"]:
+    for event in first:
         acc.add(event)
-    async for reply in replies:
-        for event in reply["events"]:
+    async for events in batches:
+        for event in events:
             acc.add(event)
 
 
