@@ -180,3 +180,6 @@ def test_online_batches_need_rewards_and_a_vocabulary_match(tmp_path, word_tok):
         m._eval_step({"prompt_ids": [[1]]}, 0, "val")
     with pytest.raises(BatchError, match=r"token id 999, outside"):
         m._eval_step({"prompt_ids": [[1, 999]], "prompts": ["x"], "rows": [{}]}, 0, "val")
+    m = module(word_tok, rewards=[{"fn": "astrai.train.rewards.exact_match"}])
+    with pytest.raises(BatchError, match=r"GRPOModule \(val\): exact_match: the dataset row has no 'reference'"):
+        m._eval_step({"prompt_ids": [[3, 4]], "prompts": ["x"], "rows": [{"answer": "x"}]}, 0, "val")

@@ -7,7 +7,7 @@
 
 Every field of the model, data and trainer is a command-line flag; `--print_config` prints
 the complete configuration. Classes are picked by `class_path` or by class name
-(`--model=SFTModule`), and on the command line also by a short name: seq/pretrain, sft, dpo.
+(`--model=SFTModule`), and on the command line also by a short name: seq/pretrain, sft, dpo, grpo.
 Defaults added here: a CSV logger; checkpoints in `<default_root_dir>/checkpoints` with
 `last.ckpt` kept and written after the final step (so `--ckpt_path=last` continues the
 previous run exactly, even with a larger max_steps); the model exported to
@@ -33,11 +33,12 @@ from .base_module import BatchError, CausalLMModule
 from .checkpointing import Checkpoint
 from .dpo_module import DPOModule
 from .export import ModelExport
+from .grpo_module import GRPOModule
 from .seq_module import SeqModule
 from .sft_module import SFTModule
 
 MODEL_ALIASES = {
-    "seq": SeqModule, "pretrain": SeqModule, "sft": SFTModule, "dpo": DPOModule,
+    "seq": SeqModule, "pretrain": SeqModule, "sft": SFTModule, "dpo": DPOModule, "grpo": GRPOModule,
 }
 # The data modules, imported on demand so a missing one only matters when asked for.
 DATA_ALIASES = {
@@ -45,6 +46,7 @@ DATA_ALIASES = {
     "pretrain": "astrai.train.data.pretrain.PretrainDataModule",
     "sft": "astrai.train.data.sft.SFTDataModule",
     "dpo": "astrai.train.data.dpo.DPODataModule",
+    "grpo": "astrai.train.data.grpo.GRPODataModule",
 }
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, BatchError, FileNotFoundError,
                                             MisconfigurationException)
@@ -166,8 +168,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AstraiCLI:
         auto_configure_optimizers=False,  # optimizer and schedule are model options (--model.lr, ...)
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"log_every_n_steps": 5},
-        parser_kwargs={"description": "Train AstrAI models: pre-training (seq), SFT (sft) and DPO (dpo) "
-                                      "with Lightning. Every option is a flag; see --print_config."},
+        parser_kwargs={"description": "Train AstrAI models: pre-training (seq), SFT (sft), DPO (dpo) and "
+                                      "GRPO (grpo) with Lightning. Every option is a flag; see --print_config."},
     )
 
 

@@ -268,10 +268,13 @@ class GRPOModule(CausalLMModule):
                              "empty; name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]")
         engine = self.rollout_engine(fresh=stage != "train")
         seeds = [_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
-        rollout = engine.generate(batch["prompt_ids"], params, seeds)
-        prompts = [batch["prompts"][g] for g in rollout.group_ids]
-        rows = [batch["rows"][g] for g in rollout.group_ids]
-        total, parts = score(self.rewards, prompts, rollout.texts, rows)
+        prompts, rows = batch["prompts"], batch["rows"]
+        try:
+            rollout = engine.generate(batch["prompt_ids"], params, seeds)
+            group = rollout.group_ids
+            total, parts = score(self.rewards, [prompts[g] for g in group], rollout.texts, [rows[g] for g in group])
+        except ValueError as e:  # prompts too long for the engine, a reward that fails on this data
+            raise BatchError(f"GRPOModule ({stage}): {e}") from e
         return rollout, total, parts
 
     def _check_online(self, batch, stage: str) -> None:
