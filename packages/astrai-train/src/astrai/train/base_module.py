@@ -151,6 +151,8 @@ class CausalLMModule(L.LightningModule):
             apply_lora(self.model, lora)
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        # Taken before any strategy wraps the model (FSDP flattens parameters); see build_optimizer.
+        self._param_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         self._throughput = Throughput()
         self._flops_per_token: dict[int, float] = {}
         self._peak_flops: float | None = None
@@ -173,7 +175,7 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         optimizer = build_optimizer(self.model, h.optimizer, lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
-                                    eps=h.eps, momentum=h.momentum, ns_steps=h.ns_steps)
+                                    eps=h.eps, momentum=h.momentum, ns_steps=h.ns_steps, shapes=self._param_shapes)
         scheduler = build_scheduler(optimizer, h.scheduler, warmup_steps=h.warmup_steps,
                                     total_steps=self._schedule_length(), min_lr_ratio=h.min_lr_ratio,
                                     cycle_steps=h.cycle_steps, cycle_mult=h.cycle_mult)

@@ -10,6 +10,7 @@ Lightning's checkpointing, gradient clipping and LR schedulers treat it like any
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -97,6 +98,11 @@ class Muon(torch.optim.Optimizer):
             p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
 
 
+def _original_shape(name: str, p: torch.Tensor, shapes: Mapping[str, tuple[int, ...]] | None) -> tuple[int, ...]:
+    clean = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+    return tuple(shapes[clean]) if shapes is not None and clean in shapes else tuple(p.shape)
+
+
 def _is_embedding_or_head(name: str) -> bool:
     return name.endswith(("embed_tokens.weight", "lm_head.weight"))
 
@@ -110,22 +116,31 @@ def build_optimizer(
     eps: float = 1e-8,
     momentum: float = 0.95,
     ns_steps: int = 5,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> torch.optim.Optimizer:
     """Optimizer over the trainable parameters of ``model``.
 
     Weight decay applies to matrices only: decaying norm gains and biases towards zero only
     hurts. Tied weights appear once (named_parameters de-duplicates them).
+
+    ``shapes`` maps parameter names to their shapes before FSDP wrapped the model: FSDP's
+    parameters are flat 1-D shards, which would otherwise all be taken for norm gains (no
+    weight decay, and parameter groups a one-device run cannot load).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters (all frozen?)")
-    hidden = [p for n, p in trainable if name == "muon" and p.ndim == 2 and not _is_embedding_or_head(n)]
+    ndim = {id(p): len(_original_shape(n, p, shapes)) for n, p in trainable}
+    hidden = [p for n, p in trainable if name == "muon" and ndim[id(p)] == 2 and not _is_embedding_or_head(n)]
+    if any(p.ndim != 2 for p in hidden):
+        raise ValueError("optimizer: muon orthogonalises whole weight matrices, but the strategy shards them "
+                         "(FSDP); use --model.optimizer=adamw with FSDP, or a DDP strategy with muon")
     hidden_ids = {id(p) for p in hidden}
     rest = [p for _, p in trainable if id(p) not in hidden_ids]
-    decay = [p for p in rest if p.ndim >= 2]
-    no_decay = [p for p in rest if p.ndim < 2]
+    decay = [p for p in rest if ndim[id(p)] >= 2]
+    no_decay = [p for p in rest if ndim[id(p)] < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if name == "adamw":
         fused = all(p.is_cuda for _, p in trainable)
