@@ -66,6 +66,10 @@ def preflight(config: ServeConfig):
                                f"({model_config.max_len} in config.json)")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ServeConfigError(f"device: {config.device!r} requested but CUDA is not available; use --device cpu")
+    if config.device in ("cuda", "auto") and config.workers > torch.cuda.device_count() > 0:
+        raise ServeConfigError(f"workers: {config.workers} engines need {config.workers} GPUs (one each), but "
+                               f"{torch.cuda.device_count()} are visible; lower --workers or pick one GPU "
+                               "with --device cuda:N to share it")
     # Reading every tensor once (names, shapes, file integrity) costs about as much as the
     # worker's own load, and turns a broken checkpoint into one clear line here.
     model = load_pretrained(config.model, dtype=None if config.dtype == "auto" else config.dtype, device="cpu")

@@ -34,6 +34,8 @@ class ServeConfig:
     host: str = _opt("127.0.0.1", f"address to listen on: one of {', '.join(HOSTS)}")
     port: int = _opt(8000, "port to listen on (1024-65535)")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    workers: int = _opt(1, "engines, each in its own worker process, sharing the requests: with cuda one per "
+                           "GPU (cuda:0..N-1); on cpu or cuda:N they share that device")
     dtype: str = _opt("auto", f"weights dtype: {', '.join(DTYPES)} (auto: as stored)")
     max_batch_size: int = _opt(64, "most sequences the engine decodes together")
     max_num_batched_tokens: int = _opt(2048, "most tokens (prefill + decode) in one engine step")
@@ -61,7 +63,7 @@ class ServeConfig:
             raise ServeConfigError(f"device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         if self.dtype not in DTYPES:
             raise ServeConfigError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        for name in ("max_batch_size", "max_num_batched_tokens", "page_size"):
+        for name in ("workers", "max_batch_size", "max_num_batched_tokens", "page_size"):
             _check_int(self, name, 1)
         for name in ("num_pages", "max_model_len"):
             if getattr(self, name) is not None:

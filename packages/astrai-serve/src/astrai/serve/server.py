@@ -308,19 +308,27 @@ def _describe(data: Any) -> str:
 
 
 def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
-    """A LitServer with one worker (one engine) on the configured device."""
+    """A LitServer with ``config.workers`` workers, one engine each, taking requests from one queue."""
+    import torch
+
     from .api import EngineAPI
 
     spec = ProtocolSpec(config, info)
     api = EngineAPI(config, spec)
-    if config.device.startswith("cuda"):
-        index = int(config.device.partition(":")[2] or 0)
-        accelerator, devices = "cuda", [index]
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # LitServe starts devices x workers_per_device workers: on plain "cuda" that is one per
+    # GPU; on the CPU or one named GPU, every worker shares that device.
+    if device == "cuda":
+        accelerator, devices, per_device = "cuda", config.workers, 1
+    elif device.startswith("cuda:"):
+        accelerator, devices, per_device = "cuda", [int(device.partition(":")[2])], config.workers
     else:
-        accelerator, devices = config.device, 1
+        accelerator, devices, per_device = "cpu", 1, config.workers
     # timeout=False: requests leave LitServe's queue at once (the engine schedules them), so a
     # queue timeout would only cut off long generations.
-    return ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=1, timeout=False,
+    return ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=per_device, timeout=False,
                         fast_queue=config.fast_queue,
                         model_metadata={"model": info.name, "max_model_len": info.max_model_len})
 
