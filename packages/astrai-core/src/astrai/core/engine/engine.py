@@ -238,9 +238,17 @@ class InferenceEngine:
             self.core.load_weights(state, version)
 
     def stats(self) -> dict:
-        """A snapshot of the engine: queue sizes, page use, prefix-cache hits, throughput."""
+        """A snapshot of the engine: queue sizes, page use, prefix-cache hits, throughput.
+
+        Taken under the step lock so the numbers belong to one moment between steps.
+        """
+        with self._step_lock:
+            return self._stats_unlocked()
+
+    def _stats_unlocked(self) -> dict:
         s, a, c = self.scheduler, self.allocator, self.core
         return {
+            "active_requests": len(self._active),
             "running": len(s.running),
             "waiting": len(s.waiting) + len(self._inbox),
             "pages_total": a.num_pages,
