@@ -86,9 +86,12 @@ def test_optimizer_steps_and_weight_syncs_are_counted(tmp_path, word_tok, ppo_ep
 
 
 def test_policy_and_engine_old_logps_agree_in_float32(tmp_path, word_tok):
+    """Also when the engine was first built and used under validation's inference mode."""
     m = module(word_tok, kl_coef=0.1)
+    data = online_data(tmp_path, word_tok)
+    make_trainer(tmp_path).validate(m, data, verbose=False)
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
-    trainer.fit(m, online_data(tmp_path, word_tok))
+    trainer.fit(m, data)
     metrics = trainer.callback_metrics
     assert float(metrics["train/logp_gap"]) < 1e-4
     assert "train/kl" in metrics and float(metrics["train/kl"]) > 0  # the policy moved after the first step

@@ -231,7 +231,9 @@ class GRPOModule(CausalLMModule):
         self.scale_rewards, self.aggregation, self.ppo_epochs = scale_rewards, aggregation, ppo_epochs
         self.mini_batch_size, self.micro_batch_size = mini_batch_size, micro_batch_size
         self.sync_interval, self.old_logps_source = sync_interval, old_logps
-        self.rollout_dtype_name, self.engine_kwargs = rollout_dtype, dict(engine or {})
+        # The engine must hold a whole group (one request) in one step.
+        self.engine_kwargs = {"max_batch_size": max(64, group_size, val_samples), **(engine or {})}
+        self.rollout_dtype_name = rollout_dtype
         self.max_grad_norm, self.rollout_seed = max_grad_norm, rollout_seed
         self.ref_model = None
         source = reference_model if reference_model is not None else self.hparams.model
@@ -252,13 +254,16 @@ class GRPOModule(CausalLMModule):
         if self.tokenizer is None:
             raise BatchError("GRPOModule: generating completions needs a tokenizer; set model.tokenizer "
                              "(or give a model directory that holds one)")
-        if self._rollout is None:
-            dtype = resolve_dtype(self.rollout_dtype_name, self.device)
-            self._rollout = RolloutEngine(self.model, self.tokenizer, dtype, self.device, self.lora_config,
-                                          **self.engine_kwargs)
-            self._rollout.sync(self.model, self.global_step)
-        elif fresh and self._rollout.version != self.global_step:
-            self._rollout.sync(self.model, self.global_step)
+        # Validation runs under inference mode; the engine's weights and KV pages must not be
+        # inference tensors, or training could not update them in place later.
+        with torch.inference_mode(False):
+            if self._rollout is None:
+                dtype = resolve_dtype(self.rollout_dtype_name, self.device)
+                self._rollout = RolloutEngine(self.model, self.tokenizer, dtype, self.device, self.lora_config,
+                                              **self.engine_kwargs)
+                self._rollout.sync(self.model, self.global_step)
+            elif fresh and self._rollout.version != self.global_step:
+                self._rollout.sync(self.model, self.global_step)
         return self._rollout
 
     def _generate(self, batch: dict, params: SamplingParams, stage: str, step: int):
