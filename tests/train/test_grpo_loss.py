@@ -157,8 +157,8 @@ def test_micro_batches_add_up_to_the_mini_batch(aggregation):
         out = grpo_loss(parts[idx], old[idx], adv[idx], mask[idx], ref[idx], kl_coef=0.1,
                         aggregation=aggregation, normalizer=norm)
         out.loss.backward()
-        total += float(out.loss)
-    assert total == pytest.approx(float(full.loss), rel=1e-12)
+        total += float(out.loss.detach())
+    assert total == pytest.approx(float(full.loss.detach()), rel=1e-12)
     assert torch.allclose(parts.grad, whole.grad, rtol=1e-12, atol=1e-15)
 
 

@@ -115,7 +115,7 @@ def test_offline_grpo_prefers_the_rewarded_responses(tmp_path, word_tok):
         return per_token.sum(-1).view(-1, 4)  # (prompts, responses)
 
     before = logps()
-    trainer = make_trainer(tmp_path, max_steps=12, limit_val_batches=0)
+    trainer = make_trainer(tmp_path, max_steps=8, limit_val_batches=0)
     trainer.fit(m, dm)
     after = logps()
     gain = after - before

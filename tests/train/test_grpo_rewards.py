@@ -11,7 +11,7 @@ from astrai.core.config import ModelConfig
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.train.corpus import add_en, add_zh, split_questions
 from astrai.train.rewards import (RewardError, RewardModel, RewardSpec, answer_match, exact_match, final_number,
-                                  format_match, load_rewards, parse_number, score)
+                                  format_match, load_rewards, parse_number, score, similarity)
 
 from trainhelp import TINY_MODEL
 
@@ -78,6 +78,15 @@ def test_format_match():
     assert format_match("", "", {}) == 0.0
     assert format_match("", "3 + 4 = 7.", {}, pattern=r"\d+ \+ \d+ = \d+\.") == 1.0
     assert format_match("", "3 plus 4 = 7.", {}, pattern=r"\d+ \+ \d+ = \d+\.") == 0.0
+
+
+def test_similarity_is_the_share_of_characters_in_common():
+    row = {"reference": "0 + 4 = 4."}
+    assert similarity("", " 0 + 4 = 4.\n", row) == 1.0
+    # '0 + 2 = 2.' vs '0 + 4 = 4.': 8 of 10 characters match in order -> 2 * 8 / 20.
+    assert similarity("", "0 + 2 = 2.", row) == pytest.approx(0.8)
+    assert similarity("", "", row) == 0.0
+    assert similarity("", "0 + 2 = 2.", row) > similarity("", "5 + 2 = 7.", row)
 
 
 def test_missing_column_names_it():

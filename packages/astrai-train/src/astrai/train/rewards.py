@@ -18,6 +18,7 @@ scores a whole rollout batch at once. The total reward is the weighted sum.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import inspect
@@ -48,6 +49,13 @@ def _row_value(row: dict, key: str, reward: str) -> str:
 def exact_match(prompt: Any, completion: str, row: dict, key: str = "reference") -> float:
     """1.0 when the completion equals ``row[key]`` exactly (surrounding whitespace ignored)."""
     return float(completion.strip() == _row_value(row, key, "exact_match"))
+
+
+def similarity(prompt: Any, completion: str, row: dict, key: str = "reference") -> float:
+    """How close the completion is to ``row[key]``, from 0 to 1: the share of characters the two
+    have in common, in order (difflib's ratio). A dense signal where exact matches are rare: a
+    reply that restates the question correctly but gets the result wrong still earns most of it."""
+    return difflib.SequenceMatcher(None, completion.strip(), _row_value(row, key, "similarity")).ratio()
 
 
 _ZH_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7,
