@@ -5,6 +5,9 @@ batches are checked with errors that name the field."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -186,3 +189,45 @@ def test_online_batches_need_rewards_and_a_vocabulary_match(tmp_path, word_tok):
     m = module(word_tok, rewards=[{"fn": "astrai.train.rewards.exact_match"}])
     with pytest.raises(BatchError, match=r"GRPOModule \(val\): exact_match: the dataset row has no 'reference'"):
         m._eval_step({"prompt_ids": [[3, 4]], "prompts": ["x"], "rows": [{"answer": "x"}]}, 0, "val")
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_cli_runs_the_shipped_configs(tmp_path, word_tok):
+    """`astrai-train fit` with configs/train/grpo.yaml (online) and grpo-offline.yaml."""
+    from astrai.train.cli import main
+
+    model_json = tmp_path / "tiny.json"
+    model_json.write_text(json.dumps({"vocab_size": 32, **TINY_MODEL, "max_len": 64}))
+    prompts = write_jsonl(tmp_path / "online.jsonl", [{"prompt": p, "answer": "good"} for p in PROMPTS[:4]])
+    common = [f"--model.model={model_json}", f"--data.tokenizer={word_tok}", "--trainer.max_steps=2",
+              "--trainer.precision=32-true", "--trainer.enable_progress_bar=false", "--data.batch_size=2",
+              f"--data.cache_dir={tmp_path / 'cache'}", "--model.micro_batch_size=4"]
+    online = tmp_path / "online"
+    assert main(["fit", f"--config={REPO / 'configs/train/grpo.yaml'}", *common, f"--data.train={prompts}",
+                 f"--data.val={prompts}", "--trainer.val_check_interval=2", "--model.group_size=2",
+                 "--model.max_new_tokens=3", f"--trainer.default_root_dir={online}"]) == 0
+    assert (online / "export" / "model.safetensors").is_file()
+    metrics = (online / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/reward" in metrics and "val/reward" in metrics
+    scored = write_jsonl(tmp_path / "offline.jsonl", offline_rows())
+    offline = tmp_path / "offline"
+    assert main(["fit", f"--config={REPO / 'configs/train/grpo-offline.yaml'}", *common, f"--data.train={scored}",
+                 f"--trainer.default_root_dir={offline}"]) == 0
+    assert (offline / "export" / "model.safetensors").is_file()
+    assert (offline / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_cli_reports_bad_rewards_without_a_traceback(tmp_path, word_tok, capsys):
+    """(through the short names --model=grpo --data=grpo)"""
+    from astrai.train.cli import main
+
+    prompts = write_jsonl(tmp_path / "online.jsonl", [{"prompt": "hi"}])
+    assert main(["fit", "--model=grpo", "--data=grpo", f"--model.model={REPO / 'configs/model/tiny.json'}",
+                 f"--data.tokenizer={word_tok}", f"--data.train={prompts}",
+                 "--model.rewards=[{fn: astrai.train.rewards.answer_matc}]"]) == 2
+    err = capsys.readouterr().err
+    assert "model.rewards[0].fn: module 'astrai.train.rewards' has no 'answer_matc'" in err
+    assert "Traceback" not in err
