@@ -69,11 +69,16 @@ def test_held_out_questions_are_never_trained_on_but_their_facts_were_read(corpu
     for q in held:
         assert q.reference not in trained_text and q.prompt not in trained_text
     pretrain = corpus["pretrain_train"].read_text(encoding="utf-8")
-    assert "Q: What is" in pretrain and "问：" in pretrain  # Q&A text about the training questions ...
-    for q in held:  # ... but never about the held-out ones
-        assert q.prompt not in pretrain
+    assert "Q: What is" in pretrain and "问：" in pretrain  # web-style Q&A text
     for a, b in held_pairs:  # pre-training states each held-out sum, in both languages
         assert add_en(a, b) in pretrain and add_zh(a, b) in pretrain
+
+
+def test_dpo_validation_pairs_ask_other_questions_than_training_pairs(corpus):
+    train_prompts = {r["prompt"] for r in read(corpus["dpo_train"])}
+    val_prompts = {r["prompt"] for r in read(corpus["dpo_val"])}
+    assert len(val_prompts) > 50 and len(train_prompts) > 4 * len(val_prompts) * 0.9
+    assert not train_prompts & val_prompts
 
 
 def test_sft_rows_are_chats_whose_reply_is_the_reference(corpus):
@@ -89,7 +94,7 @@ def test_sft_rows_are_chats_whose_reply_is_the_reference(corpus):
 def test_dpo_pairs_prefer_the_correct_answer(corpus):
     train, _ = split_questions(seed=0)
     by_prompt = {q.prompt: q for q in train}
-    for row in read(corpus["dpo_train"]):
+    for row in read(corpus["dpo_train"]) + read(corpus["dpo_val"]):
         q = by_prompt[row["prompt"]]
         assert is_correct(row["chosen"], q) and not is_correct(row["rejected"], q)
         if q.task == "add" and q.lang == "en":  # a near miss: same sum, wrong result
@@ -113,3 +118,18 @@ def test_is_correct_is_exact_up_to_surrounding_space():
     assert not is_correct(q.reference + " Also 1 + 1 = 2.", q)
     assert not is_correct(q.reference[:-1], q)
     assert WEEKDAYS_EN[0] == "Monday" and len(ANIMALS) == 8
+
+
+def test_tokenizer_text_makes_the_tokenizer_encode_chinese_a_character_at_a_time(tmp_path):
+    from astrai.core.tokenizer_trainer import train_tokenizer
+    from astrai.train.corpus import tokenizer_text
+
+    assert tokenizer_text("三加四等于七。Q: 3 + 4?") == "三\n加\n四\n等\n于\n七\n。Q: 3 + 4?"
+    docs = pretrain_documents(300, seed=0)
+    spaced = train_tokenizer(iter([tokenizer_text(d) for d in docs]), vocab_size=600, show_progress=False)
+    plain = train_tokenizer(iter(docs), vocab_size=600, show_progress=False)
+    sentence = add_zh(3, 4)
+    pieces = [spaced.decode([i]) for i in spaced.encode(sentence)]
+    assert pieces == list(sentence)  # one token per character
+    assert len(plain.encode(sentence)) < len(sentence)  # without it, whole phrases become tokens
+    assert spaced.decode(spaced.encode(sentence)) == sentence

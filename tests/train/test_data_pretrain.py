@@ -152,3 +152,12 @@ def test_batches_are_int64_and_labels_shifted(tok, tmp_path):
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
         start = next(s for s in range(len(stream)) if torch.equal(stream[s:s + 6], ids))
         assert torch.equal(labels, stream[start + 1:start + 7])
+
+
+def test_worker_processes_give_the_same_batches(tok, tmp_path):
+    docs = [f"a b {'c ' * (i % 4)}d e" for i in range(30)]
+    plain = make(tok, tmp_path, docs, seq_len=4, batch_size=4)
+    workers = make(tok, tmp_path, docs, seq_len=4, batch_size=4, num_workers=2)
+    got = [b["input_ids"].tolist() for b in workers.train_dataloader()]
+    assert got == [b["input_ids"].tolist() for b in plain.train_dataloader()]
+    assert len(got) == -(-len(plain.train_dataset) // 4)

@@ -1,17 +1,17 @@
 """A small bilingual (English + Chinese) world, generated from a seed: no download.
 
-The world is a handful of facts a tiny model can learn on a CPU in minutes: sums and
-differences of small numbers ("3 + 4 = 7." / "三加四等于七。"), weekdays in order, the colour
-of things, animals' legs and sounds, counting, and number words in both languages.
+The world is a handful of facts a tiny model can learn on a CPU in minutes: sums of small
+numbers ("3 + 4 = 7." / "三加四等于七。"), weekdays in order, the colour of things, animals'
+legs and sounds, counting, and number words in both languages.
 
 - pre-training documents state the facts in running text, in both languages, with some
   web-style "Q: ... A: ..." text and digits said twice (which teaches copying from context);
 - SFT conversations ask about the facts (a question, an answer in the fact's own wording);
-- the sums of some number pairs are never asked about, in SFT or in pre-training's Q&A text:
-  those questions are the held-out set. Pre-training only states their sums ("3 + 4 = 7."),
-  so SFT accuracy on them measures whether the model learnt to answer in the chat format
-  and recalls facts it only read;
-- DPO pairs put a correct answer (chosen) against a near miss (rejected);
+- the sums of some number pairs are never asked about in SFT: those questions are the
+  held-out set. The model only read about them during pre-training, so SFT accuracy on them
+  measures whether it learnt to answer in the chat format and recalls what it read;
+- DPO pairs put a correct answer (chosen) against a near miss (rejected); the validation
+  pairs are about other questions than the training pairs;
 - GRPO prompts come with the answer a reward function can check.
 
 ``write_corpus(out_dir)`` writes all of it as JSONL; ``python -m astrai.train.corpus --out DIR``
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,16 +76,7 @@ def _arithmetic_sentences(rng: random.Random, lang: str) -> list[str]:
     out = []
     for _ in range(rng.randint(3, 6)):
         a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
-        kind = rng.random()
-        if kind < 0.6:
-            out.append(add_en(a, b) if lang == "en" else add_zh(a, b))
-        elif kind < 0.8:
-            out.append(f"{EN_NUMBERS[a]} plus {EN_NUMBERS[b]} is {EN_NUMBERS[a + b]}." if lang == "en"
-                       else f"{a}加{b}等于{a + b}。")
-        else:
-            hi, lo = max(a, b), min(a, b)
-            out.append(f"{hi} - {lo} = {hi - lo}." if lang == "en"
-                       else f"{zh_number(hi)}减{zh_number(lo)}等于{zh_number(hi - lo)}。")
+        out.append(add_en(a, b) if lang == "en" else add_zh(a, b))
     return out
 
 
@@ -224,9 +216,11 @@ def _qa_sentences(questions: list[Question]) -> Callable[[random.Random, str], l
     return sentences
 
 
+# Sums are the facts the held-out questions test, so they get the most text.
 TOPICS: list[Callable[[random.Random, str], list[str]]] = [
-    _arithmetic_sentences, _arithmetic_sentences, _weekday_sentences, _colour_sentences,
-    _animal_sentences, _counting_sentences, _translation_sentences, _repeat_sentences,
+    _arithmetic_sentences, _arithmetic_sentences, _arithmetic_sentences, _arithmetic_sentences,
+    _weekday_sentences, _colour_sentences, _animal_sentences, _counting_sentences, _translation_sentences,
+    _repeat_sentences,
 ]
 
 
@@ -279,7 +273,34 @@ def preference_pairs(questions: list[Question], seed: int = 0) -> list[dict]:
             for q in questions if q.task != "greeting"]
 
 
+def split_preferences(questions: list[Question], seed: int = 0, val_share: float = 0.2) -> tuple[list, list]:
+    """(train, validation) preference pairs over disjoint questions: validation measures whether
+    the preference learnt on some questions carries over to others."""
+    pairs = preference_pairs(questions, seed)
+    order = list(range(len(pairs)))
+    random.Random(seed + 3).shuffle(order)
+    n_val = round(len(pairs) * val_share)
+    held = set(order[:n_val])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
 # ---- files ----------------------------------------------------------------------------------
+
+_CJK_PAIR = re.compile(r"(?<=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])(?=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])")
+
+
+def tokenizer_text(text: str) -> str:
+    """Text for training the tokenizer, with a line break between Chinese characters.
+
+    A byte-level BPE learns merges only inside the pieces its pre-tokenizer cuts, and it does
+    not cut between Chinese characters; on a corpus this small and repetitive it would turn
+    whole sentences ("三加四等于七") into single tokens, which a model cannot generalise from.
+    Trained on text cut into characters (a line break, unlike a space, is not glued to the
+    next character), its merges stay inside characters, so Chinese is encoded a character at
+    a time. Only the tokenizer's training text is cut; the training data is not.
+    """
+    return _CJK_PAIR.sub("\n", text)
+
 
 def _write(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,22 +326,24 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
     def grpo_rows(qs: list[Question]) -> list[dict]:
         return [{"prompt": q.prompt, "answer": q.answer, "reference": q.reference} for q in qs]
 
-    # Pre-training reads questions and answers about the training questions, never the held-out ones.
-    docs = [{"text": t} for t in pretrain_documents(n_docs, seed, qa=train_q)]
-    chat_text = [{"text": f"{q.prompt}\n{q.reference}"} for q in train_q]
+    # Pre-training reads Q&A text about every question (as web text would have); SFT never
+    # asks the held-out ones.
+    docs = [{"text": t} for t in pretrain_documents(n_docs, seed, qa=train_q + held_q)]
+    chats = [f"user\n{q.prompt}\nassistant\n{q.reference}" for q in train_q]
+    dpo_train, dpo_val = split_preferences(train_q, seed)
     return {
-        # Tokenizer training text: the documents plus the training questions' wording.
-        "tokenizer_text": _write(out / "tokenizer" / "train.jsonl", docs + chat_text),
+        "tokenizer_text": _write(out / "tokenizer" / "train.jsonl",
+                                 [{"text": tokenizer_text(t)} for t in [d["text"] for d in docs] + chats]),
         "pretrain_train": _write(out / "pretrain" / "train.jsonl", docs),
         # A different seed stream: the validation text is new text about the same world.
         "pretrain_val": _write(out / "pretrain" / "val.jsonl",
-                               [{"text": t} for t in pretrain_documents(n_val_docs, seed + 1000, qa=train_q)]),
+                               [{"text": t} for t in pretrain_documents(n_val_docs, seed + 1000, qa=train_q + held_q)]),
         "sft_train": _write(out / "sft" / "train.jsonl",
                             [{"messages": q.messages(q.reference)} for q in train_q] * sft_repeats),
         "sft_val": _write(out / "sft" / "val.jsonl", [{"messages": q.messages(q.reference)} for q in held_q]),
         "sft_heldout": _write(out / "sft" / "heldout.jsonl", question_rows(held_q, with_reply=False)),
-        "dpo_train": _write(out / "dpo" / "train.jsonl", preference_pairs(train_q, seed)),
-        "dpo_val": _write(out / "dpo" / "val.jsonl", preference_pairs(held_q, seed)),
+        "dpo_train": _write(out / "dpo" / "train.jsonl", dpo_train),
+        "dpo_val": _write(out / "dpo" / "val.jsonl", dpo_val),
         "grpo_train": _write(out / "grpo" / "train.jsonl", grpo_rows(train_q)),
         "grpo_val": _write(out / "grpo" / "val.jsonl", grpo_rows(held_q)),
     }
