@@ -11,7 +11,8 @@ from astrai.core.config import ModelConfig
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.train.corpus import add_en, add_zh, split_questions
 from astrai.train.rewards import (RewardError, RewardModel, RewardSpec, answer_match, exact_match, final_number,
-                                  format_match, load_rewards, parse_number, score, similarity)
+                                  format_match, load_rewards, numbers_in, parse_number, restates_question,
+                                  score, similarity)
 
 from trainhelp import TINY_MODEL
 
@@ -87,6 +88,17 @@ def test_similarity_is_the_share_of_characters_in_common():
     assert similarity("", "0 + 2 = 2.", row) == pytest.approx(0.8)
     assert similarity("", "", row) == 0.0
     assert similarity("", "0 + 2 = 2.", row) > similarity("", "5 + 2 = 7.", row)
+
+
+def test_restates_question_checks_the_operands_before_the_result():
+    assert numbers_in("What is 3 + 14? 三加十四") == [3, 14, 3, 14]
+    assert restates_question("What is 0 + 4?", "0 + 4 = 5.", {}) == 1.0  # read right, summed wrong
+    assert restates_question("What is 0 + 4?", "0 + 2 = 2.", {}) == 0.5
+    assert restates_question("零加四等于几？", "零加四等于四。", {}) == 1.0
+    assert restates_question("零加四等于几？", "二加六等于八。", {}) == 0.0
+    assert restates_question("What is 3 + 4?", "3 + 4 + 5 = 12.", {}) == pytest.approx(2 / 3)  # extra numbers cost
+    assert restates_question([{"role": "user", "content": "What is 1 + 2?"}], "1 + 2 = 3.", {}) == 1.0
+    assert restates_question("Hello!", "Hi.", {}) == 0.0
 
 
 def test_missing_column_names_it():

@@ -402,9 +402,9 @@ class GRPOModule(CausalLMModule):
                 updates += 1
                 if self._rollout is not None and self.global_step % self.sync_interval == 0:
                     self._rollout.sync(self.model, self.global_step)
-        self._log_step(rewards, groups, advantages, sums, tokens, updates, stats, data)
+        self._log_step(rewards, groups, sums, tokens, updates, stats, data)
 
-    def _log_step(self, rewards, groups, advantages, sums, tokens, updates, stats, data) -> None:
+    def _log_step(self, rewards, groups, sums, tokens, updates, stats, data) -> None:
         _, group_std = group_moments(rewards, groups)
         metrics = {"reward": rewards.mean(), "reward_std": group_std.mean(),
                    "zero_std_groups": (group_std < 1e-6).float().mean(),

@@ -1,6 +1,6 @@
 """`astrai-quickstart`: the whole life of a tiny bilingual model in one command, on a CPU.
 
-    data -> tokenizer -> pre-training -> SFT -> DPO -> a model directory astrai-serve serves
+    data -> tokenizer -> pre-training -> SFT -> DPO -> GRPO -> a model directory astrai-serve serves
 
 Every training stage runs through `astrai-train` (LightningCLI) with the YAML files in
 configs/quickstart/, exactly as a user would run them by hand; this script only fills in the
@@ -9,7 +9,9 @@ paths under --out, scales the step counts, and measures each stage before and af
 - pre-training: validation loss (nats per token) on unseen text;
 - SFT: exact-match accuracy of greedy answers to held-out questions (sums never asked
   about in SFT; the facts were only read during pre-training);
-- DPO: reward accuracy on held-out preference pairs (chosen reward > rejected reward).
+- DPO: reward accuracy on held-out preference pairs (chosen reward > rejected reward);
+- GRPO: mean reward of replies sampled for the held-out questions (right answer + closeness
+  to the reference reply).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import yaml
 
 from .corpus import Question, is_correct, load_questions, write_corpus
 
-STAGES = 5
+STAGES = 6
 SMOKE = {"scale": 0.04, "docs": 400}
 
 
@@ -43,14 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="astrai-quickstart",
         description=__doc__.split("\n\n")[0] + " Generates a bilingual corpus and task data (no download), "
-        "trains a tokenizer, pre-trains a ~1M-parameter model, fine-tunes it with SFT and DPO, and prints "
+        "trains a tokenizer, pre-trains a ~1M-parameter model, fine-tunes it with SFT, DPO and GRPO, and prints "
         "what each stage improved. About 5 minutes on a 2-core CPU.",
         epilog="Each stage is an ordinary `astrai-train fit --config configs/quickstart/<stage>.yaml` run; "
-        "the exported model directory can be served with `astrai-serve --model <out>/dpo/export`.",
+        "the exported model directory can be served with `astrai-serve --model <out>/grpo/export`.",
     )
     parser.add_argument("--out", default="runs/quickstart", help="output directory (default: %(default)s)")
     parser.add_argument("--configs", default=None,
-                        help="directory with tokenizer/pretrain/sft/dpo.yaml and model.json (default: configs/quickstart)")
+                        help="directory with tokenizer/pretrain/sft/dpo/grpo.yaml and model.json (default: configs/quickstart)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every stage's training steps (e.g. 0.5 for a faster, weaker run)")
     parser.add_argument("--docs", type=int, default=4000, help="pre-training documents to generate (default: %(default)s)")
@@ -66,7 +68,7 @@ class Quickstart:
     def __init__(self, args: argparse.Namespace) -> None:
         self.out = Path(args.out).resolve()
         self.configs = Path(args.configs).resolve() if args.configs else default_configs().resolve()
-        for name in ("tokenizer.yaml", "pretrain.yaml", "sft.yaml", "dpo.yaml", "model.json"):
+        for name in ("tokenizer.yaml", "pretrain.yaml", "sft.yaml", "dpo.yaml", "grpo.yaml", "model.json"):
             if not (self.configs / name).is_file():
                 raise FileNotFoundError(f"--configs: {self.configs} has no {name}")
         self.scale = SMOKE["scale"] if args.smoke else args.steps_scale
@@ -128,7 +130,7 @@ class Quickstart:
 
     def make_data(self) -> None:
         self.banner(1, f"generating the bilingual corpus and task data ({self.docs} documents)")
-        for stage in ("pretrain", "sft", "dpo"):  # a rerun starts these from scratch
+        for stage in ("pretrain", "sft", "dpo", "grpo"):  # a rerun starts these from scratch
             shutil.rmtree(self.out / stage, ignore_errors=True)
         self.files = write_corpus(self.data, seed=self.seed, n_docs=self.docs)
         for name, path in self.files.items():
@@ -183,6 +185,18 @@ class Quickstart:
                                "accuracy_after": accuracy, "export": str(self.export("dpo"))}
         print(f"  held-out reward accuracy {before:.2f} -> {after:.2f}")
 
+    def grpo(self) -> None:
+        overrides = self.stage_overrides("grpo", {"train": self.files["grpo_train"], "val": self.files["grpo_val"]})
+        self.banner(6, f"GRPO ({overrides['trainer.max_steps']} steps of replies sampled by the inference engine)")
+        evaluate = {**overrides, "trainer.logger": False, "model.model": self.export("dpo")}
+        before = self.cli("validate", "grpo", evaluate)["val/reward"]
+        self.cli("fit", "grpo", {**overrides, "model.model": self.export("dpo"), "trainer.limit_val_batches": 0})
+        after = self.cli("validate", "grpo", {**evaluate, "model.model": self.export("grpo")})["val/reward"]
+        accuracy, _ = task_accuracy(self.export("grpo"), load_questions(self.files["sft_heldout"]))
+        self.results["grpo"] = {"reward_before": before, "reward_after": after, "accuracy_after": accuracy,
+                                "export": str(self.export("grpo"))}
+        print(f"  held-out mean reward {before:.3f} -> {after:.3f}")
+
     def report(self) -> None:
         r = self.results
         self.results["seconds"] = round(time.time() - self.t0, 1)
@@ -194,13 +208,16 @@ class Quickstart:
             ("DPO", "held-out reward accuracy (chosen > rejected)",
              r["dpo"]["reward_acc_before"], r["dpo"]["reward_acc_after"]),
             ("after DPO", "held-out task accuracy", r["sft"]["accuracy_after"], r["dpo"]["accuracy_after"]),
+            ("GRPO", "held-out mean reward of sampled replies",
+             r["grpo"]["reward_before"], r["grpo"]["reward_after"]),
+            ("after GRPO", "held-out task accuracy", r["dpo"]["accuracy_after"], r["grpo"]["accuracy_after"]),
         ]
         print(f"\nquickstart finished in {self.results['seconds']:.0f} s\n")
         print(f"{'stage':13s} {'measure':48s} {'before':>8s} {'after':>8s}")
         for stage, measure, before, after in rows:
             print(f"{stage:13s} {measure:48s} {before:8.3f} {after:8.3f}")
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n", encoding="utf-8")
-        print(f"\nmodel: {self.export('dpo')}\nserve it:  uv run astrai-serve --model {self.export('dpo')}")
+        print(f"\nmodel: {self.export('grpo')}\nserve it:  uv run astrai-serve --model {self.export('grpo')}")
         print(f"results:   {self.out / 'results.json'}")
 
     def run(self) -> dict[str, Any]:
@@ -209,6 +226,7 @@ class Quickstart:
         self.pretrain()
         self.sft()
         self.dpo()
+        self.grpo()
         self.report()
         return self.results
 

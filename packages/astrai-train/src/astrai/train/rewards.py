@@ -110,6 +110,23 @@ def answer_match(prompt: Any, completion: str, row: dict, key: str = "answer") -
     return float(re.search(pattern, completion.lower()) is not None)
 
 
+def numbers_in(text: str) -> list[float]:
+    """Every numeral of ``text`` (Arabic or Chinese), in order."""
+    return [v for v in map(parse_number, _NUMBER.findall(text)) if v is not None]
+
+
+def restates_question(prompt: Any, completion: str, row: dict) -> float:
+    """For arithmetic-style replies that restate the problem before the result ('3 + 4 = 7.'):
+    the share of the prompt's numbers that the completion repeats, in order, before its final
+    number. Rewards reading the question right, whatever the result."""
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    asked = numbers_in(text)
+    said = numbers_in(completion)[:-1]
+    if not asked:
+        return 0.0
+    return sum(a == b for a, b in zip(asked, said)) / max(len(asked), len(said))
+
+
 def format_match(prompt: Any, completion: str, row: dict, pattern: str = r"\S.*[.!?。！？]") -> float:
     """1.0 when the whole completion (stripped) matches the regular expression ``pattern``
     (default: one non-empty sentence ending with a full stop, in English or Chinese)."""
