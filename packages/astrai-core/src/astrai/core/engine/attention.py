@@ -16,15 +16,20 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from .transfer import to_device
+
 
 @dataclass
 class AttentionMetadata:
     """Per-step layout, shared by every layer.
 
     slot_mapping (T,): flat pool slot (page * page_size + offset) of each new token.
+    positions (T,): absolute position of each new token in its sequence.
     query_start (B + 1,): where each sequence's new tokens begin in the flattened row.
-    context_lens (B,): tokens each sequence attends to, the new ones included.
-    page_table (B, max_pages): each sequence's pages in order, padded with 0.
+    context_lens (B,): tokens each sequence attends to, the new ones included; 0 for a padding
+        row (bucketed decode), which attends to nothing.
+    page_table (B, max_pages): each sequence's pages in order; entries past a sequence's last
+        page are never read (0, or stale in the static decode buffers).
     The *_list fields hold the same numbers as Python ints, for backends that loop.
     """
 
@@ -36,9 +41,15 @@ class AttentionMetadata:
     query_start_list: list[int]
     context_lens_list: list[int]
     max_query_len: int
+    positions: torch.Tensor | None = None
 
 
 class AttentionBackend(Protocol):
+    # True when prepare and __call__ launch only device work whose shapes depend on nothing but
+    # the batch size and max_query_len (no host reads of the metadata): a CUDA graph can then
+    # capture a decode step once and replay it for any contents of the metadata tensors.
+    graph_safe: bool
+
     def prepare(self, meta: AttentionMetadata) -> Any:
         """Work done once per step (index tensors, kernel plans); passed to every call."""
         ...
@@ -51,9 +62,14 @@ class AttentionBackend(Protocol):
 
 
 def build_metadata(
-    query_lens: list[int], context_lens: list[int], pages: list[list[int]], page_size: int, device
-) -> AttentionMetadata:
-    """Metadata for sequences whose new tokens are the last query_lens[i] of context_lens[i]."""
+    query_lens: list[int], context_lens: list[int], pages: list[list[int]], page_size: int, device,
+    extra: list[torch.Tensor] = (),
+) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+    """Metadata for sequences whose new tokens are the last query_lens[i] of context_lens[i].
+
+    Computed on the host and moved in one transfer, together with the int64 host tensors in
+    `extra` (the step's token ids, say); returns the metadata and extra's device copies.
+    """
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
@@ -61,16 +77,22 @@ def build_metadata(
     table = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.long)
     ctx = torch.tensor(context_lens, dtype=torch.long)
     qlen = torch.tensor(query_lens, dtype=torch.long)
-    # Absolute position of every new token, then the slot that holds it.
-    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), qlen)
-    first_pos = (ctx - qlen)[seq_of_token]
-    pos = first_pos + torch.arange(int(qlen.sum())) - torch.tensor(starts[:-1], dtype=torch.long)[seq_of_token]
-    slots = table[seq_of_token, pos // page_size] * page_size + pos % page_size
-    return AttentionMetadata(
-        slot_mapping=slots.to(device), query_start=torch.tensor(starts, device=device), context_lens=ctx.to(device),
-        page_table=table.to(device), page_size=page_size, query_start_list=starts, context_lens_list=list(context_lens),
+    first = ctx - qlen  # position of each sequence's first new token
+    if starts[-1] == len(query_lens):  # one token per sequence (decode): no per-token expansion
+        pos = first
+        slots = table.gather(1, (pos // page_size)[:, None])[:, 0] * page_size + pos % page_size
+    else:
+        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), qlen)
+        offset = torch.arange(starts[-1]) - torch.tensor(starts[:-1], dtype=torch.long)[seq_of_token]
+        pos = first[seq_of_token] + offset
+        slots = table[seq_of_token, pos // page_size] * page_size + pos % page_size
+    moved = to_device([slots, pos, torch.tensor(starts, dtype=torch.long), ctx, table, *extra], device)
+    meta = AttentionMetadata(
+        slot_mapping=moved[0], positions=moved[1], query_start=moved[2], context_lens=moved[3], page_table=moved[4],
+        page_size=page_size, query_start_list=starts, context_lens_list=list(context_lens),
         max_query_len=max(query_lens),
     )
+    return meta, moved[5:]
 
 
 @dataclass
@@ -79,6 +101,7 @@ class _TorchPlan:
     decode_slots: torch.Tensor | None  # (Bd, L) slots of their contexts, padded
     decode_mask: torch.Tensor | None  # (Bd, 1, 1, L) True where the slot is part of the context
     prefills: list[tuple[int, int, torch.Tensor]]  # (query start, query length, context slots)
+    has_padding: bool = False  # rows with an empty context, whose output is zero
 
 
 class TorchPagedAttention:
@@ -86,15 +109,18 @@ class TorchPagedAttention:
 
     One-token (decode) sequences are batched into a single padded SDPA call; sequences with
     several new tokens (prefill chunks) get one causal call each, with their earlier context
-    in front.
+    in front. Padding rows (context 0) get zeros. The plan reads the metadata's host lists, so
+    a CUDA graph cannot capture it.
     """
+
+    graph_safe = False
 
     def prepare(self, meta: AttentionMetadata) -> _TorchPlan:
         starts, ctx, ps = meta.query_start_list, meta.context_lens_list, meta.page_size
-        decode = [i for i in range(len(ctx)) if starts[i + 1] - starts[i] == 1]
+        decode = [i for i in range(len(ctx)) if starts[i + 1] - starts[i] == 1 and ctx[i] > 0]
         prefill = [i for i in range(len(ctx)) if starts[i + 1] - starts[i] > 1]
         device = meta.slot_mapping.device
-        plan = _TorchPlan(None, None, None, [])
+        plan = _TorchPlan(None, None, None, [], has_padding=0 in ctx)
         if decode:
             rows = torch.tensor(decode, device=device)
             width = max(ctx[i] for i in decode)
@@ -112,7 +138,7 @@ class TorchPagedAttention:
     def __call__(self, q, k_pool, v_pool, plan: _TorchPlan, scale: float, v_dim: int) -> torch.Tensor:
         k_pool = k_pool.flatten(0, 1)  # (slots, Hkv, Dk)
         v_pool = k_pool[..., :v_dim] if v_pool is None else v_pool.flatten(0, 1)
-        out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+        out = (q.new_zeros if plan.has_padding else q.new_empty)(q.shape[0], q.shape[1], v_dim)
         if plan.decode_tokens is not None:
             qd = q.index_select(0, plan.decode_tokens).unsqueeze(2)  # (Bd, H, 1, Dk)
             kd = _gather(k_pool, plan.decode_slots).transpose(1, 2)  # (Bd, Hkv, L, Dk)
@@ -138,7 +164,12 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 class KernelPagedAttention:
-    """The fused Triton kernel (astrai.core.kernels.paged_attention); reads the pages in place."""
+    """The fused Triton kernel (astrai.core.kernels.paged_attention); reads the pages in place.
+
+    Its launch depends only on the batch size, max_query_len and the pools' strides, so decode
+    steps can be captured in CUDA graphs."""
+
+    graph_safe = True
 
     def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
         return meta

@@ -15,15 +15,30 @@ from collections import deque
 import torch
 
 from .attention import AttentionBackend, build_metadata
+from .cuda_graphs import DecodeRunner
 from .outputs import Completion, EngineError, Sample, StreamEvent
 from .paged_cache import PagedKVCache
 from .sampler import Sampler, SampleRow
-from .scheduler import Chunk, Scheduler, StepPlan
+from .scheduler import Chunk, Scheduler, StepPlan, is_decode
 from .sequence import Request, Sequence, Status
 from .stop import SampleText
+from .transfer import to_device
 
 END = object()  # the last item a request's sink receives
 _RATE_WINDOW_S = 10.0
+
+
+class DecodeTiming:
+    """Wall time of pure decode steps, per batch size: what the decode bandwidth floor is compared to."""
+
+    def __init__(self) -> None:
+        self.by_batch: dict[int, list] = {}  # batch -> [steps, seconds, context tokens read]
+
+    def add(self, chunks: list[Chunk], seconds: float) -> None:
+        entry = self.by_batch.setdefault(len(chunks), [0, 0.0, 0])
+        entry[0] += 1
+        entry[1] += seconds
+        entry[2] += sum(c.start for c in chunks) + len(chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +60,8 @@ class EngineCore:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step
         self._ended: list[Request] = []  # requests that finished or failed since the last step()
         self._outbox: list[tuple[object, object]] = []  # (sink, item) to deliver after the step
+        self.decode_runner: DecodeRunner | None = None  # static-buffer (CUDA-graph) path for decode steps
+        self.decode_timing = DecodeTiming()
 
     # -- requests in ---------------------------------------------------------------------
     def add(self, r: Request) -> None:
@@ -64,6 +81,7 @@ class EngineCore:
     # -- the step --------------------------------------------------------------------------
     def step(self) -> None:
         """Schedule and run one step; what it ends is collected for take_ended()."""
+        start = time.perf_counter()
         try:
             plan = self.scheduler.schedule()
             if not plan.chunks and self.scheduler.has_work():
@@ -72,11 +90,15 @@ class EngineCore:
             self.fail([s.request for s in self.scheduler.running + self.scheduler.waiting], e)
             plan = StepPlan()
         if plan.chunks:
+            decode = is_decode(plan.chunks)
             try:
                 self.cache.copy_pages(plan.copies)
-                self._run(plan.chunks)
+                self._run(plan.chunks, decode)
             except Exception as e:
                 self._isolate(plan.chunks, e)
+            else:
+                if decode:
+                    self.decode_timing.add(plan.chunks, time.perf_counter() - start)
 
     def _isolate(self, chunks: list[Chunk], error: Exception) -> None:
         """A batched step failed: rerun its chunks one by one and fail only the requests that fail alone.
@@ -91,32 +113,41 @@ class EngineCore:
             if c.seq.status is not Status.RUNNING:
                 continue
             try:
-                self._run([c])
+                self._run([c], is_decode([c]))
             except Exception as e:
                 self.fail([c.seq.request], e)
 
     @torch.inference_mode()
-    def _run(self, chunks: list[Chunk]) -> None:
-        ids, positions = [], []
-        for c in chunks:
-            ids += c.seq.token_ids[c.start : c.start + c.length]
-            positions += range(c.start, c.start + c.length)
-        meta = build_metadata([c.length for c in chunks], [c.start + c.length for c in chunks],
-                              [c.seq.pages for c in chunks], self.cache.page_size, self.device)
-        sampled = [(i, c) for i, c in enumerate(chunks) if c.samples]
-        last = [meta.query_start_list[i + 1] - 1 for i, _ in sampled]
-        logits = self.model(
-            torch.tensor([ids], device=self.device),
-            position_ids=torch.tensor([positions], device=self.device),
-            cache=self.cache.view(meta, self.backend),
-            logits_index=torch.tensor(last, dtype=torch.long, device=self.device),
-        )
+    def _run(self, chunks: list[Chunk], decode: bool) -> None:
+        """Run the chunks through the model and sample; `decode`: every chunk is one sampled token."""
+        runner = self.decode_runner
+        if decode and runner is not None and len(chunks) <= runner.max_batch_size:
+            logits, sampled, num_tokens = runner.run(chunks), chunks, len(chunks)
+        else:
+            logits, sampled, num_tokens = self._forward(chunks)
         for c in chunks:
             self.scheduler.commit(c)
         self.num_steps += 1
-        self.num_computed += len(ids)
+        self.num_computed += num_tokens
         if sampled:
-            self._sample([c for _, c in sampled], logits)
+            self._sample(sampled, logits)
+
+    def _forward(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Chunk], int]:
+        """The eager path (prefill, mixed steps): every chunk's tokens flattened into one row.
+        Returns the logits of the sampled chunks' last tokens, those chunks, and the token count."""
+        ids, last, sampled = [], [], []
+        for c in chunks:
+            ids += c.seq.token_ids[c.start : c.start + c.length]
+            if c.samples:
+                last.append(len(ids) - 1)
+                sampled.append(c)
+        meta, (ids_t, last_t) = build_metadata(
+            [c.length for c in chunks], [c.start + c.length for c in chunks], [c.seq.pages for c in chunks],
+            self.cache.page_size, self.device, extra=[torch.tensor(ids), torch.tensor(last, dtype=torch.long)],
+        )
+        logits = self.model(ids_t.view(1, -1), position_ids=meta.positions.view(1, -1),
+                            cache=self.cache.view(meta, self.backend), logits_index=last_t)
+        return logits, sampled, len(ids)
 
     def _sample(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
         rows, row_logit = [], []
@@ -127,7 +158,8 @@ class EngineCore:
                 rows.append(SampleRow(r.params, r.generators[seq.index + k], *history))
                 row_logit.append(j)
         if len(row_logit) != logits.shape[0]:
-            logits = logits.index_select(0, torch.tensor(row_logit, device=logits.device))
+            (index,) = to_device([torch.tensor(row_logit)], logits.device)
+            logits = logits.index_select(0, index)
         tokens, logprobs = self.sampler(logits, rows)
         at = 0
         for c in chunks:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence as SequenceABC
@@ -23,6 +24,7 @@ from torch import nn
 
 from .attention import AttentionBackend, default_backend
 from .core import END, EngineCore, LoopSink
+from .cuda_graphs import DecodeRunner, graph_blocker
 from .intake import RequestIntake, is_token_id, require
 from .outputs import Completion, StreamEvent
 from .page_allocator import PageAllocator
@@ -31,6 +33,7 @@ from .params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request
 
+log = logging.getLogger(__name__)
 
 class InferenceEngine:
     """Serve a CausalLM with a paged KV cache and continuous batching.
@@ -51,6 +54,11 @@ class InferenceEngine:
         lowered to what the page pool can hold, so one sequence always fits.
     attention_backend: the paged attention implementation (default: the Triton kernel on CUDA,
         TorchPagedAttention elsewhere).
+    cuda_graphs: run pure decode steps as CUDA graphs (cuda_graphs.py), captured for every
+        batch-size bucket when the engine is built. None (default): on when the device is CUDA
+        and the model can be captured (not MoE, not dynamic NTK RoPE, a graph-safe attention
+        backend), with one log line saying why when it cannot; False: always eager. Prefill and
+        mixed steps always run eagerly.
     """
 
     def __init__(
@@ -65,10 +73,13 @@ class InferenceEngine:
         device: str | torch.device | None = None,
         max_model_len: int | None = None,
         attention_backend: AttentionBackend | None = None,
+        cuda_graphs: bool | None = None,
     ):
         for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("page_size", page_size)):
             require(is_token_id(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require(cuda_graphs is None or isinstance(cuda_graphs, bool), "cuda_graphs",
+                f"must be True, False or None (on where possible), got {cuda_graphs!r}")
         require(max_num_batched_tokens >= max_batch_size, "max_num_batched_tokens",
                 f"({max_num_batched_tokens}) must be >= max_batch_size ({max_batch_size}): every running "
                 "sequence needs a token of each step's budget")
@@ -96,6 +107,9 @@ class InferenceEngine:
                                     self.eos_ids, self.device)
         self.core = EngineCore(self.model, tokenizer, self.cache, self.scheduler,
                                attention_backend or default_backend(self.device), self.device)
+        if self._use_cuda_graphs(cuda_graphs):
+            self.core.decode_runner = DecodeRunner(self.model, self.cache, self.core.backend, max_batch_size,
+                                                   self.max_model_len, capture=True)
 
         self._step_lock = threading.RLock()  # model, cache, scheduler and core state
         self._cv = threading.Condition()  # inbox, aborts, active requests, thread control
@@ -107,6 +121,19 @@ class InferenceEngine:
         self._stopping = False
         self._busy = False
         self._ended_outside_steps: list[Request] = []  # aborted between steps, for step() to report
+
+    def _use_cuda_graphs(self, wanted: bool | None) -> bool:
+        if wanted is False:
+            return False
+        if self.device.type != "cuda":
+            require(wanted is None, "cuda_graphs", f"(True) needs a CUDA device, but the engine runs on "
+                    f"{self.device}; leave it None (auto) or set it False")
+            return False
+        blocker = graph_blocker(self.model, self.core.backend)
+        if blocker is not None:
+            log.log(logging.WARNING if wanted else logging.INFO, "CUDA graphs off, decode runs eagerly: %s", blocker)
+            return False
+        return True
 
     @property
     def weights_version(self) -> int:

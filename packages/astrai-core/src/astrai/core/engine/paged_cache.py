@@ -4,6 +4,10 @@ Storage is one preallocated tensor per kind, (layers, pages, page_size, kv_heads
 layer's pool is a view of it, and a token's flat slot is page * page_size + offset. For multi-head
 latent attention (layout.v_from_k) only the latent is stored; values are its first v_dim
 channels.
+
+One page more than num_pages is stored: the scratch page. The allocator hands out pages
+0..num_pages-1 only, so nothing ever reads it; the padding rows of a bucketed decode step
+(cuda_graphs.py) write their keys/values there instead of into a live page.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import torch
 
 from ..kv_cache_view import KVLayout
 from .attention import AttentionBackend, AttentionMetadata, default_backend
+from .transfer import to_device
 
 
 class PagedKVCache:
     def __init__(self, layout: KVLayout, num_pages: int, page_size: int, dtype: torch.dtype, device):
         self.layout, self.num_pages, self.page_size = layout, num_pages, page_size
-        shape = (layout.n_layers, num_pages, page_size, layout.n_kv_heads)
+        self.scratch_page = num_pages
+        shape = (layout.n_layers, num_pages + 1, page_size, layout.n_kv_heads)
         self.k = torch.zeros(*shape, layout.k_dim, dtype=dtype, device=device)
         self.v = None if layout.v_from_k else torch.zeros(*shape, layout.v_dim, dtype=dtype, device=device)
 
@@ -31,8 +37,8 @@ class PagedKVCache:
         """Copy whole pages src -> dst in every layer (copy-on-write of a shared last page)."""
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], device=self.k.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.k.device)
+        (moved,) = to_device([torch.tensor(pairs, dtype=torch.long)], self.k.device)
+        src, dst = moved[:, 0], moved[:, 1]
         for pool in (self.k, self.v) if self.v is not None else (self.k,):
             pool[:, dst] = pool[:, src]
 

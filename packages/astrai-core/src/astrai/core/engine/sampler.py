@@ -15,6 +15,7 @@ import torch
 
 from .outputs import TokenLogprob
 from .params import SamplingParams
+from .transfer import to_device, to_host
 
 
 @dataclass
@@ -26,108 +27,128 @@ class SampleRow:
 
 
 class Sampler:
-    """vocab_limit: ids at or above it (embedding padding the tokenizer cannot decode) are never drawn."""
+    """vocab_limit: ids at or above it (embedding padding the tokenizer cannot decode) are never drawn.
+
+    Device work is queued without waiting: per-row numbers cross in one transfer, and the
+    sampled tokens (with their logprobs, when asked for) come back with a single wait.
+    """
 
     def __init__(self, vocab_limit: int | None = None):
         self.vocab_limit = vocab_limit
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprob | None]]:
-        raw = logits.float()
-        x = raw
+        # Widening bf16 to float32 is exact, so greedy rows can take the argmax of the logits as they are.
+        x = logits
         if any(r.params.has_penalties for r in rows):
-            x = apply_penalties(x, rows)
+            x = apply_penalties(x.float(), rows)
         if self.vocab_limit is not None and self.vocab_limit < x.shape[-1]:
-            x = x.clone() if x is raw else x
-            x[:, self.vocab_limit :] = float("-inf")
+            x = x[:, : self.vocab_limit]
         greedy = [r.params.greedy for r in rows]
-        if all(greedy):
-            tokens = x.argmax(-1)
-        else:
-            tokens = self._draw(x, rows)
-            if any(greedy):
-                tokens = torch.where(torch.tensor(greedy, device=x.device), x.argmax(-1), tokens)
-        token_list = tokens.tolist()
-        return token_list, _logprobs(raw, token_list, rows)
+        tokens = x.argmax(-1) if all(greedy) else self._draw(x.float(), rows, greedy)
+        return _read(logits, tokens, rows)
 
-    def _draw(self, x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        device = x.device
-        temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)
-        x = x / temps[:, None]
-        if any(r.params.top_k > 0 for r in rows):
-            x = top_k_filter(x, [r.params.top_k for r in rows])
-        if any(r.params.top_p < 1 for r in rows):
-            x = top_p_filter(x, [r.params.top_p for r in rows])
-        probs = x.softmax(-1)
-        if any(r.params.min_p > 0 for r in rows):
-            probs = min_p_filter(probs, [r.params.min_p for r in rows])
+    def _draw(self, x: torch.Tensor, rows: list[SampleRow], greedy: list[bool]) -> torch.Tensor:
+        vocab = x.shape[-1]
+        params = [r.params for r in rows]
+        top_k = any(p.top_k > 0 for p in params)
+        k_max = min(max(p.top_k for p in params), vocab)
+        numbers = torch.tensor([
+            [p.temperature or 1.0 for p in params],
+            [min(p.top_k, vocab) if p.top_k > 0 else k_max for p in params],
+            [float(p.top_k <= 0) for p in params],  # top-k off
+            [p.top_p if p.top_p < 1 else 2.0 for p in params],  # 2: nothing reaches it, top-p off
+            [p.min_p for p in params],
+            [float(g) for g in greedy],
+        ], dtype=torch.float32)
+        (numbers,) = to_device([numbers], x.device)
+        temps, ks, k_off, top_p, min_p, is_greedy = numbers
+        scaled = x / temps[:, None]
+        if top_k:
+            scaled = top_k_filter(scaled, ks.long(), k_max, k_off.bool())
+        if any(p.top_p < 1 for p in params):
+            scaled = top_p_filter(scaled, top_p)
+        probs = scaled.softmax(-1)
+        if any(p.min_p > 0 for p in params):
+            probs = min_p_filter(probs, min_p)
         # E = -log(U), U ~ Uniform[0, 1): several times faster than exponential_() on CPU.
         noise = torch.rand_like(probs)
         for i, r in enumerate(rows):
             if r.generator is not None:
                 noise[i].uniform_(generator=r.generator)
-        return (probs / noise.log_().neg_()).argmax(-1)
+        tokens = (probs / noise.log_().neg_()).argmax(-1)
+        if any(greedy):
+            tokens = torch.where(is_greedy.bool(), x.argmax(-1), tokens)
+        return tokens
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Repetition penalty on tokens of prompt or output; frequency and presence on output counts."""
     device, vocab = logits.device, logits.shape[-1]
     active = [r.params.has_penalties for r in rows]
-    counts = _token_counts([r.output_ids if a else [] for r, a in zip(rows, active)], vocab, device)
-    in_prompt = _token_counts([r.prompt_ids if a else [] for r, a in zip(rows, active)], vocab, device) > 0
-    rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device)[:, None]
-    freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
-    pres = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
+    outputs = [r.output_ids if a else [] for r, a in zip(rows, active)]
+    prompts = [r.prompt_ids if a else [] for r, a in zip(rows, active)]
+    factors = torch.tensor([[r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
+                            for r in rows], dtype=torch.float32)
+    out_index, out_weight = _padded(outputs)
+    prompt_index, prompt_weight = _padded(prompts)
+    out_index, prompt_index = to_device([out_index, prompt_index], device)
+    out_weight, prompt_weight, factors = to_device([out_weight, prompt_weight, factors], device)
+    counts = torch.zeros(len(rows), vocab, device=device).scatter_add_(1, out_index, out_weight)
+    in_prompt = torch.zeros(len(rows), vocab, device=device).scatter_add_(1, prompt_index, prompt_weight) > 0
+    rep, freq, pres = factors[:, 0:1], factors[:, 1:2], factors[:, 2:3]
     seen = in_prompt | (counts > 0)
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
     return logits - freq * counts - pres * (counts > 0).float()
 
 
-def _token_counts(ids: list[list[int]], vocab: int, device) -> torch.Tensor:
+def _padded(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids padded to one width (host tensors), and weights that are 1 on real ids."""
     width = max(1, max(len(i) for i in ids))
-    index = torch.tensor([i + [0] * (width - len(i)) for i in ids], device=device)
-    weight = torch.tensor([[1.0] * len(i) + [0.0] * (width - len(i)) for i in ids], device=device)
-    return torch.zeros(len(ids), vocab, device=device).scatter_add_(1, index, weight)
+    index = torch.tensor([i + [0] * (width - len(i)) for i in ids], dtype=torch.long)
+    weight = torch.tensor([[1.0] * len(i) + [0.0] * (width - len(i)) for i in ids], dtype=torch.float32)
+    return index, weight
 
 
-def top_k_filter(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """Keep each row's k largest logits (k <= 0: keep all)."""
-    vocab = x.shape[-1]
-    k_max = min(max(ks), vocab)
-    k = torch.tensor([min(k, vocab) if k > 0 else k_max for k in ks], device=x.device)
+def top_k_filter(x: torch.Tensor, k: torch.Tensor, k_max: int, off: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k largest logits; rows where `off` is set keep all. k (B,) <= k_max."""
     kth = x.topk(k_max, dim=-1).values.gather(1, (k - 1)[:, None])
-    off = torch.tensor([k <= 0 for k in ks], device=x.device)[:, None]
-    return x.masked_fill((x < kth) & ~off, float("-inf"))
+    return x.masked_fill((x < kth) & ~off[:, None], float("-inf"))
 
 
-def top_p_filter(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (p = 1: keep all)."""
-    p = torch.tensor([q if q < 1 else 2.0 for q in ps], device=x.device)[:, None]
+def top_p_filter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (B,); p > 1 keeps all."""
     probs, order = x.softmax(-1).sort(dim=-1, descending=True)
-    drop_sorted = probs.cumsum(-1) - probs >= p  # mass before this token already reaches p
+    drop_sorted = probs.cumsum(-1) - probs >= p[:, None]  # mass before this token already reaches p
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return x.masked_fill(drop, float("-inf"))
 
 
-def min_p_filter(probs: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
-    """Drop tokens less likely than min_p times the row's most likely token."""
-    m = torch.tensor(min_ps, device=probs.device)[:, None]
-    return probs.masked_fill(probs < m * probs.max(-1, keepdim=True).values, 0.0)
+def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than min_p (B,) times the row's most likely token."""
+    return probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
 
 
-def _logprobs(raw: torch.Tensor, tokens: list[int], rows: list[SampleRow]) -> list[TokenLogprob | None]:
+def _read(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list]:
+    """The sampled tokens as ints, and the logprobs rows asked for, in one wait for the device.
+
+    Logprobs are those of the raw logits (the model's distribution, whole vocabulary)."""
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     out: list[TokenLogprob | None] = [None] * len(rows)
     if not wanted:
-        return out
-    idx = torch.tensor(wanted, device=raw.device)
-    lp = raw.index_select(0, idx).log_softmax(-1)
-    chosen = lp.gather(1, torch.tensor([tokens[i] for i in wanted], device=raw.device)[:, None])[:, 0].tolist()
+        (token_list,) = to_host(tokens)
+        return token_list, out
+    raw, chosen_tokens = logits, tokens
+    if len(wanted) < len(rows):
+        (idx,) = to_device([torch.tensor(wanted, dtype=torch.long)], logits.device)
+        raw, chosen_tokens = logits.index_select(0, idx), tokens.index_select(0, idx)
+    lp = raw.float().log_softmax(-1)
+    chosen = lp.gather(1, chosen_tokens[:, None])[:, 0]
     k_max = min(max(rows[i].params.logprobs for i in wanted), lp.shape[-1])
     top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long())
-    top_v, top_i = top_v.tolist(), top_i.tolist()
+    token_list, chosen, top_v, top_i = to_host(tokens, chosen, top_v, top_i)
     for j, i in enumerate(wanted):
         k = rows[i].params.logprobs
-        out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
-    return out
+        out[i] = TokenLogprob(token_list[i], chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
+    return token_list, out

@@ -35,6 +35,11 @@ class Chunk:
         return self.start + self.length == len(self.seq.token_ids)
 
 
+def is_decode(chunks: list[Chunk]) -> bool:
+    """A pure decode step: every chunk feeds one token and samples the next."""
+    return all(c.length == 1 and c.samples for c in chunks)
+
+
 @dataclass
 class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)

@@ -21,12 +21,12 @@ def paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_s
     """Gather each sequence's pages and run SDPA: the CPU path, and the oracle for the kernel."""
     n_heads = q.shape[1]
     v_dim = v_dim if v_cache is None else v_cache.shape[-1]
-    out = q.new_empty(q.shape[0], n_heads, v_dim)
+    out = q.new_zeros(q.shape[0], n_heads, v_dim)  # a row with no context (padding) stays zero, as in the kernel
     page_size = k_cache.shape[1]
     starts = query_start.tolist()
     for b, ctx in enumerate(seq_lens.tolist()):
         lo, hi = starts[b], starts[b + 1]
-        if hi == lo:
+        if hi == lo or ctx == 0:
             continue
         pages = page_table[b, : -(-ctx // page_size)]
         k = k_cache[pages].flatten(0, 1)[:ctx]

@@ -1,0 +1,195 @@
+"""Decode steps on static buffers, padded to a few batch sizes and replayed as CUDA graphs.
+
+An eager decode step launches some fifty small kernels per layer; at batch sizes that serve
+well the GPU then waits on Python. A decode step (every sequence feeds one token and samples
+the next) has the same shapes every time for a given batch size, so it can be recorded once
+and replayed:
+
+- Inputs live in fixed device buffers sized for the largest batch: token ids, positions, slot
+  mapping, context lengths, query starts (an arange) and a page table wide enough for
+  max_model_len. A step's integers are packed into one pinned host tensor and copied in one
+  asynchronous transfer.
+- A step of B sequences runs as the smallest bucket >= B (1, 2, 4, 8, then multiples of 16,
+  up to max_batch_size). The extra rows are padding: token 0 at position 0 with context length
+  0, so they attend to nothing, and they write their keys/values into the cache's scratch page,
+  which the allocator never hands out.
+- With capture=True every bucket's forward pass is captured in a torch.cuda.CUDAGraph when the
+  runner is built (largest first, all sharing one memory pool, each after a warm-up run). The
+  graph outputs the final hidden states; the LM head runs after the replay on the live rows
+  only, so no graph holds a (bucket, vocab) logits buffer.
+- With capture=False the same buffers and padding run eagerly: the CPU path the tests use to
+  prove that padded, bucketed decoding gives the tokens of the plain path.
+
+Weights are read from the parameters' storage at replay time, so in-place weight updates
+(EngineCore.load_weights) are seen by the graphs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from ..rope import rope_kind
+from .attention import AttentionBackend, AttentionMetadata
+from .paged_cache import PagedKVCache
+from .scheduler import Chunk
+
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes a decode step is padded to: 1, 2, 4, 8, multiples of 16, and max_batch_size."""
+    small = [b for b in (1, 2, 4, 8) if b < max_batch_size]
+    return small + list(range(16, max_batch_size, 16)) + [max_batch_size]
+
+
+def graph_blocker(model, backend: AttentionBackend) -> str | None:
+    """Why decode steps of this model cannot be captured in a CUDA graph, or None if they can."""
+    config = model.config
+    if not (hasattr(model, "model") and hasattr(model, "lm_head")):
+        return f"{type(model).__name__} is not split into a .model body and an .lm_head"
+    if config.ffn_type == "moe":
+        return "MoE routing gives each expert a data-dependent number of tokens"
+    if rope_kind(config) == "dynamic":
+        return "dynamic NTK RoPE reads the longest position on the host every step"
+    if not getattr(backend, "graph_safe", False):
+        return f"the attention backend {type(backend).__name__} is not graph-safe"
+    return None
+
+
+class DecodeRunner:
+    """Runs decode steps of up to max_batch_size sequences on static buffers (see the module doc)."""
+
+    def __init__(self, model, cache: PagedKVCache, backend: AttentionBackend, max_batch_size: int,
+                 max_model_len: int, capture: bool):
+        self.model, self.cache, self.backend = model, cache, backend
+        self.device = cache.k.device
+        if capture and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the cache is on {self.device}")
+        self.buckets = batch_buckets(max_batch_size)
+        n = self.buckets[-1]
+        self.width = -(-max_model_len // cache.page_size)  # pages of the longest sequence
+        self._scratch_slot = cache.scratch_page * cache.page_size
+        self._zeros = [0] * self.width
+        # One int64 buffer: ids, positions, slots and context lengths (a 16-aligned field of n
+        # each), then this step's page table rows packed as (B, w). On CUDA a pinned host copy
+        # is filled and sent in one transfer; on the CPU the host buffer is the buffer.
+        self._field = f = 16 * -(-n // 16)
+        size = 4 * f + n * self.width
+        on_cuda = self.device.type == "cuda"
+        self._host = torch.zeros(size, dtype=torch.long, pin_memory=on_cuda)
+        self._host_np = self._host.numpy()
+        self._dev = torch.zeros(size, dtype=torch.long, device=self.device) if on_cuda else self._host
+        self.ids, self.positions, self.slots, self.context_lens = (self._dev[i * f : i * f + n] for i in range(4))
+        self.page_table = torch.zeros(n, self.width, dtype=torch.long, device=self.device)
+        self.query_start = torch.arange(n + 1, device=self.device)
+        self._copied = torch.cuda.Event() if on_cuda else None  # the last host -> device copy has run
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+        self.num_steps = 0  # decode steps run here
+        if capture:
+            self._capture_all()
+
+    # -- the step -------------------------------------------------------------------------
+    @property
+    def max_batch_size(self) -> int:
+        return self.buckets[-1]
+
+    def bucket(self, batch: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, batch)]
+
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits (len(chunks), vocab) of a decode step (scheduler.is_decode(chunks), at most
+        max_batch_size chunks); the keys/values land in the cache."""
+        b = len(chunks)
+        bucket = self.bucket(b)
+        context_lens = self._write_inputs(chunks, bucket)
+        self.num_steps += 1
+        entry = self.graphs.get(bucket)
+        if entry is not None:
+            entry[0].replay()
+            hidden = entry[1]
+        else:
+            hidden = self._body(bucket, context_lens)
+        return self.model.lm_head(hidden[:b])
+
+    def _write_inputs(self, chunks: list[Chunk], bucket: int) -> list[int]:
+        """Fill the static buffers for this step (padding rows after the live ones); returns the
+        context lengths as ints."""
+        ps, f, b = self.cache.page_size, self._field, len(chunks)
+        w = max(len(c.seq.pages) for c in chunks)
+        if w > self.width:
+            raise RuntimeError(f"a sequence holds {w} pages but the decode page table has {self.width} columns")
+        ids, pos, slots, ctx, table = [], [], [], [], []
+        for c in chunks:
+            seq, p = c.seq, c.start
+            pages = seq.pages
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            ctx.append(p + 1)
+            slots.append(pages[p // ps] * ps + p % ps)
+            table += pages
+            if len(pages) < w:
+                table += self._zeros[: w - len(pages)]
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's transfer has read the host buffer
+        h, end = self._host_np, 4 * f + b * w
+        h[0:b], h[b:bucket] = ids, 0
+        h[f : f + b], h[f + b : f + bucket] = pos, 0
+        h[2 * f : 2 * f + b], h[2 * f + b : 2 * f + bucket] = slots, self._scratch_slot
+        h[3 * f : 3 * f + b], h[3 * f + b : 3 * f + bucket] = ctx, 0
+        h[4 * f : end] = table
+        if self._dev is not self._host:
+            self._dev[:end].copy_(self._host[:end], non_blocking=True)
+            self._copied.record(torch.cuda.current_stream(self.device))
+        # Columns past w keep older entries: a row never reads past its own context.
+        self.page_table[:b, :w].copy_(self._dev[4 * f : end].view(b, w))
+        return ctx + [0] * (bucket - b)
+
+    def _body(self, bucket: int, context_lens: list[int]) -> torch.Tensor:
+        """Final hidden states (bucket, dim) of the model body over the first `bucket` rows."""
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:bucket], positions=self.positions[:bucket],
+            query_start=self.query_start[: bucket + 1], context_lens=self.context_lens[:bucket],
+            page_table=self.page_table[:bucket], page_size=self.cache.page_size,
+            query_start_list=list(range(bucket + 1)), context_lens_list=context_lens, max_query_len=1,
+        )
+        hidden = self.model.model(self.ids[:bucket].view(1, bucket), self.positions[:bucket].view(1, bucket),
+                                  cache=self.cache.view(meta, self.backend))
+        return hidden[0]
+
+    # -- capture ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        start = time.perf_counter()
+        with torch.cuda.device(self.device):
+            # Every row a padding row: warm-up and capture runs write only the scratch page.
+            self._write_padding()
+            pool = None
+            for bucket in reversed(self.buckets):  # largest first: the smaller ones fit in its pool
+                padding = [0] * bucket
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # compiles the kernels and sets up cuBLAS outside the capture
+                    self._body(bucket, padding)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: another thread's CUDA calls (a server's intake) do not break the capture.
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    hidden = self._body(bucket, padding)
+                pool = graph.pool()
+                self.graphs[bucket] = (graph, hidden)
+            torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        log.info("captured CUDA graphs for decode batch sizes %s in %.2f s", self.buckets, self.capture_seconds)
+
+    def _write_padding(self) -> None:
+        f, n = self._field, self.buckets[-1]
+        h = self._host_np
+        h[0:n], h[f : f + n], h[2 * f : 2 * f + n], h[3 * f : 3 * f + n] = 0, 0, self._scratch_slot, 0
+        if self._dev is not self._host:
+            self._dev[: 4 * f].copy_(self._host[: 4 * f], non_blocking=True)
+            self._copied.record(torch.cuda.current_stream(self.device))

@@ -1,0 +1,33 @@
+"""Moving a step's small inputs to the device and its results back, with as few transfers as possible.
+
+`torch.tensor(values, device="cuda")` copies from pageable memory and waits for the device, so a
+step that builds five index tensors that way stalls five times. Here a step's integers go into
+one pinned host tensor and cross in one asynchronous copy; results come back through
+asynchronous copies followed by a single wait.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The host tensors `parts` (one dtype) on `device`, copied in one transfer; same shapes.
+
+    On CUDA the copy is asynchronous from pinned memory; the caching host allocator keeps the
+    pinned block alive until the copy has run.
+    """
+    if device.type != "cuda":
+        return [p.to(device) for p in parts]
+    flat = torch.cat([p.reshape(-1) for p in parts]).pin_memory()
+    moved = flat.to(device, non_blocking=True)
+    return [v.view(p.shape) for v, p in zip(moved.split([p.numel() for p in parts]), parts)]
+
+
+def to_host(*tensors: torch.Tensor) -> list[list]:
+    """`.tolist()` of each tensor, waiting for the device once rather than once per tensor."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.tolist() for t in tensors]
+    host = [t.to("cpu", non_blocking=True) for t in tensors]  # lands in pinned memory
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [h.tolist() for h in host]
