@@ -24,12 +24,14 @@ from astrai.core.transformer import CausalLM
 
 from .export import export_model
 from .lora import LoRAConfig, apply_lora
-from .losses import IGNORE_INDEX
-from .metrics import Throughput, flops_per_token, mfu, peak_flops, precision_dtype
+from .losses import IGNORE_INDEX, TokenLoss, compiled_token_loss, token_loss
+from .metrics import HostCopy, Throughput, flops_per_token, mfu, peak_flops, precision_dtype
 from .optimizers import build_optimizer
 from .schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
+
+PARAM_DTYPES = ("float32", "bfloat16")
 
 
 class BatchError(ValueError):
@@ -86,6 +88,10 @@ def check_batch(batch: Any, required: tuple[str, ...], owner: str) -> None:
                                  f"{tuple(shape)} like batch[{key!r}]")
 
 
+def _host(value: float | torch.Tensor) -> torch.Tensor:
+    return value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+
+
 class CausalLMModule(L.LightningModule):
     """Base of SeqModule, SFTModule and DPOModule (not used on its own).
 
@@ -105,7 +111,17 @@ class CausalLMModule(L.LightningModule):
             number of steps of an epoch-based run).
         lora: LoRA adapters (rank, alpha, dropout, targets); only the adapters train; export merges them.
         gradient_checkpointing: recompute each block's activations in backward (less memory).
-        compile: torch.compile the model.
+        compile: torch.compile the model, and the token loss (so the float32 softmax is fused
+            into the cross-entropy kernels instead of materialising float32 logits).
+        param_dtype: dtype of the model's weights. "float32" (default): float32 weights, which
+            precision "bf16-mixed" casts to bf16 for every matmul. "bfloat16" (opt-in, for speed
+            and memory, use with precision "bf16-mixed"): the weights are bf16, so forward and
+            backward run on them directly and gradients are bf16; AdamW then keeps a float32
+            master copy and float32 moments of every weight (MasterWeightAdamW, the Megatron-LM
+            recipe) so small updates are not rounded away. Differences from "float32": the
+            residual stream and the norm gains are bf16 (RMSNorm still normalises in float32),
+            gradients are bf16, the export is bf16. Not with optimizer "muon" (no master
+            weights), nor accumulate_grad_batches > 1 (gradients would be summed in bf16).
         export_dir: where to export the model on fit end; default <trainer.default_root_dir>/export.
         export_on_fit_end: export when fit ends.
         export_dtype: dtype of the exported weights (e.g. "bfloat16"); default: as trained.
@@ -133,12 +149,15 @@ class CausalLMModule(L.LightningModule):
         lora: LoRAConfig | dict | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        param_dtype: Literal["float32", "bfloat16"] = "float32",
         export_dir: str | None = None,
         export_on_fit_end: bool = True,
         export_dtype: str | None = None,
         peak_flops: float | None = None,
     ):
         super().__init__()
+        if param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got {param_dtype!r}")
         self.save_hyperparameters()
         if tokenizer is None and isinstance(model, str) and (Path(model) / "tokenizer.json").is_file():
             tokenizer = self.hparams.tokenizer = model
@@ -154,6 +173,7 @@ class CausalLMModule(L.LightningModule):
         # Taken before any strategy wraps the model (FSDP flattens parameters); see build_optimizer.
         self._param_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         self._throughput = Throughput()
+        self._shown_loss = HostCopy()
         self._flops_per_token: dict[int, float] = {}
         self._peak_flops: float | None = None
         self._checked: set[str] = set()
@@ -167,6 +187,12 @@ class CausalLMModule(L.LightningModule):
 
     # -- Lightning hooks ---------------------------------------------------------------
     def configure_model(self) -> None:
+        if self.hparams.param_dtype == "bfloat16":
+            # Here, before any strategy wraps the model: DDP sizes its gradient buckets by
+            # parameter dtype. Buffers (RoPE frequencies) stay float32.
+            for p in self.model.parameters():
+                if p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16)
         # nn.Module.compile compiles in place, so parameter names (and checkpoints) are unchanged.
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.model.compile()
@@ -174,6 +200,11 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if h.param_dtype == "bfloat16" and accumulate > 1:
+            raise ValueError(f"param_dtype: bfloat16 keeps bf16 gradients, and accumulating {accumulate} batches "
+                             "(trainer.accumulate_grad_batches) would sum them in bf16; use param_dtype: float32 "
+                             "with gradient accumulation, or a larger batch_size instead")
         optimizer = build_optimizer(self.model, h.optimizer, lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
                                     eps=h.eps, momentum=h.momentum, ns_steps=h.ns_steps, shapes=self._param_shapes)
         scheduler = build_scheduler(optimizer, h.scheduler, warmup_steps=h.warmup_steps,
@@ -225,20 +256,40 @@ class CausalLMModule(L.LightningModule):
                                  f"the model's vocabulary 0..{vocab - 1}; was the data tokenised with "
                                  "another tokenizer?")
 
+    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> TokenLoss:
+        """losses.token_loss, compiled when the model is (see losses.compiled_token_loss)."""
+        fn = compiled_token_loss() if self.hparams.compile else token_loss
+        return fn(logits, labels, label_smoothing)
+
+    # Host-side numbers are logged as CPU tensors: Lightning turns a Python number into a tensor
+    # on the module's device, a blocking copy that waits for every queued kernel, each step.
     def log_throughput(self, tokens: int, seq_len: int) -> None:
-        """Log tokens/s (all devices) and MFU for a training batch of ``tokens`` tokens."""
+        """Log tokens/s (all devices) and MFU for a training batch of ``tokens`` tokens.
+
+        Timed on the host clock without synchronising: the host runs at most a few steps ahead
+        of the device, a constant lead that cancels out over the throughput's window.
+        """
         per_device = self._throughput.update(tokens)
         if per_device is None:
             return
         if seq_len not in self._flops_per_token:
             self._flops_per_token[seq_len] = flops_per_token(self.model, self.config, seq_len)
-        self.log("train/tokens_per_sec", per_device * self.trainer.world_size, batch_size=1)
+        self.log("train/tokens_per_sec", _host(per_device * self.trainer.world_size), batch_size=1)
         util = mfu(per_device, self._flops_per_token[seq_len], self._peak_flops)
         if util is not None:
-            self.log("train/mfu", util, batch_size=1)
+            self.log("train/mfu", _host(util), batch_size=1)
+
+    def log_train_loss(self, loss: torch.Tensor) -> None:
+        """train/loss for the loggers (averaged over ranks under DDP/FSDP, so the curve is the
+        global batch's, as on one device), and "loss" for the progress bar: this rank's loss of
+        a step or so ago, copied to the host without waiting (see HostCopy)."""
+        self.log("train/loss", loss.detach(), batch_size=1, sync_dist=True)
+        shown = self._shown_loss.push(loss)
+        if shown is not None:
+            self.log("loss", shown, prog_bar=True, logger=False, batch_size=1)
 
     def log_lr(self) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        self.log("train/lr", _host(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=1)
 
     def add_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Add the MoE load-balancing loss of the last forward (0 for dense models)."""

@@ -98,6 +98,43 @@ class Throughput:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
+class HostCopy:
+    """The latest device scalar whose copy to the host has finished, without waiting for it.
+
+    push() starts an asynchronous copy into pinned memory and returns the newest finished copy
+    (usually the previous step's value; None before the first one lands). For the progress
+    bar: Lightning turns progress-bar values into Python numbers after every step, and for a
+    CUDA tensor that means the host waits for every queued kernel. CPU tensors pass through.
+    """
+
+    def __init__(self, slots: int = 4):
+        self._slots = slots
+        self._free: deque[torch.Tensor] = deque()
+        self._pending: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()
+        self._latest: torch.Tensor | None = None
+
+    def push(self, value: torch.Tensor) -> torch.Tensor | None:
+        value = value.detach()
+        if not value.is_cuda:
+            return value.float()
+        if not self._free and not self._pending:  # pinned buffers once, on the first (untimed) step
+            self._free.extend(torch.empty((), dtype=torch.float32, pin_memory=True) for _ in range(self._slots))
+        self._collect()
+        if self._free:  # else the host is several steps ahead: skip this value rather than wait
+            buffer = self._free.popleft()
+            buffer.copy_(value.float(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((event, buffer))
+        return self._latest
+
+    def _collect(self) -> None:
+        while self._pending and self._pending[0][0].query():
+            _, buffer = self._pending.popleft()
+            self._latest = buffer.clone()
+            self._free.append(buffer)
+
+
 def mfu(tokens_per_sec: float | None, flops_per_tok: float, peak: float | None) -> float | None:
     if tokens_per_sec is None or not peak:
         return None

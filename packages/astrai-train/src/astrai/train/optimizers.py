@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .master_adamw import MasterWeightAdamW
+
 OPTIMIZERS = ("adamw", "muon")
 
 # Quintic Newton-Schulz coefficients chosen to push all singular values into ~[0.7, 1.2] in
@@ -121,7 +123,8 @@ def build_optimizer(
     """Optimizer over the trainable parameters of ``model``.
 
     Weight decay applies to matrices only: decaying norm gains and biases towards zero only
-    hurts. Tied weights appear once (named_parameters de-duplicates them).
+    hurts. Tied weights appear once (named_parameters de-duplicates them). Low-precision
+    (bf16/fp16) trainable weights get MasterWeightAdamW, which keeps float32 masters and moments.
 
     ``shapes`` maps parameter names to their shapes before FSDP wrapped the model: FSDP's
     parameters are flat 1-D shards, which would otherwise all be taken for norm gains (no
@@ -133,6 +136,11 @@ def build_optimizer(
     if not trainable:
         raise ValueError("the model has no trainable parameters (all frozen?)")
     ndim = {id(p): len(_original_shape(n, p, shapes)) for n, p in trainable}
+    low = [n for n, p in trainable if p.dtype in (torch.bfloat16, torch.float16)]
+    if low and name == "muon":
+        raise ValueError(f"optimizer: muon keeps no float32 master weights, but {len(low)} trainable weights (e.g. "
+                         f"{low[0]}) are {dict(trainable)[low[0]].dtype}; use optimizer: adamw, or float32 weights "
+                         "(param_dtype: float32, precision: bf16-mixed)")
     hidden = [p for n, p in trainable if name == "muon" and ndim[id(p)] == 2 and not _is_embedding_or_head(n)]
     if any(p.ndim != 2 for p in hidden):
         raise ValueError("optimizer: muon orthogonalises whole weight matrices, but the strategy shards them "
@@ -143,6 +151,8 @@ def build_optimizer(
     no_decay = [p for p in rest if ndim[id(p)] < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if name == "adamw":
+        if low:  # AdamW's own state would be bf16 too: updates below a bf16 step would be lost
+            return MasterWeightAdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
         fused = all(p.is_cuda for _, p in trainable)
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused)
     groups.append({"params": hidden, "weight_decay": weight_decay, "use_muon": True})

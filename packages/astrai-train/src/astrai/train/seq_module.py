@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .base_module import CausalLMModule
-from .losses import token_loss
 from .metrics import Perplexity
 
 SEQ_KEYS = ("input_ids", "labels")
@@ -20,7 +19,9 @@ class SeqModule(CausalLMModule):
         **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, lr, ...).
 
     Logs train/loss, train/ppl, train/tokens_per_sec, train/mfu (on GPUs), train/lr, and
-    val/loss, val/ppl (token-weighted over the whole validation set); test/ likewise.
+    val/loss, val/ppl (token-weighted over the whole validation set); test/ likewise. The
+    progress bar shows "loss" (see CausalLMModule.log_train_loss). No training-step value is
+    read back to the host, so the host never waits for the device within a step.
     """
 
     def __init__(self, label_smoothing: float = 0.0, **kwargs):
@@ -34,14 +35,13 @@ class SeqModule(CausalLMModule):
         self.check_once(batch, SEQ_KEYS, stage)
         logits = self(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
         smoothing = self.label_smoothing if stage == "train" else 0.0
-        return logits, token_loss(logits, batch["labels"], smoothing)
+        return logits, self.token_loss(logits, batch["labels"], smoothing)
 
     def training_step(self, batch, batch_idx):
         _, out = self.compute_loss(batch, "train")
         loss = self.add_aux_loss(out.loss)
         n = out.n_tokens.clamp(min=1)
-        # Averaged over ranks: under DDP/FSDP the logged curve is the global batch's, as on one device.
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=1, sync_dist=True)
+        self.log_train_loss(out.loss)
         self.log("train/ppl", torch.exp(out.nll_sum / n), batch_size=1)
         self.log_lr()
         self.log_throughput(batch["input_ids"].numel(), batch["input_ids"].shape[1])

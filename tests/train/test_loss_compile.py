@@ -1,0 +1,111 @@
+"""The token loss under torch.compile (compile=True) and a training step free of host syncs.
+
+Compiling on a CPU is slow (inductor builds C++), so the CPU cases here are few and tiny.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from astrai.train.losses import IGNORE_INDEX, compiled_token_loss, token_loss
+from astrai.train.seq_module import SeqModule
+
+from trainhelp import TINY_MODEL, CycleBatches, make_trainer
+
+
+def _logits_labels(dtype, b=2, t=24, v=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(b, t, v, generator=g) * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[0, :5] = IGNORE_INDEX
+    labels[1, -3:] = IGNORE_INDEX
+    return logits, labels
+
+
+def _loss_and_grad(fn, logits, labels, smoothing):
+    x = logits.detach().clone().requires_grad_()
+    out = fn(x, labels, smoothing)
+    out.loss.backward()
+    return out, x.grad
+
+
+@pytest.mark.parametrize("dtype,smoothing", [(torch.float64, 0.1), (torch.float32, 0.0)])
+def test_compiled_token_loss_matches_the_eager_loss_and_gradient(dtype, smoothing):
+    logits, labels = _logits_labels(dtype)
+    eager, eager_grad = _loss_and_grad(token_loss, logits, labels, smoothing)
+    compiled, compiled_grad = _loss_and_grad(compiled_token_loss(), logits, labels, smoothing)
+    # Both compute in float32 (token_loss upcasts; float64 input is rounded to it too), so they
+    # agree to float32 rounding, with a different summation order.
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(compiled.nll_sum, eager.nll_sum, rtol=1e-6, atol=1e-6)
+    assert int(compiled.n_tokens) == int(eager.n_tokens) == int((labels != IGNORE_INDEX).sum())
+    assert compiled_grad.dtype == dtype
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
+    assert not compiled_grad[0, :5].any()  # ignored positions get no gradient
+
+
+def test_compiled_token_loss_keeps_no_float32_copy_of_bf16_logits():
+    """What makes it worth compiling: eager cross-entropy saves float32 (tokens, vocab) tensors
+    for backward (the upcast logits' log-softmax); compiled, only the bf16 logits and per-row
+    statistics are kept. The loss still matches float64 arithmetic on the same bf16 values."""
+    logits, labels = _logits_labels(torch.bfloat16, t=32, v=301, seed=1)
+    saved = {}
+
+    def record(fn):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append((t.shape, t.dtype)) or t, lambda t: t):
+            out = fn(logits, labels)
+        saved[fn] = shapes
+        return out
+
+    eager, compiled = record(token_loss), record(compiled_token_loss())
+    big = lambda shapes: [s for s, d in shapes if s.numel() >= logits.numel() and d == torch.float32]  # noqa: E731
+    assert big(saved[token_loss]), "the eager path should keep a float32 copy (the test would prove nothing)"
+    assert not big(saved[compiled_token_loss()])
+
+    keep = labels != IGNORE_INDEX
+    nll64 = -torch.log_softmax(logits.detach().double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    expected = nll64[keep].mean().item()
+    assert compiled.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert eager.loss.item() == pytest.approx(expected, rel=1e-5)
+    g_eager = torch.autograd.grad(eager.loss, logits)[0]
+    g_compiled = torch.autograd.grad(compiled.loss, logits)[0]
+    assert g_compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(g_compiled.float(), g_eager.float(), rtol=1e-2, atol=1e-5)  # bf16 rounding
+
+
+# -- no host synchronisation in the training step (CUDA only) --------------------------------
+class _SyncsAreErrors(Callback):
+    """From the second batch on (the first one checks token ids against the vocabulary once),
+    any synchronising CUDA call inside the training step raises."""
+
+    def __init__(self):
+        self.strict_steps = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx > 0:
+            torch.cuda.set_sync_debug_mode("error")
+            self.strict_steps += 1
+
+    def on_train_batch_end(self, *args):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on CUDA only")
+@pytest.mark.parametrize("options", [dict(), dict(compile=True), dict(param_dtype="bfloat16")],
+                         ids=["eager", "compiled", "bf16-params"])
+def test_training_step_never_waits_for_the_device(tmp_path, options):
+    torch.manual_seed(0)
+    module = SeqModule(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False,
+                       peak_flops=1e12, **options)
+    strict = _SyncsAreErrors()
+    trainer = make_trainer(tmp_path, max_steps=4, accelerator="gpu", precision="bf16-mixed", callbacks=[strict])
+    try:
+        trainer.fit(module, DataLoader(CycleBatches(16, 16), batch_size=4))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert strict.strict_steps == 3
+    assert trainer.callback_metrics["train/loss"] > 0  # read after the run: the values were logged
