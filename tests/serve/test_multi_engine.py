@@ -1,8 +1,10 @@
 """`astrai-serve --workers 2`: two engines, each in its own LitServe worker, behind one HTTP
-server. On CPU both share the cores; on GPUs `--device cuda --workers N` puts one on each.
+server. On CPU both share the cores (`--devices N` puts one on each GPU; see
+test_serve_multi_gpu.py).
 
 Greedy outputs of concurrent requests, streamed or not, must equal the engine run offline in
-this process, whichever engine answered; and both engines must have taken part.
+this process, whichever engine answered; both engines must have taken part, /stats must show
+each and their sum, and a client's disconnect must stop its request in whichever engine runs it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 
+import httpx
 import openai
 import pytest
 
@@ -41,9 +45,16 @@ def chat_ids(tokenizer, messages):
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def engine_totals(server, tries: int = 60) -> set[int]:
-    """generated_tokens of the engines that answer /stats (any worker may take a stats request)."""
-    return {server.stats()["engine"]["generated_tokens"] for _ in range(tries)}
+def wait_idle(server, timeout: float = 60) -> dict:
+    """/stats once no engine runs or holds a request."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = server.stats()
+        busy = [w["stats"]["active_requests"] + w["stats"]["running"] for w in stats["workers"]]
+        if not any(busy):
+            return stats
+        assert time.monotonic() < deadline, f"engines still busy: {stats}"
+        time.sleep(0.05)
 
 
 def test_two_workers_answer_concurrent_requests_like_the_offline_engine(two_engines, model_dir):
@@ -72,10 +83,46 @@ def test_two_workers_answer_concurrent_requests_like_the_offline_engine(two_engi
 
     assert asyncio.run(run_all()) == [(r.text, r.finish_reason) for r in refs]
 
-    # Both engines generated: the two totals /stats reports are non-zero and add up to the total.
-    totals = engine_totals(two_engines)
-    assert len(totals) == 2 and 0 not in totals, totals
-    assert sum(totals) == sum(len(r.token_ids) for r in refs)
+    # /stats hears from both engines: each generated some tokens, and "engine" is their sum.
+    stats = wait_idle(two_engines)
+    workers = stats["workers"]
+    assert stats["engines"] == 2 and [w["worker"] for w in workers] == [0, 1], stats
+    assert {w["device"] for w in workers} == {"cpu"} and workers[0]["pid"] != workers[1]["pid"]
+    totals = [w["stats"]["generated_tokens"] for w in workers]
+    assert 0 not in totals, totals
+    assert stats["engine"]["generated_tokens"] == sum(totals) == sum(len(r.token_ids) for r in refs)
+    assert stats["engine"]["pages_total"] == sum(w["stats"]["pages_total"] for w in workers)
+
+
+def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):
+    """Six streams spread over the two engines; each client leaves after a few chunks. An abort
+    sent to the wrong engine would leave its request running to max_tokens."""
+    start = wait_idle(two_engines)
+    before = start["engine"]["generated_tokens"]
+    body = {"model": "tiny", "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
+
+    async def leave_early(http, i):
+        messages = [{"role": "user", "content": f"{WORDS[i]} go on forever"}]
+        async with http.stream("POST", "/v1/chat/completions", json={**body, "messages": messages}) as r:
+            assert r.status_code == 200, await r.aread()
+            chunks = 0
+            async for line in r.aiter_lines():
+                chunks += line.startswith("data:")
+                if chunks == 4:
+                    return
+
+    async def run_all():
+        async with httpx.AsyncClient(base_url=two_engines.url, timeout=60) as http:
+            await asyncio.gather(*(leave_early(http, i) for i in range(6)))
+
+    asyncio.run(run_all())
+    stats = wait_idle(two_engines)
+    # Both engines took streams (else the routing was not put to the test).
+    assert all(w["stats"]["generated_tokens"] > v["stats"]["generated_tokens"]
+               for w, v in zip(stats["workers"], start["workers"])), (start, stats)
+    assert all(w["stats"]["running"] == 0 and w["stats"]["pages_used"] == 0 for w in stats["workers"]), stats
+    # Far fewer tokens than one request left running would generate on its own.
+    assert stats["engine"]["generated_tokens"] - before < 2000, stats
 
 
 def test_workers_is_checked_before_start(serve_command, model_dir):

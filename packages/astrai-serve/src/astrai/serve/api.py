@@ -1,27 +1,31 @@
-"""The LitAPI that runs in LitServe's inference worker: one engine shared by every request.
+"""The LitAPI that runs in each of LitServe's inference workers: one engine per worker,
+shared by every request that worker takes.
 
-LitServe spawns the worker and unpickles this object there, so the model and the engine
+LitServe spawns the workers and unpickles this object in each, so the model and the engine
 (with its thread) are created in `setup()`. With `enable_async=True` and an async-generator
 `predict`, LitServe runs each request as its own task on one event loop, and those tasks all
 feed the same engine: continuous batching happens in the engine, not in LitServe.
 
-The HTTP side (server.py) sends three kinds of payload, all already validated:
+The HTTP side (server.py) puts generation payloads, already validated, on the queue that all
+workers take from:
   {"op": "generate", "request_id", "prompt_ids", "params", "stream"} -> {"events": [...]}*
-  {"op": "abort", "request_id"}                                      -> {"ok": true}
-  {"op": "stats"}                                                     -> {"stats": {...}}
 Failures come back as {"error": {"status", "message", "param"}} rather than exceptions, so
-the HTTP side can answer in the client's protocol.
+the HTTP side can answer in the client's protocol. Aborts and stats requests come over the
+control plane (control.py), which addresses every worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections import deque
 from typing import Any, AsyncIterator
 
 import litserve as ls
 
 from .config import ServeConfig, parse_size
+from .control import ControlPlane
 from .generation import merge_events
 
 log = logging.getLogger("astrai.serve")
@@ -42,10 +46,34 @@ def _error(status: int, message: str, param: str | None = None) -> dict[str, Any
     return {"error": {"status": status, "message": message, "param": param}}
 
 
+def pin_gpu(device: str) -> str:
+    """Make this worker's GPU the only one its process sees; returns the torch device to use.
+
+    The engine steps on its own thread, and Triton launches kernels on the calling thread's
+    current device, which is GPU 0 in every new thread: an engine on cuda:1 would launch its
+    attention kernel on the wrong GPU. With the other GPUs hidden, GPU 0 is this worker's in
+    every thread. Works only before CUDA starts in this process (LitServe spawns a fresh one).
+    """
+    if not device.startswith("cuda"):
+        return device
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    if torch.cuda.is_initialized():
+        log.warning("CUDA started before the worker's setup; cannot hide the other GPUs from %s", device)
+        torch.cuda.set_device(index)
+        return device
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(index + 1)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[index]
+    return "cuda:0"
+
+
 class EngineAPI(ls.LitAPI):
-    def __init__(self, config: ServeConfig, spec: ls.LitSpec) -> None:
+    def __init__(self, config: ServeConfig, spec: ls.LitSpec, control: ControlPlane) -> None:
         super().__init__(spec=spec, enable_async=True)
         self.config = config
+        self.control = control
         self.engine = None
 
     # -- worker start-up ----------------------------------------------------------------
@@ -58,6 +86,10 @@ class EngineAPI(ls.LitAPI):
 
         logging.basicConfig(level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         cfg = self.config
+        self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))  # set by LitServe before setup()
+        self.device_name = device
+        device = pin_gpu(device)
+        self.torch_device = device
         dtype = None if cfg.dtype == "auto" else cfg.dtype
         model = AutoModel.from_pretrained(cfg.model, dtype=dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -69,13 +101,16 @@ class EngineAPI(ls.LitAPI):
         )
         self.engine.start()
         self._active: set[str] = set()
-        self._aborted: deque[str] = deque(maxlen=4096)  # aborts that arrived before their request
+        self._aborted: deque[str] = deque(maxlen=4096)  # aborts of requests this engine has not seen (yet)
+        self._loop: asyncio.AbstractEventLoop | None = None  # LitServe's loop, known from the first request
+        self.control.serve(self.worker_id, self._abort_from_control, self._describe)
         stats = self.engine.stats()
         dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
-        log.info("model %s (%s, %.1fM parameters, %s) on %s; KV cache: %d pages of %d tokens, max_model_len %d; "
-                 "torch threads %d",
-                 cfg.name, cfg.model, model.num_parameters() / 1e6, dtype_name, device,
-                 stats["pages_total"], stats["page_size"], stats["max_model_len"], torch.get_num_threads())
+        gpu = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if device != self.device_name else ""
+        log.info("worker %d: model %s (%s, %.1fM parameters, %s) on %s%s; KV cache: %d pages of %d tokens, "
+                 "max_model_len %d; torch threads %d",
+                 self.worker_id, cfg.name, cfg.model, model.num_parameters() / 1e6, dtype_name, self.device_name,
+                 gpu, stats["pages_total"], stats["page_size"], stats["max_model_len"], torch.get_num_threads())
         host = "[::1]" if cfg.host == "::" else cfg.host
         log.info("serving on http://%s:%d  (OpenAI: /v1/chat/completions, /v1/completions, /v1/models; "
                  "Anthropic: /v1/messages; /health, /stats, /metrics)", host, cfg.port)
@@ -85,15 +120,11 @@ class EngineAPI(ls.LitAPI):
         return request
 
     async def predict(self, request: dict, **kwargs: Any) -> AsyncIterator[dict]:
+        self._loop = asyncio.get_running_loop()  # before the abort check in _generate: see _abort_from_control
         op = request.get("op")
         if op == "generate":
             async for message in self._generate(request):
                 yield message
-        elif op == "abort":
-            self._abort(request["request_id"])
-            yield {"ok": True}
-        elif op == "stats":
-            yield {"stats": self.engine.stats()}
         else:
             yield _error(400, f"unknown operation {op!r}")
 
@@ -104,11 +135,30 @@ class EngineAPI(ls.LitAPI):
     def format_encoded_response(self, data: Any) -> Any:
         return data  # keep dicts: the transport pickles them, no need for a JSON round trip
 
+    def _abort_from_control(self, request_id: str) -> None:
+        """An abort from the control thread. Remembered first, so a request that has not reached
+        _generate yet ends there; then handed to the event loop, whose tasks run _generate's
+        check-and-submit without a pause, so a request in progress is found in _active. The
+        order (remember, then read _loop) leaves no gap with predict (set _loop, then check)."""
+        self._aborted.append(request_id)
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._abort, request_id)
+
     def _abort(self, request_id: str) -> None:
         if request_id in self._active:
             self.engine.abort(request_id)
-        else:
-            self._aborted.append(request_id)
+
+    def _describe(self) -> dict[str, Any]:
+        """This worker's answer to a stats request (control thread)."""
+        out: dict[str, Any] = {"device": self.device_name, "pid": os.getpid(), "stats": self.engine.stats()}
+        if self.torch_device.startswith("cuda"):
+            import torch
+
+            out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+            out["gpu_name"] = torch.cuda.get_device_name(self.torch_device)
+            out["gpu_memory_allocated"] = torch.cuda.memory_allocated(self.torch_device)
+        return out
 
     async def _generate(self, request: dict) -> AsyncIterator[dict]:
         from astrai.core.engine import SamplingParams

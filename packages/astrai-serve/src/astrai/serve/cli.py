@@ -27,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="astrai-serve",
         description="Serve an AstrAI model over HTTP with OpenAI-compatible (/v1/chat/completions, "
                     "/v1/completions, /v1/models) and Anthropic-compatible (/v1/messages) endpoints, plus "
-                    "/health, /stats and /metrics. One continuous-batching engine serves all requests.",
+                    "/health, /stats and /metrics. Each worker runs one continuous-batching engine: one worker "
+                    "by default, --devices N for one per GPU, --workers M for M per device.",
         epilog="Settings come from the defaults, then --config, then the flags given. "
-               "Example: astrai-serve --model out/sft --port 8000 --api-key secret",
+               "Example: astrai-serve --model out/sft --port 8000 --api-key secret; "
+               "on GPUs 0 and 1: astrai-serve --model out/sft --devices 2",
     )
     parser.add_argument("--config", metavar="YAML", help="YAML file with any of the settings below "
                         "(keys as the flags, without dashes: max_batch_size: 32)")
@@ -64,12 +66,7 @@ def preflight(config: ServeConfig):
     if config.max_model_len is not None and config.max_model_len > model_config.max_len:
         raise ServeConfigError(f"max_model_len: {config.max_model_len} exceeds the model's max_len "
                                f"({model_config.max_len} in config.json)")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ServeConfigError(f"device: {config.device!r} requested but CUDA is not available; use --device cpu")
-    if config.device in ("cuda", "auto") and config.workers > torch.cuda.device_count() > 0:
-        raise ServeConfigError(f"workers: {config.workers} engines need {config.workers} GPUs (one each), but "
-                               f"{torch.cuda.device_count()} are visible; lower --workers or pick one GPU "
-                               "with --device cuda:N to share it")
+    check_gpus(config, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     # Reading every tensor once (names, shapes, file integrity) costs about as much as the
     # worker's own load, and turns a broken checkpoint into one clear line here.
     model = load_pretrained(config.model, dtype=None if config.dtype == "auto" else config.dtype, device="cpu")
@@ -80,6 +77,31 @@ def preflight(config: ServeConfig):
              tokenizer.vocab_size)
     return ModelInfo(config.name, tokenizer, config.max_model_len or model_config.max_len,
                      max_batch_size=config.max_batch_size, created=int(time.time()))
+
+
+def check_gpus(config: ServeConfig, visible: int) -> None:
+    """Fail before start-up when the settings ask for GPUs that are not there (`visible` of them)."""
+    gpus = config.gpus()
+    seen = f"{visible} GPU(s) visible" + (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
+                                          if os.environ.get("CUDA_VISIBLE_DEVICES") is not None else "")
+    if gpus is not None:
+        if visible == 0:
+            raise ServeConfigError(f"devices: asks for GPU(s) {gpus} but CUDA is not available; on the CPU "
+                                   "use --device cpu --workers N for several engines")
+        if max(gpus) >= visible:
+            raise ServeConfigError(f"devices: asks for GPU(s) {gpus} but there are {seen}; ask for at most "
+                                   f"{visible} (--devices {visible}) or name visible ones (0..{visible - 1})")
+    elif config.device.startswith("cuda"):
+        index = int(config.device.partition(":")[2] or 0)
+        if visible == 0:
+            raise ServeConfigError(f"device: {config.device!r} requested but CUDA is not available; use --device cpu")
+        if index >= visible:
+            raise ServeConfigError(f"device: {config.device!r} but there are {seen}; use cuda:0..cuda:{visible - 1}")
+    on_gpu = gpus is not None or config.device.startswith("cuda") or (config.device == "auto" and visible > 0)
+    if on_gpu and config.workers > 1 and config.kv_cache_memory is None and config.num_pages is None:
+        log.warning("workers: %d engines share each GPU, but no --kv-cache-memory or --num-pages is set; each "
+                    "engine sizes its KV cache from the free memory it finds, so the first may leave the "
+                    "others little", config.workers)
 
 
 def _check_port(host: str, port: int) -> None:

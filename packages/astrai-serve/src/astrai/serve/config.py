@@ -33,9 +33,13 @@ class ServeConfig:
     model: str | None = _opt(None, "model directory (config.json, model.safetensors, tokenizer files)", metavar="DIR")
     host: str = _opt("127.0.0.1", f"address to listen on: one of {', '.join(HOSTS)}")
     port: int = _opt(8000, "port to listen on (1024-65535)")
-    device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
-    workers: int = _opt(1, "engines, each in its own worker process, sharing the requests: with cuda one per "
-                           "GPU (cuda:0..N-1); on cpu or cuda:N they share that device")
+    device: str = _opt("auto", "the one device to serve on: auto (cuda when available), cpu, cuda (GPU 0) or "
+                               "cuda:N; for several GPUs use --devices")
+    devices: int | str | list[int] | None = _opt(
+        None, "GPUs to serve on, one engine each (times --workers): a count N (GPUs 0..N-1) or GPU indexes "
+              "such as 0,2; with device auto or cuda", metavar="N|I,J")
+    workers: int = _opt(1, "engines per device, each in its own worker process; all engines take requests "
+                           "from one queue (engines on one GPU share its memory: set --kv-cache-memory)")
     dtype: str = _opt("auto", f"weights dtype: {', '.join(DTYPES)} (auto: as stored)")
     max_batch_size: int = _opt(64, "most sequences the engine decodes together")
     max_num_batched_tokens: int = _opt(2048, "most tokens (prefill + decode) in one engine step")
@@ -61,6 +65,12 @@ class ServeConfig:
         _check_int(self, "port", 1024, 65535)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ServeConfigError(f"device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        if self.gpus() is not None and self.device == "cpu":
+            raise ServeConfigError(f"devices: asks for GPUs ({self.devices!r}) but device is 'cpu'; drop one of "
+                                   "them (on the CPU, --workers N runs N engines)")
+        if self.gpus() is not None and self.device.startswith("cuda:"):
+            raise ServeConfigError(f"devices: cannot be combined with device {self.device!r}; name the GPUs in "
+                                   "devices (e.g. --devices 1,2) and leave device at auto or cuda")
         if self.dtype not in DTYPES:
             raise ServeConfigError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         for name in ("workers", "max_batch_size", "max_num_batched_tokens", "page_size"):
@@ -78,6 +88,10 @@ class ServeConfig:
             raise ServeConfigError(f"log_level: {self.log_level!r}; use one of {', '.join(LOG_LEVELS)}")
         return self
 
+    def gpus(self) -> list[int] | None:
+        """The GPU indexes `devices` asks for (None: not set, serve on `device`)."""
+        return parse_devices(self.devices)
+
     @property
     def name(self) -> str:
         return self.served_model_name or Path(str(self.model)).resolve().name
@@ -91,6 +105,34 @@ def _check_int(cfg: ServeConfig, name: str, lo: int, hi: int | None = None) -> N
     if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
         allowed = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
         raise ServeConfigError(f"{name}: must be an integer {allowed}, got {value!r}")
+
+
+def parse_devices(value: Any) -> list[int] | None:
+    """GPU indexes from a count (2 -> [0, 1]), a list ([0, 2]) or a string ("2", "0,2", "1,")."""
+    if value is None:
+        return None
+    hint = "use a GPU count (devices: 2 means GPUs 0 and 1) or GPU indexes (devices: [0, 2] or --devices 0,2)"
+    if isinstance(value, str):
+        text = value.strip().strip("[]")
+        parts = [p.strip() for p in text.split(",")]
+        if "," not in text and parts[0].isdigit():
+            value = int(parts[0])
+        elif all(p.isdigit() for p in parts if p) and any(parts):
+            value = [int(p) for p in parts if p]
+        else:
+            raise ServeConfigError(f"devices: {value!r} is not a GPU count or a list of GPU indexes; {hint}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ServeConfigError(f"devices: must ask for at least 1 GPU, got {value}; {hint}")
+        return list(range(value))
+    if isinstance(value, (list, tuple)) and value:
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            raise ServeConfigError(f"devices: GPU indexes must be integers from 0, got {list(value)!r}; {hint}")
+        if len(set(value)) != len(value):
+            raise ServeConfigError(f"devices: {list(value)!r} names a GPU twice; for several engines on one GPU "
+                                   "use --workers")
+        return list(value)
+    raise ServeConfigError(f"devices: {value!r} is not a GPU count or a list of GPU indexes; {hint}")
 
 
 def parse_size(size: int | str, name: str = "size") -> int:

@@ -1,13 +1,15 @@
 """HTTP side: our own LitSpec with the OpenAI and Anthropic routes, and `build_server()`.
 
 LitServe runs these routes in its API-server process. Each route validates and tokenizes
-the request, puts one payload on the worker's request queue and relays what the worker
-sends back. All routes share the one LitAPI (one queue, one worker, one engine); LitServe's
-OpenAISpec is not used because it fixes finish_reason to "stop", gives every chunk its own
-id and cannot serve a second protocol.
+the request, puts one payload on the workers' request queue and relays what the worker that
+took it sends back. All routes share the one LitAPI (one queue; one engine per worker, one or
+more workers per device); LitServe's OpenAISpec is not used because it fixes finish_reason to
+"stop", gives every chunk its own id and cannot serve a second protocol.
 
 A client that goes away is noticed here (the stream's generator is cancelled, or the
-connection reports a disconnect), and an abort is sent to the worker so its KV pages free up.
+connection reports a disconnect), and an abort is sent so the engine's KV pages free up. Aborts
+and /stats go over the control plane (control.py), which reaches every worker, not just the
+one that happens to take a queued payload.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from . import anthropic_protocol, openai_protocol
 from .config import ServeConfig
+from .control import ControlPlane, combine_stats
 from .errors import APIError, anthropic_error_body, openai_error_body
 from .fields import parse_json_object
 from .generation import Accumulator, ModelInfo, merge_events, worker_error
@@ -58,11 +61,12 @@ def _sse_anthropic(item: tuple[str, dict]) -> str:
 class ProtocolSpec(LitSpec):
     """Routes of both protocols over one worker queue (LitServe keys the queue by `api_path`)."""
 
-    def __init__(self, config: ServeConfig, info: ModelInfo) -> None:
+    def __init__(self, config: ServeConfig, info: ModelInfo, control: ControlPlane) -> None:
         super().__init__()
         self.api_path = "/v1/chat/completions"
         self.config = config
         self.info = info
+        self.control = control
         self.metrics = Metrics()
         self._synced = False
 
@@ -122,21 +126,23 @@ class ProtocolSpec(LitSpec):
             yield merge_events([event for reply in burst for event in reply["events"]])
 
     def _abort(self, request_id: str) -> None:
-        # Fire and forget: no reply buffer, so the worker's {"ok": true} is dropped on arrival.
-        self.request_queue.put((self.response_queue_id, uuid.uuid4().hex, time.monotonic(),
-                                {"op": "abort", "request_id": request_id}))
+        # To every worker: only the one holding the request acts on it.
+        self.control.abort(request_id)
         self.metrics.aborted += 1
         log.info("client went away: aborted %s", request_id)
 
-    async def _ask(self, payload: dict) -> dict:
-        async for burst in self._bursts(*self._submit(payload)):
-            return burst[0]
-        raise APIError(500, "the inference worker sent no reply")
+    async def _workers(self) -> list[dict]:
+        """Every worker's {"worker", "device", "stats", ...} (or {"worker", "error"})."""
+        workers = await asyncio.to_thread(self.control.stats)
+        if not any("stats" in w for w in workers):
+            raise APIError(503, f"no inference worker answered: {workers[0].get('error')}")
+        return workers
 
     async def _model_info(self) -> ModelInfo:
-        """The engine may cap max_model_len to what its KV pool holds; learn the real limit once."""
+        """Engines may cap max_model_len to what their KV pools hold; learn the real limit once
+        (the smallest over the engines, so every engine can serve every request)."""
         if not self._synced:
-            self.info.max_model_len = (await self._ask({"op": "stats"}))["stats"]["max_model_len"]
+            self.info.max_model_len = combine_stats(await self._workers())["max_model_len"]
             self._synced = True
         return self.info
 
@@ -273,16 +279,18 @@ class ProtocolSpec(LitSpec):
         return JSONResponse({"object": "list", "data": [model]})
 
     async def stats(self, request: Request) -> Response:
+        """"engine": all engines together (counts summed, see combine_stats); "workers": each
+        engine's own statistics and device."""
         try:
-            reply = await self._ask({"op": "stats"})
+            workers = await self._workers()
         except APIError as e:
             return _error_response(OPENAI, e)
         return JSONResponse({"model": self.info.name, "max_model_len": self.info.max_model_len,
-                             "engine": reply["stats"]})
+                             "engines": len(workers), "engine": combine_stats(workers), "workers": workers})
 
     async def prometheus(self, request: Request) -> Response:
         try:
-            stats = (await self._ask({"op": "stats"}))["stats"]
+            stats = combine_stats(await self._workers())
         except APIError:
             stats = {}
         return Response(self.metrics.render(stats), media_type=CONTENT_TYPE)
@@ -307,29 +315,40 @@ def _describe(data: Any) -> str:
     return f"{type(data).__name__}: {data}"
 
 
+def placement(config: ServeConfig, cuda_available: bool) -> tuple[str, list[int], int]:
+    """(accelerator, device indexes, workers per device) for LitServer.
+
+    LitServe starts len(devices) x workers_per_device workers and hands each its device
+    ("cuda:1"; "cpu" on the CPU, where the index list is just [0]).
+    """
+    gpus = config.gpus()
+    if gpus is not None:
+        return "cuda", gpus, config.workers
+    device = config.device
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    if device == "cpu":
+        return "cpu", [0], config.workers
+    return "cuda", [int(device.partition(":")[2] or 0)], config.workers
+
+
 def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
-    """A LitServer with ``config.workers`` workers, one engine each, taking requests from one queue."""
+    """A LitServer with one engine per worker and ``config.workers`` workers per device, all
+    taking requests from one queue."""
     import torch
 
     from .api import EngineAPI
 
-    spec = ProtocolSpec(config, info)
-    api = EngineAPI(config, spec)
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    # LitServe starts devices x workers_per_device workers: on plain "cuda" that is one per
-    # GPU; on the CPU or one named GPU, every worker shares that device.
-    if device == "cuda":
-        accelerator, devices, per_device = "cuda", config.workers, 1
-    elif device.startswith("cuda:"):
-        accelerator, devices, per_device = "cuda", [int(device.partition(":")[2])], config.workers
-    else:
-        accelerator, devices, per_device = "cpu", 1, config.workers
+    accelerator, devices, per_device = placement(config, torch.cuda.is_available())
+    control = ControlPlane(len(devices) * per_device)
+    spec = ProtocolSpec(config, info, control)
+    api = EngineAPI(config, spec, control)
+    log.info("%d engine(s): %d on each of %s", control.num_workers, per_device,
+             "the CPU" if accelerator == "cpu" else ", ".join(f"cuda:{i}" for i in devices))
     # timeout=False: requests leave LitServe's queue at once (the engine schedules them), so a
     # queue timeout would only cut off long generations.
-    return ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=per_device, timeout=False,
-                        fast_queue=config.fast_queue,
+    return ls.LitServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else devices,
+                        workers_per_device=per_device, timeout=False, fast_queue=config.fast_queue,
                         model_metadata={"model": info.name, "max_model_len": info.max_model_len})
 
 
