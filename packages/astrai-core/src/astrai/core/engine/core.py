@@ -150,20 +150,25 @@ class EngineCore:
         return logits, sampled, len(ids)
 
     def _sample(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
-        rows, row_logit = [], []
-        for j, c in enumerate(chunks):
-            seq, r = c.seq, c.seq.request
-            for k in range(seq.num_samples):  # > 1 only on a request's first token: n draws
-                history = (r.prompt_token_ids, seq.output_ids) if r.params.has_penalties else ([], [])
-                rows.append(SampleRow(r.params, r.generators[seq.index + k], *history))
-                row_logit.append(j)
-        if len(row_logit) != logits.shape[0]:
+        seqs = [c.seq for c in chunks]
+        if all(seq.num_samples == 1 for seq in seqs):
+            rows = [_sample_row(seq, 0) for seq in seqs]
+        else:  # a request's first token with n > 1: n draws from its one row of logits
+            rows, row_logit = [], []
+            for j, seq in enumerate(seqs):
+                for k in range(seq.num_samples):
+                    rows.append(_sample_row(seq, k))
+                    row_logit.append(j)
             (index,) = to_device([torch.tensor(row_logit)], logits.device)
             logits = logits.index_select(0, index)
         tokens, logprobs = self.sampler(logits, rows)
         at = 0
-        for c in chunks:
-            for target in self._fork(c.seq):
+        for seq in seqs:
+            if seq.num_samples == 1:
+                self._append(seq, tokens[at], logprobs[at])
+                at += 1
+                continue
+            for target in self._fork(seq):
                 self._append(target, tokens[at], logprobs[at])
                 at += 1
         self.num_generated += at
@@ -206,12 +211,12 @@ class EngineCore:
                 seq.text.delta(final=True)  # flush the decoder into seq.text.text
             return
         text = seq.text.delta(final=final)
-        out = seq.output_ids
-        new = out[seq.num_streamed :]
+        n_prompt = len(r.prompt_token_ids)
+        new = seq.token_ids[n_prompt + seq.num_streamed :]
         logprobs = seq.logprobs[seq.num_streamed :] if seq.logprobs is not None else None
-        seq.num_streamed = len(out)
+        seq.num_streamed = len(seq.token_ids) - n_prompt
         self._send(r, StreamEvent(r.request_id, seq.index, text, new, logprobs, finish_reason, stop_reason,
-                                  len(r.prompt_token_ids), len(out), self.weights_version))
+                                  n_prompt, seq.num_streamed, self.weights_version))
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         """End seq (and, before its first token, the samples it would have forked)."""
@@ -286,6 +291,14 @@ class EngineCore:
         recent = [(t, n) for t, n in list(self._recent) if now - t <= _RATE_WINDOW_S]
         span = now - recent[0][0] if recent else 0.0
         return sum(n for _, n in recent) / span if span > 0 else 0.0
+
+
+def _sample_row(seq: Sequence, k: int) -> SampleRow:
+    """The sampler's row for draw k of seq (k > 0 only for the forks of a first token)."""
+    r = seq.request
+    if r.params.has_penalties:
+        return SampleRow(r.params, r.generators[seq.index + k], r.prompt_token_ids, seq.output_ids)
+    return SampleRow(r.params, r.generators[seq.index + k], [], [])
 
 
 def _logprob_list(r: Request):

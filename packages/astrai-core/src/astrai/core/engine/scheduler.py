@@ -113,7 +113,7 @@ class Scheduler:
             plan.chunks.append(Chunk(seq, seq.num_computed, length))
             budget -= length
             i += 1
-        if plan.preempted:
+        if plan.preempted or not self.waiting:
             return plan
         inflight = set()  # hashes of pages that become full during this step
         for chunk in plan.chunks:
@@ -188,6 +188,8 @@ class Scheduler:
         ps, start = self.page_size, seq.num_computed
         needed = max(0, -(-(start + length) // ps) - len(seq.pages))
         shared = start % ps != 0 and self.allocator.refcount[seq.pages[start // ps]] > 1
+        if not needed and not shared:  # most decode steps: the token fits in an own page
+            return True
         if needed + shared > self.allocator.num_free:
             return False
         if shared:

@@ -1,0 +1,122 @@
+"""Host time of one engine step at a large decode batch, outside the model's forward pass.
+
+    uv run python bench/engine_step_profile.py                      # tiny.json, 256 sequences, CPU
+    uv run python bench/engine_step_profile.py --profile 25         # plus the top cProfile entries
+
+N requests are admitted and prefilled, then only decode steps are timed. The model forward is
+timed with forward hooks, so "host" is what a step costs besides the model: scheduling,
+metadata, sampling, stop checks and emitting tokens. On a GPU that time is not hidden behind
+the device (each step reads its sampled tokens), so it caps tokens/s. Times are this thread's
+CPU time (time.thread_time), so other load on a shared machine barely moves them; on CUDA the
+forward is synchronised, so its wait counts as forward, not host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+from astrai.core.auto import AutoModel
+from astrai.core.config import ModelConfig
+from astrai.core.engine import InferenceEngine, SamplingParams
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="configs/model/tiny.json")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=40, help="decode steps timed")
+    p.add_argument("--stream", action="store_true", help="give every request a sink, as astream does")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest cProfile entries")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--padded", action="store_true",
+                   help="decode through the static padded buffers without capture (what graphs replay; any device)")
+    return p.parse_args(argv)
+
+
+def clock() -> float:
+    return time.thread_time()
+
+
+class ForwardTimer:
+    """Wall time spent inside the forward of `modules` (the model, or its body and head), through hooks."""
+
+    def __init__(self, modules, device: torch.device):
+        self.total, self._start, self.device = 0.0, 0.0, device
+        for m in modules:
+            m.register_forward_pre_hook(self._pre)
+            m.register_forward_hook(self._post)
+
+    def _pre(self, *_):
+        self._start = clock()
+
+    def _post(self, *_):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.total += clock() - self._start
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = ModelConfig.from_json(args.model)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = AutoModel.from_config(config, dtype=dtype, device=args.device)
+    extra = {} if args.cuda_graphs is None else {"cuda_graphs": args.cuda_graphs}
+    engine = InferenceEngine(model, None, max_batch_size=args.batch, max_num_batched_tokens=max(2048, args.batch),
+                             page_size=16, device=args.device, **extra)
+    if args.padded:
+        from astrai.core.engine.cuda_graphs import DecodeRunner
+
+        engine.core.decode_runner = DecodeRunner(engine.model, engine.cache, engine.core.backend, args.batch,
+                                                 engine.max_model_len, capture=False)
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=args.steps + 50, temperature=0, ignore_eos=True)
+    for _ in range(args.batch):
+        prompt = torch.randint(5, config.vocab_size, (args.prompt_len,), generator=g).tolist()
+        if args.stream:
+            # A plain callable sink: events pile up in a list, as in a stream's queue.
+            request = engine.intake.build(prompt, params, None, sink=[].append)
+            engine._submit(request)
+        else:
+            engine.add_request(prompt, params)
+    while len(engine.scheduler.running) < args.batch or any(s.num_pending > 1 for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(3):  # warm-up decode steps (and graph capture, if any)
+        engine.step()
+    # The padded path calls the body and the LM head itself; the eager path calls the model.
+    runner = getattr(engine.core, "decode_runner", None)
+    modules = [engine.model.model, engine.model.lm_head] if runner is not None else [engine.model]
+    timer = ForwardTimer(modules, engine.device)
+    profiler = cProfile.Profile() if args.profile else None
+    steps, forwards = [], []
+    if profiler:
+        profiler.enable()
+    for _ in range(args.steps):
+        forward_before, start = timer.total, clock()
+        engine.step()
+        steps.append(clock() - start)
+        forwards.append(timer.total - forward_before)
+    if profiler:
+        profiler.disable()
+    step_ms, forward_ms = statistics.median(steps) * 1e3, statistics.median(forwards) * 1e3
+    host_ms = statistics.median(s - f for s, f in zip(steps, forwards)) * 1e3
+    graphs = "CUDA graphs" if runner is not None and runner.graphs else "padded static buffers" if runner else "eager"
+    print(f"{args.model} on {engine.device} ({graphs}), {args.batch} decoding sequences, {args.steps} steps, "
+          f"median thread CPU ms: step {step_ms:.2f}, model forward {forward_ms:.2f}, host (rest) {host_ms:.2f}")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
