@@ -3,6 +3,7 @@
     uv run python bench/serve_load.py --model configs/model/tiny.json          # builds a random model, starts the server
     uv run python bench/serve_load.py --model out/sft --device cuda --num-requests 512 --concurrency 128
     uv run python bench/serve_load.py --url http://127.0.0.1:8000 --vocab-size 32000   # a server already running
+    python3 bench/serve_load.py --model configs/model/qwen3-0.6b.json --dtype bfloat16 --devices 1 2   # 1 vs 2 GPUs
 
 Every request is a streamed POST /v1/completions with a prompt of random token ids and
 ignore_eos, so it generates exactly its output length; the workload (lengths, seed) matches
@@ -10,7 +11,9 @@ bench/engine_throughput.py, whose numbers are the engine without HTTP. --api cha
 messages of random words instead. Reports requests/s, output tokens/s, time to first token
 (TTFT), time per output token after the first (TPOT), the gap between stream chunks (ITL) and
 end-to-end latency, as percentiles. --model takes a model directory, or a ModelConfig JSON for
-which random weights and a small tokenizer are made in a temporary directory.
+which random weights and a small tokenizer are made in a temporary directory. --devices N
+serves on N GPUs (one engine each); several values (--devices 1 2) run the same workload on a
+fresh server for each and print the figures of every run, then the throughput ratios.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     where.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--model", help="model directory or ModelConfig JSON: start astrai-serve on it")
     p.add_argument("--device", default="cpu", help="server --device when --model is given (default: %(default)s)")
+    p.add_argument("--devices", type=int, nargs="+", default=None, metavar="N",
+                   help="server --devices N (one engine per GPU) when --model is given, instead of --device; "
+                        "several values run the workload once per value, e.g. --devices 1 2")
     p.add_argument("--dtype", default="auto", help="server --dtype when --model is given (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=64, help="server --max-batch-size (default: %(default)s)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -58,7 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt ids are drawn below this (default: the tokenizer's with --model, else 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.devices and args.url:
+        p.error("--devices starts servers: use it with --model, not --url")
+    if args.devices and min(args.devices) < 1:
+        p.error(f"--devices: GPU counts must be at least 1, got {args.devices}")
+    return args
 
 
 # -- the server under test ----------------------------------------------------------------------
@@ -84,13 +95,14 @@ def prepare_model(spec: str, workdir: Path) -> Path:
     return out
 
 
-def start_server(args, model_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, model_dir: Path, log_path: Path, devices: int | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "astrai.serve.cli", "--model", str(model_dir), "--port", str(port),
-            "--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size),
-            "--log-level", "warning", *args.server_arg]
+    where = ["--devices", str(devices)] if devices else ["--device", args.device]
+    argv = [sys.executable, "-m", "astrai.serve.cli", "--model", str(model_dir), "--port", str(port), *where,
+            "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--log-level", "warning",
+            *args.server_arg]
     if args.api_key:
         argv += ["--api-key", args.api_key]
     with log_path.open("w") as log:
@@ -234,32 +246,59 @@ def report(summary: dict, args) -> None:
         print("  error:", error)
 
 
+def one_run(args, model_dir: Path | None, tmp: Path, devices: int | None) -> dict:
+    """Start a server (unless --url), run the workload, stop it; print and return the figures."""
+    proc, url = None, args.url
+    if model_dir is not None:
+        where = f"{devices} GPU(s)" if devices else args.device
+        print(f"starting astrai-serve on {model_dir} ({where}) ...", flush=True)
+        proc, url = start_server(args, model_dir, tmp / f"server-{devices or args.device}.log", devices)
+    try:
+        results, elapsed = asyncio.run(run_load(args, url))
+        if proc is not None:
+            stats = httpx.get(url + "/stats", timeout=30).json()
+            engine = stats["engine"]
+            per_engine = [w.get("stats", {}).get("generated_tokens") for w in stats.get("workers", [])]
+            print(f"engines: {stats.get('engines', 1)}, {engine['steps']} steps, {engine['generated_tokens']} tokens "
+                  f"generated (per engine: {per_engine}), {engine['preemptions']} preemptions")
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    summary = summarize(results, elapsed)
+    summary["devices"] = devices
+    report(summary, args)
+    if args.json:
+        print(json.dumps(summary))
+    return summary
+
+
+def compare(runs: list[dict]) -> None:
+    base = runs[0]
+    print(f"\nthroughput against {base['devices']} GPU(s) ({base['output_tokens_per_s']:.1f} output tokens/s):")
+    for run in runs[1:]:
+        ratio = run["output_tokens_per_s"] / base["output_tokens_per_s"] if base["output_tokens_per_s"] else float("nan")
+        per_gpu = ratio * base["devices"] / run["devices"]
+        print(f"  {run['devices']} GPU(s): {run['output_tokens_per_s']:.1f} output tokens/s = {ratio:.2f}x "
+              f"({per_gpu:.0%} of linear), TTFT p50 {run['ttft_ms']['p50']:.1f} ms vs {base['ttft_ms']['p50']:.1f} ms")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        proc = None
-        url = args.url
+        model_dir = None
         if args.model:
             model_dir = prepare_model(args.model, Path(tmp))
             if args.vocab_size is None:
                 from astrai.core.tokenizer import AutoTokenizer
 
                 args.vocab_size = AutoTokenizer.from_pretrained(model_dir).vocab_size
-            print(f"starting astrai-serve on {model_dir} ({args.device}) ...", flush=True)
-            proc, url = start_server(args, model_dir, Path(tmp) / "server.log")
-        try:
-            results, elapsed = asyncio.run(run_load(args, url))
-            if proc is not None:
-                stats = httpx.get(url + "/stats", timeout=30).json()["engine"]
-                print(f"engine: {stats['steps']} steps, {stats['generated_tokens']} tokens generated, "
-                      f"{stats['preemptions']} preemptions")
-        finally:
-            if proc is not None:
-                stop_server(proc)
-    summary = summarize(results, elapsed)
-    report(summary, args)
-    if args.json:
-        print(json.dumps(summary))
+        runs = []
+        for devices in args.devices or [None]:
+            if len(args.devices or []) > 1:
+                print(f"\n== --devices {devices} ==", flush=True)
+            runs.append(one_run(args, model_dir, Path(tmp), devices))
+    if len(runs) > 1:
+        compare(runs)
 
 
 if __name__ == "__main__":
