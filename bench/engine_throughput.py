@@ -1,20 +1,38 @@
 """Throughput and latency of the inference engine on a fixed random workload.
 
     uv run python bench/engine_throughput.py                                  # tiny model, CPU
-    uv run python bench/engine_throughput.py --model configs/model/qwen3-0.6b.json \\
-        --device cuda --dtype bfloat16 --num-requests 256 --prompt-len 256 256 --output-len 256 256
+    python3 bench/engine_throughput.py --model configs/model/qwen3-0.6b.json --device cuda \\
+        --workload decode256 --temperature 0 --api generate --reference      # issue 7, batch 256
+    python3 bench/engine_throughput.py --model configs/model/qwen3-0.6b.json --device cuda \\
+        --workload mixed --temperature 0                                      # issue 7, mixed
 
 N requests with random prompt and output lengths (ignore_eos, so every request generates
-exactly its output length) are streamed through one engine from an asyncio loop, the way
-the server uses it. All arrive at once unless --rate is given (Poisson arrivals, requests/s).
-Reports output tokens/s, time to first token and the gap between tokens of a request
-(per-token latency) as percentiles. Weights are random: speed does not depend on them.
+exactly its output length) go through one engine. With --api astream (default) they are
+streamed from an asyncio loop, the way the server uses the engine, and time to first token and
+the gap between a request's tokens are reported as percentiles; with --api generate they are
+one offline `generate` call (throughput only). All arrive at once unless --rate is given.
+
+Workload presets (explicit flags still win):
+  decode256  256 requests, prompt 256, output 256, max batch 256 (transformers reference: 7,059 tok/s on H100)
+  mixed      256 requests, prompt and output lengths uniform in 100-1024, max batch 256
+
+--reference also runs transformers `generate` (the same config as Llama/Qwen2/Qwen3 with random
+weights, the same dtype, SDPA, greedy, the same prompts and lengths, batches of --max-batch-size)
+in the same process and prints both figures and their ratio; it needs fixed lengths.
+
+The decode bandwidth floor: a decode step must read every weight once and every cached key and
+value of its sequences, so at --bandwidth bytes/s (default: H100 device copy 2.97 TB/s) it takes
+at least (weight bytes + sum of context lengths x KV bytes per token) / bandwidth. The engine
+times its pure decode steps (all sequences decoding, wall time of the whole step); the report
+compares the largest decode batch's mean step with its floor. Weights are random: speed does
+not depend on them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import statistics
@@ -28,9 +46,17 @@ from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.core.engine import InferenceEngine, SamplingParams
 
+WORKLOADS = {
+    "decode256": dict(num_requests=256, prompt_len=[256, 256], output_len=[256, 256], max_batch_size=256),
+    "mixed": dict(num_requests=256, prompt_len=[100, 1024], output_len=[100, 1024], max_batch_size=256),
+}
+H100_COPY_BANDWIDTH = 2.97e12
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default=None,
+                   help="a preset for the lengths, request count and max batch size (see above)")
     p.add_argument("--model", default="configs/model/tiny.json",
                    help="a ModelConfig JSON (random weights) or a model directory (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -39,15 +65,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate in requests/s (default: all at once)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (what --reference runs)")
+    p.add_argument("--api", choices=("astream", "generate"), default="astream",
+                   help="stream every request from an asyncio loop (latencies) or one generate call")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="KV pool budget, e.g. 2GiB (default: engine's choice)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps as CUDA graphs (default: the engine's choice, on for CUDA)")
+    p.add_argument("--reference", action="store_true", help="also time transformers generate on the same workload")
+    p.add_argument("--bandwidth", type=float, default=H100_COPY_BANDWIDTH,
+                   help="memory bandwidth in bytes/s for the decode floor (default: %(default).3g)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    return p.parse_args(argv)
+    preset = p.parse_known_args(argv)[0].workload
+    if preset:
+        p.set_defaults(**WORKLOADS[preset])
+    args = p.parse_args(argv)
+    if args.reference and (args.prompt_len[0] != args.prompt_len[1] or args.output_len[0] != args.output_len[1]):
+        p.error("--reference needs fixed lengths (--prompt-len N N --output-len M M, or --workload decode256)")
+    return args
 
 
 def load_model(path: str, dtype: torch.dtype, device: str):
@@ -68,17 +107,20 @@ def workload(args, vocab: int) -> list[tuple[list[int], int]]:
     return reqs
 
 
-async def run(engine: InferenceEngine, reqs, args) -> tuple[float, list[float], list[float], int]:
+def _params(args, n_out: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n_out, temperature=args.temperature, ignore_eos=True)
+
+
+async def run_stream(engine: InferenceEngine, reqs, args) -> tuple[float, list[float], list[float], int]:
     rng = random.Random(args.seed + 1)
     ttft, gaps, tokens = [], [], 0
 
     async def one(prompt, n_out, delay):
         nonlocal tokens
         await asyncio.sleep(delay)
-        params = SamplingParams(max_tokens=n_out, temperature=args.temperature, ignore_eos=True)
         sent = last = time.perf_counter()
         first = True
-        async for event in engine.astream(prompt, params):
+        async for event in engine.astream(prompt, _params(args, n_out)):
             now = time.perf_counter()
             if event.token_ids:
                 (ttft.append(now - sent) if first else gaps.append((now - last) / len(event.token_ids)))
@@ -95,11 +137,97 @@ async def run(engine: InferenceEngine, reqs, args) -> tuple[float, list[float], 
     return time.perf_counter() - start, ttft, gaps, tokens
 
 
+def run_generate(engine: InferenceEngine, reqs, args) -> tuple[float, int]:
+    start = time.perf_counter()
+    completions = engine.generate([p for p, _ in reqs], [_params(args, n) for _, n in reqs])
+    return time.perf_counter() - start, sum(c.completion_tokens for c in completions)
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
     q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
     return {"mean": statistics.fmean(values), "p50": q[49], "p90": q[89], "p99": q[98]}
+
+
+# -- the transformers reference ---------------------------------------------------------------
+def reference_tok_s(config: ModelConfig, reqs, args, dtype: torch.dtype) -> float:
+    """Output tokens/s of transformers generate (greedy, SDPA, random weights) on the same prompts."""
+    import transformers
+
+    from astrai.core.hf_config import to_hf_dict
+
+    fields = to_hf_dict(config)
+    model_type = fields.pop("model_type")
+    if model_type == "astrai":
+        raise SystemExit("--reference needs a config transformers can run (Llama, Qwen2 or Qwen3 shape)")
+    for key in ("architectures", "astrai"):
+        fields.pop(key, None)
+    hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    n_out = args.output_len[0]
+    batches = [reqs[i : i + args.max_batch_size] for i in range(0, len(reqs), args.max_batch_size)]
+
+    def generate(batch, new_tokens: int) -> None:
+        ids = torch.tensor([p for p, _ in batch], device=args.device)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    generate(batches[0], 4)  # warm-up: kernels, cuBLAS handles
+    _sync(args.device)
+    start = time.perf_counter()
+    for batch in batches:
+        generate(batch, n_out)
+    _sync(args.device)
+    seconds = time.perf_counter() - start
+    del model
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return len(reqs) * n_out / seconds
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# -- the decode bandwidth floor ---------------------------------------------------------------
+def weight_bytes_read(model) -> int:
+    """Bytes of weights a decode step reads: every parameter once (tied ones once), except an
+    untied input embedding, of which only the batch's rows are read."""
+    unique = {p.data_ptr(): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in unique.values())
+    embed = model.model.embed_tokens.weight
+    if embed.data_ptr() != model.lm_head.weight.data_ptr():
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def decode_floor(engine: InferenceEngine, model, bandwidth: float) -> dict | None:
+    """Mean pure-decode step against its bandwidth floor, for the largest decode batch seen
+    (at least 3 steps) and over every decode step."""
+    by_batch = engine.core.decode_timing.by_batch
+    kv_per_token = model.kv_layout().bytes_per_token(next(model.parameters()).element_size())
+    weights = weight_bytes_read(model)
+    floors = {b: (steps * weights + ctx * kv_per_token) / bandwidth for b, (steps, _, ctx) in by_batch.items()}
+    big = [b for b, (steps, _, _) in by_batch.items() if steps >= 3]
+    if not big:
+        return None
+    batch = max(big)
+    steps, seconds, ctx = by_batch[batch]
+    return {
+        "batch": batch, "steps": steps, "step_ms": seconds / steps * 1e3, "context_tokens_per_step": ctx / steps,
+        "weight_gb": weights / 1e9, "kv_gb_per_step": ctx / steps * kv_per_token / 1e9,
+        "floor_ms": floors[batch] / steps * 1e3, "fraction_of_floor": floors[batch] / seconds,
+        "decode_tok_s": batch * steps / seconds, "bandwidth_tb_s": bandwidth / 1e12,
+        "all_decode_steps": sum(s for s, _, _ in by_batch.values()),
+        "all_decode_fraction_of_floor": sum(floors.values()) / sum(s for _, s, _ in by_batch.values()),
+    }
 
 
 def main(argv=None) -> int:
@@ -109,45 +237,85 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    config = ModelConfig.from_json(args.model) if Path(args.model).is_file() else None
+    reqs = None
+    reference = None
+    if args.reference:
+        if config is None:
+            raise SystemExit("--reference needs --model to be a ModelConfig JSON")
+        reqs = workload(args, config.vocab_size)
+        reference = reference_tok_s(config, reqs, args, dtype)  # first: the engine then takes the free memory
     torch.manual_seed(args.seed)
     model = load_model(args.model, dtype, args.device)
     engine = InferenceEngine(model, None, max_batch_size=args.max_batch_size,
-                             max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
-                             kv_cache_memory=args.kv_cache_memory, device=args.device)
+                             max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_batch_size),
+                             page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, device=args.device,
+                             cuda_graphs=args.cuda_graphs)
     longest = args.prompt_len[1] + args.output_len[1]
     if longest > engine.max_model_len:
         raise SystemExit(f"prompt + output up to {longest} tokens exceeds max_model_len {engine.max_model_len}")
-    reqs = workload(args, model.config.vocab_size)
-    engine.generate([reqs[0][0]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    engine.start()
-    try:
-        wall, ttft, gaps, tokens = asyncio.run(run(engine, reqs, args))
-    finally:
-        engine.shutdown()
+    reqs = reqs or workload(args, model.config.vocab_size)
+    # Warm-up (kernel compilation, cuBLAS) on a prompt that shares no prefix page with the workload.
+    warm = random.Random(args.seed + 2)
+    engine.generate([[warm.randrange(5, model.config.vocab_size) for _ in range(24)]],
+                    SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.core.decode_timing.by_batch.clear()
+    ttft = gaps = []
+    if args.api == "generate":
+        wall, tokens = run_generate(engine, reqs, args)
+    else:
+        engine.start()
+        try:
+            wall, ttft, gaps, tokens = asyncio.run(run_stream(engine, reqs, args))
+        finally:
+            engine.shutdown()
+    report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference)
+    return 0
+
+
+def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference) -> None:
+    runner = engine.core.decode_runner
     prompt_tokens = sum(len(p) for p, _ in reqs)
     figures = {
         "model": args.model, "device": str(engine.device), "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "requests": len(reqs), "prompt_tokens": prompt_tokens,
-        "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
-        "total_tok_s": (tokens + prompt_tokens) / wall,
+        "threads": torch.get_num_threads(), "api": args.api, "workload": args.workload,
+        "cuda_graphs": runner is not None, "capture_s": runner.capture_seconds if runner else None,
+        "requests": len(reqs), "prompt_tokens": prompt_tokens, "output_tokens": tokens, "wall_s": wall,
+        "output_tok_s": tokens / wall, "total_tok_s": (tokens + prompt_tokens) / wall,
         "ttft_s": percentiles(ttft), "per_token_latency_s": percentiles(gaps),
+        "decode_floor": decode_floor(engine, model, args.bandwidth),
+        "reference_tok_s": reference, "ratio_to_reference": tokens / wall / reference if reference else None,
         "engine": {k: v for k, v in engine.stats().items() if k in ("steps", "preemptions", "pages_total",
                                                                       "prefix_cache_hit_rate")},
     }
-    print(f"model {args.model} on {figures['device']} ({figures['dtype']}, {figures['threads']} threads), "
-          f"{model.num_parameters():,} parameters")
+    if engine.device.type == "cuda":
+        figures["gpu"] = torch.cuda.get_device_name(engine.device)
+    graphs = f"CUDA graphs (captured in {runner.capture_seconds:.2f} s)" if runner else "eager decode"
+    print(f"model {args.model} on {figures.get('gpu', figures['device'])} ({figures['dtype']}, "
+          f"{figures['threads']} threads), {model.num_parameters():,} parameters, {graphs}, api {args.api}")
     print(f"{len(reqs)} requests, prompt {args.prompt_len[0]}-{args.prompt_len[1]}, "
-          f"output {args.output_len[0]}-{args.output_len[1]} tokens, temperature {args.temperature}")
+          f"output {args.output_len[0]}-{args.output_len[1]} tokens, max batch {args.max_batch_size}, "
+          f"temperature {args.temperature}")
     print(f"output: {tokens} tokens in {wall:.2f} s = {tokens / wall:,.1f} tok/s "
           f"(prompt + output {figures['total_tok_s']:,.1f} tok/s)")
+    if reference:
+        print(f"transformers generate (same workload, greedy): {reference:,.1f} tok/s; "
+              f"engine / transformers = {figures['ratio_to_reference']:.2f}x")
     for name, key in (("time to first token", "ttft_s"), ("per-token latency", "per_token_latency_s")):
         p = figures[key]
-        print(f"{name}: mean {p['mean'] * 1e3:.1f} ms, p50 {p['p50'] * 1e3:.1f}, "
-              f"p90 {p['p90'] * 1e3:.1f}, p99 {p['p99'] * 1e3:.1f} ms")
+        if p:
+            print(f"{name}: mean {p['mean'] * 1e3:.1f} ms, p50 {p['p50'] * 1e3:.1f}, "
+                  f"p90 {p['p90'] * 1e3:.1f}, p99 {p['p99'] * 1e3:.1f} ms")
+    f = figures["decode_floor"]
+    if f:
+        print(f"decode at batch {f['batch']}: {f['steps']} steps, {f['step_ms']:.3g} ms a step "
+              f"({f['decode_tok_s']:,.0f} tok/s); floor {f['floor_ms']:.3g} ms = weights {f['weight_gb']:.3g} GB "
+              f"+ KV of {f['context_tokens_per_step']:,.0f} tokens {f['kv_gb_per_step']:.3g} GB at "
+              f"{f['bandwidth_tb_s']:.3g} TB/s; achieved {f['fraction_of_floor']:.1%} of the floor "
+              f"(all {f['all_decode_steps']} decode steps: {f['all_decode_fraction_of_floor']:.1%})")
     print(f"engine: {figures['engine']}")
     if args.json:
         print(json.dumps(figures))
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ def to_host(*tensors: torch.Tensor) -> list[list]:
     """`.tolist()` of each tensor, waiting for the device once rather than once per tensor."""
     if not tensors or tensors[0].device.type != "cuda":
         return [t.tolist() for t in tensors]
-    host = [t.to("cpu", non_blocking=True) for t in tensors]  # lands in pinned memory
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors):
+        h.copy_(t, non_blocking=True)  # into pinned memory: queued, not waited for
     torch.cuda.current_stream(tensors[0].device).synchronize()
     return [h.tolist() for h in host]
