@@ -195,6 +195,18 @@ def child_env(args) -> dict:
     return env
 
 
+def save_progress(work: Path, walls: dict) -> None:
+    """What the finished runs measured so far, in $OUT/train_scaling_progress.json: if the whole
+    script is cut off (a time limit), the figures of the runs that finished survive."""
+    if not os.environ.get("OUT"):
+        return
+    runs = {name: {"wall_s": round(wall), "timing": timing(work / name), "losses": losses(work / name)}
+            for name, wall in walls.items() if (work / name).is_dir()}
+    out = Path(os.environ["OUT"]) / "train_scaling_progress.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(runs, indent=1))
+
+
 def train(args, name: str, argv: list[str], log_dir: Path) -> float:
     """Run `astrai-train` with argv; its output goes to <log_dir>/<name>.log. Returns wall seconds."""
     log = log_dir / f"{name}.log"
@@ -207,7 +219,9 @@ def train(args, name: str, argv: list[str], log_dir: Path) -> float:
     if proc.returncode != 0:
         print(log.read_text()[-6000:], file=sys.stderr)
         raise SystemExit(f"[{name}] astrai-train failed with exit code {proc.returncode} (log: {log})")
-    print(f"[{name}] done in {seconds:.0f} s", flush=True)
+    summary = timing(log_dir / name)
+    tps = f", {summary['tokens_per_s']:,.0f} tokens/s" if summary.get("tokens_per_s") else ""
+    print(f"[{name}] done in {seconds:.0f} s{tps}", flush=True)
     return seconds
 
 
@@ -397,11 +411,14 @@ def main(argv=None) -> dict:
     roots = {name: work / name for name in ("one", "half", "ddp", "fsdp")}
     walls = {}
     walls["one"] = train(args, "one", fit_args(args, inputs, roots["one"], steps=total, batch=B), work)
+    save_progress(work, walls)
     walls["half"] = train(args, "half", fit_args(args, inputs, roots["half"], steps=args.steps, batch=half), work)
+    save_progress(work, walls)
     for name in ("ddp", "fsdp"):
         argv = fit_args(args, inputs, roots[name], steps=args.steps, batch=half, devices=args.devices,
                         strat=strategy(name, args.accelerator), keep=name == "fsdp")
         walls[name] = train(args, name, argv, work)
+        save_progress(work, walls)
     times = {name: timing(root) for name, root in roots.items()}
     # Keep fsdp's own export (the resumed run exports to the same place), then resume on one device.
     fsdp = roots["fsdp"]
