@@ -1,20 +1,31 @@
-"""Training throughput of `astrai-train`'s pre-training module: tokens/s and MFU.
+"""Training throughput of `astrai-train`'s pre-training module: tokens/s, MFU, peak memory.
 
 Runs SeqModule under a real Lightning Trainer on random tokens (so data loading costs
-nothing) and times the optimizer steps after a warm-up, synchronising the device at both ends.
+nothing) and times the optimizer steps after a warm-up, synchronising the device only at the
+two ends of the timed window. Optionally, in the same process:
+  --overhead   the same SeqModule and optimizer in a plain loop (forward, loss, backward, step,
+               zero_grad, same compile and precision): Lightning's overhead = its step time /
+               the plain loop's - 1.
+  --reference  Hugging Face transformers' LlamaForCausalLM of the same shape (random init, bf16
+               autocast, fused AdamW, torch.compile with --compile): tokens/s, memory, our ratio.
+  --param-dtype float32 bfloat16   run ours once per weight dtype (module option param_dtype).
 
     uv run python bench/train_throughput.py --model configs/model/tinyllama-1.1b.json \
-        --batch-size 8 --seq-len 2048 --precision bf16-mixed --compile
-    uv run python bench/train_throughput.py --model configs/model/tiny.json --batch-size 8 --seq-len 256   # CPU
+        --batch-size 8 --seq-len 2048 --compile --overhead --reference --param-dtype float32 bfloat16
+    uv run python bench/train_throughput.py   # CPU: tiny model, Lightning only
 
-MFU = tokens/s x model FLOPs per token (astrai.train.metrics.flops_per_token) / peak FLOP/s
-of the devices (Lightning's table by GPU name and dtype, or --peak-flops). A CPU has no
-listed peak: MFU is then reported as n/a unless --peak-flops is given.
+MFU = tokens/s x model FLOPs per token (astrai.train.metrics.flops_per_token, the same for
+the reference, whose shape is ours) / peak FLOP/s of the device (Lightning's table by GPU
+name and dtype, or --peak-flops); a CPU has no listed peak: n/a unless --peak-flops is given.
+Peak memory is the most allocated by the caching allocator during the timed steps, less what
+was allocated before the run started (nothing, when the earlier runs were freed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import logging
 import time
@@ -24,6 +35,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from astrai.core.auto import AutoModel
+from astrai.core.config import ModelConfig
 from astrai.train.metrics import flops_per_token, peak_flops, precision_dtype
 from astrai.train.seq_module import SeqModule
 
@@ -40,80 +53,219 @@ class RandomTokens(Dataset):
         return {"input_ids": ids[:-1], "labels": ids[1:]}
 
 
-class StepTimer(L.Callback):
-    """Wall time of the steps after `warmup` (compilation, allocator warm-up excluded)."""
+class Window:
+    """Wall time and peak memory of the steps after `warmup` (compilation, allocator warm-up
+    excluded); the device is synchronised only at the window's two ends."""
 
-    def __init__(self, warmup: int):
-        self.warmup = warmup
+    def __init__(self, warmup: int, steps: int, device: torch.device, base: int | None = None):
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.base = base if base is not None else allocated(device)
         self.start = self.end = None
-        self.steps = 0
-        self.device = torch.device("cpu")  # Lightning moves the model back to the CPU after fit
+        self.peak = None
 
-    def _sync(self, module):
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def after_step(self, done: int) -> bool:
+        """Call after `done` optimizer steps; True when the window is complete."""
+        if done == self.warmup:
+            self._sync()
+            self.start = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+        elif done == self.warmup + self.steps:
+            self._sync()
+            self.end = time.perf_counter()
+            if self.device.type == "cuda":
+                self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+            return True
+        return False
+
+    @property
+    def step_seconds(self) -> float:
+        return (self.end - self.start) / self.steps
+
+
+def allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+class StepTimer(L.Callback):
+    def __init__(self, warmup: int, steps: int, base: int):
+        self.warmup, self.steps, self.base = warmup, steps, base
+        self.window: Window | None = None
+
+    def on_train_start(self, trainer, module):
+        # The module's device is known here (each rank's own); the memory base was taken before fit.
+        self.window = Window(self.warmup, self.steps, module.device, self.base)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.device = module.device
-        if trainer.global_step == self.warmup:
-            self._sync(module)
-            self.start = time.perf_counter()
-            if module.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(module.device)
-        elif trainer.global_step > self.warmup:
-            self._sync(module)
-            self.end = time.perf_counter()
-            self.steps = trainer.global_step - self.warmup
+        self.window.after_step(trainer.global_step)
 
 
-def run(args) -> dict:
+# -- the runs ---------------------------------------------------------------------------------
+def load_config(args) -> dict:
     with open(args.model, encoding="utf-8") as f:
         config = json.load(f)
     config.pop("extra", None)
     if args.vocab_size:
         config["vocab_size"] = args.vocab_size
     config["max_len"] = max(config.get("max_len", 0), args.seq_len)
+    return config
+
+
+def shape_stats(config: dict, seq_len: int) -> tuple[int, float]:
+    """(parameters, training FLOPs per token) of the model, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = AutoModel.from_config(ModelConfig.from_dict(config))
+    return model.num_parameters(), flops_per_token(model, model.config, seq_len)
+
+
+def make_module(args, config: dict, param_dtype: str) -> SeqModule:
     torch.manual_seed(0)
-    module = SeqModule(model=config, optimizer=args.optimizer, lr=1e-4, scheduler="constant",
-                       gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
-                       export_on_fit_end=False, peak_flops=args.peak_flops)
-    timer = StepTimer(args.warmup)
+    return SeqModule(model=config, optimizer=args.optimizer, lr=1e-4, scheduler="constant",
+                     gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+                     param_dtype=param_dtype, export_on_fit_end=False, peak_flops=args.peak_flops)
+
+
+def make_loader(args, config: dict, world_size: int = 1) -> DataLoader:
+    rows = (args.warmup + args.steps + 1) * args.batch_size * world_size
+    return DataLoader(RandomTokens(rows, args.seq_len, config["vocab_size"]), batch_size=args.batch_size,
+                      num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+
+
+def run_lightning(args, config: dict, param_dtype: str, device: torch.device) -> dict | None:
+    module = make_module(args, config, param_dtype)
+    timer = StepTimer(args.warmup, args.steps, allocated(device))
     trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                         precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer], limit_val_batches=0)
-    rows = (args.warmup + args.steps + 1) * args.batch_size * trainer.world_size
-    data = DataLoader(RandomTokens(rows, args.seq_len, config["vocab_size"]), batch_size=args.batch_size,
-                      num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
-    trainer.fit(module, data)
+    trainer.fit(module, make_loader(args, config, trainer.world_size))
     if not trainer.is_global_zero:
         return None
+    return result_row(f"lightning {param_dtype}", args, timer.window, trainer.world_size)
 
-    elapsed = timer.end - timer.start
-    per_device = timer.steps * args.batch_size * args.seq_len / elapsed
-    device = timer.device
-    peak = args.peak_flops or peak_flops(device, precision_dtype(trainer.precision))
-    fpt = flops_per_token(module.model, module.config, args.seq_len)
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "devices": trainer.world_size,
-        "model": args.model,
-        "params": module.model.num_parameters(),
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
-        "precision": str(trainer.precision),
-        "optimizer": args.optimizer,
-        "compile": args.compile,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "steps_timed": timer.steps,
-        "tokens_per_sec": round(per_device * trainer.world_size),
-        "tokens_per_sec_per_device": round(per_device),
+
+def plain_autocast(precision: str, device: torch.device):
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision in ("32-true", "32"):
+        return contextlib.nullcontext()
+    raise ValueError(f"--overhead: the plain loop reproduces precision bf16-mixed or 32-true, not {precision!r}")
+
+
+def timed_loop(args, loader, device, step_fn) -> Window:
+    window = Window(args.warmup, args.steps, device)
+    for done, batch in enumerate(loader, start=1):
+        step_fn({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        if window.after_step(done):
+            return window
+    raise RuntimeError("the loader ran out before the timed steps ended")
+
+
+def run_plain(args, config: dict, param_dtype: str, device: torch.device) -> dict:
+    """The SeqModule and its optimizer without Lightning: what a hand-written loop would do."""
+    module = make_module(args, config, param_dtype)
+    module.configure_model()  # param dtype, torch.compile: as Lightning calls it
+    module.to(device).train()
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    autocast = plain_autocast(args.precision, device)
+
+    def step(batch):
+        with autocast:
+            _, out = module.compute_loss(batch, "train")
+            loss = module.add_aux_loss(out.loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    window = timed_loop(args, make_loader(args, config), device, step)
+    return result_row(f"plain loop {param_dtype}", args, window, 1)
+
+
+def run_reference(args, config: dict, device: torch.device) -> dict:
+    """transformers' LlamaForCausalLM, same shape, as a user of transformers would train it."""
+    import transformers
+
+    from astrai.core.config import ModelConfig
+    from astrai.core.hf_config import to_hf_dict
+
+    ours = ModelConfig.from_dict(config)
+    fields = {k: v for k, v in to_hf_dict(ours).items() if k not in ("model_type", "architectures", "astrai")}
+    fields["use_cache"] = False
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM._from_config(transformers.LlamaConfig(**fields),
+                                                             attn_implementation="sdpa")
+    model.train()
+    if args.compile:
+        model.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = plain_autocast(args.precision, device)
+
+    def step(batch):
+        with autocast:
+            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    window = timed_loop(args, make_loader(args, config), device, step)
+    # The same shape as ours, so the same model FLOPs per token.
+    return result_row(f"transformers {transformers.__version__}", args, window, 1)
+
+
+def result_row(name: str, args, window: Window, world_size: int) -> dict:
+    device = window.device
+    per_device = args.batch_size * args.seq_len / window.step_seconds
+    fpt = args.flops_per_token
+    peak = args.peak_flops or peak_flops(device, precision_dtype(args.precision))
+    return {
+        "run": name,
+        "tokens_per_sec": round(per_device * world_size),
+        "step_ms": round(window.step_seconds * 1e3, 2),
         "model_tflops_per_device": round(per_device * fpt / 1e12, 2),
         "mfu": round(per_device * fpt / peak, 4) if peak else None,
-        "peak_flops_per_device": peak,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "peak_memory_gib": round(window.peak / 2**30, 2) if window.peak is not None else None,
     }
-    return result
+
+
+def release() -> None:
+    """Free the last run's model, optimizer and compiled graphs before the next one."""
+    torch._dynamo.reset()  # first: compiled graphs hold the old modules
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- report -----------------------------------------------------------------------------------
+def print_report(header: dict, rows: list[dict], args) -> None:
+    for key, value in header.items():
+        print(f"{key:<24}{value}")
+    print(f"\n{'run':<34}{'tok/s':>10}{'step ms':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}")
+    for r in rows:
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
+        mem = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        print(f"{r['run']:<34}{r['tokens_per_sec']:>10,}{r['step_ms']:>10.1f}{r['model_tflops_per_device']:>10.1f}"
+              f"{mfu:>8}{mem:>10}")
+    by_name = {r["run"]: r for r in rows}
+    reference = next((r for r in rows if r["run"].startswith("transformers")), None)
+    print()
+    for dtype in args.param_dtype:
+        ours, plain = by_name.get(f"lightning {dtype}"), by_name.get(f"plain loop {dtype}")
+        if ours and plain:
+            overhead = ours["step_ms"] / plain["step_ms"] - 1
+            ours["lightning_overhead"] = round(overhead, 4)
+            print(f"Lightning overhead, param_dtype {dtype}: {overhead:+.2%} (Lightning step / plain-loop step - 1)")
+        if ours and reference:
+            ratio = ours["tokens_per_sec"] / reference["tokens_per_sec"]
+            ours["vs_reference"] = round(ratio, 3)
+            print(f"ours / transformers, param_dtype {dtype}: {ratio:.3f}x tokens/s")
+    print(json.dumps({**header, "rows": rows}))
 
 
 def main():
@@ -126,8 +278,12 @@ def main():
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     p.add_argument("--precision", default=None, help="Lightning precision; default bf16-mixed on GPU, 32-true on CPU")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--param-dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="module option param_dtype; several: one run of ours each")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--overhead", action="store_true", help="also time a plain loop (Lightning's overhead)")
+    p.add_argument("--reference", action="store_true", help="also time transformers' LlamaForCausalLM")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
     p.add_argument("--strategy", default="auto")
@@ -138,17 +294,47 @@ def main():
         args.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     if args.devices != "auto":
         args.devices = int(args.devices)
+    if args.overhead or args.reference:
+        if args.devices not in ("auto", 1):
+            p.error("--overhead and --reference time one device: use --devices 1")
+        args.devices = 1
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(LeafSpec|val_dataloader|does not have many workers).*")
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
-    result = run(args)
-    if result is None:
-        return
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key:<{width}}  {'n/a' if value is None else value}")
-    print(json.dumps(result))
+    use_cuda = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    config = load_config(args)
+    n_params, args.flops_per_token = shape_stats(config, args.seq_len)
+
+    rows = []
+    for dtype in args.param_dtype:
+        row = run_lightning(args, config, dtype, device)
+        if row is None:  # not rank zero
+            return
+        rows.append(row)
+        release()
+        if args.overhead:
+            rows.append(run_plain(args, config, dtype, device))
+            release()
+    if args.reference:
+        rows.append(run_reference(args, config, device))
+        release()
+    header = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": args.model,
+        "params": n_params,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "precision": args.precision,
+        "optimizer": args.optimizer,
+        "compile": args.compile,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "steps_timed": args.steps,
+        "peak_flops_per_device": args.peak_flops or peak_flops(device, precision_dtype(args.precision)),
+    }
+    print_report(header, rows, args)
 
 
 if __name__ == "__main__":
