@@ -91,6 +91,9 @@ class RotaryEmbedding(nn.Module):
         inv_freq = self.inv_freq
         if self.dynamic:
             inv_freq = self._dynamic_inv_freq(position_ids)
+        elif inv_freq.dtype in (torch.bfloat16, torch.float16):
+            # FSDP's mixed precision casts buffers by assigning .data, which _apply below never sees.
+            inv_freq = rope_frequencies(self.config)[0]
         freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
