@@ -27,6 +27,21 @@ for name in ("lightning", "litserve", "datasets", "pyarrow", "fsspec", "tokenize
              "jsonargparse", "openai", "httpx", "astrai.core", "astrai.train", "astrai.serve"):
     module = importlib.import_module(name)
     print(f"{name:13s} {getattr(module, '__version__', '')} {getattr(module, '__file__', '') or list(module.__path__)[0]}")
+# Dependencies the carried wheels declare but the image may hold in another version.
+from importlib.metadata import PackageNotFoundError, requires, version
+from packaging.requirements import Requirement
+for dist in ("datasets", "litserve", "lightning", "fastapi", "uvicorn", "openai", "httpx2", "jsonargparse"):
+    for spec in requires(dist) or []:
+        req = Requirement(spec)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = version(req.name)
+        except PackageNotFoundError:
+            print(f"WARNING: {dist} needs {req}, which is not installed")
+            continue
+        if not req.specifier.contains(have, prereleases=True):
+            print(f"WARNING: {dist} needs {req}, found {req.name} {have}")
 assert torch.cuda.device_count() >= 2, "needs 2 GPUs"
 EOF
 }
