@@ -20,7 +20,6 @@ from astrai.train.master_adamw import MasterWeightAdamW
 from astrai.train.optimizers import build_optimizer
 from astrai.train.seq_module import SeqModule
 
-from test_resume import _fit, _optimizer_state
 from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,22 +206,6 @@ def test_bf16_params_train_the_model(tmp_path):
     assert module.model.model.rotary.inv_freq.dtype == torch.float32  # buffers stay float32
     assert isinstance(trainer.optimizers[0], MasterWeightAdamW)
     assert trainer.callback_metrics["train/loss"] < 0.3 * first
-
-
-def test_bf16_params_resume_exactly(tmp_path, tokenizer_dir):
-    """The masters go into the checkpoint and come back float32: a resumed run ends where an
-    uninterrupted one does."""
-    full, full_trainer = _fit(tmp_path / "full", tokenizer_dir, param_dtype="bfloat16")
-    _fit(tmp_path / "split", tokenizer_dir, crash_at=7, param_dtype="bfloat16")
-    resumed, resumed_trainer = _fit(tmp_path / "split", tokenizer_dir, resume=True, param_dtype="bfloat16")
-    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
-        assert q.dtype == torch.bfloat16
-        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
-    full_state, resumed_state = _optimizer_state(full_trainer), _optimizer_state(resumed_trainer)
-    for index, state in full_state.items():
-        assert state["master"].dtype == resumed_state[index]["master"].dtype == torch.float32
-        for key, value in state.items():
-            torch.testing.assert_close(resumed_state[index][key], value, rtol=0, atol=0)
 
 
 def test_param_dtype_settings_are_checked(tmp_path):

@@ -119,7 +119,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 master = state.get("master", p)
                 args = (p, p.grad, master, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps, decay,
                         lr / (1 - beta1**step), math.sqrt(1 - beta2**step))
-                fused = self.fused and p.is_contiguous() and p.grad.is_contiguous()
+                # The kernel walks flat memory: every operand must be laid out contiguously.
+                fused = self.fused and all(t.is_contiguous() for t in args[:5])
                 (_update_triton if fused else _update_torch)(*args)
         return loss
 
