@@ -5,12 +5,15 @@ Compiling on a CPU is slow (inductor builds C++), so the CPU cases here are few 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from astrai.train.losses import IGNORE_INDEX, compiled_token_loss, token_loss
+from astrai.train.metrics import HostCopy
 from astrai.train.seq_module import SeqModule
 
 from trainhelp import TINY_MODEL, CycleBatches, make_trainer
@@ -109,3 +112,23 @@ def test_training_step_never_waits_for_the_device(tmp_path, options):
         torch.cuda.set_sync_debug_mode("default")
     assert strict.strict_steps == 3
     assert trainer.callback_metrics["train/loss"] > 0  # read after the run: the values were logged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="asynchronous device-to-host copies exist on CUDA only")
+def test_host_copy_gives_finished_values_without_waiting():
+    shown = HostCopy()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = shown.push(torch.tensor(1.0, device="cuda"))
+        shown.push(torch.tensor(2.0, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert first is None  # nothing had finished before the first copy was queued
+    torch.cuda.synchronize()
+    latest = shown.push(torch.tensor(3.0, device="cuda"))
+    assert latest.device.type == "cpu" and latest.item() == 2.0
+    assert copy.deepcopy(shown).push(torch.tensor(4.0, device="cuda")) is None  # copies start afresh
+
+
+def test_host_copy_passes_cpu_values_through():
+    assert HostCopy().push(torch.tensor(1.5, dtype=torch.bfloat16)).item() == 1.5

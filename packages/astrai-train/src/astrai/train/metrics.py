@@ -128,6 +128,9 @@ class HostCopy:
             self._pending.append((event, buffer))
         return self._latest
 
+    def __getstate__(self) -> dict:  # pickle / deepcopy (CUDA events cannot be): start afresh
+        return {"_slots": self._slots, "_free": deque(), "_pending": deque(), "_latest": None}
+
     def _collect(self) -> None:
         while self._pending and self._pending[0][0].query():
             _, buffer = self._pending.popleft()
