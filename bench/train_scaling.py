@@ -23,7 +23,9 @@ What is printed:
 - loss: per step, each run's train/loss; the largest |difference| from `one` over the steps the
   runs share. `half` sees other data (half the batch), so its difference from `one` is the scale
   of a real mismatch (e.g. two ranks reading the same windows); with bf16-mixed, ddp and fsdp
-  should stay well below it (summation order and bf16 rounding only).
+  should stay well below it (summation order and bf16 rounding only). Lightning's FSDP
+  "bf16-mixed" also keeps parameters, gradient reduction and buffers in bf16 (DDP: float32
+  weights under autocast, float32 all-reduce), so fsdp is expected a little further off than ddp.
 - throughput: tokens/s of every run, timed after --warmup steps with the devices synchronised,
   data loading included. Scaling efficiency = tok/s(2 GPUs) / (2 x tok/s(1 GPU)) at the same
   per-device batch, i.e. ddp or fsdp against `half` (B/2 on one GPU): 1.0 is perfect, what is
