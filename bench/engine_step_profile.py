@@ -7,8 +7,9 @@ N requests are admitted and prefilled, then only decode steps are timed. The mod
 timed with forward hooks, so "host" is what a step costs besides the model: scheduling,
 metadata, sampling, stop checks and emitting tokens. On a GPU that time is not hidden behind
 the device (each step reads its sampled tokens), so it caps tokens/s. Times are this thread's
-CPU time (time.thread_time), so other load on a shared machine barely moves them; on CUDA the
-forward is synchronised, so its wait counts as forward, not host.
+CPU time (time.thread_time), so other load on a shared machine barely moves them. Meant for the
+CPU (and eager CUDA): a replayed CUDA graph bypasses the hooks, and on a GPU
+bench/engine_throughput.py reports replay time against step time instead.
 """
 
 from __future__ import annotations

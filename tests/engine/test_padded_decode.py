@@ -85,7 +85,8 @@ def test_preemption_and_greedy_forks(arch):
 def test_seeded_forks_draw_the_same_tokens():
     model = tiny_model(VOCAB, seed=4)
     prompts = random_prompts(3, VOCAB, 3, 9, seed=6)
-    params = [SamplingParams(n=3, max_tokens=9, temperature=0.8, seed=s, ignore_eos=True, logprobs=2) for s in (1, 2, 3)]
+    params = [SamplingParams(n=3, max_tokens=9, temperature=0.8, seed=s, ignore_eos=True, logprobs=2)
+              for s in (1, 2, 3)]
     plain, padded, _ = both_ways(model, prompts, params, max_batch_size=16, page_size=4)
     assert samples(padded) == samples(plain)
     for a, b in zip(plain, padded):

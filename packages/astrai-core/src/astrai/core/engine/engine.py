@@ -35,6 +35,7 @@ from .sequence import Request
 
 log = logging.getLogger(__name__)
 
+
 class InferenceEngine:
     """Serve a CausalLM with a paged KV cache and continuous batching.
 

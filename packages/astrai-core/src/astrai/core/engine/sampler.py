@@ -3,8 +3,9 @@
 Every row of the batch carries its own parameters; the filters run on the whole batch
 at once and only when at least one row uses them. The draw is an exponential race: the
 token with the largest p / E, E ~ Exp(1) drawn per token, is an exact sample from p (E = 0
-cannot happen, and U = 0 gives E = inf: that token loses), so one argmax samples every row. A seeded row draws its E from its own torch.Generator, so its
-output does not depend on what else is in the batch.
+cannot happen, and U = 0 gives E = inf: that token loses), so one argmax samples every row.
+A seeded row draws its E from its own torch.Generator, so its output does not depend on what
+else is in the batch.
 """
 
 from __future__ import annotations
