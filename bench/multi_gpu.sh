@@ -57,7 +57,8 @@ serve() {
 }
 
 tests() {
-  python3 -m pytest tests/serve/test_serve_multi_gpu.py tests/train/test_multi_gpu.py -q -p no:cacheprovider -rs
+  # (the CPU miniature in test_multi_gpu.py runs in CI; here only the GPU tests)
+  python3 -m pytest tests/serve/test_serve_multi_gpu.py tests/train/test_multi_gpu.py -k "not on_cpu" -q -p no:cacheprovider -rs
 }
 
 sections=("$@")
