@@ -168,7 +168,7 @@ def reference_tok_s(config: ModelConfig, reqs, args, dtype: torch.dtype) -> floa
     torch.manual_seed(args.seed)
     with torch.device(args.device):
         model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
+    model.to(args.device).eval()
     n_out = args.output_len[0]
     batches = [reqs[i : i + args.max_batch_size] for i in range(0, len(reqs), args.max_batch_size)]
 
