@@ -277,3 +277,17 @@ def test_anthropic_stream_event_sequence(info):
     delta = items[5][1]
     assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
     assert delta["usage"] == {"output_tokens": 2}
+
+
+@pytest.mark.parametrize("text", ["a\u2028b", "c\u2029d", "e\x85f", "中文\n\r\t\"x"])
+def test_sse_events_stay_one_line_for_any_line_splitter(text):
+    """A generated token can be U+2028 / U+2029 / NEL: str.splitlines() (httpx's aiter_lines)
+    breaks lines there, so a raw one would cut the event's data line in two."""
+    from astrai.serve.server import _sse_anthropic, _sse_openai
+
+    for event, prefix in ((_sse_openai({"text": text}), "data: "),
+                          (_sse_anthropic(("delta", {"text": text})), "event: delta")):
+        lines = event.splitlines()
+        assert lines[-1].startswith("data: ") and lines[0].startswith(prefix)
+        assert json.loads(lines[-1][6:])["text"] == text
+    assert "中文" in _sse_openai({"text": "中文"})  # Chinese stays readable, not \\u-escaped

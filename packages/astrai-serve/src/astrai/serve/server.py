@@ -49,13 +49,23 @@ def _error_response(protocol: str, err: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=err.status)
 
 
+# Characters that JSON leaves raw but that str.splitlines() (httpx's aiter_lines, many SSE
+# clients) treats as line breaks: raw, they would cut an event's data line in two.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _json_line(data) -> str:
+    """JSON on one line for any line splitter; other non-ASCII text stays readable (UTF-8)."""
+    return json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
 def _sse_openai(item: dict) -> str:
-    return f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+    return f"data: {_json_line(item)}\n\n"
 
 
 def _sse_anthropic(item: tuple[str, dict]) -> str:
     name, data = item
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"event: {name}\ndata: {_json_line(data)}\n\n"
 
 
 class ProtocolSpec(LitSpec):
