@@ -287,7 +287,7 @@ def test_sse_events_stay_one_line_for_any_line_splitter(text):
 
     for event, prefix in ((_sse_openai({"text": text}), "data: "),
                           (_sse_anthropic(("delta", {"text": text})), "event: delta")):
-        lines = event.splitlines()
+        lines = [line for line in event.splitlines() if line]
         assert lines[-1].startswith("data: ") and lines[0].startswith(prefix)
         assert json.loads(lines[-1][6:])["text"] == text
     assert "中文" in _sse_openai({"text": "中文"})  # Chinese stays readable, not \\u-escaped
