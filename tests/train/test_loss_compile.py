@@ -116,17 +116,23 @@ def test_training_step_never_waits_for_the_device(tmp_path, options):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="asynchronous device-to-host copies exist on CUDA only")
 def test_host_copy_gives_finished_values_without_waiting():
+    # Made before the strict section: torch.tensor(x, device="cuda") is itself a blocking copy
+    # from host memory, which the sync debug mode would (rightly) flag.
+    values = torch.tensor([1.0, 2.0, 3.0], device="cuda")
     shown = HostCopy()
+    # The first push allocates the pinned buffers (in training: the first, unchecked step).
+    first = shown.push(values[0])
     torch.cuda.set_sync_debug_mode("error")
     try:
-        first = shown.push(torch.tensor(1.0, device="cuda"))
-        shown.push(torch.tensor(2.0, device="cuda"))
+        second = shown.push(values[1])
+        shown.push(values[2])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert first is None  # nothing had finished before the first copy was queued
+    assert second is None or second.item() == 1.0  # a finished copy, or none yet: never a wait
     torch.cuda.synchronize()
-    latest = shown.push(torch.tensor(3.0, device="cuda"))
-    assert latest.device.type == "cpu" and latest.item() == 2.0
+    latest = shown.push(values[0] * 4)
+    assert latest.device.type == "cpu" and latest.item() == 3.0
     assert copy.deepcopy(shown).push(torch.tensor(4.0, device="cuda")) is None  # copies start afresh
 
 
