@@ -212,6 +212,33 @@ class CausalLMModule(L.LightningModule):
                                     cycle_steps=h.cycle_steps, cycle_mult=h.cycle_mult)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """The Trainer's gradient_clip_val, also under FSDP (whose precision plugin refuses norm
+        clipping: each rank holds a shard of every gradient, so the norm must be reduced across
+        ranks, which FullyShardedDataParallel.clip_grad_norm_ on the root module does)."""
+        algorithm = str(gradient_clip_algorithm or "norm").lower()
+        root = self._fsdp_root()
+        if root is None or not gradient_clip_val or algorithm != "norm":  # by value is elementwise: shards are fine
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        root.clip_grad_norm_(gradient_clip_val)
+
+    def clip_grad_norm(self, optimizer, max_norm: float) -> None:
+        """Clip the gradients' total norm to max_norm (for manual optimisation, e.g. GRPO), under
+        FSDP through the root module as in configure_gradient_clipping."""
+        root = self._fsdp_root()
+        if root is None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        else:
+            root.clip_grad_norm_(max_norm)
+
+    def _fsdp_root(self):
+        """The FullyShardedDataParallel wrapping this module, when the strategy shards it."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = getattr(self._trainer.strategy, "model", None) if self._trainer is not None else None
+        return wrapped if isinstance(wrapped, FullyShardedDataParallel) else None
+
     def _schedule_length(self) -> int | None:
         if self.hparams.decay_steps:
             return self.hparams.decay_steps

@@ -395,7 +395,7 @@ class GRPOModule(CausalLMModule):
                         sums[name] += float(getattr(out, name)) * k
                     tokens += k
                 if self.max_grad_norm:
-                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_grad_norm(opt, self.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()

@@ -1,0 +1,73 @@
+"""Trainer gradient clipping (gradient_clip_val) under FSDP, on two CPU processes.
+
+Lightning's FSDP precision plugin refuses clipping by norm; CausalLMModule clips through the
+root FullyShardedDataParallel instead, which reduces the norm over every rank's shards. The
+FSDP run must then train exactly as one device clipping the same global batch does (same
+loss curve, same weights), and both must differ from an unclipped run: else nothing clipped.
+Runs as tests/train/test_distributed.py does (see there and tests/train/disthelp.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from astrai.train.cli import cli_main
+
+from test_distributed import HALF, LOSS_TOL, REPO, STRATEGIES, WEIGHT_TOL, fit_args, losses, weights
+from trainhelp import TINY_MODEL
+
+# So small that the clipped gradients fall below AdamW's eps (1e-8) and the updates shrink:
+# plain clipping by a steady factor would hardly show, as AdamW divides it out again.
+CLIP = 1e-6
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tokenizer_dir) -> dict[str, Path | str]:
+    root = tmp_path_factory.mktemp("clip_inputs")
+    rows = root / "text.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i}: the cat sat on the mat, 猫坐在垫子上。"}) + "\n"
+                            for i in range(60)))
+    model = root / "tiny.json"
+    model.write_text(json.dumps(TINY_MODEL))
+    return {"rows": rows, "model": model, "tokenizer": tokenizer_dir, "cache": root / "cache"}
+
+
+def one_device(inputs, root: Path, *extra: str) -> Path:
+    cli_main(fit_args(inputs, root, HALF, 4) + list(extra))
+    return root
+
+
+@pytest.fixture(scope="module")
+def fsdp_clipped(inputs, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fsdp_clipped")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    args = fit_args(inputs, root, HALF, 2) + ["--trainer.devices=2", f"--trainer.strategy={STRATEGIES['fsdp']}",
+                                              f"--trainer.gradient_clip_val={CLIP}"]
+    proc = subprocess.run([sys.executable, "-m", "astrai.train.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    return root
+
+
+@pytest.mark.slow
+def test_fsdp_clips_like_one_device_and_clipping_changes_training(inputs, fsdp_clipped, tmp_path):
+    clipped = one_device(inputs, tmp_path / "clipped", f"--trainer.gradient_clip_val={CLIP}")
+    unclipped = one_device(inputs, tmp_path / "unclipped")
+    ref, got = losses(clipped), losses(fsdp_clipped)
+    assert sorted(got) == list(range(HALF))
+    for step in range(HALF):
+        assert got[step] == pytest.approx(ref[step], abs=LOSS_TOL), f"step {step}: {got} vs {ref}"
+    expected, sharded, free = (weights(root / "export") for root in (clipped, fsdp_clipped, unclipped))
+    for name, value in expected.items():
+        torch.testing.assert_close(sharded[name], value, rtol=0, atol=WEIGHT_TOL, msg=name)
+    # Clipping must have changed the run by far more than the tolerance above allows (measured: 0.014).
+    assert max((free[n] - v).abs().max() for n, v in expected.items()) > 100 * WEIGHT_TOL
