@@ -9,7 +9,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache_view import KVCacheView, KVLayout
 from .norm import RMSNorm
-from .rope import apply_rope
+from .rope import apply_rope_qk
 
 
 class Attention(nn.Module):
@@ -39,9 +39,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
+        q, k = apply_rope_qk(q, k, cos, sin, norms)
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v, self.scale)
         else:

@@ -16,7 +16,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache_view import KVCacheView, KVLayout
 from .norm import RMSNorm
-from .rope import apply_rope
+from .rope import apply_rope_qk
 
 
 class LatentAttention(nn.Module):
@@ -54,10 +54,9 @@ class LatentAttention(nn.Module):
         b, t, _ = x.shape
         q = self._queries(x).view(b, t, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        k_pe = apply_rope(k_pe.view(b, t, 1, self.rope), cos, sin)
+        q_pe, k_pe = apply_rope_qk(q_pe, k_pe.view(b, t, 1, self.rope), cos, sin)
         if cache is None:
             out = self._expanded(q_nope, q_pe, latent, k_pe, mask)
         else:

@@ -3,6 +3,8 @@
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.dispatch import use_fused
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -12,4 +14,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if use_fused(gate):
+            from .kernels import fused_silu_mul
+
+            if fused_silu_mul.supports(gate, up):
+                return self.down_proj(fused_silu_mul.silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
