@@ -61,7 +61,8 @@ def _qk_rope_kernel(Q, K, QO, KO, COS, SIN, QW, KW, seq_len, n_q_heads, n_k_head
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, norm_weights=None) -> bool:
-    """(batch, seq, heads, rope_dim) q/k with unit last stride, one dtype throughout; cos (batch or 1, seq, rope_dim)."""
+    """q/k (batch, seq, heads, rope_dim) with unit last stride, one dtype throughout;
+    cos (batch or 1, seq, rope_dim)."""
     if q.dim() != 4 or k.dim() != 4:
         return False
     b, t, _, d = q.shape
@@ -81,7 +82,8 @@ def qk_rope(q, k, cos, sin, norm_weights=None, eps: float = 0.0):
     cos, sin = cos.expand(b, t, d), sin.expand(b, t, d)
     if sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     wq, wk = norm_weights if norm_weights is not None else (q, k)  # unused when HAS_NORM is off
     half = d // 2
     _qk_rope_kernel[(b * t,)](
