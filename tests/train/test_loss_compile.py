@@ -10,11 +10,13 @@ import copy
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from astrai.train.dpo_module import DPOModule
 from astrai.train.losses import IGNORE_INDEX, compiled_token_loss, token_loss
 from astrai.train.metrics import HostCopy
 from astrai.train.seq_module import SeqModule
+from astrai.train.sft_module import SFTModule
 
 from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
@@ -112,6 +114,55 @@ def test_training_step_never_waits_for_the_device(tmp_path, options):
         torch.cuda.set_sync_debug_mode("default")
     assert strict.strict_steps == 3
     assert trainer.callback_metrics["train/loss"] > 0  # read after the run: the values were logged
+
+
+class _Pairs(Dataset):
+    """DPO pairs: a periodic row as the chosen reply, another row's as the rejected one."""
+
+    def __init__(self, n_rows: int = 16, seq_len: int = 16):
+        self.rows = CycleBatches(n_rows, seq_len).rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        out = {}
+        for side, row in (("chosen", self.rows[i]), ("rejected", self.rows[(i + 3) % len(self.rows)])):
+            out.update({f"{side}_input_ids": row["input_ids"], f"{side}_labels": row["labels"],
+                        f"{side}_attention_mask": torch.ones_like(row["input_ids"])})
+        return out
+
+
+def _fine_tuning(kind: str):
+    torch.manual_seed(0)
+    module = {"sft": SFTModule, "dpo": DPOModule}[kind]
+    return (module(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, peak_flops=1e12),
+            DataLoader(CycleBatches(16, 16) if kind == "sft" else _Pairs(), batch_size=4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on CUDA only")
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_fine_tuning_steps_never_wait_for_the_device(tmp_path, kind):
+    module, data = _fine_tuning(kind)
+    strict = _SyncsAreErrors()
+    trainer = make_trainer(tmp_path, max_steps=4, accelerator="gpu", precision="bf16-mixed", callbacks=[strict])
+    try:
+        trainer.fit(module, data)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert strict.strict_steps == 3
+    assert trainer.callback_metrics["train/loss"] > 0
+
+
+@pytest.mark.parametrize("kind,shown", [("sft", {"loss"}), ("dpo", {"loss", "reward_acc"})])
+def test_fine_tuning_progress_bar_shows_host_values(tmp_path, kind, shown):
+    module, data = _fine_tuning(kind)
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, data)
+    bar = trainer.progress_bar_metrics
+    assert shown <= set(bar) and not any(k.startswith("train/") for k in bar), bar
+    # The bar's loss is this rank's training loss (on a CPU, the current step's).
+    assert bar["loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="asynchronous device-to-host copies exist on CUDA only")

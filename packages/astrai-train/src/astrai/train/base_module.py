@@ -173,7 +173,7 @@ class CausalLMModule(L.LightningModule):
         # Taken before any strategy wraps the model (FSDP flattens parameters); see build_optimizer.
         self._param_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         self._throughput = Throughput()
-        self._shown_loss = HostCopy()
+        self._shown: dict[str, HostCopy] = {}  # progress-bar values, see show()
         self._flops_per_token: dict[int, float] = {}
         self._peak_flops: float | None = None
         self._checked: set[str] = set()
@@ -311,9 +311,15 @@ class CausalLMModule(L.LightningModule):
         global batch's, as on one device), and "loss" for the progress bar: this rank's loss of
         a step or so ago, copied to the host without waiting (see HostCopy)."""
         self.log("train/loss", loss.detach(), batch_size=1, sync_dist=True)
-        shown = self._shown_loss.push(loss)
+        self.show("loss", loss)
+
+    def show(self, name: str, value: torch.Tensor) -> None:
+        """Put a training-step value on the progress bar (only): this rank's value of a step or
+        so ago, copied to the host without waiting (HostCopy). A device tensor logged with
+        prog_bar=True would make the host wait for the device every step."""
+        shown = self._shown.setdefault(name, HostCopy()).push(value)
         if shown is not None:
-            self.log("loss", shown, prog_bar=True, logger=False, batch_size=1)
+            self.log(name, shown, prog_bar=True, logger=False, batch_size=1)
 
     def log_lr(self) -> None:
         self.log("train/lr", _host(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=1)

@@ -118,9 +118,12 @@ class DPOModule(CausalLMModule):
         metrics = {"loss": loss.detach(), "reward_acc": (margin > 0).float().mean(), "margin": margin.mean(),
                    "chosen_reward": out.chosen_rewards.mean(), "rejected_reward": out.rejected_rewards.mean(),
                    "chosen_logps": policy_chosen.detach().mean()}
+        if on_step:  # per step, nothing waits for the device (see CausalLMModule.show)
+            self.log_train_loss(metrics.pop("loss"))
+            self.show("reward_acc", metrics["reward_acc"])
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, batch_size=n, on_step=on_step, on_epoch=not on_step,
-                     prog_bar=name in ("loss", "reward_acc"), sync_dist=not on_step)
+                     prog_bar=not on_step and name in ("loss", "reward_acc"), sync_dist=not on_step)
         return loss
 
     def training_step(self, batch, batch_idx):

@@ -52,8 +52,7 @@ class SFTModule(SeqModule):
         loss = self.add_aux_loss(out.loss)
         n = out.n_tokens.clamp(min=1)
         acc, _ = token_accuracy(logits.detach(), batch["labels"])
-        # Averaged over ranks: under DDP/FSDP the logged curve is the global batch's, as on one device.
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=1, sync_dist=True)
+        self.log_train_loss(out.loss)
         self.log("train/ppl", torch.exp(out.nll_sum / n), batch_size=1)
         self.log("train/acc", acc, batch_size=1)
         self.log_lr()
