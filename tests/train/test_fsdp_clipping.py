@@ -4,7 +4,8 @@ Lightning's FSDP precision plugin refuses clipping by norm; CausalLMModule clips
 root FullyShardedDataParallel instead, which reduces the norm over every rank's shards. The
 FSDP run must then train exactly as one device clipping the same global batch does (same
 loss curve, same weights), and both must differ from an unclipped run: else nothing clipped.
-Runs as tests/train/test_distributed.py does (see there and tests/train/disthelp.py).
+Runs as tests/train/test_distributed.py does (see there and tests/train/disthelp.py), and
+with 2 GPUs also under Lightning's own FSDPStrategy (float32, so one device compares closely).
 """
 
 from __future__ import annotations
@@ -39,34 +40,39 @@ def inputs(tmp_path_factory, tokenizer_dir) -> dict[str, Path | str]:
     return {"rows": rows, "model": model, "tokenizer": tokenizer_dir, "cache": root / "cache"}
 
 
-def one_device(inputs, root: Path, *extra: str) -> Path:
-    cli_main(fit_args(inputs, root, HALF, 4) + list(extra))
+def one_device(inputs, root: Path, accelerator: str, *extra: str) -> Path:
+    cli_main(fit_args(inputs, root, HALF, 4) + [f"--trainer.accelerator={accelerator}", "--trainer.devices=1", *extra])
     return root
 
 
-@pytest.fixture(scope="module")
-def fsdp_clipped(inputs, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fsdp_clipped")
+# CPU: FSDP over gloo through disthelp; GPU (2 or more): Lightning's own FSDPStrategy over NCCL.
+@pytest.fixture(scope="module", params=[
+    "cpu", pytest.param("gpu", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
+def fsdp_clipped(request, inputs, tmp_path_factory) -> tuple[Path, str]:
+    accelerator = request.param
+    root = tmp_path_factory.mktemp(f"fsdp_clipped_{accelerator}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
-    args = fit_args(inputs, root, HALF, 2) + ["--trainer.devices=2", f"--trainer.strategy={STRATEGIES['fsdp']}",
-                                              f"--trainer.gradient_clip_val={CLIP}"]
+    strategy = STRATEGIES["fsdp"] if accelerator == "cpu" else "fsdp"
+    args = fit_args(inputs, root, HALF, 2) + [f"--trainer.accelerator={accelerator}", "--trainer.devices=2",
+                                              f"--trainer.strategy={strategy}", f"--trainer.gradient_clip_val={CLIP}"]
     proc = subprocess.run([sys.executable, "-m", "astrai.train.cli", *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
-    return root
+    return root, accelerator
 
 
 @pytest.mark.slow
 def test_fsdp_clips_like_one_device_and_clipping_changes_training(inputs, fsdp_clipped, tmp_path):
-    clipped = one_device(inputs, tmp_path / "clipped", f"--trainer.gradient_clip_val={CLIP}")
-    unclipped = one_device(inputs, tmp_path / "unclipped")
-    ref, got = losses(clipped), losses(fsdp_clipped)
+    sharded_root, accelerator = fsdp_clipped
+    clipped = one_device(inputs, tmp_path / "clipped", accelerator, f"--trainer.gradient_clip_val={CLIP}")
+    unclipped = one_device(inputs, tmp_path / "unclipped", accelerator)
+    ref, got = losses(clipped), losses(sharded_root)
     assert sorted(got) == list(range(HALF))
     for step in range(HALF):
         assert got[step] == pytest.approx(ref[step], abs=LOSS_TOL), f"step {step}: {got} vs {ref}"
-    expected, sharded, free = (weights(root / "export") for root in (clipped, fsdp_clipped, unclipped))
+    expected, sharded, free = (weights(root / "export") for root in (clipped, sharded_root, unclipped))
     for name, value in expected.items():
         torch.testing.assert_close(sharded[name], value, rtol=0, atol=WEIGHT_TOL, msg=name)
     # Clipping must have changed the run by far more than the tolerance above allows (measured: 0.014).
