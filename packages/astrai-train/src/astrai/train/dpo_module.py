@@ -45,7 +45,8 @@ class DPOModule(CausalLMModule):
         **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, lr, lora, ...).
 
     Logs {train,val}/loss, reward_acc (share of pairs whose chosen reward is higher),
-    margin (mean chosen - rejected reward), chosen_reward, rejected_reward, chosen_logps.
+    margin (mean chosen - rejected reward), chosen_reward, rejected_reward, chosen_logps. In
+    training the progress bar shows "loss" and "reward_acc" (see CausalLMModule.show).
     """
 
     def __init__(
