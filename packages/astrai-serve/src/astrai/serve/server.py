@@ -38,6 +38,7 @@ from .errors import APIError, anthropic_error_body, openai_error_body
 from .fields import parse_json_object
 from .generation import Accumulator, ModelInfo, merge_events, worker_error
 from .metrics import CONTENT_TYPE, Metrics
+from .transport import BatchedZMQTransport
 
 log = logging.getLogger("astrai.serve")
 OPENAI, ANTHROPIC = "openai", "anthropic"
@@ -357,9 +358,24 @@ def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
              "the CPU" if accelerator == "cpu" else ", ".join(f"cuda:{i}" for i in devices))
     # timeout=False: requests leave LitServe's queue at once (the engine schedules them), so a
     # queue timeout would only cut off long generations.
-    return ls.LitServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else devices,
-                        workers_per_device=per_device, timeout=False, fast_queue=config.fast_queue,
+    # fast_queue is ours (BatchedZMQTransport), not LitServe's: see transport.py.
+    server = _LitServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else devices,
+                        workers_per_device=per_device, timeout=False, fast_queue=False,
                         model_metadata={"model": info.name, "max_model_len": info.max_model_len})
+    server.batched_transport = config.fast_queue
+    return server
+
+
+class _LitServer(ls.LitServer):
+    """LitServer whose worker replies travel over BatchedZMQTransport (when batched_transport)."""
+
+    batched_transport = False
+
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        if self.batched_transport:
+            self._transport = BatchedZMQTransport(num_api_servers)
+        return manager
 
 
 def run_server(server: ls.LitServer, config: ServeConfig) -> None:
