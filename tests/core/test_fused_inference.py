@@ -44,13 +44,22 @@ def _both_paths(fn):
 
 
 def test_fused_logits_match_the_torch_path(model_arch, tiny_config, randomize):
-    model = _model(tiny_config, randomize, model_arch)
-    ids = torch.randint(0, model.config.vocab_size, (3, 40), device="cuda")
-    for run in (lambda: model(ids), lambda: _logits_with_cache(model, ids)):
-        fused, plain = _both_paths(run)
-        assert plain.std() > 0.3  # meaningful logits
-        # a few bf16 steps of the largest logit; a wrong kernel moves logits by O(1)
-        torch.testing.assert_close(fused, plain, rtol=0, atol=4 * 2**-8 * float(plain.abs().max()))
+    """Judged like the bf16 parity tests: against the float32 model, the fused bf16 path may be
+    only a little further off than the torch bf16 path. Both bf16 paths round the same way, so
+    they also agree with each other to within a fraction of that bf16 error."""
+    model32 = _model(tiny_config, randomize, model_arch, dtype=torch.float32)
+    model16 = _model(tiny_config, randomize, model_arch)
+    ids = torch.randint(0, model32.config.vocab_size, (3, 40), device="cuda")
+    for run in (lambda m: m(ids), lambda m: _logits_with_cache(m, ids)):
+        with torch.inference_mode(), fused_kernels(False):
+            exact = run(model32).double()
+        assert exact.std() > 0.3  # meaningful logits
+        fused, plain = _both_paths(lambda: run(model16))
+        fused_err, plain_err = (fused - exact).abs(), (plain - exact).abs()
+        assert fused_err.mean() <= 1.2 * plain_err.mean() + 1e-3, (fused_err.mean().item(), plain_err.mean().item())
+        if model_arch != "moe":  # MoE: a rounding step may flip a near-tied router choice somewhere
+            assert fused_err.max() <= 1.5 * plain_err.max() + 2e-2, (fused_err.max().item(), plain_err.max().item())
+            assert (fused - plain).abs().max() <= plain_err.max(), (fused - plain).abs().max().item()
 
 
 def test_float32_model_matches_closely(tiny_config, randomize):
@@ -80,8 +89,10 @@ def test_inference_launches_the_fused_kernels_and_training_does_not(tiny_config,
 
 
 def test_engine_greedy_tokens_match_the_torch_path(tiny_config, randomize):
-    """The engine (CUDA-graph decode steps included) gives the same greedy tokens either way."""
-    model = _model(tiny_config, randomize, "qk_norm")
+    """The engine (CUDA-graph decode steps included) gives the same greedy tokens either way.
+    In float32, where only a near-exact tie could flip a token (bf16 engine tokens are judged
+    against transformers in test_gpu_bf16_parity.py)."""
+    model = _model(tiny_config, randomize, "qk_norm", dtype=torch.float32)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, model.config.vocab_size, (int(n),), generator=gen).tolist()
                for n in torch.randint(3, 60, (8,), generator=gen)]
@@ -94,6 +105,5 @@ def test_engine_greedy_tokens_match_the_torch_path(tiny_config, randomize):
     fused = run()
     with fused_kernels(False):
         plain = run()
-    identical = sum(a == b for a, b in zip(fused, plain))
     assert all(len(a) == 24 for a in fused)
-    assert identical >= 6, (fused, plain)  # a bf16 near-tie may flip a token late in a sequence
+    assert sum(a == b for a, b in zip(fused, plain)) >= 7, (fused, plain)
