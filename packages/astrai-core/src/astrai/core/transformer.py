@@ -35,11 +35,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoE(config) if config.ffn_type == "moe" else MLP(config.dim, config.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, cache: KVCacheView | None = None):
-        # x = x + attn; h = norm(x) -- one kernel at inference on CUDA, the same torch ops otherwise.
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        x, h = self.post_attention_layernorm.add_forward(x, attn)
-        return x + self.mlp(h)
+    def forward(self, x, cos, sin, mask, cache: KVCacheView | None = None, pending: torch.Tensor | None = None):
+        """(residual stream, this block's MLP output not yet added to it).
+
+        Each residual add is left to the norm that follows it (`pending` is the previous block's
+        MLP output), so add + RMSNorm is one kernel at inference on CUDA; the torch path runs
+        the same ops as `x = x + f(norm(x))`."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm.add_forward(x, pending)
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, mask, cache))
+        return x, self.mlp(h)
 
 
 class TransformerModel(nn.Module):
@@ -60,12 +67,15 @@ class TransformerModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
         mask = None if cache is not None else build_attention_mask(position_ids, attention_mask, packed)
+        pending = None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                # Add outside the checkpoint: it then keeps one saved input per layer, not two.
+                x = x if pending is None else x + pending
+                x, pending = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
-        return self.norm(x)
+                x, pending = layer(x, cos, sin, mask, cache, pending)
+        return self.norm.add_forward(x, pending)[1]
 
 
 class CausalLM(nn.Module):
