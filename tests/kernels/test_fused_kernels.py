@@ -142,3 +142,22 @@ def test_bad_switch_value_names_the_variable():
     proc = subprocess.run([sys.executable, "-c", "import astrai.core.kernels.dispatch"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "ASTRAI_FUSED_KERNELS must be 0" in proc.stderr, proc.stderr[-2000:]
+
+
+@needs_triton
+def test_unsupported_inputs_keep_the_torch_path():
+    from astrai.core.kernels import fused_norm, fused_rope, fused_silu_mul
+
+    x, w = torch.randn(2, 3, 8), torch.ones(8)
+    assert fused_norm.supports(x, w)
+    assert not fused_norm.supports(x.double(), w.double())  # the kernel computes in float32
+    assert not fused_norm.supports(x, torch.ones(6))
+    assert not fused_norm.supports(x, w, residual=x.bfloat16())
+    q, k, cos = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 2, 8), torch.randn(1, 3, 8)
+    assert fused_rope.supports(q, k, cos)
+    assert not fused_rope.supports(q.double(), k.double(), cos.double())
+    assert not fused_rope.supports(q, k, cos.bfloat16())
+    assert not fused_rope.supports(q, k, cos, (torch.ones(8), torch.ones(6)))
+    assert not fused_rope.supports(q[..., :7], k[..., :7], cos[..., :7])  # odd rotary width
+    assert fused_silu_mul.supports(x, x)
+    assert not fused_silu_mul.supports(x, x.transpose(0, 1).contiguous().transpose(0, 1))  # strided

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 
 _ENV = "ASTRAI_FUSED_KERNELS"
+# The kernels compute in float32: float64 keeps the torch ops (and their precision).
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import FUSED_DTYPES
+
 MAX_COLS = 65536  # one row lives in registers; wider rows keep the torch path
 
 
@@ -37,8 +39,8 @@ def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_co
 def supports(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Shapes and dtypes the kernel handles; anything else keeps the torch path."""
     n = x.shape[-1]
-    ok = (x.is_floating_point() and weight.dim() == 1 and weight.shape[0] == n and weight.stride(0) == 1
-          and n <= MAX_COLS and x.numel() > 0)
+    ok = (x.dtype in FUSED_DTYPES and weight.dtype in FUSED_DTYPES and weight.shape == (n,)
+          and weight.stride(0) == 1 and n <= MAX_COLS and x.numel() > 0)
     if residual is not None:
         ok = ok and residual.shape == x.shape and residual.dtype == x.dtype
     return ok

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import FUSED_DTYPES
+
 
 @triton.jit
 def _rotate_heads(X, O, W, x_row, o_row, stride_h, n_heads, cos1, cos2, sin1, sin2, eps,
@@ -68,7 +70,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, norm_weights=N
     b, t, _, d = q.shape
     ok = (k.shape[:2] == (b, t) and k.shape[3] == d and d % 2 == 0
           and cos.dim() == 3 and cos.shape[0] in (1, b) and cos.shape[1:] == (t, d)
-          and q.dtype == k.dtype == cos.dtype and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1
+          and q.dtype in FUSED_DTYPES and q.dtype == k.dtype == cos.dtype
+          and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1
           and q.numel() > 0 and k.numel() > 0)
     if ok and norm_weights is not None:
         ok = all(w.shape == (d,) and w.dtype == q.dtype and w.stride(0) == 1 for w in norm_weights)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import FUSED_DTYPES
+
 _BLOCK = 1024
 
 
@@ -26,7 +28,7 @@ def _silu_mul_kernel(G, U, O, n, BLOCK: tl.constexpr):
 
 
 def supports(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    return (gate.shape == up.shape and gate.dtype == up.dtype and gate.is_floating_point()
+    return (gate.shape == up.shape and gate.dtype == up.dtype and gate.dtype in FUSED_DTYPES
             and gate.is_contiguous() and up.is_contiguous() and gate.numel() > 0)
 
 
