@@ -190,6 +190,50 @@ def test_concurrent_requests_share_the_engine_and_equal_offline(server, offline)
     assert steps < tokens / 4, f"{steps} engine steps for {tokens} tokens: requests were not batched"
 
 
+def test_concurrent_streams_of_both_protocols_equal_full_answers(server, offline):
+    """Streams that run together (their replies share the worker's batched messages) still join
+    to the offline answers: OpenAI completions with n=2 per choice index, Anthropic messages,
+    with usage counted right."""
+    prompts = [[{"role": "user", "content": f"{WORDS[i * 7 % 10]} {WORDS[i % 10]} ~{i}"}] for i in range(12)]
+    params = SamplingParams(temperature=1.0, max_tokens=20, seed=11, n=2, ignore_eos=True)
+    refs = offline.generate([chat_ids(offline, p) for p in prompts[:6]], params)
+    refs += offline.generate([chat_ids(offline, p) for p in prompts[6:]], SamplingParams(temperature=0, max_tokens=20))
+
+    async def openai_stream(c, i):
+        texts, finish, usage = ["", ""], [None, None], None
+        stream = await c.completions.create(model=server.model, prompt=chat_ids(offline, prompts[i]), max_tokens=20,
+                                            temperature=1.0, seed=11, n=2, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+                finish[choice.index] = choice.finish_reason or finish[choice.index]
+            usage = chunk.usage or usage
+        return texts, finish, (usage.prompt_tokens, usage.completion_tokens)
+
+    async def anthropic_stream(c, i):
+        async with c.messages.stream(model=server.model, max_tokens=20, messages=prompts[i],
+                                     extra_body={"temperature": 0}) as stream:
+            text = "".join([e.delta.text async for e in stream if e.type == "content_block_delta"])
+            final = await stream.get_final_message()
+        return text, final.content[0].text, (final.usage.input_tokens, final.usage.output_tokens)
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0) as oc, \
+                anthropic.AsyncAnthropic(base_url=server.url, api_key=server.api_key, max_retries=0) as ac:
+            return await asyncio.gather(*(openai_stream(oc, i) for i in range(6)),
+                                        *(anthropic_stream(ac, i) for i in range(6, 12)))
+
+    outputs = asyncio.run(run_all())
+    for ref, (texts, finish, usage) in zip(refs[:6], outputs[:6]):
+        assert texts == [s.text for s in ref.samples] and finish == ["length", "length"]
+        assert usage == (len(ref.prompt_token_ids), 40)
+    assert sum(len(r.token_ids) for r in refs[6:]) > 30  # the greedy answers are not all empty
+    for ref, (streamed, final, usage) in zip(refs[6:], outputs[6:]):
+        assert streamed == final == ref.text
+        assert usage == (len(ref.prompt_token_ids), len(ref.token_ids))
+
+
 # -- Anthropic -------------------------------------------------------------------------------
 def _anthropic_ref(offline, system, messages, max_tokens):
     ids = chat_ids(offline, [{"role": "system", "content": system}, *messages])

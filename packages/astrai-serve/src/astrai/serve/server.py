@@ -69,6 +69,18 @@ def _sse_anthropic(item: tuple[str, dict]) -> str:
     return f"event: {name}\ndata: {_json_line(data)}\n\n"
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator however the response ends. When the client leaves while a chunk
+    is being written, Starlette abandons the generator at its `yield`, and its clean-up (the
+    engine abort in `_stream`) would wait for the garbage collector."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 class ProtocolSpec(LitSpec):
     """Routes of both protocols over one worker queue (LitServe keys the queue by `api_path`)."""
 
@@ -211,8 +223,8 @@ class ProtocolSpec(LitSpec):
                     streamer, fmt = stream_cls(request_id, self.info, n, options), _sse_openai
                 self.metrics.request_done(route, 200)
                 body_iter = self._stream(request_id, first, batches, streamer, fmt, protocol, start)
-                return StreamingResponse(body_iter, media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return _ClosingStreamingResponse(body_iter, media_type="text/event-stream",
+                                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             acc = Accumulator(n)
             if await self._unless_gone(request, request_id, _fold(first, batches, acc)) is _GONE:
                 return Response(status_code=499)
@@ -405,6 +417,9 @@ def run_server(server: ls.LitServer, config: ServeConfig) -> None:
                 return
 
     threading.Thread(target=watch, name="astrai-startup-watch", daemon=True).start()
+    from .api import quiet_gc
+
+    quiet_gc()  # the HTTP process is forked from this one: it starts with the same frozen objects
     try:
         server.run(host=config.host, port=config.port, log_level=config.log_level, generate_client_file=False,
                    num_api_servers=1)
