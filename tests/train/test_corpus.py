@@ -8,7 +8,7 @@ import re
 import pytest
 
 from astrai.train.corpus import (ANIMALS, WEEKDAYS_EN, add_en, add_zh, is_correct, load_questions,
-                                 pretrain_documents, split_questions, write_corpus, zh_number)
+                                 pretrain_documents, split_questions, split_rl, write_corpus, zh_number)
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -83,7 +83,7 @@ def test_dpo_validation_pairs_ask_other_questions_than_training_pairs(corpus):
 
 def test_sft_rows_are_chats_whose_reply_is_the_reference(corpus):
     rows = read(corpus["sft_train"])
-    train, _ = split_questions(seed=0)
+    train, _ = split_rl(split_questions(seed=0)[0])
     assert len(rows) == len(train)
     for row, q in zip(rows, train):
         assert row["messages"] == [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.reference}]
@@ -92,7 +92,7 @@ def test_sft_rows_are_chats_whose_reply_is_the_reference(corpus):
 
 
 def test_dpo_pairs_prefer_the_correct_answer(corpus):
-    train, _ = split_questions(seed=0)
+    train, _ = split_rl(split_questions(seed=0)[0])
     by_prompt = {q.prompt: q for q in train}
     for row in read(corpus["dpo_train"]) + read(corpus["dpo_val"]):
         q = by_prompt[row["prompt"]]
@@ -109,6 +109,23 @@ def test_heldout_file_round_trips_and_grpo_has_answers(corpus):
     for row, q in zip(read(corpus["grpo_val"]), held):
         assert row == {"prompt": q.prompt, "answer": q.answer, "reference": q.reference}
         assert q.answer in q.reference
+
+
+def test_grpo_practises_sums_that_sft_never_asks_and_pretraining_reads(corpus):
+    """Three disjoint sets of sums: SFT's, GRPO's (a quarter of the training sums) and the
+    held-out ones; pre-training text mentions all of them."""
+    def sums(rows, key):
+        return {tuple(map(int, re.findall(r"\d+", r[key])[:2])) for r in rows if re.match(r"^\D*\d+ \+ \d+", r[key])}
+
+    sft = {tuple(map(int, re.findall(r"\d+", r["messages"][0]["content"])[:2])) for r in read(corpus["sft_train"])
+           if re.search(r"\d+ \+ \d+", r["messages"][0]["content"])}
+    grpo = sums(read(corpus["grpo_train"]), "prompt")
+    held = sums(read(corpus["grpo_val"]), "prompt")
+    assert len(grpo) >= 15 and len(sft) >= 3 * len(grpo) - 5 and len(held) >= 10
+    assert not grpo & sft and not grpo & held and not sft & held
+    text = " ".join(r["text"] for r in read(corpus["pretrain_train"]))
+    for a, b in grpo:
+        assert f"{a} + {b}" in text
 
 
 def test_is_correct_is_exact_up_to_surrounding_space():

@@ -203,6 +203,17 @@ def split_questions(seed: int = 0, heldout_pairs: int = 20) -> tuple[list[Questi
     return train + other_questions(), held
 
 
+def split_rl(train: list[Question], seed: int = 0) -> tuple[list[Question], list[Question]]:
+    """(SFT/DPO questions, GRPO questions): GRPO gets a quarter of the training sums.
+
+    GRPO practises sums that SFT never asked (but pre-training read), as the held-out ones are:
+    what it learns there, recalling a fact read once and answering in the chat format, is what
+    the held-out questions test."""
+    sums = sorted({q.operands for q in train if q.operands})
+    rl_pairs = set(random.Random(seed + 2).sample(sums, len(sums) // 4))
+    return [q for q in train if q.operands not in rl_pairs], [q for q in train if q.operands in rl_pairs]
+
+
 def _qa_sentences(questions: list[Question]) -> Callable[[random.Random, str], list[str]]:
     """Question-and-answer text (as found on the web) about the given questions only."""
     by_lang = {lang: [q for q in questions if q.lang == lang] for lang in ("en", "zh")}
@@ -318,6 +329,7 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
     """
     out = Path(out_dir)
     train_q, held_q = split_questions(seed)
+    train_q, rl_q = split_rl(train_q, seed)
 
     def question_rows(qs: list[Question], with_reply: bool) -> list[dict]:
         return [{"messages": q.messages(q.reference if with_reply else None), "reference": q.reference,
@@ -328,7 +340,7 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
 
     # Pre-training reads Q&A text about every question (as web text would have); SFT never
     # asks the held-out ones.
-    docs = [{"text": t} for t in pretrain_documents(n_docs, seed, qa=train_q + held_q)]
+    docs = [{"text": t} for t in pretrain_documents(n_docs, seed, qa=train_q + rl_q + held_q)]
     chats = [f"user\n{q.prompt}\nassistant\n{q.reference}" for q in train_q]
     dpo_train, dpo_val = split_preferences(train_q, seed)
     return {
@@ -337,14 +349,14 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
         "pretrain_train": _write(out / "pretrain" / "train.jsonl", docs),
         # A different seed stream: the validation text is new text about the same world.
         "pretrain_val": _write(out / "pretrain" / "val.jsonl",
-                               [{"text": t} for t in pretrain_documents(n_val_docs, seed + 1000, qa=train_q + held_q)]),
+                               [{"text": t} for t in pretrain_documents(n_val_docs, seed + 1000, qa=train_q + rl_q + held_q)]),
         "sft_train": _write(out / "sft" / "train.jsonl",
                             [{"messages": q.messages(q.reference)} for q in train_q] * sft_repeats),
         "sft_val": _write(out / "sft" / "val.jsonl", [{"messages": q.messages(q.reference)} for q in held_q]),
         "sft_heldout": _write(out / "sft" / "heldout.jsonl", question_rows(held_q, with_reply=False)),
         "dpo_train": _write(out / "dpo" / "train.jsonl", dpo_train),
         "dpo_val": _write(out / "dpo" / "val.jsonl", dpo_val),
-        "grpo_train": _write(out / "grpo" / "train.jsonl", grpo_rows(train_q)),
+        "grpo_train": _write(out / "grpo" / "train.jsonl", grpo_rows(rl_q)),
         "grpo_val": _write(out / "grpo" / "val.jsonl", grpo_rows(held_q)),
     }
 
