@@ -57,7 +57,11 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 
 def _json_line(data) -> str:
     """JSON on one line for any line splitter; other non-ASCII text stays readable (UTF-8)."""
-    return json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
+    text = json.dumps(data, ensure_ascii=False)
+    # translate() looks up every character in Python: only pay for it when there is a break.
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        return text.translate(_LINE_BREAKS)
+    return text
 
 
 def _sse_openai(item: dict) -> str:
