@@ -70,7 +70,7 @@ def test_bf16_engine_greedy_matches_transformers_generate(kind, tmp_path):
                for n in torch.randint(5, 200, (16,), generator=gen)]
     new = 48
     completions = engine.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
-    clear_mismatch, identical = [], 0
+    clear_mismatch = []
     with torch.no_grad():
         for prompt, c in zip(prompts, completions):
             ids = torch.tensor([prompt], device="cuda")
@@ -79,7 +79,6 @@ def test_bf16_engine_greedy_matches_transformers_generate(kind, tmp_path):
             got = list(c.token_ids)
             assert len(got) == new
             if got == expected:
-                identical += 1
                 continue
             at = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
             # Judge the first difference with the float32 model on the shared prefix.
@@ -90,4 +89,7 @@ def test_bf16_engine_greedy_matches_transformers_generate(kind, tmp_path):
             if gap > 2 * bf16_error:
                 clear_mismatch.append((at, got[at], expected[at], float(gap), float(bf16_error)))
     assert not clear_mismatch, clear_mismatch
-    assert identical >= len(prompts) // 2  # near-ties are rare: most sequences agree outright
+    # How many sequences agree outright says little: random weights give many near-ties, and two
+    # correct bf16 paths that round differently (ours fuses norm/RoPE/SiLU in float32) part at
+    # them. Measured on H100: 1 (fused kernels) and 7 or more (torch ops) of 16 identical, every
+    # difference a near-tie.
