@@ -96,7 +96,8 @@ def test_two_workers_answer_concurrent_requests_like_the_offline_engine(two_engi
 
 def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):
     """Six streams spread over the two engines; each client leaves after a few chunks. An abort
-    sent to the wrong engine would leave its request running to max_tokens."""
+    sent to the wrong engine would leave its request running to max_tokens (2000 tokens, more
+    than all the rounds below generate together)."""
     start = wait_idle(two_engines)
     before = start["engine"]["generated_tokens"]
     body = {"model": "tiny", "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -115,11 +116,16 @@ def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):
         async with httpx.AsyncClient(base_url=two_engines.url, timeout=60) as http:
             await asyncio.gather(*(leave_early(http, i) for i in range(6)))
 
-    asyncio.run(run_all())
-    stats = wait_idle(two_engines)
-    # Both engines took streams (else the routing was not put to the test).
-    assert all(w["stats"]["generated_tokens"] > v["stats"]["generated_tokens"]
-               for w, v in zip(stats["workers"], start["workers"])), (start, stats)
+    # Both engines must take streams, else the routing is not put to the test; which worker
+    # picks a request up is LitServe's choice, so a round where one took all six is repeated.
+    for _ in range(3):
+        asyncio.run(run_all())
+        stats = wait_idle(two_engines)
+        if all(w["stats"]["generated_tokens"] > v["stats"]["generated_tokens"]
+               for w, v in zip(stats["workers"], start["workers"])):
+            break
+    else:
+        raise AssertionError(f"three rounds of six streams all went to one engine: {start} -> {stats}")
     assert all(w["stats"]["running"] == 0 and w["stats"]["pages_used"] == 0 for w in stats["workers"]), stats
     # Far fewer tokens than one request left running would generate on its own.
     assert stats["engine"]["generated_tokens"] - before < 2000, stats
