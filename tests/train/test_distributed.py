@@ -28,7 +28,7 @@ from astrai.core.auto import AutoModel
 from astrai.train.cli import cli_main
 from astrai.train.optimizers import build_optimizer
 
-from trainhelp import TINY_MODEL
+from trainhelp import TINY_MODEL, write_text_rows
 
 REPO = Path(__file__).resolve().parents[2]
 HALF, FULL = 5, 10
@@ -44,13 +44,7 @@ STRATEGIES = {
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tokenizer_dir) -> dict[str, Path | str]:
-    root = tmp_path_factory.mktemp("dist_inputs")
-    rows = root / "text.jsonl"
-    rows.write_text("".join(json.dumps({"text": f"row {i}: the cat sat on the mat, 猫坐在垫子上。"}) + "\n"
-                            for i in range(60)))
-    model = root / "tiny.json"
-    model.write_text(json.dumps(TINY_MODEL))
-    return {"rows": rows, "model": model, "tokenizer": tokenizer_dir, "cache": root / "cache"}
+    return write_text_rows(tmp_path_factory.mktemp("dist_inputs"), tokenizer_dir)
 
 
 def fit_args(inputs, root: Path, steps: int, batch_size: int) -> list[str]:

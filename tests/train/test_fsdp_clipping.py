@@ -10,7 +10,6 @@ with 2 GPUs also under Lightning's own FSDPStrategy (float32, so one device comp
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import torch
 from astrai.train.cli import cli_main
 
 from test_distributed import HALF, LOSS_TOL, REPO, STRATEGIES, WEIGHT_TOL, fit_args, losses, weights
-from trainhelp import TINY_MODEL
+from trainhelp import write_text_rows
 
 # So small that the clipped gradients fall below AdamW's eps (1e-8) and the updates shrink:
 # plain clipping by a steady factor would hardly show, as AdamW divides it out again.
@@ -31,13 +30,7 @@ CLIP = 1e-6
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tokenizer_dir) -> dict[str, Path | str]:
-    root = tmp_path_factory.mktemp("clip_inputs")
-    rows = root / "text.jsonl"
-    rows.write_text("".join(json.dumps({"text": f"row {i}: the cat sat on the mat, 猫坐在垫子上。"}) + "\n"
-                            for i in range(60)))
-    model = root / "tiny.json"
-    model.write_text(json.dumps(TINY_MODEL))
-    return {"rows": rows, "model": model, "tokenizer": tokenizer_dir, "cache": root / "cache"}
+    return write_text_rows(tmp_path_factory.mktemp("clip_inputs"), tokenizer_dir)
 
 
 def one_device(inputs, root: Path, accelerator: str, *extra: str) -> Path:

@@ -3,7 +3,9 @@ a tiny corpus and model shape, learnable batches that follow the batch contract,
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -74,3 +76,14 @@ def make_trainer(tmp_path, **kwargs) -> L.Trainer:
                     num_sanity_val_steps=0)
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def write_text_rows(root: Path, tokenizer_dir) -> dict[str, Path | str]:
+    """60 short bilingual text rows, the tiny model's config and a cache folder under root:
+    the inputs of the multi-process training tests."""
+    rows = root / "text.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i}: the cat sat on the mat, 猫坐在垫子上。"}) + "\n"
+                            for i in range(60)))
+    model = root / "tiny.json"
+    model.write_text(json.dumps(TINY_MODEL))
+    return {"rows": rows, "model": model, "tokenizer": tokenizer_dir, "cache": root / "cache"}
