@@ -72,9 +72,8 @@ def main(argv=None) -> int:
     config = ModelConfig.from_json(args.model)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = AutoModel.from_config(config, dtype=dtype, device=args.device)
-    extra = {} if args.cuda_graphs is None else {"cuda_graphs": args.cuda_graphs}
     engine = InferenceEngine(model, None, max_batch_size=args.batch, max_num_batched_tokens=max(2048, args.batch),
-                             page_size=16, device=args.device, **extra)
+                             page_size=16, device=args.device, cuda_graphs=args.cuda_graphs)
     if args.padded:
         from astrai.core.engine.cuda_graphs import DecodeRunner
 
@@ -92,10 +91,10 @@ def main(argv=None) -> int:
             engine.add_request(prompt, params)
     while len(engine.scheduler.running) < args.batch or any(s.num_pending > 1 for s in engine.scheduler.running):
         engine.step()
-    for _ in range(3):  # warm-up decode steps (and graph capture, if any)
+    for _ in range(3):  # warm-up decode steps (any CUDA graphs were captured when the engine was built)
         engine.step()
     # The padded path calls the body and the LM head itself; the eager path calls the model.
-    runner = getattr(engine.core, "decode_runner", None)
+    runner = engine.core.decode_runner
     modules = [engine.model.model, engine.model.lm_head] if runner is not None else [engine.model]
     timer = ForwardTimer(modules, engine.device)
     profiler = cProfile.Profile() if args.profile else None
