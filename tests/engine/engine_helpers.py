@@ -57,3 +57,18 @@ def assert_pages_released(engine) -> None:
     assert all(c == 0 for c in alloc.refcount)
     assert alloc.num_free == alloc.num_pages
     assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def cache_pools(cache) -> list[torch.Tensor]:
+    """The paged cache's key pool and, unless values live in the keys (MLA), its value pool."""
+    return [cache.k] if cache.v is None else [cache.k, cache.v]
+
+
+def slots_changed(before: list[torch.Tensor], cache) -> set[int]:
+    """Flat slots (page * page_size + offset) whose keys or values differ, in any layer, from
+    `before` (clones of cache_pools(cache))."""
+    changed = set()
+    for old, new in zip(before, cache_pools(cache)):
+        diff = (old != new).flatten(3).any(-1).any(0)  # (pages, page_size)
+        changed |= set(diff.flatten().nonzero()[:, 0].tolist())
+    return changed

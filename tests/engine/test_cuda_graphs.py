@@ -13,7 +13,7 @@ import logging
 
 import pytest
 import torch
-from engine_helpers import assert_pages_released, random_prompts, tiny_model
+from engine_helpers import assert_pages_released, cache_pools, random_prompts, slots_changed, tiny_model
 
 from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.engine.cuda_graphs import DecodeRunner
@@ -135,11 +135,9 @@ def test_padding_rows_write_only_the_scratch_page():
     while len(running) < 3 or any(s.num_pending > 1 for s in running):
         engine.step()
     for _ in range(6):  # 3 live rows padded to the bucket of 4
-        before = [cache.k.clone(), cache.v.clone()]
+        before = [pool.clone() for pool in cache_pools(cache)]
         engine.step()
-        changed = set()
-        for b, a in zip(before, [cache.k, cache.v]):
-            changed |= set((b != a).flatten(3).any(-1).any(0).flatten().nonzero()[:, 0].tolist())
+        changed = slots_changed(before, cache)
         written = {s.pages[(s.num_computed - 1) // ps] * ps + (s.num_computed - 1) % ps for s in running}
         assert len(written) == 3 and written <= changed and changed - written <= scratch
 

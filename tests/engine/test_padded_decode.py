@@ -7,7 +7,7 @@ padding rows must write only into the scratch page, which is never handed out.
 
 import pytest
 import torch
-from engine_helpers import assert_pages_released, random_prompts, tiny_model
+from engine_helpers import assert_pages_released, cache_pools, random_prompts, slots_changed, tiny_model
 
 from astrai.core.engine import InferenceEngine, KernelPagedAttention, SamplingParams, TorchPagedAttention
 from astrai.core.engine.cuda_graphs import DecodeRunner, batch_buckets, graph_blocker
@@ -95,12 +95,6 @@ def test_seeded_forks_draw_the_same_tokens():
             assert max(abs(x.logprob - y.logprob) for x, y in zip(sa.logprobs, sb.logprobs)) < 1e-5
 
 
-def _slots_changed(before: torch.Tensor, after: torch.Tensor) -> set[int]:
-    """Flat slots (page * page_size + offset) whose keys or values changed in any layer."""
-    changed = (before != after).flatten(3).any(-1).any(0)  # (pages, page_size)
-    return set(changed.flatten().nonzero()[:, 0].tolist())
-
-
 @ARCHS
 def test_padding_rows_write_only_the_scratch_page(arch):
     model = tiny_model(VOCAB, seed=5, **arch)
@@ -115,12 +109,11 @@ def test_padding_rows_write_only_the_scratch_page(arch):
         engine.step()
     assert not cache.k[:, cache.scratch_page].any()  # nothing touched it during prefill
     for step in range(6):  # 3 live rows padded to the bucket of 4
-        before = [cache.k.clone()] + ([cache.v.clone()] if cache.v is not None else [])
+        before = [pool.clone() for pool in cache_pools(cache)]
         runs = engine.core.decode_runner.num_steps
         engine.step()
         assert engine.core.decode_runner.num_steps == runs + 1
-        after = [cache.k] + ([cache.v] if cache.v is not None else [])
-        changed = set().union(*(_slots_changed(b, a) for b, a in zip(before, after)))
+        changed = slots_changed(before, cache)
         written = {s.pages[(s.num_computed - 1) // ps] * ps + (s.num_computed - 1) % ps for s in running}
         assert len(written) == 3 and written <= changed
         assert changed - written <= scratch  # nothing else: no live or free page was written
