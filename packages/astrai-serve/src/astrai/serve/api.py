@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 
 import litserve as ls
 
-from .config import ServeConfig, parse_size
+from .config import ServeConfig, cuda_index, parse_size
 from .control import ControlPlane
 from .generation import merge_events
 
@@ -72,7 +72,7 @@ def pin_gpu(device: str) -> str:
         return device
     import torch
 
-    index = int(device.partition(":")[2] or 0)
+    index = cuda_index(device)
     if torch.cuda.is_initialized():
         log.warning("CUDA started before the worker's setup; cannot hide the other GPUs from %s", device)
         torch.cuda.set_device(index)

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .config import ServeConfig, ServeConfigError, build_config
+from .config import ServeConfig, ServeConfigError, build_config, cuda_index
 
 log = logging.getLogger("astrai.serve")
 
@@ -92,7 +92,7 @@ def check_gpus(config: ServeConfig, visible: int) -> None:
             raise ServeConfigError(f"devices: asks for GPU(s) {gpus} but there are {seen}; ask for at most "
                                    f"{visible} (--devices {visible}) or name visible ones (0..{visible - 1})")
     elif config.device.startswith("cuda"):
-        index = int(config.device.partition(":")[2] or 0)
+        index = cuda_index(config.device)
         if visible == 0:
             raise ServeConfigError(f"device: {config.device!r} requested but CUDA is not available; use --device cpu")
         if index >= visible:

@@ -65,10 +65,11 @@ class ServeConfig:
         _check_int(self, "port", 1024, 65535)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ServeConfigError(f"device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
-        if self.gpus() is not None and self.device == "cpu":
+        gpus = self.gpus()
+        if gpus is not None and self.device == "cpu":
             raise ServeConfigError(f"devices: asks for GPUs ({self.devices!r}) but device is 'cpu'; drop one of "
                                    "them (on the CPU, --workers N runs N engines)")
-        if self.gpus() is not None and self.device.startswith("cuda:"):
+        if gpus is not None and self.device.startswith("cuda:"):
             raise ServeConfigError(f"devices: cannot be combined with device {self.device!r}; name the GPUs in "
                                    "devices (e.g. --devices 1,2) and leave device at auto or cuda")
         if self.dtype not in DTYPES:
@@ -105,6 +106,11 @@ def _check_int(cfg: ServeConfig, name: str, lo: int, hi: int | None = None) -> N
     if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
         allowed = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
         raise ServeConfigError(f"{name}: must be an integer {allowed}, got {value!r}")
+
+
+def cuda_index(device: str) -> int:
+    """The GPU index of a CUDA device string: "cuda" -> 0, "cuda:2" -> 2."""
+    return int(device.partition(":")[2] or 0)
 
 
 def parse_devices(value: Any) -> list[int] | None:

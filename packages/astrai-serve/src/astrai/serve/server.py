@@ -32,7 +32,7 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from . import anthropic_protocol, openai_protocol
-from .config import ServeConfig
+from .config import ServeConfig, cuda_index
 from .control import ControlPlane, combine_stats
 from .errors import APIError, anthropic_error_body, openai_error_body
 from .fields import parse_json_object
@@ -356,7 +356,7 @@ def placement(config: ServeConfig, cuda_available: bool) -> tuple[str, list[int]
         device = "cuda" if cuda_available else "cpu"
     if device == "cpu":
         return "cpu", [0], config.workers
-    return "cuda", [int(device.partition(":")[2] or 0)], config.workers
+    return "cuda", [cuda_index(device)], config.workers
 
 
 def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
