@@ -8,7 +8,7 @@ generated corpus (pseudo-words with a Zipf distribution and a usual successor pe
 there is something to learn) and a byte-level BPE tokenizer trained on it (32,000 tokens: the
 TinyLlama vocabulary size). All runs start from the same seed, so the same weights, and walk
 the same shuffled windows; the learning-rate schedule has a fixed length (steps + extra steps).
-No gradient clipping: Lightning's FSDP precision plugin refuses clipping by norm.
+No gradient clipping (CausalLMModule clips under FSDP too, but these runs compare plain steps).
 
   one      1 device,  batch B      STEPS + EXTRA steps   the reference loss curve
   half     1 device,  batch B/2    STEPS steps           the throughput baseline (see below)

@@ -191,7 +191,6 @@ def run_reference(args, config: dict, device: torch.device) -> dict:
     """transformers' LlamaForCausalLM, same shape, as a user of transformers would train it."""
     import transformers
 
-    from astrai.core.config import ModelConfig
     from astrai.core.hf_config import to_hf_dict
 
     ours = ModelConfig.from_dict(config)
