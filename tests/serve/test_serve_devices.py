@@ -4,6 +4,7 @@ start-up on two GPUs is in test_serve_multi_gpu.py."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -122,10 +123,10 @@ def test_pin_gpu_hides_the_other_gpus(monkeypatch):
         pytest.skip("CUDA already started in this process")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert pin_gpu("cuda:1") == "cuda:0"
-    assert __import__("os").environ["CUDA_VISIBLE_DEVICES"] == "5"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert pin_gpu("cuda:2") == "cuda:0"
-    assert __import__("os").environ["CUDA_VISIBLE_DEVICES"] == "2"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
     assert pin_gpu("cpu") == "cpu"
 
 
