@@ -53,7 +53,7 @@ class ServeConfig:
     api_key: str | None = _opt(None, "require this key: 'Authorization: Bearer KEY' (OpenAI) or "
                                      "'x-api-key: KEY' (Anthropic); default: $ASTRAI_API_KEY, else no auth",
                                metavar="KEY")
-    fast_queue: bool = _opt(True, "ZeroMQ between the HTTP process and the engine's worker "
+    fast_queue: bool = _opt(True, "the workers' replies reach the HTTP process over batched ZeroMQ "
                                   "(--no-fast-queue: multiprocessing queues, slower)")
     log_level: str = _opt("info", f"one of {', '.join(LOG_LEVELS)}")
 
