@@ -114,13 +114,12 @@ def test_heldout_file_round_trips_and_grpo_has_answers(corpus):
 def test_grpo_practises_sums_that_sft_never_asks_and_pretraining_reads(corpus):
     """Three disjoint sets of sums: SFT's, GRPO's (a quarter of the training sums) and the
     held-out ones; pre-training text mentions all of them."""
-    def sums(rows, key):
-        return {tuple(map(int, re.findall(r"\d+", r[key])[:2])) for r in rows if re.match(r"^\D*\d+ \+ \d+", r[key])}
+    def sums(prompts):
+        return {tuple(map(int, re.findall(r"\d+", p)[:2])) for p in prompts if re.match(r"^\D*\d+ \+ \d+", p)}
 
-    sft = {tuple(map(int, re.findall(r"\d+", r["messages"][0]["content"])[:2])) for r in read(corpus["sft_train"])
-           if re.search(r"\d+ \+ \d+", r["messages"][0]["content"])}
-    grpo = sums(read(corpus["grpo_train"]), "prompt")
-    held = sums(read(corpus["grpo_val"]), "prompt")
+    sft = sums(r["messages"][0]["content"] for r in read(corpus["sft_train"]))
+    grpo = sums(r["prompt"] for r in read(corpus["grpo_train"]))
+    held = sums(r["prompt"] for r in read(corpus["grpo_val"]))
     assert len(grpo) >= 15 and len(sft) >= 3 * len(grpo) - 5 and len(held) >= 10
     assert not grpo & sft and not grpo & held and not sft & held
     text = " ".join(r["text"] for r in read(corpus["pretrain_train"]))
