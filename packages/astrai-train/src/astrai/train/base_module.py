@@ -101,7 +101,8 @@ class CausalLMModule(L.LightningModule):
             vocab_size and bos/eos/pad ids come from the tokenizer.
         tokenizer: tokenizer directory, saved with the exported model; defaults to the model
             directory when that holds a tokenizer.
-        optimizer: "adamw" (fused on CUDA) or "muon" (hidden 2-D weights; AdamW for the rest).
+        optimizer: "adamw" (fused on CUDA; MasterWeightAdamW with param_dtype "bfloat16") or
+            "muon" (hidden 2-D weights; AdamW for the rest).
         lr, weight_decay, betas, eps: optimizer settings (weight decay on matrices only).
         momentum, ns_steps: Muon momentum and Newton-Schulz steps.
         scheduler: "cosine" (warmup then cosine to min_lr_ratio * lr), "sgdr" (cosine with warm
