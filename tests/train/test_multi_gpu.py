@@ -51,7 +51,6 @@ def check(summary: dict, tol: float) -> None:
     served = summary["serve"]
     assert served["finish_reason"] == "length" and served["usage"]["completion_tokens"] == 24, served
     assert sum(e["generated_tokens"] for e in served["engines"]) == 24
-    assert len(losses["one"]) == steps + extra
 
 
 @pytest.mark.slow
