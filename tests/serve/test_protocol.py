@@ -171,13 +171,14 @@ def test_completion_rejects_bad_fields(info, body, param):
 def test_messages_prompt_has_system_and_prefill(info):
     body = {"model": "tiny", "max_tokens": 5, "system": [{"type": "text", "text": "Be brief."}],
             "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure,"}],
-            "stop_sequences": ["\n\n"], "temperature": 0.5, "top_k": 4}
+            "stop_sequences": ["\n\n"], "temperature": 0.5, "top_k": 4, "ignore_eos": True}
     gen, options = anth.parse_messages(body, info)
     text = info.tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
         add_generation_prompt=True, tokenize=False)
     assert gen.prompt_ids == info.tokenizer.encode(text + "Sure,")
-    assert gen.params == {"temperature": 0.5, "top_p": 1.0, "top_k": 4, "stop": ["\n\n"], "max_tokens": 5}
+    assert gen.params == {"temperature": 0.5, "top_p": 1.0, "top_k": 4, "stop": ["\n\n"], "max_tokens": 5,
+                          "ignore_eos": True}
     assert options == {"stream": False, "stop": ["\n\n"]}
 
 
@@ -187,6 +188,7 @@ def test_messages_prompt_has_system_and_prefill(info):
     ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "top-level 'system'"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, "'image' is not supported"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "temperature": 1.5}, "'temperature'"),
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": "yes"}, "'ignore_eos'"),
     ({"max_tokens": 10_000, "messages": [{"role": "user", "content": "Hi"}]}, "maximum context length"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "stop_sequences": "x y"}, None),
 ])

@@ -86,6 +86,7 @@ def parse_messages(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, A
         "top_p": fields.number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         "top_k": fields.integer(body, "top_k", 0, 0),
         "stop": stop or None,
+        "ignore_eos": fields.boolean(body, "ignore_eos", False),  # vLLM's extra, as on the OpenAI routes
     }
     prompt_ids = _prompt_ids(body, info)
     params["max_tokens"] = fit_max_tokens(len(prompt_ids), max_tokens, info, "max_tokens", "messages")
