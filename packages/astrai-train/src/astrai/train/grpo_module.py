@@ -369,8 +369,9 @@ class GRPOModule(CausalLMModule):
         mini = min(self.mini_batch_size or n, n)
         micro = min(self.micro_batch_size or mini, mini)
         shuffle = torch.Generator().manual_seed(_seed(self.rollout_seed, self.global_step, 1))
-        sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 0.0}
-        tokens = updates = 0
+        # Device tensors: reading a value back per micro-batch would wait for the device each time.
+        sums = {name: torch.zeros((), device=self.device) for name in ("loss", "kl", "clip_frac", "ratio")}
+        tokens, updates = torch.zeros((), device=self.device), 0
         max_steps = self.trainer.max_steps
         for _ in range(self.ppo_epochs):
             order = torch.randperm(n, generator=shuffle).to(self.device) if mini < n else torch.arange(n, device=self.device)
@@ -389,10 +390,10 @@ class GRPOModule(CausalLMModule):
                     if torch.is_tensor(aux):  # MoE load balancing, weighted by this micro-batch's share
                         loss = loss + aux * len(idx) / len(rows)
                     self.manual_backward(loss)
-                    k = int(out.n_tokens)
-                    sums["loss"] += float(out.loss.detach())
+                    k = out.n_tokens.detach()
+                    sums["loss"] += out.loss.detach()
                     for name in ("kl", "clip_frac", "ratio"):
-                        sums[name] += float(getattr(out, name)) * k
+                        sums[name] += getattr(out, name).detach() * k
                     tokens += k
                 if self.max_grad_norm:
                     self.clip_grad_norm(opt, self.max_grad_norm)
@@ -409,7 +410,7 @@ class GRPOModule(CausalLMModule):
         metrics = {"reward": rewards.mean(), "reward_std": group_std.mean(),
                    "zero_std_groups": (group_std < 1e-6).float().mean(),
                    "loss": sums["loss"] / max(updates, 1)}
-        if tokens:
+        if tokens.item() > 0:  # one wait per step (the progress bar waits for its values anyway)
             metrics.update({name: sums[name] / tokens for name in ("clip_frac", "ratio")})
             if self.kl_coef > 0:
                 metrics["kl"] = sums["kl"] / tokens
