@@ -51,7 +51,6 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -60,6 +59,7 @@ from pathlib import Path  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from serve_load import stop_server  # noqa: E402  (bench/ is on sys.path when a script of it runs)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -282,12 +282,7 @@ def serve_once(args, model_dir: Path, log_dir: Path) -> dict:
         reply = r.json()
         stats = httpx.get(url + "/stats", timeout=30).json()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
     result = {"ready_s": round(ready, 1), "reply": reply["choices"][0]["message"]["content"],
               "finish_reason": reply["choices"][0]["finish_reason"], "usage": reply["usage"],
               "engines": [{"device": w.get("device"), "generated_tokens": w.get("stats", {}).get("generated_tokens")}
