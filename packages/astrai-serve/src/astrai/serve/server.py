@@ -43,6 +43,9 @@ from .transport import BatchedZMQTransport
 log = logging.getLogger("astrai.serve")
 OPENAI, ANTHROPIC = "openai", "anthropic"
 _GONE = object()  # the client disconnected
+# How often a handler waiting for a full answer checks that its client is still there: a small
+# model on a GPU writes a 2,000-token answer in about a second, all of it wasted after a leave.
+_DISCONNECT_POLL_S = 0.1
 
 
 def _error_response(protocol: str, err: APIError) -> JSONResponse:
@@ -247,7 +250,7 @@ class ProtocolSpec(LitSpec):
         task = asyncio.ensure_future(awaitable)
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=0.5)
+                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
                 if done:
                     return task.result()
                 if await request.is_disconnected():
