@@ -13,10 +13,16 @@ import logging
 
 import pytest
 import torch
-from engine_helpers import assert_pages_released, cache_pools, random_prompts, slots_changed, tiny_model
+from engine_helpers import (
+    assert_pages_released,
+    cache_pools,
+    padded_engine,
+    random_prompts,
+    slots_changed,
+    tiny_model,
+)
 
 from astrai.core.engine import InferenceEngine, SamplingParams
-from astrai.core.engine.cuda_graphs import DecodeRunner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -41,10 +47,7 @@ def graph_engine(model, **kwargs) -> InferenceEngine:
 
 def padded_eager_engine(model, **kwargs) -> InferenceEngine:
     """The same static buffers and padding as the graphs, run eagerly."""
-    engine = InferenceEngine(model, None, cuda_graphs=False, **{**ENGINE, **kwargs})
-    engine.core.decode_runner = DecodeRunner(engine.model, engine.cache, engine.core.backend, engine.max_batch_size,
-                                             engine.max_model_len, capture=False)
-    return engine
+    return padded_engine(model, cuda_graphs=False, **{**ENGINE, **kwargs})
 
 
 def tokens(completions):

@@ -34,3 +34,17 @@ def test_cuda_engine_matches_full_recompute(backend, arch):
                 assert abs(lp.logprob - float(ref[token])) < 1e-2
                 ids.append(token)
     assert_pages_released(engine)
+
+
+@cuda
+def test_a_new_cuda_engine_warmed_up_without_leaving_a_trace():
+    vocab = 300
+    engine = InferenceEngine(tiny_model(vocab).cuda(), None, max_batch_size=4, page_size=16, num_pages=12)
+    stats = engine.stats()
+    assert stats["steps"] == stats["generated_tokens"] == stats["pages_cached"] == 0
+    assert stats["prefix_cache_hit_rate"] == 0.0 and engine.core.decode_timing.by_batch == {}
+    # The warm-up prompts are not in the prefix cache: the same prompt computes from scratch.
+    prompt = [(31 + 7 * i) % vocab for i in range(31)]
+    engine.generate(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert engine.stats()["prefix_cache_hit_rate"] == 0.0 and engine.stats()["computed_tokens"] == 32
+    assert_pages_released(engine)

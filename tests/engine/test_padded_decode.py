@@ -7,22 +7,21 @@ padding rows must write only into the scratch page, which is never handed out.
 
 import pytest
 import torch
-from engine_helpers import assert_pages_released, cache_pools, random_prompts, slots_changed, tiny_model
+from engine_helpers import (
+    assert_pages_released,
+    cache_pools,
+    padded_engine,
+    random_prompts,
+    slots_changed,
+    tiny_model,
+)
 
 from astrai.core.engine import InferenceEngine, KernelPagedAttention, SamplingParams, TorchPagedAttention
-from astrai.core.engine.cuda_graphs import DecodeRunner, batch_buckets, graph_blocker
+from astrai.core.engine.cuda_graphs import batch_buckets, graph_blocker
 
 VOCAB = 300
 MLA = dict(attn_type="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
-
-
-def padded_engine(model, **kwargs) -> InferenceEngine:
-    """An engine whose decode steps go through DecodeRunner without capture."""
-    engine = InferenceEngine(model, None, **kwargs)
-    engine.core.decode_runner = DecodeRunner(engine.model, engine.cache, engine.core.backend, engine.max_batch_size,
-                                             engine.max_model_len, capture=False)
-    return engine
 
 
 def samples(completions) -> list[list[list[int]]]:

@@ -3,6 +3,14 @@
 A step flattens the new tokens of every scheduled sequence into one row, runs the model once
 with a paged cache view, samples the sequences whose prompt is fully computed, and hands the
 new text to each request's sink. Not thread-safe: InferenceEngine calls it under its lock.
+
+Overlap: reading a step's tokens on the host (stop checks, detokenising, streaming) and
+scheduling the next step cost about as much as a large decode step on the GPU. So a decode
+step through the DecodeRunner leaves its sampled tokens on the device ("in flight"); the next
+step, when it is again a pure decode of the same sequences, is scheduled and launched first,
+feeding on those device tokens, and only then are they read. A sequence that turns out to have
+stopped wasted one row of that step; nothing it computed is kept. Anything else (prefill,
+admission, forks, penalties that count output tokens) first reads the tokens in flight.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from .attention import AttentionBackend, build_metadata
 from .cuda_graphs import DecodeRunner
 from .outputs import Completion, EngineError, Sample, StreamEvent
 from .paged_cache import PagedKVCache
-from .sampler import Sampler, SampleRow
+from .sampler import Drawn, Sampler, SampleRow
 from .scheduler import Chunk, Scheduler, StepPlan, is_decode
 from .sequence import Request, Sequence, Status
 from .stop import SampleText
@@ -41,6 +49,16 @@ class DecodeTiming:
         entry[2] += sum(c.start for c in chunks) + len(chunks)
 
 
+@dataclasses.dataclass
+class InFlight:
+    """A step whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    counts: list[int]  # rows of the draw per sequence (n on a request's first token)
+    drawn: Drawn
+    rows: dict[Sequence, int]  # the row of each sequence's token in drawn.tokens, for the next step to feed on
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopSink:
     """Where an asyncio consumer's events go: its queue, filled from inside its loop."""
@@ -57,11 +75,14 @@ class EngineCore:
         self.sampler = Sampler(tokenizer.vocab_size if tokenizer is not None else None)
         self.weights_version = 0
         self.num_steps = self.num_computed = self.num_generated = 0
+        self.num_overlapped = 0  # steps launched while the previous step's tokens were in flight
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step
         self._ended: list[Request] = []  # requests that finished or failed since the last step()
         self._outbox: list[tuple[object, object]] = []  # (sink, item) to deliver after the step
         self.decode_runner: DecodeRunner | None = None  # static-buffer (CUDA-graph) path for decode steps
         self.decode_timing = DecodeTiming()
+        self.overlap = True  # runner decode steps leave their tokens in flight (module doc)
+        self._inflight: InFlight | None = None
 
     # -- requests in ---------------------------------------------------------------------
     def add(self, r: Request) -> None:
@@ -82,23 +103,44 @@ class EngineCore:
     def step(self) -> None:
         """Schedule and run one step; what it ends is collected for take_ended()."""
         start = time.perf_counter()
+        if self._inflight is not None and not self._can_overlap():
+            self.drain()
+        decode_only = self._inflight is not None
         try:
-            plan = self.scheduler.schedule()
-            if not plan.chunks and self.scheduler.has_work():
+            plan = self.scheduler.schedule(decode_only=decode_only)
+            if not plan.chunks and self.scheduler.has_work() and not decode_only:
                 raise RuntimeError("the scheduler could not place any waiting request")
         except Exception as e:  # a bug in scheduling: fail everything rather than spin or hang
+            self.drain()
             self.fail([s.request for s in self.scheduler.running + self.scheduler.waiting], e)
             plan = StepPlan()
-        if plan.chunks:
-            decode = is_decode(plan.chunks)
-            try:
-                self.cache.copy_pages(plan.copies)
-                self._run(plan.chunks, decode)
-            except Exception as e:
-                self._isolate(plan.chunks, e)
-            else:
-                if decode:
-                    self.decode_timing.add(plan.chunks, time.perf_counter() - start)
+        if not plan.chunks:
+            self.drain()  # every running sequence ends with its token in flight
+            return
+        decode = is_decode(plan.chunks)
+        try:
+            self.cache.copy_pages(plan.copies)
+            self._run(plan.chunks, decode)
+        except Exception as e:
+            self.drain()
+            self._isolate(plan.chunks, e)
+        else:
+            if decode:
+                self.decode_timing.add(plan.chunks, time.perf_counter() - start)
+
+    def _can_overlap(self) -> bool:
+        """The next step may launch before the tokens in flight are read: it can only be a pure
+        decode of sequences whose next input is such a token, and nobody waits for a free slot."""
+        s = self.scheduler
+        if s.waiting and len(s.running) < s.max_batch_size:
+            return False
+        return all(seq.num_pending == 1 and _overlappable(seq) for seq in s.running)
+
+    def drain(self) -> None:
+        """Read the tokens in flight, if any (their stop checks, streams and finishes happen here)."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            self._resolve(inflight)
 
     def _isolate(self, chunks: list[Chunk], error: Exception) -> None:
         """A batched step failed: rerun its chunks one by one and fail only the requests that fail alone.
@@ -114,6 +156,7 @@ class EngineCore:
                 continue
             try:
                 self._run([c], is_decode([c]))
+                self.drain()
             except Exception as e:
                 self.fail([c.seq.request], e)
 
@@ -121,16 +164,31 @@ class EngineCore:
     def _run(self, chunks: list[Chunk], decode: bool) -> None:
         """Run the chunks through the model and sample; `decode`: every chunk is one sampled token."""
         runner = self.decode_runner
-        if decode and runner is not None and len(chunks) <= runner.max_batch_size:
-            logits, sampled, num_tokens = runner.run(chunks), chunks, len(chunks)
+        through_runner = decode and runner is not None and len(chunks) <= runner.max_batch_size
+        if through_runner:
+            logits, sampled, num_tokens = runner.run(chunks, *self._feed(chunks)), chunks, len(chunks)
         else:
+            self.drain()  # the eager path reads every input token on the host
             logits, sampled, num_tokens = self._forward(chunks)
         for c in chunks:
-            self.scheduler.commit(c)
+            if c.seq.status is not Status.FINISHED:  # (a drain can end one)
+                self.scheduler.commit(c)
         self.num_steps += 1
         self.num_computed += num_tokens
         if sampled:
-            self._sample(sampled, logits)
+            self._draw(sampled, logits, keep=through_runner and self.overlap)
+
+    def _feed(self, chunks: list[Chunk]) -> tuple[torch.Tensor | None, list[int] | None]:
+        """The device tokens this decode step feeds on, and each chunk's row in them; (None,
+        None) when the host has the input tokens."""
+        if self._inflight is None:
+            return None, None
+        rows = [self._inflight.rows.get(c.seq) for c in chunks]
+        if None in rows:  # some input is on the host only: read them all there
+            self.drain()
+            return None, None
+        self.num_overlapped += 1
+        return self._inflight.drawn.tokens, rows
 
     def _forward(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Chunk], int]:
         """The eager path (prefill, mixed steps): every chunk's tokens flattened into one row.
@@ -149,9 +207,12 @@ class EngineCore:
                             cache=self.cache.view(meta, self.backend), logits_index=last_t)
         return logits, sampled, len(ids)
 
-    def _sample(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
+    def _draw(self, chunks: list[Chunk], logits: torch.Tensor, keep: bool) -> None:
+        """Queue the draw of the chunks' next tokens, then read the previous step's tokens; the
+        new ones stay in flight if `keep` allows and nothing needs them on the host now."""
         seqs = [c.seq for c in chunks]
-        if all(seq.num_samples == 1 for seq in seqs):
+        counts = [seq.num_samples for seq in seqs]
+        if all(n == 1 for n in counts):
             rows = [_sample_row(seq, 0) for seq in seqs]
         else:  # a request's first token with n > 1: n draws from its one row of logits
             rows, row_logit = [], []
@@ -161,18 +222,37 @@ class EngineCore:
                     row_logit.append(j)
             (index,) = to_device([torch.tensor(row_logit)], logits.device)
             logits = logits.index_select(0, index)
-        tokens, logprobs = self.sampler(logits, rows)
-        at = 0
+        drawn = self.sampler.draw(logits, rows)
         for seq in seqs:
-            if seq.num_samples == 1:
+            seq.num_inflight += 1
+        keep = keep and all(_overlappable(seq) for seq in seqs)
+        previous, self._inflight = self._inflight, InFlight(seqs, counts, drawn, {s: i for i, s in enumerate(seqs)})
+        if previous is not None:
+            self._resolve(previous)
+        if not keep:
+            self.drain()
+
+    def _resolve(self, inflight: InFlight) -> None:
+        """Hand the sampled tokens of a step to their sequences."""
+        tokens, logprobs = inflight.drawn.result()
+        at = dropped = 0
+        for seq, n in zip(inflight.seqs, inflight.counts):
+            seq.num_inflight -= 1
+            if seq.status is Status.FINISHED:  # ended while its token was computed: drop it
+                at += n
+                dropped += n
+                continue
+            if n == 1:
                 self._append(seq, tokens[at], logprobs[at])
                 at += 1
-                continue
-            for target in self._fork(seq):
-                self._append(target, tokens[at], logprobs[at])
-                at += 1
-        self.num_generated += at
-        self._recent.append((time.perf_counter(), at))
+            else:
+                for target in self._fork(seq):
+                    self._append(target, tokens[at], logprobs[at])
+                    at += 1
+            if seq.status is Status.RUNNING:
+                self.scheduler.register(seq)  # pages that held this token can now be hashed
+        self.num_generated += at - dropped
+        self._recent.append((time.perf_counter(), at - dropped))
         while self._recent and self._recent[-1][0] - self._recent[0][0] > _RATE_WINDOW_S:
             self._recent.popleft()
 
@@ -280,11 +360,20 @@ class EngineCore:
     # -- weights and numbers -----------------------------------------------------------------
     @torch.no_grad()
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        self.drain()  # tokens in flight came from the old weights and say so
         own = self.model.state_dict()
         for name, tensor in state.items():
             own[name].copy_(tensor)
         self.scheduler.reset_prefix_cache()
         self.weights_version = version
+
+    def reset_stats(self) -> None:
+        """Forget the counters (after the engine's warm-up requests)."""
+        self.num_steps = self.num_computed = self.num_generated = self.num_overlapped = 0
+        self._recent.clear()
+        self.decode_timing = DecodeTiming()
+        if self.decode_runner is not None:
+            self.decode_runner.num_steps = 0
 
     def tokens_per_s(self) -> float:
         now = time.perf_counter()
@@ -299,6 +388,12 @@ def _sample_row(seq: Sequence, k: int) -> SampleRow:
     if r.params.has_penalties:
         return SampleRow(r.params, r.generators[seq.index + k], r.prompt_token_ids, seq.output_ids)
     return SampleRow(r.params, r.generators[seq.index + k], [], [])
+
+
+def _overlappable(seq: Sequence) -> bool:
+    """A sequence whose next step may launch before its last token is read: one sample, and no
+    penalties (they count the output tokens on the host)."""
+    return seq.num_samples == 1 and not seq.request.params.has_penalties
 
 
 def _logprob_list(r: Request):

@@ -103,12 +103,18 @@ class DecodeRunner:
     def bucket(self, batch: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, batch)]
 
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+    def run(self, chunks: list[Chunk], feed: torch.Tensor | None = None, feed_rows: list[int] | None = None
+            ) -> torch.Tensor:
         """Logits (len(chunks), vocab) of a decode step (scheduler.is_decode(chunks), at most
-        max_batch_size chunks); the keys/values land in the cache."""
+        max_batch_size chunks); the keys/values land in the cache.
+
+        With feed, the input tokens are still on the device: chunk i feeds feed[feed_rows[i]]
+        (the previous step's sampled tokens), so the host need not have read them."""
         b = len(chunks)
         bucket = self.bucket(b)
-        context_lens = self._write_inputs(chunks, bucket)
+        context_lens = self._write_inputs(chunks, bucket, feed_rows)
+        if feed is not None:
+            self.ids[:b].copy_(feed.index_select(0, self.ids[:b]))
         self.num_steps += 1
         entry = self.graphs.get(bucket)
         if entry is not None:
@@ -128,9 +134,9 @@ class DecodeRunner:
         end.record()
         self.replay_events.append((batch, start, end))
 
-    def _write_inputs(self, chunks: list[Chunk], bucket: int) -> list[int]:
+    def _write_inputs(self, chunks: list[Chunk], bucket: int, feed_rows: list[int] | None) -> list[int]:
         """Fill the static buffers for this step (padding rows after the live ones); returns the
-        context lengths as ints."""
+        context lengths as ints. With feed_rows, the ids field holds those rows instead of tokens."""
         ps, f, b = self.cache.page_size, self._field, len(chunks)
         w = max(len(c.seq.pages) for c in chunks)
         if w > self.width:
@@ -139,7 +145,8 @@ class DecodeRunner:
         for c in chunks:
             seq, p = c.seq, c.start
             pages = seq.pages
-            ids.append(seq.token_ids[p])
+            if feed_rows is None:
+                ids.append(seq.token_ids[p])
             pos.append(p)
             ctx.append(p + 1)
             slots.append(pages[p // ps] * ps + p % ps)
@@ -149,7 +156,7 @@ class DecodeRunner:
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's transfer has read the host buffer
         h, end = self._host_np, 4 * f + b * w
-        h[0:b], h[b:bucket] = ids, 0
+        h[0:b], h[b:bucket] = ids if feed_rows is None else feed_rows, 0
         h[f : f + b], h[f + b : f + bucket] = pos, 0
         h[2 * f : 2 * f + b], h[2 * f + b : 2 * f + bucket] = slots, self._scratch_slot
         h[3 * f : 3 * f + b], h[3 * f + b : 3 * f + bucket] = ctx, 0

@@ -17,6 +17,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence as SequenceABC
 
 import torch
@@ -122,6 +123,23 @@ class InferenceEngine:
         self._stopping = False
         self._busy = False
         self._ended_outside_steps: list[Request] = []  # aborted between steps, for step() to report
+        if self.device.type == "cuda":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run two tiny requests so that the first real ones do not wait for kernels to compile:
+        Triton compiles a kernel again for a size that is 1, a multiple of 16 or neither (about
+        a second each, once per machine thanks to its disk cache), and prefill and mixed steps
+        meet sizes the captured decode steps did not. Leaves no trace in stats or the prefix cache."""
+        start = time.perf_counter()
+        vocab = self.model.config.vocab_size
+        for n in (31, 48):  # a prefill of neither kind, then one of a multiple of 16
+            if n < self.max_model_len:
+                self.generate([[(n + 7 * i) % vocab for i in range(n)]], SamplingParams(max_tokens=2, ignore_eos=True))
+        self.core.reset_stats()
+        self.scheduler.reset_prefix_cache()
+        self.scheduler.lookup_tokens = self.scheduler.hit_tokens = 0
+        log.info("warm-up requests ran in %.2f s", time.perf_counter() - start)
 
     def _use_cuda_graphs(self, wanted: bool | None) -> bool:
         if wanted is False:
@@ -288,6 +306,7 @@ class InferenceEngine:
             "preemptions": s.num_preemptions,
             "page_copies": s.num_page_copies,
             "steps": c.num_steps,
+            "overlapped_steps": c.num_overlapped,
             "computed_tokens": c.num_computed,
             "generated_tokens": c.num_generated,
             "tokens_per_s": c.tokens_per_s(),

@@ -16,7 +16,7 @@ import torch
 
 from .outputs import TokenLogprob
 from .params import SamplingParams
-from .transfer import to_device, to_host
+from .transfer import HostCopy, to_device
 
 
 @dataclass
@@ -31,14 +31,19 @@ class Sampler:
     """vocab_limit: ids at or above it (embedding padding the tokenizer cannot decode) are never drawn.
 
     Device work is queued without waiting: per-row numbers cross in one transfer, and the
-    sampled tokens (with their logprobs, when asked for) come back with a single wait.
+    sampled tokens (with their logprobs, when asked for) come back with a single wait, which
+    `draw` leaves to the caller.
     """
 
     def __init__(self, vocab_limit: int | None = None):
         self.vocab_limit = vocab_limit
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprob | None]]:
+        return self.draw(logits, rows).result()
+
+    @torch.inference_mode()
+    def draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> "Drawn":
+        """Queue the draw; the tokens stay on the device until Drawn.result() reads them."""
         # Widening bf16 to float32 is exact, so greedy rows can take the argmax of the logits as they are.
         x = logits
         if any(r.params.has_penalties for r in rows):
@@ -47,7 +52,7 @@ class Sampler:
             x = x[:, : self.vocab_limit]
         greedy = [r.params.greedy for r in rows]
         tokens = x.argmax(-1) if all(greedy) else self._draw(x.float(), rows, greedy)
-        return _read(logits, tokens, rows)
+        return Drawn(tokens, rows, *_queue_read(logits, tokens, rows))
 
     def _draw(self, x: torch.Tensor, rows: list[SampleRow], greedy: list[bool]) -> torch.Tensor:
         vocab = x.shape[-1]
@@ -131,15 +136,31 @@ def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
 
 
-def _read(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list]:
-    """The sampled tokens as ints, and the logprobs rows asked for, in one wait for the device.
+class Drawn:
+    """A queued draw: `tokens` (B,) on the device, and their host copies (with logprobs) in flight."""
+
+    def __init__(self, tokens: torch.Tensor, rows: list[SampleRow], copy: HostCopy, wanted: list[int]):
+        self.tokens, self._rows, self._copy, self._wanted = tokens, rows, copy, wanted
+
+    def result(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The sampled tokens as ints, and the logprobs rows asked for: one wait for the device."""
+        token_list, *extra = self._copy.wait()
+        out: list[TokenLogprob | None] = [None] * len(self._rows)
+        if self._wanted:
+            chosen, top_v, top_i = extra
+            for j, i in enumerate(self._wanted):
+                k = self._rows[i].params.logprobs
+                out[i] = TokenLogprob(token_list[i], chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
+        return token_list, out
+
+
+def _queue_read(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow]) -> tuple[HostCopy, list[int]]:
+    """Start copying the tokens, and the logprobs rows ask for, to the host.
 
     Logprobs are those of the raw logits (the model's distribution, whole vocabulary)."""
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    out: list[TokenLogprob | None] = [None] * len(rows)
     if not wanted:
-        (token_list,) = to_host(tokens)
-        return token_list, out
+        return HostCopy(tokens), wanted
     raw, chosen_tokens = logits, tokens
     if len(wanted) < len(rows):
         (idx,) = to_device([torch.tensor(wanted, dtype=torch.long)], logits.device)
@@ -148,8 +169,4 @@ def _read(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow]) -> 
     chosen = lp.gather(1, chosen_tokens[:, None])[:, 0]
     k_max = min(max(rows[i].params.logprobs for i in wanted), lp.shape[-1])
     top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long())
-    token_list, chosen, top_v, top_i = to_host(tokens, chosen, top_v, top_i)
-    for j, i in enumerate(wanted):
-        k = rows[i].params.logprobs
-        out[i] = TokenLogprob(token_list[i], chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
-    return token_list, out
+    return HostCopy(tokens, chosen, top_v, top_i), wanted

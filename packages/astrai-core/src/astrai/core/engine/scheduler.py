@@ -32,7 +32,7 @@ class Chunk:
     @property
     def samples(self) -> bool:
         """True when the chunk reaches the end of the sequence, so its last logits are sampled."""
-        return self.start + self.length == len(self.seq.token_ids)
+        return self.start + self.length == len(self.seq.token_ids) + self.seq.num_inflight
 
 
 def is_decode(chunks: list[Chunk]) -> bool:
@@ -98,7 +98,9 @@ class Scheduler:
         return child
 
     # -- the step plan ---------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, decode_only: bool = False) -> StepPlan:
+        """The next step. decode_only: just the running sequences (no admission), as when their
+        last tokens are still in flight and unknown to the host."""
         plan = StepPlan()
         budget = self.max_num_batched_tokens
         # Decodes need one token each and the budget covers max_batch_size of them. A sequence
@@ -107,13 +109,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_inflight and seq.out_of_tokens:
+                i += 1  # ends when its last token is read
+                continue
             length = min(seq.num_pending, budget)
             if not self._make_room(seq, length, plan):
                 break  # seq was the newest and preempted itself
             plan.chunks.append(Chunk(seq, seq.num_computed, length))
             budget -= length
             i += 1
-        if plan.preempted or not self.waiting:
+        if plan.preempted or not self.waiting or decode_only:
             return plan
         inflight = set()  # hashes of pages that become full during this step
         for chunk in plan.chunks:
@@ -154,9 +159,13 @@ class Scheduler:
 
     def commit(self, chunk: Chunk) -> None:
         """After the forward pass: the chunk's keys/values are in the cache; offer full pages to the prefix cache."""
-        seq = chunk.seq
-        seq.num_computed = chunk.start + chunk.length
-        full = seq.num_computed // self.page_size
+        chunk.seq.num_computed = chunk.start + chunk.length
+        self.register(chunk.seq)
+
+    def register(self, seq: Sequence) -> None:
+        """Offer seq's full, computed pages to the prefix cache; a page holding a token still in
+        flight waits (its hash needs the token)."""
+        full = min(seq.num_computed, len(seq.token_ids)) // self.page_size
         if full <= seq.num_registered:
             return
         self._extend_hashes(seq)

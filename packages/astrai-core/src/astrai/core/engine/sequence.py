@@ -65,6 +65,9 @@ class Sequence:
     epoch: int = 0  # scheduler epoch (weights) its cached keys/values were computed under
     logprobs: list[TokenLogprob] | None = None
     num_streamed: int = 0  # output tokens already sent to a stream
+    # Tokens sampled on the device that the host has not read yet (0 or 1): they come after
+    # token_ids. While the device runs the next decode step, the host reads this one (core.py).
+    num_inflight: int = 0
 
     @property
     def order(self) -> tuple[int, int]:
@@ -81,4 +84,9 @@ class Sequence:
     @property
     def num_pending(self) -> int:
         """Tokens still to be run through the model before the next one can be sampled."""
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) + self.num_inflight - self.num_computed
+
+    @property
+    def out_of_tokens(self) -> bool:
+        """Its last allowed token is already sampled (in flight): nothing more to compute."""
+        return len(self.token_ids) + self.num_inflight - self.num_prompt_tokens >= self.request.max_tokens
