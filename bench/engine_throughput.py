@@ -143,12 +143,13 @@ async def run_stream(engine: InferenceEngine, reqs, args) -> tuple[float, list[f
 
 
 def warm_up(engine: InferenceEngine, args) -> None:
-    """Compile the kernels of every step shape the workload will meet (Triton specialises on
-    sizes), on prompts that share no prefix page with it, so no compilation is timed."""
-    rng = random.Random(args.seed + 2)
-    lengths = sorted({24, 77, args.prompt_len[0], args.prompt_len[1], min(1000, engine.max_model_len - 8)})
-    prompts = [[rng.randrange(5, engine.model.config.vocab_size) for _ in range(n)] for n in lengths]
-    engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    """Run the workload's shape once on other prompts (no shared prefix page), untimed: kernels
+    are compiled for every step size it meets and memory pools have grown, so the timed run is
+    the steady state."""
+    warm = argparse.Namespace(**{**vars(args), "seed": args.seed + 2})
+    reqs = workload(warm, engine.model.config.vocab_size)
+    engine.generate([p for p, _ in reqs], [_params(args, n) for _, n in reqs])
+    engine.scheduler.reset_prefix_cache()
 
 
 def run_generate(engine: InferenceEngine, reqs, args) -> tuple[float, int]:
@@ -285,7 +286,8 @@ def main(argv=None) -> int:
     engine.core.overlap = args.overlap
     reqs = reqs or workload(args, model.config.vocab_size)
     warm_up(engine, args)
-    engine.core.decode_timing.by_batch.clear()
+    engine.core.reset_stats()
+    engine.scheduler.lookup_tokens = engine.scheduler.hit_tokens = 0
     if engine.core.decode_runner is not None and engine.core.decode_runner.graphs:
         engine.core.decode_runner.replay_events = []  # device time of each graph replay
     ttft = gaps = []
