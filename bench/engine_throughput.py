@@ -13,7 +13,8 @@ the gap between a request's tokens are reported as percentiles; with --api gener
 one offline `generate` call (throughput only). All arrive at once unless --rate is given.
 
 Workload presets (explicit flags still win):
-  decode256  256 requests, prompt 256, output 256, max batch 256 (transformers reference: 7,059 tok/s on H100)
+  decode256  256 requests, prompt 256, output 256, max batch 256 (transformers on H100: 7,059 tok/s
+             in shared/README; 8,442-9,571 for the bare call in this bench's own runs)
   mixed      256 requests, prompt and output lengths uniform in 100-1024, max batch 256
 
 --reference also runs transformers `generate` (the same config as Llama/Qwen2/Qwen3 with random
