@@ -18,14 +18,20 @@ def samples(completions) -> list[list[list[int]]]:
     return [[s.token_ids for s in c.samples] for c in completions]
 
 
-def test_decode_steps_overlap_and_give_the_plain_tokens():
-    model = tiny_model(VOCAB, seed=11)
-    prompts = random_prompts(5, VOCAB, 3, 20, seed=1)
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+def plain_and_overlapped(model, prompts, params):
+    """Completions of the plain engine and of the overlapping one (equal, or the test fails), and the latter."""
     plain = InferenceEngine(model, None, **ENGINE).generate(prompts, params)
     engine = padded_engine(model, **ENGINE)
     overlapped = engine.generate(prompts, params)
     assert samples(overlapped) == samples(plain)
+    return plain, overlapped, engine
+
+
+def test_decode_steps_overlap_and_give_the_plain_tokens():
+    model = tiny_model(VOCAB, seed=11)
+    prompts = random_prompts(5, VOCAB, 3, 20, seed=1)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    plain, overlapped, engine = plain_and_overlapped(model, prompts, params)
     # One prefill step gives every first token, then 11 decode steps; all but the first launch
     # while the previous tokens are in flight, and none is wasted on a sequence already at
     # max_tokens (its last token in flight ends it).
@@ -42,10 +48,7 @@ def test_a_stop_token_read_late_ends_the_sample_where_the_plain_engine_does():
         ref = greedy_reference(model, prompt, 16)
         stop = next(t for t in ref[3 + i :] if t not in ref[: 3 + i])  # a token first produced mid-way
         params.append(SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop]))
-    plain = InferenceEngine(model, None, **ENGINE).generate(prompts, params)
-    engine = padded_engine(model, **ENGINE)
-    overlapped = engine.generate(prompts, params)
-    assert samples(overlapped) == samples(plain)
+    plain, overlapped, engine = plain_and_overlapped(model, prompts, params)
     assert all(c.finish_reason == "stop" and c.token_ids[-1] == c.stop_reason for c in overlapped)
     assert engine.stats()["overlapped_steps"] > 0
     assert engine.stats()["generated_tokens"] == sum(len(c.token_ids) for c in overlapped)  # the wasted rows are not counted
@@ -81,10 +84,7 @@ def test_requests_that_need_their_tokens_on_the_host_mixed_with_overlapped_ones(
         SamplingParams(n=2, max_tokens=9, temperature=0.9, seed=5, ignore_eos=True, logprobs=1),
         SamplingParams(max_tokens=14, temperature=0.7, seed=6, ignore_eos=True),
     ]
-    plain = InferenceEngine(model, None, **ENGINE).generate(prompts, params)
-    engine = padded_engine(model, **ENGINE)
-    overlapped = engine.generate(prompts, params)
-    assert samples(overlapped) == samples(plain)
+    plain, overlapped, engine = plain_and_overlapped(model, prompts, params)
     assert engine.stats()["overlapped_steps"] > 0  # once the penalised request ended
     assert_pages_released(engine)
 
