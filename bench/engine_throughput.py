@@ -288,7 +288,6 @@ def main(argv=None) -> int:
     reqs = reqs or workload(args, model.config.vocab_size)
     warm_up(engine, args)
     engine.core.reset_stats()
-    engine.scheduler.lookup_tokens = engine.scheduler.hit_tokens = 0
     if engine.core.decode_runner is not None and engine.core.decode_runner.graphs:
         engine.core.decode_runner.replay_events = []  # device time of each graph replay
     ttft = gaps = []

@@ -171,3 +171,19 @@ def test_models_that_cannot_be_captured_say_why():
     dynamic = tiny_model(VOCAB, rope_scaling={"type": "dynamic", "factor": 2.0})
     assert "dynamic NTK" in graph_blocker(dynamic, kernel)
     assert "TorchPagedAttention is not graph-safe" in graph_blocker(tiny_model(VOCAB), TorchPagedAttention())
+
+
+def test_reset_stats_forgets_every_counter():
+    engine = padded_engine(tiny_model(VOCAB, seed=9), max_batch_size=4, page_size=4)
+    prompt = random_prompts(1, VOCAB, 9, 9, seed=10)[0]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine.generate(prompt, params)
+    engine.generate(prompt, params)  # finds the first one's pages
+    before = engine.stats()
+    assert before["prefix_cache_hit_rate"] > 0 and before["overlapped_steps"] > 0
+    engine.core.reset_stats()
+    after = engine.stats()
+    assert after["steps"] == after["generated_tokens"] == after["computed_tokens"] == after["overlapped_steps"] == 0
+    assert after["prefix_cache_hit_rate"] == 0.0 and after["tokens_per_s"] == 0.0
+    assert engine.core.decode_runner.num_steps == 0 and engine.core.decode_timing.by_batch == {}
+    assert after["pages_cached"] == before["pages_cached"] > 0  # counters only: the cache itself stays

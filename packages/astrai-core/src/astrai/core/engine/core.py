@@ -115,7 +115,7 @@ class EngineCore:
             self.fail([s.request for s in self.scheduler.running + self.scheduler.waiting], e)
             plan = StepPlan()
         if not plan.chunks:
-            self.drain()  # every running sequence ends with its token in flight
+            self.drain()  # nothing to launch (say, every sequence's last token is in flight): read them
             return
         decode = is_decode(plan.chunks)
         try:
@@ -368,8 +368,9 @@ class EngineCore:
         self.weights_version = version
 
     def reset_stats(self) -> None:
-        """Forget the counters (after the engine's warm-up requests)."""
+        """Forget the counters, the scheduler's prefix-cache hits included (after warm-up requests)."""
         self.num_steps = self.num_computed = self.num_generated = self.num_overlapped = 0
+        self.scheduler.lookup_tokens = self.scheduler.hit_tokens = 0
         self._recent.clear()
         self.decode_timing = DecodeTiming()
         if self.decode_runner is not None:

@@ -138,7 +138,6 @@ class InferenceEngine:
                 self.generate([[(n + 7 * i) % vocab for i in range(n)]], SamplingParams(max_tokens=2, ignore_eos=True))
         self.core.reset_stats()
         self.scheduler.reset_prefix_cache()
-        self.scheduler.lookup_tokens = self.scheduler.hit_tokens = 0
         log.info("warm-up requests ran in %.2f s", time.perf_counter() - start)
 
     def _use_cuda_graphs(self, wanted: bool | None) -> bool:
