@@ -191,3 +191,22 @@ def test_schedule_errors_name_the_setting():
     with pytest.raises(ValueError, match="scheduler must be one of"):
         build_scheduler(opt, "step")
     assert WarmupCosine(0, 10)(0) == 1.0 and WarmupSGDR(0, 4)(4) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["muon", "master_adamw"])
+def test_step_runs_a_closure_with_gradients_on_and_returns_its_loss(kind):
+    from astrai.train.master_adamw import MasterWeightAdamW
+
+    w = nn.Parameter(torch.ones(4, 4))
+    opt = (Muon([{"params": [w], "use_muon": True}], lr=0.1) if kind == "muon"
+           else MasterWeightAdamW([w], lr=0.1))
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()  # fails under the step's no_grad unless the closure gets gradients back
+        return loss
+
+    assert float(opt.step(closure)) == 16.0
+    assert float(w.sum()) < 16.0  # the step used the gradient the closure made
+    assert opt.step() is None

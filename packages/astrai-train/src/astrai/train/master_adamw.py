@@ -101,10 +101,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
             decay = 1 - lr * group["weight_decay"]
@@ -135,3 +132,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             for key in ("master", *_MOMENTS):
                 if key in saved.get(i, {}):
                     self.state[p][key] = saved[i][key].to(device=p.device, dtype=torch.float32)
+
+
+def closure_loss(closure):
+    """An optimizer step's closure (forward and backward again, as LBFGS-style callers pass), run
+    with gradients on inside the step's no_grad; None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

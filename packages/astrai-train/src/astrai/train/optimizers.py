@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .master_adamw import MasterWeightAdamW
+from .master_adamw import MasterWeightAdamW, closure_loss
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -60,10 +60,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             (self._muon_step if group["use_muon"] else self._adamw_step)(group)
         return loss
