@@ -47,6 +47,7 @@ import torch
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.core.engine import InferenceEngine, SamplingParams
+from astrai.core.engine.host import limit_cpu_threads, quiet_gc
 
 WORKLOADS = {
     "decode256": dict(num_requests=256, prompt_len=[256, 256], output_len=[256, 256], max_batch_size=256),
@@ -83,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", action="store_true", help="also time transformers generate on the same workload")
     p.add_argument("--bandwidth", type=float, default=H100_COPY_BANDWIDTH,
                    help="memory bandwidth in bytes/s for the decode floor (default: %(default).3g)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's on CPU, 1 on CUDA as the engine sets it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     preset = p.parse_known_args(argv)[0].workload
@@ -261,11 +263,15 @@ def decode_floor(engine: InferenceEngine, model, bandwidth: float) -> dict | Non
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
     on_cuda = args.device.startswith("cuda")
+    # The process settings a CUDA engine makes for itself (engine/host.py), made first so the
+    # transformers reference runs under them too; --threads overrides.
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        limit_cpu_threads(torch.device(args.device))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
     config = ModelConfig.from_json(args.model) if Path(args.model).is_file() else None
     reqs = None
@@ -274,6 +280,7 @@ def main(argv=None) -> int:
         if config is None:
             raise SystemExit("--reference needs --model to be a ModelConfig JSON")
         reqs = workload(args, config.vocab_size)
+        quiet_gc()
         reference = reference_tok_s(config, reqs, args, dtype)  # first: the engine then takes the free memory
     torch.manual_seed(args.seed)
     model = load_model(args.model, dtype, args.device)
@@ -287,6 +294,7 @@ def main(argv=None) -> int:
     engine.core.overlap = args.overlap
     reqs = reqs or workload(args, model.config.vocab_size)
     warm_up(engine, args)
+    quiet_gc()  # as astrai-serve does after start-up: no full collection walks the model mid-run
     engine.core.reset_stats()
     if engine.core.decode_runner is not None and engine.core.decode_runner.graphs:
         engine.core.decode_runner.replay_events = []  # device time of each graph replay

@@ -30,7 +30,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 _CHECKS = textwrap.dedent('''
     import torch
     import torch.nn.functional as F
-    from astrai.core.kernels import fused_norm, fused_rope, fused_silu_mul
+    from astrai.core.kernels import fused_norm, fused_rope, fused_silu_mul, store_kv
     from astrai.core.norm import RMSNorm
     from astrai.core.rope import apply_rope
 
@@ -98,6 +98,27 @@ _CHECKS = textwrap.dedent('''
             gate = (4 * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)
             up = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
             close(fused_silu_mul.silu_mul(gate, up), F.silu(gate) * up, dtype, bf16_rtol)
+            # the two halves of one packed gate/up GEMM output: rows with a stride of 2 * width
+            packed = (4 * torch.randn(*shape[:-1], 2 * shape[-1], generator=g)).to(device=device, dtype=dtype)
+            gate, up = packed.split(shape[-1], dim=-1)
+            assert fused_silu_mul.supports(gate, up)
+            close(fused_silu_mul.silu_mul(gate, up), F.silu(gate) * up, dtype, bf16_rtol)
+
+    def check_store_kv(device, dtype, g):
+        pages, page_size, heads, dim = 5, 4, 3, 20  # dim not a power of two: masked channels
+        slots = torch.randperm(pages * page_size, generator=g)[:7].to(device)
+        for with_v in (True, False):  # False: MLA stores only the latent
+            k_pool = torch.zeros(pages, page_size, heads, dim, device=device, dtype=dtype)
+            v_pool = torch.zeros_like(k_pool) if with_v else None
+            qkv = torch.randn(7, 3 * heads * dim, generator=g).to(device=device, dtype=dtype)  # packed GEMM output
+            k = qkv[:, heads * dim : 2 * heads * dim].contiguous().view(7, heads, dim)
+            v = qkv[:, 2 * heads * dim :].view(7, heads, dim) if with_v else None  # strided rows
+            assert store_kv.supports(k, v, k_pool, v_pool)
+            store_kv.store_kv(k, v, k_pool, v_pool, slots)
+            want_k = torch.zeros_like(k_pool).flatten(0, 1).index_copy_(0, slots, k)
+            assert torch.equal(k_pool.flatten(0, 1), want_k)
+            if with_v:
+                assert torch.equal(v_pool.flatten(0, 1), torch.zeros_like(want_k).index_copy_(0, slots, v))
 
     def check(device, bf16_rtol):
         g = torch.Generator().manual_seed(0)
@@ -105,6 +126,7 @@ _CHECKS = textwrap.dedent('''
             check_norm(device, dtype, bf16_rtol, g)
             check_rope(device, dtype, bf16_rtol, g)
             check_silu_mul(device, dtype, bf16_rtol, g)
+            check_store_kv(device, dtype, g)
 ''')
 
 
@@ -161,3 +183,4 @@ def test_unsupported_inputs_keep_the_torch_path():
     assert not fused_rope.supports(q[..., :7], k[..., :7], cos[..., :7])  # odd rotary width
     assert fused_silu_mul.supports(x, x)
     assert not fused_silu_mul.supports(x, x.transpose(0, 1).contiguous().transpose(0, 1))  # strided
+    assert not fused_silu_mul.supports(x[..., ::2], x[..., ::2])  # no unit last stride

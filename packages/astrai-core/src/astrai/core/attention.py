@@ -9,6 +9,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache_view import KVCacheView, KVLayout
 from .norm import RMSNorm
+from .packed_linear import PackedLinear, packable
 from .rope import apply_rope_qk
 
 
@@ -29,6 +30,22 @@ class Attention(nn.Module):
         # Gated attention: a per-channel sigmoid gate on the attention output lets a head
         # switch itself off, which removes attention sinks and loss spikes.
         self.o_gate_proj = nn.Linear(config.dim, q_out, bias=False) if config.gated_attn else None
+        self.packed: PackedLinear | None = None  # q/k/v as one GEMM at inference (pack_projections)
+
+    def pack_projections(self) -> bool:
+        linears = [self.q_proj, self.k_proj, self.v_proj]
+        linears += [self.o_gate_proj] if self.o_gate_proj is not None else []
+        if not packable(linears):  # say, a LoRA wrapper, or a biased q/k/v beside the bias-free gate
+            return False
+        self.packed = PackedLinear(linears)
+        return True
+
+    def _project(self, x) -> list[torch.Tensor]:
+        """q, k, v (and the output gate's pre-activation, when gated) of x."""
+        if self.packed is not None:
+            return self.packed(x)
+        out = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+        return out + [self.o_gate_proj(x)] if self.o_gate_proj is not None else out
 
     @staticmethod
     def kv_layout(config: ModelConfig) -> KVLayout:
@@ -36,9 +53,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCacheView | None = None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v, *gate = self._project(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
         norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
         q, k = apply_rope_qk(q, k, cos, sin, norms)
         if cache is not None:
@@ -49,6 +67,6 @@ class Attention(nn.Module):
                 attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True,
             ).transpose(1, 2)
         out = out.reshape(b, t, -1)
-        if self.o_gate_proj is not None:
-            out = out * torch.sigmoid(self.o_gate_proj(x))
+        if gate:
+            out = out * torch.sigmoid(gate[0])
         return self.o_proj(out)

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.dispatch import use_fused
+from .packed_linear import PackedLinear, packable
 
 
 class MLP(nn.Module):
@@ -12,9 +13,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.packed: PackedLinear | None = None  # gate/up as one GEMM at inference (pack_projections)
+
+    def pack_projections(self) -> bool:
+        if not packable([self.gate_proj, self.up_proj]):
+            return False
+        self.packed = PackedLinear([self.gate_proj, self.up_proj])
+        return True
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.packed(x) if self.packed is not None else (self.gate_proj(x), self.up_proj(x))
         if use_fused(gate):
             from .kernels import fused_silu_mul
 

@@ -17,13 +17,13 @@ control plane (control.py), which addresses every worker.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 from collections import deque
 from typing import Any, AsyncIterator
 
 import litserve as ls
+from astrai.core.engine.host import quiet_gc
 
 from .config import ServeConfig, cuda_index, parse_size
 from .control import ControlPlane
@@ -41,19 +41,6 @@ def event_to_dict(event) -> dict[str, Any]:
     return {"index": event.index, "text": event.text, "token_ids": list(event.token_ids), "logprobs": logprobs,
             "finish_reason": event.finish_reason, "stop_reason": event.stop_reason,
             "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
-
-
-def quiet_gc() -> None:
-    """Move everything alive now (torch, the model, the tokenizer: hundreds of thousands of
-    objects) out of the garbage collector's sight. Otherwise every full collection walks them
-    all, and serving allocates enough small objects per token to trigger collections often;
-    these pauses stall every stream of the process."""
-    gc.collect()
-    gc.freeze()
-    # The collector skips full collections until a quarter as many objects as the last full
-    # collection left behind have piled up; after the freeze that count would still be the
-    # frozen hundreds of thousands, and cyclic garbage (abandoned streams) would linger.
-    gc.collect()
 
 
 def _error(status: int, message: str, param: str | None = None) -> dict[str, Any]:

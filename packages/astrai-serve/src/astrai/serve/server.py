@@ -424,7 +424,7 @@ def run_server(server: ls.LitServer, config: ServeConfig) -> None:
                 return
 
     threading.Thread(target=watch, name="astrai-startup-watch", daemon=True).start()
-    from .api import quiet_gc
+    from astrai.core.engine.host import quiet_gc
 
     quiet_gc()  # the HTTP process is forked from this one: it starts with the same frozen objects
     try:

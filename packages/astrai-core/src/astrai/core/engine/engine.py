@@ -23,9 +23,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence as SequenceABC
 import torch
 from torch import nn
 
+from ..packed_linear import pack_projections
 from .attention import AttentionBackend, default_backend
 from .core import END, EngineCore, LoopSink
 from .cuda_graphs import DecodeRunner, graph_blocker
+from .host import limit_cpu_threads
 from .intake import RequestIntake, is_token_id, require
 from .outputs import Completion, StreamEvent
 from .page_allocator import PageAllocator
@@ -41,7 +43,9 @@ class InferenceEngine:
     """Serve a CausalLM with a paged KV cache and continuous batching.
 
     model: a CausalLM (anything with .config, .kv_layout() and the cache-view forward); the
-        engine puts it in eval mode on `device`.
+        engine puts it in eval mode on `device` and packs its q/k/v and gate/up weights so each
+        group runs as one GEMM (packed_linear.py: the Parameters stay, as views of the packed
+        weight, so the model still trains and loads weights as before).
     tokenizer: an AutoTokenizer; may be None when prompts are token ids and no stop strings
         are used (texts are then empty).
     max_batch_size: most sequences (samples) in one step.
@@ -92,7 +96,9 @@ class InferenceEngine:
         require(is_token_id(max_model_len) and 2 <= max_model_len <= config.max_len, "max_model_len",
                 f"must be an integer in [2, model max_len={config.max_len}], got {max_model_len!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        limit_cpu_threads(self.device)
         self.model = model.to(self.device).eval()
+        pack_projections(self.model)
         self.tokenizer = tokenizer
         dtype = next(model.parameters()).dtype
         layout = model.kv_layout()

@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from ..kernels.dispatch import use_fused
 from ..kv_cache_view import KVLayout
 from .attention import AttentionBackend, AttentionMetadata, default_backend
 from .transfer import to_device
@@ -57,13 +58,22 @@ class PagedCacheView:
         if q.shape[0] != 1:
             raise ValueError(f"the paged cache expects one flattened row of tokens, got batch {q.shape[0]}")
         k_pool = self.cache.k[layer_idx]
-        k_pool.flatten(0, 1).index_copy_(0, self.meta.slot_mapping, k[0].to(k_pool.dtype))
-        v_pool = None
-        if self.cache.v is not None:
-            v_pool = self.cache.v[layer_idx]
-            v_pool.flatten(0, 1).index_copy_(0, self.meta.slot_mapping, v[0].to(v_pool.dtype))
+        v_pool = self.cache.v[layer_idx] if self.cache.v is not None else None
+        self._store(k[0], v[0] if v_pool is not None else None, k_pool, v_pool)
         out = self.backend(q[0], k_pool, v_pool, self.state, scale, self.cache.layout.v_dim)
         return out.unsqueeze(0)
+
+    def _store(self, k, v, k_pool, v_pool) -> None:
+        """The new keys/values into their slots: one fused launch on CUDA, index_copy_ elsewhere."""
+        if use_fused(k):
+            from ..kernels import store_kv
+
+            if store_kv.supports(k, v, k_pool, v_pool):
+                store_kv.store_kv(k, v, k_pool, v_pool, self.meta.slot_mapping)
+                return
+        k_pool.flatten(0, 1).index_copy_(0, self.meta.slot_mapping, k.to(k_pool.dtype))
+        if v is not None:
+            v_pool.flatten(0, 1).index_copy_(0, self.meta.slot_mapping, v.to(v_pool.dtype))
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
