@@ -14,13 +14,16 @@ one offline `generate` call (throughput only). All arrive at once unless --rate 
 
 Workload presets (explicit flags still win):
   decode256  256 requests, prompt 256, output 256, max batch 256 (transformers on H100: 7,059 tok/s
-             in shared/README; 8,442-9,571 for the bare call in this bench's own runs)
+             in shared/README; 6,498-9,571 for the bare call in this bench's own runs: generate
+             is launch-bound, so its figure follows the machine's CPU)
   mixed      256 requests, prompt and output lengths uniform in 100-1024, max batch 256
 
 --reference also runs transformers `generate` (the same config as Llama/Qwen2/Qwen3 with random
 weights, the same dtype, SDPA, greedy, the same prompts and lengths, batches of --max-batch-size)
 in the same process, called two ways (with an attention mask and min_new_tokens, and bare),
 and prints both figures and the ratio to the faster one; it needs fixed lengths.
+Both run under the same process settings: on CUDA one torch CPU thread (what the engine sets
+for itself, engine/host.py) and a frozen garbage collector after set-up (what astrai-serve does).
 
 The decode bandwidth floor: a decode step must read every weight once and every cached key and
 value of its sequences, so at --bandwidth bytes/s (default: H100 device copy 2.97 TB/s) it takes
