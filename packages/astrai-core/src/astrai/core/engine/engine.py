@@ -55,7 +55,8 @@ class InferenceEngine:
     num_pages / kv_cache_memory: size of the page pool, as a page count or a byte budget
         (an int or a string such as "2GiB"). Default: enough for max_batch_size sequences of
         max_model_len, capped at 90% of free GPU memory on CUDA and at 1 GiB on CPU.
-    device: where the model and the cache live (default: the model's device).
+    device: where the model and the cache live (default: the model's device). On CUDA the
+        process keeps one torch CPU thread unless OMP_NUM_THREADS is set (engine/host.py says why).
     max_model_len: prompt + output limit per sequence (default and maximum: config.max_len);
         lowered to what the page pool can hold, so one sequence always fits.
     attention_backend: the paged attention implementation (default: the Triton kernel on CUDA,
