@@ -107,3 +107,17 @@ def test_packed_linear_splits_in_order_and_rejects_mixed_layers():
         PackedLinear([nn.Linear(4, 3), nn.Linear(5, 3)])
     with pytest.raises(ValueError, match="a bias or none"):
         PackedLinear([nn.Linear(4, 3), nn.Linear(4, 3, bias=False)])
+
+
+def test_the_engine_packs_the_model_it_serves(make_model):
+    from astrai.core.engine import InferenceEngine, SamplingParams
+
+    model = make_model("qk_norm")
+    reference = copy.deepcopy(model)
+    engine = InferenceEngine(model, None, max_batch_size=2, max_num_batched_tokens=16)
+    assert all(layer.self_attn.packed.intact() and layer.mlp.packed.intact() for layer in model.model.layers)
+    out = engine.generate([IDS[0].tolist()], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    ids = IDS
+    for _ in range(4):  # greedy by full recompute on the unpacked copy
+        ids = torch.cat([ids, _logits(reference, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.samples[0].token_ids == ids[0, IDS.shape[1]:].tolist()
