@@ -242,6 +242,31 @@ def test_moe_aux_loss_equals_switch_formula(make_model):
     assert moes[0].gate.weight.grad.abs().sum() > 0  # it trains the router
 
 
+def test_moe_aux_loss_leaves_padding_out(make_model):
+    """A padded batch's balance loss is the formula over its real tokens: what the padding ids
+    are must not change it, and the real tokens' routing is the unpadded batch's."""
+    model = make_model("moe", dtype=torch.float64).train()
+    ids = torch.randint(1, 97, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # row 1: 5 tokens, right-padded
+    inputs = []
+    moe = model.model.layers[0].mlp
+    hook = moe.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach()))
+    model(ids, attention_mask=mask)
+    first_layer = moe.aux_loss.item()
+    other_padding = ids.clone()
+    other_padding[1, 5:] = torch.randint(1, 97, (3,))
+    model(other_padding, attention_mask=mask)
+    hook.remove()
+    assert abs(moe.aux_loss.item() - first_layer) < 1e-12
+    x = inputs[0].reshape(-1, inputs[0].shape[-1])[mask.reshape(-1).bool()]  # the 13 real tokens
+    probs = _softmax64(x @ moe.gate.weight.detach().T)
+    chosen = _top_k(probs, moe.top_k)
+    share = torch.tensor([(chosen == e).sum().item() for e in range(probs.shape[1])], dtype=torch.float64)
+    expected = probs.shape[1] * (share / chosen.numel() * probs.mean(0)).sum()
+    assert abs(first_layer - expected.item()) < 1e-12
+
+
 # -- training helpers ------------------------------------------------------------------------
 def test_gradient_checkpointing_gives_the_same_gradients(model_arch, make_model):
     model = make_model(model_arch, dtype=torch.float64).train()

@@ -19,7 +19,9 @@ class MoE(nn.Module):
         self.shared_experts = MLP(config.dim, shared) if shared else None
         self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """valid: (tokens,) bool, False for padding; padding is routed like any token (its output
+        is ignored downstream) but left out of the balance loss, which it would otherwise skew."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         # Route in at least float32 (bf16 ties flip expert choices) but never below the input's precision.
@@ -35,7 +37,8 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         if self.training:
-            self.aux_loss = self._balance_loss(probs, chosen)
+            self.aux_loss = self._balance_loss(probs, chosen) if valid is None else \
+                self._balance_loss(probs[valid], chosen[valid])
         return out.view(shape)
 
     def _balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

@@ -35,18 +35,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoE(config) if config.ffn_type == "moe" else MLP(config.dim, config.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, cache: KVCacheView | None = None, pending: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, mask, cache: KVCacheView | None = None, pending: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None):
         """(residual stream, this block's MLP output not yet added to it).
 
         Each residual add is left to the norm that follows it (`pending` is the previous block's
         MLP output), so add + RMSNorm is one kernel at inference on CUDA; the torch path runs
-        the same ops as `x = x + f(norm(x))`."""
+        the same ops as `x = x + f(norm(x))`. valid: the MoE balance loss's non-padding tokens."""
         if pending is None:
             h = self.input_layernorm(x)
         else:
             x, h = self.input_layernorm.add_forward(x, pending)
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, mask, cache))
-        return x, self.mlp(h)
+        return x, (self.mlp(h, valid) if valid is not None else self.mlp(h))
 
 
 class TransformerModel(nn.Module):
@@ -57,6 +58,7 @@ class TransformerModel(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.has_moe = config.ffn_type == "moe"
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cache: KVCacheView | None = None):
         # Packing can only be present when the caller gives position ids; checking for it
@@ -67,15 +69,24 @@ class TransformerModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
         mask = None if cache is not None else build_attention_mask(position_ids, attention_mask, packed)
+        valid = self._balance_tokens(attention_mask)
         pending = None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 # Add outside the checkpoint: it then keeps one saved input per layer, not two.
                 x = x if pending is None else x + pending
-                x, pending = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x, pending = checkpoint(layer, x, cos, sin, mask, cache, None, valid, use_reentrant=False)
             else:
-                x, pending = layer(x, cos, sin, mask, cache, pending)
+                x, pending = layer(x, cos, sin, mask, cache, pending, valid)
         return self.norm.add_forward(x, pending)[1]
+
+
+    def _balance_tokens(self, attention_mask) -> torch.Tensor | None:
+        """The tokens an MoE balance loss counts, flattened: non-padding ones of a (batch, seq)
+        mask while training an MoE model; None (all of them) otherwise."""
+        if not (self.training and self.has_moe and attention_mask is not None and attention_mask.dim() == 2):
+            return None
+        return attention_mask.reshape(-1) != 0
 
 
 class CausalLM(nn.Module):
