@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from astrai.train.dpo_module import DPOModule
-from astrai.train.losses import IGNORE_INDEX, compiled_token_loss, token_loss
+from astrai.train.losses import IGNORE_INDEX, _dense_token_loss, compiled_token_loss, token_loss
 from astrai.train.metrics import HostCopy
 from astrai.train.seq_module import SeqModule
 from astrai.train.sft_module import SFTModule
@@ -66,10 +66,12 @@ def test_compiled_token_loss_keeps_no_float32_copy_of_bf16_logits():
         saved[fn] = shapes
         return out
 
-    eager, compiled = record(token_loss), record(compiled_token_loss())
+    dense, eager, compiled = record(_dense_token_loss), record(token_loss), record(compiled_token_loss())
     big = lambda shapes: [s for s, d in shapes if s.numel() >= logits.numel() and d == torch.float32]  # noqa: E731
-    assert big(saved[token_loss]), "the eager path should keep a float32 copy (the test would prove nothing)"
+    assert big(saved[_dense_token_loss]), "the dense formula keeps a float32 copy (else the test proves nothing)"
     assert not big(saved[compiled_token_loss()])
+    assert not big(saved[token_loss])  # the eager chunked path (token_nll.py)
+    assert dense.loss.item() == pytest.approx(eager.loss.item(), rel=1e-6)
 
     keep = labels != IGNORE_INDEX
     nll64 = -torch.log_softmax(logits.detach().double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torchmetrics.text import Perplexity as ReferencePerplexity
 
+from astrai.train import token_nll as token_nll_module
 from astrai.train.losses import IGNORE_INDEX, dpo_loss, sequence_logps, token_loss
 from astrai.train.metrics import Perplexity
+from astrai.train.token_nll import token_nll
 
 
 def _log_softmax64(row: list[float]) -> list[float]:
@@ -55,6 +57,43 @@ def test_token_loss_without_labels_is_zero_not_nan():
     out.loss.backward()
     assert out.loss.item() == 0.0 and int(out.n_tokens) == 0
     assert torch.isfinite(logits.grad).all() and not logits.grad.any()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_token_nll_gradient_matches_float64_autograd_across_chunks(smoothing, monkeypatch):
+    """The chunked backward (softmax recomputed per chunk) against autograd through the dense
+    formula in float64; chunks of 3 rows over 14 rows: several chunks and a short last one."""
+    monkeypatch.setattr(token_nll_module, "_CHUNK_ELEMENTS", 3 * 11)
+    logits, labels = _batch(b=2, t=7, v=11, seed=3)
+    weights = torch.rand(14, generator=torch.Generator().manual_seed(4))  # an upstream gradient per row
+    x = logits.reshape(-1, 11).clone().requires_grad_()
+    (token_nll(x, labels.reshape(-1), smoothing) * weights).sum().backward()
+    x64 = logits.reshape(-1, 11).double().requires_grad_()
+    logp = torch.log_softmax(x64, -1)
+    keep = labels.reshape(-1) != IGNORE_INDEX
+    nll = -logp.gather(1, labels.reshape(-1).clamp(min=0)[:, None])[:, 0]
+    per_row = (1 - smoothing) * nll + smoothing * -logp.mean(-1)
+    (torch.where(keep, per_row, 0.0) * weights.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+    assert not x.grad[~keep].any()  # ignored rows get no gradient
+
+
+def test_token_loss_keeps_no_float32_copy_of_bf16_logits():
+    """The point of the chunked loss: backward keeps the bf16 logits and per-row numbers only,
+    and the gradient comes back in bf16."""
+    logits, labels = _batch(b=2, t=16, v=301, seed=5)
+    logits = logits.bfloat16().requires_grad_()
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append((t.shape, t.dtype)) or t, lambda t: t):
+        out = token_loss(logits, labels)
+    assert not [s for s, d in shapes if d == torch.float32 and s.numel() >= logits.numel()], shapes
+    out.loss.backward()
+    assert logits.grad.dtype == torch.bfloat16 and logits.grad.shape == logits.shape
+
+
+def test_token_nll_rejects_unflattened_input():
+    with pytest.raises(ValueError, match="rows, vocab"):
+        token_nll(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_sequence_logps_sums_labelled_positions_only():

@@ -12,7 +12,8 @@ from typing import Callable, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .token_nll import IGNORE_INDEX, token_nll
+
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
@@ -26,41 +27,54 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: floa
     """Next-token cross-entropy averaged over labelled tokens, with optional label smoothing.
 
     A batch with no labelled token gives a zero loss (and zero gradient) instead of NaN, so one
-    empty micro-batch cannot poison a run.
+    empty micro-batch cannot poison a run. Eager, the float32 softmax runs in row chunks
+    (token_nll.py): no float32 copy of the (tokens, vocab) logits is ever whole.
     """
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    total = token_nll(flat_logits, flat_labels, label_smoothing).sum()
+    if label_smoothing > 0:
+        with torch.no_grad():  # perplexity must stay the plain likelihood
+            nll_sum = token_nll(flat_logits, flat_labels).sum()
+    else:
+        nll_sum = total.detach()
+    return _mean(total, nll_sum, flat_labels)
+
+
+def _mean(total: torch.Tensor, nll_sum: torch.Tensor, flat_labels: torch.Tensor) -> TokenLoss:
+    n_tokens = (flat_labels != IGNORE_INDEX).sum()
+    return TokenLoss(total / n_tokens.clamp(min=1), nll_sum, n_tokens)
+
+
+def _dense_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> TokenLoss:
+    """token_loss as one F.cross_entropy over float32 logits: the form torch.compile fuses."""
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()
     flat_labels = labels.reshape(-1)
-    n_tokens = (flat_labels != IGNORE_INDEX).sum()
     total = F.cross_entropy(
         flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
     )
     if label_smoothing > 0:
-        with torch.no_grad():  # perplexity must stay the plain likelihood
+        with torch.no_grad():
             nll_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     else:
         nll_sum = total.detach()
-    return TokenLoss(total / n_tokens.clamp(min=1), nll_sum, n_tokens)
+    return _mean(total, nll_sum, flat_labels)
 
 
 @functools.cache
 def compiled_token_loss() -> Callable[..., TokenLoss]:
     """token_loss under torch.compile (built once, on first use).
 
-    Eager, the loss upcasts the (tokens, vocab) logits to a float32 copy, and log_softmax
-    saves a float32 output for backward: at 16k tokens x 32k vocab that is 2 GB each, plus
-    their float32 gradients, all passing through memory several times. Compiled, inductor
-    reads the bf16 logits once, keeps only a per-row logsumexp for backward and writes the
-    bf16 gradient in one kernel. The arithmetic (float32 softmax) is the same.
+    Compiled, inductor reads the bf16 logits once, keeps only a per-row logsumexp for backward
+    and writes the bf16 gradient in one kernel, from the dense formula; the arithmetic (float32
+    softmax) is the same as the eager chunked path.
     """
-    return torch.compile(token_loss)
+    return torch.compile(_dense_token_loss)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) over the labelled positions of each row: shape (batch,)."""
-    nll = F.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (batch, seq), zero where ignored
-    return -nll.sum(-1)
+    nll = token_nll(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))  # zero where ignored
+    return -nll.view(labels.shape).sum(-1)
 
 
 class DPOLoss(NamedTuple):
