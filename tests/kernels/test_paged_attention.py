@@ -1,6 +1,13 @@
-"""Paged attention: the torch reference against dense float64 math, the Triton kernel against the reference."""
+"""Paged attention: the torch reference against dense float64 math, the Triton kernel against the reference
+(on CUDA, and on the CPU through Triton's interpreter, so CI covers the kernel's indexing too)."""
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +15,8 @@ import torch
 from astrai.core.kernels.paged_attention import paged_attention_reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+HERE = Path(__file__).resolve().parent
 
 
 def make_case(q_lens, ctx_lens, n_heads, n_kv_heads, dk, dv, page_size, mla=False, dtype=torch.float64, device="cpu"):
@@ -73,3 +82,35 @@ def test_triton_matches_reference(n_heads, n_kv_heads, dk, dv, mla, q_lens):
     ref = paged_attention_reference(*[None if t is None else (t.float() if t.is_floating_point() else t) for t in case],
                                     scale=scale, v_dim=dv)
     assert (got - ref).abs().max().item() < 2e-2
+
+
+_INTERPRETED = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    from test_paged_attention import make_case
+    from astrai.core.kernels.paged_attention import paged_attention_reference
+    from astrai.core.kernels.paged_attention_triton import paged_attention_triton
+
+    cases = [  # (q_lens, extra context, heads, kv heads, dk, dv, mla)
+        ([1, 1, 1], [3, 0, 21], 4, 2, 16, 16, False),  # decode, GQA
+        ([1, 9, 1, 37], [5, 0, 70, 2], 4, 2, 16, 16, False),  # mixed: prefill chunks with and without history
+        ([6, 1], [11, 30], 4, 1, 24, 16, True),  # MLA: values are the keys' first channels
+    ]
+    for q_lens, extra, h, kv, dk, dv, mla in cases:
+        ctx = [q + e for q, e in zip(q_lens, extra)]
+        case = make_case(q_lens, ctx, h, kv, dk, dv, page_size=4, mla=mla, dtype=torch.float32)
+        got = paged_attention_triton(*case, scale=dk**-0.5, v_dim=dv)
+        want = paged_attention_reference(*case, scale=dk**-0.5, v_dim=dv)
+        err = (got - want).abs().max().item()
+        assert err < 1e-4, (q_lens, mla, err)
+    print("kernel ok")
+""")
+
+
+@needs_triton
+def test_triton_kernel_matches_reference_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED, str(HERE)], env=env, cwd=HERE.parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-4000:]
