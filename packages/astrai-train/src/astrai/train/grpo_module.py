@@ -38,6 +38,7 @@ from .lora import adapters_disabled
 from .losses import IGNORE_INDEX
 from .rewards import RewardSpec, load_rewards, score
 from .rollout import RolloutEngine, resolve_dtype
+from .token_nll import token_nll
 
 AGGREGATIONS = ("token", "sequence")
 OLD_LOGPS = ("policy", "engine")
@@ -306,7 +307,7 @@ class GRPOModule(CausalLMModule):
         ids, cut = data["input_ids"][idx, :length], labels[:, :length]
         flat = (cut != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
         logits = model(ids, logits_index=flat)
-        lp = -F.cross_entropy(logits.float(), cut.reshape(-1)[flat], reduction="none")
+        lp = -token_nll(logits, cut.reshape(-1)[flat])  # float32 softmax in row chunks
         out = lp.new_zeros(cut.numel()).index_put((flat,), lp).view(cut.shape)
         return F.pad(out, (0, labels.shape[1] - length))
 
