@@ -72,13 +72,19 @@ def test_reference_matches_dense_math(mla):
     [(16, 8, 128, 128, False), (14, 2, 64, 64, False), (8, 8, 64, 64, False), (16, 1, 576, 512, True)],
 )
 @pytest.mark.parametrize("q_lens", [[1] * 7, [1, 37, 1, 130, 5]])
-def test_triton_matches_reference(n_heads, n_kv_heads, dk, dv, mla, q_lens):
-    from astrai.core.kernels.paged_attention_triton import paged_attention_triton
+@pytest.mark.parametrize("listed", [False, True])
+def test_triton_matches_reference(n_heads, n_kv_heads, dk, dv, mla, q_lens, listed):
+    from astrai.core.kernels.paged_attention_triton import paged_attention_triton, query_block_size
 
     ctx = [q + extra for q, extra in zip(q_lens, [3, 0, 200, 17, 64, 1, 90])]
     case = make_case(q_lens, ctx, n_heads, n_kv_heads, dk, dv, page_size=16, mla=mla, dtype=torch.bfloat16, device="cuda")
     scale = dk**-0.5
-    got = paged_attention_triton(*case, scale=scale, v_dim=dv).float()
+    blocks = None
+    if listed:  # one program per (sequence, query block), unused entries -1 (CUDA-graph prefill)
+        size = query_block_size(n_heads, n_kv_heads, dk)
+        pairs = [(-1, 0)] + [(b, m) for b, n in enumerate(q_lens) for m in range(-(-n // size))] + [(-1, 0)] * 2
+        blocks = tuple(torch.tensor(col, dtype=torch.int32, device="cuda") for col in zip(*pairs))
+    got = paged_attention_triton(*case, scale=scale, v_dim=dv, blocks=blocks).float()
     ref = paged_attention_reference(*[None if t is None else (t.float() if t.is_floating_point() else t) for t in case],
                                     scale=scale, v_dim=dv)
     assert (got - ref).abs().max().item() < 2e-2
@@ -90,7 +96,7 @@ _INTERPRETED = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_paged_attention import make_case
     from astrai.core.kernels.paged_attention import paged_attention_reference
-    from astrai.core.kernels.paged_attention_triton import paged_attention_triton
+    from astrai.core.kernels.paged_attention_triton import paged_attention_triton, query_block_size
 
     cases = [  # (q_lens, extra context, heads, kv heads, dk, dv, mla)
         ([1, 1, 1], [3, 0, 21], 4, 2, 16, 16, False),  # decode, GQA
@@ -104,6 +110,16 @@ _INTERPRETED = textwrap.dedent("""
         want = paged_attention_reference(*case, scale=dk**-0.5, v_dim=dv)
         err = (got - want).abs().max().item()
         assert err < 1e-4, (q_lens, mla, err)
+        # The listed launch (CUDA-graph prefill): one program per (sequence, query block) from
+        # a list with unused entries; rows past the last sequence's queries are padding.
+        size = query_block_size(h, kv, dk)
+        pairs = [(b, m) for b, n in enumerate(q_lens) for m in range(-(-n // size))]
+        pairs = [(-1, 0)] * 2 + pairs[:1] + [(-1, 0)] + pairs[1:] + [(-1, 0)] * 3
+        blocks = tuple(torch.tensor(col, dtype=torch.int32) for col in zip(*pairs))
+        q = torch.cat([case[0], torch.randn(5, *case[0].shape[1:])])
+        got = paged_attention_triton(q, *case[1:], scale=dk**-0.5, v_dim=dv, blocks=blocks)
+        err = (got[: case[0].shape[0]] - want).abs().max().item()
+        assert err < 1e-4, ("listed", q_lens, mla, err)
     print("kernel ok")
 """)
 

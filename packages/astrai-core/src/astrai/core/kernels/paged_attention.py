@@ -41,10 +41,13 @@ def paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_s
     return out
 
 
-def paged_attention(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None):
-    """Triton kernel on CUDA, the reference elsewhere. max_q_len avoids a host sync when known."""
+def paged_attention(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
+                    blocks=None):
+    """Triton kernel on CUDA, the reference elsewhere. max_q_len avoids a host sync when known;
+    blocks: the kernel's program list (paged_attention_triton), ignored by the reference."""
     if q.is_cuda:
         from .paged_attention_triton import paged_attention_triton
 
-        return paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim, max_q_len)
+        return paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim, max_q_len,
+                                      blocks)
     return paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim)

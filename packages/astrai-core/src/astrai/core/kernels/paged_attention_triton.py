@@ -14,15 +14,23 @@ import triton.language as tl
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, K, V, O, page_table, seq_lens, query_start, scale,
+    Q, K, V, O, page_table, seq_lens, query_start, block_seq, block_index, scale,
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_pt,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    LISTED: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    mblk = tl.program_id(1)
-    kvh = tl.program_id(2)
+    if LISTED:  # the programs' (sequence, query block) pairs come from a list; -1: nothing to do
+        b = tl.load(block_seq + tl.program_id(0))
+        mblk = tl.load(block_index + tl.program_id(0))
+        kvh = tl.program_id(1)
+        if b < 0:
+            return
+    else:
+        b = tl.program_id(0)
+        mblk = tl.program_id(1)
+        kvh = tl.program_id(2)
     q_begin = tl.load(query_start + b)
     q_len = tl.load(query_start + b + 1) - q_begin
     if mblk * BLOCK_M >= q_len:
@@ -68,7 +76,20 @@ def _paged_attention_kernel(
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
-def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None):
+def query_block_size(n_heads: int, n_kv_heads: int, dk: int, decode: bool = False) -> int:
+    """Query tokens one program takes: tl.dot needs >= 16 rows, which decode fills with the heads
+    of a KV group and prefill with tokens (64 rows; 16 for MLA's wide latents)."""
+    wide = triton.next_power_of_2(dk) > 128
+    rows = 16 if decode or wide else 64
+    return max(rows // triton.next_power_of_2(n_heads // n_kv_heads), 1)
+
+
+def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
+                           blocks=None):
+    """blocks: None, or (block_seq, block_index) int32 tensors listing the (sequence, query block)
+    of every program, query blocks of query_block_size(...) tokens, unused entries -1: the
+    launch then depends on the list's length only, not on the step's sequence lengths (CUDA
+    graphs for prefill steps)."""
     n_tokens, n_heads, dk = q.shape
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1, "last dims must be contiguous"
     n_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
@@ -78,21 +99,25 @@ def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_star
     group = n_heads // n_kv_heads
     group_p = triton.next_power_of_2(group)
     batch = seq_lens.shape[0]
-    if max_q_len is None:
-        max_q_len = int((query_start[1:] - query_start[:-1]).max())
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
     wide = block_dk > 128  # MLA latents: keep tiles small enough for shared memory
-    # tl.dot needs >= 16 rows; decode fills them with heads, prefill with tokens.
-    rows = 16 if max_q_len == 1 or wide else 64
-    block_m = max(rows // group_p, 1)
     block_n = 32 if wide else 64
-    grid = (batch, triton.cdiv(max_q_len, block_m), n_kv_heads)
+    if blocks is not None:
+        block_m = query_block_size(n_heads, n_kv_heads, dk)
+        grid = (blocks[0].shape[0], n_kv_heads)
+        block_seq, block_index = blocks
+    else:
+        if max_q_len is None:
+            max_q_len = int((query_start[1:] - query_start[:-1]).max())
+        block_m = query_block_size(n_heads, n_kv_heads, dk, decode=max_q_len == 1)
+        grid = (batch, triton.cdiv(max_q_len, block_m), n_kv_heads)
+        block_seq = block_index = seq_lens  # unused
     _paged_attention_kernel[grid](
-        q, k_cache, v, out, page_table, seq_lens, query_start, scale,
+        q, k_cache, v, out, page_table, seq_lens, query_start, block_seq, block_index, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), page_table.stride(0),
         GROUP=group, GROUP_P=group_p, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DK=dk, DV=dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+        DK=dk, DV=dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv, LISTED=blocks is not None,
         num_warps=8 if wide else 4, num_stages=1 if wide else 2,
     )
     return out
