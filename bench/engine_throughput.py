@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory", default=None, help="KV pool budget, e.g. 2GiB (default: engine's choice)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps as CUDA graphs (default: the engine's choice, on for CUDA)")
+    p.add_argument("--prefill-graphs", action="store_true",
+                   help="prefill and mixed steps as CUDA graphs too (the engine's opt-in prefill_graphs)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each CUDA-graph decode step before reading the previous step's tokens "
                         "(default: on, as the engine does)")
@@ -290,7 +292,7 @@ def main(argv=None) -> int:
     engine = InferenceEngine(model, None, max_batch_size=args.max_batch_size,
                              max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_batch_size),
                              page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, device=args.device,
-                             cuda_graphs=args.cuda_graphs)
+                             cuda_graphs=args.cuda_graphs, prefill_graphs=args.prefill_graphs)
     longest = args.prompt_len[1] + args.output_len[1]
     if longest > engine.max_model_len:
         raise SystemExit(f"prompt + output up to {longest} tokens exceeds max_model_len {engine.max_model_len}")
@@ -326,7 +328,7 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
         "ttft_s": percentiles(ttft), "per_token_latency_s": percentiles(gaps),
         "decode_floor": decode_floor(engine, model, args.bandwidth),
         "reference_tok_s": reference, "ratio_to_reference": tokens / wall / reference if reference else None,
-        "overlap": engine.core.overlap,
+        "overlap": engine.core.overlap, "prefill_graphs": engine.core.prefill_runner is not None,
         "engine": {k: v for k, v in engine.stats().items() if k in ("steps", "overlapped_steps", "preemptions",
                                                                       "pages_total", "prefix_cache_hit_rate")},
     }
@@ -335,6 +337,8 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
     graphs = f"CUDA graphs (captured in {runner.capture_seconds:.2f} s)" if runner else "eager decode"
     if runner:
         graphs += ", decode steps overlap the host" if engine.core.overlap else ", overlap off"
+        if engine.core.prefill_runner is not None:
+            graphs += f", prefill graphs (captured in {engine.core.prefill_runner.capture_seconds:.2f} s)"
     print(f"model {args.model} on {figures.get('gpu', figures['device'])} ({figures['dtype']}, "
           f"{figures['threads']} threads), {model.num_parameters():,} parameters, {graphs}, api {args.api}")
     print(f"{len(reqs)} requests, prompt {args.prompt_len[0]}-{args.prompt_len[1]}, "

@@ -55,6 +55,18 @@ def padded_engine(model, **kwargs):
     return engine
 
 
+def padded_prefill_engine(model, **kwargs):
+    """padded_engine whose prefill and mixed steps also go through PrefillRunner's static buffers
+    without capture: what prefill CUDA graphs replay."""
+    from astrai.core.engine.prefill_graphs import PrefillRunner
+
+    engine = padded_engine(model, **kwargs)
+    engine.core.prefill_runner = PrefillRunner(engine.model, engine.cache, engine.core.backend, engine.max_batch_size,
+                                               engine.scheduler.max_num_batched_tokens, engine.max_model_len,
+                                               capture=False)
+    return engine
+
+
 def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()

@@ -31,6 +31,8 @@ class AttentionMetadata:
     page_table (B, max_pages): each sequence's pages in order; entries past a sequence's last
         page are never read (0, or stale in the static decode buffers).
     The *_list fields hold the same numbers as Python ints, for backends that loop.
+    blocks: optional (sequence, query block) program list for the Triton kernel, whose launch
+    then depends on the list's length only (prefill_graphs.py); other backends ignore it.
     """
 
     slot_mapping: torch.Tensor
@@ -42,6 +44,7 @@ class AttentionMetadata:
     context_lens_list: list[int]
     max_query_len: int
     positions: torch.Tensor | None = None
+    blocks: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class AttentionBackend(Protocol):
@@ -166,8 +169,8 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 class KernelPagedAttention:
     """The fused Triton kernel (astrai.core.kernels.paged_attention); reads the pages in place.
 
-    Its launch depends only on the batch size, max_query_len and the pools' strides, so decode
-    steps can be captured in CUDA graphs."""
+    Its launch depends only on the batch size, max_query_len (or the length of meta.blocks) and
+    the pools' strides, so decode and prefill steps can be captured in CUDA graphs."""
 
     graph_safe = True
 
@@ -178,7 +181,7 @@ class KernelPagedAttention:
         from ..kernels.paged_attention import paged_attention
 
         return paged_attention(q, k_pool, v_pool, meta.page_table, meta.context_lens, meta.query_start, scale,
-                               v_dim=v_dim, max_q_len=meta.max_query_len)
+                               v_dim=v_dim, max_q_len=meta.max_query_len, blocks=meta.blocks)
 
 
 def default_backend(device: torch.device) -> AttentionBackend:

@@ -24,6 +24,7 @@ import torch
 
 from .attention import AttentionBackend, build_metadata
 from .cuda_graphs import DecodeRunner
+from .prefill_graphs import PrefillRunner
 from .outputs import Completion, EngineError, Sample, StreamEvent
 from .paged_cache import PagedKVCache
 from .sampler import Drawn, Sampler, SampleRow
@@ -80,6 +81,7 @@ class EngineCore:
         self._ended: list[Request] = []  # requests that finished or failed since the last step()
         self._outbox: list[tuple[object, object]] = []  # (sink, item) to deliver after the step
         self.decode_runner: DecodeRunner | None = None  # static-buffer (CUDA-graph) path for decode steps
+        self.prefill_runner: PrefillRunner | None = None  # the same for prefill and mixed steps
         self.decode_timing = DecodeTiming()
         self.overlap = True  # runner decode steps leave their tokens in flight (module doc)
         self._inflight: InFlight | None = None
@@ -168,8 +170,12 @@ class EngineCore:
         if through_runner:
             logits, sampled, num_tokens = runner.run(chunks, *self._feed(chunks)), chunks, len(chunks)
         else:
-            self.drain()  # the eager path reads every input token on the host
-            logits, sampled, num_tokens = self._forward(chunks)
+            self.drain()  # prefill and eager steps read every input token on the host
+            prefill = self.prefill_runner
+            if prefill is not None and prefill.fits(chunks):
+                logits, sampled, num_tokens = prefill.run(chunks)
+            else:
+                logits, sampled, num_tokens = self._forward(chunks)
         for c in chunks:
             if c.seq.status is not Status.FINISHED:  # (a drain can end one)
                 self.scheduler.commit(c)
@@ -373,8 +379,9 @@ class EngineCore:
         self.scheduler.lookup_tokens = self.scheduler.hit_tokens = 0
         self._recent.clear()
         self.decode_timing = DecodeTiming()
-        if self.decode_runner is not None:
-            self.decode_runner.num_steps = 0
+        for runner in (self.decode_runner, self.prefill_runner):
+            if runner is not None:
+                runner.num_steps = 0
 
     def tokens_per_s(self) -> float:
         now = time.perf_counter()

@@ -60,6 +60,27 @@ def graph_blocker(model, backend: AttentionBackend) -> str | None:
     return None
 
 
+def capture_graphs(buckets: list[int], body, device: torch.device) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    """{bucket: (graph, output)} of body(bucket) captured for every bucket, largest first, all in
+    one memory pool (the smaller ones fit in the largest one's), each after a warm-up run."""
+    graphs, pool = {}, None
+    with torch.cuda.device(device):
+        for bucket in sorted(buckets, reverse=True):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compiles the kernels and sets up cuBLAS outside the capture
+                body(bucket)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA calls (a server's intake) do not break the capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = body(bucket)
+            pool = graph.pool()
+            graphs[bucket] = (graph, out)
+        torch.cuda.synchronize(device)
+    return graphs
+
+
 class DecodeRunner:
     """Runs decode steps of up to max_batch_size sequences on static buffers (see the module doc)."""
 
@@ -184,24 +205,9 @@ class DecodeRunner:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         start = time.perf_counter()
-        with torch.cuda.device(self.device):
-            # Every row a padding row: warm-up and capture runs write only the scratch page.
-            self._write_padding()
-            pool = None
-            for bucket in reversed(self.buckets):  # largest first: the smaller ones fit in its pool
-                padding = [0] * bucket
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # compiles the kernels and sets up cuBLAS outside the capture
-                    self._body(bucket, padding)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: another thread's CUDA calls (a server's intake) do not break the capture.
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    hidden = self._body(bucket, padding)
-                pool = graph.pool()
-                self.graphs[bucket] = (graph, hidden)
-            torch.cuda.synchronize(self.device)
+        # Every row a padding row: warm-up and capture runs write only the scratch page.
+        self._write_padding()
+        self.graphs = capture_graphs(self.buckets, lambda bucket: self._body(bucket, [0] * bucket), self.device)
         self.capture_seconds = time.perf_counter() - start
         log.info("captured CUDA graphs for decode batch sizes %s in %.2f s", self.buckets, self.capture_seconds)
 

@@ -41,6 +41,18 @@ def paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_s
     return out
 
 
+def query_block_size(n_heads: int, n_kv_heads: int, dk: int, decode: bool = False) -> int:
+    """Query tokens one program of the Triton kernel takes: tl.dot needs >= 16 rows, which decode
+    fills with the heads of a KV group and prefill with tokens (64 rows; 16 for MLA's wide latents)."""
+    wide = _next_power_of_2(dk) > 128
+    rows = 16 if decode or wide else 64
+    return max(rows // _next_power_of_2(n_heads // n_kv_heads), 1)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def paged_attention(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
                     blocks=None):
     """Triton kernel on CUDA, the reference elsewhere. max_q_len avoids a host sync when known;

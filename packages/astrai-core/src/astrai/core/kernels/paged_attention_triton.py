@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged_attention import query_block_size
+
 
 @triton.jit
 def _paged_attention_kernel(
@@ -74,14 +76,6 @@ def _paged_attention_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + (q_begin + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-
-
-def query_block_size(n_heads: int, n_kv_heads: int, dk: int, decode: bool = False) -> int:
-    """Query tokens one program takes: tl.dot needs >= 16 rows, which decode fills with the heads
-    of a KV group and prefill with tokens (64 rows; 16 for MLA's wide latents)."""
-    wide = triton.next_power_of_2(dk) > 128
-    rows = 16 if decode or wide else 64
-    return max(rows // triton.next_power_of_2(n_heads // n_kv_heads), 1)
 
 
 def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
