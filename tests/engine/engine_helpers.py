@@ -11,6 +11,15 @@ WORDS = ("the a small model reads and writes text every day while we watch it le
          "quickly slowly cat dog sun rain tree river stone light dark open close hello world").split()
 
 
+# Small MLA shapes for the tests that run each path for GQA and for multi-head latent attention.
+MLA = dict(attn_type="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+
+
+def samples(completions) -> list[list[list[int]]]:
+    """Every completion's samples' token ids: what two engines must agree on."""
+    return [[s.token_ids for s in c.samples] for c in completions]
+
+
 def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
     # A large init std spreads the logits, so greedy ties (which float noise could flip) are unlikely.
     base = dict(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,

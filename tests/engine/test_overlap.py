@@ -6,16 +6,12 @@ its tokens on the host) must come out exactly as in the plain engine, which neve
 """
 
 import pytest
-from engine_helpers import assert_pages_released, greedy_reference, padded_engine, random_prompts, tiny_model
+from engine_helpers import assert_pages_released, greedy_reference, padded_engine, random_prompts, samples, tiny_model
 
 from astrai.core.engine import InferenceEngine, SamplingParams
 
 VOCAB = 300
 ENGINE = dict(max_batch_size=8, max_num_batched_tokens=256, page_size=4)
-
-
-def samples(completions) -> list[list[list[int]]]:
-    return [[s.token_ids for s in c.samples] for c in completions]
 
 
 def plain_and_overlapped(model, prompts, params):

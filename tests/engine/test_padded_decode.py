@@ -8,10 +8,12 @@ padding rows must write only into the scratch page, which is never handed out.
 import pytest
 import torch
 from engine_helpers import (
+    MLA,
     assert_pages_released,
     cache_pools,
     padded_engine,
     random_prompts,
+    samples,
     slots_changed,
     tiny_model,
 )
@@ -20,12 +22,7 @@ from astrai.core.engine import InferenceEngine, KernelPagedAttention, SamplingPa
 from astrai.core.engine.cuda_graphs import batch_buckets, graph_blocker
 
 VOCAB = 300
-MLA = dict(attn_type="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
-
-
-def samples(completions) -> list[list[list[int]]]:
-    return [[s.token_ids for s in c.samples] for c in completions]
 
 
 def both_ways(model, prompts, params, **kwargs):

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import (
+    MLA,
     assert_pages_released,
     cache_pools,
     padded_prefill_engine,
     random_prompts,
+    samples,
     slots_changed,
     tiny_model,
 )
@@ -27,13 +29,8 @@ from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.engine.prefill_graphs import token_buckets
 
 VOCAB = 300
-MLA = dict(attn_type="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
 HERE = Path(__file__).resolve().parent
-
-
-def samples(completions) -> list[list[list[int]]]:
-    return [[s.token_ids for s in c.samples] for c in completions]
 
 
 def both_ways(model, prompts, params, **kwargs):
