@@ -60,6 +60,7 @@ def wait_idle(server, timeout: float = 60) -> dict:
 def test_two_workers_answer_concurrent_requests_like_the_offline_engine(two_engines, model_dir):
     log = two_engines.log.read_text()
     assert log.count("KV cache:") == 2, log  # each worker logs its engine once it is built
+    assert log.count("serving on http://") == 1, log  # and the address is said once
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     offline = InferenceEngine(AutoModel.from_pretrained(model_dir), tokenizer, max_batch_size=16)

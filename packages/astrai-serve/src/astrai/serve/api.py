@@ -113,6 +113,8 @@ class EngineAPI(ls.LitAPI):
                  "max_model_len %d; torch threads %d",
                  self.worker_id, cfg.name, cfg.model, model.num_parameters() / 1e6, dtype_name, self.device_name,
                  gpu, stats["pages_total"], stats["page_size"], stats["max_model_len"], torch.get_num_threads())
+        if self.worker_id != 0:  # the address once per server, not once per engine
+            return
         host = "[::1]" if cfg.host == "::" else cfg.host
         log.info("serving on http://%s:%d  (OpenAI: /v1/chat/completions, /v1/completions, /v1/models; "
                  "Anthropic: /v1/messages; /health, /stats, /metrics)", host, cfg.port)
