@@ -64,6 +64,19 @@ def padded_engine(model, **kwargs):
     return engine
 
 
+def both_ways(model, prompts, params, make=padded_engine, **kwargs):
+    """Completions of the plain engine and of make(model, **kwargs) (a padded engine), and the
+    latter; every static-buffer runner it has must have taken steps (else nothing was compared)."""
+    from astrai.core.engine import InferenceEngine
+
+    plain = InferenceEngine(model, None, **kwargs).generate(prompts, params)
+    engine = make(model, **kwargs)
+    padded = engine.generate(prompts, params)
+    for runner in (engine.core.decode_runner, engine.core.prefill_runner):
+        assert runner is None or runner.num_steps > 0, type(runner).__name__
+    return plain, padded, engine
+
+
 def padded_prefill_engine(model, **kwargs):
     """padded_engine whose prefill and mixed steps also go through PrefillRunner's static buffers
     without capture: what prefill CUDA graphs replay."""

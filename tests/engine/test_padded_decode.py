@@ -10,6 +10,7 @@ import torch
 from engine_helpers import (
     MLA,
     assert_pages_released,
+    both_ways,
     cache_pools,
     padded_engine,
     random_prompts,
@@ -23,15 +24,6 @@ from astrai.core.engine.cuda_graphs import batch_buckets, graph_blocker
 
 VOCAB = 300
 ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
-
-
-def both_ways(model, prompts, params, **kwargs):
-    """Completions of the plain engine and of the padded one, and the padded engine."""
-    plain = InferenceEngine(model, None, **kwargs).generate(prompts, params)
-    engine = padded_engine(model, **kwargs)
-    padded = engine.generate(prompts, params)
-    assert engine.core.decode_runner.num_steps > 0  # the padded path did run
-    return plain, padded, engine
 
 
 def test_batch_buckets():

@@ -17,6 +17,7 @@ import torch
 from engine_helpers import (
     MLA,
     assert_pages_released,
+    both_ways,
     cache_pools,
     padded_prefill_engine,
     random_prompts,
@@ -31,14 +32,6 @@ from astrai.core.engine.prefill_graphs import token_buckets
 VOCAB = 300
 ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
 HERE = Path(__file__).resolve().parent
-
-
-def both_ways(model, prompts, params, **kwargs):
-    plain = InferenceEngine(model, None, **kwargs).generate(prompts, params)
-    engine = padded_prefill_engine(model, **kwargs)
-    padded = engine.generate(prompts, params)
-    assert engine.core.prefill_runner.num_steps > 0 and engine.core.decode_runner.num_steps > 0
-    return plain, padded, engine
 
 
 def test_token_buckets():
@@ -56,8 +49,8 @@ def test_padded_prefill_gives_the_plain_greedy_tokens(arch, budget):
     model = tiny_model(VOCAB, seed=1, **arch)
     prompts = random_prompts(7, VOCAB, 2, 90, seed=budget)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    plain, padded, engine = both_ways(model, prompts, params, max_batch_size=8, max_num_batched_tokens=budget,
-                                      page_size=4)
+    plain, padded, engine = both_ways(model, prompts, params, padded_prefill_engine, max_batch_size=8,
+                                      max_num_batched_tokens=budget, page_size=4)
     assert samples(padded) == samples(plain)
     assert_pages_released(engine)
 
@@ -68,8 +61,8 @@ def test_prefix_hits_preemption_and_forks(arch):
     system = random_prompts(1, VOCAB, 13, 13, seed=3)[0]
     prompts = [system + tail for tail in random_prompts(5, VOCAB, 3, 11, seed=5)]
     params = SamplingParams(n=2, max_tokens=14, temperature=0, ignore_eos=True)
-    plain, padded, engine = both_ways(model, prompts, params, max_batch_size=8, max_num_batched_tokens=64,
-                                      page_size=4, num_pages=24)
+    plain, padded, engine = both_ways(model, prompts, params, padded_prefill_engine, max_batch_size=8,
+                                      max_num_batched_tokens=64, page_size=4, num_pages=24)
     assert engine.stats()["preemptions"] > 0 and engine.scheduler.hit_tokens > 0
     assert samples(padded) == samples(plain)
     assert_pages_released(engine)

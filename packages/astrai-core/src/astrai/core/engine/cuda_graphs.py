@@ -60,7 +60,8 @@ def graph_blocker(model, backend: AttentionBackend) -> str | None:
     return None
 
 
-def capture_graphs(buckets: list[int], body, device: torch.device) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+def capture_graphs(buckets: list[int], body, device: torch.device
+                   ) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
     """{bucket: (graph, output)} of body(bucket) captured for every bucket, largest first, all in
     one memory pool (the smaller ones fit in the largest one's), each after a warm-up run."""
     graphs, pool = {}, None

@@ -97,8 +97,7 @@ class PrefillRunner:
     def run(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Chunk], int]:
         """Logits of the sampled chunks' last tokens, those chunks, and the step's token count;
         every chunk's keys/values land in the cache."""
-        n, sampled = self._write_inputs(chunks)
-        bucket = self.bucket(n)
+        n, bucket, sampled = self._write_inputs(chunks)
         self.num_steps += 1
         entry = self.graphs.get(bucket)
         if entry is not None:
@@ -109,10 +108,10 @@ class PrefillRunner:
         rows = self.last[: len(sampled)]
         return self.model.lm_head(hidden.index_select(0, rows)), sampled, n
 
-    def _write_inputs(self, chunks: list[Chunk]) -> tuple[int, list[Chunk]]:
+    def _write_inputs(self, chunks: list[Chunk]) -> tuple[int, int, list[Chunk]]:
         """Fill the buffers for this step (unused sequence slots and list entries after the live
-        ones); returns the token count and the chunks that sample."""
-        ps, s, o = self.cache.page_size, self.max_seqs, self._offsets
+        ones); returns the token count, its bucket and the chunks that sample."""
+        s, o = self.max_seqs, self._offsets
         w = max(len(c.seq.pages) for c in chunks)
         ids, starts, ctx, last, sampled, table, seq_of, index = [], [0], [], [], [], [], [], []
         for b, c in enumerate(chunks):
@@ -129,7 +128,8 @@ class PrefillRunner:
             table += seq.pages
             if len(seq.pages) < w:
                 table += [0] * (w - len(seq.pages))
-        n, b, nb = len(ids), len(chunks), self._blocks_for(self.bucket(len(ids)))
+        n, b, bucket = len(ids), len(chunks), self.bucket(len(ids))
+        nb = self._blocks_for(bucket)
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's transfer has read the host buffer
         h = self._host_np
@@ -146,7 +146,7 @@ class PrefillRunner:
             self._copied.record(torch.cuda.current_stream(self.device))
         # Columns past w keep older entries: a row never reads past its own context.
         self.page_table[:b, :w].copy_(self._dev[o["table"] : end].view(b, w))
-        return n, sampled
+        return n, bucket, sampled
 
     def _write_padding(self) -> None:
         """No sequence at all (what the capture runs): every token is padding, every list entry -1."""
