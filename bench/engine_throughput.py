@@ -81,8 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory", default=None, help="KV pool budget, e.g. 2GiB (default: engine's choice)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps as CUDA graphs (default: the engine's choice, on for CUDA)")
-    p.add_argument("--prefill-graphs", action="store_true",
-                   help="prefill and mixed steps as CUDA graphs too (the engine's opt-in prefill_graphs)")
+    p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefill and mixed steps as CUDA graphs too (default: the engine's choice, "
+                        "on with the decode graphs)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each CUDA-graph decode step before reading the previous step's tokens "
                         "(default: on, as the engine does)")

@@ -93,8 +93,10 @@ def test_prefill_graphs_need_the_decode_graphs():
     model = tiny_model(VOCAB)
     with pytest.raises(ValueError, match="prefill_graphs .*needs the decode CUDA graphs"):
         InferenceEngine(model, None, prefill_graphs=True)
-    with pytest.raises(ValueError, match="prefill_graphs must be True or False"):
+    with pytest.raises(ValueError, match="prefill_graphs must be True, False or None"):
         InferenceEngine(model, None, prefill_graphs="yes")
+    # the default follows the decode graphs: off on the CPU, with no error
+    assert InferenceEngine(model, None).core.prefill_runner is None
 
 
 _INTERPRETED = textwrap.dedent("""
@@ -139,8 +141,10 @@ def test_captured_prefill_graphs_give_the_eager_tokens_on_cuda():
     prompts = random_prompts(9, VOCAB, 2, 150, seed=9)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     kwargs = dict(max_batch_size=8, max_num_batched_tokens=256, page_size=16)
-    eager = InferenceEngine(model, None, **kwargs).generate(prompts, params)
-    engine = InferenceEngine(model, None, prefill_graphs=True, **kwargs)
+    eager = InferenceEngine(model, None, prefill_graphs=False, **kwargs)
+    assert eager.core.prefill_runner is None
+    eager = eager.generate(prompts, params)
+    engine = InferenceEngine(model, None, **kwargs)  # on by default with the decode graphs
     assert sorted(engine.core.prefill_runner.graphs) == token_buckets(256)
     # recorded without autograd: no activations kept alive, and the packed inference path
     assert not any(out.requires_grad for _, out in engine.core.prefill_runner.graphs.values())

@@ -67,8 +67,9 @@ class InferenceEngine:
         and the model can be captured (not MoE, not dynamic NTK RoPE, a graph-safe attention
         backend), with one log line saying why when it cannot; False: always eager.
     prefill_graphs: also run prefill and mixed steps as CUDA graphs (prefill_graphs.py), captured
-        for every token-count bucket up to max_num_batched_tokens; needs the decode graphs. Off
-        by default (opt-in); off, those steps run eagerly.
+        for every token-count bucket up to max_num_batched_tokens. None (default): on whenever
+        the decode graphs are; True: required (an error where the decode graphs are off);
+        False: those steps run eagerly.
     """
 
     def __init__(
@@ -84,14 +85,15 @@ class InferenceEngine:
         max_model_len: int | None = None,
         attention_backend: AttentionBackend | None = None,
         cuda_graphs: bool | None = None,
-        prefill_graphs: bool = False,
+        prefill_graphs: bool | None = None,
     ):
         for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("page_size", page_size)):
             require(is_token_id(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
         require(cuda_graphs is None or isinstance(cuda_graphs, bool), "cuda_graphs",
                 f"must be True, False or None (on where possible), got {cuda_graphs!r}")
-        require(isinstance(prefill_graphs, bool), "prefill_graphs", f"must be True or False, got {prefill_graphs!r}")
+        require(prefill_graphs is None or isinstance(prefill_graphs, bool), "prefill_graphs",
+                f"must be True, False or None (with the decode graphs), got {prefill_graphs!r}")
         require(max_num_batched_tokens >= max_batch_size, "max_num_batched_tokens",
                 f"({max_num_batched_tokens}) must be >= max_batch_size ({max_batch_size}): every running "
                 "sequence needs a token of each step's budget")
@@ -124,13 +126,13 @@ class InferenceEngine:
         if self._use_cuda_graphs(cuda_graphs):
             self.core.decode_runner = DecodeRunner(self.model, self.cache, self.core.backend, max_batch_size,
                                                    self.max_model_len, capture=True)
-            if prefill_graphs:
+            if prefill_graphs is not False:
                 self.core.prefill_runner = PrefillRunner(self.model, self.cache, self.core.backend, max_batch_size,
                                                          max_num_batched_tokens, self.max_model_len, capture=True)
         else:
-            require(not prefill_graphs, "prefill_graphs",
+            require(prefill_graphs is not True, "prefill_graphs",
                     "(True) needs the decode CUDA graphs: a CUDA device, cuda_graphs not False and a model "
-                    "they can capture (see the log line); leave prefill_graphs False")
+                    "they can capture (see the log line); leave prefill_graphs None or False")
 
         self._step_lock = threading.RLock()  # model, cache, scheduler and core state
         self._cv = threading.Condition()  # inbox, aborts, active requests, thread control
