@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="KV pool budget, e.g. 2GiB (default: engine's choice)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="KV cache storage: the model's dtype, or float8 e4m3 (half the bytes of bf16; the "
+                        "decode floor then counts one byte per cached value)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps as CUDA graphs (default: the engine's choice, on for CUDA)")
     p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -245,7 +248,7 @@ def decode_floor(engine: InferenceEngine, model, bandwidth: float) -> dict | Non
     """Mean pure-decode step against its bandwidth floor, for the largest decode batch seen
     (at least 3 steps) and over every decode step."""
     by_batch = engine.core.decode_timing.by_batch
-    kv_per_token = model.kv_layout().bytes_per_token(next(model.parameters()).element_size())
+    kv_per_token = model.kv_layout().bytes_per_token(engine.cache.k.element_size())  # fp8 cache: 1 byte
     weights = weight_bytes_read(model)
     floors = {b: (steps * weights + ctx * kv_per_token) / bandwidth for b, (steps, _, ctx) in by_batch.items()}
     big = [b for b, (steps, _, _) in by_batch.items() if steps >= 3]
@@ -292,7 +295,8 @@ def main(argv=None) -> int:
     model = load_model(args.model, dtype, args.device)
     engine = InferenceEngine(model, None, max_batch_size=args.max_batch_size,
                              max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_batch_size),
-                             page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, device=args.device,
+                             page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
+                             kv_cache_dtype=args.kv_cache_dtype, device=args.device,
                              cuda_graphs=args.cuda_graphs, prefill_graphs=args.prefill_graphs)
     longest = args.prompt_len[1] + args.output_len[1]
     if longest > engine.max_model_len:
@@ -322,6 +326,7 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
     prompt_tokens = sum(len(p) for p, _ in reqs)
     figures = {
         "model": args.model, "device": str(engine.device), "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_dtype": engine.stats()["kv_cache_dtype"],
         "threads": torch.get_num_threads(), "api": args.api, "workload": args.workload,
         "cuda_graphs": runner is not None, "capture_s": runner.capture_seconds if runner else None,
         "requests": len(reqs), "prompt_tokens": prompt_tokens, "output_tokens": tokens, "wall_s": wall,
@@ -341,6 +346,7 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
         if engine.core.prefill_runner is not None:
             graphs += f", prefill graphs (captured in {engine.core.prefill_runner.capture_seconds:.2f} s)"
     print(f"model {args.model} on {figures.get('gpu', figures['device'])} ({figures['dtype']}, "
+          f"KV cache {figures['kv_cache_dtype']}, "
           f"{figures['threads']} threads), {model.num_parameters():,} parameters, {graphs}, api {args.api}")
     print(f"{len(reqs)} requests, prompt {args.prompt_len[0]}-{args.prompt_len[1]}, "
           f"output {args.output_len[0]}-{args.output_len[1]} tokens, max batch {args.max_batch_size}, "

@@ -119,6 +119,13 @@ _CHECKS = textwrap.dedent('''
             assert torch.equal(k_pool.flatten(0, 1), want_k)
             if with_v:
                 assert torch.equal(v_pool.flatten(0, 1), torch.zeros_like(want_k).index_copy_(0, slots, v))
+        if device == "cuda":  # float8 pools (kv_cache_dtype="fp8"); the interpreter has no fp8 type
+            k = torch.randn(7, heads, dim, generator=g).to(device=device, dtype=dtype) * 200  # some beyond +-448
+            pool = torch.zeros(pages, page_size, heads, dim, device=device, dtype=torch.float8_e4m3fn)
+            store_kv.store_kv(k, None, pool, None, slots)
+            want = k.float().clamp(-448, 448).to(torch.float8_e4m3fn)  # round to nearest even, saturated
+            got = pool.flatten(0, 1).view(torch.uint8)[slots]
+            assert torch.equal(got, want.view(torch.uint8)) and pool.float().abs().max() == 448
 
     def check(device, bf16_rtol):
         g = torch.Generator().manual_seed(0)

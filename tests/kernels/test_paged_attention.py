@@ -14,6 +14,8 @@ import torch
 
 from astrai.core.kernels.paged_attention import paged_attention_reference
 
+FP8 = torch.float8_e4m3fn
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 HERE = Path(__file__).resolve().parent
@@ -58,11 +60,16 @@ def dense_expected(q, k_cache, v_cache, table, seq_lens, query_start, scale, dv)
 
 
 @pytest.mark.parametrize("mla", [False, True])
-def test_reference_matches_dense_math(mla):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_reference_matches_dense_math(mla, fp8):
     case = make_case([1, 5, 3], [9, 5, 20], n_heads=4, n_kv_heads=1 if mla else 2, dk=12, dv=8 if mla else 6,
                      page_size=4, mla=mla)
     dv = 8 if mla else 6
+    if fp8:  # float8 pools (kv_cache_dtype="fp8"): read back in the queries' dtype
+        case = (case[0], *[None if t is None else t.to(FP8) for t in case[1:3]], *case[3:])
     got = paged_attention_reference(*case, scale=0.3, v_dim=dv)
+    if fp8:
+        case = (case[0], *[None if t is None else t.double() for t in case[1:3]], *case[3:])
     assert torch.allclose(got, dense_expected(*case, scale=0.3, dv=dv), atol=1e-12)
 
 
@@ -87,6 +94,24 @@ def test_triton_matches_reference(n_heads, n_kv_heads, dk, dv, mla, q_lens, list
     got = paged_attention_triton(*case, scale=scale, v_dim=dv, blocks=blocks).float()
     ref = paged_attention_reference(*[None if t is None else (t.float() if t.is_floating_point() else t) for t in case],
                                     scale=scale, v_dim=dv)
+    assert (got - ref).abs().max().item() < 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("n_heads,n_kv_heads,dk,dv,mla", [(16, 8, 128, 128, False), (16, 1, 576, 512, True)])
+@pytest.mark.parametrize("q_lens", [[1] * 7, [1, 37, 1, 130, 5]])
+def test_triton_reads_fp8_pools(n_heads, n_kv_heads, dk, dv, mla, q_lens):
+    """kv_cache_dtype="fp8": bf16 queries over float8 pages, against the reference on the same
+    pages read exactly in float32."""
+    from astrai.core.kernels.paged_attention_triton import paged_attention_triton
+
+    ctx = [q + extra for q, extra in zip(q_lens, [3, 0, 200, 17, 64, 1, 90])]
+    q, k, v, *rest = make_case(q_lens, ctx, n_heads, n_kv_heads, dk, dv, page_size=16, mla=mla,
+                               dtype=torch.bfloat16, device="cuda")
+    k, v = k.to(FP8), None if v is None else v.to(FP8)
+    got = paged_attention_triton(q, k, v, *rest, scale=dk**-0.5, v_dim=dv).float()
+    ref = paged_attention_reference(q.float(), k.float(), None if v is None else v.float(), *rest, scale=dk**-0.5,
+                                    v_dim=dv)
     assert (got - ref).abs().max().item() < 2e-2
 
 
@@ -124,9 +149,9 @@ _INTERPRETED = textwrap.dedent("""
 """)
 
 
-@needs_triton
 # The interpreter stands in for the GPU on CPU machines; on CUDA the compiled kernel is tested.
 # (The GPU image's Triton 3.6 interpreter with numpy 2.5 cannot run a loop whose bound is loaded.)
+@needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the compiled kernel is tested instead")
 def test_triton_kernel_matches_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}

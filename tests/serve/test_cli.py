@@ -49,6 +49,7 @@ def test_repo_serve_yaml_is_valid():
     ("model: /m\ndevice: tpu\n", {}, "device:"),
     ("model: /m\ndtype: int8\n", {}, "dtype:"),
     ("model: /m\nkv_cache_memory: lots\n", {}, "kv_cache_memory:"),
+    ("model: /m\nkv_cache_dtype: int8\n", {}, "kv_cache_dtype: 'int8' is not supported; use one of auto, fp8"),
     ("model: /m\nmax_batch_size: 0\n", {}, "max_batch_size:"),
 ])
 def test_bad_settings_name_the_setting(tmp_path, yaml_text, overrides, needle):

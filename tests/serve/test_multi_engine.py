@@ -5,6 +5,8 @@ test_serve_multi_gpu.py).
 Greedy outputs of concurrent requests, streamed or not, must equal the engine run offline in
 this process, whichever engine answered; both engines must have taken part, /stats must show
 each and their sum, and a client's disconnect must stop its request in whichever engine runs it.
+The engines keep their KV cache in fp8 (--kv-cache-dtype), so that flag is covered end to end too:
+the offline engine uses the same setting, and a float32 cache would give other tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def two_engines(launch, model_dir, serve_command, free_port, tmp_path):
     log = tmp_path / "server.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     argv = serve_command("--model", model_dir, "--port", port, "--device", "cpu", "--workers", "2",
-                         "--served-model-name", "tiny", "--max-batch-size", "16", "--log-level", "info")
+                         "--served-model-name", "tiny", "--max-batch-size", "16", "--kv-cache-dtype", "fp8",
+                         "--log-level", "info")
     server = launch(argv, port, log, model_dir, env=env)
     try:
         yield server.wait_ready()
@@ -63,7 +66,7 @@ def test_two_workers_answer_concurrent_requests_like_the_offline_engine(two_engi
     assert log.count("serving on http://") == 1, log  # and the address is said once
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    offline = InferenceEngine(AutoModel.from_pretrained(model_dir), tokenizer, max_batch_size=16)
+    offline = InferenceEngine(AutoModel.from_pretrained(model_dir), tokenizer, max_batch_size=16, kv_cache_dtype="fp8")
     prompts = [[{"role": "user", "content": f"{WORDS[i % 10]} {WORDS[i * 3 % 10]} #{i}"}] for i in range(16)]
     refs = offline.generate([chat_ids(tokenizer, p) for p in prompts], SamplingParams(temperature=0, max_tokens=16))
 
@@ -93,6 +96,7 @@ def test_two_workers_answer_concurrent_requests_like_the_offline_engine(two_engi
     assert 0 not in totals, totals
     assert stats["engine"]["generated_tokens"] == sum(totals) == sum(len(r.token_ids) for r in refs)
     assert stats["engine"]["pages_total"] == sum(w["stats"]["pages_total"] for w in workers)
+    assert stats["engine"]["kv_cache_dtype"] == "float8_e4m3fn", stats
 
 
 def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):

@@ -97,7 +97,8 @@ class EngineAPI(ls.LitAPI):
         kv_bytes = parse_size(cfg.kv_cache_memory, "kv_cache_memory") if cfg.kv_cache_memory else None
         self.engine = InferenceEngine(
             model, tokenizer, max_batch_size=cfg.max_batch_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            page_size=cfg.page_size, num_pages=cfg.num_pages, kv_cache_memory=kv_bytes, device=device,
+            page_size=cfg.page_size, num_pages=cfg.num_pages, kv_cache_memory=kv_bytes,
+            kv_cache_dtype=cfg.kv_cache_dtype, device=device,
             max_model_len=cfg.max_model_len,
         )
         self.engine.start()
@@ -109,10 +110,11 @@ class EngineAPI(ls.LitAPI):
         stats = self.engine.stats()
         dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
         gpu = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if device != self.device_name else ""
-        log.info("worker %d: model %s (%s, %.1fM parameters, %s) on %s%s; KV cache: %d pages of %d tokens, "
+        log.info("worker %d: model %s (%s, %.1fM parameters, %s) on %s%s; KV cache: %d pages of %d tokens (%s), "
                  "max_model_len %d; torch threads %d",
                  self.worker_id, cfg.name, cfg.model, model.num_parameters() / 1e6, dtype_name, self.device_name,
-                 gpu, stats["pages_total"], stats["page_size"], stats["max_model_len"], torch.get_num_threads())
+                 gpu, stats["pages_total"], stats["page_size"], stats["kv_cache_dtype"], stats["max_model_len"],
+                 torch.get_num_threads())
         if self.worker_id != 0:  # the address once per server, not once per engine
             return
         host = "[::1]" if cfg.host == "::" else cfg.host

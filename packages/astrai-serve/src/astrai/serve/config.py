@@ -14,6 +14,7 @@ from typing import Any
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe's run() accepts
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "fp8")  # InferenceEngine's kv_cache_dtype
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -46,6 +47,9 @@ class ServeConfig:
     kv_cache_memory: str | None = _opt(None, "memory for the paged KV cache, e.g. 2GiB or 512MB "
                                              "(default: the engine's choice)", metavar="SIZE")
     num_pages: int | None = _opt(None, "KV cache size as a page count (instead of --kv-cache-memory)")
+    kv_cache_dtype: str = _opt("auto", "KV cache storage: auto (the weights' dtype) or fp8 (float8 e4m3, "
+                                       "Ada/Hopper GPUs or the CPU: twice the tokens per byte of bf16 and "
+                                       "faster large-batch decoding; values keep ~2 significant digits)")
     page_size: int = _opt(16, "tokens per KV cache page")
     max_model_len: int | None = _opt(None, "longest prompt + completion in tokens (default: the model's max_len)")
     served_model_name: str | None = _opt(None, "model name clients send and /v1/models lists "
@@ -83,6 +87,9 @@ class ServeConfig:
             parse_size(self.kv_cache_memory, "kv_cache_memory")
             if self.num_pages is not None:
                 raise ServeConfigError("num_pages: set either num_pages or kv_cache_memory, not both")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ServeConfigError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not supported; use one of "
+                                   f"{', '.join(KV_CACHE_DTYPES)}")
         if not isinstance(self.fast_queue, bool):
             raise ServeConfigError(f"fast_queue: must be true or false, got {self.fast_queue!r}")
         if self.log_level not in LOG_LEVELS:

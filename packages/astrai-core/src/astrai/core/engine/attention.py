@@ -144,14 +144,14 @@ class TorchPagedAttention:
         out = (q.new_zeros if plan.has_padding else q.new_empty)(q.shape[0], q.shape[1], v_dim)
         if plan.decode_tokens is not None:
             qd = q.index_select(0, plan.decode_tokens).unsqueeze(2)  # (Bd, H, 1, Dk)
-            kd = _gather(k_pool, plan.decode_slots).transpose(1, 2)  # (Bd, Hkv, L, Dk)
-            vd = _gather(v_pool, plan.decode_slots).transpose(1, 2)
+            kd = _gather(k_pool, plan.decode_slots, q.dtype).transpose(1, 2)  # (Bd, Hkv, L, Dk)
+            vd = _gather(v_pool, plan.decode_slots, q.dtype).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
             out.index_copy_(0, plan.decode_tokens, od.squeeze(2))
         for start, n, slots in plan.prefills:
             qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # (1, H, n, Dk)
-            kp = _gather(k_pool, slots).transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, Dk)
-            vp = _gather(v_pool, slots).transpose(0, 1).unsqueeze(0)
+            kp = _gather(k_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, Dk)
+            vp = _gather(v_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             ctx = slots.shape[0]
             # Query i sits at position ctx - n + i and sees keys up to there.
             mask = None if ctx == n else torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
@@ -161,9 +161,12 @@ class TorchPagedAttention:
         return out
 
 
-def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """pool[slots] for a (slots, ...) pool; index_select is several times faster than fancy indexing on CPU."""
-    return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
+def _gather(pool: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """pool[slots] for a (slots, ...) pool, in `dtype` (an fp8 pool is read back into the model's
+    dtype); index_select is several times faster than fancy indexing on CPU."""
+    rows = pool.view(torch.uint8) if pool.dtype == torch.float8_e4m3fn else pool  # torch copies fp8 as bytes
+    rows = rows.index_select(0, slots.reshape(-1)).view(pool.dtype)
+    return rows.view(*slots.shape, *pool.shape[1:]).to(dtype)
 
 
 class KernelPagedAttention:

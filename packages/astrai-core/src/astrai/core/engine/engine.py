@@ -32,7 +32,7 @@ from .host import limit_cpu_threads
 from .intake import RequestIntake, is_token_id, require
 from .outputs import Completion, StreamEvent
 from .page_allocator import PageAllocator
-from .paged_cache import PagedKVCache, pool_pages
+from .paged_cache import PagedKVCache, pool_dtype, pool_pages
 from .params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request
@@ -56,6 +56,9 @@ class InferenceEngine:
     num_pages / kv_cache_memory: size of the page pool, as a page count or a byte budget
         (an int or a string such as "2GiB"). Default: enough for max_batch_size sequences of
         max_model_len, capped at 90% of free GPU memory on CUDA and at 1 GiB on CPU.
+    kv_cache_dtype: "auto" (default: the model's dtype) or "fp8" (float8 e4m3: half the bytes
+        of bf16, so twice the tokens fit and large-batch decode steps, which mostly read the
+        cache, run faster; values are rounded to ~2 significant digits, paged_cache.py).
     device: where the model and the cache live (default: the model's device). On CUDA the
         process keeps one torch CPU thread unless OMP_NUM_THREADS is set (engine/host.py says why).
     max_model_len: prompt + output limit per sequence (default and maximum: config.max_len);
@@ -81,6 +84,7 @@ class InferenceEngine:
         page_size: int = 16,
         num_pages: int | None = None,
         kv_cache_memory: int | str | None = None,
+        kv_cache_dtype: str = "auto",
         device: str | torch.device | None = None,
         max_model_len: int | None = None,
         attention_backend: AttentionBackend | None = None,
@@ -108,7 +112,7 @@ class InferenceEngine:
         self.model = model.to(self.device).eval()
         pack_projections(self.model)
         self.tokenizer = tokenizer
-        dtype = next(model.parameters()).dtype
+        dtype = pool_dtype(kv_cache_dtype, next(model.parameters()).dtype, self.device)
         layout = model.kv_layout()
         wanted = max_batch_size * -(-max_model_len // page_size)
         pages = pool_pages(num_pages, kv_cache_memory, PagedKVCache.bytes_per_page(layout, page_size, dtype),
@@ -322,6 +326,7 @@ class InferenceEngine:
             "pages_free": a.num_free,
             "pages_cached": len(a.prefix_cache),
             "page_size": self.page_size,
+            "kv_cache_dtype": str(self.cache.k.dtype).removeprefix("torch."),
             "prefix_cache_hit_rate": s.hit_tokens / s.lookup_tokens if s.lookup_tokens else 0.0,
             "preemptions": s.num_preemptions,
             "page_copies": s.num_page_copies,

@@ -8,6 +8,12 @@ channels.
 One page more than num_pages is stored: the scratch page. The allocator hands out pages
 0..num_pages-1 only, so nothing ever reads it; the padding rows of a bucketed decode step
 (cuda_graphs.py) write their keys/values there instead of into a live page.
+
+The pool may hold fewer bytes than the model computes in (kv_cache_dtype="fp8": float8 e4m3,
+half of bf16): a decode step at a large batch reads mostly cached keys and values, so its time
+halves with their bytes, and twice the tokens fit. Values are rounded to e4m3 with no scale
+(3 mantissa bits, ~2 significant digits) and clamped to its range, +-448; attention converts
+them back to the model's dtype as it reads them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,36 @@ from ..kernels.dispatch import use_fused
 from ..kv_cache_view import KVLayout
 from .attention import AttentionBackend, AttentionMetadata, default_backend
 from .transfer import to_device
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def pool_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The pool's dtype for a kv_cache_dtype setting: "auto" (the model's dtype) or "fp8"."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                         f"got {kv_cache_dtype!r}")
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"kv_cache_dtype 'fp8' needs a GPU with float8 support (compute capability 8.9+: "
+                         f"Ada, Hopper); {torch.cuda.get_device_name(device)} has none; use 'auto'")
+    return FP8
+
+
+def to_pool_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the pool's dtype; for fp8 clamped to its range first (no overflow to NaN)."""
+    if dtype == FP8:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x.to(dtype)
+
+
+def as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """A one-byte (fp8) tensor as uint8, for the copy ops torch lacks for float8 on some devices."""
+    return x.view(torch.uint8) if x.dtype == FP8 else x
 
 
 class PagedKVCache:
@@ -41,6 +77,7 @@ class PagedKVCache:
         (moved,) = to_device([torch.tensor(pairs, dtype=torch.long)], self.k.device)
         src, dst = moved[:, 0], moved[:, 1]
         for pool in (self.k, self.v) if self.v is not None else (self.k,):
+            pool = as_bytes(pool)
             pool[:, dst] = pool[:, src]
 
     def view(self, meta: AttentionMetadata, backend: AttentionBackend | None = None) -> "PagedCacheView":
@@ -71,9 +108,8 @@ class PagedCacheView:
             if store_kv.supports(k, v, k_pool, v_pool):
                 store_kv.store_kv(k, v, k_pool, v_pool, self.meta.slot_mapping)
                 return
-        k_pool.flatten(0, 1).index_copy_(0, self.meta.slot_mapping, k.to(k_pool.dtype))
-        if v is not None:
-            v_pool.flatten(0, 1).index_copy_(0, self.meta.slot_mapping, v.to(v_pool.dtype))
+        for x, pool in ((k, k_pool), (v, v_pool)) if v is not None else ((k, k_pool),):
+            as_bytes(pool.flatten(0, 1)).index_copy_(0, self.meta.slot_mapping, as_bytes(to_pool_dtype(x, pool.dtype)))
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

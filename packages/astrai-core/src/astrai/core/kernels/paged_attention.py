@@ -29,8 +29,8 @@ def paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_s
         if hi == lo or ctx == 0:
             continue
         pages = page_table[b, : -(-ctx // page_size)]
-        k = k_cache[pages].flatten(0, 1)[:ctx]
-        v = k[..., :v_dim] if v_cache is None else v_cache[pages].flatten(0, 1)[:ctx]
+        k = k_cache[pages].flatten(0, 1)[:ctx].to(q.dtype)  # an fp8 pool is read in the query's dtype
+        v = k[..., :v_dim] if v_cache is None else v_cache[pages].flatten(0, 1)[:ctx].to(q.dtype)
         q_len = hi - lo
         mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
         o = F.scaled_dot_product_attention(

@@ -2,7 +2,8 @@
 
 One program handles BLOCK_M query tokens x all query heads of one KV head, so each key/value
 page is read once per group of heads; keys are streamed BLOCK_N at a time with an online
-softmax. Decode steps (one query token per sequence) use small BLOCK_M.
+softmax. Decode steps (one query token per sequence) use small BLOCK_M. An fp8 pool is converted to the
+queries' dtype as it is read, so the dots run in bf16/fp16 either way.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _paged_attention_kernel(
         page = tl.load(page_table + b * stride_pt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
         slot = n % PAGE
         k = tl.load(K + page[None, :] * stride_kp + slot[None, :] * stride_ks + kvh * stride_kh + dk[:, None],
-                    mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0)
+                    mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0).to(q.dtype)
         s = tl.dot(q, k) * qk_scale
         visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -70,8 +71,8 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
-                    mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                    mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + (q_begin + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],

@@ -1,0 +1,102 @@
+"""kv_cache_dtype="fp8": keys and values stored as float8 e4m3 (clamped to +-448), read back into
+the model's dtype. The engine must then behave exactly like full recompute with every key and
+value rounded that way, and the pool must hold the promised number of tokens per byte."""
+
+import pytest
+import torch
+from engine_helpers import MLA, random_prompts, samples, tiny_model
+
+from astrai.core.engine import InferenceEngine, SamplingParams
+from astrai.core.engine.attention import TorchPagedAttention, build_metadata
+from astrai.core.engine.paged_cache import FP8, PagedKVCache
+from astrai.core.kv_cache_view import ContiguousKVCache
+
+VOCAB = 300
+ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to e4m3 and back, written out independently of the engine: clamp, round."""
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+class RoundedKV(ContiguousKVCache):
+    """The plain contiguous cache, with every new key and value rounded to e4m3 first."""
+
+    def attend(self, layer_idx, q, k, v, scale):
+        return super().attend(layer_idx, q, e4m3(k), None if v is None else e4m3(v), scale)
+
+
+@torch.no_grad()
+def rounded_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """Full recompute for every token (no cache reuse), attention over e4m3-rounded keys/values."""
+    ids, out = list(prompt), []
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([ids]), cache=RoundedKV(model.kv_layout()))
+        out.append(int(logits[0, -1].argmax()))
+        ids.append(out[-1])
+    return out
+
+
+@ARCHS
+def test_fp8_engine_equals_full_recompute_over_rounded_keys_and_values(arch):
+    model = tiny_model(VOCAB, seed=7, **arch)
+    prompts = random_prompts(6, VOCAB, 2, 90, seed=9)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    # chunked prefill (budget 64), decode rows beside prefill chunks, several pages per sequence
+    engine = InferenceEngine(model, None, max_batch_size=4, max_num_batched_tokens=64, page_size=8,
+                             kv_cache_dtype="fp8")
+    assert engine.cache.k.dtype == FP8
+    got = [c.samples[0].token_ids for c in engine.generate(prompts, params)]
+    assert got == [rounded_greedy(model, p, 10) for p in prompts]
+    # and the rounding is real: the unrounded model disagrees somewhere
+    plain = InferenceEngine(model, None, max_batch_size=4, max_num_batched_tokens=64, page_size=8)
+    assert samples(plain.generate(prompts, params)) != [[t] for t in got]
+
+
+def test_fp8_pages_survive_forks_and_prefix_hits():
+    """Copy-on-write of a shared page and prefix reuse move fp8 pages as raw bytes."""
+    model = tiny_model(VOCAB, seed=3)
+    engine = InferenceEngine(model, None, max_batch_size=8, page_size=4, kv_cache_dtype="fp8")
+    prompt = random_prompts(1, VOCAB, 30, 30, seed=2)[0]  # 30 tokens: the last page is shared and partial
+    first = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, n=3, ignore_eos=True))[0]
+    again = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert engine.stats()["prefix_cache_hit_rate"] > 0
+    want = rounded_greedy(model, prompt, 8)
+    assert [s.token_ids for s in first.samples] == [want] * 3
+    assert again.samples[0].token_ids == want
+
+
+def test_stored_values_are_clamped_not_nan_and_attention_reads_them_back():
+    layout = tiny_model(VOCAB).kv_layout()
+    cache = PagedKVCache(layout, num_pages=4, page_size=4, dtype=FP8, device="cpu")
+    meta, _ = build_metadata([6], [6], [[2, 0]], page_size=4, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 6, layout.n_kv_heads, layout.k_dim)
+    k, v = torch.randn(shape, generator=g) * 3, torch.randn(shape, generator=g) * 3
+    k[0, 1, 0, 0], v[0, 2, 1, 3] = 1e4, -1e4  # beyond e4m3's range
+    q = torch.randn(1, 6, 2 * layout.n_kv_heads, layout.k_dim, generator=g)
+    out = cache.view(meta, TorchPagedAttention()).attend(0, q, k, v, scale=0.25)
+    stored_k = cache.k[0].float().flatten(0, 1)[[8, 9, 10, 11, 0, 1]]  # page 2 then page 0
+    assert stored_k[1, 0, 0] == 448.0 and cache.v[0].float().flatten(0, 1)[10, 1, 3] == -448.0
+    assert torch.equal(stored_k, e4m3(k[0]))
+    # attention over the rounded values, written out in float64
+    keys, vals = e4m3(k[0]).double(), e4m3(v[0]).double()
+    group = q.shape[2] // layout.n_kv_heads
+    for t in range(6):
+        for h in range(q.shape[2]):
+            w = torch.softmax(keys[: t + 1, h // group] @ q[0, t, h].double() * 0.25, 0)
+            torch.testing.assert_close(out[0, t, h].double(), w @ vals[: t + 1, h // group], rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_pool_holds_more_tokens_for_the_same_memory():
+    model = tiny_model(VOCAB)  # float32 weights: fp8 is a quarter of the bytes
+    pages = {d: InferenceEngine(model, None, kv_cache_memory="1MiB", kv_cache_dtype=d).allocator.num_pages
+             for d in ("auto", "fp8")}
+    per_page = PagedKVCache.bytes_per_page(model.kv_layout(), 16, torch.float32)
+    assert pages["auto"] == 2**20 // per_page and pages["fp8"] == 4 * pages["auto"]
+
+
+def test_kv_cache_dtype_is_checked():
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of 'auto', 'fp8', got 'int8'"):
+        InferenceEngine(tiny_model(VOCAB), None, kv_cache_dtype="int8")
