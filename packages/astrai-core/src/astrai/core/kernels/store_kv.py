@@ -21,25 +21,25 @@ POOL_DTYPES = (*FUSED_DTYPES, FP8)
 
 @triton.jit
 def _store_row(SRC, POOL, src_row, slot, stride_h, n_heads, dim, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-               CLAMP: tl.constexpr):
+               TO_FP8: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < n_heads) & (d < dim)
     x = tl.load(SRC + src_row + h * stride_h + d, mask=mask)
-    if CLAMP:
-        x = tl.minimum(tl.maximum(x.to(tl.float32), -CLAMP), CLAMP)
+    if TO_FP8:  # clamp to e4m3's range (+-448): no overflow to NaN
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
     tl.store(POOL + slot * n_heads * dim + h * dim + d, x.to(POOL.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _store_kv_kernel(K, V, K_POOL, V_POOL, SLOTS, n_heads, k_dim, v_dim, sk_t, sk_h, sv_t, sv_h,
                      HAS_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-                     CLAMP: tl.constexpr):
+                     TO_FP8: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + tok)
-    _store_row(K, K_POOL, tok * sk_t, slot, sk_h, n_heads, k_dim, BLOCK_H, BLOCK_K, CLAMP)
+    _store_row(K, K_POOL, tok * sk_t, slot, sk_h, n_heads, k_dim, BLOCK_H, BLOCK_K, TO_FP8)
     if HAS_V:
-        _store_row(V, V_POOL, tok * sv_t, slot, sv_h, n_heads, v_dim, BLOCK_H, BLOCK_V, CLAMP)
+        _store_row(V, V_POOL, tok * sv_t, slot, sv_h, n_heads, v_dim, BLOCK_H, BLOCK_V, TO_FP8)
 
 
 def supports(k: torch.Tensor, v: torch.Tensor | None, k_pool: torch.Tensor, v_pool: torch.Tensor | None) -> bool:
@@ -60,5 +60,5 @@ def store_kv(k: torch.Tensor, v: torch.Tensor | None, k_pool: torch.Tensor, v_po
         k, v if v is not None else k, k_pool, v_pool if v_pool is not None else k_pool, slots, heads, k_dim, v_dim,
         k.stride(0), k.stride(1), *(v.stride()[:2] if v is not None else (0, 0)),
         HAS_V=v is not None, BLOCK_H=triton.next_power_of_2(heads), BLOCK_K=triton.next_power_of_2(k_dim),
-        BLOCK_V=triton.next_power_of_2(v_dim), CLAMP=448.0 if k_pool.dtype == FP8 else 0.0, num_warps=4,
+        BLOCK_V=triton.next_power_of_2(v_dim), TO_FP8=k_pool.dtype == FP8, num_warps=4,
     )
