@@ -96,7 +96,7 @@ def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_star
     batch = seq_lens.shape[0]
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
     wide = block_dk > 128  # MLA latents: keep tiles small enough for shared memory
-    block_n = 32 if wide else 64
+    block_n, stages = (32, 1) if wide else (64, 2)
     if blocks is not None:
         block_m = query_block_size(n_heads, n_kv_heads, dk)
         grid = (blocks[0].shape[0], n_kv_heads)
@@ -105,6 +105,10 @@ def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_star
         if max_q_len is None:
             max_q_len = int((query_start[1:] - query_start[:-1]).max())
         block_m = query_block_size(n_heads, n_kv_heads, dk, decode=max_q_len == 1)
+        if max_q_len == 1 and not wide and k_cache.dtype == torch.float8_e4m3fn:
+            # fp8 decode: twice the keys per tile and a deeper pipeline keep enough bytes in
+            # flight (H100, batch 256, context 384: 112 us a layer instead of 131; bf16 153)
+            block_n, stages = 128, 3
         grid = (batch, triton.cdiv(max_q_len, block_m), n_kv_heads)
         block_seq = block_index = seq_lens  # unused
     _paged_attention_kernel[grid](
@@ -113,6 +117,6 @@ def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_star
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), page_table.stride(0),
         GROUP=group, GROUP_P=group_p, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
         DK=dk, DV=dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv, LISTED=blocks is not None,
-        num_warps=8 if wide else 4, num_stages=1 if wide else 2,
+        num_warps=8 if wide else 4, num_stages=stages,
     )
     return out
