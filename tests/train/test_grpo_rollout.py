@@ -159,3 +159,17 @@ def test_rollout_engine_directly_in_bfloat16(tokenizer_dir):
     mask = data["labels"] != -100
     gap = ((module._frozen_logps(module.model, data) - data["engine_logps"]).abs() * mask).max()
     assert 0 < gap < 0.5
+
+
+def test_default_kv_budget_counts_the_pool_dtype(tokenizer_dir):
+    """The rollout engine's default KV budget (on a GPU) holds max_batch_size full-length
+    sequences in the pool's own bytes: an fp8 cache needs half of bf16's, capped by free memory."""
+    from astrai.train.rollout import DEFAULT_KV_SHARE, default_kv_budget
+
+    model = make_module(tokenizer_dir).model
+    layout, cpu = model.kv_layout(), torch.device("cpu")
+    kwargs = dict(max_batch_size=4, max_model_len=100, page_size=16)  # 7 pages a sequence
+    want = 4 * 7 * 16 * layout.bytes_per_token(2)  # bf16: 2 bytes a value
+    assert default_kv_budget(model, torch.bfloat16, cpu, kwargs, free=2**40) == want
+    assert default_kv_budget(model, torch.bfloat16, cpu, {**kwargs, "kv_cache_dtype": "fp8"}, free=2**40) == want // 2
+    assert default_kv_budget(model, torch.bfloat16, cpu, kwargs, free=want) == int(DEFAULT_KV_SHARE * want)

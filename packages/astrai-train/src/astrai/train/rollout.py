@@ -22,7 +22,7 @@ from torch import nn
 
 from astrai.core.auto import AutoModel
 from astrai.core.engine import InferenceEngine, SamplingParams
-from astrai.core.engine.paged_cache import PagedKVCache
+from astrai.core.engine.paged_cache import PagedKVCache, pool_dtype
 from astrai.core.tokenizer import AutoTokenizer
 
 from .losses import IGNORE_INDEX
@@ -112,7 +112,8 @@ class RolloutEngine:
         model.requires_grad_(False)
         kwargs = {"max_batch_size": 64, **engine_kwargs}
         if device.type == "cuda" and "num_pages" not in kwargs and "kv_cache_memory" not in kwargs:
-            kwargs["kv_cache_memory"] = _default_kv_budget(model, dtype, device, kwargs)
+            kwargs["kv_cache_memory"] = default_kv_budget(model, dtype, device, kwargs,
+                                                          torch.cuda.mem_get_info(device)[0])
         try:
             self.engine = InferenceEngine(model, tokenizer, device=device, **kwargs)
         except TypeError as e:
@@ -157,10 +158,12 @@ class RolloutEngine:
         return out
 
 
-def _default_kv_budget(model: nn.Module, dtype: torch.dtype, device: torch.device, kwargs: dict) -> int:
+def default_kv_budget(model: nn.Module, dtype: torch.dtype, device: torch.device, kwargs: dict, free: int) -> int:
+    """KV bytes for max_batch_size sequences of max_model_len in the pool's dtype (an fp8 cache
+    needs half of bf16's), at most DEFAULT_KV_SHARE of `free` bytes."""
     page_size = kwargs.get("page_size", 16)
     max_len = kwargs.get("max_model_len") or model.config.max_len
     pages = kwargs["max_batch_size"] * -(-max_len // page_size)
-    per_page = PagedKVCache.bytes_per_page(model.kv_layout(), page_size, dtype)
-    free = torch.cuda.mem_get_info(device)[0]
+    stored = pool_dtype(kwargs.get("kv_cache_dtype", "auto"), dtype, device)
+    per_page = PagedKVCache.bytes_per_page(model.kv_layout(), page_size, stored)
     return max(per_page, min(pages * per_page, int(DEFAULT_KV_SHARE * free)))
