@@ -8,7 +8,8 @@ from engine_helpers import MLA, random_prompts, samples, tiny_model
 
 from astrai.core.engine import InferenceEngine, KernelPagedAttention, SamplingParams, TorchPagedAttention
 from astrai.core.engine.attention import TorchPagedAttention, build_metadata
-from astrai.core.engine.paged_cache import FP8, PagedKVCache
+from astrai.core.engine.kv_dtype import FP8
+from astrai.core.engine.paged_cache import PagedKVCache
 from astrai.core.kv_cache_view import ContiguousKVCache
 
 VOCAB = 300

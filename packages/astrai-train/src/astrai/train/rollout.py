@@ -22,7 +22,8 @@ from torch import nn
 
 from astrai.core.auto import AutoModel
 from astrai.core.engine import InferenceEngine, SamplingParams
-from astrai.core.engine.paged_cache import PagedKVCache, pool_dtype
+from astrai.core.engine.kv_dtype import pool_dtype
+from astrai.core.engine.paged_cache import PagedKVCache
 from astrai.core.tokenizer import AutoTokenizer
 
 from .losses import IGNORE_INDEX

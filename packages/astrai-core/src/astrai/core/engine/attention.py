@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from .kv_dtype import as_bytes
 from .transfer import to_device
 
 
@@ -164,8 +165,7 @@ class TorchPagedAttention:
 def _gather(pool: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """pool[slots] for a (slots, ...) pool, in `dtype` (an fp8 pool is read back into the model's
     dtype); index_select is several times faster than fancy indexing on CPU."""
-    rows = pool.view(torch.uint8) if pool.dtype == torch.float8_e4m3fn else pool  # torch copies fp8 as bytes
-    rows = rows.index_select(0, slots.reshape(-1)).view(pool.dtype)
+    rows = as_bytes(pool).index_select(0, slots.reshape(-1)).view(pool.dtype)
     return rows.view(*slots.shape, *pool.shape[1:]).to(dtype)
 
 

@@ -32,7 +32,8 @@ from .host import limit_cpu_threads
 from .intake import RequestIntake, is_token_id, require
 from .outputs import Completion, StreamEvent
 from .page_allocator import PageAllocator
-from .paged_cache import PagedKVCache, pool_dtype, pool_pages
+from .kv_dtype import pool_dtype
+from .paged_cache import PagedKVCache, pool_pages
 from .params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request
@@ -58,7 +59,7 @@ class InferenceEngine:
         max_model_len, capped at 90% of free GPU memory on CUDA and at 1 GiB on CPU.
     kv_cache_dtype: "auto" (default: the model's dtype) or "fp8" (float8 e4m3: half the bytes
         of bf16, so twice the tokens fit and large-batch decode steps, which mostly read the
-        cache, run faster; values are rounded to ~2 significant digits, paged_cache.py).
+        cache, run faster; values are rounded to ~2 significant digits, kv_dtype.py).
     device: where the model and the cache live (default: the model's device). On CUDA the
         process keeps one torch CPU thread unless OMP_NUM_THREADS is set (engine/host.py says why).
     max_model_len: prompt + output limit per sequence (default and maximum: config.max_len);

@@ -9,11 +9,7 @@ One page more than num_pages is stored: the scratch page. The allocator hands ou
 0..num_pages-1 only, so nothing ever reads it; the padding rows of a bucketed decode step
 (cuda_graphs.py) write their keys/values there instead of into a live page.
 
-The pool may hold fewer bytes than the model computes in (kv_cache_dtype="fp8": float8 e4m3,
-half of bf16): a decode step at a large batch reads mostly cached keys and values, so its time
-halves with their bytes, and twice the tokens fit. Values are rounded to e4m3 with no scale
-(3 mantissa bits, ~2 significant digits) and clamped to its range, +-448; attention converts
-them back to the model's dtype as it reads them.
+The pool may store keys and values in fewer bytes than the model computes in (kv_dtype.py).
 """
 
 from __future__ import annotations
@@ -25,37 +21,8 @@ import torch
 from ..kernels.dispatch import use_fused
 from ..kv_cache_view import KVLayout
 from .attention import AttentionBackend, AttentionMetadata, default_backend
+from .kv_dtype import as_bytes, to_pool_dtype
 from .transfer import to_device
-
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # e4m3's largest finite value
-KV_CACHE_DTYPES = ("auto", "fp8")
-
-
-def pool_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The pool's dtype for a kv_cache_dtype setting: "auto" (the model's dtype) or "fp8"."""
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
-                         f"got {kv_cache_dtype!r}")
-    if kv_cache_dtype == "auto":
-        return model_dtype
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError(f"kv_cache_dtype 'fp8' needs a GPU with float8 support (compute capability 8.9+: "
-                         f"Ada, Hopper); {torch.cuda.get_device_name(device)} has none; use 'auto'")
-    return FP8
-
-
-def to_pool_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in the pool's dtype; for fp8 clamped to its range first (no overflow to NaN)."""
-    if dtype == FP8:
-        return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return x.to(dtype)
-
-
-def as_bytes(x: torch.Tensor) -> torch.Tensor:
-    """A one-byte (fp8) tensor as uint8, for the copy ops torch lacks for float8 on some devices."""
-    return x.view(torch.uint8) if x.dtype == FP8 else x
 
 
 class PagedKVCache:

@@ -2,8 +2,8 @@
 
 One program handles BLOCK_M query tokens x all query heads of one KV head, so each key/value
 page is read once per group of heads; keys are streamed BLOCK_N at a time with an online
-softmax. Decode steps (one query token per sequence) use small BLOCK_M. An fp8 pool is converted to the
-queries' dtype as it is read, so the dots run in bf16/fp16 either way.
+softmax. Decode steps (one query token per sequence) use small BLOCK_M. An fp8 pool is
+converted to the queries' dtype as it is read, so the dots run in the model's dtype either way.
 """
 
 from __future__ import annotations
