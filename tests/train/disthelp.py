@@ -15,14 +15,20 @@ exp_avg would be the same tensor as its exp_avg_sq (and a resumed AdamW diverges
 ``optimizer_state`` below asks for the full state without the offload, which clones instead.
 Everything else (model state dicts, checkpoints, the export) is Lightning's FSDPStrategy.
 Test-only: nobody trains with FSDP on CPU.
+
+FirstStepGrads (below) lets a test read the gradients a multi-process run hands its optimizer.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig, FullyShardedDataParallel,
                                     OptimStateKeyType, StateDictType)
+
+from astrai.train.seq_module import SeqModule
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -44,3 +50,14 @@ class CPUFSDPStrategy(FSDPStrategy):
             if self.global_rank == 0:  # ids in the order of the parameters, as Lightning stores them
                 state = fsdp.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
         return state
+
+
+class FirstStepGrads(SeqModule):
+    """SeqModule that saves the gradients of its first optimizer step (rank 0, as float32) to
+    the file named by $ASTRAI_TEST_GRADS: what the optimizer gets, after any accumulation."""
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        if self.global_step == 0 and self.global_rank == 0:
+            grads = {n: p.grad.float().cpu() for n, p in self.model.named_parameters() if p.grad is not None}
+            torch.save(grads, os.environ["ASTRAI_TEST_GRADS"])

@@ -212,7 +212,5 @@ def test_param_dtype_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="param_dtype must be one of"):
         _module(param_dtype="float16")
     loader = DataLoader(CycleBatches(8, 16), batch_size=4)
-    with pytest.raises(ValueError, match="accumulate_grad_batches"):
-        make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2).fit(_module(param_dtype="bfloat16"), loader)
     with pytest.raises(ValueError, match="muon"):
         make_trainer(tmp_path, max_steps=2).fit(_module(param_dtype="bfloat16", optimizer="muon"), loader)

@@ -23,6 +23,7 @@ from astrai.core.tokenizer import AutoTokenizer
 from astrai.core.transformer import CausalLM
 
 from .export import export_model
+from .grad_accumulation import Float32Grads
 from .lora import LoRAConfig, apply_lora
 from .losses import IGNORE_INDEX, TokenLoss, compiled_token_loss, token_loss
 from .metrics import HostCopy, Throughput, flops_per_token, mfu, peak_flops, precision_dtype
@@ -121,8 +122,9 @@ class CausalLMModule(L.LightningModule):
             master copy and float32 moments of every weight (MasterWeightAdamW, the Megatron-LM
             recipe) so small updates are not rounded away. Differences from "float32": the
             residual stream and the norm gains are bf16 (RMSNorm still normalises in float32),
-            gradients are bf16, the export is bf16. Not with optimizer "muon" (no master
-            weights), nor accumulate_grad_batches > 1 (gradients would be summed in bf16).
+            gradients are bf16, the export is bf16. With accumulate_grad_batches > 1 the
+            micro-batches' gradients are summed in float32 and rounded to bf16 once per step
+            (grad_accumulation.py; not under FSDP). Not with optimizer "muon" (no master weights).
         export_dir: where to export the model on fit end; default <trainer.default_root_dir>/export.
         export_on_fit_end: export when fit ends.
         export_dtype: dtype of the exported weights (e.g. "bfloat16"); default: as trained.
@@ -178,6 +180,7 @@ class CausalLMModule(L.LightningModule):
         self._flops_per_token: dict[int, float] = {}
         self._peak_flops: float | None = None
         self._checked: set[str] = set()
+        self._float32_grads: Float32Grads | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -201,17 +204,43 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
-        if h.param_dtype == "bfloat16" and accumulate > 1:
-            raise ValueError(f"param_dtype: bfloat16 keeps bf16 gradients, and accumulating {accumulate} batches "
-                             "(trainer.accumulate_grad_batches) would sum them in bf16; use param_dtype: float32 "
-                             "with gradient accumulation, or a larger batch_size instead")
+        self._float32_grads = self.float32_grads_for(self.accumulated_backwards())
         optimizer = build_optimizer(self.model, h.optimizer, lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
                                     eps=h.eps, momentum=h.momentum, ns_steps=h.ns_steps, shapes=self._param_shapes)
         scheduler = build_scheduler(optimizer, h.scheduler, warmup_steps=h.warmup_steps,
                                     total_steps=self._schedule_length(), min_lr_ratio=h.min_lr_ratio,
                                     cycle_steps=h.cycle_steps, cycle_mult=h.cycle_mult)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def accumulated_backwards(self) -> str | None:
+        """The setting that makes several backward passes add into one optimizer step, if any
+        (GRPO overrides this for its micro-batches)."""
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return f"trainer.accumulate_grad_batches ({accumulate})" if accumulate > 1 else None
+
+    def float32_grads_for(self, accumulating: str | None) -> Float32Grads | None:
+        """A float32 gradient sum when bf16 weights accumulate several backward passes."""
+        if self.hparams.param_dtype != "bfloat16" or accumulating is None:
+            return None
+        if self._trainer is not None and "FSDP" in type(self._trainer.strategy).__name__:
+            raise ValueError(f"param_dtype: bfloat16 with {accumulating} under FSDP: the float32 gradient sum "
+                             "does not handle sharded gradients; use param_dtype: float32, or no accumulation")
+        return Float32Grads([p for p in self.model.parameters() if p.requires_grad])
+
+    def on_after_backward(self) -> None:
+        # Manual optimisation (GRPO) collects at its own micro-batch boundaries.
+        if self._float32_grads is not None and self.automatic_optimization:
+            self._float32_grads.collect()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._float32_grads is not None:
+            self._float32_grads.release(self.average_over_ranks)
+
+    def average_over_ranks(self, tensor: torch.Tensor) -> None:
+        """tensor <- its mean over the data-parallel ranks, in place (no-op on one process)."""
+        strategy = self.trainer.strategy
+        if strategy.world_size > 1:
+            tensor.copy_(strategy.reduce(tensor, reduce_op="mean"))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """The Trainer's gradient_clip_val, also under FSDP (whose precision plugin refuses norm

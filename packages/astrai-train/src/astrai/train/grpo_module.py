@@ -391,11 +391,16 @@ class GRPOModule(CausalLMModule):
                     if torch.is_tensor(aux):  # MoE load balancing, weighted by this micro-batch's share
                         loss = loss + aux * len(idx) / len(rows)
                     self.manual_backward(loss)
+                    if self._float32_grads is not None:  # bf16 weights: sum micro-batches in float32
+                        self._float32_grads.collect()
                     k = out.n_tokens.detach()
                     sums["loss"] += out.loss.detach()
                     for name in ("kl", "clip_frac", "ratio"):
                         sums[name] += getattr(out, name).detach() * k
                     tokens += k
+                if self._float32_grads is not None:
+                    # Each manual backward was all-reduced under DDP already: no averaging here.
+                    self._float32_grads.release()
                 if self.max_grad_norm:
                     self.clip_grad_norm(opt, self.max_grad_norm)
                 opt.step()
@@ -421,6 +426,10 @@ class GRPOModule(CausalLMModule):
                      prog_bar=name in ("reward", "loss"))
         self.log_lr()
         self.log_throughput(int(data["attention_mask"].sum()) * self.ppo_epochs, data["input_ids"].shape[1])
+
+    def accumulated_backwards(self) -> str | None:
+        # Several micro-batches add into each optimizer step when micro_batch_size splits them.
+        return f"model.micro_batch_size ({self.micro_batch_size})" if self.micro_batch_size else None
 
     def _schedule_length(self) -> int | None:
         if self.hparams.decay_steps or self.hparams.scheduler != "cosine" or self.trainer.max_steps > 0:
