@@ -35,10 +35,9 @@ class Float32Grads:
     def collect(self) -> None:
         """Add the parameters' current gradients to the sum and clear them (after a backward)."""
         if self.buffer is None:
-            self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32,
-                                      device=self.params[0].device)
-            self.sums = list(self.buffer.split([p.numel() for p in self.params]))
-            self.sums = [s.view_as(p) for s, p in zip(self.sums, self.params)]
+            sizes = [p.numel() for p in self.params]
+            self.buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=self.params[0].device)
+            self.sums = [s.view_as(p) for s, p in zip(self.buffer.split(sizes), self.params)]
         for i, (p, total) in enumerate(zip(self.params, self.sums)):
             if p.grad is not None:
                 total.add_(p.grad)
