@@ -9,6 +9,8 @@ two ends of the timed window. Optionally, in the same process:
   --reference  Hugging Face transformers' LlamaForCausalLM of the same shape (random init, bf16
                autocast, fused AdamW, torch.compile with --compile): tokens/s, memory, our ratio.
   --param-dtype float32 bfloat16   run ours once per weight dtype (module option param_dtype).
+  --accumulate N   N batches per optimizer step (trainer.accumulate_grad_batches); tokens/s
+               count all N, a "step" is one optimizer step (Lightning runs only).
 
     uv run python bench/train_throughput.py --model configs/model/tinyllama-1.1b.json \
         --batch-size 8 --seq-len 2048 --compile --overhead --reference --param-dtype float32 bfloat16
@@ -130,7 +132,7 @@ def make_module(args, config: dict, param_dtype: str) -> SeqModule:
 
 
 def make_loader(args, config: dict, world_size: int = 1) -> DataLoader:
-    rows = (args.warmup + args.steps + 1) * args.batch_size * world_size
+    rows = (args.warmup + args.steps + 1) * args.accumulate * args.batch_size * world_size
     return DataLoader(RandomTokens(rows, args.seq_len, config["vocab_size"]), batch_size=args.batch_size,
                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
 
@@ -140,6 +142,7 @@ def run_lightning(args, config: dict, param_dtype: str, device: torch.device) ->
     timer = StepTimer(args.warmup, args.steps, allocated(device))
     trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                         precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
+                        accumulate_grad_batches=args.accumulate,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer], limit_val_batches=0)
     trainer.fit(module, make_loader(args, config, trainer.world_size))
@@ -220,7 +223,7 @@ def run_reference(args, config: dict, device: torch.device) -> dict:
 
 def result_row(name: str, args, window: Window, world_size: int) -> dict:
     device = window.device
-    per_device = args.batch_size * args.seq_len / window.step_seconds
+    per_device = args.accumulate * args.batch_size * args.seq_len / window.step_seconds
     fpt = args.flops_per_token
     peak = args.peak_flops or peak_flops(device, precision_dtype(args.precision))
     return {
@@ -281,6 +284,7 @@ def main():
                    help="module option param_dtype; several: one run of ours each")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (Lightning runs only)")
     p.add_argument("--overhead", action="store_true", help="also time a plain loop (Lightning's overhead)")
     p.add_argument("--reference", action="store_true", help="also time transformers' LlamaForCausalLM")
     p.add_argument("--accelerator", default="auto")
@@ -293,6 +297,10 @@ def main():
         args.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     if args.devices != "auto":
         args.devices = int(args.devices)
+    if args.accumulate < 1:
+        p.error(f"--accumulate must be >= 1, got {args.accumulate}")
+    if args.accumulate > 1 and (args.overhead or args.reference):
+        p.error("--accumulate times Lightning runs only: drop --overhead / --reference")
     if args.overhead or args.reference:
         if args.devices not in ("auto", 1):
             p.error("--overhead and --reference time one device: use --devices 1")
@@ -324,7 +332,7 @@ def main():
         "torch": torch.__version__,
         "model": args.model,
         "params": n_params,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size, "accumulate": args.accumulate,
         "seq_len": args.seq_len,
         "precision": args.precision,
         "optimizer": args.optimizer,
