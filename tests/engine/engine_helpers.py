@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from astrai.core.config import ModelConfig
@@ -13,6 +14,9 @@ WORDS = ("the a small model reads and writes text every day while we watch it le
 
 # Small MLA shapes for the tests that run each path for GQA and for multi-head latent attention.
 MLA = dict(attn_type="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
+VOCAB = 300  # the tiny models' vocabulary in the engine tests
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def samples(completions) -> list[list[list[int]]]:

@@ -4,17 +4,13 @@ value rounded that way, and the pool must hold the promised number of tokens per
 
 import pytest
 import torch
-from engine_helpers import MLA, random_prompts, samples, tiny_model
+from engine_helpers import ARCHS, VOCAB, needs_cuda, random_prompts, samples, tiny_model
 
 from astrai.core.engine import InferenceEngine, KernelPagedAttention, SamplingParams, TorchPagedAttention
 from astrai.core.engine.attention import TorchPagedAttention, build_metadata
 from astrai.core.engine.kv_dtype import FP8
 from astrai.core.engine.paged_cache import PagedKVCache
 from astrai.core.kv_cache_view import ContiguousKVCache
-
-VOCAB = 300
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
 
 
 def e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +100,7 @@ def test_kv_cache_dtype_is_checked():
         InferenceEngine(tiny_model(VOCAB), None, kv_cache_dtype="int8")
 
 
-@cuda
+@needs_cuda
 @pytest.mark.parametrize("backend", [KernelPagedAttention, TorchPagedAttention])
 @ARCHS
 def test_fp8_cuda_engine_matches_rounded_full_recompute(backend, arch):

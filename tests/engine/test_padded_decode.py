@@ -8,7 +8,9 @@ padding rows must write only into the scratch page, which is never handed out.
 import pytest
 import torch
 from engine_helpers import (
+    ARCHS,
     MLA,
+    VOCAB,
     assert_pages_released,
     both_ways,
     cache_pools,
@@ -21,9 +23,6 @@ from engine_helpers import (
 
 from astrai.core.engine import InferenceEngine, KernelPagedAttention, SamplingParams, TorchPagedAttention
 from astrai.core.engine.cuda_graphs import batch_buckets, graph_blocker
-
-VOCAB = 300
-ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
 
 
 def test_batch_buckets():

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import (
-    MLA,
+    ARCHS,
+    VOCAB,
     assert_pages_released,
     both_ways,
     cache_pools,
+    needs_cuda,
     padded_prefill_engine,
     random_prompts,
     samples,
@@ -29,8 +31,6 @@ from engine_helpers import (
 from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.engine.prefill_graphs import token_buckets
 
-VOCAB = 300
-ARCHS = pytest.mark.parametrize("arch", [dict(), MLA], ids=["gqa", "mla"])
 HERE = Path(__file__).resolve().parent
 
 
@@ -135,7 +135,7 @@ def test_the_listed_kernel_in_the_interpreter_gives_the_plain_tokens():
     assert proc.returncode == 0 and "listed kernel ok" in proc.stdout, proc.stderr[-4000:]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_captured_prefill_graphs_give_the_eager_tokens_on_cuda():
     model = tiny_model(VOCAB, seed=7).cuda()
     prompts = random_prompts(9, VOCAB, 2, 150, seed=9)
