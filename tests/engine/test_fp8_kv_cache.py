@@ -116,14 +116,40 @@ def test_fp8_cuda_engine_matches_rounded_full_recompute(backend, arch):
                              attention_backend=backend(), kv_cache_dtype="fp8")
     assert (engine.core.prefill_runner is not None) == (backend is KernelPagedAttention)
     completions = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True))
-    with torch.no_grad():
-        for prompt, c in zip(prompts, completions):
-            ids = list(prompt)
-            for token, lp in zip(c.token_ids, c.samples[0].logprobs):
-                logits = model(torch.tensor([ids], device="cuda"), cache=RoundedKV(model.kv_layout()))
-                ref = torch.log_softmax(logits[0, -1].double(), -1)
-                top2 = ref.topk(2).values
-                if top2[0] - top2[1] > 0.06:
-                    assert token == int(ref.argmax())
-                assert abs(lp.logprob - float(ref[token])) < 3e-2
-                ids.append(token)
+    assert_near_rounded_recompute(model, prompts, completions)
+
+
+@torch.no_grad()
+def assert_near_rounded_recompute(model, prompts, completions):
+    for prompt, c in zip(prompts, completions):
+        ids = list(prompt)
+        for token, lp in zip(c.token_ids, c.samples[0].logprobs):
+            logits = model(torch.tensor([ids], device="cuda"), cache=RoundedKV(model.kv_layout()))
+            ref = torch.log_softmax(logits[0, -1].double(), -1)
+            top2 = ref.topk(2).values
+            if top2[0] - top2[1] > 0.06:
+                assert token == int(ref.argmax())
+            assert abs(lp.logprob - float(ref[token])) < 3e-2
+            ids.append(token)
+
+
+@needs_cuda
+def test_fp8_decode_graphs_for_short_and_long_contexts():
+    """Over fp8 pages every decode bucket is captured twice: steps whose mean context is at most
+    SHORT_DECODE_CONTEXT replay the graph whose attention uses one-warp tiles (taken from 1,024
+    (sequence, KV head) programs: 128 sequences x 8 KV heads here), longer ones the other.
+    Both against full recompute over rounded keys/values, as above."""
+    from astrai.core.kernels.paged_attention import SHORT_DECODE_CONTEXT
+
+    model = tiny_model(VOCAB, dim=128, n_heads=8, n_kv_heads=8, ffn_dim=256, max_len=1024).cuda()
+    engine = InferenceEngine(model, None, max_batch_size=128, max_num_batched_tokens=8192, kv_cache_dtype="fp8")
+    runner = engine.core.decode_runner
+    assert set(runner.graphs) == {(b, short) for b in runner.buckets for short in (False, True)}
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=1, ignore_eos=True)
+    for short, (lo, hi) in [(True, (3, 60)), (False, (SHORT_DECODE_CONTEXT + 20, SHORT_DECODE_CONTEXT + 80))]:
+        runner.replays.clear()
+        prompts = random_prompts(128, VOCAB, lo, hi, seed=11)
+        completions = engine.generate(prompts, params)
+        assert {kind for (_, kind), n in runner.replays.items() if n} == {short}
+        assert not short or runner.replays[(128, True)] >= 2  # all 128 decoding together
+        assert_near_rounded_recompute(model, prompts[::8], completions[::8])

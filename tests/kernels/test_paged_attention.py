@@ -115,6 +115,41 @@ def test_triton_reads_fp8_pools(n_heads, n_kv_heads, dk, dv, mla, q_lens):
     assert (got - ref).abs().max().item() < 2e-2
 
 
+
+@cuda
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("batch", [7, 80, 160])  # 56, 640 and 1,280 programs
+@pytest.mark.parametrize("short_context", [False, True])
+def test_triton_decode_launch_shapes(fp8, batch, short_context):
+    """Decode picks its tiles and warps from the pool's dtype, the number of (sequence, KV head)
+    programs and the short-context hint: every choice against the reference, with contexts that
+    end mid-tile."""
+    from astrai.core.kernels.paged_attention_triton import paged_attention_triton
+
+    ctx = [1 + (37 * b) % 300 for b in range(batch)]
+    q, k, v, *rest = make_case([1] * batch, ctx, 16, 8, 128, 128, page_size=16, dtype=torch.bfloat16, device="cuda")
+    if fp8:
+        k, v = k.to(FP8), v.to(FP8)
+    got = paged_attention_triton(q, k, v, *rest, scale=128**-0.5, max_q_len=1, short_context=short_context).float()
+    ref = paged_attention_reference(q.float(), k.float(), v.float(), *rest, scale=128**-0.5)
+    assert (got - ref).abs().max().item() < 2e-2
+
+
+@cuda
+def test_triton_fp8_pool_clamps_queries_beyond_float16():
+    """Under an fp8 pool bf16 queries are read as float16: one past float16's range (65,504) must
+    not turn the scores into inf and the output into NaN; its softmax is then one-hot in both."""
+    from astrai.core.kernels.paged_attention_triton import paged_attention_triton
+
+    q, k, v, *rest = make_case([1, 1], [20, 33], 4, 2, 64, 64, page_size=16, dtype=torch.bfloat16, device="cuda")
+    q[0, 1] = 0.0
+    q[0, 1, 0] = 1e6  # bf16 holds it; float16 would be inf. One channel: the clamp keeps the key order
+    k, v = k.to(FP8), v.to(FP8)
+    got = paged_attention_triton(q, k, v, *rest, scale=64**-0.5, max_q_len=1).float()
+    ref = paged_attention_reference(q.float(), k.float(), v.float(), *rest, scale=64**-0.5)
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max().item() < 2e-2
+
 _INTERPRETED = textwrap.dedent("""
     import sys
     import torch
