@@ -226,7 +226,8 @@ class DecodeRunner:
         keys = [(bucket, short) for bucket in self.buckets for short in self.context_kinds]
         self.graphs = capture_graphs(keys, lambda key: self._body(key[0], [0] * key[0], key[1]), self.device)
         self.capture_seconds = time.perf_counter() - start
-        log.info("captured CUDA graphs for decode batch sizes %s in %.2f s", self.buckets, self.capture_seconds)
+        log.info("captured CUDA graphs for decode batch sizes %s%s in %.2f s", self.buckets,
+                 " (each also for short contexts)" if len(self.context_kinds) > 1 else "", self.capture_seconds)
 
     def _write_padding(self) -> None:
         f, n = self._field, self.buckets[-1]
