@@ -115,7 +115,6 @@ def test_triton_reads_fp8_pools(n_heads, n_kv_heads, dk, dv, mla, q_lens):
     assert (got - ref).abs().max().item() < 2e-2
 
 
-
 @cuda
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("batch", [7, 80, 160])  # 56, 640 and 1,280 programs
@@ -149,6 +148,7 @@ def test_triton_fp8_pool_clamps_queries_beyond_float16():
     ref = paged_attention_reference(q.float(), k.float(), v.float(), *rest, scale=64**-0.5)
     assert torch.isfinite(got).all()
     assert (got - ref).abs().max().item() < 2e-2
+
 
 _INTERPRETED = textwrap.dedent("""
     import sys
