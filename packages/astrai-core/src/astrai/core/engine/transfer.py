@@ -47,7 +47,3 @@ class HostCopy:
             self._event.synchronize()
         return [h.tolist() for h in self._host]
 
-
-def to_host(*tensors: torch.Tensor) -> list[list]:
-    """`.tolist()` of each tensor, waiting for the device once rather than once per tensor."""
-    return HostCopy(*tensors).wait()
