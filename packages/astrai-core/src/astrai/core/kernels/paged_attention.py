@@ -53,7 +53,9 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# Mean context (tokens) up to which a decode step may launch the kernel's short-context tiles.
+# Mean context (tokens) up to which a decode step may launch the kernel's short-context tiles:
+# batch 256 at contexts 256-512 gained 16% with them, the mixed workload (contexts to ~2k) lost
+# 5%; where between the two they stop paying has not been measured.
 SHORT_DECODE_CONTEXT = 512
 
 
