@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from astrai.core.kernels.paged_attention import paged_attention_reference
+from astrai.core.kernels.paged_attention import has_short_decode_tiles, paged_attention_reference
 
 FP8 = torch.float8_e4m3fn
 
@@ -72,6 +72,13 @@ def test_reference_matches_dense_math(mla, fp8):
         case = (case[0], *[None if t is None else t.double() for t in case[1:3]], *case[3:])
     assert torch.allclose(got, dense_expected(*case, scale=0.3, dv=dv), atol=1e-12)
 
+
+
+def test_short_context_decode_tiles_exist_for_fp8_pages_of_narrow_keys_only():
+    """Decode engines capture a second graph per batch size exactly where the kernel has other
+    tiles for short contexts: fp8 pages whose keys fit one 128-channel tile (not MLA's latents)."""
+    assert has_short_decode_tiles(FP8, 128) and has_short_decode_tiles(FP8, 40)
+    assert not has_short_decode_tiles(torch.bfloat16, 128) and not has_short_decode_tiles(FP8, 576)
 
 @cuda
 @pytest.mark.parametrize(

@@ -119,7 +119,7 @@ class DecodeRunner:
         self._copied = torch.cuda.Event() if on_cuda else None  # the last host -> device copy has run
         # {(bucket, short context): (graph, hidden states)}; short graphs only where they differ.
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.context_kinds = (False, True) if has_short_decode_tiles(cache.k.dtype) else (False,)
+        self.context_kinds = (False, True) if has_short_decode_tiles(cache.k.dtype, cache.k.shape[-1]) else (False,)
         self.capture_seconds = 0.0
         self.num_steps = 0  # decode steps run here
         self.replays: Counter[tuple[int, bool]] = Counter()  # steps replayed, by graph

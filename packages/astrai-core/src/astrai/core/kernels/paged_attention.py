@@ -59,10 +59,11 @@ def _next_power_of_2(n: int) -> int:
 SHORT_DECODE_CONTEXT = 512
 
 
-def has_short_decode_tiles(pool_dtype: torch.dtype) -> bool:
-    """Whether the Triton kernel decodes short contexts with other tiles over this pool (only
-    fp8 pages: see paged_attention_triton._decode_tiles), so a CUDA graph per kind is worth it."""
-    return pool_dtype == torch.float8_e4m3fn
+def has_short_decode_tiles(pool_dtype: torch.dtype, k_dim: int) -> bool:
+    """Whether the Triton kernel decodes short contexts with other tiles over this pool (fp8
+    pages of keys up to 128 channels: see paged_attention_triton._decode_tiles; MLA's wide
+    latents keep their own tiles), so a CUDA graph per kind is worth it."""
+    return pool_dtype == torch.float8_e4m3fn and _next_power_of_2(k_dim) <= 128
 
 
 def paged_attention(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
