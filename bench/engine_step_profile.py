@@ -2,6 +2,8 @@
 
     uv run python bench/engine_step_profile.py                      # tiny.json, 256 sequences, CPU
     uv run python bench/engine_step_profile.py --profile 25         # plus the top cProfile entries
+    python3 bench/engine_step_profile.py --model configs/model/qwen3-0.6b.json --device cuda \
+        --prompt-len 384 --kv-cache-dtype fp8 --kernels 15                 # where a step's GPU time goes
 
 N requests are admitted and prefilled, then only decode steps are timed. The model forward is
 timed with forward hooks, so "host" is what a step costs besides the model: scheduling,
@@ -10,6 +12,11 @@ the device (each step reads its sampled tokens), so it caps tokens/s. Times are 
 CPU time (time.thread_time), so other load on a shared machine barely moves them. Meant for the
 CPU (and eager CUDA): a replayed CUDA graph bypasses the hooks, and on a GPU
 bench/engine_throughput.py reports replay time against step time instead.
+
+--kernels N profiles --steps more decode steps with torch.profiler and prints the N costliest
+kernels per step (device time on CUDA, CPU time of the ops on the CPU), with launches per step:
+the breakdown of a decode step (attention, GEMMs, norms, ...) that a kernel change should move.
+Kernels inside replayed CUDA graphs are listed too (per kernel, from CUPTI).
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="decode steps timed")
     p.add_argument("--stream", action="store_true", help="give every request a sink, as astream does")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest cProfile entries")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="then profile --steps more steps and print the N costliest kernels per step")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--padded", action="store_true",
                    help="decode through the static padded buffers without capture (what graphs replay; any device)")
@@ -73,7 +83,8 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = AutoModel.from_config(config, dtype=dtype, device=args.device)
     engine = InferenceEngine(model, None, max_batch_size=args.batch, max_num_batched_tokens=max(2048, args.batch),
-                             page_size=16, device=args.device, cuda_graphs=args.cuda_graphs)
+                             page_size=16, device=args.device, cuda_graphs=args.cuda_graphs,
+                             kv_cache_dtype=args.kv_cache_dtype)
     if args.padded:
         from astrai.core.engine.cuda_graphs import DecodeRunner
 
@@ -115,7 +126,32 @@ def main(argv=None) -> int:
           f"median thread CPU ms: step {step_ms:.2f}, model forward {forward_ms:.2f}, host (rest) {host_ms:.2f}")
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+    if args.kernels:
+        print_kernels(engine, args.steps, args.kernels)
     return 0
+
+
+def print_kernels(engine: InferenceEngine, steps: int, top: int) -> None:
+    """The `top` costliest kernels over `steps` decode steps, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        if on_cuda:
+            torch.cuda.synchronize(engine.device)
+    if on_cuda:  # kernels only: an op's device time is its kernels' again
+        rows = [(e.self_device_time_total, e.count, e.key) for e in prof.key_averages()
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    else:
+        rows = [(e.self_cpu_time_total, e.count, e.key) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(us for us, _, _ in rows)
+    what = "device" if on_cuda else "CPU (self time of each op)"
+    print(f"{what} time per decode step: {total / steps / 1e3:.3f} ms over {steps} steps; costliest:")
+    for us, count, name in sorted(rows, reverse=True)[:top]:
+        print(f"  {us / steps / 1e3:8.3f} ms {us / total:6.1%}  x{count / steps:6.1f}  {name[:100]}")
 
 
 if __name__ == "__main__":
