@@ -149,8 +149,9 @@ class DecodeRunner:
         if feed is not None:
             self.ids[:b].copy_(feed.index_select(0, self.ids[:b]))
         self.num_steps += 1
-        short = sum(context_lens) <= SHORT_DECODE_CONTEXT * b  # padding rows count 0
-        key = (bucket, short if short in self.context_kinds else False)
+        # padding rows count 0; summed only where the kernel has short-context tiles
+        short = len(self.context_kinds) > 1 and sum(context_lens) <= SHORT_DECODE_CONTEXT * b
+        key = (bucket, short)
         entry = self.graphs.get(key)
         if entry is not None:
             self.replays[key] += 1

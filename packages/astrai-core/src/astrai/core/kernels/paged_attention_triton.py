@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import query_block_size
+from .paged_attention import has_short_decode_tiles, query_block_size
 
 
 @triton.jit
@@ -93,9 +93,9 @@ def _decode_tiles(programs: int, fp8: bool, short_context: bool) -> tuple[int, i
     (32, 3, 1) against 4.71 with (128, 3, 4); the mixed workload (contexts up to 2k) 21.5k out
     tok/s with (128, 3, 4) against 20.3k with (32, 3, 1) for every large batch. bf16 pages stay
     on (64, 2, 4) everywhere: 5.42 ms at batch 256, against 5.96 with (32, 3, 1), 5.6-5.7 others."""
-    if not fp8:
-        return 64, 2, 4
-    return (32, 3, 1) if short_context and programs >= 1024 else (128, 3, 4)
+    if short_context and programs >= 1024:
+        return 32, 3, 1
+    return (128, 3, 4) if fp8 else (64, 2, 4)
 
 
 def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
@@ -126,7 +126,8 @@ def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_star
             max_q_len = int((query_start[1:] - query_start[:-1]).max())
         block_m = query_block_size(n_heads, n_kv_heads, dk, decode=max_q_len == 1)
         if max_q_len == 1 and not wide:
-            block_n, stages, warps = _decode_tiles(batch * n_kv_heads, fp8, short_context)
+            short = short_context and has_short_decode_tiles(k_cache.dtype, dk)  # as for the decode graphs
+            block_n, stages, warps = _decode_tiles(batch * n_kv_heads, fp8, short)
         grid = (batch, triton.cdiv(max_q_len, block_m), n_kv_heads)
         block_seq = block_index = seq_lens  # unused
     _paged_attention_kernel[grid](
