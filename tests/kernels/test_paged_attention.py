@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from astrai.core.kernels.paged_attention import has_short_decode_tiles, paged_attention_reference
+from astrai.core.kernels.paged_attention import paged_attention_reference
 
 FP8 = torch.float8_e4m3fn
 
@@ -74,12 +74,6 @@ def test_reference_matches_dense_math(mla, fp8):
 
 
 
-def test_short_context_decode_tiles_exist_for_fp8_pages_of_narrow_keys_only():
-    """Decode engines capture a second graph per batch size exactly where the kernel has other
-    tiles for short contexts: fp8 pages whose keys fit one 128-channel tile (not MLA's latents)."""
-    assert has_short_decode_tiles(FP8, 128) and has_short_decode_tiles(FP8, 40)
-    assert not has_short_decode_tiles(torch.bfloat16, 128) and not has_short_decode_tiles(FP8, 576)
-
 @cuda
 @pytest.mark.parametrize(
     "n_heads,n_kv_heads,dk,dv,mla",
@@ -124,20 +118,25 @@ def test_triton_reads_fp8_pools(n_heads, n_kv_heads, dk, dv, mla, q_lens):
 
 @cuda
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("batch", [7, 80, 160])  # 56, 640 and 1,280 programs
-@pytest.mark.parametrize("short_context", [False, True])
-def test_triton_decode_launch_shapes(fp8, batch, short_context):
-    """Decode picks its tiles and warps from the pool's dtype, the number of (sequence, KV head)
-    programs and the short-context hint: every choice against the reference, with contexts that
-    end mid-tile."""
+@pytest.mark.parametrize("batch", [7, 160, 300])  # at 16 / 8 heads: contexts split in 32, 2, 1
+@pytest.mark.parametrize("page_size", [8, 16, 32])  # 8: the general kernel; 16, 32: the decode kernel
+@pytest.mark.parametrize("n_heads,n_kv_heads,dk", [(16, 8, 128), (14, 2, 64), (32, 1, 64), (8, 8, 80)])
+def test_triton_decode(fp8, batch, page_size, n_heads, n_kv_heads, dk):
+    """Decode steps (one query per sequence) against the reference: groups of 1 to 32 heads
+    (more than tl.dot's 16 rows at 32), a head narrower than its tile (80), pages of one or
+    several key tiles, contexts that end mid-tile and mid-page, and a padding row (context 0:
+    zeros, as CUDA-graph decode pads its batches)."""
     from astrai.core.kernels.paged_attention_triton import paged_attention_triton
 
     ctx = [1 + (37 * b) % 300 for b in range(batch)]
-    q, k, v, *rest = make_case([1] * batch, ctx, 16, 8, 128, 128, page_size=16, dtype=torch.bfloat16, device="cuda")
+    q, k, v, table, seq_lens, query_start = make_case([1] * batch, ctx, n_heads, n_kv_heads, dk, dk, page_size,
+                                                      dtype=torch.bfloat16, device="cuda")
+    seq_lens[3] = 0
     if fp8:
         k, v = k.to(FP8), v.to(FP8)
-    got = paged_attention_triton(q, k, v, *rest, scale=128**-0.5, max_q_len=1, short_context=short_context).float()
-    ref = paged_attention_reference(q.float(), k.float(), v.float(), *rest, scale=128**-0.5)
+    got = paged_attention_triton(q, k, v, table, seq_lens, query_start, scale=dk**-0.5, max_q_len=1).float()
+    ref = paged_attention_reference(q.float(), k.float(), v.float(), table, seq_lens, query_start, scale=dk**-0.5)
+    assert got[3].abs().max() == 0
     assert (got - ref).abs().max().item() < 2e-2
 
 
@@ -163,6 +162,7 @@ _INTERPRETED = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_paged_attention import make_case
     from astrai.core.kernels.paged_attention import paged_attention_reference
+    from astrai.core.kernels import paged_attention_triton as kernel
     from astrai.core.kernels.paged_attention_triton import paged_attention_triton, query_block_size
 
     cases = [  # (q_lens, extra context, heads, kv heads, dk, dv, mla)
@@ -170,6 +170,17 @@ _INTERPRETED = textwrap.dedent("""
         ([1, 9, 1, 37], [5, 0, 70, 2], 4, 2, 16, 16, False),  # mixed: prefill chunks with and without history
         ([6, 1], [11, 30], 4, 1, 24, 16, True),  # MLA: values are the keys' first channels
     ]
+    # The decode kernel (pages of 16 and 32; context 0 is a padding row), whole contexts per
+    # program and split in 2 and 32 (its target of programs moved to get each).
+    for splits in (1, 2, 32):
+        for page_size, ctx in [(16, [40, 1, 16, 0, 33]), (32, [70, 5, 0])]:
+            kernel.DECODE_PROGRAMS = len(ctx) * 2 * splits  # 2 KV heads
+            assert kernel.decode_splits(len(ctx), 2) == splits
+            case = make_case([1] * len(ctx), [max(c, 1) for c in ctx], 4, 2, 16, 16, page_size, dtype=torch.float32)
+            case[4][:] = torch.tensor(ctx)
+            got = paged_attention_triton(*case, scale=0.25, max_q_len=1)
+            err = (got - paged_attention_reference(*case, scale=0.25)).abs().max().item()
+            assert err < 1e-4, ("decode", splits, page_size, err)
     for q_lens, extra, h, kv, dk, dv, mla in cases:
         ctx = [q + e for q, e in zip(q_lens, extra)]
         case = make_case(q_lens, ctx, h, kv, dk, dv, page_size=4, mla=mla, dtype=torch.float32)

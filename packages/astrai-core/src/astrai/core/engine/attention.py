@@ -34,8 +34,6 @@ class AttentionMetadata:
     The *_list fields hold the same numbers as Python ints, for backends that loop.
     blocks: optional (sequence, query block) program list for the Triton kernel, whose launch
     then depends on the list's length only (prefill_graphs.py); other backends ignore it.
-    short_context: a decode step whose mean context is at most SHORT_DECODE_CONTEXT tokens; the
-    Triton kernel may then pick other tiles (a speed hint; other backends ignore it).
     """
 
     slot_mapping: torch.Tensor
@@ -48,7 +46,6 @@ class AttentionMetadata:
     max_query_len: int
     positions: torch.Tensor | None = None
     blocks: tuple[torch.Tensor, torch.Tensor] | None = None
-    short_context: bool = False
 
 
 class AttentionBackend(Protocol):
@@ -187,8 +184,7 @@ class KernelPagedAttention:
         from ..kernels.paged_attention import paged_attention
 
         return paged_attention(q, k_pool, v_pool, meta.page_table, meta.context_lens, meta.query_start, scale,
-                               v_dim=v_dim, max_q_len=meta.max_query_len, blocks=meta.blocks,
-                               short_context=meta.short_context)
+                               v_dim=v_dim, max_q_len=meta.max_query_len, blocks=meta.blocks)
 
 
 def default_backend(device: torch.device) -> AttentionBackend:

@@ -16,9 +16,7 @@ and replayed:
 - With capture=True every bucket's forward pass is captured in a torch.cuda.CUDAGraph when the
   runner is built (largest first, all sharing one memory pool, each after a warm-up run). The
   graph outputs the final hidden states; the LM head runs after the replay on the live rows
-  only, so no graph holds a (bucket, vocab) logits buffer. Over fp8 pages each bucket has a
-  second graph for short contexts (mean at most SHORT_DECODE_CONTEXT tokens), whose attention
-  launches other tiles; a step replays the one its contexts call for.
+  only, so no graph holds a (bucket, vocab) logits buffer.
 - With capture=False the same buffers and padding run eagerly: the CPU path the tests use to
   prove that padded, bucketed decoding gives the tokens of the plain path.
 
@@ -31,11 +29,9 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections import Counter
 
 import torch
 
-from ..kernels.paged_attention import SHORT_DECODE_CONTEXT, has_short_decode_tiles
 from ..rope import rope_kind
 from .attention import AttentionBackend, AttentionMetadata
 from .paged_cache import PagedKVCache
@@ -64,10 +60,10 @@ def graph_blocker(model, backend: AttentionBackend) -> str | None:
     return None
 
 
-def capture_graphs(buckets: list, body, device: torch.device) -> dict:
-    """{bucket: (graph, output)} of body(bucket) captured for every bucket (a size, or a tuple
-    led by one), largest first, all in one memory pool (the smaller ones fit in the largest
-    one's), each after a warm-up run."""
+def capture_graphs(buckets: list[int], body, device: torch.device
+                   ) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    """{bucket: (graph, output)} of body(bucket) captured for every bucket, largest first, all in
+    one memory pool (the smaller ones fit in the largest one's), each after a warm-up run."""
     graphs, pool = {}, None
     # inference_mode: with autograd on, a warm-up would keep every layer's activations alive
     # (GiBs at prefill sizes) and the graphs would record the unpacked training path.
@@ -117,12 +113,9 @@ class DecodeRunner:
         self.page_table = torch.zeros(n, self.width, dtype=torch.long, device=self.device)
         self.query_start = torch.arange(n + 1, device=self.device)
         self._copied = torch.cuda.Event() if on_cuda else None  # the last host -> device copy has run
-        # {(bucket, short context): (graph, hidden states)}; short graphs only where they differ.
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.context_kinds = (False, True) if has_short_decode_tiles(cache.k.dtype, cache.k.shape[-1]) else (False,)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
         self.num_steps = 0  # decode steps run here
-        self.replays: Counter[tuple[int, bool]] = Counter()  # steps replayed, by graph
         # Set to a list to time every replay on the device: (batch, start event, end event) (benchmarks).
         self.replay_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None
         if capture:
@@ -149,16 +142,12 @@ class DecodeRunner:
         if feed is not None:
             self.ids[:b].copy_(feed.index_select(0, self.ids[:b]))
         self.num_steps += 1
-        # padding rows count 0; summed only where the kernel has short-context tiles
-        short = len(self.context_kinds) > 1 and sum(context_lens) <= SHORT_DECODE_CONTEXT * b
-        key = (bucket, short)
-        entry = self.graphs.get(key)
+        entry = self.graphs.get(bucket)
         if entry is not None:
-            self.replays[key] += 1
             self._replay(entry[0], b)
             hidden = entry[1]
         else:
-            hidden = self._body(bucket, context_lens, short)
+            hidden = self._body(bucket, context_lens)
         return self.model.lm_head(hidden[:b])
 
     def _replay(self, graph: torch.cuda.CUDAGraph, batch: int) -> None:
@@ -205,15 +194,13 @@ class DecodeRunner:
         self.page_table[:b, :w].copy_(self._dev[4 * f : end].view(b, w))
         return ctx + [0] * (bucket - b)
 
-    def _body(self, bucket: int, context_lens: list[int], short: bool = False) -> torch.Tensor:
-        """Final hidden states (bucket, dim) of the model body over the first `bucket` rows;
-        short: the attention may use its short-context tiles."""
+    def _body(self, bucket: int, context_lens: list[int]) -> torch.Tensor:
+        """Final hidden states (bucket, dim) of the model body over the first `bucket` rows."""
         meta = AttentionMetadata(
             slot_mapping=self.slots[:bucket], positions=self.positions[:bucket],
             query_start=self.query_start[: bucket + 1], context_lens=self.context_lens[:bucket],
             page_table=self.page_table[:bucket], page_size=self.cache.page_size,
             query_start_list=list(range(bucket + 1)), context_lens_list=context_lens, max_query_len=1,
-            short_context=short,
         )
         hidden = self.model.model(self.ids[:bucket].view(1, bucket), self.positions[:bucket].view(1, bucket),
                                   cache=self.cache.view(meta, self.backend))
@@ -224,11 +211,9 @@ class DecodeRunner:
         start = time.perf_counter()
         # Every row a padding row: warm-up and capture runs write only the scratch page.
         self._write_padding()
-        keys = [(bucket, short) for bucket in self.buckets for short in self.context_kinds]
-        self.graphs = capture_graphs(keys, lambda key: self._body(key[0], [0] * key[0], key[1]), self.device)
+        self.graphs = capture_graphs(self.buckets, lambda bucket: self._body(bucket, [0] * bucket), self.device)
         self.capture_seconds = time.perf_counter() - start
-        log.info("captured CUDA graphs for decode batch sizes %s%s in %.2f s", self.buckets,
-                 " (each also for short contexts)" if len(self.context_kinds) > 1 else "", self.capture_seconds)
+        log.info("captured CUDA graphs for decode batch sizes %s in %.2f s", self.buckets, self.capture_seconds)
 
     def _write_padding(self) -> None:
         f, n = self._field, self.buckets[-1]

@@ -53,27 +53,13 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# Mean context (tokens) up to which a decode step may launch the kernel's short-context tiles:
-# batch 256 at contexts 256-512 gained 16% with them, the mixed workload (contexts to ~2k) lost
-# 5%; where between the two they stop paying has not been measured.
-SHORT_DECODE_CONTEXT = 512
-
-
-def has_short_decode_tiles(pool_dtype: torch.dtype, k_dim: int) -> bool:
-    """Whether the Triton kernel decodes short contexts with other tiles over this pool (fp8
-    pages of keys up to 128 channels: see paged_attention_triton._decode_tiles; MLA's wide
-    latents keep their own tiles), so a CUDA graph per kind is worth it."""
-    return pool_dtype == torch.float8_e4m3fn and _next_power_of_2(k_dim) <= 128
-
-
 def paged_attention(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
-                    blocks=None, short_context=False):
+                    blocks=None):
     """Triton kernel on CUDA, the reference elsewhere. max_q_len avoids a host sync when known;
-    blocks: the kernel's program list (paged_attention_triton), ignored by the reference;
-    short_context: a decode step whose mean context is at most SHORT_DECODE_CONTEXT (a tiling hint)."""
+    blocks: the kernel's program list (paged_attention_triton), ignored by the reference."""
     if q.is_cuda:
         from .paged_attention_triton import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim, max_q_len,
-                                      blocks, short_context)
+                                      blocks)
     return paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim)

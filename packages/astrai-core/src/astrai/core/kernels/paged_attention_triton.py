@@ -2,7 +2,8 @@
 
 One program handles BLOCK_M query tokens x all query heads of one KV head, so each key/value
 page is read once per group of heads; keys are streamed BLOCK_N at a time with an online
-softmax. Decode steps (one query token per sequence) use small BLOCK_M. An fp8 pool is
+softmax. Decode steps (one query token per sequence) have a kernel of their own whose key tiles
+never cross a page (_paged_decode_kernel). An fp8 pool is
 converted as it is read: to float16 under bf16 queries (every e4m3 value is exact in float16, the
 conversion is one instruction on Hopper where bf16 takes several, and the probabilities keep more
 bits), otherwise to the queries' dtype.
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_attention import has_short_decode_tiles, query_block_size
+from .paged_attention import query_block_size
 
 
 @triton.jit
@@ -83,23 +84,137 @@ def _paged_attention_kernel(
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
-def _decode_tiles(programs: int, fp8: bool, short_context: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, stages, warps) of a decode launch with `programs` (sequence, KV head) programs.
+@triton.jit
+def _paged_decode_kernel(
+    Q, K, V, O, part, part_max, part_sum, page_table, seq_lens, query_start, scale,
+    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_pt, n_heads,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLITS: tl.constexpr, F16_DOT: tl.constexpr,
+):
+    """One query token per sequence; program (sequence, KV head, split of the context). A key
+    tile lies inside one page (PAGE % BLOCK_N == 0), so its page number is one scalar load and
+    its addresses are that page's base plus offsets fixed outside the loop: the general kernel's
+    per-key page lookups and address arithmetic were most of a decode step's instructions.
+    With SPLITS > 1 each program attends to its share of the context and leaves its output,
+    running max and sum in part* for _combine_splits_kernel (few sequences, long contexts)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(seq_lens + b)
+    span = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * span
+    hi = tl.minimum(ctx, lo + span)
+    row = tl.load(query_start + b)
+    g = tl.arange(0, ROWS)  # the group's query heads, padded to tl.dot's 16 rows
+    head = kvh * GROUP + g
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + row * stride_qt + head[:, None] * stride_qh + dk[None, :],
+                mask=(g[:, None] < GROUP) & (dk[None, :] < DK), other=0.0)
+    if F16_DOT:  # clamped: a query beyond float16's range would make the scores inf, then NaN
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+    qk_scale = scale * 1.4426950408889634  # log2(e): use exp2
+    j = tl.arange(0, BLOCK_N)
+    k_offsets = j[None, :] * stride_ks + kvh * stride_kh + dk[:, None]
+    v_offsets = j[:, None] * stride_vs + kvh * stride_vh + dv[None, :]
+    for start in range(lo, hi, BLOCK_N):
+        page = tl.load(page_table + b * stride_pt + start // PAGE).to(tl.int64)
+        first = start % PAGE
+        n_ok = start + j < hi
+        k = tl.load(K + page * stride_kp + first * stride_ks + k_offsets,
+                    mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0).to(q.dtype)
+        s = tl.where(n_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has a visible key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + page * stride_vp + first * stride_vs + v_offsets,
+                    mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no keys (a padding row, an empty split): zeros
+    row_ok = g < GROUP
+    if SPLITS == 1:
+        tl.store(O + row * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv[None, :] < DV))
+    else:
+        at = (b * n_heads + head) * SPLITS + split
+        tl.store(part + at[:, None] * BLOCK_DV + dv[None, :], out, mask=row_ok[:, None])
+        tl.store(part_max + at, m_i, mask=row_ok)
+        tl.store(part_sum + at, l_i, mask=row_ok)
 
-    An fp8 program moves few bytes per key tile, so on short contexts the online softmax's
-    per-tile synchronisation of its warps dominates and many one-warp programs on short tiles
-    win; on long contexts and few programs the four-warp 128-key tiles do. Qwen3-0.6B engine on
-    an H100 (decode graph replay, fp8 pages): batch 256 at contexts 256-512 3.95 ms with
-    (32, 3, 1) against 4.71 with (128, 3, 4); the mixed workload (contexts up to 2k) 21.5k out
-    tok/s with (128, 3, 4) against 20.3k with (32, 3, 1) for every large batch. bf16 pages stay
-    on (64, 2, 4) everywhere: 5.42 ms at batch 256, against 5.96 with (32, 3, 1), 5.6-5.7 others."""
-    if short_context and programs >= 1024:
-        return 32, 3, 1
-    return (128, 3, 4) if fp8 else (64, 2, 4)
+
+@triton.jit
+def _combine_splits_kernel(part, part_max, part_sum, O, query_start, stride_ot, stride_oh, n_heads,
+                           SPLITS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Program (sequence, head): the splits' outputs weighted by their share of the softmax sum."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    at = (b * n_heads + h) * SPLITS + tl.arange(0, SPLITS)
+    m = tl.load(part_max + at)
+    top = tl.max(m, 0)
+    weight = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top)) * tl.load(part_sum + at)  # empty splits: 0
+    dv = tl.arange(0, BLOCK_DV)
+    out = tl.sum(tl.load(part + at[:, None] * BLOCK_DV + dv[None, :]) * weight[:, None], 0)
+    total = tl.sum(weight, 0)
+    out = out / tl.where(total == 0.0, 1.0, total)
+    tl.store(O + tl.load(query_start + b) * stride_ot + h * stride_oh + dv, out.to(O.dtype.element_ty), mask=dv < DV)
+
+
+# Decode tiles: 16 keys, 5 stages, one warp, at most 128 registers a thread (16 warps an SM
+# instead of 8). Qwen3-0.6B shape on an H200, batch 256, context 410, one layer: 73 us over fp8
+# pages against 91 for the general kernel's best tiles, 112 against 131 over bf16; engine decode
+# step 3.84 -> 2.97 ms (fp8). Deeper pipelines matter more than wider tiles here.
+DECODE_BLOCK_N, DECODE_STAGES, DECODE_WARPS, DECODE_MAX_REGISTERS = 16, 5, 1, 128
+# Fewer (sequence, KV head) programs than this split each context to fill the GPU (flash-decoding).
+# H200, fp8 pages, 8 KV heads: batch 64 at context 2,048 90 us with 4 splits against 128 whole;
+# batch 128 at 512 51 us whole against 56 in 2.
+DECODE_PROGRAMS, DECODE_MAX_SPLITS = 1024, 32
+
+
+def decode_splits(batch: int, n_kv_heads: int) -> int:
+    """Splits of each context a decode launch uses; a function of the batch alone, so CUDA graphs
+    capture it."""
+    splits = 1
+    while batch * n_kv_heads * splits < DECODE_PROGRAMS and splits < DECODE_MAX_SPLITS:
+        splits *= 2
+    return splits
+
+
+def _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f16_dot):
+    n_heads, dk = q.shape[1], q.shape[2]
+    n_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    batch = seq_lens.shape[0]
+    group = n_heads // n_kv_heads
+    rows = max(16, triton.next_power_of_2(group))
+    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    splits = decode_splits(batch, n_kv_heads)
+    part = q.new_empty(batch * n_heads * splits, block_dv, dtype=torch.float32) if splits > 1 else out
+    stats = q.new_empty(2, batch * n_heads * splits, dtype=torch.float32) if splits > 1 else (out, out)
+    # The register cap fits a 16 x 128 accumulator; wider ones keep the compiler's choice.
+    cap = {"maxnreg": DECODE_MAX_REGISTERS} if rows * max(block_dk, block_dv) <= 16 * 128 else {}
+    _paged_decode_kernel[(batch, n_kv_heads, splits)](
+        q, k_cache, v, out, part, stats[0], stats[1], page_table, seq_lens, query_start, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), page_table.stride(0), n_heads,
+        GROUP=group, ROWS=rows, PAGE=page_size, BLOCK_N=DECODE_BLOCK_N, DK=dk, DV=dv,
+        BLOCK_DK=block_dk, BLOCK_DV=block_dv, SPLITS=splits, F16_DOT=f16_dot,
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **cap,
+    )
+    if splits > 1:
+        _combine_splits_kernel[(batch, n_heads)](part, stats[0], stats[1], out, query_start, out.stride(0),
+                                                 out.stride(1), n_heads, SPLITS=splits, DV=dv, BLOCK_DV=block_dv,
+                                                 num_warps=1)
+    return out
 
 
 def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
-                           blocks=None, short_context=False):
+                           blocks=None):
     """blocks: None, or (block_seq, block_index) int32 tensors listing the (sequence, query block)
     of every program, query blocks of query_block_size(...) tokens, unused entries -1: the
     launch then depends on the list's length only, not on the step's sequence lengths (CUDA
@@ -111,31 +226,28 @@ def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_star
     dv = v_dim if v_cache is None else v_cache.shape[-1]
     out = q.new_empty(n_tokens, n_heads, dv)
     group = n_heads // n_kv_heads
-    group_p = triton.next_power_of_2(group)
-    batch = seq_lens.shape[0]
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
     wide = block_dk > 128  # MLA latents: keep tiles small enough for shared memory
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    f16_dot = k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16
+    if blocks is None and max_q_len is None:
+        max_q_len = int((query_start[1:] - query_start[:-1]).max())
+    if blocks is None and max_q_len == 1 and not wide and page_size % DECODE_BLOCK_N == 0:
+        return _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f16_dot)
     block_n, stages, warps = (32, 1, 8) if wide else (64, 2, 4)
     if blocks is not None:
         block_m = query_block_size(n_heads, n_kv_heads, dk)
         grid = (blocks[0].shape[0], n_kv_heads)
         block_seq, block_index = blocks
     else:
-        if max_q_len is None:
-            max_q_len = int((query_start[1:] - query_start[:-1]).max())
         block_m = query_block_size(n_heads, n_kv_heads, dk, decode=max_q_len == 1)
-        if max_q_len == 1 and not wide:
-            short = short_context and has_short_decode_tiles(k_cache.dtype, dk)  # as for the decode graphs
-            block_n, stages, warps = _decode_tiles(batch * n_kv_heads, fp8, short)
-        grid = (batch, triton.cdiv(max_q_len, block_m), n_kv_heads)
+        grid = (seq_lens.shape[0], triton.cdiv(max_q_len, block_m), n_kv_heads)
         block_seq = block_index = seq_lens  # unused
     _paged_attention_kernel[grid](
         q, k_cache, v, out, page_table, seq_lens, query_start, block_seq, block_index, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), page_table.stride(0),
-        GROUP=group, GROUP_P=group_p, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, GROUP_P=triton.next_power_of_2(group), PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
         DK=dk, DV=dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv, LISTED=blocks is not None,
-        F16_DOT=fp8 and q.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
+        F16_DOT=f16_dot, num_warps=warps, num_stages=stages,
     )
     return out
