@@ -176,11 +176,13 @@ _INTERPRETED = textwrap.dedent("""
         for page_size, ctx in [(16, [40, 1, 16, 0, 33]), (32, [70, 5, 0])]:
             kernel.DECODE_PROGRAMS = len(ctx) * 2 * splits  # 2 KV heads
             assert kernel.decode_splits(len(ctx), 2) == splits
-            case = make_case([1] * len(ctx), [max(c, 1) for c in ctx], 4, 2, 16, 16, page_size, dtype=torch.float32)
-            case[4][:] = torch.tensor(ctx)
-            got = paged_attention_triton(*case, scale=0.25, max_q_len=1)
-            err = (got - paged_attention_reference(*case, scale=0.25)).abs().max().item()
-            assert err < 1e-4, ("decode", splits, page_size, err)
+            for dk, dv, mla in [(16, 16, False), (24, 16, True)]:  # MLA: values are the keys' first channels
+                case = make_case([1] * len(ctx), [max(c, 1) for c in ctx], 4, 2, dk, dv, page_size, mla=mla,
+                                 dtype=torch.float32)
+                case[4][:] = torch.tensor(ctx)
+                got = paged_attention_triton(*case, scale=0.25, v_dim=dv, max_q_len=1)
+                err = (got - paged_attention_reference(*case, scale=0.25, v_dim=dv)).abs().max().item()
+                assert err < 1e-4, ("decode", splits, page_size, mla, err)
     for q_lens, extra, h, kv, dk, dv, mla in cases:
         ctx = [q + e for q, e in zip(q_lens, extra)]
         case = make_case(q_lens, ctx, h, kv, dk, dv, page_size=4, mla=mla, dtype=torch.float32)

@@ -3,10 +3,10 @@
 One program handles BLOCK_M query tokens x all query heads of one KV head, so each key/value
 page is read once per group of heads; keys are streamed BLOCK_N at a time with an online
 softmax. Decode steps (one query token per sequence) have a kernel of their own whose key tiles
-never cross a page (_paged_decode_kernel). An fp8 pool is
-converted as it is read: to float16 under bf16 queries (every e4m3 value is exact in float16, the
-conversion is one instruction on Hopper where bf16 takes several, and the probabilities keep more
-bits), otherwise to the queries' dtype.
+never cross a page and which splits the contexts of small batches (_paged_decode_kernel). An fp8
+pool is converted as it is read: to float16 under bf16 queries (every e4m3 value is exact in
+float16, the conversion is one instruction on Hopper where bf16 takes several, and the
+probabilities keep more bits), otherwise to the queries' dtype.
 """
 
 from __future__ import annotations
