@@ -30,9 +30,9 @@ from .cuda_graphs import DecodeRunner, graph_blocker
 from .prefill_graphs import PrefillRunner
 from .host import limit_cpu_threads
 from .intake import RequestIntake, is_token_id, require
+from .kv_dtype import pool_dtype
 from .outputs import Completion, StreamEvent
 from .page_allocator import PageAllocator
-from .kv_dtype import pool_dtype
 from .paged_cache import PagedKVCache, pool_pages
 from .params import SamplingParams
 from .scheduler import Scheduler
