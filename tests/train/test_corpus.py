@@ -63,9 +63,10 @@ def test_documents_are_bilingual():
 def test_held_out_questions_are_never_trained_on_but_their_facts_were_read(corpus):
     train, held = split_questions(seed=0)
     held_pairs = {q.operands for q in held}
-    assert len(held_pairs) == 20 and {q.lang for q in held} == {"en", "zh"} and len(held) == 40
+    assert len(held_pairs) == 20 and {q.lang for q in held} == {"en", "zh"} and len(held) == 100  # 5 wordings a sum
     assert not held_pairs & {q.operands for q in train if q.task == "add"}
-    trained_text = corpus["sft_train"].read_text(encoding="utf-8") + corpus["dpo_train"].read_text(encoding="utf-8")
+    trained_text = "".join(corpus[name].read_text(encoding="utf-8")
+                           for name in ("sft_train", "dpo_questions", "grpo_train"))
     for q in held:
         assert q.reference not in trained_text and q.prompt not in trained_text
     pretrain = corpus["pretrain_train"].read_text(encoding="utf-8")
@@ -74,11 +75,12 @@ def test_held_out_questions_are_never_trained_on_but_their_facts_were_read(corpu
         assert add_en(a, b) in pretrain and add_zh(a, b) in pretrain
 
 
-def test_dpo_validation_pairs_ask_other_questions_than_training_pairs(corpus):
-    train_prompts = {r["prompt"] for r in read(corpus["dpo_train"])}
-    val_prompts = {r["prompt"] for r in read(corpus["dpo_val"])}
-    assert len(val_prompts) > 50 and len(train_prompts) > 4 * len(val_prompts) * 0.9
-    assert not train_prompts & val_prompts
+def test_dpo_questions_are_sfts_and_its_validation_questions_the_held_out_ones(corpus):
+    sft, _ = split_rl(split_questions(seed=0)[0])
+    _, held = split_questions(seed=0)
+    rows = read(corpus["dpo_questions"])
+    assert rows == [{"prompt": q.prompt, "reference": q.reference} for q in sft if q.task != "greeting"]
+    assert read(corpus["dpo_heldout_questions"]) == [{"prompt": q.prompt, "reference": q.reference} for q in held]
 
 
 def test_sft_rows_are_chats_whose_reply_is_the_reference(corpus):
@@ -91,18 +93,6 @@ def test_sft_rows_are_chats_whose_reply_is_the_reference(corpus):
     assert tasks == {"add", "weekday", "colour", "legs", "greeting"}
 
 
-def test_dpo_pairs_prefer_the_correct_answer(corpus):
-    train, _ = split_rl(split_questions(seed=0)[0])
-    by_prompt = {q.prompt: q for q in train}
-    for row in read(corpus["dpo_train"]) + read(corpus["dpo_val"]):
-        q = by_prompt[row["prompt"]]
-        assert is_correct(row["chosen"], q) and not is_correct(row["rejected"], q)
-        if q.task == "add" and q.lang == "en":  # a near miss: same sum, wrong result
-            a, b = q.operands
-            head, result = row["rejected"].rstrip(".").split(" = ")
-            assert head == f"{a} + {b}" and int(result) != a + b and int(result) >= 0
-
-
 def test_heldout_file_round_trips_and_grpo_has_answers(corpus):
     _, held = split_questions(seed=0)
     assert load_questions(corpus["sft_heldout"]) == held
@@ -111,17 +101,19 @@ def test_heldout_file_round_trips_and_grpo_has_answers(corpus):
         assert q.answer in q.reference
 
 
-def test_grpo_practises_sums_that_sft_never_asks_and_pretraining_reads(corpus):
-    """Three disjoint sets of sums: SFT's, GRPO's (a quarter of the training sums) and the
-    held-out ones; pre-training text mentions all of them."""
+def test_grpo_practises_its_own_sums_and_sfts_but_never_the_held_out_ones(corpus):
+    """Three disjoint sets of sums: SFT's, GRPO's own (a quarter of the training sums, never
+    asked in SFT) and the held-out ones; GRPO also practises SFT's sums, and pre-training text
+    mentions all of them."""
     def sums(prompts):
         return {tuple(map(int, re.findall(r"\d+", p)[:2])) for p in prompts if re.match(r"^\D*\d+ \+ \d+", p)}
 
     sft = sums(r["messages"][0]["content"] for r in read(corpus["sft_train"]))
     grpo = sums(r["prompt"] for r in read(corpus["grpo_train"]))
     held = sums(r["prompt"] for r in read(corpus["grpo_val"]))
-    assert len(grpo) >= 15 and len(sft) >= 3 * len(grpo) - 5 and len(held) >= 10
-    assert not grpo & sft and not grpo & held and not sft & held
+    own = grpo - sft
+    assert len(own) >= 15 and len(sft) >= 3 * len(own) - 5 and len(held) >= 10
+    assert sft <= grpo and not grpo & held and not sft & held
     text = " ".join(r["text"] for r in read(corpus["pretrain_train"]))
     for a, b in grpo:
         assert f"{a} + {b}" in text

@@ -312,6 +312,36 @@ def test_dpo_module_loss_matches_float64_formula(tokenizer_dir, loss_type, smoot
     assert got == pytest.approx(sum(expected) / 4, rel=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:.*reference is not registered")
+def test_dpo_rpo_alpha_adds_the_chosen_replies_mean_token_nll_and_logs_which_reply_the_policy_prefers(tmp_path,
+                                                                                                     tokenizer_dir):
+    plain = _dpo(tokenizer_dir, beta=0.5).eval()
+    rpo = _dpo(tokenizer_dir, beta=0.5, rpo_alpha=0.7).eval()
+    with torch.no_grad():
+        for p, q in zip(plain.model.parameters(), rpo.model.parameters()):
+            p.add_(torch.randn_like(p) * 0.05)
+            q.copy_(p)
+    batch = next(iter(_pairs(4)))
+    with torch.no_grad():
+        dpo_only = plain._step(batch, "val").item()
+        got = rpo._step(batch, "val").item()
+    chosen_logps, rejected_logps, tokens = [], [], 0
+    for i in range(4):
+        for s, out in (("chosen", chosen_logps), ("rejected", rejected_logps)):
+            n = int(batch[f"{s}_attention_mask"][i].sum())
+            ids, labels = batch[f"{s}_input_ids"][i, :n], batch[f"{s}_labels"][i, :n]
+            out.append(_logps64(rpo.model, ids, labels))
+            tokens += int((labels != IGNORE_INDEX).sum()) if s == "chosen" else 0
+    assert got == pytest.approx(dpo_only + 0.7 * -sum(chosen_logps) / tokens, rel=1e-4)
+    likelier = sum(c > r for c, r in zip(chosen_logps, rejected_logps)) / 4
+    trainer = make_trainer(tmp_path)
+    logged = _val_metrics(trainer, rpo, _pairs(4))
+    assert logged["val/chosen_likelier"] == pytest.approx(likelier)
+    assert logged["val/nll"] == pytest.approx(-sum(chosen_logps) / tokens, rel=1e-4)
+    with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
+        _dpo(tokenizer_dir, rpo_alpha=-1.0)
+
+
 def test_dpo_fit_learns_the_preference(tmp_path, tokenizer_dir):
     module = _dpo(tokenizer_dir, beta=0.1, lr=5e-3)
     trainer = make_trainer(tmp_path, max_steps=20)

@@ -7,11 +7,12 @@ legs and sounds, counting, and number words in both languages.
 - pre-training documents state the facts in running text, in both languages, with some
   web-style "Q: ... A: ..." text and digits said twice (which teaches copying from context);
 - SFT conversations ask about the facts (a question, an answer in the fact's own wording);
-- the sums of some number pairs are never asked about in SFT: those questions are the
-  held-out set. The model only read about them during pre-training, so SFT accuracy on them
-  measures whether it learnt to answer in the chat format and recalls what it read;
-- DPO pairs put a correct answer (chosen) against a near miss (rejected); the validation
-  pairs are about other questions than the training pairs;
+- the sums of some number pairs are never asked about in SFT, DPO or GRPO: those questions,
+  in every wording, are the held-out set. The model only read about them during
+  pre-training, so accuracy on them measures whether it learnt to answer in the chat format
+  and recalls what it read;
+- DPO questions come with their reference reply; the preference pairs themselves are made
+  later from the SFT model's own wrong replies (astrai.train.sampled_pairs);
 - GRPO prompts come with the answer a reward function can check.
 
 ``write_corpus(out_dir)`` writes all of it as JSONL; ``python -m astrai.train.corpus --out DIR``
@@ -160,14 +161,12 @@ ADD_PROMPTS_EN = ["What is {a} + {b}?", "How much is {a} + {b}?", "Compute {a} +
 ADD_PROMPTS_ZH = ["{a}加{b}等于几？", "{a}加{b}是多少？"]
 
 
-def addition_questions(a: int, b: int, rng: random.Random | None = None) -> list[Question]:
-    """The sum of a and b asked in every wording (``rng=None``) or in one random wording per language."""
-    en = ADD_PROMPTS_EN if rng is None else [rng.choice(ADD_PROMPTS_EN)]
-    zh = ADD_PROMPTS_ZH if rng is None else [rng.choice(ADD_PROMPTS_ZH)]
+def addition_questions(a: int, b: int) -> list[Question]:
+    """The sum of a and b asked in every wording of both languages."""
     s = a + b
-    return ([Question("add", "en", p.format(a=a, b=b), add_en(a, b), str(s), (a, b)) for p in en]
+    return ([Question("add", "en", p.format(a=a, b=b), add_en(a, b), str(s), (a, b)) for p in ADD_PROMPTS_EN]
             + [Question("add", "zh", p.format(a=zh_number(a), b=zh_number(b)), add_zh(a, b), zh_number(s), (a, b))
-               for p in zh])
+               for p in ADD_PROMPTS_ZH])
 
 
 def other_questions() -> list[Question]:
@@ -194,21 +193,24 @@ def other_questions() -> list[Question]:
 
 def split_questions(seed: int = 0, heldout_pairs: int = 20) -> tuple[list[Question], list[Question]]:
     """(train, held-out): held-out questions are the sums of ``heldout_pairs`` number pairs
-    never asked about in training, in both languages."""
+    never asked about in training, in every wording of both languages (five questions a pair:
+    the more questions, the less a stage's measured change is noise)."""
     rng = random.Random(seed + 1)
     pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
     rng.shuffle(pairs)
-    held = [q for a, b in sorted(pairs[:heldout_pairs]) for q in addition_questions(a, b, rng)]
+    held = [q for a, b in sorted(pairs[:heldout_pairs]) for q in addition_questions(a, b)]
     train = [q for a, b in sorted(pairs[heldout_pairs:]) for q in addition_questions(a, b)]
     return train + other_questions(), held
 
 
 def split_rl(train: list[Question], seed: int = 0) -> tuple[list[Question], list[Question]]:
-    """(SFT/DPO questions, GRPO questions): GRPO gets a quarter of the training sums.
+    """(SFT/DPO questions, GRPO-only questions): a quarter of the training sums are never
+    asked in SFT or DPO, only in GRPO.
 
-    GRPO practises sums that SFT never asked (but pre-training read), as the held-out ones are:
-    what it learns there, recalling a fact read once and answering in the chat format, is what
-    the held-out questions test."""
+    GRPO practises those sums (pre-training read them, as it read the held-out ones), so what
+    it learns there, recalling a fact read once and answering in the chat format, is what the
+    held-out questions test. It practises SFT's sums too (write_corpus): on its own quarter
+    alone, a 1M-parameter policy drifts towards those few sums' answers and forgets others."""
     sums = sorted({q.operands for q in train if q.operands})
     rl_pairs = set(random.Random(seed + 2).sample(sums, len(sums) // 4))
     return [q for q in train if q.operands not in rl_pairs], [q for q in train if q.operands in rl_pairs]
@@ -257,44 +259,6 @@ def is_correct(reply: str, question: Question) -> bool:
     return reply.strip() == question.reference
 
 
-def wrong_reply(question: Question, rng: random.Random) -> str:
-    """A near miss: the same sentence with a wrong answer."""
-    if question.task == "add" and question.operands is not None:
-        a, b = question.operands
-        wrong = a + b + rng.choice([-2, -1, 1, 2])
-        wrong = wrong if wrong >= 0 else a + b + 1
-        return add_en(a, b, wrong) if question.lang == "en" else add_zh(a, b, wrong)
-    if question.task == "weekday":
-        days = WEEKDAYS_EN if question.lang == "en" else WEEKDAYS_ZH
-        wrong_day = rng.choice([d for d in days if d != question.answer])
-        return question.reference.replace(question.answer, wrong_day)
-    if question.task == "colour":
-        index = 0 if question.lang == "en" else 1
-        wrong_colour = rng.choice([c[index] for c in ALL_COLOURS if c[index] != question.answer])
-        return question.reference.replace(question.answer, wrong_colour)
-    if question.task == "legs":
-        wrong = {"two": "four", "four": "two", "两": "四", "四": "两"}[question.answer]
-        return question.reference.replace(question.answer, wrong)
-    return "I don't know." if question.lang == "en" else "我不知道。"
-
-
-def preference_pairs(questions: list[Question], seed: int = 0) -> list[dict]:
-    rng = random.Random(seed + 2)
-    return [{"prompt": q.prompt, "chosen": q.reference, "rejected": wrong_reply(q, rng)}
-            for q in questions if q.task != "greeting"]
-
-
-def split_preferences(questions: list[Question], seed: int = 0, val_share: float = 0.2) -> tuple[list, list]:
-    """(train, validation) preference pairs over disjoint questions: validation measures whether
-    the preference learnt on some questions carries over to others."""
-    pairs = preference_pairs(questions, seed)
-    order = list(range(len(pairs)))
-    random.Random(seed + 3).shuffle(order)
-    n_val = round(len(pairs) * val_share)
-    held = set(order[:n_val])
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
-
-
 # ---- files ----------------------------------------------------------------------------------
 
 _CJK_PAIR = re.compile(r"(?<=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])(?=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])")
@@ -323,9 +287,11 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
                  sft_repeats: int = 1) -> dict[str, Path]:
     """Write every data set under ``out_dir``; returns their paths by name:
 
-    tokenizer_text ({"text"}: documents and training questions), pretrain_train / pretrain_val ({"text"}), sft_train / sft_val ({"messages"}), sft_heldout
-    (held-out questions: {"messages", "reference", "answer", "task", "lang"}), dpo_train /
-    dpo_val ({"prompt", "chosen", "rejected"}), grpo_train / grpo_val ({"prompt", "answer", "reference"}).
+    tokenizer_text ({"text"}: documents and training questions), pretrain_train / pretrain_val
+    ({"text"}), sft_train / sft_val ({"messages"}), sft_heldout (held-out questions:
+    {"messages", "reference", "answer", "task", "lang", "operands"}), dpo_questions /
+    dpo_heldout_questions ({"prompt", "reference"}: what astrai.train.sampled_pairs turns into
+    DPO's training and validation pairs), grpo_train / grpo_val ({"prompt", "answer", "reference"}).
     """
     out = Path(out_dir)
     train_q, held_q = split_questions(seed)
@@ -338,11 +304,13 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
     def grpo_rows(qs: list[Question]) -> list[dict]:
         return [{"prompt": q.prompt, "answer": q.answer, "reference": q.reference} for q in qs]
 
+    def reference_rows(qs: list[Question]) -> list[dict]:
+        return [{"prompt": q.prompt, "reference": q.reference} for q in qs]
+
     # Pre-training reads Q&A text about every question (as web text would have); SFT never
     # asks the held-out ones.
     docs = [{"text": t} for t in pretrain_documents(n_docs, seed, qa=train_q + rl_q + held_q)]
     chats = [f"user\n{q.prompt}\nassistant\n{q.reference}" for q in train_q]
-    dpo_train, dpo_val = split_preferences(train_q, seed)
     return {
         "tokenizer_text": _write(out / "tokenizer" / "train.jsonl",
                                  [{"text": tokenizer_text(t)} for t in [d["text"] for d in docs] + chats]),
@@ -354,9 +322,10 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
                             [{"messages": q.messages(q.reference)} for q in train_q] * sft_repeats),
         "sft_val": _write(out / "sft" / "val.jsonl", [{"messages": q.messages(q.reference)} for q in held_q]),
         "sft_heldout": _write(out / "sft" / "heldout.jsonl", question_rows(held_q, with_reply=False)),
-        "dpo_train": _write(out / "dpo" / "train.jsonl", dpo_train),
-        "dpo_val": _write(out / "dpo" / "val.jsonl", dpo_val),
-        "grpo_train": _write(out / "grpo" / "train.jsonl", grpo_rows(rl_q)),
+        "dpo_questions": _write(out / "dpo" / "questions.jsonl",
+                                reference_rows([q for q in train_q if q.task != "greeting"])),
+        "dpo_heldout_questions": _write(out / "dpo" / "heldout_questions.jsonl", reference_rows(held_q)),
+        "grpo_train": _write(out / "grpo" / "train.jsonl", grpo_rows(rl_q + [q for q in train_q if q.task == "add"])),
         "grpo_val": _write(out / "grpo" / "val.jsonl", grpo_rows(held_q)),
     }
 

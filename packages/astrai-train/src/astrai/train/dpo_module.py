@@ -42,10 +42,18 @@ class DPOModule(CausalLMModule):
             initial policy (or, with LoRA, the policy with adapters disabled).
         precomputed_reference: take reference log-probs from the batch only; no reference
             model is kept in memory and a batch without them is an error.
+        rpo_alpha: weight of the chosen replies' negative log-likelihood (mean per token) added
+            to the loss (RPO, Pang et al. 2024; TRL's ``rpo_alpha``). DPO only widens the gap
+            between chosen and rejected; on near-miss pairs, which share all but a few tokens,
+            it can do so by making both less likely, and greedy answers get worse. The NLL term
+            keeps the chosen replies likely. 0 (default) is plain DPO.
         **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, lr, lora, ...).
 
     Logs {train,val}/loss, reward_acc (share of pairs whose chosen reward is higher),
-    margin (mean chosen - rejected reward), chosen_reward, rejected_reward, chosen_logps. In
+    margin (mean chosen - rejected reward), chosen_reward, rejected_reward, chosen_logps,
+    rejected_logps, chosen_likelier (share of pairs whose chosen reply the policy itself finds
+    likelier than the rejected one: unlike reward_acc, not 0 by construction before training),
+    and with rpo_alpha the chosen replies' nll. In
     training the progress bar shows "loss" and "reward_acc" (see CausalLMModule.show).
     """
 
@@ -56,6 +64,7 @@ class DPOModule(CausalLMModule):
         label_smoothing: float = 0.0,
         reference_model: str | None = None,
         precomputed_reference: bool = False,
+        rpo_alpha: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -65,6 +74,9 @@ class DPOModule(CausalLMModule):
             raise ValueError(f"beta must be > 0, got {beta}")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        if not rpo_alpha >= 0:
+            raise ValueError(f"rpo_alpha must be >= 0 (0 = plain DPO), got {rpo_alpha}")
+        self.rpo_alpha = rpo_alpha
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.precomputed_reference = precomputed_reference
         self.ref_model = None
@@ -118,7 +130,13 @@ class DPOModule(CausalLMModule):
         margin = out.chosen_rewards - out.rejected_rewards
         metrics = {"loss": loss.detach(), "reward_acc": (margin > 0).float().mean(), "margin": margin.mean(),
                    "chosen_reward": out.chosen_rewards.mean(), "rejected_reward": out.rejected_rewards.mean(),
-                   "chosen_logps": policy_chosen.detach().mean()}
+                   "chosen_logps": policy_chosen.detach().mean(), "rejected_logps": policy_rejected.detach().mean(),
+                   "chosen_likelier": (policy_chosen > policy_rejected).float().mean()}
+        if self.rpo_alpha:
+            chosen_tokens = (batch["chosen_labels"] != IGNORE_INDEX).sum().clamp(min=1)
+            nll = -policy_chosen.sum() / chosen_tokens
+            loss = loss + self.rpo_alpha * nll
+            metrics.update(loss=loss.detach(), nll=nll.detach())
         if on_step:  # per step, nothing waits for the device (see CausalLMModule.show)
             self.log_train_loss(metrics.pop("loss"))
             self.show("reward_acc", metrics["reward_acc"])

@@ -4,14 +4,20 @@
 
 Every training stage runs through `astrai-train` (LightningCLI) with the YAML files in
 configs/quickstart/, exactly as a user would run them by hand; this script only fills in the
-paths under --out, scales the step counts, and measures each stage before and after:
+paths under --out, scales the step counts, makes DPO's pairs from the SFT model's own wrong
+replies (sampled_pairs.py), and measures each stage before and after:
 
 - pre-training: validation loss (nats per token) on unseen text;
 - SFT: exact-match accuracy of greedy answers to held-out questions (sums never asked
-  about in SFT; the facts were only read during pre-training);
-- DPO: reward accuracy on held-out preference pairs (chosen reward > rejected reward);
+  about in SFT, DPO or GRPO; the facts were only read during pre-training);
+- DPO: the share of held-out pairs (the reference reply against one of the SFT model's own
+  wrong replies to a held-out question) whose reference the policy finds likelier;
 - GRPO: mean reward of replies sampled for the held-out questions (right answer + closeness
-  to the reference reply).
+  to the reference reply);
+- after DPO and after GRPO: the held-out greedy accuracy again, which neither may lower.
+
+Each change is reported with its standard error (quickstart_measures.py), and a stage is
+called better only when its change is at least twice that.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from typing import Any
 import yaml
 
 from .corpus import Question, is_correct, load_questions, write_corpus
+from .quickstart_measures import Change, greedy_answers, paired_change, sampled_rewards
+from .rewards import load_rewards
+from .sampled_pairs import read_questions, sample_pairs, write_pairs
 
 STAGES = 6
 SMOKE = {"scale": 0.04, "docs": 400}
@@ -60,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true",
                         help=f"a seconds-long check of the chain (steps x{SMOKE['scale']}, {SMOKE['docs']} documents); "
                         "its numbers mean nothing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core); results differ slightly "
+                        "with the thread count, as float sums are taken in another order")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -76,6 +88,12 @@ class Quickstart:
             raise ValueError(f"--steps-scale must be > 0, got {self.scale}")
         self.docs = SMOKE["docs"] if args.smoke else args.docs
         self.seed, self.quiet = args.seed, args.quiet
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         self.data = self.out / "data"
         self.tokenizer = self.out / "tokenizer"
         self.cache = self.out / "cache"
@@ -161,61 +179,92 @@ class Quickstart:
     def sft(self) -> None:
         overrides = self.stage_overrides("sft", {"train": self.files["sft_train"], "val": self.files["sft_val"]})
         self.banner(4, f"supervised fine-tuning ({overrides['trainer.max_steps']} steps)")
-        questions = load_questions(self.files["sft_heldout"])
-        before, _ = task_accuracy(self.export("pretrain"), questions)
+        self.questions = load_questions(self.files["sft_heldout"])
+        before, _ = greedy_answers(self.export("pretrain"), self.questions)
         self.cli("fit", "sft", {**overrides, "model.model": self.export("pretrain")})
-        after, replies = task_accuracy(self.export("sft"), questions)
-        self.results["sft"] = {"accuracy_before": before, "accuracy_after": after, "n_questions": len(questions),
+        after, replies = greedy_answers(self.export("sft"), self.questions)
+        self.accuracy = {"sft": after}
+        change = paired_change(before, after)
+        self.results["sft"] = {"accuracy": _change(change), "n_questions": len(self.questions),
                                "export": str(self.export("sft"))}
-        print(f"  held-out accuracy {before:.2f} -> {after:.2f}; for example:")
-        for q, reply in _examples(questions, replies):
+        print(f"  held-out accuracy {change.before:.3f} -> {change.after:.3f}; for example:")
+        for q, reply in _examples(self.questions, replies):
             print(f"    {q.prompt!r} -> {reply!r}" + ("" if is_correct(reply, q) else f"   (expected {q.reference!r})"))
 
+    def accuracy_change(self, previous: str, stage: str) -> Change:
+        """Held-out greedy accuracy of ``stage``'s export against ``previous``'s, per question."""
+        after, _ = greedy_answers(self.export(stage), self.questions)
+        self.accuracy[stage] = after
+        return paired_change(self.accuracy[previous], after)
+
+    def dpo_pairs(self) -> dict[str, Path]:
+        """DPO's training and validation pairs: the reference against the SFT model's own wrong replies."""
+        paths = {}
+        for split, name, seed in (("train", "dpo_questions", self.seed), ("val", "dpo_heldout_questions", self.seed + 1)):
+            pairs = sample_pairs(self.export("sft"), read_questions(self.files[name]), seed=seed)
+            paths[split] = write_pairs(self.data / "dpo" / f"{split}.jsonl", pairs)
+            print(f"  {len(pairs)} {split} pairs -> {paths[split]}")
+        return paths
+
     def dpo(self) -> None:
-        overrides = self.stage_overrides("dpo", {"train": self.files["dpo_train"], "val": self.files["dpo_val"]})
-        self.banner(5, f"DPO ({overrides['trainer.max_steps']} steps)")
+        self.banner(5, "DPO on pairs of the SFT model's own wrong replies")
+        overrides = self.stage_overrides("dpo", self.dpo_pairs())
+        print(f"  {overrides['trainer.max_steps']} steps")
         evaluate = {**overrides, "trainer.logger": False, "model.model": self.export("sft")}
-        before = self.cli("validate", "dpo", evaluate)["val/reward_acc"]
+        before = self.cli("validate", "dpo", evaluate)["val/chosen_likelier"]
         self.cli("fit", "dpo", {**overrides, "model.model": self.export("sft")})
         after = self.cli("validate", "dpo", {**evaluate, "model.model": self.export("dpo"),
-                                             "model.reference_model": self.export("sft")})["val/reward_acc"]
-        questions = load_questions(self.files["sft_heldout"])
-        accuracy, _ = task_accuracy(self.export("dpo"), questions)
-        self.results["dpo"] = {"reward_acc_before": before, "reward_acc_after": after,
-                               "accuracy_after": accuracy, "export": str(self.export("dpo"))}
-        print(f"  held-out reward accuracy {before:.2f} -> {after:.2f}")
+                                             "model.reference_model": self.export("sft")})["val/chosen_likelier"]
+        accuracy = self.accuracy_change("sft", "dpo")
+        self.results["dpo"] = {"chosen_likelier": {"before": before, "after": after},
+                               "accuracy": _change(accuracy), "export": str(self.export("dpo"))}
+        print(f"  held-out pairs whose reference the policy finds likelier {before:.3f} -> {after:.3f}")
+        print(f"  held-out accuracy {accuracy.before:.3f} -> {accuracy.after:.3f}")
 
     def grpo(self) -> None:
         overrides = self.stage_overrides("grpo", {"train": self.files["grpo_train"], "val": self.files["grpo_val"]})
         self.banner(6, f"GRPO ({overrides['trainer.max_steps']} steps of replies sampled by the inference engine)")
-        evaluate = {**overrides, "trainer.logger": False, "model.model": self.export("dpo")}
-        before = self.cli("validate", "grpo", evaluate)["val/reward"]
+        config = yaml.safe_load((self.configs / "grpo.yaml").read_text(encoding="utf-8"))["model"]["init_args"]
+        sampling = {"rewards": load_rewards(config["rewards"], "grpo.yaml: model.rewards"),
+                    "samples": config.get("val_samples", 16), "temperature": config.get("val_temperature", 1.0),
+                    "max_tokens": config.get("max_new_tokens", 24), "seed": self.seed}
+        before = sampled_rewards(self.export("dpo"), self.questions, **sampling)
         self.cli("fit", "grpo", {**overrides, "model.model": self.export("dpo"), "trainer.limit_val_batches": 0})
-        after = self.cli("validate", "grpo", {**evaluate, "model.model": self.export("grpo")})["val/reward"]
-        accuracy, _ = task_accuracy(self.export("grpo"), load_questions(self.files["sft_heldout"]))
-        self.results["grpo"] = {"reward_before": before, "reward_after": after, "accuracy_after": accuracy,
-                                "export": str(self.export("grpo"))}
-        print(f"  held-out mean reward {before:.3f} -> {after:.3f}")
+        reward = paired_change(before, sampled_rewards(self.export("grpo"), self.questions, **sampling))
+        accuracy = self.accuracy_change("dpo", "grpo")
+        self.results["grpo"] = {"reward": _change(reward), "samples": sampling["samples"],
+                                "accuracy": _change(accuracy), "export": str(self.export("grpo"))}
+        print(f"  held-out mean reward {reward.before:.3f} -> {reward.after:.3f} (+-{reward.stderr:.3f})")
+        print(f"  held-out accuracy {accuracy.before:.3f} -> {accuracy.after:.3f}")
+
+    def rows(self) -> list[tuple[str, str, dict, str]]:
+        """(stage, measure, {before, after[, delta, stderr]}, rule) for the table; rule is how
+        "better" is judged (see verdict)."""
+        r, n = self.results, self.results["sft"]["n_questions"]
+        return [
+            ("pre-training", "validation loss (nats/token, lower is better)",
+             {"before": r["pretrain"]["val_loss_before"], "after": r["pretrain"]["val_loss_after"]}, "lower"),
+            ("SFT", f"held-out task accuracy ({n} questions)", r["sft"]["accuracy"], "higher"),
+            ("DPO", "held-out pairs: reference likelier than own error", r["dpo"]["chosen_likelier"], "higher"),
+            ("after DPO", "held-out task accuracy", r["dpo"]["accuracy"], "not lower"),
+            ("GRPO", f"held-out mean reward ({r['grpo']['samples']} samples/question)", r["grpo"]["reward"], "higher"),
+            ("after GRPO", "held-out task accuracy", r["grpo"]["accuracy"], "not lower"),
+        ]
 
     def report(self) -> None:
-        r = self.results
         self.results["seconds"] = round(time.time() - self.t0, 1)
-        rows = [
-            ("pre-training", "validation loss (nats/token, lower is better)",
-             r["pretrain"]["val_loss_before"], r["pretrain"]["val_loss_after"]),
-            ("SFT", f"held-out task accuracy ({r['sft']['n_questions']} questions)",
-             r["sft"]["accuracy_before"], r["sft"]["accuracy_after"]),
-            ("DPO", "held-out reward accuracy (chosen > rejected)",
-             r["dpo"]["reward_acc_before"], r["dpo"]["reward_acc_after"]),
-            ("after DPO", "held-out task accuracy", r["sft"]["accuracy_after"], r["dpo"]["accuracy_after"]),
-            ("GRPO", "held-out mean reward of sampled replies",
-             r["grpo"]["reward_before"], r["grpo"]["reward_after"]),
-            ("after GRPO", "held-out task accuracy", r["dpo"]["accuracy_after"], r["grpo"]["accuracy_after"]),
-        ]
         print(f"\nquickstart finished in {self.results['seconds']:.0f} s\n")
-        print(f"{'stage':13s} {'measure':48s} {'before':>8s} {'after':>8s}")
-        for stage, measure, before, after in rows:
-            print(f"{stage:13s} {measure:48s} {before:8.3f} {after:8.3f}")
+        print(f"{'stage':12s} {'measure':51s} {'before':>7s} {'after':>7s} {'change':>15s}  verdict")
+        verdicts = {}
+        for stage, measure, values, rule in self.rows():
+            verdicts[stage] = verdict(values, rule)
+            change = values["after"] - values["before"]
+            noise = f" +-{values['stderr']:.3f}" if "stderr" in values else ""
+            print(f"{stage:12s} {measure:51s} {values['before']:7.3f} {values['after']:7.3f} "
+                  f"{f'{change:+.3f}{noise}':>15s}  {verdicts[stage]}")
+        self.results["verdicts"] = verdicts
+        print("\nchange +- its standard error, paired per held-out question; 'better' needs a change of at least "
+              "twice that, 'not lower' a drop of less than twice that")
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n", encoding="utf-8")
         print(f"\nmodel: {self.export('grpo')}\nserve it:  uv run astrai-serve --model {self.export('grpo')}")
         print(f"results:   {self.out / 'results.json'}")
@@ -231,21 +280,23 @@ class Quickstart:
         return self.results
 
 
-def task_accuracy(model_dir: Path, questions: list[Question]) -> tuple[float, list[str]]:
-    """Share of questions whose greedy reply equals the reference, and the replies."""
-    import torch
+def _change(change: Change) -> dict[str, float]:
+    return {"before": change.before, "after": change.after, "delta": change.delta, "stderr": change.stderr}
 
-    from astrai.core.auto import AutoModel
-    from astrai.core.engine import InferenceEngine, SamplingParams
-    from astrai.core.tokenizer import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
-    engine = InferenceEngine(model, tok, max_batch_size=64)
-    prompts = [tok.apply_chat_template(q.messages(), add_generation_prompt=True) for q in questions]
-    outputs = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
-    replies = [o.samples[0].text for o in outputs]
-    return sum(is_correct(r, q) for r, q in zip(replies, questions)) / len(questions), replies
+def verdict(values: dict, rule: str) -> str:
+    """"better", "same" or "WORSE" by ``rule``: "lower" / "higher" (better when the change goes
+    that way, by at least 2 standard errors where the change has one) or "not lower" (a held
+    measure: "ok" unless it dropped by 2 standard errors or more)."""
+    delta = values["after"] - values["before"]
+    noise = 2 * values.get("stderr", 0.0)
+    if rule == "lower":
+        delta = -delta
+    if rule == "not lower":
+        return "WORSE" if delta < 0 and -delta >= max(noise, 1e-12) else "ok"
+    if delta > noise:
+        return "better"
+    return "WORSE" if delta < -noise else "same"
 
 
 def _examples(questions: list[Question], replies: list[str]) -> list[tuple[Question, str]]:
