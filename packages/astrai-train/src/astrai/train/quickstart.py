@@ -12,8 +12,7 @@ replies (sampled_pairs.py), and measures each stage before and after:
   about in SFT, DPO or GRPO; the facts were only read during pre-training);
 - DPO: the share of held-out pairs (the reference reply against one of the SFT model's own
   wrong replies to a held-out question) whose reference the policy finds likelier;
-- GRPO: mean reward of replies sampled for the held-out questions (right answer + closeness
-  to the reference reply);
+- GRPO: mean reward (grpo.yaml's rewards) of replies sampled for the held-out questions;
 - after DPO and after GRPO: the held-out greedy accuracy again, which neither may lower.
 
 Each change is reported with its standard error (quickstart_measures.py), and a stage is
@@ -55,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="astrai-quickstart",
         description=__doc__.split("\n\n")[0] + " Generates a bilingual corpus and task data (no download), "
         "trains a tokenizer, pre-trains a ~1M-parameter model, fine-tunes it with SFT, DPO and GRPO, and prints "
-        "what each stage improved. About 5 minutes on a 2-core CPU.",
+        "what each stage improved, with the noise of each change. About 2-3 minutes on a 2-core CPU.",
         epilog="Each stage is an ordinary `astrai-train fit --config configs/quickstart/<stage>.yaml` run; "
         "the exported model directory can be served with `astrai-serve --model <out>/grpo/export`.",
     )
