@@ -27,6 +27,13 @@ def stored_tensors(directory) -> dict[str, torch.Tensor]:
     return out
 
 
+def hand_edited(directory: Path) -> Path:
+    """A saved directory about to be edited as another tool would: without checksums.json, whose
+    check would otherwise report every edit as damage (tested in test_integrity.py)."""
+    (directory / "checksums.json").unlink()
+    return directory
+
+
 def assert_same_weights(a: CausalLM, b: CausalLM) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -51,7 +58,7 @@ def test_round_trip_is_bit_exact(model_arch, make_model, tmp_path, tied):
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
     files = {p.name for p in tmp_path.iterdir()}
-    assert files == {"config.json", "generation_config.json", "model.safetensors"}
+    assert files == {"config.json", "generation_config.json", "model.safetensors", "checksums.json"}
     assert json.loads((tmp_path / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": [2, 3]}
 
 
@@ -65,7 +72,7 @@ def test_tied_embeddings_are_stored_once(make_model, tmp_path):
 def test_tied_checkpoint_with_a_matching_lm_head_copy_loads(make_model, tmp_path):
     model = make_model(tie_embeddings=True)
     save_pretrained(model, tmp_path)
-    tensors = load_file(tmp_path / "model.safetensors")
+    tensors = load_file(hand_edited(tmp_path) / "model.safetensors")
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # as some exporters write it
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     loaded = load_pretrained(tmp_path)
@@ -310,14 +317,14 @@ def test_corrupt_weights_file(saved, damage):
 
 
 def test_missing_tensor(saved):
-    tensors = load_file(saved / "model.safetensors")
+    tensors = load_file(hand_edited(saved) / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
     assert "model.safetensors: missing tensor 'model.layers.1.mlp.up_proj.weight'" in error_of(saved)
 
 
 def test_missing_untied_head_hints_at_tying(saved):
-    tensors = load_file(saved / "model.safetensors")
+    tensors = load_file(hand_edited(saved) / "model.safetensors")
     del tensors["lm_head.weight"]
     save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
     message = error_of(saved)
@@ -355,7 +362,7 @@ def test_missing_shard(make_model, tmp_path):
 
 def test_index_lists_a_tensor_its_shard_lacks(make_model, tmp_path):
     save_pretrained(make_model(), tmp_path, max_shard_size="8KB")
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index = json.loads((hand_edited(tmp_path) / "model.safetensors.index.json").read_text())
     first = sorted(set(index["weight_map"].values()))[0]
     index["weight_map"]["model.norm.weight"] = first  # it really is in the last shard
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))

@@ -88,6 +88,7 @@ def _broken(model_dir, tmp_path, name):
     ("truncated_weights", "not a readable safetensors file"),
     ("no_tokenizer", "has no tokenizer.json"),
     ("wrong_vocab", "vocab_size"),
+    ("damaged_weights", "the file is damaged"),
 ])
 def test_broken_model_directory_fails_before_any_worker(model_dir, tmp_path, capsys, breakage, needle):
     path = _broken(model_dir, tmp_path, breakage)
@@ -104,9 +105,14 @@ def test_broken_model_directory_fails_before_any_worker(model_dir, tmp_path, cap
         (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif breakage == "no_tokenizer":
         (path / "tokenizer.json").unlink()
-    elif breakage == "wrong_vocab":
+    elif breakage == "wrong_vocab":  # a hand edit, so without the checksums that would call it damage
+        (path / "checksums.json").unlink()
         text = (path / "config.json").read_text()
         (path / "config.json").write_text(text.replace('"vocab_size": 320', '"vocab_size": 300'))
+    elif breakage == "damaged_weights":  # bytes changed in place: same size, same header, other weights
+        with open(path / "model.safetensors", "r+b") as f:
+            f.seek(-4096, 2)
+            f.write(b"\xff" * 4096)
     code = cli.main(["--model", str(path), "--device", "cpu", "--port", "18999"])
     err = capsys.readouterr().err
     assert code == 1

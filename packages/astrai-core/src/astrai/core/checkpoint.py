@@ -4,10 +4,14 @@
     generation_config.json          bos/eos ids for generation tools
     model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
     tokenizer.json, tokenizer_config.json, chat_template.jinja   when a tokenizer is given
+    checksums.json                  sha256 and size of every file above (see integrity.py)
 
-Loading builds the model on the meta device and assigns the tensors read from disk straight
-onto the target device, so weights are never materialised twice. Every way a directory can
-be wrong ends in a CheckpointError that names the file and the tensor.
+Every file is written atomically and the manifest last, so a save cut short never leaves a
+file that contradicts it. Loading builds the model on the meta device and assigns the tensors
+read from disk straight onto the target device, so weights are never materialised twice.
+Each file is checked against the manifest once its format has parsed and before its values
+are used, and no NaN or Inf weight is loaded. Every way a directory can be wrong ends in a
+CheckpointError that names the file and the tensor.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .hf_config import HFConfigError, from_hf_dict, to_hf_dict
+from .integrity import (MANIFEST_FILE, Entries, IntegrityError, atomic_write, atomic_write_text, read_manifest,
+                        record_files, remove_file, verify_file)
 from .rope import RotaryEmbedding, rope_frequencies
 from .transformer import CausalLM
 
@@ -62,11 +68,13 @@ def save_pretrained(model: CausalLM, path: str | Path, tokenizer=None, max_shard
     path.mkdir(parents=True, exist_ok=True)
     tensors = _tensors_to_save(model)
     dtype = next(iter(tensors.values())).dtype
-    _write_json(path / CONFIG_FILE, to_hf_dict(config, str(dtype).removeprefix("torch.")))
-    _write_generation_config(path, config, tokenizer)
-    _write_weights(path, tensors, max_shard_bytes)
+    remove_file(path / MANIFEST_FILE)  # until the new one is written, nothing here is listed
+    written = [_write_json(path / CONFIG_FILE, to_hf_dict(config, str(dtype).removeprefix("torch.")))]
+    written += _write_generation_config(path, config, tokenizer)
+    written += _write_weights(path, tensors, max_shard_bytes)
+    record_files(path, written, create=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        tokenizer.save_pretrained(path)  # adds its files to the manifest: the manifest is written last
     return path
 
 
@@ -80,22 +88,29 @@ def _tensors_to_save(model: CausalLM) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+def _write_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
+    """Write the shards (or the one file) and the index; returns the names written."""
     shards_on_disk = [p for p in path.glob("model-*.safetensors") if _SHARD_PATTERN.fullmatch(p.name)]
     for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *shards_on_disk]:
         stale.unlink(missing_ok=True)  # an older save must not leave weights the new one does not list
     shards = _split(tensors, max_shard_bytes)
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
     if len(shards) == 1:
-        save_file(_to_cpu(shards[0]), path / WEIGHTS_FILE, metadata=metadata)
-        return
+        _write_safetensors(path / WEIGHTS_FILE, shards[0], metadata)
+        return [WEIGHTS_FILE]
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(_to_cpu(shard), path / name, metadata=metadata)
+        _write_safetensors(path / name, shard, metadata)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(path / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    return [*dict.fromkeys(weight_map.values()), _write_json(path / INDEX_FILE, index)]
+
+
+def _write_safetensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    cpu = _to_cpu(tensors)
+    atomic_write(file, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -115,17 +130,17 @@ def _to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
 
-def _write_generation_config(path: Path, config: ModelConfig, tokenizer) -> None:
+def _write_generation_config(path: Path, config: ModelConfig, tokenizer) -> list[str]:
     bos = config.bos_token_id if config.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
     eos = config.eos_token_id if config.eos_token_id is not None else _tokenizer_stops(tokenizer)
     pad = config.pad_token_id if config.pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
     if bos is None and eos is None:
         (path / GENERATION_CONFIG_FILE).unlink(missing_ok=True)
-        return
+        return []
     gen = {"bos_token_id": bos, "eos_token_id": eos}
     if pad is not None:
         gen["pad_token_id"] = pad
-    _write_json(path / GENERATION_CONFIG_FILE, gen)
+    return [_write_json(path / GENERATION_CONFIG_FILE, gen)]
 
 
 def _tokenizer_stops(tokenizer) -> int | list[int] | None:
@@ -147,8 +162,9 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * units[match.group(2)])
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _write_json(path: Path, data: dict) -> str:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path.name
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -165,9 +181,11 @@ def load_config(path: str | Path) -> ModelConfig:
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: must hold a JSON object, got {type(data).__name__}")
     try:
-        return from_hf_dict(data)
+        config = from_hf_dict(data)
     except HFConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
+    _verify(path, CONFIG_FILE, _read_manifest(path))
+    return config
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> CausalLM:
@@ -177,6 +195,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     """
     path = _model_dir(path)
     config = load_config(path)
+    manifest = _read_manifest(path)
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype)
     with torch.device("meta"):
@@ -184,7 +203,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop(_TIED_KEY)
-    state = _read_weights(path, expected, device, dtype)
+    state = _read_weights(path, expected, device, dtype, manifest)
     model.load_state_dict(state, strict=False, assign=True)  # keys were checked above, tied head aside
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
@@ -194,12 +213,14 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     return model.eval()
 
 
-def _read_weights(path: Path, expected: dict[str, tuple], device: torch.device, dtype) -> dict[str, torch.Tensor]:
-    files = _weight_files(path)
+def _read_weights(
+    path: Path, expected: dict[str, tuple], device: torch.device, dtype, manifest: Entries | None
+) -> dict[str, torch.Tensor]:
+    files = _weight_files(path, manifest)
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for file, listed in files.items():
-        for name, tensor in _read_file(path / file, listed, expected, device, dtype):
+        for name, tensor in _read_file(path / file, listed, expected, device, dtype, manifest):
             if name in state:
                 raise CheckpointError(f"{file}: tensor {name!r} is also stored in {origin[name]}")
             state[name], origin[name] = tensor, file
@@ -220,23 +241,25 @@ def _read_weights(path: Path, expected: dict[str, tuple], device: torch.device, 
 
 
 def _read_file(
-    file: Path, listed: set[str] | None, expected: dict[str, tuple], device, dtype
+    file: Path, listed: set[str] | None, expected: dict[str, tuple], device, dtype, manifest: Entries | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor in one safetensors file, checking names and shapes first."""
+    """(name, tensor) for every tensor in one safetensors file: names and shapes first, then the
+    file's checksum, then the values, each of which must be finite."""
     if not file.is_file():
         raise CheckpointError(f"{file.name}: not found in {file.parent}")
     try:
         with safe_open(file, framework="pt", device=str(device)) as f:
-            names = list(f.keys())
-            absent = sorted((listed or set()) - set(names))
+            absent = sorted((listed or set()) - set(f.keys()))
             if absent:
                 raise CheckpointError(f"{file.name}: tensor {absent[0]!r} is listed in {INDEX_FILE} but not in the file")
+            # old transformers checkpoints saved the derived rotary_emb.inv_freq buffer
+            names = [name for name in f.keys() if not name.endswith("rotary_emb.inv_freq")]
             for name in names:
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # old transformers checkpoints saved this derived buffer
-                shape = tuple(f.get_slice(name).get_shape())
-                _check_tensor(file.name, name, shape, expected)
+                _check_tensor(file.name, name, tuple(f.get_slice(name).get_shape()), expected)
+            _verify(file.parent, file.name, manifest)
+            for name in names:
                 tensor = f.get_tensor(name)
+                _check_finite(file.name, name, tensor)
                 yield name, tensor if dtype is None else tensor.to(dtype)
     except SafetensorError as e:
         raise CheckpointError(
@@ -256,6 +279,23 @@ def _check_tensor(file: str, name: str, shape: tuple, expected: dict[str, tuple]
         raise CheckpointError(f"{file}: tensor {name!r} has shape {shape} but the config expects {expected[name]}")
 
 
+def _check_finite(file: str, name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        return
+    # NaN and Inf propagate through a sum, so a finite sum clears the tensor in one pass without
+    # a mask the size of the tensor; only a non-finite sum (possibly an overflow) needs the count.
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if torch.isfinite(tensor.sum(dtype=wide)):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} holds {bad} NaN or Inf values (of {tensor.numel()}), which make "
+            "every output NaN; export the model again from a checkpoint saved before training diverged, "
+            "or download it again"
+        )
+
+
 def _check_tied_copy(state: dict[str, torch.Tensor], origin: dict[str, str]) -> None:
     head = state.pop(_TIED_KEY)
     embed = state.get("model.embed_tokens.weight")
@@ -266,7 +306,7 @@ def _check_tied_copy(state: dict[str, torch.Tensor], origin: dict[str, str]) -> 
         )
 
 
-def _weight_files(path: Path) -> dict[str, set[str] | None]:
+def _weight_files(path: Path, manifest: Entries | None) -> dict[str, set[str] | None]:
     """{file name: tensor names the index puts there (None without an index)}."""
     index = path / INDEX_FILE
     if index.is_file():
@@ -275,14 +315,29 @@ def _weight_files(path: Path) -> dict[str, set[str] | None]:
             files: dict[str, set[str]] = {}
             for name, file in weight_map.items():
                 files.setdefault(file, set()).add(name)
-            return files
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' of tensor -> file): {e!r}") from None
+        _verify(path, INDEX_FILE, manifest)
+        return files
     if (path / WEIGHTS_FILE).is_file():
         return {WEIGHTS_FILE: None}
     others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
     hint = f"; found {others}: convert them to safetensors" if others else ""
     raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
+
+
+def _read_manifest(path: Path) -> Entries | None:
+    try:
+        return read_manifest(path)
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _verify(path: Path, name: str, manifest: Entries | None) -> None:
+    try:
+        verify_file(path, name, manifest)
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _model_dir(path: str | Path) -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 from tokenizers import Tokenizer as _BackendTokenizer
 
 from astrai.core.chat_template import BOS, EOS, IM_END, PAD, normalize_messages, render_chat_template
+from astrai.core.integrity import atomic_write, atomic_write_text, read_manifest, rewriting, verify_file
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -55,6 +56,14 @@ def _config_template(config: Mapping[str, Any], path: Path) -> str | None:
         if isinstance(named.get("default"), str):
             return named["default"]
     raise ValueError(f"{path}: field 'chat_template' must be a string or a list with a 'default' entry")
+
+
+def _verify_files(root: Path) -> None:
+    """In a model directory, the files read must match checksums.json (see astrai.core.integrity)."""
+    manifest = read_manifest(root)
+    for name in (TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE):
+        if (root / name).is_file():
+            verify_file(root, name, manifest)
 
 
 class AutoTokenizer:
@@ -128,13 +137,20 @@ class AutoTokenizer:
         max_len = config.get("model_max_length")
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len >= _UNKNOWN_MAX_LENGTH:
             max_len = None
+        _verify_files(root)
         return cls(backend, chat_template=template, model_max_length=max_len, **tokens)
 
     def save_pretrained(self, directory: PathLike) -> Path:
         """Write a directory that both this class and ``transformers.AutoTokenizer`` can load."""
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(root / TOKENIZER_FILE))
+        names = [TOKENIZER_FILE, CONFIG_FILE] + ([TEMPLATE_FILE] if self.chat_template is not None else [])
+        with rewriting(root, names):  # keeps a model directory's checksums.json true
+            self._write_files(root)
+        return root
+
+    def _write_files(self, root: Path) -> None:
+        atomic_write(root / TOKENIZER_FILE, lambda tmp: self._tok.save(str(tmp)))
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             # transformers would otherwise "clean up" spaces and break decode(encode(x)) == x.
@@ -145,9 +161,8 @@ class AutoTokenizer:
             config["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-            (root / TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
-        (root / CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        return root
+            atomic_write_text(root / TEMPLATE_FILE, self.chat_template)
+        atomic_write_text(root / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
 
     # ---- vocabulary ------------------------------------------------------------------
 

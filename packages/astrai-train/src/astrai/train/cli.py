@@ -10,7 +10,8 @@ the complete configuration. Classes are picked by `class_path` or by class name
 (`--model=SFTModule`), and on the command line also by a short name: seq/pretrain, sft, dpo, grpo.
 Defaults added here: a CSV logger; checkpoints in `<default_root_dir>/checkpoints` with
 `last.ckpt` kept and written after the final step (so `--ckpt_path=last` continues the
-previous run exactly, even with a larger max_steps); the model exported to
+previous run exactly, even with a larger max_steps), each with a `.sha256` sidecar that is
+checked before a run resumes from it (checkpoint_io.py); the model exported to
 `<default_root_dir>/export` on fit end and, with `--export.every_n_train_steps`, at intervals;
 and the tokenizer given once, for model and data.
 """
@@ -23,13 +24,16 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from astrai.core.checkpoint import CheckpointError
 from astrai.core.config import ConfigError
+from astrai.core.integrity import IntegrityError
 
 from .base_module import BatchError, CausalLMModule
+from .checkpoint_io import ChecksummedCheckpointIO
 from .checkpointing import Checkpoint
 from .dpo_module import DPOModule
 from .export import ModelExport
@@ -48,8 +52,8 @@ DATA_ALIASES = {
     "dpo": "astrai.train.data.dpo.DPODataModule",
     "grpo": "astrai.train.data.grpo.GRPODataModule",
 }
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, BatchError, FileNotFoundError,
-                                            MisconfigurationException)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, IntegrityError, BatchError,
+                                            FileNotFoundError, MisconfigurationException)
 try:  # errors of the data modules are phrased for the user too
     from .data.records import DataError
 
@@ -130,6 +134,7 @@ class AstraiCLI(LightningCLI):
         # `--trainer.enable_checkpointing=false` means no checkpoints, ours included.
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
+        config["plugins"] = _with_checksums(config.get("plugins"), config.get("strategy"))
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
@@ -137,6 +142,13 @@ class AstraiCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as e:  # our constructors say which field and why
             raise UsageError(str(e)) from e
+
+
+def _with_checksums(plugins, strategy) -> list:
+    """The trainer's plugins plus ChecksummedCheckpointIO, unless a CheckpointIO is chosen already."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    chosen = any(isinstance(p, CheckpointIO) for p in plugins) or getattr(strategy, "_checkpoint_io", None)
+    return plugins if chosen else [*plugins, ChecksummedCheckpointIO()]
 
 
 def _quiet_logs() -> None:

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from astrai.core.auto import AutoModel
+from astrai.core.integrity import fsync_dir
 
 from .lora import merge_lora_state_dict
 
@@ -50,9 +51,12 @@ def export_model(module: L.LightningModule, path: str | Path, trainer: L.Trainer
     # Write next to the target, then swap: a crash mid-export never leaves a half-written model.
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # save_pretrained writes every file atomically and checksums.json last: a loader that meets
+    # damaged bytes later says which file (astrai.core.integrity).
     AutoModel.save_pretrained(model, tmp, tokenizer=getattr(module, "tokenizer", None))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+    fsync_dir(path.parent)
     if trainer is not None:
         trainer.strategy.barrier("export")
     return path
