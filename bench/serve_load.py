@@ -260,7 +260,8 @@ def one_run(args, model_dir: Path | None, tmp: Path, devices: int | None) -> dic
     try:
         results, elapsed = asyncio.run(run_load(args, url))
         if proc is not None:
-            stats = httpx.get(url + "/stats", timeout=30).json()
+            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}  # /stats needs the key too
+            stats = httpx.get(url + "/stats", headers=headers, timeout=30).json()
             engine = stats["engine"]
             per_engine = [w.get("stats", {}).get("generated_tokens") for w in stats.get("workers", [])]
             print(f"engines: {stats.get('engines', 1)}, {engine['steps']} steps, {engine['generated_tokens']} tokens "

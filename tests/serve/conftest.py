@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def free_port():
     """free_port() -> a TCP port nobody listens on."""
     return _free_port
@@ -68,7 +68,7 @@ def _serve_command(*args) -> list[str]:
     return [sys.executable, "-m", "astrai.serve.cli", *map(str, args)]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def serve_command():
     """serve_command(*args) -> argv that runs `astrai-serve` with this interpreter."""
     return _serve_command
@@ -113,8 +113,13 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()}")
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The key in OpenAI's header (servers without a key ignore it)."""
+        return {"Authorization": f"Bearer {self.api_key}"}
+
     def stats(self) -> dict:
-        return httpx.get(self.url + "/stats", timeout=10).json()
+        return httpx.get(self.url + "/stats", headers=self.headers, timeout=10).json()
 
     def stop(self) -> None:
         stop(self.proc)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from astrai.serve import cli
-from astrai.serve.config import ServeConfig, ServeConfigError, build_config, parse_size
+from astrai.serve.config import ServeConfig, ServeConfigError, build_config, format_size, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,6 +51,10 @@ def test_repo_serve_yaml_is_valid():
     ("model: /m\nkv_cache_memory: lots\n", {}, "kv_cache_memory:"),
     ("model: /m\nkv_cache_dtype: int8\n", {}, "kv_cache_dtype: 'int8' is not supported; use one of auto, fp8"),
     ("model: /m\nmax_batch_size: 0\n", {}, "max_batch_size:"),
+    ("model: /m\nmax_request_bytes: huge\n", {}, "max_request_bytes: 'huge' is not a size"),
+    ("model: /m\nmax_request_bytes: 0\n", {}, "max_request_bytes: must be positive"),
+    ("model: /m\ndocs: maybe\n", {}, "docs: must be true, false or left out"),
+    ("model: /m\nstrict_fields: 1\n", {}, "strict_fields: must be true or false"),
 ])
 def test_bad_settings_name_the_setting(tmp_path, yaml_text, overrides, needle):
     path = tmp_path / "serve.yaml"
@@ -66,6 +70,59 @@ def test_parse_size():
     for bad in ("0", "-1GB", "two", True):
         with pytest.raises(ServeConfigError):
             parse_size(bad)
+
+
+def test_max_request_bytes_takes_sizes_like_kv_cache_memory(tmp_path):
+    assert build_config(model="/m").request_limit() == 4 * 2**20  # the default, 4 MiB
+    assert build_config(model="/m", max_request_bytes="8MiB").request_limit() == 8 * 2**20
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: /m\nmax_request_bytes: 1000000\n")  # YAML may give plain bytes
+    assert build_config(path).request_limit() == 10**6
+
+
+def test_sizes_are_written_back_the_way_a_person_would():
+    assert [format_size(n) for n in (4 * 2**20, 3 * 2**30, 2**10, 1500)] == ["4MiB", "3GiB", "1KiB", "1500 bytes"]
+    assert parse_size(format_size(8 * 2**20)) == 8 * 2**20
+
+
+def test_docs_are_off_by_default_with_a_key_and_on_without():
+    assert build_config(model="/m").docs_enabled()
+    assert not build_config(model="/m", api_key="k").docs_enabled()
+    assert build_config(model="/m", api_key="k", docs=True).docs_enabled()
+    assert not build_config(model="/m", docs=False).docs_enabled()
+    cfg = build_config(model="/m")
+    cfg.api_key = "from-the-environment"  # as main() sets $ASTRAI_API_KEY after the flags
+    assert not cfg.docs_enabled()
+
+
+def test_security_flags_reach_the_settings():
+    args = cli.build_parser().parse_args(["--docs", "--no-strict-fields", "--max-request-bytes", "8MiB"])
+    assert (args.docs, args.strict_fields, args.max_request_bytes) == (True, False, "8MiB")
+    args = cli.build_parser().parse_args(["--no-docs"])
+    assert args.docs is False and args.strict_fields is None  # not given: the YAML or the default decides
+    cfg = build_config(model="/m", **{k: v for k, v in vars(args).items() if k in {"docs", "strict_fields"}})
+    assert cfg.docs is False and cfg.strict_fields is True
+
+
+def test_help_explains_the_security_settings(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--docs, --no-docs" in text and "off when an API key is set" in text
+    assert "ignores such fields and logs each one once" in text and "(default: 4MiB)" in text
+    assert "every route but /health needs the key" in text
+
+
+@pytest.mark.parametrize("key, docs, served", [(None, None, True), ("k", None, False), ("k", True, True),
+                                               (None, False, False)])
+def test_docs_routes_exist_only_when_docs_are_on(key, docs, served):
+    from astrai.serve.generation import ModelInfo
+    from astrai.serve.server import build_server
+
+    server = build_server(build_config(model="/m", device="cpu", api_key=key, docs=docs), ModelInfo("m", None, 64))
+    paths = {route.path for route in server.app.routes}
+    assert ({"/docs", "/redoc", "/openapi.json"} <= paths) == served
+    assert not {"/docs", "/redoc", "/openapi.json"} & paths or served
 
 
 def test_print_config_merges_and_hides_the_key(tmp_path, capsys):

@@ -293,3 +293,98 @@ def test_sse_events_stay_one_line_for_any_line_splitter(text):
         assert lines[-1].startswith("data: ") and lines[0].startswith(prefix)
         assert json.loads(lines[-1][6:])["text"] == text
     assert "中文" in _sse_openai({"text": "中文"})  # Chinese stays readable, not \\u-escaped
+
+
+# -- request bodies and the fields each route accepts ----------------------------------------
+class _Reads(dict):
+    """A body that remembers which fields a parser looked at."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+@pytest.mark.parametrize("parse, body, accepted, ignored", [
+    (oai.parse_chat, chat(max_tokens=3), oai.CHAT_FIELDS, oai.IGNORED_CHAT),
+    (oai.parse_completion, {"prompt": "Hello", "max_tokens": 3}, oai.COMPLETION_FIELDS, oai.IGNORED_COMPLETION),
+    (anth.parse_messages, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}, anth.MESSAGE_FIELDS,
+     anth.IGNORED),
+])
+def test_every_field_a_parser_reads_is_in_its_routes_accepted_list(info, parse, body, accepted, ignored):
+    """The accepted list is what strict mode lets through: a field the parser reads but the list
+    lacks would be refused, and a listed field nobody reads must be one we ignore on purpose."""
+    recorder = _Reads(body)
+    parse(recorder, info)
+    assert recorder.read <= accepted, recorder.read - accepted
+    assert accepted - recorder.read == set(ignored)
+
+
+def test_anthropic_refuses_openais_n_and_seed_and_openai_takes_them():
+    assert {"n", "seed"} <= oai.CHAT_FIELDS and {"n", "seed"} <= oai.COMPLETION_FIELDS
+    assert not {"n", "seed"} & anth.MESSAGE_FIELDS
+
+
+def test_unknown_field_errors_use_each_protocols_wording_and_suggest_a_near_miss():
+    err = oai.unknown_field("max_token", oai.CHAT_FIELDS)
+    assert err.status == 400 and err.param == "max_token"
+    assert err.message.startswith("Unrecognized request argument supplied: max_token (did you mean 'max_tokens'?)")
+    err = anth.unknown_field("stop_sequence", anth.MESSAGE_FIELDS)
+    assert err.message.startswith("stop_sequence: Extra inputs are not permitted (did you mean 'stop_sequences'?)")
+    err = oai.unknown_field("q" * 10_000, oai.CHAT_FIELDS)
+    assert len(err.message) < 300 and "did you mean" not in err.message
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"messages": [{"role": "user", "content": "h\\ud800i"}]}', "messages[0].content"),
+    (b'{"prompt": ["a", "\\udc00"]}', "prompt[1]"),
+    (b'{"messages": [{"h\\ud800": 1}]}', "messages[0]"),
+    (b'{"\\ud800": 1}', None),
+])
+def test_lone_surrogates_in_values_and_keys_are_refused_with_their_path(raw, param):
+    err = error_of(parse_json_object, raw)
+    assert err.status == 400 and err.param == param and "lone surrogate" in err.message
+    assert param is None or f"'{param}'" in err.message
+
+
+def test_surrogate_pairs_and_other_unicode_pass():
+    body = parse_json_object('{"a": "\\ud83d\\ude00 你好 \\u00e9"}'.encode())
+    assert body == {"a": "\U0001F600 你好 é"}
+
+
+def test_nesting_is_capped_whether_or_not_the_decoder_recurses_too_deep():
+    from astrai.serve.fields import MAX_DEPTH
+
+    def nested(depth: int) -> bytes:  # the object is level 1, each list one more
+        return ('{"a": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}").encode()
+
+    assert parse_json_object(nested(MAX_DEPTH))
+    for depth in (MAX_DEPTH + 1, 500, 100_000):  # 100,000 levels: json's RecursionError
+        err = error_of(parse_json_object, nested(depth))
+        assert err.status == 400 and f"more than {MAX_DEPTH} levels deep" in err.message
+
+
+@pytest.mark.parametrize("raw, offset", [(b'{"a": "\xff"}', 7), (b'{"a": "\xed\xa0\x80"}', 7),
+                                         (b'{"a": "\xe4\xbd"}', 7)])
+def test_invalid_utf8_is_refused_with_its_offset(raw, offset):
+    err = error_of(parse_json_object, raw)
+    assert err.status == 400 and "not valid UTF-8" in err.message and f"offset {offset}" in err.message
+
+
+@pytest.mark.parametrize("raw, needle", [(b'{"max_tokens": ' + b"9" * 5000 + b"}", "4300 digits"),
+                                         (b'{"temperature": NaN}', "NaN is not a JSON number"),
+                                         (b'{"top_p": -Infinity}', "-Infinity is not a JSON number")])
+def test_numbers_json_cannot_carry_are_refused(raw, needle):
+    err = error_of(parse_json_object, raw)
+    assert err.status == 400 and needle in err.message

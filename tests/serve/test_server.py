@@ -371,7 +371,7 @@ def test_client_disconnect_while_waiting_for_a_full_answer_aborts(server):
 
 def test_metrics_are_prometheus_text(server, client):
     client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}], max_tokens=2)
-    r = httpx.get(server.url + "/metrics")
+    r = httpx.get(server.url + "/metrics", headers=server.headers)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     values = {}
     for line in r.text.splitlines():

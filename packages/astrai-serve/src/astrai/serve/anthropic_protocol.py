@@ -13,8 +13,8 @@ from typing import Any
 from jinja2 import TemplateError
 
 from . import fields
-from .errors import bad_request
-from .generation import Accumulator, Generation, ModelInfo, checked_params, fit_max_tokens
+from .errors import APIError, bad_request
+from .generation import Accumulator, Generation, ModelInfo, checked_params, encode, fit_max_tokens
 from .openai_protocol import check_model
 
 ROLES = ("user", "assistant")
@@ -22,6 +22,19 @@ _UNSUPPORTED = {
     "tools": "tool use is not implemented; describe the tools in the system prompt instead",
     "tool_choice": "tool use is not implemented",
 }
+# Every field /v1/messages takes; in strict mode (the default) any other is refused, as Anthropic
+# does (OpenAI's `n` and `seed` included). `metadata` (a user id for abuse tracking) and
+# `service_tier` are accepted and ignored: they do not change the answer.
+IGNORED = ("metadata", "service_tier")
+MESSAGE_FIELDS = frozenset({"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p",
+                            "top_k", "stream", "thinking", "ignore_eos", *_UNSUPPORTED, *IGNORED})
+
+
+def unknown_field(name: str, accepted: frozenset[str]) -> APIError:
+    """Anthropic's own wording, plus the likely fix."""
+    return bad_request(f"{fields.clip(name)}: Extra inputs are not permitted{fields.did_you_mean(name, accepted)}; "
+                       "remove it, or ask the operator to start the server with --no-strict-fields to ignore "
+                       "unknown fields", fields.clip(name))
 
 
 def _text(content: Any, where: str) -> str:
@@ -68,7 +81,7 @@ def _prompt_ids(body: dict, info: ModelInfo) -> list[int]:
         text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except (ValueError, TemplateError) as e:
         raise bad_request(f"messages: cannot apply the chat template: {e}") from None
-    return info.tokenizer.encode(text + prefill)
+    return encode(info.tokenizer, text + prefill)
 
 
 def parse_messages(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:

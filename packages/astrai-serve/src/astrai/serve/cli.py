@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve an AstrAI model over HTTP with OpenAI-compatible (/v1/chat/completions, "
                     "/v1/completions, /v1/models) and Anthropic-compatible (/v1/messages) endpoints, plus "
                     "/health, /stats and /metrics. Each worker runs one continuous-batching engine: one worker "
-                    "by default, --devices N for one per GPU, --workers M for M per device.",
+                    "by default, --devices N for one per GPU, --workers M for M per device. With --api-key, "
+                    "every route but /health needs the key.",
         epilog="Settings come from the defaults, then --config, then the flags given. "
                "Example: astrai-serve --model out/sft --port 8000 --api-key secret; "
                "on GPUs 0 and 1: astrai-serve --model out/sft --devices 2",
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ServeConfig):
         flag = "--" + f.name.replace("_", "-")
         default = "" if f.default is None else f" (default: {f.default})"
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f.metadata["help"] + default)
             continue

@@ -57,6 +57,14 @@ class ServeConfig:
     api_key: str | None = _opt(None, "require this key: 'Authorization: Bearer KEY' (OpenAI) or "
                                      "'x-api-key: KEY' (Anthropic); default: $ASTRAI_API_KEY, else no auth",
                                metavar="KEY")
+    docs: bool | None = _opt(None, "serve the Swagger UI (/docs, /redoc) and the OpenAPI schema (/openapi.json); "
+                                   "default: off when an API key is set (then they need the key too), on "
+                                   "otherwise")
+    max_request_bytes: str = _opt("4MiB", "largest request body accepted, e.g. 8MiB or 500KB; a larger one is "
+                                          "refused with 413 before it is read", metavar="SIZE")
+    strict_fields: bool = _opt(True, "refuse requests with a field this server does not know (400 naming it, "
+                                     "as OpenAI and Anthropic do); --no-strict-fields ignores such fields and "
+                                     "logs each one once")
     fast_queue: bool = _opt(True, "the workers' replies reach the HTTP process over batched ZeroMQ "
                                   "(--no-fast-queue: multiprocessing queues, slower)")
     log_level: str = _opt("info", f"one of {', '.join(LOG_LEVELS)}")
@@ -90,8 +98,12 @@ class ServeConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ServeConfigError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not supported; use one of "
                                    f"{', '.join(KV_CACHE_DTYPES)}")
-        if not isinstance(self.fast_queue, bool):
-            raise ServeConfigError(f"fast_queue: must be true or false, got {self.fast_queue!r}")
+        parse_size(self.max_request_bytes, "max_request_bytes")
+        for name in ("fast_queue", "strict_fields"):
+            if not isinstance(getattr(self, name), bool):
+                raise ServeConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.docs is not None and not isinstance(self.docs, bool):
+            raise ServeConfigError(f"docs: must be true, false or left out (auto), got {self.docs!r}")
         if self.log_level not in LOG_LEVELS:
             raise ServeConfigError(f"log_level: {self.log_level!r}; use one of {', '.join(LOG_LEVELS)}")
         return self
@@ -99,6 +111,15 @@ class ServeConfig:
     def gpus(self) -> list[int] | None:
         """The GPU indexes `devices` asks for (None: not set, serve on `device`)."""
         return parse_devices(self.devices)
+
+    def docs_enabled(self) -> bool:
+        """`docs` as set, else auto: API documentation maps the server for anyone who can reach it,
+        so a server that asks for a key does not offer it unless told to."""
+        return (not self.api_key) if self.docs is None else self.docs
+
+    def request_limit(self) -> int:
+        """`max_request_bytes` in bytes."""
+        return parse_size(self.max_request_bytes, "max_request_bytes")
 
     @property
     def name(self) -> str:
@@ -161,6 +182,14 @@ def parse_size(size: int | str, name: str = "size") -> int:
     return value
 
 
+def format_size(n: int) -> str:
+    """A byte count the way a person would write it: 4194304 -> '4MiB', 1500 -> '1500 bytes'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n} bytes"
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ServeConfig)]
 
@@ -191,6 +220,7 @@ def build_config(yaml_path: str | Path | None = None, **overrides: Any) -> Serve
     """Defaults, then the YAML file, then `overrides` (flags that were given; None = not given)."""
     values = load_yaml(yaml_path) if yaml_path else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(values.get("kv_cache_memory"), int):
-        values["kv_cache_memory"] = str(values["kv_cache_memory"])
+    for name in ("kv_cache_memory", "max_request_bytes"):  # sizes: YAML may give a plain byte count
+        if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
+            values[name] = str(values[name])
     return ServeConfig(**values).validate()

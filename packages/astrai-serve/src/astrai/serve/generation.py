@@ -37,6 +37,13 @@ class Generation:
                 "params": self.params, "stream": self.stream}
 
 
+def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of a prompt, through `encode_batch`: the Rust tokenizer lets go of Python's GIL
+    there (its single `encode` holds it), so a multi-megabyte prompt tokenizing in a worker
+    thread does not stall the event loop that answers every other request meanwhile."""
+    return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+
 def fit_max_tokens(prompt_len: int, requested: int | None, info: ModelInfo, param: str, prompt_param: str) -> int:
     """The number of tokens to generate, or a 400 when prompt + completion exceed the context."""
     limit = info.max_model_len

@@ -16,7 +16,8 @@ from jinja2 import TemplateError
 
 from . import fields
 from .errors import APIError, bad_request
-from .generation import Accumulator, Choice, Generation, ModelInfo, check_token_ids, checked_params, fit_max_tokens
+from .generation import (Accumulator, Choice, Generation, ModelInfo, check_token_ids, checked_params, encode,
+                         fit_max_tokens)
 
 MAX_TOP_LOGPROBS = 20
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -30,6 +31,29 @@ _UNSUPPORTED_COMPLETION = {
     "suffix": "fill-in-the-middle is not implemented",
     "logit_bias": "logit biases are not implemented",
 }
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
+                    "min_p", "repetition_penalty", "ignore_eos", "skip_special_tokens", "stop_token_ids")
+# Accepted and ignored: they do not change the answer here. `user`, `metadata`, `store`,
+# `service_tier`, `safety_identifier` and `prompt_cache_key` concern OpenAI's accounting and
+# storage; the tool-choice fields mean something only with tools/functions, which are refused.
+IGNORED_CHAT = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+                "tool_choice", "parallel_tool_calls", "function_call")
+IGNORED_COMPLETION = ("user",)
+# Every field each route takes; in strict mode (the default) any other is refused, as OpenAI does.
+CHAT_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "logprobs", "top_logprobs",
+                         "response_format", "max_tokens", "max_completion_tokens", *_UNSUPPORTED_CHAT,
+                         *_SAMPLING_FIELDS, *IGNORED_CHAT})
+COMPLETION_FIELDS = frozenset({"model", "prompt", "stream", "stream_options", "logprobs", "echo", "best_of",
+                               "max_tokens", *_UNSUPPORTED_COMPLETION, *_SAMPLING_FIELDS,
+                               *IGNORED_COMPLETION})
+
+
+def unknown_field(name: str, accepted: frozenset[str]) -> APIError:
+    """OpenAI's own wording, plus the likely fix."""
+    return bad_request(f"Unrecognized request argument supplied: {fields.clip(name)}"
+                       f"{fields.did_you_mean(name, accepted)}; remove it, or ask the operator to start the "
+                       "server with --no-strict-fields to ignore unknown fields", fields.clip(name))
 
 
 def check_model(body: dict, info: ModelInfo) -> None:
@@ -128,9 +152,10 @@ def parse_chat(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]
     options = {"stream": stream, "include_usage": _include_usage(body, stream), "logprobs": _logprobs_count(body)}
     params = _sampling(body, info)
     try:
-        prompt_ids = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except (ValueError, TemplateError) as e:
         raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
+    prompt_ids = encode(info.tokenizer, text)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     requested = fields.integer(body, name, None, 1)
     params["max_tokens"] = fit_max_tokens(len(prompt_ids), requested, info, name, "messages")
@@ -147,7 +172,7 @@ def _completion_prompt(body: dict, info: ModelInfo) -> tuple[list[int], str]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return info.tokenizer.encode(prompt, add_special_tokens=True), prompt
+        return encode(info.tokenizer, prompt, add_special_tokens=True), prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                    for t in prompt):
         check_token_ids(prompt, info.tokenizer.vocab_size, "prompt")

@@ -6,6 +6,11 @@ took it sends back. All routes share the one LitAPI (one queue; one engine per w
 more workers per device); LitServe's OpenAISpec is not used because it fixes finish_reason to
 "stop", gives every chunk its own id and cannot serve a second protocol.
 
+Every request first passes guard.py's RequestGuard (API key, body size). A route then reads
+its body in a worker thread (`_read`): JSON parsing, the chat template and tokenizing a
+multi-megabyte prompt take CPU seconds that must not stall the event loop, which answers every
+other request, /health included.
+
 A client that goes away is noticed here (the stream's generator is cancelled, or the
 connection reports a disconnect), and an abort is sent so the engine's KV pages free up. Aborts
 and /stats go over the control plane (control.py), which reaches every worker, not just the
@@ -15,7 +20,6 @@ one that happens to take a queued payload.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import pickle
@@ -35,8 +39,9 @@ from . import anthropic_protocol, openai_protocol
 from .config import ServeConfig, cuda_index
 from .control import ControlPlane, combine_stats
 from .errors import APIError, anthropic_error_body, openai_error_body
-from .fields import parse_json_object
+from .fields import parse_json_object, unknown_fields
 from .generation import Accumulator, ModelInfo, merge_events, worker_error
+from .guard import RequestGuard
 from .metrics import CONTENT_TYPE, Metrics
 from .transport import BatchedZMQTransport
 
@@ -46,6 +51,14 @@ _GONE = object()  # the client disconnected
 # How often a handler waiting for a full answer checks that its client is still there: a small
 # model on a GPU writes a 2,000-token answer in about a second, all of it wasted after a leave.
 _DISCONNECT_POLL_S = 0.1
+# The fields each generation route takes, and the error for any other (strict_fields).
+_FIELDS = {
+    "/v1/chat/completions": (openai_protocol.CHAT_FIELDS, openai_protocol.unknown_field),
+    "/v1/completions": (openai_protocol.COMPLETION_FIELDS, openai_protocol.unknown_field),
+    "/v1/messages": (anthropic_protocol.MESSAGE_FIELDS, anthropic_protocol.unknown_field),
+}
+# Unknown fields logged in lenient mode; bounded, since clients choose the names.
+_MAX_LOGGED_FIELDS = 256
 
 
 def _error_response(protocol: str, err: APIError) -> JSONResponse:
@@ -99,6 +112,7 @@ class ProtocolSpec(LitSpec):
         self.control = control
         self.metrics = Metrics()
         self._synced = False
+        self._logged_fields: set[tuple[str, str]] = set()
 
     @property
     def stream(self) -> bool:
@@ -176,20 +190,6 @@ class ProtocolSpec(LitSpec):
             self._synced = True
         return self.info
 
-    def _authorize(self, request: Request, protocol: str) -> None:
-        key = self.config.api_key
-        if not key:
-            return
-        auth = request.headers.get("authorization", "")
-        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        sent = request.headers.get("x-api-key", "")
-        if hmac.compare_digest(bearer.encode(), key.encode()) or hmac.compare_digest(sent.encode(), key.encode()):
-            return
-        how = "'x-api-key: <key>'" if protocol == ANTHROPIC else "'Authorization: Bearer <key>'"
-        state = "missing" if not (bearer or sent) else "invalid"
-        raise APIError(401, f"API key {state}; send the server's key as {how}", type="authentication_error",
-                       code="invalid_api_key")
-
     # -- generation routes --------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, OPENAI, "/v1/chat/completions", openai_protocol.parse_chat,
@@ -207,9 +207,8 @@ class ProtocolSpec(LitSpec):
                         respond: Callable, stream_cls: type | None) -> Response:
         start = time.monotonic()
         try:
-            self._authorize(request, protocol)
-            body = parse_json_object(await request.body())
-            gen, options = parse(body, await self._model_info())
+            raw = await request.body()
+            gen, options = await asyncio.to_thread(self._read, raw, route, parse, await self._model_info())
         except APIError as e:
             self.metrics.request_done(route, e.status)
             return _error_response(protocol, e)
@@ -241,6 +240,30 @@ class ProtocolSpec(LitSpec):
         self._finished(acc, start)
         self.metrics.request_done(route, 200)
         return JSONResponse(respond(request_id, self.info, acc, options))
+
+    def _read(self, raw: bytes, route: str, parse: Callable, info: ModelInfo) -> tuple[Any, dict]:
+        """Body bytes -> (Generation, response options). Runs in a worker thread (see the module
+        docstring); the tokenizer lets go of the GIL while it works (generation.encode)."""
+        body = parse_json_object(raw)
+        self._check_fields(body, route)
+        return parse(body, info)
+
+    def _check_fields(self, body: dict, route: str) -> None:
+        """Unknown fields: a 400 naming the first (strict_fields), else ignored and logged once."""
+        accepted, error = _FIELDS[route]
+        unknown = unknown_fields(body, accepted)
+        if unknown and self.config.strict_fields:
+            raise error(unknown[0], accepted)
+        for name in unknown:
+            if (route, name) not in self._logged_fields and len(self._logged_fields) < _MAX_LOGGED_FIELDS:
+                self._logged_fields.add((route, name))
+                log.warning("%s: ignoring unknown request field %r (--no-strict-fields); logged once",
+                            route, name[:60])
+
+    def rejected(self, path: str, status: int) -> None:
+        """RequestGuard refused a request (401, 413): count it for the generation routes."""
+        if path in _FIELDS:
+            self.metrics.request_done(path, status)
 
     async def _unless_gone(self, request: Request, request_id: str, awaitable: Any) -> Any:
         """Await `awaitable` unless the client disconnects first: then abort and return _GONE.
@@ -295,7 +318,6 @@ class ProtocolSpec(LitSpec):
     async def models(self, request: Request) -> Response:
         anthropic = "anthropic-version" in request.headers
         try:
-            self._authorize(request, ANTHROPIC if anthropic else OPENAI)
             info = await self._model_info()
         except APIError as e:
             return _error_response(ANTHROPIC if anthropic else OPENAI, e)
@@ -378,9 +400,14 @@ def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
     # timeout=False: requests leave LitServe's queue at once (the engine schedules them), so a
     # queue timeout would only cut off long generations.
     # fast_queue is ours (BatchedZMQTransport), not LitServe's: see transport.py.
+    # RequestGuard checks the key and the body size on every route (guard.py says why not
+    # LitServe's own auth and size hooks); without docs FastAPI adds no /docs, /redoc, /openapi.json.
+    guard = (RequestGuard, {"api_key": config.api_key, "max_request_bytes": config.request_limit(),
+                            "rejected": spec.rejected})
     server = _LitServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else devices,
                         workers_per_device=per_device, timeout=False, fast_queue=False,
-                        model_metadata={"model": info.name, "max_model_len": info.max_model_len})
+                        model_metadata={"model": info.name, "max_model_len": info.max_model_len},
+                        middlewares=[guard], disable_openapi_url=not config.docs_enabled())
     server.batched_transport = config.fast_queue
     return server
 
