@@ -59,6 +59,9 @@ class ServeConfig:
                                metavar="KEY")
     fast_queue: bool = _opt(True, "the workers' replies reach the HTTP process over batched ZeroMQ "
                                   "(--no-fast-queue: multiprocessing queues, slower)")
+    worker_restart: bool = _opt(True, "start a new engine worker when one dies (its requests end with a 503 "
+                                      "error at once, and it waits 0.5 s, 1 s, 2 s ... when it keeps dying); "
+                                      "--no-worker-restart: the server exits instead")
     log_level: str = _opt("info", f"one of {', '.join(LOG_LEVELS)}")
 
     def validate(self) -> "ServeConfig":
@@ -90,8 +93,9 @@ class ServeConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ServeConfigError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not supported; use one of "
                                    f"{', '.join(KV_CACHE_DTYPES)}")
-        if not isinstance(self.fast_queue, bool):
-            raise ServeConfigError(f"fast_queue: must be true or false, got {self.fast_queue!r}")
+        for name in ("fast_queue", "worker_restart"):
+            if not isinstance(getattr(self, name), bool):
+                raise ServeConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if self.log_level not in LOG_LEVELS:
             raise ServeConfigError(f"log_level: {self.log_level!r}; use one of {', '.join(LOG_LEVELS)}")
         return self
