@@ -11,7 +11,8 @@ workers take from:
   {"op": "generate", "request_id", "prompt_ids", "params", "stream"} -> {"events": [...]}*
 Failures come back as {"error": {"status", "message", "param"}} rather than exceptions, so
 the HTTP side can answer in the client's protocol. Aborts and stats requests come over the
-control plane (control.py), which addresses every worker.
+control plane (control.py), which addresses every worker. {"op": "drain"} is answered with
+nothing: the HTTP side sends one after a worker dies (see ProtocolSpec.check_workers).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from typing import Any, AsyncIterator
 
@@ -88,6 +90,10 @@ class EngineAPI(ls.LitAPI):
         logging.basicConfig(level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         cfg = self.config
         self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))  # set by LitServe before setup()
+        delay = self.control.liveness.starting(self.worker_id)
+        if delay:
+            log.warning("worker %d started again soon after its last start: waiting %.1f s first", self.worker_id, delay)
+            time.sleep(delay)
         self.device_name = device
         device = pin_gpu(device)
         self.torch_device = device
@@ -107,6 +113,7 @@ class EngineAPI(ls.LitAPI):
         self._loop: asyncio.AbstractEventLoop | None = None  # LitServe's loop, known from the first request
         self.control.serve(self.worker_id, self._abort_from_control, self._describe)
         quiet_gc()
+        self.control.liveness.ready(self.worker_id)
         stats = self.engine.stats()
         dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
         gpu = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if device != self.device_name else ""
@@ -131,12 +138,16 @@ class EngineAPI(ls.LitAPI):
         if op == "generate":
             async for message in self._generate(request):
                 yield message
-        else:
+        elif op != "drain":
             yield _error(400, f"unknown operation {op!r}")
 
     async def encode_response(self, outputs: AsyncIterator[dict], **kwargs: Any) -> AsyncIterator[dict]:
         async for message in outputs:
             yield message
+
+    def health(self) -> bool:
+        """LitServe's /health asks this in the HTTP process: 503 while any worker's engine is down."""
+        return all(self.control.liveness.serving())
 
     def format_encoded_response(self, data: Any) -> Any:
         return data  # keep dicts: the transport pickles them, no need for a JSON round trip

@@ -67,6 +67,9 @@ class ServeConfig:
                                      "logs each one once")
     fast_queue: bool = _opt(True, "the workers' replies reach the HTTP process over batched ZeroMQ "
                                   "(--no-fast-queue: multiprocessing queues, slower)")
+    worker_restart: bool = _opt(True, "start a new engine worker when one dies (its requests end with a 503 "
+                                      "error at once, and it waits 0.5 s, 1 s, 2 s ... when it keeps dying); "
+                                      "--no-worker-restart: the server exits instead")
     log_level: str = _opt("info", f"one of {', '.join(LOG_LEVELS)}")
 
     def validate(self) -> "ServeConfig":
@@ -99,7 +102,7 @@ class ServeConfig:
             raise ServeConfigError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not supported; use one of "
                                    f"{', '.join(KV_CACHE_DTYPES)}")
         parse_size(self.max_request_bytes, "max_request_bytes")
-        for name in ("fast_queue", "strict_fields"):
+        for name in ("fast_queue", "strict_fields", "worker_restart"):
             if not isinstance(getattr(self, name), bool):
                 raise ServeConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if self.docs is not None and not isinstance(self.docs, bool):

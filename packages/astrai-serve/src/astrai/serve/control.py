@@ -21,6 +21,8 @@ import time
 import uuid
 from typing import Any, Callable
 
+from .liveness import WorkerLiveness
+
 log = logging.getLogger("astrai.serve")
 
 # Engine statistics that are the same for every engine, or that do not add up: the combined
@@ -36,6 +38,7 @@ class ControlPlane:
         ctx = mp.get_context("spawn")
         self.inboxes = [ctx.Queue() for _ in range(num_workers)]
         self.replies = ctx.Queue()
+        self.liveness = WorkerLiveness(num_workers)  # which workers' engines serve (liveness.py)
         self._lock = threading.Lock()
 
     @property
@@ -93,6 +96,7 @@ class ControlPlane:
         if not 0 <= worker_id < self.num_workers:
             raise ValueError(f"worker id {worker_id} outside 0..{self.num_workers - 1}")
         inbox = self.inboxes[worker_id]
+        _reclaim_reader_lock(inbox)
         # Never let process exit wait on unread answers (the HTTP process may be gone).
         self.replies.cancel_join_thread()
 
@@ -114,6 +118,17 @@ class ControlPlane:
         thread = threading.Thread(target=loop, name=f"astrai-control-{worker_id}", daemon=True)
         thread.start()
         return thread
+
+
+def _reclaim_reader_lock(inbox) -> None:
+    """A worker killed while it waits on its inbox dies holding the inbox's reader lock (a
+    multiprocessing Queue's `_rlock`), and the worker started in its place would wait for that
+    lock forever: aborts and /stats would never reach it. Each inbox has one reader, the worker
+    of its slot, so a lock found taken when a worker starts belongs to a dead process: release it."""
+    lock = inbox._rlock
+    if not lock.acquire(block=False):
+        log.warning("the control inbox's reader lock was held by a dead worker; released it")
+    lock.release()
 
 
 def combine_stats(workers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,11 @@ A client that goes away is noticed here (the stream's generator is cancelled, or
 connection reports a disconnect), and an abort is sent so the engine's KV pages free up. Aborts
 and /stats go over the control plane (control.py), which reaches every worker, not just the
 one that happens to take a queued payload.
+
+A worker that dies takes its requests with it: a watchdog here checks the workers' processes
+every WATCH_S (liveness.py) and ends the requests of a dead one at once with a 503 error in
+the client's protocol; LitServe then starts a new worker (or, with --no-worker-restart, stops
+the server).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from .errors import APIError, anthropic_error_body, openai_error_body
 from .fields import parse_json_object, unknown_fields
 from .generation import Accumulator, ModelInfo, merge_events, worker_error
 from .guard import RequestGuard
+from .liveness import process_alive
 from .metrics import CONTENT_TYPE, Metrics
 from .transport import BatchedZMQTransport
 
@@ -59,6 +65,10 @@ _FIELDS = {
 }
 # Unknown fields logged in lenient mode; bounded, since clients choose the names.
 _MAX_LOGGED_FIELDS = 256
+WATCH_S = 0.1  # how often the HTTP process checks that the workers live
+# A request a worker took just before it died may not have said so yet; one still unclaimed
+# this long after a death, and sent before it, is taken for lost with that worker.
+UNCLAIMED_S = 1.0
 
 
 def _error_response(protocol: str, err: APIError) -> JSONResponse:
@@ -113,6 +123,10 @@ class ProtocolSpec(LitSpec):
         self.metrics = Metrics()
         self._synced = False
         self._logged_fields: set[tuple[str, str]] = set()
+        self._submitted: dict[str, float] = {}  # uid -> when it went on the queue
+        self._watch: asyncio.Task | None = None
+        self._dead_pids = [0] * control.num_workers  # per slot, the dead worker already dealt with
+        self._deaths: list[float] = []  # times of deaths whose unclaimed requests are still to check
 
     @property
     def stream(self) -> bool:
@@ -121,6 +135,7 @@ class ProtocolSpec(LitSpec):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["info"] = None  # the worker loads its own tokenizer; no need to pickle ours
+        state["_watch"] = None
         return state
 
     def pre_setup(self, lit_api: ls.LitAPI) -> None:
@@ -133,11 +148,64 @@ class ProtocolSpec(LitSpec):
 
     # -- plumbing to the worker ---------------------------------------------------------
     def _submit(self, payload: dict) -> tuple[str, deque, asyncio.Event]:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_workers())
         uid = uuid.uuid4().hex
         queue, event = deque(), asyncio.Event()
+        self._submitted[uid] = time.monotonic()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
         return uid, queue, event
+
+    # -- dead workers ---------------------------------------------------------------------
+    async def _watch_workers(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                self.check_workers(time.monotonic())
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any one bad check
+                log.exception("worker watchdog")
+
+    def check_workers(self, now: float) -> None:
+        """End the requests of workers that died since the last check (and, UNCLAIMED_S after a
+        death, the requests sent before it that no worker has claimed)."""
+        liveness = self.control.liveness
+        for worker, handled in enumerate(self._dead_pids):
+            pid = liveness.pid(worker)  # the slot's last ready worker; a new one overwrites it
+            if not pid or pid == handled or process_alive(pid):
+                continue
+            self._dead_pids[worker] = pid
+            self._deaths.append(now)
+            self._drain()
+            lost = self._fail(lambda taker, _: taker == worker, f"the inference worker serving this request "
+                              f"(worker {worker}) died")
+            log.error("inference worker %d (pid %d) died; ended its %d request(s) with 503", worker, pid, lost)
+        for death in [t for t in self._deaths if now - t >= UNCLAIMED_S]:
+            self._deaths.remove(death)
+            self._fail(lambda worker, submitted: worker is None and submitted < death,
+                       "the inference worker that took this request died")
+
+    def _fail(self, lost: Callable[[int | None, float], bool], why: str) -> int:
+        """End with a 503 every waiting request for which lost(worker, submitted) holds; the
+        worker is LitServe's record of who took it (None until that worker started it)."""
+        error = {"error": {"status": 503, "message": f"{why}; please retry", "param": None}}
+        ended = 0
+        for uid, submitted in list(self._submitted.items()):
+            item = self.response_buffer.get(uid)
+            if item is not None and lost(item.worker_id, submitted):
+                item.response_queue.append((error, LitAPIStatus.OK))
+                item.event.set()
+                ended += 1
+        return ended
+
+    def _drain(self) -> None:
+        """Feed the request queue's reader that a dead worker left behind. LitServe 0.2.19's
+        async worker loop waits with `request_queue.get(1.0)`, which is block=1.0 and no timeout,
+        so the queue manager's thread that served the killed worker waits on, and would take the
+        next request with it to nowhere. A drain payload (answered with nothing by any live
+        worker that gets it instead) goes first."""
+        self.request_queue.put((self.response_queue_id, f"drain-{uuid.uuid4().hex}", time.monotonic(),
+                                {"op": "drain"}))
 
     async def _bursts(self, uid: str, queue: deque, event: asyncio.Event) -> AsyncIterator[list[dict]]:
         """What the worker sent for one payload, as lists: everything that arrived since the last
@@ -163,6 +231,7 @@ class ProtocolSpec(LitSpec):
                     yield burst
         finally:
             self.response_buffer.pop(uid, None)
+            self._submitted.pop(uid, None)
 
     async def _event_batches(self, payload: dict) -> AsyncIterator[list[dict]]:
         """Submit a generation; yield its events, merged per sample, as they arrive."""
@@ -406,7 +475,7 @@ def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
                             "rejected": spec.rejected})
     server = _LitServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else devices,
                         workers_per_device=per_device, timeout=False, fast_queue=False,
-                        model_metadata={"model": info.name, "max_model_len": info.max_model_len},
+                        restart_workers=config.worker_restart, model_metadata={"model": info.name, "max_model_len": info.max_model_len},
                         middlewares=[guard], disable_openapi_url=not config.docs_enabled())
     server.batched_transport = config.fast_queue
     return server
