@@ -475,7 +475,8 @@ def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
                             "rejected": spec.rejected})
     server = _LitServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else devices,
                         workers_per_device=per_device, timeout=False, fast_queue=False,
-                        restart_workers=config.worker_restart, model_metadata={"model": info.name, "max_model_len": info.max_model_len},
+                        restart_workers=config.worker_restart,
+                        model_metadata={"model": info.name, "max_model_len": info.max_model_len},
                         middlewares=[guard], disable_openapi_url=not config.docs_enabled())
     server.batched_transport = config.fast_queue
     return server
