@@ -183,3 +183,14 @@ def test_command_exits_nonzero_with_one_line_and_no_traceback(tmp_path, serve_co
     assert proc.returncode == 1
     assert "model directory not found" in proc.stderr and "Traceback" not in proc.stderr
     assert "Uvicorn running" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("device,devices,cuda,expected", [
+    ("auto", None, True, (256, 8192)), ("auto", None, False, (64, 2048)), ("cpu", None, True, (64, 2048)),
+    ("cuda:1", None, True, (256, 8192)), ("auto", 2, True, (256, 8192)),
+])
+def test_engine_sizes_left_unset_fit_the_device_the_engines_run_on(device, devices, cuda, expected):
+    config = ServeConfig(model="/m", device=device, devices=devices).fit_to_device(cuda)
+    assert (config.max_batch_size, config.max_num_batched_tokens) == expected
+    mine = ServeConfig(model="/m", max_batch_size=8, max_num_batched_tokens=512).fit_to_device(cuda)
+    assert (mine.max_batch_size, mine.max_num_batched_tokens) == (8, 512)  # given values are kept

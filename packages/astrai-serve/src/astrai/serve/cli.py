@@ -68,6 +68,7 @@ def preflight(config: ServeConfig):
         raise ServeConfigError(f"max_model_len: {config.max_model_len} exceeds the model's max_len "
                                f"({model_config.max_len} in config.json)")
     check_gpus(config, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    config.fit_to_device(torch.cuda.is_available())
     # Reading every tensor once (names, shapes, file integrity) costs about as much as the
     # worker's own load, and turns a broken checkpoint into one clear line here.
     model = load_pretrained(config.model, dtype=None if config.dtype == "auto" else config.dtype, device="cpu")

@@ -21,6 +21,12 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 
+# Engine sizes left unset take these, by where the engines run: a GPU decodes a batch of 256
+# about as fast as one of 64, a CPU does not.
+GPU_DEFAULTS = {"max_batch_size": 256, "max_num_batched_tokens": 8192}
+CPU_DEFAULTS = {"max_batch_size": 64, "max_num_batched_tokens": 2048}
+
+
 class ServeConfigError(ValueError):
     """A setting is wrong; the message names it and says what to use instead."""
 
@@ -42,8 +48,12 @@ class ServeConfig:
     workers: int = _opt(1, "engines per device, each in its own worker process; all engines take requests "
                            "from one queue (engines on one GPU share its memory: set --kv-cache-memory)")
     dtype: str = _opt("auto", f"weights dtype: {', '.join(DTYPES)} (auto: as stored)")
-    max_batch_size: int = _opt(64, "most sequences the engine decodes together")
-    max_num_batched_tokens: int = _opt(2048, "most tokens (prefill + decode) in one engine step")
+    max_batch_size: int | None = _opt(None, "most sequences the engine decodes together (default: "
+                                            f"{GPU_DEFAULTS['max_batch_size']} on a GPU, "
+                                            f"{CPU_DEFAULTS['max_batch_size']} on the CPU)")
+    max_num_batched_tokens: int | None = _opt(None, "most tokens (prefill + decode) in one engine step (default: "
+                                                    f"{GPU_DEFAULTS['max_num_batched_tokens']} on a GPU, "
+                                                    f"{CPU_DEFAULTS['max_num_batched_tokens']} on the CPU)")
     kv_cache_memory: str | None = _opt(None, "memory for the paged KV cache, e.g. 2GiB or 512MB "
                                              "(default: the engine's choice)", metavar="SIZE")
     num_pages: int | None = _opt(None, "KV cache size as a page count (instead of --kv-cache-memory)")
@@ -72,6 +82,15 @@ class ServeConfig:
                                       "--no-worker-restart: the server exits instead")
     log_level: str = _opt("info", f"one of {', '.join(LOG_LEVELS)}")
 
+    def fit_to_device(self, cuda_available: bool) -> "ServeConfig":
+        """Fill the engine sizes left unset with GPU_DEFAULTS or CPU_DEFAULTS, by where the
+        engines will run (device auto: a GPU when CUDA is available)."""
+        on_gpu = self.device.startswith("cuda") or self.gpus() is not None or (self.device == "auto" and cuda_available)
+        for name, value in (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
+
     def validate(self) -> "ServeConfig":
         if not self.model:
             raise ServeConfigError("model: no model directory given; pass --model DIR or set 'model:' in the YAML")
@@ -89,9 +108,9 @@ class ServeConfig:
                                    "devices (e.g. --devices 1,2) and leave device at auto or cuda")
         if self.dtype not in DTYPES:
             raise ServeConfigError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        for name in ("workers", "max_batch_size", "max_num_batched_tokens", "page_size"):
+        for name in ("workers", "page_size"):
             _check_int(self, name, 1)
-        for name in ("num_pages", "max_model_len"):
+        for name in ("num_pages", "max_model_len", "max_batch_size", "max_num_batched_tokens"):
             if getattr(self, name) is not None:
                 _check_int(self, name, 1)
         if self.kv_cache_memory is not None:
