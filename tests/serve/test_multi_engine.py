@@ -104,7 +104,6 @@ def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):
     sent to the wrong engine would leave its request running to max_tokens (2000 tokens, more
     than all the rounds below generate together)."""
     start = wait_idle(two_engines)
-    before = start["engine"]["generated_tokens"]
     body = {"model": "tiny", "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
 
     async def leave_early(http, i):
@@ -124,16 +123,18 @@ def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):
     # Both engines must take streams, else the routing is not put to the test; which worker
     # picks a request up is LitServe's choice, so a round where one took all six is repeated.
     for _ in range(3):
+        before = wait_idle(two_engines)
         asyncio.run(run_all())
         stats = wait_idle(two_engines)
         if all(w["stats"]["generated_tokens"] > v["stats"]["generated_tokens"]
-               for w, v in zip(stats["workers"], start["workers"])):
+               for w, v in zip(stats["workers"], before["workers"])):
             break
     else:
         raise AssertionError(f"three rounds of six streams all went to one engine: {start} -> {stats}")
     assert all(w["stats"]["running"] == 0 and w["stats"]["pages_used"] == 0 for w in stats["workers"]), stats
-    # Far fewer tokens than one request left running would generate on its own.
-    assert stats["engine"]["generated_tokens"] - before < 2000, stats
+    # The round that used both engines made far fewer tokens than one request left running would
+    # on its own (earlier rounds are not counted: on a loaded machine each adds a few hundred).
+    assert stats["engine"]["generated_tokens"] - before["engine"]["generated_tokens"] < 2000, stats
 
 
 def test_workers_is_checked_before_start(serve_command, model_dir):
