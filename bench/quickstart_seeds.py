@@ -20,24 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-ROWS = [  # (label, results path, rule)
-    ("pre-training val loss", ("pretrain",), "lower"),
-    ("SFT accuracy", ("sft", "accuracy"), "higher"),
-    ("DPO reference likelier", ("dpo", "chosen_likelier"), "higher"),
-    ("after DPO accuracy", ("dpo", "accuracy"), "not lower"),
-    ("GRPO mean reward", ("grpo", "reward"), "higher"),
-    ("after GRPO accuracy", ("grpo", "accuracy"), "not lower"),
-]
-STAGES = ["pre-training", "SFT", "DPO", "after DPO", "GRPO", "after GRPO"]
-
-
-def values(results: dict, path: tuple[str, ...]) -> dict:
-    if path == ("pretrain",):
-        p = results["pretrain"]
-        return {"before": p["val_loss_before"], "after": p["val_loss_after"]}
-    return results[path[0]][path[1]]
-
-
 def spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
@@ -70,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run(seed, threads, out, extra) for threads in args.threads for seed in args.seeds]
 
     print(f"\n{len(runs)} runs (seeds {args.seeds} x threads {args.threads}); mean +- standard deviation over runs\n")
-    print(f"{'measure':24s} {'before':>15s} {'after':>15s} {'change':>15s}  rule        met")
-    for (label, path, rule), stage in zip(ROWS, STAGES):
-        vs = [values(r, path) for r in runs]
-        met = sum(r["verdicts"][stage] in ("better", "ok") for r in runs)
-        print(f"{label:24s} {spread([v['before'] for v in vs]):>15s} {spread([v['after'] for v in vs]):>15s} "
-              f"{spread([v['after'] - v['before'] for v in vs]):>15s}  {rule:10s}  {met}/{len(runs)}")
+    print(f"{'stage':12s} {'before':>15s} {'after':>15s} {'change':>15s}  rule        met")
+    for i, row in enumerate(runs[0]["table"]):  # every run's table has the same rows, in order
+        vs = [r["table"][i] for r in runs]
+        met = sum(v["verdict"] in ("better", "ok") for v in vs)
+        print(f"{row['stage']:12s} {spread([v['before'] for v in vs]):>15s} {spread([v['after'] for v in vs]):>15s} "
+              f"{spread([v['after'] - v['before'] for v in vs]):>15s}  {row['rule']:10s}  {met}/{len(runs)}")
     seconds = [r["seconds"] for r in runs]
     print(f"\nseconds per run: {spread(seconds)} (min {min(seconds):.0f}, max {max(seconds):.0f})")
     (out / "summary.json").write_text(json.dumps(runs, indent=2) + "\n", encoding="utf-8")

@@ -55,6 +55,8 @@ def test_smoke_run_trains_every_stage_repeats_itself_and_exports_loadable_models
     assert results["dpo"]["accuracy"]["before"] == results["sft"]["accuracy"]["after"]
     assert results["grpo"]["accuracy"]["before"] == results["dpo"]["accuracy"]["after"]
     assert set(results["verdicts"]) == {"pre-training", "SFT", "DPO", "after DPO", "GRPO", "after GRPO"}
+    assert [(row["stage"], row["verdict"]) for row in results["table"]] == list(results["verdicts"].items())
+    assert results["table"][1]["before"] == results["sft"]["accuracy"]["before"]
     pairs = [json.loads(line) for line in (out / "data" / "dpo" / "train.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)  # the SFT model's own wrong replies
 

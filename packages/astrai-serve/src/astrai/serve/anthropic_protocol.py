@@ -32,9 +32,8 @@ MESSAGE_FIELDS = frozenset({"model", "messages", "system", "max_tokens", "stop_s
 
 def unknown_field(name: str, accepted: frozenset[str]) -> APIError:
     """Anthropic's own wording, plus the likely fix."""
-    return bad_request(f"{fields.clip(name)}: Extra inputs are not permitted{fields.did_you_mean(name, accepted)}; "
-                       "remove it, or ask the operator to start the server with --no-strict-fields to ignore "
-                       "unknown fields", fields.clip(name))
+    return fields.unknown_field_error(f"{fields.clip(name)}: Extra inputs are not permitted"
+                                      f"{fields.did_you_mean(name, accepted)}", name)
 
 
 def _text(content: Any, where: str) -> str:

@@ -97,6 +97,12 @@ def did_you_mean(name: str, accepted: frozenset[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def unknown_field_error(said: str, name: str) -> APIError:
+    """A 400 for an unknown field: what the protocol itself says (``said``), then the fix."""
+    return bad_request(f"{said}; remove it, or ask the operator to start the server with --no-strict-fields "
+                       "to ignore unknown fields", clip(name))
+
+
 def clip(name: str, most: int = 60) -> str:
     """A client-chosen name, short enough to quote in an error message."""
     return name if len(name) <= most else name[:most - 3] + "..."

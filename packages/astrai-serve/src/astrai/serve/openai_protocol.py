@@ -51,9 +51,8 @@ COMPLETION_FIELDS = frozenset({"model", "prompt", "stream", "stream_options", "l
 
 def unknown_field(name: str, accepted: frozenset[str]) -> APIError:
     """OpenAI's own wording, plus the likely fix."""
-    return bad_request(f"Unrecognized request argument supplied: {fields.clip(name)}"
-                       f"{fields.did_you_mean(name, accepted)}; remove it, or ask the operator to start the "
-                       "server with --no-strict-fields to ignore unknown fields", fields.clip(name))
+    return fields.unknown_field_error(f"Unrecognized request argument supplied: {fields.clip(name)}"
+                                      f"{fields.did_you_mean(name, accepted)}", name)
 
 
 def check_model(body: dict, info: ModelInfo) -> None:

@@ -254,14 +254,15 @@ class Quickstart:
         self.results["seconds"] = round(time.time() - self.t0, 1)
         print(f"\nquickstart finished in {self.results['seconds']:.0f} s\n")
         print(f"{'stage':12s} {'measure':51s} {'before':>7s} {'after':>7s} {'change':>15s}  verdict")
-        verdicts = {}
+        table = []
         for stage, measure, values, rule in self.rows():
-            verdicts[stage] = verdict(values, rule)
+            table.append({"stage": stage, "measure": measure, **values, "rule": rule, "verdict": verdict(values, rule)})
             change = values["after"] - values["before"]
             noise = f" +-{values['stderr']:.3f}" if "stderr" in values else ""
             print(f"{stage:12s} {measure:51s} {values['before']:7.3f} {values['after']:7.3f} "
-                  f"{f'{change:+.3f}{noise}':>15s}  {verdicts[stage]}")
-        self.results["verdicts"] = verdicts
+                  f"{f'{change:+.3f}{noise}':>15s}  {table[-1]['verdict']}")
+        self.results["table"] = table  # the rows as printed (bench/quickstart_seeds.py reads them)
+        self.results["verdicts"] = {row["stage"]: row["verdict"] for row in table}
         print("\nchange +- its standard error, paired per held-out question; 'better' needs a change of at least "
               "twice that, 'not lower' a drop of less than twice that")
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n", encoding="utf-8")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .corpus import Question, is_correct
 from .rewards import Reward, score
+from .sampled_pairs import chat_prompts, load_engine
 
 
 @dataclass(frozen=True)
@@ -52,24 +53,12 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> Change:
     return Change(sum(before) / n, sum(after) / n, delta, math.sqrt(variance / n))
 
 
-def _engine(model_dir: Path, max_batch_size: int = 64):
-    import torch
-
-    from astrai.core.auto import AutoModel
-    from astrai.core.engine import InferenceEngine
-    from astrai.core.tokenizer import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
-    return InferenceEngine(model, tok, max_batch_size=max_batch_size), tok
-
-
 def greedy_answers(model_dir: Path, questions: Sequence[Question], max_tokens: int = 32) -> tuple[list[float], list[str]]:
     """Per question 1.0 when the greedy reply equals the reference, else 0.0; and the replies."""
     from astrai.core.engine import SamplingParams
 
-    engine, tok = _engine(model_dir)
-    prompts = [tok.apply_chat_template(q.messages(), add_generation_prompt=True) for q in questions]
+    engine, tok = load_engine(model_dir)
+    prompts = chat_prompts(tok, [q.prompt for q in questions])
     outputs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     replies = [o.samples[0].text for o in outputs]
     return [float(is_correct(r, q)) for r, q in zip(replies, questions)], replies
@@ -80,8 +69,8 @@ def sampled_rewards(model_dir: Path, questions: Sequence[Question], rewards: Seq
     """Per question the mean total reward of ``samples`` sampled replies."""
     from astrai.core.engine import SamplingParams
 
-    engine, tok = _engine(model_dir, max_batch_size=max(64, samples))
-    prompts = [tok.apply_chat_template(q.messages(), add_generation_prompt=True) for q in questions]
+    engine, tok = load_engine(model_dir, max_batch_size=max(64, samples))
+    prompts = chat_prompts(tok, [q.prompt for q in questions])
     params = [SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed * 100_003 + i)
               for i in range(len(questions))]
     outputs = engine.generate(prompts, params)

@@ -35,22 +35,33 @@ def read_questions(path: str | Path) -> list[dict]:
     return rows
 
 
+def load_engine(model_dir: str | Path, max_batch_size: int = 64):
+    """(InferenceEngine, tokenizer) over a model directory, in float32 on the CPU."""
+    import torch
+
+    from astrai.core.auto import AutoModel
+    from astrai.core.engine import InferenceEngine
+    from astrai.core.tokenizer import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    return InferenceEngine(model, tok, max_batch_size=max_batch_size), tok
+
+
+def chat_prompts(tok, questions: Sequence[str]) -> list[list[int]]:
+    """Each question as a one-turn chat, ready for the assistant's reply."""
+    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
+
+
 def sample_pairs(model_dir: str | Path, questions: Sequence[dict], samples: int = 8, per_question: int = 2,
                  temperature: float = 1.0, max_tokens: int = 32, seed: int = 0) -> list[dict]:
     """Up to ``per_question`` pairs (reference, a distinct wrong reply) for every question, from
     ``samples`` replies sampled at ``temperature``; reply i of question q is seeded from
     (``seed``, q), so the same model and seed give the same pairs."""
-    import torch
+    from astrai.core.engine import SamplingParams
 
-    from astrai.core.auto import AutoModel
-    from astrai.core.engine import InferenceEngine, SamplingParams
-    from astrai.core.tokenizer import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    engine = InferenceEngine(AutoModel.from_pretrained(model_dir, dtype=torch.float32), tok,
-                             max_batch_size=max(64, samples))
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q["prompt"]}], add_generation_prompt=True)
-               for q in questions]
+    engine, tok = load_engine(model_dir, max_batch_size=max(64, samples))
+    prompts = chat_prompts(tok, [q["prompt"] for q in questions])
     params = [SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i)
               for i in range(len(questions))]
     pairs = []
