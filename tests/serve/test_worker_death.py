@@ -19,13 +19,13 @@ from conftest import MODEL_NAME, REPO
 LONG = {"max_tokens": 1500, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
 
 
-async def _openai_chat(client: openai.AsyncOpenAI, stream: bool) -> tuple[str, float]:
+async def _openai_chat(client: openai.AsyncOpenAI, stream: bool, started: set) -> tuple[str, float]:
     messages = [{"role": "user", "content": "Count to a thousand."}]
     try:
         if stream:
             async for _ in await client.chat.completions.create(model=MODEL_NAME, messages=messages, stream=True,
                                                                  **LONG):
-                pass
+                started.add(asyncio.current_task())
         else:
             await client.chat.completions.create(model=MODEL_NAME, messages=messages, **LONG)
     except openai.APIStatusError as e:
@@ -35,13 +35,13 @@ async def _openai_chat(client: openai.AsyncOpenAI, stream: bool) -> tuple[str, f
     return "finished", time.monotonic()
 
 
-async def _anthropic_stream(client: anthropic.AsyncAnthropic) -> tuple[str, float]:
+async def _anthropic_stream(client: anthropic.AsyncAnthropic, started: set) -> tuple[str, float]:
     try:
         async with client.messages.stream(model=MODEL_NAME, max_tokens=1500,
                                           messages=[{"role": "user", "content": "Count to a thousand."}],
                                           extra_body={"ignore_eos": True}) as stream:
             async for _ in stream:
-                pass
+                started.add(asyncio.current_task())
     except anthropic.APIStatusError as e:  # an error event in a stream comes with the stream's 200
         kind = "stream error" if e.status_code == 200 else f"status {e.status_code}"
         return f"{kind}: {e.message}", time.monotonic()
@@ -75,15 +75,19 @@ def test_a_killed_worker_ends_every_request_with_an_error_and_is_replaced(model_
         async def load() -> tuple[list[tuple[str, float]], float]:
             oai = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
             ant = anthropic.AsyncAnthropic(base_url=server.url, api_key="none", max_retries=0, timeout=60)
-            tasks = [asyncio.create_task(_openai_chat(oai, stream=i % 2 == 0)) for i in range(24)]
-            tasks += [asyncio.create_task(_anthropic_stream(ant)) for _ in range(6)]
-            async with httpx.AsyncClient() as http:  # wait until the engine holds all 30
-                for _ in range(600):
+            started: set = set()  # the streams that have received a chunk
+            tasks = [asyncio.create_task(_openai_chat(oai, i % 2 == 0, started)) for i in range(24)]
+            tasks += [asyncio.create_task(_anthropic_stream(ant, started)) for _ in range(6)]
+            # Kill once the engine holds all 30 and all 18 streams are under way, so that each request's
+            # outcome is fixed: a stream that had not begun would rightly get a 503 instead of an error event.
+            async with httpx.AsyncClient() as http:
+                for _ in range(1200):
                     stats = (await http.get(server.url + "/stats", timeout=10)).json()
-                    if stats["engine"]["active_requests"] >= 30:
+                    if stats["engine"]["active_requests"] >= 30 and len(started) == 18:
                         break
                     await asyncio.sleep(0.05)
             assert stats["engine"]["active_requests"] == 30, stats["engine"]
+            assert len(started) == 18
             killed = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             return await asyncio.gather(*tasks), killed
@@ -94,6 +98,7 @@ def test_a_killed_worker_ends_every_request_with_an_error_and_is_replaced(model_
         odd = [e for e in errors if not ("died" in e and ("503" in e or "stream error" in e))]
         assert not odd, odd
         assert sum(e.startswith("status 503") for e in errors) == 12  # the non-streaming ones
+        assert sum(e.startswith("stream error") for e in errors) == 18
         slowest = max(at for _, at in outcomes) - killed
         assert slowest < 2.0, f"the last client heard of the failure {slowest:.2f} s after the kill"
         assert health_503 < 2.0
