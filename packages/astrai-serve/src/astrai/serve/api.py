@@ -8,7 +8,11 @@ feed the same engine: continuous batching happens in the engine, not in LitServe
 
 The HTTP side (server.py) puts generation payloads, already validated, on the queue that all
 workers take from:
-  {"op": "generate", "request_id", "prompt_ids", "params", "stream"} -> {"events": [...]}*
+  {"op": "generate", "request_id", "uid", "consumer", "prompt_ids", "params", "stream"}
+      -> {"events": [...]}*
+The events do not travel through predict: the engine hands each step's events to relay.py,
+which sends them on LitServe's reply transport (that is why the payload names LitServe's uid
+and the HTTP process, "consumer", that waits for it); predict only waits for the end.
 Failures come back as {"error": {"status", "message", "param"}} rather than exceptions, so
 the HTTP side can answer in the client's protocol. Aborts and stats requests come over the
 control plane (control.py), which addresses every worker. {"op": "drain"} is answered with
@@ -26,23 +30,14 @@ from typing import Any, AsyncIterator
 
 import litserve as ls
 from astrai.core.engine.host import quiet_gc
+from litserve.loops import StreamingLoop
 
 from .config import ServeConfig, cuda_index, parse_size
 from .control import ControlPlane
 from .generation import merge_events
+from .relay import RelayedRequest, StepRelay
 
 log = logging.getLogger("astrai.serve")
-
-
-def event_to_dict(event) -> dict[str, Any]:
-    """A StreamEvent as plain data (it crosses a process boundary)."""
-    logprobs = None
-    if event.logprobs is not None:
-        logprobs = [{"id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
-                    for lp in event.logprobs]
-    return {"index": event.index, "text": event.text, "token_ids": list(event.token_ids), "logprobs": logprobs,
-            "finish_reason": event.finish_reason, "stop_reason": event.stop_reason,
-            "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
 
 
 def _error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -72,12 +67,23 @@ def pin_gpu(device: str) -> str:
     return "cuda:0"
 
 
+class RelayLoop(StreamingLoop):
+    """LitServe's async streaming loop, which also hands the LitAPI the reply transport it
+    uses, so relay.py sends on the very same sockets (and so in order with LitServe's own
+    messages)."""
+
+    def __call__(self, lit_api, device, worker_id, request_queue, transport, *args, **kwargs):
+        lit_api.relay = StepRelay(transport.send, worker_id)
+        return super().__call__(lit_api, device, worker_id, request_queue, transport, *args, **kwargs)
+
+
 class EngineAPI(ls.LitAPI):
     def __init__(self, config: ServeConfig, spec: ls.LitSpec, control: ControlPlane) -> None:
-        super().__init__(spec=spec, enable_async=True)
+        super().__init__(spec=spec, enable_async=True, loop=RelayLoop())
         self.config = config
         self.control = control
         self.engine = None
+        self.relay: StepRelay | None = None  # set in the worker by RelayLoop
 
     # -- worker start-up ----------------------------------------------------------------
     def setup(self, device: str) -> None:
@@ -178,33 +184,30 @@ class EngineAPI(ls.LitAPI):
         return out
 
     async def _generate(self, request: dict) -> AsyncIterator[dict]:
-        from astrai.core.engine import SamplingParams
+        from astrai.core.engine import LoopSink, SamplingParams
 
         request_id = request["request_id"]
         if request_id in self._aborted:
             return  # the client left before its request reached the engine
+        loop = asyncio.get_running_loop()
+        relayed = RelayedRequest(request["uid"], request["consumer"], request["stream"], loop.create_future())
         try:
             params = SamplingParams(**request["params"])
-            events = self.engine.astream(request["prompt_ids"], params, request_id=request_id)
+            self.engine.stream_to(request["prompt_ids"], params, request_id,
+                                    LoopSink(loop, relayed, self.relay.deliver))
         except ValueError as e:  # the engine's own validation, e.g. a prompt longer than it allows
             yield _error(400, str(e))
             return
-        # Streams send every event as it comes (the HTTP side merges whatever piles up); a
-        # full answer is sent once. No extra queue or task here: in this process every
-        # Python step competes with the engine thread for the GIL.
+        # No per-token work here: the relay sends streamed events as each engine step ends.
         self._active.add(request_id)
-        pending: list[dict] = []
         try:
-            async for event in events:
-                if request["stream"]:
-                    yield {"events": [event_to_dict(event)]}
-                else:
-                    pending.append(event_to_dict(event))
-        except Exception as e:  # noqa: BLE001 - reported to the client, logged here
-            log.exception("request %s failed", request_id)
-            yield _error(500, f"generation failed: {type(e).__name__}: {e}")
-            return
+            error = await relayed.done
         finally:
             self._active.discard(request_id)
-        if pending:
-            yield {"events": merge_events(pending)}
+            if not relayed.done.done():  # cancelled (the worker is stopping): free the engine's pages
+                self.engine.abort(request_id)
+        if error is not None:
+            log.error("request %s failed: %s", request_id, error)
+            yield _error(500, f"generation failed: {type(error).__name__}: {error}")
+        elif relayed.held:
+            yield {"events": merge_events(relayed.held)}

@@ -151,6 +151,7 @@ class ProtocolSpec(LitSpec):
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_workers())
         uid = uuid.uuid4().hex
+        payload["uid"], payload["consumer"] = uid, self.response_queue_id  # where the worker's relay answers
         queue, event = deque(), asyncio.Event()
         self._submitted[uid] = time.monotonic()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)

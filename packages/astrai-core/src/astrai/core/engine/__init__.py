@@ -6,6 +6,7 @@
 """
 
 from .attention import AttentionBackend, AttentionMetadata, KernelPagedAttention, TorchPagedAttention
+from .core import END, LoopSink
 from .engine import InferenceEngine
 from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
 from .paged_cache import parse_bytes
@@ -15,9 +16,11 @@ __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
     "Completion",
+    "END",
     "EngineError",
     "InferenceEngine",
     "KernelPagedAttention",
+    "LoopSink",
     "Sample",
     "SamplingParams",
     "StreamEvent",

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import time
 from collections import deque
+from typing import Callable
 
 import torch
 
@@ -60,12 +61,24 @@ class InFlight:
     rows: dict[Sequence, int]  # the row of each sequence's token in drawn.tokens, for the next step to feed on
 
 
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopSink:
-    """Where an asyncio consumer's events go: its queue, filled from inside its loop."""
+    """Where an asyncio consumer's events go: `deliver` runs inside `loop` once per engine step
+    with the (target, item) pairs of every request that shares that loop and deliver function.
+
+    The default fills each request's asyncio queue (`target`). A server passes its own deliver
+    to handle a whole step's events in one call instead of waking one task per request.
+    """
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    target: object
+    deliver: Callable[[list[tuple[object, object]]], None] = _put_all
 
 
 class EngineCore:
@@ -354,12 +367,12 @@ class EngineCore:
         by_loop: dict = {}
         for sink, item in outbox:
             if isinstance(sink, LoopSink):
-                by_loop.setdefault(sink.loop, []).append((sink.queue, item))
+                by_loop.setdefault((sink.loop, sink.deliver), []).append((sink.target, item))
             else:
                 sink(item)
-        for loop, items in by_loop.items():
+        for (loop, deliver), items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
@@ -406,8 +419,3 @@ def _overlappable(seq: Sequence) -> bool:
 
 def _logprob_list(r: Request):
     return [] if r.params.logprobs is not None else None
-
-
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)

@@ -252,6 +252,18 @@ class InferenceEngine:
         request = self.intake.build(prompt, params, request_id)
         return self._aiterate(request)
 
+    def stream_to(self, prompt: str | list[int], params: SamplingParams | None, request_id: str,
+                  sink: LoopSink) -> None:
+        """Submit one request now; its StreamEvents, then END (or the EngineError that ended it),
+        go to `sink`. A LoopSink's deliver function gets, once per engine step and inside its
+        loop, the (target, item) pairs of every request that shares it: a server streaming many
+        requests handles a step in one call rather than waking a task per request.
+
+        Thread-safe. Bad input raises ValueError here, before anything is queued.
+        """
+        self._submit(self.intake.build(prompt, params, request_id, sink=sink))
+        self.start()
+
     def abort(self, request_id: str) -> None:
         """Stop a request; its unfinished samples end with finish_reason "abort". Unknown ids are ignored."""
         with self._cv:
