@@ -181,12 +181,22 @@ def test_aborts_reach_every_worker_and_stats_come_from_each():
 
 def test_late_answers_do_not_leak_into_the_next_stats_call():
     control = ControlPlane(1)
-    control.inboxes[0].put(("stats", "old-token"))  # a call that timed out before the worker answered
+    control.inboxes[0].put(("stats", ("old-token", 0)))  # a call that timed out before the worker answered
     worker = FakeWorker(control, 0, generated=5)
     time.sleep(0.5)
     worker.generated = 6
     answers = control.stats(timeout=10)
     assert answers[0]["stats"]["generated_tokens"] == 6 and "token" not in answers[0]
+
+
+def test_each_api_server_process_gets_the_stats_answers_it_asked_for():
+    control = ControlPlane(2, num_consumers=3)
+    workers = [FakeWorker(control, i, generated=i + 1) for i in range(2)]
+    answers = control.stats(timeout=10, consumer=2)
+    assert [a["stats"]["generated_tokens"] for a in answers] == [1, 2]
+    assert control.replies[0].empty() and control.replies[1].empty()
+    workers[0].generated = 7
+    assert [a["stats"]["generated_tokens"] for a in control.stats(timeout=10, consumer=0)] == [7, 2]
 
 
 def test_control_plane_checks_worker_ids():

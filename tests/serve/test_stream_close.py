@@ -29,7 +29,7 @@ def _run(spec_version: str) -> list[str]:
         if message["type"] == "http.response.body":
             raise OSError("connection reset by peer")  # the write that finds the client gone
 
-    response = _ClosingStreamingResponse(body(), media_type="text/event-stream")
+    response = _ClosingStreamingResponse(body(), media_type="text/event-stream", on_close=lambda: log.append("forgot"))
     scope = {"type": "http", "asgi": {"spec_version": spec_version}}
 
     async def main():
@@ -47,4 +47,27 @@ def _run(spec_version: str) -> list[str]:
 
 @pytest.mark.parametrize("spec_version", ["2.4", "2.3"])
 def test_body_generator_is_closed_when_the_write_fails(spec_version):
-    assert _run(spec_version) == ["closed", "returned"]
+    assert _run(spec_version) == ["closed", "forgot", "returned"]
+
+
+def test_a_stream_whose_body_never_started_still_forgets_its_request():
+    log: list[str] = []
+
+    async def body():
+        log.append("started")
+        yield "data: x\n\n"
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("connection reset by peer")  # fails on the headers, before the body runs
+
+    response = _ClosingStreamingResponse(body(), media_type="text/event-stream", on_close=lambda: log.append("forgot"))
+
+    async def main():
+        with pytest.raises((ClientDisconnect, OSError)):
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+
+    asyncio.run(main())
+    assert log == ["forgot"]

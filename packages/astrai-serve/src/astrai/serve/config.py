@@ -7,6 +7,7 @@ metadata is the flag's help text, so the YAML keys and the flags cannot drift ap
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
 # about as fast as one of 64, a CPU does not.
 GPU_DEFAULTS = {"max_batch_size": 256, "max_num_batched_tokens": 8192}
 CPU_DEFAULTS = {"max_batch_size": 64, "max_num_batched_tokens": 2048}
+# A GPU engine streams tens of thousands of tokens a second, more than one Python HTTP process
+# can write; CPU engines are slow enough for one, and need the cores themselves.
+MAX_DEFAULT_API_SERVERS = 4
 
 
 class ServeConfigError(ValueError):
@@ -47,6 +51,10 @@ class ServeConfig:
               "such as 0,2; with device auto or cuda", metavar="N|I,J")
     workers: int = _opt(1, "engines per device, each in its own worker process; all engines take requests "
                            "from one queue (engines on one GPU share its memory: set --kv-cache-memory)")
+    api_servers: int | None = _opt(None, "HTTP server processes, all on the one port (as vLLM's --api-server-count): "
+                                         "each parses requests and writes streams for its share of the clients "
+                                         "(default: on a GPU one per 4 CPU cores, at most "
+                                         f"{MAX_DEFAULT_API_SERVERS}; 1 on the CPU)")
     dtype: str = _opt("auto", f"weights dtype: {', '.join(DTYPES)} (auto: as stored)")
     max_batch_size: int | None = _opt(None, "most sequences the engine decodes together (default: "
                                             f"{GPU_DEFAULTS['max_batch_size']} on a GPU, "
@@ -89,6 +97,9 @@ class ServeConfig:
         for name, value in (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.api_servers is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            self.api_servers = max(1, min(MAX_DEFAULT_API_SERVERS, cores // 4)) if on_gpu else 1
         return self
 
     def validate(self) -> "ServeConfig":
@@ -110,7 +121,7 @@ class ServeConfig:
             raise ServeConfigError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         for name in ("workers", "page_size"):
             _check_int(self, name, 1)
-        for name in ("num_pages", "max_model_len", "max_batch_size", "max_num_batched_tokens"):
+        for name in ("num_pages", "max_model_len", "max_batch_size", "max_num_batched_tokens", "api_servers"):
             if getattr(self, name) is not None:
                 _check_int(self, name, 1)
         if self.kv_cache_memory is not None:

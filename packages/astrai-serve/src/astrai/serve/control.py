@@ -32,18 +32,25 @@ _MEAN = ("prefix_cache_hit_rate",)
 
 
 class ControlPlane:
-    def __init__(self, num_workers: int) -> None:
+    def __init__(self, num_workers: int, num_consumers: int = 1) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        if num_consumers < 1:
+            raise ValueError(f"num_consumers must be at least 1, got {num_consumers}")
         ctx = mp.get_context("spawn")
         self.inboxes = [ctx.Queue() for _ in range(num_workers)]
-        self.replies = ctx.Queue()
+        # One reply queue per API-server process (consumer): each reads only its own answers.
+        self.replies = [ctx.Queue() for _ in range(num_consumers)]
         self.liveness = WorkerLiveness(num_workers)  # which workers' engines serve (liveness.py)
         self._lock = threading.Lock()
 
     @property
     def num_workers(self) -> int:
         return len(self.inboxes)
+
+    @property
+    def num_consumers(self) -> int:
+        return len(self.replies)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -58,21 +65,23 @@ class ControlPlane:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
-    def _send(self, message: tuple[str, str]) -> None:
+    def _send(self, message: tuple[str, Any]) -> None:
         for inbox in self.inboxes:
             inbox.cancel_join_thread()  # exit must not wait for a worker that stopped reading
             inbox.put(message)
 
-    def stats(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def stats(self, timeout: float = 10.0, consumer: int = 0) -> list[dict[str, Any]]:
         """One entry per worker, in worker order: {"worker", "device", "stats", ...}, or
         {"worker", "error"} for a worker that did not answer within `timeout` seconds.
 
-        Blocking: call it from a thread. Calls are serialised, so the answers of one call
-        cannot be taken by another; answers to an earlier call that timed out are dropped.
+        Blocking: call it from a thread of API-server process `consumer`, whose reply queue
+        the answers come back on. Calls are serialised within that process, so the answers of
+        one call cannot be taken by another; answers to an earlier call that timed out are
+        dropped.
         """
         with self._lock:
             token = uuid.uuid4().hex
-            self._send(("stats", token))
+            self._send(("stats", (token, consumer)))
             answers: dict[int, dict] = {}
             deadline = time.monotonic() + timeout
             while len(answers) < self.num_workers:
@@ -80,7 +89,7 @@ class ControlPlane:
                 if left <= 0:
                     break
                 try:
-                    answer = self.replies.get(timeout=left)
+                    answer = self.replies[consumer].get(timeout=left)
                 except queue.Empty:
                     break
                 if answer.pop("token", None) == token:
@@ -98,7 +107,8 @@ class ControlPlane:
         inbox = self.inboxes[worker_id]
         _reclaim_reader_lock(inbox)
         # Never let process exit wait on unread answers (the HTTP process may be gone).
-        self.replies.cancel_join_thread()
+        for replies in self.replies:
+            replies.cancel_join_thread()
 
         def loop() -> None:
             while True:
@@ -109,11 +119,12 @@ class ControlPlane:
                 if op == "abort":
                     on_abort(arg)
                 elif op == "stats":
+                    token, consumer = arg
                     try:
                         answer = describe()
                     except Exception as e:  # noqa: BLE001 - reported in /stats, not fatal
                         answer = {"error": f"{type(e).__name__}: {e}"}
-                    self.replies.put({**answer, "token": arg, "worker": worker_id})
+                    self.replies[consumer].put({**answer, "token": token, "worker": worker_id})
 
         thread = threading.Thread(target=loop, name=f"astrai-control-{worker_id}", daemon=True)
         thread.start()

@@ -104,11 +104,18 @@ class _ClosingStreamingResponse(StreamingResponse):
     is being written, Starlette abandons the generator at its `yield`, and its clean-up (the
     engine abort in `_stream`) would wait for the garbage collector."""
 
+    def __init__(self, *args, on_close: Callable[[], None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close  # runs even when the body never started
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.on_close()
 
 
 class ProtocolSpec(LitSpec):
@@ -120,7 +127,7 @@ class ProtocolSpec(LitSpec):
         self.config = config
         self.info = info
         self.control = control
-        self.metrics = Metrics()
+        self._metrics = Metrics(control.num_consumers)  # shared by the API-server processes (metrics.py)
         self._synced = False
         self._logged_fields: set[tuple[str, str]] = set()
         self._submitted: dict[str, float] = {}  # uid -> when it went on the queue
@@ -129,12 +136,19 @@ class ProtocolSpec(LitSpec):
         self._deaths: list[float] = []  # times of deaths whose unclaimed requests are still to check
 
     @property
+    def metrics(self) -> Metrics:
+        """The shared counters, writing to this API-server process's row."""
+        self._metrics.row = self.response_queue_id
+        return self._metrics
+
+    @property
     def stream(self) -> bool:
         return True  # every route reads the worker's output as a stream of messages
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["info"] = None  # the worker loads its own tokenizer; no need to pickle ours
+        state["_metrics"] = None  # counted in the API-server processes only
         state["_watch"] = None
         return state
 
@@ -148,8 +162,9 @@ class ProtocolSpec(LitSpec):
 
     # -- plumbing to the worker ---------------------------------------------------------
     def _submit(self, payload: dict) -> tuple[str, deque, asyncio.Event]:
-        if self._watch is None:
-            self._watch = asyncio.get_running_loop().create_task(self._watch_workers())
+        """Register a reply buffer and queue the payload for the workers. Called from a worker
+        thread (`_read_and_submit`): putting on LitServe's queue is a blocking round trip to its
+        manager process, which must not hold up the event loop."""
         uid = uuid.uuid4().hex
         payload["uid"], payload["consumer"] = uid, self.response_queue_id  # where the worker's relay answers
         queue, event = deque(), asyncio.Event()
@@ -231,23 +246,27 @@ class ProtocolSpec(LitSpec):
                 if burst:
                     yield burst
         finally:
-            self.response_buffer.pop(uid, None)
-            self._submitted.pop(uid, None)
+            self._forget(uid)
 
-    async def _event_batches(self, payload: dict) -> AsyncIterator[list[dict]]:
-        """Submit a generation; yield its events, merged per sample, as they arrive."""
-        async for burst in self._bursts(*self._submit(payload)):
+    def _forget(self, uid: str) -> None:
+        """Drop a request's reply buffer: whatever still comes for it is ignored."""
+        self.response_buffer.pop(uid, None)
+        self._submitted.pop(uid, None)
+
+    async def _event_batches(self, submitted: tuple[str, deque, asyncio.Event]) -> AsyncIterator[list[dict]]:
+        """A submitted generation's events, merged per sample, as they arrive."""
+        async for burst in self._bursts(*submitted):
             yield merge_events([event for reply in burst for event in reply["events"]])
 
     def _abort(self, request_id: str) -> None:
         # To every worker: only the one holding the request acts on it.
         self.control.abort(request_id)
-        self.metrics.aborted += 1
+        self.metrics.add("aborted", 1)
         log.info("client went away: aborted %s", request_id)
 
     async def _workers(self) -> list[dict]:
         """Every worker's {"worker", "device", "stats", ...} (or {"worker", "error"})."""
-        workers = await asyncio.to_thread(self.control.stats)
+        workers = await asyncio.to_thread(self.control.stats, consumer=self.response_queue_id)
         if not any("stats" in w for w in workers):
             raise APIError(503, f"no inference worker answered: {workers[0].get('error')}")
         return workers
@@ -276,21 +295,25 @@ class ProtocolSpec(LitSpec):
     async def _generate(self, request: Request, protocol: str, route: str, parse: Callable, prefix: str,
                         respond: Callable, stream_cls: type | None) -> Response:
         start = time.monotonic()
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_workers())
+        request_id = anthropic_protocol.new_id() if protocol == ANTHROPIC else openai_protocol.new_id(prefix)
         try:
             raw = await request.body()
-            gen, options = await asyncio.to_thread(self._read, raw, route, parse, await self._model_info())
+            gen, options, submitted = await asyncio.to_thread(self._read_and_submit, raw, route, parse,
+                                                              await self._model_info(), request_id)
         except APIError as e:
             self.metrics.request_done(route, e.status)
             return _error_response(protocol, e)
-        request_id = anthropic_protocol.new_id() if protocol == ANTHROPIC else openai_protocol.new_id(prefix)
-        batches = self._event_batches(gen.payload(request_id))
+        batches = self._event_batches(submitted)
         n = gen.params.get("n", 1)
+        streaming = False
         try:
             # Streams too wait for the first reply, so an error the engine finds still gets a 4xx.
             first = await self._unless_gone(request, request_id, anext(batches, None))
             if first is _GONE:
                 return Response(status_code=499)  # nobody is listening any more
-            self.metrics.ttft.observe(time.monotonic() - start)
+            self.metrics.observe("ttft", time.monotonic() - start)
             if gen.stream:
                 if protocol == ANTHROPIC:
                     streamer = anthropic_protocol.MessageStream(request_id, self.info, len(gen.prompt_ids), options)
@@ -299,24 +322,32 @@ class ProtocolSpec(LitSpec):
                     streamer, fmt = stream_cls(request_id, self.info, n, options), _sse_openai
                 self.metrics.request_done(route, 200)
                 body_iter = self._stream(request_id, first, batches, streamer, fmt, protocol, start)
+                streaming = True
                 return _ClosingStreamingResponse(body_iter, media_type="text/event-stream",
-                                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                                 on_close=lambda: self._forget(submitted[0]))
             acc = Accumulator(n)
             if await self._unless_gone(request, request_id, _fold(first, batches, acc)) is _GONE:
                 return Response(status_code=499)
         except APIError as e:
             self.metrics.request_done(route, e.status)
             return _error_response(protocol, e)
+        finally:
+            if not streaming:  # else the response forgets it when it closes
+                self._forget(submitted[0])
         self._finished(acc, start)
         self.metrics.request_done(route, 200)
         return JSONResponse(respond(request_id, self.info, acc, options))
 
-    def _read(self, raw: bytes, route: str, parse: Callable, info: ModelInfo) -> tuple[Any, dict]:
-        """Body bytes -> (Generation, response options). Runs in a worker thread (see the module
-        docstring); the tokenizer lets go of the GIL while it works (generation.encode)."""
+    def _read_and_submit(self, raw: bytes, route: str, parse: Callable, info: ModelInfo,
+                         request_id: str) -> tuple[Any, dict, tuple[str, deque, asyncio.Event]]:
+        """Body bytes -> (Generation, response options, what _submit returned). Runs in a worker
+        thread (see the module docstring); the tokenizer lets go of the GIL while it works
+        (generation.encode)."""
         body = parse_json_object(raw)
         self._check_fields(body, route)
-        return parse(body, info)
+        gen, options = parse(body, info)
+        return gen, options, self._submit(gen.payload(request_id))
 
     def _check_fields(self, body: dict, route: str) -> None:
         """Unknown fields: a 400 naming the first (strict_fields), else ignored and logged once."""
@@ -380,9 +411,10 @@ class ProtocolSpec(LitSpec):
                 self._abort(request_id)
 
     def _finished(self, acc: Accumulator, start: float) -> None:
-        self.metrics.latency.observe(time.monotonic() - start)
-        self.metrics.prompt_tokens += acc.prompt_tokens
-        self.metrics.generation_tokens += acc.completion_tokens
+        metrics = self.metrics
+        metrics.observe("latency", time.monotonic() - start)
+        metrics.add("prompt_tokens", acc.prompt_tokens)
+        metrics.add("generation_tokens", acc.completion_tokens)
 
     # -- other routes -------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
@@ -462,7 +494,7 @@ def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
     from .api import EngineAPI
 
     accelerator, devices, per_device = placement(config, torch.cuda.is_available())
-    control = ControlPlane(len(devices) * per_device)
+    control = ControlPlane(len(devices) * per_device, config.api_servers or 1)
     spec = ProtocolSpec(config, info, control)
     api = EngineAPI(config, spec, control)
     log.info("%d engine(s): %d on each of %s", control.num_workers, per_device,
@@ -527,6 +559,6 @@ def run_server(server: ls.LitServer, config: ServeConfig) -> None:
     quiet_gc()  # the HTTP process is forked from this one: it starts with the same frozen objects
     try:
         server.run(host=config.host, port=config.port, log_level=config.log_level, generate_client_file=False,
-                   num_api_servers=1)
+                   num_api_servers=config.api_servers or 1)
     finally:
         done.set()
