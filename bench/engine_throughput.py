@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="memory bandwidth in bytes/s for the decode floor (default: %(default).3g)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's on CPU, 1 on CUDA as the engine sets it)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="prompt ids are drawn below this (default: the model's vocab_size); bench/serve_load.py "
+                        "passes the tokenizer's, the ids the server accepts, so both send the same prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     preset = p.parse_known_args(argv)[0].workload
@@ -114,7 +117,10 @@ def load_model(path: str, dtype: torch.dtype, device: str):
     return AutoModel.from_config(ModelConfig.from_json(p), dtype=dtype, device=device)
 
 
-def workload(args, vocab: int) -> list[tuple[list[int], int]]:
+def workload(args, model_vocab: int) -> list[tuple[list[int], int]]:
+    vocab = args.vocab_size or model_vocab
+    if vocab > model_vocab:
+        raise SystemExit(f"--vocab-size {vocab} exceeds the model's vocab_size {model_vocab}")
     return draw(args.num_requests, args.prompt_len, args.output_len, vocab, args.seed)
 
 
@@ -319,7 +325,7 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
         "threads": torch.get_num_threads(), "api": args.api, "workload": args.workload,
         "cuda_graphs": runner is not None, "capture_s": runner.capture_seconds if runner else None,
         "max_batch_size": args.max_batch_size, "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
-        "temperature": args.temperature, "seed": args.seed,
+        "temperature": args.temperature, "seed": args.seed, "vocab_size": args.vocab_size or model.config.vocab_size,
         "requests": len(reqs), "prompt_tokens": prompt_tokens, "output_tokens": tokens, "wall_s": wall,
         "output_tok_s": tokens / wall, "total_tok_s": (tokens + prompt_tokens) / wall,
         "ttft_s": percentiles(ttft), "per_token_latency_s": percentiles(gaps),
