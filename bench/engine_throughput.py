@@ -12,11 +12,13 @@ streamed from an asyncio loop, the way the server uses the engine, and time to f
 the gap between a request's tokens are reported as percentiles; with --api generate they are
 one offline `generate` call (throughput only). All arrive at once unless --rate is given.
 
-Workload presets (explicit flags still win):
-  decode256  256 requests, prompt 256, output 256, max batch 256 (transformers on H100: 7,059 tok/s
-             in shared/README; 6,498-9,571 for the bare call in this bench's own runs: generate
-             is launch-bound, so its figure follows the machine's CPU)
-  mixed      256 requests, prompt and output lengths uniform in 100-1024, max batch 256
+Workload presets (bench/workloads.py, shared with bench/serve_load.py, which sends the same
+requests through astrai-serve; explicit flags still win). Every preset sets max batch 256 and
+--max-num-batched-tokens 8192:
+  decode256  256 requests, prompt 256, output 256 (transformers on H100: see shared/README and
+             bench/RESULTS.md; generate is launch-bound, so its figure follows the machine's CPU)
+  mixed      256 requests, prompt and output lengths uniform in 100-1024
+  short      512 requests, prompts uniform in 16-128, outputs uniform in 64-128
 
 --reference also runs transformers `generate` (the same config as Llama/Qwen2/Qwen3 with random
 weights, the same dtype, SDPA, greedy, the same prompts and lengths, batches of --max-batch-size)
@@ -39,7 +41,6 @@ import argparse
 import asyncio
 import gc
 import json
-import random
 import statistics
 import sys
 import time
@@ -51,18 +52,15 @@ from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.engine.host import limit_cpu_threads, quiet_gc
+from workloads import WORKLOADS, arrival_delays, draw  # bench/ is on sys.path when a script of it runs
 
-WORKLOADS = {
-    "decode256": dict(num_requests=256, prompt_len=[256, 256], output_len=[256, 256], max_batch_size=256),
-    "mixed": dict(num_requests=256, prompt_len=[100, 1024], output_len=[100, 1024], max_batch_size=256),
-}
 H100_COPY_BANDWIDTH = 2.97e12
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=sorted(WORKLOADS), default=None,
-                   help="a preset for the lengths, request count and max batch size (see above)")
+                   help="a preset for the lengths, request count, max batch size and token budget (see above)")
     p.add_argument("--model", default="configs/model/tiny.json",
                    help="a ModelConfig JSON (random weights) or a model directory (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -76,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--api", choices=("astream", "generate"), default="astream",
                    help="stream every request from an asyncio loop (latencies) or one generate call")
     p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="most tokens in one engine step (default: %(default)s; the presets: 8192)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="KV pool budget, e.g. 2GiB (default: engine's choice)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
@@ -95,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="memory bandwidth in bytes/s for the decode floor (default: %(default).3g)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's on CPU, 1 on CUDA as the engine sets it)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="prompt ids are drawn below this (default: the model's vocab_size); bench/serve_load.py "
+                        "passes the tokenizer's, the ids the server accepts, so both send the same prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     preset = p.parse_known_args(argv)[0].workload
@@ -115,13 +117,11 @@ def load_model(path: str, dtype: torch.dtype, device: str):
     return AutoModel.from_config(ModelConfig.from_json(p), dtype=dtype, device=device)
 
 
-def workload(args, vocab: int) -> list[tuple[list[int], int]]:
-    rng = random.Random(args.seed)
-    reqs = []
-    for _ in range(args.num_requests):
-        n_prompt, n_out = rng.randint(*args.prompt_len), rng.randint(*args.output_len)
-        reqs.append(([rng.randrange(5, vocab) for _ in range(n_prompt)], n_out))
-    return reqs
+def workload(args, model_vocab: int) -> list[tuple[list[int], int]]:
+    vocab = args.vocab_size or model_vocab
+    if vocab > model_vocab:
+        raise SystemExit(f"--vocab-size {vocab} exceeds the model's vocab_size {model_vocab}")
+    return draw(args.num_requests, args.prompt_len, args.output_len, vocab, args.seed)
 
 
 def _params(args, n_out: int) -> SamplingParams:
@@ -129,7 +129,6 @@ def _params(args, n_out: int) -> SamplingParams:
 
 
 async def run_stream(engine: InferenceEngine, reqs, args) -> tuple[float, list[float], list[float], int]:
-    rng = random.Random(args.seed + 1)
     ttft, gaps, tokens = [], [], 0
 
     async def one(prompt, n_out, delay):
@@ -144,11 +143,7 @@ async def run_stream(engine: InferenceEngine, reqs, args) -> tuple[float, list[f
                 first, last = False, now
                 tokens += len(event.token_ids)
 
-    delays, t = [], 0.0
-    for _ in reqs:
-        delays.append(t)
-        if args.rate:
-            t += rng.expovariate(args.rate)
+    delays = arrival_delays(len(reqs), args.rate, args.seed)
     start = time.perf_counter()
     await asyncio.gather(*(one(p, n, d) for (p, n), d in zip(reqs, delays)))
     return time.perf_counter() - start, ttft, gaps, tokens
@@ -329,6 +324,8 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
         "kv_cache_dtype": engine.stats()["kv_cache_dtype"],
         "threads": torch.get_num_threads(), "api": args.api, "workload": args.workload,
         "cuda_graphs": runner is not None, "capture_s": runner.capture_seconds if runner else None,
+        "max_batch_size": args.max_batch_size, "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
+        "temperature": args.temperature, "seed": args.seed, "vocab_size": args.vocab_size or model.config.vocab_size,
         "requests": len(reqs), "prompt_tokens": prompt_tokens, "output_tokens": tokens, "wall_s": wall,
         "output_tok_s": tokens / wall, "total_tok_s": (tokens + prompt_tokens) / wall,
         "ttft_s": percentiles(ttft), "per_token_latency_s": percentiles(gaps),
@@ -350,6 +347,7 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
           f"{figures['threads']} threads), {model.num_parameters():,} parameters, {graphs}, api {args.api}")
     print(f"{len(reqs)} requests, prompt {args.prompt_len[0]}-{args.prompt_len[1]}, "
           f"output {args.output_len[0]}-{args.output_len[1]} tokens, max batch {args.max_batch_size}, "
+          f"{figures['max_num_batched_tokens']} tokens a step, "
           f"temperature {args.temperature}")
     print(f"output: {tokens} tokens in {wall:.2f} s = {tokens / wall:,.1f} tok/s "
           f"(prompt + output {figures['total_tok_s']:,.1f} tok/s)")

@@ -1,8 +1,9 @@
-"""The server's processes as /proc shows them, for bench/serve_soak.py.
+"""The server's processes as /proc shows them, for bench/serve_soak.py and bench/serve_load.py.
 
 A module of its own to keep serve_soak.py under 500 lines: it names every process under the
 server's main process (main, LitServe's manager and HTTP process, each engine worker) with its
-RSS, and checks that a pid is a descendant of the server before that pid is killed.
+RSS, reads their CPU time (serve_load reports each process's share of a core over its timed
+run), and checks that a pid is a descendant of the server before that pid is killed.
 """
 
 from __future__ import annotations
@@ -72,6 +73,34 @@ def server_processes(root: int, worker_pids: dict[int, int]) -> list[dict]:
     for p in out:
         rss = _rss_kib(p["pid"])
         p["rss_mib"] = None if rss is None else round(rss / 1024, 1)
+    return out
+
+
+def tree_cpu_seconds(root: int) -> dict[int, float]:
+    """pid -> CPU seconds so far (user + system, /proc/<pid>/stat) of `root` and every
+    descendant; {} where there is no /proc (not Linux)."""
+    if not os.path.isdir("/proc"):
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats and pid not in out:
+            out[pid] = stats[pid][1]
+            todo += children.get(pid, [])
     return out
 
 
