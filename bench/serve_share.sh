@@ -19,6 +19,6 @@ export TOKENIZERS_PARALLELISM=false
 for w in "${workloads[@]}"; do
   echo "== workload $w, KV cache $kv"
   python3 bench/serve_load.py --model configs/model/qwen3-0.6b.json --device cuda --dtype bfloat16 \
-    --workload "$w" --kv-cache-dtype "$kv" --temperature 0 --engine-baseline --client-procs 6 --json \
+    --workload "$w" --kv-cache-dtype "$kv" --temperature 0 --engine-baseline --client-procs 8 --json \
     2>&1 | grep -v -e 'leaked function' -e 'leaked instance' -e 'leaked type' -e nanobind | tee "$out/$w-$kv.txt"
 done

@@ -30,12 +30,11 @@ from typing import Any, AsyncIterator
 
 import litserve as ls
 from astrai.core.engine.host import quiet_gc
-from litserve.loops import StreamingLoop
 
 from .config import ServeConfig, cuda_index, parse_size
 from .control import ControlPlane
 from .generation import merge_events
-from .relay import RelayedRequest, StepRelay
+from .relay import RelayedRequest, RelayLoop, StepRelay
 
 log = logging.getLogger("astrai.serve")
 
@@ -65,16 +64,6 @@ def pin_gpu(device: str) -> str:
     ids = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(index + 1)]
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[index]
     return "cuda:0"
-
-
-class RelayLoop(StreamingLoop):
-    """LitServe's async streaming loop, which also hands the LitAPI the reply transport it
-    uses, so relay.py sends on the very same sockets (and so in order with LitServe's own
-    messages)."""
-
-    def __call__(self, lit_api, device, worker_id, request_queue, transport, *args, **kwargs):
-        lit_api.relay = StepRelay(transport.send, worker_id)
-        return super().__call__(lit_api, device, worker_id, request_queue, transport, *args, **kwargs)
 
 
 class EngineAPI(ls.LitAPI):

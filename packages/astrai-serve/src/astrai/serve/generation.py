@@ -2,7 +2,8 @@
 
 The HTTP process validates and tokenizes; the inference worker only sees a `Generation`
 payload (prompt ids + SamplingParams fields), so every 4xx is decided before the engine
-is involved. The worker sends back lists of event dicts (see api.py `event_to_dict`).
+is involved. The worker sends back lists of events (relay.py: tuples in EVENT_FIELDS order, read
+back as dicts in server.py).
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from .generation import Accumulator, ModelInfo, merge_events, worker_error
 from .guard import RequestGuard
 from .liveness import process_alive
 from .metrics import CONTENT_TYPE, Metrics
+from .relay import as_event_dict
 from .transport import BatchedZMQTransport
 
 log = logging.getLogger("astrai.serve")
@@ -256,7 +257,7 @@ class ProtocolSpec(LitSpec):
     async def _event_batches(self, submitted: tuple[str, deque, asyncio.Event]) -> AsyncIterator[list[dict]]:
         """A submitted generation's events, merged per sample, as they arrive."""
         async for burst in self._bursts(*submitted):
-            yield merge_events([event for reply in burst for event in reply["events"]])
+            yield merge_events([as_event_dict(event) for reply in burst for event in reply["events"]])
 
     def _abort(self, request_id: str) -> None:
         # To every worker: only the one holding the request acts on it.

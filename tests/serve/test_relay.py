@@ -1,0 +1,58 @@
+"""The worker's relay: one engine step's events leave as one reply per request, before the
+request's task hears of its end; requests come off LitServe's queue in bursts."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+
+from litserve.utils import LitAPIStatus
+
+from astrai.core.engine import END, EngineError, StreamEvent
+from astrai.serve.relay import EVENT_FIELDS, RelayedRequest, StepRelay, _take_all, as_event_dict
+
+
+def _event(index: int, text: str, finish: str | None = None) -> StreamEvent:
+    return StreamEvent("req", index, text, [7], None, finish, None, 3, 1)
+
+
+def test_a_step_becomes_one_reply_per_streamed_request_sent_before_any_end_is_announced():
+    sent, order = [], []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        relay = StepRelay(lambda item, consumer: (sent.append((item, consumer)), order.append("sent")), worker_id=2)
+        a = RelayedRequest("uid-a", 1, True, loop.create_future())
+        b = RelayedRequest("uid-b", 0, False, loop.create_future())
+        a.done.add_done_callback(lambda _: order.append("a ended"))
+        relay.deliver([(a, _event(0, "he")), (b, _event(0, "x")), (a, _event(0, "llo", "stop")), (a, END),
+                       (b, EngineError("boom"))])
+        await asyncio.sleep(0)
+        return a, b
+
+    a, b = asyncio.run(main())
+    assert order == ["sent", "a ended"]
+    assert len(sent) == 1  # b is not streamed: held until its end
+    (uid, (payload, status, _, worker)), consumer = sent[0]
+    assert (uid, status, worker, consumer) == ("uid-a", LitAPIStatus.OK, 2, 1)
+    texts = [as_event_dict(e)["text"] for e in payload["events"]]
+    assert texts == ["he", "llo"] and as_event_dict(payload["events"][1])["finish_reason"] == "stop"
+    assert a.done.result() is None
+    assert isinstance(b.done.result(), EngineError) and [e["text"] for e in b.held] == ["x"]
+
+
+def test_events_on_the_wire_read_back_as_every_field():
+    wire = (1, "t", [5, 6], None, "length", None, 4, 2)
+    assert as_event_dict(wire) == dict(zip(EVENT_FIELDS, wire))
+    assert as_event_dict({"index": 0}) == {"index": 0}
+
+
+def test_requests_queued_together_are_taken_together():
+    q: queue.Queue = queue.Queue()
+    for i in range(5):
+        q.put(i)
+    assert _take_all(q) == [0, 1, 2, 3, 4]
+    threading.Timer(0.2, q.put, args=("late",)).start()
+    assert _take_all(q) == ["late"]  # waits for the first one
+    assert _take_all(q) == []  # nothing within a second
