@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -194,3 +195,16 @@ def test_engine_sizes_left_unset_fit_the_device_the_engines_run_on(device, devic
     assert (config.max_batch_size, config.max_num_batched_tokens) == expected
     mine = ServeConfig(model="/m", max_batch_size=8, max_num_batched_tokens=512).fit_to_device(cuda)
     assert (mine.max_batch_size, mine.max_num_batched_tokens) == (8, 512)  # given values are kept
+
+
+def test_http_processes_default_to_one_per_four_cores_on_a_gpu_and_one_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert ServeConfig(model="/m", device="cuda").fit_to_device(True).api_servers == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert ServeConfig(model="/m", device="cuda").fit_to_device(True).api_servers == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert ServeConfig(model="/m", device="cuda").fit_to_device(True).api_servers == 4
+    assert ServeConfig(model="/m", device="cpu").fit_to_device(True).api_servers == 1
+    assert ServeConfig(model="/m", device="cuda", api_servers=7).fit_to_device(True).api_servers == 7
+    with pytest.raises(ServeConfigError, match="api_servers"):
+        ServeConfig(model="/m", api_servers=0).validate()
