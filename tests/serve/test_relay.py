@@ -10,7 +10,8 @@ import threading
 from litserve.utils import LitAPIStatus
 
 from astrai.core.engine import END, EngineError, StreamEvent
-from astrai.serve.relay import EVENT_FIELDS, RelayedRequest, StepRelay, _take_all, as_event_dict
+from astrai.serve.litserve_bridge import take_all
+from astrai.serve.relay import EVENT_FIELDS, RelayedRequest, StepRelay, as_event_dict
 
 
 def _event(index: int, text: str, finish: str | None = None) -> StreamEvent:
@@ -52,7 +53,7 @@ def test_requests_queued_together_are_taken_together():
     q: queue.Queue = queue.Queue()
     for i in range(5):
         q.put(i)
-    assert _take_all(q) == [0, 1, 2, 3, 4]
+    assert take_all(q) == [0, 1, 2, 3, 4]
     threading.Timer(0.2, q.put, args=("late",)).start()
-    assert _take_all(q) == ["late"]  # waits for the first one
-    assert _take_all(q) == []  # nothing within a second
+    assert take_all(q) == ["late"]  # waits for the first one
+    assert take_all(q) == []  # nothing within a second

@@ -28,13 +28,13 @@ import time
 from collections import deque
 from typing import Any, AsyncIterator
 
-import litserve as ls
 from astrai.core.engine.host import quiet_gc
 
 from .config import ServeConfig, cuda_index, parse_size
 from .control import ControlPlane
 from .generation import merge_events
-from .relay import RelayedRequest, RelayLoop, StepRelay
+from .litserve_bridge import BurstLoop, LitAPI, LitSpec
+from .relay import RelayedRequest, StepRelay
 
 log = logging.getLogger("astrai.serve")
 
@@ -66,13 +66,17 @@ def pin_gpu(device: str) -> str:
     return "cuda:0"
 
 
-class EngineAPI(ls.LitAPI):
-    def __init__(self, config: ServeConfig, spec: ls.LitSpec, control: ControlPlane) -> None:
-        super().__init__(spec=spec, enable_async=True, loop=RelayLoop())
+def _start_relay(lit_api: "EngineAPI", send, worker_id: int) -> None:
+    lit_api.relay = StepRelay(send, worker_id)
+
+
+class EngineAPI(LitAPI):
+    def __init__(self, config: ServeConfig, spec: LitSpec, control: ControlPlane) -> None:
+        super().__init__(spec=spec, enable_async=True, loop=BurstLoop(on_start=_start_relay))
         self.config = config
         self.control = control
         self.engine = None
-        self.relay: StepRelay | None = None  # set in the worker by RelayLoop
+        self.relay: StepRelay | None = None  # set in the worker by BurstLoop (_start_relay)
 
     # -- worker start-up ----------------------------------------------------------------
     def setup(self, device: str) -> None:

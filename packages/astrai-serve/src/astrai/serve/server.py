@@ -34,11 +34,8 @@ import uuid
 from collections import deque
 from typing import Any, AsyncIterator, Callable
 
-import litserve as ls
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from . import anthropic_protocol, openai_protocol
 from .config import ServeConfig, cuda_index
@@ -47,6 +44,8 @@ from .errors import APIError, anthropic_error_body, openai_error_body
 from .fields import parse_json_object, unknown_fields
 from .generation import Accumulator, ModelInfo, merge_events, worker_error
 from .guard import RequestGuard
+from .litserve_bridge import (FAILED, READY, LitAPI, LitAPIStatus, LitServer, LitSpec, ReplyTransportServer,
+                              new_reply_buffer, queue_request, startup_state)
 from .liveness import process_alive
 from .metrics import CONTENT_TYPE, Metrics
 from .relay import as_event_dict
@@ -153,7 +152,7 @@ class ProtocolSpec(LitSpec):
         state["_watch"] = None
         return state
 
-    def pre_setup(self, lit_api: ls.LitAPI) -> None:
+    def pre_setup(self, lit_api: LitAPI) -> None:
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/messages", self.messages, ["POST"])
@@ -170,8 +169,8 @@ class ProtocolSpec(LitSpec):
         payload["uid"], payload["consumer"] = uid, self.response_queue_id  # where the worker's relay answers
         queue, event = deque(), asyncio.Event()
         self._submitted[uid] = time.monotonic()
-        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
+        new_reply_buffer(self, uid, queue, event)
+        queue_request(self, uid, payload)
         return uid, queue, event
 
     # -- dead workers ---------------------------------------------------------------------
@@ -216,13 +215,12 @@ class ProtocolSpec(LitSpec):
         return ended
 
     def _drain(self) -> None:
-        """Feed the request queue's reader that a dead worker left behind. LitServe 0.2.19's
-        async worker loop waits with `request_queue.get(1.0)`, which is block=1.0 and no timeout,
-        so the queue manager's thread that served the killed worker waits on, and would take the
-        next request with it to nowhere. A drain payload (answered with nothing by any live
-        worker that gets it instead) goes first."""
-        self.request_queue.put((self.response_queue_id, f"drain-{uuid.uuid4().hex}", time.monotonic(),
-                                {"op": "drain"}))
+        """Feed the request queue's reader that a dead worker left behind: the queue manager's
+        thread that served the killed worker's wait goes on waiting (up to a second with our
+        BurstLoop, for ever with LitServe's own loop), and would take the next request with it
+        to nowhere. A drain payload (answered with nothing by any live worker that gets it
+        instead) goes first."""
+        queue_request(self, f"drain-{uuid.uuid4().hex}", {"op": "drain"})
 
     async def _bursts(self, uid: str, queue: deque, event: asyncio.Event) -> AsyncIterator[list[dict]]:
         """What the worker sent for one payload, as lists: everything that arrived since the last
@@ -487,7 +485,7 @@ def placement(config: ServeConfig, cuda_available: bool) -> tuple[str, list[int]
     return "cuda", [cuda_index(device)], config.workers
 
 
-def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
+def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
     """A LitServer with one engine per worker and ``config.workers`` workers per device, all
     taking requests from one queue."""
     import torch
@@ -507,28 +505,17 @@ def build_server(config: ServeConfig, info: ModelInfo) -> ls.LitServer:
     # LitServe's own auth and size hooks); without docs FastAPI adds no /docs, /redoc, /openapi.json.
     guard = (RequestGuard, {"api_key": config.api_key, "max_request_bytes": config.request_limit(),
                             "rejected": spec.rejected})
-    server = _LitServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else devices,
+    server = ReplyTransportServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else devices,
                         workers_per_device=per_device, timeout=False, fast_queue=False,
                         restart_workers=config.worker_restart,
                         model_metadata={"model": info.name, "max_model_len": info.max_model_len},
                         middlewares=[guard], disable_openapi_url=not config.docs_enabled())
-    server.batched_transport = config.fast_queue
+    if config.fast_queue:
+        server.make_transport = BatchedZMQTransport
     return server
 
 
-class _LitServer(ls.LitServer):
-    """LitServer whose worker replies travel over BatchedZMQTransport (when batched_transport)."""
-
-    batched_transport = False
-
-    def _init_manager(self, num_api_servers: int):
-        manager = super()._init_manager(num_api_servers)
-        if self.batched_transport:
-            self._transport = BatchedZMQTransport(num_api_servers)
-        return manager
-
-
-def run_server(server: ls.LitServer, config: ServeConfig) -> None:
+def run_server(server: LitServer, config: ServeConfig) -> None:
     """`server.run()` with a start-up watchdog.
 
     LitServe waits for its worker's status without checking that the process is alive, so a
@@ -539,17 +526,16 @@ def run_server(server: ls.LitServer, config: ServeConfig) -> None:
 
     def watch() -> None:
         while not done.wait(0.2):
-            status = getattr(server, "workers_setup_status", None)
-            workers = list(getattr(server, "inference_workers", None) or [])
+            status, workers = startup_state(server)
             if status is None or not workers:
                 continue
             try:
                 states = dict(status)
-                if any(v == WorkerSetupStatus.READY for v in states.values()):
+                if any(v == READY for v in states.values()):
                     return
                 if any(not w.is_alive() for w in workers):
                     for key in states:
-                        status[key] = WorkerSetupStatus.ERROR
+                        status[key] = FAILED
                     return
             except (OSError, EOFError, BrokenPipeError):  # the manager is gone: shutting down
                 return

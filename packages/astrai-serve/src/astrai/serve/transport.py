@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from litserve.transport.base import MessageTransport
+from .litserve_bridge import MessageTransport
 
 
 class BatchedZMQTransport(MessageTransport):

@@ -1,0 +1,138 @@
+"""Everything astrai-serve takes from LitServe beyond its public API, in one place.
+
+LitServe runs the processes (API servers, inference workers, the request queue's manager) and
+we keep it for that; but serving at engine speed and surviving dead workers needed hooks its
+public API does not offer: our own reply transport, requests taken off its queue in bursts, a
+worker's replies sent from outside `predict`, reply buffers we end ourselves, the start-up
+status of its workers. Each use of a private name is here, the version these were read from
+is pinned in pyproject.toml (LITSERVE_VERSION), and tests/serve/test_litserve_bridge.py fails
+loudly when a name or a message layout we rely on changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from queue import Empty
+from typing import Any, Callable
+
+import litserve
+from litserve import LitAPI, LitServer
+from litserve.loops import StreamingLoop
+from litserve.loops.base import _SENTINEL_VALUE
+from litserve.specs.base import LitSpec
+from litserve.transport.base import MessageTransport
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
+
+LITSERVE_VERSION = "0.2.19"  # the version this module was written against (and pinned)
+
+__all__ = ["LITSERVE_VERSION", "LitAPI", "LitAPIStatus", "LitServer", "LitSpec", "MessageTransport",
+           "BurstLoop", "ReplyTransportServer", "new_reply_buffer", "queue_request", "reply", "startup_state"]
+
+
+# -- messages -----------------------------------------------------------------------------
+def reply(uid: str, data: Any, worker_id: int, status: LitAPIStatus = LitAPIStatus.OK) -> tuple:
+    """A worker's streamed reply as LitServe's HTTP side reads it off the transport
+    (`response_queue_to_buffer`: uid, (*response, response_type, worker_id))."""
+    return uid, (data, status, LoopResponseType.STREAMING, worker_id)
+
+
+def queue_request(spec: LitSpec, uid: str, payload: Any) -> None:
+    """Put a request on the workers' queue as LitServe's own handlers do; its replies will come
+    to this API-server process (spec.response_queue_id)."""
+    spec.request_queue.put((spec.response_queue_id, uid, time.monotonic(), payload))
+
+
+def new_reply_buffer(spec: LitSpec, uid: str, queue, event: asyncio.Event) -> ResponseBufferItem:
+    """Register where the HTTP side collects uid's replies: LitServe appends (data, status) to
+    `queue` and sets `event`; `.worker_id` tells which worker took the request (None before)."""
+    item = ResponseBufferItem(event=event, response_queue=queue)
+    spec.response_buffer[uid] = item
+    return item
+
+
+def startup_state(server: LitServer) -> tuple[Any, list]:
+    """(worker setup statuses, worker processes) of a running LitServer; (None, []) before
+    they exist. Statuses map a worker key to WorkerSetupStatus (writable)."""
+    return getattr(server, "workers_setup_status", None), list(getattr(server, "inference_workers", None) or [])
+
+
+READY, FAILED = WorkerSetupStatus.READY, WorkerSetupStatus.ERROR
+
+
+# -- the server ---------------------------------------------------------------------------
+class ReplyTransportServer(LitServer):
+    """LitServer whose worker replies travel over the transport `make_transport(num_api_servers)`
+    returns (when set): LitServe 0.2.19 ignores `fast_queue=True` (its issue #751), so its own
+    choice is a multiprocessing Manager queue, one round trip per reply."""
+
+    make_transport: Callable[[int], MessageTransport] | None = None
+
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        if self.make_transport is not None:
+            self._transport = self.make_transport(num_api_servers)
+        return manager
+
+
+class BurstLoop(StreamingLoop):
+    """LitServe's async streaming loop with two changes: `on_start(lit_api, send, worker_id)`
+    runs first in the worker, with the `send(item, consumer_id)` of the reply transport this
+    loop uses (so replies sent from outside predict share its sockets, in order, with LitServe's
+    own messages); and requests come off the queue in bursts (`take_all`)."""
+
+    def __init__(self, on_start: Callable[[LitAPI, Callable, int], None]) -> None:
+        super().__init__()
+        self.on_start = on_start
+
+    def __call__(self, lit_api, device, worker_id, request_queue, transport, *args, **kwargs):
+        self.on_start(lit_api, transport.send, worker_id)
+        return super().__call__(lit_api, device, worker_id, request_queue, transport, *args, **kwargs)
+
+    def run_streaming_loop_async(self, lit_api, request_queue, transport, callback_runner) -> None:
+        if lit_api.spec:
+            lit_api.spec = lit_api.spec.as_async()  # as LitServe's own loop does
+
+        async def process_requests() -> None:
+            loop = asyncio.get_running_loop()
+            tasks: set[asyncio.Task] = set()
+            while True:
+                for request in await loop.run_in_executor(None, take_all, request_queue):
+                    if request == _SENTINEL_VALUE:
+                        return
+                    response_queue_id, uid = request[0], request[1]
+                    self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
+                                      LoopResponseType.STREAMING)
+                    task = asyncio.create_task(self._process_streaming_request(request, lit_api, transport,
+                                                                               callback_runner))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(process_requests())
+        except KeyboardInterrupt:
+            self.kill()
+
+
+def take_all(request_queue) -> list:
+    """Wait up to a second for a request, then take every request already queued.
+
+    LitServe's loop takes one request per trip to a thread, and a burst of clients then
+    reaches the engine one request at a time, each starting its own prefill step. Taken
+    together, they start in the same engine step(s), as they would with the engine alone.
+    (LitServe's own wait, `get(1.0)`, is block=1.0 with no timeout: this one does time out.)
+    """
+    try:
+        requests = [request_queue.get(timeout=1.0)]
+    except (Empty, ValueError, OSError, EOFError):  # nothing yet, or the queue is closing
+        return []
+    while True:
+        try:
+            requests.append(request_queue.get_nowait())
+        except (Empty, ValueError, OSError, EOFError):
+            return requests
+
+
+def installed_version() -> str:
+    return litserve.__version__
