@@ -11,20 +11,28 @@ from __future__ import annotations
 import os
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, start time in clock ticks, command line) for every process."""
-    table = {}
+def _stat_fields():
+    """(pid, the fields of /proc/<pid>/stat after the command name) for every process."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                yield int(entry), f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, start time in clock ticks, command line) for every process."""
+    table = {}
+    for pid, fields in _stat_fields():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        table[int(entry)] = (int(fields[1]), int(fields[19]), cmd)
+        table[pid] = (int(fields[1]), int(fields[19]), cmd)
     return table
 
 
@@ -82,16 +90,7 @@ def tree_cpu_seconds(root: int) -> dict[int, float]:
     if not os.path.isdir("/proc"):
         return {}
     tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    stats = {pid: (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick) for pid, fields in _stat_fields()}
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)

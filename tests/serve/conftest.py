@@ -131,6 +131,25 @@ def launch():
     return Server
 
 
+@pytest.fixture
+def cpu_server(model_dir, tmp_path):
+    """cpu_server(*extra_args) -> a ready `astrai-serve` of its own on the CPU (the test model,
+    MODEL_NAME, one torch thread), stopped after the test."""
+    started = []
+
+    def start(*extra) -> Server:
+        port = _free_port()
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+        argv = _serve_command("--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name",
+                              MODEL_NAME, *extra)
+        started.append(Server(argv, port, tmp_path / f"server-{len(started)}.log", model_dir, env=env, cwd=REPO))
+        return started[-1].wait_ready()
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
 @pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory):
     """The real `astrai-serve` on a free port, with an API key; one per test session."""

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from astrai.serve.metrics import Metrics
-from conftest import MODEL_NAME, REPO
+from conftest import MODEL_NAME
 
 
 def _count_in_row(metrics: Metrics, row: int) -> None:
@@ -60,39 +60,31 @@ def _forked_children(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_two_api_servers_answer_streams_stats_and_one_set_of_metrics(model_dir, serve_command, launch, free_port,
-                                                                     tmp_path):
-    port = free_port()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    server = launch(serve_command("--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name",
-                                  MODEL_NAME, "--api-servers", "2"),
-                    port, tmp_path / "server.log", env=env, cwd=REPO).wait_ready()
-    try:
-        assert _forked_children(server.proc.pid) == 3  # LitServe's manager and two HTTP processes
+def test_two_api_servers_answer_streams_stats_and_one_set_of_metrics(cpu_server):
+    server = cpu_server("--api-servers", "2")
+    assert _forked_children(server.proc.pid) == 3  # LitServe's manager and two HTTP processes
 
-        async def one() -> tuple[str, int]:
-            # A client of its own per request: a new connection, for whichever process accepts it.
-            async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0) as oai:
-                text, chunks = "", 0
-                async for chunk in await oai.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=12,
-                                                                temperature=0, stream=True,
-                                                                extra_body={"ignore_eos": True}):
-                    text += chunk.choices[0].text if chunk.choices else ""
-                    chunks += 1
-                return text, chunks
+    async def one() -> tuple[str, int]:
+        # A client of its own per request: a new connection, for whichever process accepts it.
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0) as oai:
+            text, chunks = "", 0
+            async for chunk in await oai.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=12,
+                                                            temperature=0, stream=True,
+                                                            extra_body={"ignore_eos": True}):
+                text += chunk.choices[0].text if chunk.choices else ""
+                chunks += 1
+            return text, chunks
 
-        async def many():
-            return await asyncio.gather(*(one() for _ in range(16)))
+    async def many():
+        return await asyncio.gather(*(one() for _ in range(16)))
 
-        replies = asyncio.run(many())
-        assert len({text for text, _ in replies}) == 1 and all(chunks >= 1 for _, chunks in replies)
-        for _ in range(6):  # fresh connections: the answers cannot depend on the process
-            with httpx.Client() as http:
-                stats = http.get(server.url + "/stats", timeout=30).json()
-                metrics = http.get(server.url + "/metrics", timeout=30).text
-            assert stats["engines"] == 1 and stats["engine"]["active_requests"] == 0
-            count = re.search(r'astrai_requests_total\{route="/v1/completions",status="200"\} (\d+)', metrics)
-            assert count and int(count.group(1)) == 16
-            assert "astrai_generation_tokens_total 192" in metrics
-    finally:
-        server.stop()
+    replies = asyncio.run(many())
+    assert len({text for text, _ in replies}) == 1 and all(chunks >= 1 for _, chunks in replies)
+    for _ in range(6):  # fresh connections: the answers cannot depend on the process
+        with httpx.Client() as http:
+            stats = http.get(server.url + "/stats", timeout=30).json()
+            metrics = http.get(server.url + "/metrics", timeout=30).text
+        assert stats["engines"] == 1 and stats["engine"]["active_requests"] == 0
+        count = re.search(r'astrai_requests_total\{route="/v1/completions",status="200"\} (\d+)', metrics)
+        assert count and int(count.group(1)) == 16
+        assert "astrai_generation_tokens_total 192" in metrics

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL_NAME, REPO
+from conftest import MODEL_NAME
 
 LONG = {"max_tokens": 1500, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
 
@@ -62,53 +62,46 @@ def _wait_for(url: str, status: int, timeout: float) -> float:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_ends_every_request_with_an_error_and_is_replaced(model_dir, serve_command, launch, free_port,
-                                                                          tmp_path):
-    port = free_port()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    server = launch(serve_command("--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name",
-                                  MODEL_NAME, "--max-batch-size", "32", "--log-level", "info"),
-                    port, tmp_path / "server.log", env=env, cwd=REPO).wait_ready()
-    try:
-        pid = server.stats()["workers"][0]["pid"]
+def test_a_killed_worker_ends_every_request_with_an_error_and_is_replaced(cpu_server):
+    server = cpu_server("--max-batch-size", "32", "--log-level", "info")
+    pid = server.stats()["workers"][0]["pid"]
 
-        async def load() -> tuple[list[tuple[str, float]], float]:
-            oai = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-            ant = anthropic.AsyncAnthropic(base_url=server.url, api_key="none", max_retries=0, timeout=60)
-            started: set = set()  # the streams that have received a chunk
-            tasks = [asyncio.create_task(_openai_chat(oai, i % 2 == 0, started)) for i in range(24)]
-            tasks += [asyncio.create_task(_anthropic_stream(ant, started)) for _ in range(6)]
-            # Kill once the engine holds all 30 and all 18 streams are under way, so that each request's
-            # outcome is fixed: a stream that had not begun would rightly get a 503 instead of an error event.
-            async with httpx.AsyncClient() as http:
-                for _ in range(1200):
-                    stats = (await http.get(server.url + "/stats", timeout=10)).json()
-                    if stats["engine"]["active_requests"] >= 30 and len(started) == 18:
-                        break
-                    await asyncio.sleep(0.05)
-            assert stats["engine"]["active_requests"] == 30, stats["engine"]
-            assert len(started) == 18
-            killed = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            return await asyncio.gather(*tasks), killed
+    async def load() -> tuple[list[tuple[str, float]], float]:
+        oai = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        ant = anthropic.AsyncAnthropic(base_url=server.url, api_key="none", max_retries=0, timeout=60)
+        started: set = set()  # the streams that have received a chunk
+        tasks = [asyncio.create_task(_openai_chat(oai, i % 2 == 0, started)) for i in range(24)]
+        tasks += [asyncio.create_task(_anthropic_stream(ant, started)) for _ in range(6)]
+        # Kill once the engine holds all 30 and all 18 streams are under way, so that each request's
+        # outcome is fixed: a stream that had not begun would rightly get a 503 instead of an error event.
+        async with httpx.AsyncClient() as http:
+            for _ in range(1200):
+                stats = (await http.get(server.url + "/stats", timeout=10)).json()
+                if stats["engine"]["active_requests"] >= 30 and len(started) == 18:
+                    break
+                await asyncio.sleep(0.05)
+        assert stats["engine"]["active_requests"] == 30, stats["engine"]
+        assert len(started) == 18
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        return await asyncio.gather(*tasks), killed
 
-        outcomes, killed = asyncio.run(load())
-        health_503 = _wait_for(server.url + "/health", 503, 2.0)
-        errors = [what for what, _ in outcomes]
-        odd = [e for e in errors if not ("died" in e and ("503" in e or "stream error" in e))]
-        assert not odd, odd
-        assert sum(e.startswith("status 503") for e in errors) == 12  # the non-streaming ones
-        assert sum(e.startswith("stream error") for e in errors) == 18
-        slowest = max(at for _, at in outcomes) - killed
-        assert slowest < 2.0, f"the last client heard of the failure {slowest:.2f} s after the kill"
-        assert health_503 < 2.0
+    outcomes, killed = asyncio.run(load())
+    health_503 = _wait_for(server.url + "/health", 503, 2.0)
+    errors = [what for what, _ in outcomes]
+    odd = [e for e in errors if not ("died" in e and ("503" in e or "stream error" in e))]
+    assert not odd, odd
+    assert sum(e.startswith("status 503") for e in errors) == 12  # the non-streaming ones
+    assert sum(e.startswith("stream error") for e in errors) == 18
+    slowest = max(at for _, at in outcomes) - killed
+    assert slowest < 2.0, f"the last client heard of the failure {slowest:.2f} s after the kill"
+    assert health_503 < 2.0
 
-        _wait_for(server.url + "/health", 200, 180)
-        assert server.stats()["workers"][0]["pid"] != pid
-        reply = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0).chat.completions.create(
-            model=MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
-        assert reply.usage.completion_tokens >= 1
-        assert server.proc.poll() is None
-        assert "inference worker 0" in server.log.read_text() and "died" in server.log.read_text()
-    finally:
-        server.stop()
+    _wait_for(server.url + "/health", 200, 180)
+    assert server.stats()["workers"][0]["pid"] != pid
+    reply = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0).chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+    assert reply.usage.completion_tokens >= 1
+    assert server.proc.poll() is None
+    assert "inference worker 0" in server.log.read_text() and "died" in server.log.read_text()
+
