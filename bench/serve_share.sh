@@ -7,6 +7,8 @@
 #
 # Expects the packages importable (PYTHONPATH with packages/*/src, or installed) and python3
 # with torch. With $OUT set, each workload's report lands there as <workload>-<kv>.txt.
+# SCALE=4 sends four times each preset's requests (same lengths): a timed pass of 2-3 s moves
+# the share by +-10-15% from run to run, a longer one less.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 kv="${1:-auto}"
@@ -17,8 +19,10 @@ out="${OUT:-/tmp/astrai-serve-share}"
 mkdir -p "$out"
 export TOKENIZERS_PARALLELISM=false
 for w in "${workloads[@]}"; do
-  echo "== workload $w, KV cache $kv"
+  case "$w" in short) n=512 ;; *) n=256 ;; esac
+  n=$((n * ${SCALE:-1}))
+  echo "== workload $w, KV cache $kv, $n requests"
   python3 bench/serve_load.py --model configs/model/qwen3-0.6b.json --device cuda --dtype bfloat16 \
-    --workload "$w" --kv-cache-dtype "$kv" --temperature 0 --engine-baseline --client-procs 8 --json \
+    --workload "$w" --num-requests "$n" --kv-cache-dtype "$kv" --temperature 0 --engine-baseline --client-procs 8 --json \
     2>&1 | grep -v -e 'leaked function' -e 'leaked instance' -e 'leaked type' -e nanobind | tee "$out/$w-$kv.txt"
 done
