@@ -1,7 +1,7 @@
 """Load test of the HTTP server: concurrent streaming clients, throughput and latency percentiles.
 
     uv run python bench/serve_load.py --model configs/model/tiny.json          # builds a random model, starts the server
-    uv run python bench/serve_load.py --model out/sft --device cuda --num-requests 512 --concurrency 128
+    uv run python bench/serve_load.py --model runs/sft-lora/export --device cuda --num-requests 512 --concurrency 128
     uv run python bench/serve_load.py --url http://127.0.0.1:8000 --vocab-size 32000   # a server already running
     python3 bench/serve_load.py --model configs/model/qwen3-0.6b.json --dtype bfloat16 --devices 1 2   # 1 vs 2 GPUs
     python3 bench/serve_load.py --model M --device cuda --dtype bfloat16 --workload mixed --engine-baseline

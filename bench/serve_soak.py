@@ -2,7 +2,7 @@
 
     uv run python bench/serve_soak.py --model configs/model/tiny.json --minutes 1.5
     uv run python bench/serve_soak.py --model configs/model/tiny.json --minutes 10 --clients 16 --json soak.json
-    uv run python bench/serve_soak.py --model out/sft --device cuda --workers 1 --minutes 30
+    uv run python bench/serve_soak.py --model runs/sft-lora/export --device cuda --workers 1 --minutes 30
 
 Starts a real `astrai-serve` on 127.0.0.1 (a model directory, or a ModelConfig JSON for which
 random weights and a small tokenizer are made, as bench/serve_load.py does) and for --minutes

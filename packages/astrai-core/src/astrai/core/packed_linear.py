@@ -1,12 +1,13 @@
 """Linears that read the same input, run as one GEMM at inference (q/k/v, gate/up).
 
 Why: at batch 256 a Qwen3-0.6B decode step spends more on seven small GEMMs a layer than their
-bytes cost; one GEMM over the concatenated weights is fewer, fuller kernels (H100: 1.07 ->
-0.80 ms of GEMMs a step). The linears keep their Parameters, so names, state_dict and in-place
-weight loads (`copy_`) work as before: each weight becomes a view into the packed tensor.
-Anything that gives a weight new storage (`.to()`, a new Parameter, a deep copy) breaks the
-view; the packed path then steps aside and the linears run one by one. Training never packs:
-gradients flow to the Parameters, not to the packed tensor.
+bytes cost; one GEMM over the concatenated weights is fewer, fuller kernels (measured: see
+bench/RESULTS.md, 2026-11-25 row "q/k/v as 3 GEMMs vs 1 packed"). The linears keep their
+Parameters, so names, state_dict and in-place weight loads (`copy_`) work as before: each
+weight becomes a view into the packed tensor. Anything that gives a weight new storage
+(`.to()`, a new Parameter, a deep copy) breaks the view; the packed path then steps aside and
+the linears run one by one. Training never packs: gradients flow to the Parameters, not to
+the packed tensor.
 """
 
 from __future__ import annotations

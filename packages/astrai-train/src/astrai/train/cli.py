@@ -1,6 +1,6 @@
 """`astrai-train`: LightningCLI over the training modules and the data modules.
 
-    astrai-train fit --config configs/train/sft.yaml --model.lr=1e-4 --trainer.max_steps=100
+    astrai-train fit --config configs/train/sft-lora.yaml --model.lr=1e-4 --trainer.max_steps=100
     astrai-train fit --model=sft --model.model=runs/pretrain/export --data=sft --data.train=chat.jsonl ...
     astrai-train fit --config run.yaml --ckpt_path=last          # resume exactly where it stopped
     astrai-train validate --config run.yaml --ckpt_path=last

@@ -4,10 +4,11 @@ A decode step on the GPU takes a few milliseconds; the host's share of it (sched
 metadata, kernel launches) is measured in tens of microseconds per item, so two process-wide
 defaults that suit CPU number crunching cost the engine real time:
 - torch's intra-op thread pool: a GPU engine's host ops are tiny, and the pool's threads spin
-  after each parallel region, contending with the thread that launches kernels (H100 box, 16
-  cores: an 8,192-token prefill step took 30-55 ms with 16 threads, 18-27 ms with one);
+  after each parallel region, contending with the thread that launches kernels: with a full
+  pool a large prefill step is bound by its launches, with one thread by the GPU;
 - the cyclic garbage collector: a full collection walks every live object (torch, the model,
-  the tokenizer: hundreds of thousands) and stalls the engine for ~100 ms.
+  the tokenizer: hundreds of thousands) and stalls the engine for longer than several steps.
+Measured: see bench/RESULTS.md, 2026-11-25 row "`diag` host timing of `decode256`".
 """
 
 from __future__ import annotations

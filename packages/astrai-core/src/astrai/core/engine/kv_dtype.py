@@ -1,11 +1,12 @@
 """The KV pool's storage dtype: the model's own ("auto"), or float8 e4m3 ("fp8").
 
 An fp8 pool holds twice the tokens of a bf16 one, and a decode step at a large batch, which
-reads mostly cached keys and values, gets faster (H100, batch 256 x 384 tokens: the decode
-attention kernel 154 -> 91 us a layer, 1.7x, not the 2x of the bytes; bench/RESULTS.md). Values are rounded to e4m3 with no scale (3 mantissa bits,
-~2 significant digits) after clamping to its range, +-448; attention converts them back to the
-model's dtype as it reads them. Torch lacks some copy ops for float8 on some devices, so fp8
-pages are copied as bytes.
+reads mostly cached keys and values, gets faster, though by less than the halved bytes suggest:
+the decode attention kernel pays per key tile as well as per byte (measured: see
+bench/RESULTS.md, 2026-11-26 `bench/paged_attention.py` fp8 / bf16 rows). Values are rounded
+to e4m3 with no scale (3 mantissa bits, ~2 significant digits) after clamping to its range,
++-448; attention converts them back to the model's dtype as it reads them. Torch lacks some
+copy ops for float8 on some devices, so fp8 pages are copied as bytes.
 """
 
 from __future__ import annotations

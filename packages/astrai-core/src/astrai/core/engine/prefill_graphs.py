@@ -1,9 +1,11 @@
 """Prefill and mixed steps on static buffers, padded to a few token counts, replayed as CUDA graphs.
 
 A step that prefills (alone or beside decode rows) runs some fifteen kernels a layer, and from
-Python the host launches them more slowly than the GPU runs them (H100, Qwen3-0.6B shape: an
-8,192-token step is ~18 ms of GPU work and took 22-45 ms). Recorded once per token count and
-replayed, the step is one launch. What differs from decode steps (cuda_graphs.py):
+Python the host launches them more slowly than the GPU runs them, so a large prefill step took
+longer than its GPU work and varied from run to run with the host (measured: see
+bench/RESULTS.md, 2026-11-25 host-timing and `diag/ab.py` rows, 2026-11-26
+`diag/prof_prefill.py` row). Recorded once per token count and replayed, the step is one
+launch. What differs from decode steps (cuda_graphs.py):
 - A step of T tokens runs as the smallest token bucket >= T (64, 128, ..., 1024, then multiples
   of 1024, and the token budget). The extra tokens belong to no sequence: their keys and values
   go to the scratch page and nothing reads their outputs.

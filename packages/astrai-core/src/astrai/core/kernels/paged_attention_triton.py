@@ -166,14 +166,15 @@ def _combine_splits_kernel(part, part_max, part_sum, O, query_start, stride_ot, 
     tl.store(O + tl.load(query_start + b) * stride_ot + h * stride_oh + dv, out.to(O.dtype.element_ty), mask=dv < DV)
 
 
-# Decode tiles: 16 keys, 5 stages, one warp, at most 128 registers a thread (16 warps an SM
-# instead of 8). Qwen3-0.6B shape on an H200, batch 256, context 410, one layer: 73 us over fp8
-# pages against 91 for the general kernel's best tiles, 112 against 131 over bf16; engine decode
-# step 3.84 -> 2.97 ms (fp8). Deeper pipelines matter more than wider tiles here.
+# Decode tiles: 16 keys, 5 stages, one warp, at most 128 registers a thread (so more one-warp
+# programs fit on an SM than at the compiler's own register count). Chosen by sweeps on the
+# Qwen3-0.6B shape over fp8 and bf16 pages, against the general kernel's best tiles: deeper
+# pipelines matter more than wider tiles here (measured: see bench/RESULTS.md, 2026-11-26
+# decode kernel rows: the page-tile kernel and the constant sweep).
 DECODE_BLOCK_N, DECODE_STAGES, DECODE_WARPS, DECODE_MAX_REGISTERS = 16, 5, 1, 128
 # Fewer (sequence, KV head) programs than this split each context to fill the GPU (flash-decoding).
-# H200, fp8 pages, 8 KV heads: batch 64 at context 2,048 90 us with 4 splits against 128 whole;
-# batch 128 at 512 51 us whole against 56 in 2.
+# Splitting pays when there are too few programs to fill the GPU and costs a little when there
+# are enough (measured: see bench/RESULTS.md, 2026-11-26 split-KV notes of the decode kernel rows).
 DECODE_PROGRAMS, DECODE_MAX_SPLITS = 1024, 32
 
 

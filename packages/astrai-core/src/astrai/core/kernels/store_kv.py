@@ -1,10 +1,11 @@
 """Write a step's new keys and values into their page-pool slots in one Triton launch.
 
-Why: `index_copy_` is one launch per tensor and moves rows at a fraction of copy bandwidth
-(an 8,192-token prefill: ~28 us per layer and tensor on an H100); this kernel writes both with
-one program per token. The values may be a strided view (a split of the packed q/k/v GEMM
-output): rows and heads take any stride, channels must be contiguous. An fp8 pool
-(kv_cache_dtype="fp8") gets the values clamped to e4m3's range, then rounded.
+Why: `index_copy_` is one launch per tensor and moves rows at a fraction of copy bandwidth;
+this kernel writes both with one program per token (measured in the engine: see
+bench/RESULTS.md, 2026-11-25 `diag/ab.py` row, "Triton KV store off"). The values may be a
+strided view (a split of the packed q/k/v GEMM output): rows and heads take any stride,
+channels must be contiguous. An fp8 pool (kv_cache_dtype="fp8") gets the values clamped to
+e4m3's range, then rounded.
 """
 
 from __future__ import annotations
