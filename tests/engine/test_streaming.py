@@ -142,6 +142,19 @@ def test_abort_before_the_first_token_ends_every_sample(model, tokenizer):
     assert_pages_released(engine)
 
 
+def test_stats_count_the_requests_ended_by_abort_and_nothing_else(model, tokenizer):
+    engine = InferenceEngine(model, tokenizer)
+    kept = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    dropped = engine.add_request([5, 6, 8], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.abort(dropped)
+    engine.abort("no-such-request")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats()["aborted_requests"] == 1
+    assert kept != dropped
+
+
 class PoisonedLM(CausalLM):
     """A real model that fails whenever a given token is in the step (a stand-in for a kernel fault)."""
 

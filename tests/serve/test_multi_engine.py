@@ -101,8 +101,7 @@ def test_two_workers_answer_concurrent_requests_like_the_offline_engine(two_engi
 
 def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):
     """Six streams spread over the two engines; each client leaves after a few chunks. An abort
-    sent to the wrong engine would leave its request running to max_tokens (2000 tokens, more
-    than all the rounds below generate together)."""
+    sent to the wrong engine would leave its request running to max_tokens."""
     start = wait_idle(two_engines)
     body = {"model": "tiny", "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
 
@@ -132,9 +131,10 @@ def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):
     else:
         raise AssertionError(f"three rounds of six streams all went to one engine: {start} -> {stats}")
     assert all(w["stats"]["running"] == 0 and w["stats"]["pages_used"] == 0 for w in stats["workers"]), stats
-    # The round that used both engines made far fewer tokens than one request left running would
-    # on its own (earlier rounds are not counted: on a loaded machine each adds a few hundred).
-    assert stats["engine"]["generated_tokens"] - before["engine"]["generated_tokens"] < 2000, stats
+    # Every stream of the round that used both engines was aborted in the engine that ran it: a
+    # misrouted abort would leave its request to end by length. (Counting tokens instead depends
+    # on the machine's load: under load a chunk carries many tokens.)
+    assert stats["engine"]["aborted_requests"] - before["engine"]["aborted_requests"] == 6, stats
 
 
 def test_workers_is_checked_before_start(serve_command, model_dir):

@@ -90,6 +90,7 @@ class EngineCore:
         self.weights_version = 0
         self.num_steps = self.num_computed = self.num_generated = 0
         self.num_overlapped = 0  # steps launched while the previous step's tokens were in flight
+        self.num_aborted = 0  # requests stopped by abort() (a client that left, a shutdown)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step
         self._ended: list[Request] = []  # requests that finished or failed since the last step()
         self._outbox: list[tuple[object, object]] = []  # (sink, item) to deliver after the step
@@ -107,6 +108,7 @@ class EngineCore:
         self.scheduler.add(seq)
 
     def abort(self, r: Request) -> None:
+        self.num_aborted += 1
         for seq in list(r.seqs):
             self._finish(seq, "abort", None)
 
@@ -388,7 +390,7 @@ class EngineCore:
 
     def reset_stats(self) -> None:
         """Forget the counters, the scheduler's prefix-cache hits included (after warm-up requests)."""
-        self.num_steps = self.num_computed = self.num_generated = self.num_overlapped = 0
+        self.num_steps = self.num_computed = self.num_generated = self.num_overlapped = self.num_aborted = 0
         self.scheduler.lookup_tokens = self.scheduler.hit_tokens = 0
         self._recent.clear()
         self.decode_timing = DecodeTiming()

@@ -347,6 +347,7 @@ class InferenceEngine:
             "overlapped_steps": c.num_overlapped,
             "computed_tokens": c.num_computed,
             "generated_tokens": c.num_generated,
+            "aborted_requests": c.num_aborted,
             "tokens_per_s": c.tokens_per_s(),
             "weights_version": c.weights_version,
             "max_model_len": self.max_model_len,
