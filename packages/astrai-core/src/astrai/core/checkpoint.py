@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .errors import AstraiError
 from .hf_config import HFConfigError, from_hf_dict, to_hf_dict
 from .integrity import (MANIFEST_FILE, Entries, IntegrityError, atomic_write, atomic_write_text, read_manifest,
                         record_files, remove_file, verify_file)
@@ -47,7 +48,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AstraiError):
     """A model directory cannot be read or written; the message names the file and the tensor."""
 
 

@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import AstraiError
+
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
 ATTENTION_TYPES = ("gqa", "mla")
 FFN_TYPES = ("mlp", "moe")
 
 
-class ConfigError(ValueError):
+class ConfigError(AstraiError):
     """A configuration value is wrong; the message names the field and the fix."""
 
 

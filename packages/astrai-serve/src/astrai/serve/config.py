@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astrai.core.errors import AstraiError
+
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe's run() accepts
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8")  # InferenceEngine's kv_cache_dtype
@@ -31,7 +33,7 @@ CPU_DEFAULTS = {"max_batch_size": 64, "max_num_batched_tokens": 2048}
 MAX_DEFAULT_API_SERVERS = 4
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(AstraiError):
     """A setting is wrong; the message names it and says what to use instead."""
 
 

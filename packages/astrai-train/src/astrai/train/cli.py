@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from astrai.core.checkpoint import CheckpointError
 from astrai.core.config import ConfigError
+from astrai.core.errors import AstraiError
 from astrai.core.integrity import IntegrityError
 
 from .base_module import BatchError, CausalLMModule
@@ -62,7 +63,7 @@ except ImportError:
     pass
 
 
-class UsageError(Exception):
+class UsageError(AstraiError):
     """Bad configuration found while building the model, data or trainer."""
 
 
