@@ -12,6 +12,8 @@ not AstraiErrors and keep their tracebacks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class AstraiError(ValueError):
     """A user-facing error: the message names the field or input and says what to do instead."""
@@ -25,3 +27,14 @@ def require(ok: object, field: str, message: str, error: type[AstraiError] = Ast
     """
     if not ok:
         raise error(f"{field} {message}")
+
+
+def require_for(owner: str, error: type[AstraiError] = AstraiError) -> Callable[[object, str, str], None]:
+    """``require`` for the fields of one object, named as the user writes them: with
+    ``check = require_for("SamplingParams")``, ``check(ok, "top_p", "must be ...")`` raises
+    "SamplingParams.top_p must be ...". Validators with many checks call it by a short name."""
+
+    def check(ok: object, field: str, message: str) -> None:
+        require(ok, f"{owner}.{field}", message, error)
+
+    return check
