@@ -26,10 +26,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .errors import AstraiError
 from .hf_config import HFConfigError, from_hf_dict, to_hf_dict
 from .integrity import (MANIFEST_FILE, Entries, IntegrityError, atomic_write, atomic_write_text, read_manifest,
                         record_files, remove_file, verify_file)
 from .rope import RotaryEmbedding, rope_frequencies
+from .sizes import parse_bytes
 from .transformer import CausalLM
 
 CONFIG_FILE = "config.json"
@@ -47,7 +49,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AstraiError):
     """A model directory cannot be read or written; the message names the file and the tensor."""
 
 
@@ -149,17 +151,9 @@ def _tokenizer_stops(tokenizer) -> int | list[int] | None:
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes in "2GB" (powers of 1000, as transformers reads it), "500MiB" (powers of 1024) or an int."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size <= 0:
-            raise CheckpointError(f"max_shard_size must be positive, got {size}")
-        return size
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
-    if not match or match.group(2) not in units or float(match.group(1)) <= 0:
-        raise CheckpointError(f"max_shard_size {size!r} is not a size; use e.g. '2GB', '500MiB' or a number of bytes")
-    return int(float(match.group(1)) * units[match.group(2)])
+    """``max_shard_size`` in bytes: "2GB" (powers of 1000, as transformers reads it), "500MiB" (powers
+    of 1024) or an int; the one parser of astrai.core.sizes, raising CheckpointError."""
+    return parse_bytes(size, "max_shard_size", CheckpointError)
 
 
 def _write_json(path: Path, data: dict) -> str:

@@ -8,13 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import AstraiError, require_for
+
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
 ATTENTION_TYPES = ("gqa", "mla")
 FFN_TYPES = ("mlp", "moe")
 
 
-class ConfigError(ValueError):
+class ConfigError(AstraiError):
     """A configuration value is wrong; the message names the field and the fix."""
+
+
+_require = require_for("ModelConfig", ConfigError)
 
 
 @dataclass
@@ -141,8 +146,3 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p or 'config text'} is not valid JSON: {e}") from None
         return cls.from_dict(data)
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"ModelConfig.{name} {message}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ConfigError, ModelConfig
+from .errors import AstraiError
 
 ASTRAI_MODEL_TYPE = "astrai"
 ASTRAI_ARCHITECTURE = "AstrAIForCausalLM"
@@ -28,7 +29,7 @@ _HF_DEFAULTS = {
 }
 
 
-class HFConfigError(ValueError):
+class HFConfigError(AstraiError):
     """config.json describes something we cannot build; the message says what and why."""
 
 

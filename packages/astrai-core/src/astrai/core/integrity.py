@@ -30,6 +30,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .errors import AstraiError
+
 MANIFEST_FILE = "checksums.json"
 FORMAT_VERSION = 1
 _ALGORITHM = "sha256"
@@ -38,7 +40,7 @@ _CHUNK = 1 << 20
 Entries = dict[str, dict]  # file name -> {"sha256": hex digest, "size": bytes}
 
 
-class IntegrityError(ValueError):
+class IntegrityError(AstraiError):
     """A file differs from what was recorded when it was written; the message names the file and the fix."""
 
 

@@ -17,9 +17,15 @@ import sys
 import time
 from collections.abc import Sequence
 
+from astrai.core.errors import AstraiError
+
 from .config import ServeConfig, ServeConfigError, build_config, cuda_index
 
 log = logging.getLogger("astrai.serve")
+# Start-up failures reported as one line and exit code 1: every AstraiError (ServeConfigError,
+# CheckpointError, IntegrityError, HFConfigError, ConfigError), the tokenizer's checks of its files
+# (plain ValueErrors still) and files that cannot be read (OSError). AstraiError is a ValueError.
+STARTUP_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +68,8 @@ def preflight(config: ServeConfig):
     model_config = load_config(config.model)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
-                         f"vocab_size is {model_config.vocab_size}; tokenizer and model do not belong together")
+        raise AstraiError(f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
+                          f"vocab_size is {model_config.vocab_size}; tokenizer and model do not belong together")
     if config.max_model_len is not None and config.max_model_len > model_config.max_len:
         raise ServeConfigError(f"max_model_len: {config.max_model_len} exceeds the model's max_len "
                                f"({model_config.max_len} in config.json)")
@@ -139,6 +145,12 @@ def _default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _fail(error: object, code: int) -> int:
+    """How astrai-serve ends on an error a person can fix: one line on stderr, no traceback."""
+    print(f"astrai-serve: error: {error}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
@@ -146,12 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(args.config, **overrides)
         if config.api_key is None and os.environ.get("ASTRAI_API_KEY"):
             config.api_key = os.environ["ASTRAI_API_KEY"]
-    except ServeConfigError as e:
-        print(f"astrai-serve: error: {e}", file=sys.stderr)
-        return 2
+    except AstraiError as e:  # ServeConfigError: a setting, named, and what to use instead
+        return _fail(e, 2)
     except TypeError as e:  # a YAML value of the wrong type reaching the dataclass
-        print(f"astrai-serve: error: config: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config: {e}", 2)
     if args.print_config:
         import yaml
 
@@ -164,9 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_port(config.host, config.port)
         info = preflight(config)
-    except (ServeConfigError, ValueError, OSError) as e:  # CheckpointError and tokenizer errors are ValueErrors
-        print(f"astrai-serve: error: {e}", file=sys.stderr)
-        return 1
+    except STARTUP_ERRORS as e:
+        return _fail(e, 1)
 
     from .server import build_server, run_server
 
@@ -174,9 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_server(build_server(config, info), config)
     except RuntimeError as e:  # LitServe: the worker failed in setup(); its log is above
-        print(f"astrai-serve: error: the inference worker failed to start ({e}); see its log above",
-              file=sys.stderr)
-        return 1
+        return _fail(f"the inference worker failed to start ({e}); see its log above", 1)
     return 0
 
 

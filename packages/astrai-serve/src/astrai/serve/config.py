@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astrai.core.errors import AstraiError
+from astrai.core.sizes import parse_bytes
+
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe's run() accepts
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8")  # InferenceEngine's kv_cache_dtype
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 
 # Engine sizes left unset take these, by where the engines run: a GPU decodes a batch of 256
@@ -31,7 +31,7 @@ CPU_DEFAULTS = {"max_batch_size": 64, "max_num_batched_tokens": 2048}
 MAX_DEFAULT_API_SERVERS = 4
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(AstraiError):
     """A setting is wrong; the message names it and says what to use instead."""
 
 
@@ -203,16 +203,10 @@ def parse_devices(value: Any) -> list[int] | None:
 
 
 def parse_size(size: int | str, name: str = "size") -> int:
-    """Bytes from an int or a string like '2GiB', '512MB', '1.5G'."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    match = _SIZE.match(str(size))
-    if isinstance(size, bool) or not match or (match.group(2) or "").lower() not in _UNITS:
-        raise ServeConfigError(f"{name}: {size!r} is not a size; use e.g. 2GiB, 512MB or a number of bytes")
-    value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
-    if value <= 0:
-        raise ServeConfigError(f"{name}: must be positive, got {size!r}")
-    return value
+    """Bytes from an int or a string like '2GiB', '512MB', '1.5G': astrai.core's one parser, so the
+    engine and GRPO accept every size astrai-serve does. Raises ServeConfigError "<name>: ...", the
+    way every astrai-serve setting is named in its messages."""
+    return parse_bytes(size, f"{name}:", ServeConfigError)
 
 
 def format_size(n: int) -> str:

@@ -19,6 +19,7 @@ import torch
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
+from astrai.core.errors import AstraiError
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.core.transformer import CausalLM
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
-class BatchError(ValueError):
+class BatchError(AstraiError):
     """A batch does not follow the batch contract; the message names the key and what was expected."""
 
 

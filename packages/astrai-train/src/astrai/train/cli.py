@@ -28,11 +28,9 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from astrai.core.checkpoint import CheckpointError
-from astrai.core.config import ConfigError
-from astrai.core.integrity import IntegrityError
+from astrai.core.errors import AstraiError
 
-from .base_module import BatchError, CausalLMModule
+from .base_module import CausalLMModule
 from .checkpoint_io import ChecksummedCheckpointIO
 from .checkpointing import Checkpoint
 from .dpo_module import DPOModule
@@ -52,17 +50,14 @@ DATA_ALIASES = {
     "dpo": "astrai.train.data.dpo.DPODataModule",
     "grpo": "astrai.train.data.grpo.GRPODataModule",
 }
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, IntegrityError, BatchError,
-                                            FileNotFoundError, MisconfigurationException)
-try:  # errors of the data modules are phrased for the user too
-    from .data.records import DataError
-
-    USER_ERRORS += (DataError,)
-except ImportError:
-    pass
+# Errors reported as one line instead of a traceback: every AstraiError (UsageError below,
+# ConfigError, CheckpointError, IntegrityError, BatchError, DataError, RewardError, ...), and two
+# that are not ours but name the problem as well: a path that does not exist (FileNotFoundError,
+# from open() and friends) and a Trainer setting Lightning refuses (MisconfigurationException).
+USER_ERRORS: tuple[type[Exception], ...] = (AstraiError, FileNotFoundError, MisconfigurationException)
 
 
-class UsageError(Exception):
+class UsageError(AstraiError):
     """Bad configuration found while building the model, data or trainer."""
 
 
@@ -188,7 +183,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AstraiCLI:
 def main(args: list[str] | None = None) -> int:
     try:
         cli_main(args)
-    except (UsageError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         if os.environ.get("ASTRAI_DEBUG"):
             raise
         print(f"astrai-train: error: {e}\n(set ASTRAI_DEBUG=1 for the full traceback)", file=sys.stderr)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from astrai.core.engine import SamplingParams
+from astrai.core.errors import require_for
 
 from .base_module import BatchError, CausalLMModule, build_model
 from .lora import adapters_disabled
@@ -45,6 +46,7 @@ OLD_LOGPS = ("policy", "engine")
 ONLINE_KEYS = ("prompt_ids", "prompts", "rows")
 OFFLINE_KEYS = ("input_ids", "labels", "attention_mask", "rewards", "group_ids")
 REF_PREFIX = "ref_model."
+_check = require_for("model")  # constructor checks name the config field: model.group_size, ...
 
 
 # ---- the math, as pure functions ------------------------------------------------------------------
@@ -475,8 +477,3 @@ class GRPOModule(CausalLMModule):
             state = checkpoint.setdefault("state_dict", {})
             for key, value in self.ref_model.state_dict().items():
                 state.setdefault(REF_PREFIX + key, value)
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"model.{name} {message}")

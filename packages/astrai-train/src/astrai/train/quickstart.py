@@ -309,11 +309,11 @@ def _examples(questions: list[Question], replies: list[str]) -> list[tuple[Quest
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .cli import USER_ERRORS, UsageError
+    from .cli import USER_ERRORS
 
     try:
         Quickstart(args).run()
-    except (UsageError, *USER_ERRORS) as e:  # bad paths or configs: say what, skip the traceback
+    except USER_ERRORS as e:  # bad paths or configs: say what, skip the traceback
         print(f"astrai-quickstart: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -30,10 +30,12 @@ from typing import Any
 
 import torch
 
+from astrai.core.errors import AstraiError
+
 RewardFn = Callable[[Any, str, dict], float]
 
 
-class RewardError(ValueError):
+class RewardError(AstraiError):
     """A reward cannot be loaded or returned something unusable; the message names which and why."""
 
 

@@ -5,11 +5,11 @@
     print(engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))[0].text)
 """
 
+from ..sizes import parse_bytes  # the one byte-size parser, also astrai.core.parse_bytes
 from .attention import AttentionBackend, AttentionMetadata, KernelPagedAttention, TorchPagedAttention
 from .core import END, LoopSink
 from .engine import InferenceEngine
 from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
-from .paged_cache import parse_bytes
 from .params import SamplingParams
 
 __all__ = [

@@ -23,13 +23,14 @@ from collections.abc import AsyncIterator, Iterator, Sequence as SequenceABC
 import torch
 from torch import nn
 
+from ..errors import require
 from ..packed_linear import pack_projections
 from .attention import AttentionBackend, default_backend
 from .core import END, EngineCore, LoopSink
 from .cuda_graphs import DecodeRunner, graph_blocker
 from .prefill_graphs import PrefillRunner
 from .host import limit_cpu_threads
-from .intake import RequestIntake, is_token_id, require
+from .intake import RequestIntake, is_token_id
 from .kv_dtype import pool_dtype
 from .outputs import Completion, StreamEvent
 from .page_allocator import PageAllocator

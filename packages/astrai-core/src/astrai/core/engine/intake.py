@@ -11,6 +11,7 @@ import uuid
 
 import torch
 
+from ..errors import require
 from .params import SamplingParams
 from .sequence import Request
 
@@ -85,8 +86,3 @@ class RequestIntake:
 
 def is_token_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} {message}")

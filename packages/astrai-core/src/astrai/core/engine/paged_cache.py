@@ -14,12 +14,11 @@ The pool may store keys and values in fewer bytes than the model computes in (kv
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ..kernels.dispatch import use_fused
 from ..kv_cache_view import KVLayout
+from ..sizes import parse_bytes
 from .attention import AttentionBackend, AttentionMetadata, default_backend
 from .kv_dtype import as_bytes, to_pool_dtype
 from .transfer import to_device
@@ -79,20 +78,6 @@ class PagedCacheView:
             as_bytes(pool.flatten(0, 1)).index_copy_(0, self.meta.slot_mapping, as_bytes(to_pool_dtype(x, pool.dtype)))
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: int | str) -> int:
-    """2147483648, "2GiB", "512 MiB", "1.5GB" -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"kv_cache_memory must be a positive byte count or a size like '2GiB' / '512MB', got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
 def pool_pages(num_pages, kv_cache_memory, per_page: int, wanted: int, device: torch.device) -> int:
     """Pages in the pool: given, from a byte budget, or `wanted` capped by memory (90% of free GPU
     memory on CUDA, 1 GiB elsewhere)."""
@@ -103,7 +88,7 @@ def pool_pages(num_pages, kv_cache_memory, per_page: int, wanted: int, device: t
             raise ValueError("kv_cache_memory cannot be combined with num_pages; give one")
         return num_pages
     if kv_cache_memory is not None:
-        budget = parse_bytes(kv_cache_memory)
+        budget = parse_bytes(kv_cache_memory, "kv_cache_memory")
         if budget < per_page:
             raise ValueError(f"kv_cache_memory ({budget} bytes) is smaller than one KV page ({per_page} bytes)")
         return budget // per_page

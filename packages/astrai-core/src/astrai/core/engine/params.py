@@ -19,6 +19,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..errors import require_for
+
+_check = require_for("SamplingParams")  # messages name the field as the caller writes it
+
 
 @dataclass
 class SamplingParams:
@@ -109,8 +113,3 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"SamplingParams.{name} {message}")

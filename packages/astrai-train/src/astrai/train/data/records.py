@@ -10,15 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from astrai.core.errors import AstraiError
+
 ROLES = ("system", "user", "assistant")
 SKIP_HINT = "fix the row, or set `data.skip_bad_rows: true` to skip and count such rows"
 
 
-class DataError(ValueError):
+class DataError(AstraiError):
     """Training data cannot be used as given; the message names the file, row, field and the fix."""
 
 
-class RecordError(ValueError):
+class RecordError(AstraiError):
     """One row is malformed: ``field`` names the column, ``problem`` says what is wrong."""
 
     def __init__(self, field: str, problem: str) -> None:
