@@ -44,12 +44,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="decode steps timed")
     p.add_argument("--stream", action="store_true", help="give every request a sink, as astream does")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest cProfile entries")
-    p.add_argument("--kernels", type=int, default=0, metavar="N",
-                   help="then profile --steps more steps and print the N costliest kernels per step")
+    p.add_argument(
+        "--kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then profile --steps more steps and print the N costliest kernels per step",
+    )
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--padded", action="store_true",
-                   help="decode through the static padded buffers without capture (what graphs replay; any device)")
+    p.add_argument(
+        "--padded",
+        action="store_true",
+        help="decode through the static padded buffers without capture (what graphs replay; any device)",
+    )
     return p.parse_args(argv)
 
 
@@ -82,14 +90,22 @@ def main(argv=None) -> int:
     config = ModelConfig.from_json(args.model)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = AutoModel.from_config(config, dtype=dtype, device=args.device)
-    engine = InferenceEngine(model, None, max_batch_size=args.batch, max_num_batched_tokens=max(2048, args.batch),
-                             page_size=16, device=args.device, cuda_graphs=args.cuda_graphs,
-                             kv_cache_dtype=args.kv_cache_dtype)
+    engine = InferenceEngine(
+        model,
+        None,
+        max_batch_size=args.batch,
+        max_num_batched_tokens=max(2048, args.batch),
+        page_size=16,
+        device=args.device,
+        cuda_graphs=args.cuda_graphs,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
     if args.padded:
         from astrai.core.engine.cuda_graphs import DecodeRunner
 
-        engine.core.decode_runner = DecodeRunner(engine.model, engine.cache, engine.core.backend, args.batch,
-                                                 engine.max_model_len, capture=False)
+        engine.core.decode_runner = DecodeRunner(
+            engine.model, engine.cache, engine.core.backend, args.batch, engine.max_model_len, capture=False
+        )
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=args.steps + 50, temperature=0, ignore_eos=True)
     for _ in range(args.batch):
@@ -122,8 +138,10 @@ def main(argv=None) -> int:
     step_ms, forward_ms = statistics.median(steps) * 1e3, statistics.median(forwards) * 1e3
     host_ms = statistics.median(s - f for s, f in zip(steps, forwards)) * 1e3
     graphs = "CUDA graphs" if runner is not None and runner.graphs else "padded static buffers" if runner else "eager"
-    print(f"{args.model} on {engine.device} ({graphs}), {args.batch} decoding sequences, {args.steps} steps, "
-          f"median thread CPU ms: step {step_ms:.2f}, model forward {forward_ms:.2f}, host (rest) {host_ms:.2f}")
+    print(
+        f"{args.model} on {engine.device} ({graphs}), {args.batch} decoding sequences, {args.steps} steps, "
+        f"median thread CPU ms: step {step_ms:.2f}, model forward {forward_ms:.2f}, host (rest) {host_ms:.2f}"
+    )
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     if args.kernels:
@@ -143,8 +161,11 @@ def print_kernels(engine: InferenceEngine, steps: int, top: int) -> None:
         if on_cuda:
             torch.cuda.synchronize(engine.device)
     if on_cuda:  # kernels only: an op's device time is its kernels' again
-        rows = [(e.self_device_time_total, e.count, e.key) for e in prof.key_averages()
-                if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+        rows = [
+            (e.self_device_time_total, e.count, e.key)
+            for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+        ]
     else:
         rows = [(e.self_cpu_time_total, e.count, e.key) for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(us for us, _, _ in rows)

@@ -47,56 +47,99 @@ import time
 from pathlib import Path
 
 import torch
+from workloads import WORKLOADS, arrival_delays, draw  # bench/ is on sys.path when a script of it runs
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.engine.host import limit_cpu_threads, quiet_gc
-from workloads import WORKLOADS, arrival_delays, draw  # bench/ is on sys.path when a script of it runs
 
 H100_COPY_BANDWIDTH = 2.97e12
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default=None,
-                   help="a preset for the lengths, request count, max batch size and token budget (see above)")
-    p.add_argument("--model", default="configs/model/tiny.json",
-                   help="a ModelConfig JSON (random weights) or a model directory (default: %(default)s)")
+    p.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default=None,
+        help="a preset for the lengths, request count, max batch size and token budget (see above)",
+    )
+    p.add_argument(
+        "--model",
+        default="configs/model/tiny.json",
+        help="a ModelConfig JSON (random weights) or a model directory (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, bfloat16 on CUDA)"
+    )
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate in requests/s (default: all at once)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (what --reference runs)")
-    p.add_argument("--api", choices=("astream", "generate"), default="astream",
-                   help="stream every request from an asyncio loop (latencies) or one generate call")
+    p.add_argument(
+        "--api",
+        choices=("astream", "generate"),
+        default="astream",
+        help="stream every request from an asyncio loop (latencies) or one generate call",
+    )
     p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="most tokens in one engine step (default: %(default)s; the presets: 8192)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="most tokens in one engine step (default: %(default)s; the presets: 8192)",
+    )
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="KV pool budget, e.g. 2GiB (default: engine's choice)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
-                   help="KV cache storage: the model's dtype, or float8 e4m3 (half the bytes of bf16; the "
-                        "decode floor then counts one byte per cached value)")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode steps as CUDA graphs (default: the engine's choice, on for CUDA)")
-    p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="prefill and mixed steps as CUDA graphs too (default: the engine's choice, "
-                        "on with the decode graphs)")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
-                   help="launch each CUDA-graph decode step before reading the previous step's tokens "
-                        "(default: on, as the engine does)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", "fp8"),
+        help="KV cache storage: the model's dtype, or float8 e4m3 (half the bytes of bf16; the "
+        "decode floor then counts one byte per cached value)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode steps as CUDA graphs (default: the engine's choice, on for CUDA)",
+    )
+    p.add_argument(
+        "--prefill-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prefill and mixed steps as CUDA graphs too (default: the engine's choice, on with the decode graphs)",
+    )
+    p.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="launch each CUDA-graph decode step before reading the previous step's tokens "
+        "(default: on, as the engine does)",
+    )
     p.add_argument("--reference", action="store_true", help="also time transformers generate on the same workload")
-    p.add_argument("--bandwidth", type=float, default=H100_COPY_BANDWIDTH,
-                   help="memory bandwidth in bytes/s for the decode floor (default: %(default).3g)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's on CPU, 1 on CUDA as the engine sets it)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="prompt ids are drawn below this (default: the model's vocab_size); bench/serve_load.py "
-                        "passes the tokenizer's, the ids the server accepts, so both send the same prompts")
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        default=H100_COPY_BANDWIDTH,
+        help="memory bandwidth in bytes/s for the decode floor (default: %(default).3g)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's on CPU, 1 on CUDA as the engine sets it)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="prompt ids are drawn below this (default: the model's vocab_size); bench/serve_load.py "
+        "passes the tokenizer's, the ids the server accepts, so both send the same prompts",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     preset = p.parse_known_args(argv)[0].workload
@@ -199,8 +242,7 @@ def reference_tok_s(config: ModelConfig, reqs, args, dtype: torch.dtype) -> floa
         # bare call (no EOS, so it runs to max_new_tokens either way). Whichever is faster counts.
         extra = dict(attention_mask=torch.ones_like(ids), min_new_tokens=new_tokens) if explicit else {}
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                           **extra)
+            model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, **extra)
 
     generate(batches[0], 4, True)  # warm-up: kernels, cuBLAS handles
     generate(batches[0], 4, False)
@@ -212,10 +254,13 @@ def reference_tok_s(config: ModelConfig, reqs, args, dtype: torch.dtype) -> floa
             generate(batch, n_out, explicit)
         _sync(args.device)
         tok_s = len(reqs) * n_out / (time.perf_counter() - start)
-        print(f"transformers generate ({'attention_mask + min_new_tokens' if explicit else 'bare call'}): "
-              f"{tok_s:,.1f} tok/s", flush=True)
+        print(
+            f"transformers generate ({'attention_mask + min_new_tokens' if explicit else 'bare call'}): "
+            f"{tok_s:,.1f} tok/s",
+            flush=True,
+        )
         best = max(best, tok_s)
-    del model
+    model = None  # free the weights before the engine takes the memory (generate is not called again)
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -252,14 +297,23 @@ def decode_floor(engine: InferenceEngine, model, bandwidth: float) -> dict | Non
     batch = max(big)
     steps, seconds, ctx = by_batch[batch]
     runner = engine.core.decode_runner
-    replays = [start.elapsed_time(end) for b, start, end in (runner.replay_events or [])
-               if b == batch] if runner is not None else []
+    replays = (
+        [start.elapsed_time(end) for b, start, end in (runner.replay_events or []) if b == batch]
+        if runner is not None
+        else []
+    )
     return {
         "graph_replay_ms": statistics.fmean(replays) if replays else None,
-        "batch": batch, "steps": steps, "step_ms": seconds / steps * 1e3, "context_tokens_per_step": ctx / steps,
-        "weight_gb": weights / 1e9, "kv_gb_per_step": ctx / steps * kv_per_token / 1e9,
-        "floor_ms": floors[batch] / steps * 1e3, "fraction_of_floor": floors[batch] / seconds,
-        "decode_tok_s": batch * steps / seconds, "bandwidth_tb_s": bandwidth / 1e12,
+        "batch": batch,
+        "steps": steps,
+        "step_ms": seconds / steps * 1e3,
+        "context_tokens_per_step": ctx / steps,
+        "weight_gb": weights / 1e9,
+        "kv_gb_per_step": ctx / steps * kv_per_token / 1e9,
+        "floor_ms": floors[batch] / steps * 1e3,
+        "fraction_of_floor": floors[batch] / seconds,
+        "decode_tok_s": batch * steps / seconds,
+        "bandwidth_tb_s": bandwidth / 1e12,
         "all_decode_steps": sum(s for s, _, _ in by_batch.values()),
         "all_decode_fraction_of_floor": sum(floors.values()) / sum(s for _, s, _ in by_batch.values()),
     }
@@ -288,11 +342,18 @@ def main(argv=None) -> int:
         reference = reference_tok_s(config, reqs, args, dtype)  # first: the engine then takes the free memory
     torch.manual_seed(args.seed)
     model = load_model(args.model, dtype, args.device)
-    engine = InferenceEngine(model, None, max_batch_size=args.max_batch_size,
-                             max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_batch_size),
-                             page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
-                             kv_cache_dtype=args.kv_cache_dtype, device=args.device,
-                             cuda_graphs=args.cuda_graphs, prefill_graphs=args.prefill_graphs)
+    engine = InferenceEngine(
+        model,
+        None,
+        max_batch_size=args.max_batch_size,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_batch_size),
+        page_size=args.page_size,
+        kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype,
+        device=args.device,
+        cuda_graphs=args.cuda_graphs,
+        prefill_graphs=args.prefill_graphs,
+    )
     longest = args.prompt_len[1] + args.output_len[1]
     if longest > engine.max_model_len:
         raise SystemExit(f"prompt + output up to {longest} tokens exceeds max_model_len {engine.max_model_len}")
@@ -320,20 +381,38 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
     runner = engine.core.decode_runner
     prompt_tokens = sum(len(p) for p, _ in reqs)
     figures = {
-        "model": args.model, "device": str(engine.device), "dtype": str(dtype).removeprefix("torch."),
+        "model": args.model,
+        "device": str(engine.device),
+        "dtype": str(dtype).removeprefix("torch."),
         "kv_cache_dtype": engine.stats()["kv_cache_dtype"],
-        "threads": torch.get_num_threads(), "api": args.api, "workload": args.workload,
-        "cuda_graphs": runner is not None, "capture_s": runner.capture_seconds if runner else None,
-        "max_batch_size": args.max_batch_size, "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
-        "temperature": args.temperature, "seed": args.seed, "vocab_size": args.vocab_size or model.config.vocab_size,
-        "requests": len(reqs), "prompt_tokens": prompt_tokens, "output_tokens": tokens, "wall_s": wall,
-        "output_tok_s": tokens / wall, "total_tok_s": (tokens + prompt_tokens) / wall,
-        "ttft_s": percentiles(ttft), "per_token_latency_s": percentiles(gaps),
+        "threads": torch.get_num_threads(),
+        "api": args.api,
+        "workload": args.workload,
+        "cuda_graphs": runner is not None,
+        "capture_s": runner.capture_seconds if runner else None,
+        "max_batch_size": args.max_batch_size,
+        "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "vocab_size": args.vocab_size or model.config.vocab_size,
+        "requests": len(reqs),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_s": tokens / wall,
+        "total_tok_s": (tokens + prompt_tokens) / wall,
+        "ttft_s": percentiles(ttft),
+        "per_token_latency_s": percentiles(gaps),
         "decode_floor": decode_floor(engine, model, args.bandwidth),
-        "reference_tok_s": reference, "ratio_to_reference": tokens / wall / reference if reference else None,
-        "overlap": engine.core.overlap, "prefill_graphs": engine.core.prefill_runner is not None,
-        "engine": {k: v for k, v in engine.stats().items() if k in ("steps", "overlapped_steps", "preemptions",
-                                                                      "pages_total", "prefix_cache_hit_rate")},
+        "reference_tok_s": reference,
+        "ratio_to_reference": tokens / wall / reference if reference else None,
+        "overlap": engine.core.overlap,
+        "prefill_graphs": engine.core.prefill_runner is not None,
+        "engine": {
+            k: v
+            for k, v in engine.stats().items()
+            if k in ("steps", "overlapped_steps", "preemptions", "pages_total", "prefix_cache_hit_rate")
+        },
     }
     if engine.device.type == "cuda":
         figures["gpu"] = torch.cuda.get_device_name(engine.device)
@@ -342,33 +421,47 @@ def report(args, engine, model, dtype, reqs, wall, tokens, ttft, gaps, reference
         graphs += ", decode steps overlap the host" if engine.core.overlap else ", overlap off"
         if engine.core.prefill_runner is not None:
             graphs += f", prefill graphs (captured in {engine.core.prefill_runner.capture_seconds:.2f} s)"
-    print(f"model {args.model} on {figures.get('gpu', figures['device'])} ({figures['dtype']}, "
-          f"KV cache {figures['kv_cache_dtype']}, "
-          f"{figures['threads']} threads), {model.num_parameters():,} parameters, {graphs}, api {args.api}")
-    print(f"{len(reqs)} requests, prompt {args.prompt_len[0]}-{args.prompt_len[1]}, "
-          f"output {args.output_len[0]}-{args.output_len[1]} tokens, max batch {args.max_batch_size}, "
-          f"{figures['max_num_batched_tokens']} tokens a step, "
-          f"temperature {args.temperature}")
-    print(f"output: {tokens} tokens in {wall:.2f} s = {tokens / wall:,.1f} tok/s "
-          f"(prompt + output {figures['total_tok_s']:,.1f} tok/s)")
+    print(
+        f"model {args.model} on {figures.get('gpu', figures['device'])} ({figures['dtype']}, "
+        f"KV cache {figures['kv_cache_dtype']}, "
+        f"{figures['threads']} threads), {model.num_parameters():,} parameters, {graphs}, api {args.api}"
+    )
+    print(
+        f"{len(reqs)} requests, prompt {args.prompt_len[0]}-{args.prompt_len[1]}, "
+        f"output {args.output_len[0]}-{args.output_len[1]} tokens, max batch {args.max_batch_size}, "
+        f"{figures['max_num_batched_tokens']} tokens a step, "
+        f"temperature {args.temperature}"
+    )
+    print(
+        f"output: {tokens} tokens in {wall:.2f} s = {tokens / wall:,.1f} tok/s "
+        f"(prompt + output {figures['total_tok_s']:,.1f} tok/s)"
+    )
     if reference:
-        print(f"transformers generate (same workload, greedy, the faster call): {reference:,.1f} tok/s; "
-              f"engine / transformers = {figures['ratio_to_reference']:.2f}x")
+        print(
+            f"transformers generate (same workload, greedy, the faster call): {reference:,.1f} tok/s; "
+            f"engine / transformers = {figures['ratio_to_reference']:.2f}x"
+        )
     for name, key in (("time to first token", "ttft_s"), ("per-token latency", "per_token_latency_s")):
         p = figures[key]
         if p:
-            print(f"{name}: mean {p['mean'] * 1e3:.1f} ms, p50 {p['p50'] * 1e3:.1f}, "
-                  f"p90 {p['p90'] * 1e3:.1f}, p99 {p['p99'] * 1e3:.1f} ms")
+            print(
+                f"{name}: mean {p['mean'] * 1e3:.1f} ms, p50 {p['p50'] * 1e3:.1f}, "
+                f"p90 {p['p90'] * 1e3:.1f}, p99 {p['p99'] * 1e3:.1f} ms"
+            )
     f = figures["decode_floor"]
     if f:
-        print(f"decode at batch {f['batch']}: {f['steps']} steps, {f['step_ms']:.3g} ms a step "
-              f"({f['decode_tok_s']:,.0f} tok/s); floor {f['floor_ms']:.3g} ms = weights {f['weight_gb']:.3g} GB "
-              f"+ KV of {f['context_tokens_per_step']:,.0f} tokens {f['kv_gb_per_step']:.3g} GB at "
-              f"{f['bandwidth_tb_s']:.3g} TB/s; achieved {f['fraction_of_floor']:.1%} of the floor "
-              f"(all {f['all_decode_steps']} decode steps: {f['all_decode_fraction_of_floor']:.1%})")
+        print(
+            f"decode at batch {f['batch']}: {f['steps']} steps, {f['step_ms']:.3g} ms a step "
+            f"({f['decode_tok_s']:,.0f} tok/s); floor {f['floor_ms']:.3g} ms = weights {f['weight_gb']:.3g} GB "
+            f"+ KV of {f['context_tokens_per_step']:,.0f} tokens {f['kv_gb_per_step']:.3g} GB at "
+            f"{f['bandwidth_tb_s']:.3g} TB/s; achieved {f['fraction_of_floor']:.1%} of the floor "
+            f"(all {f['all_decode_steps']} decode steps: {f['all_decode_fraction_of_floor']:.1%})"
+        )
         if f["graph_replay_ms"]:
-            print(f"  of a {f['step_ms']:.3g} ms decode step, the graph replay (model body on the device) takes "
-                  f"{f['graph_replay_ms']:.3g} ms; the rest is the LM head, sampling and host work")
+            print(
+                f"  of a {f['step_ms']:.3g} ms decode step, the graph replay (model body on the device) takes "
+                f"{f['graph_replay_ms']:.3g} ms; the rest is the LM head, sampling and host work"
+            )
     print(f"engine: {figures['engine']}")
     if args.json:
         print(json.dumps(figures))

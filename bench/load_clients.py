@@ -107,16 +107,27 @@ class OpenAIClient:
             raise RuntimeError("the openai client needs the served model name (GET /v1/models gave none)")
         self.openai, self.model = openai, model
         limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-        self.client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key or "no-key", max_retries=0,
-                                         timeout=None, http_client=openai.DefaultAsyncHttpxClient(limits=limits))
+        self.client = openai.AsyncOpenAI(
+            base_url=url + "/v1",
+            api_key=api_key or "no-key",
+            max_retries=0,
+            timeout=None,
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits),
+        )
 
     async def aclose(self) -> None:
         await self.client.close()
 
     async def send(self, path: str, body: dict) -> Result:
         result = Result(start=time.monotonic())
-        common = dict(model=self.model, max_tokens=body["max_tokens"], temperature=body["temperature"], stream=True,
-                      stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        common = dict(
+            model=self.model,
+            max_tokens=body["max_tokens"],
+            temperature=body["temperature"],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         try:
             if "messages" in body:
                 stream = await self.client.chat.completions.create(messages=body["messages"], **common)
@@ -125,8 +136,10 @@ class OpenAIClient:
             async for chunk in stream:
                 if chunk.usage:
                     result.tokens = chunk.usage.completion_tokens
-                if any(getattr(c, "text", None) or getattr(getattr(c, "delta", None), "content", None)
-                       for c in chunk.choices):
+                if any(
+                    getattr(c, "text", None) or getattr(getattr(c, "delta", None), "content", None)
+                    for c in chunk.choices
+                ):
                     _chunk_arrived(result)
         except self.openai.APIConnectionError as e:  # timeouts included
             result.error, result.connection_error = f"{type(e).__name__}: {e}", True
@@ -163,6 +176,7 @@ async def _phases(conn, job: dict) -> None:
     if first.error:
         raise RuntimeError(f"the first request failed: {first.error}")
     for items in job["phases"]:
+
         async def phase(client, items=items):
             conn.send(("ready", None))
             start = conn.recv()
@@ -190,14 +204,26 @@ async def _timed(client, items: list[tuple[str, dict, float]], start: float, con
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     cpu = time.process_time()
     results = await asyncio.gather(*(one(*item) for item in items))
-    return {"results": [vars(r) for r in results], "cpu_s": time.process_time() - cpu,
-            "wall_s": time.monotonic() - start}
+    return {
+        "results": [vars(r) for r in results],
+        "cpu_s": time.process_time() - cpu,
+        "wall_s": time.monotonic() - start,
+    }
 
 
 # -- the parent ----------------------------------------------------------------------------------
-def run_load(phases: list[list[tuple[str, dict, float]]], first: tuple[str, dict], *, url: str, api_key: str | None,
-             client: str, model: str | None, procs: int, concurrency: int | None,
-             server_cpu=None) -> LoadRun:
+def run_load(
+    phases: list[list[tuple[str, dict, float]]],
+    first: tuple[str, dict],
+    *,
+    url: str,
+    api_key: str | None,
+    client: str,
+    model: str | None,
+    procs: int,
+    concurrency: int | None,
+    server_cpu=None,
+) -> LoadRun:
     """Send every phase's requests (path, body, delay) from `procs` client processes; only the
     last phase is timed. `server_cpu()`, if given, is read just before the timed start and after
     its end (pid -> CPU seconds of the server's processes)."""
@@ -207,8 +233,16 @@ def run_load(phases: list[list[tuple[str, dict, float]]], first: tuple[str, dict
     for k in range(n):
         share = [items[k::n] for items in phases]
         limit = _share(concurrency, n, k) if concurrency else max(len(items) for items in share)
-        job = dict(url=url, api_key=api_key, client=client, model=model, first=first, phases=share,
-                   concurrency=max(1, limit), pool=max(1, limit) + 2)
+        job = dict(
+            url=url,
+            api_key=api_key,
+            client=client,
+            model=model,
+            first=first,
+            phases=share,
+            concurrency=max(1, limit),
+            pool=max(1, limit) + 2,
+        )
         parent_end, child_end = ctx.Pipe()
         worker = ctx.Process(target=client_main, args=(child_end, job), name=f"load-client-{k}", daemon=True)
         worker.start()

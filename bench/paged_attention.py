@@ -44,8 +44,10 @@ def main() -> None:
         lambda: paged_attention_triton(q, k, v, table, seq_lens, query_start, a.head_dim**-0.5, None, 1), rep=200
     )
     bytes_read = a.batch * a.context * a.kv_heads * a.head_dim * 2 * k.element_size()
-    print(f"{torch.cuda.get_device_name()}: batch {a.batch} context {a.context} heads {a.heads}/{a.kv_heads} "
-          f"head_dim {a.head_dim} {k.dtype}: {ms * 1e3:.1f} us per layer, {bytes_read / ms / 1e9:.2f} TB/s")
+    print(
+        f"{torch.cuda.get_device_name()}: batch {a.batch} context {a.context} heads {a.heads}/{a.kv_heads} "
+        f"head_dim {a.head_dim} {k.dtype}: {ms * 1e3:.1f} us per layer, {bytes_read / ms / 1e9:.2f} TB/s"
+    )
 
 
 if __name__ == "__main__":

@@ -20,22 +20,35 @@ import sys
 import time
 from pathlib import Path
 
+
 def spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
 
 def run(seed: int, threads: int, out: Path, extra: list[str]) -> dict:
     target = out / f"s{seed}-t{threads}"
-    command = ["astrai-quickstart", "--seed", str(seed), "--threads", str(threads), "--out", str(target), "--quiet",
-               *extra]
+    command = [
+        "astrai-quickstart",
+        "--seed",
+        str(seed),
+        "--threads",
+        str(threads),
+        "--out",
+        str(target),
+        "--quiet",
+        *extra,
+    ]
     t0 = time.time()
     proc = subprocess.run(command, capture_output=True, text=True)
     (out / f"s{seed}-t{threads}.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     if proc.returncode != 0:
         sys.exit(f"{' '.join(command)} failed (rc {proc.returncode}); see {out}/s{seed}-t{threads}.log")
     results = json.loads((target / "results.json").read_text(encoding="utf-8"))
-    print(f"seed {seed}, {threads} thread(s): {time.time() - t0:.0f} s, "
-          + ", ".join(f"{k} {v}" for k, v in results["verdicts"].items()), flush=True)
+    print(
+        f"seed {seed}, {threads} thread(s): {time.time() - t0:.0f} s, "
+        + ", ".join(f"{k} {v}" for k, v in results["verdicts"].items()),
+        flush=True,
+    )
     return results
 
 
@@ -56,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, row in enumerate(runs[0]["table"]):  # every run's table has the same rows, in order
         vs = [r["table"][i] for r in runs]
         met = sum(v["verdict"] in ("better", "ok") for v in vs)
-        print(f"{row['stage']:12s} {spread([v['before'] for v in vs]):>15s} {spread([v['after'] for v in vs]):>15s} "
-              f"{spread([v['after'] - v['before'] for v in vs]):>15s}  {row['rule']:10s}  {met}/{len(runs)}")
+        print(
+            f"{row['stage']:12s} {spread([v['before'] for v in vs]):>15s} {spread([v['after'] for v in vs]):>15s} "
+            f"{spread([v['after'] - v['before'] for v in vs]):>15s}  {row['rule']:10s}  {met}/{len(runs)}"
+        )
     seconds = [r["seconds"] for r in runs]
     print(f"\nseconds per run: {spread(seconds)} (min {min(seconds):.0f}, max {max(seconds):.0f})")
     (out / "summary.json").write_text(json.dumps(runs, indent=2) + "\n", encoding="utf-8")

@@ -61,12 +61,13 @@ import time
 from pathlib import Path
 
 import httpx
-
 from load_clients import LoadRun, Result, run_load  # bench/ is on sys.path when a script of it runs
 from workloads import FIRST_ORDINARY_ID, WORKLOADS, arrival_delays, draw
 
-WORDS = ("the model reads text and writes more text 模型 阅读 文本 并且 写出 更多 small fast bilingual "
-         "language 语言 server client stream token page cache batch").split()
+WORDS = (
+    "the model reads text and writes more text 模型 阅读 文本 并且 写出 更多 small fast bilingual "
+    "language 语言 server client stream token page cache batch"
+).split()
 BUSY_CLIENT = 0.7  # a client process above this share of a core may be what sets the pace
 
 
@@ -75,42 +76,88 @@ def parse_args(argv=None) -> argparse.Namespace:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--model", help="model directory or ModelConfig JSON: start astrai-serve on it")
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default=None,
-                   help="a preset for the lengths, request count, max batch size and token budget (see above)")
+    p.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default=None,
+        help="a preset for the lengths, request count, max batch size and token budget (see above)",
+    )
     p.add_argument("--device", default="cpu", help="server --device when --model is given (default: %(default)s)")
-    p.add_argument("--devices", type=int, nargs="+", default=None, metavar="N",
-                   help="server --devices N (one engine per GPU) when --model is given, instead of --device; "
-                        "several values run the workload once per value, e.g. --devices 1 2")
+    p.add_argument(
+        "--devices",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="server --devices N (one engine per GPU) when --model is given, instead of --device; "
+        "several values run the workload once per value, e.g. --devices 1 2",
+    )
     p.add_argument("--dtype", default="auto", help="server --dtype when --model is given (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=64, help="server --max-batch-size (default: %(default)s)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="server --max-num-batched-tokens (default: the server's for its device; the presets: 8192)")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
-                   help="server --kv-cache-dtype (default: %(default)s)")
-    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="extra astrai-serve argument when --model is given (repeatable, e.g. --server-arg=--num-pages=4096)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="server --max-num-batched-tokens (default: the server's for its device; the presets: 8192)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "fp8"),
+        default="auto",
+        help="server --kv-cache-dtype (default: %(default)s)",
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra astrai-serve argument when --model is given (repeatable, e.g. --server-arg=--num-pages=4096)",
+    )
     p.add_argument("--api", choices=("completions", "chat"), default="completions")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
-    p.add_argument("--client", choices=("httpx", "openai"), default="httpx",
-                   help="raw httpx with our own SSE parsing, or the official openai client (default: %(default)s)")
-    p.add_argument("--client-procs", type=int, default=4,
-                   help="client processes the requests are dealt to, round-robin (default: %(default)s)")
+    p.add_argument(
+        "--client",
+        choices=("httpx", "openai"),
+        default="httpx",
+        help="raw httpx with our own SSE parsing, or the official openai client (default: %(default)s)",
+    )
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=4,
+        help="client processes the requests are dealt to, round-robin (default: %(default)s)",
+    )
     p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="most requests in flight, split over the client processes (default: all at once)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="most requests in flight, split over the client processes (default: all at once)",
+    )
     p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate in requests/s (default: all at once)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="with --url: prompt ids are drawn below this (default: 256); with --model the ids the "
-                        "server accepts (its tokenizer's vocabulary), given to the engine baseline too")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="with --url: prompt ids are drawn below this (default: 256); with --model the ids the "
+        "server accepts (its tokenizer's vocabulary), given to the engine baseline too",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help="first run the same workload shape once, untimed, on other prompts (default: on)")
-    p.add_argument("--engine-baseline", action="store_true",
-                   help="first run bench/engine_throughput.py on the same model and workload, and print the "
-                        "server's share of its throughput (needs --model)")
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="first run the same workload shape once, untimed, on other prompts (default: on)",
+    )
+    p.add_argument(
+        "--engine-baseline",
+        action="store_true",
+        help="first run bench/engine_throughput.py on the same model and workload, and print the "
+        "server's share of its throughput (needs --model)",
+    )
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     preset = p.parse_known_args(argv)[0].workload
     if preset:
@@ -181,8 +228,22 @@ def start_server(args, model_dir: Path, log_path: Path, devices: int | None = No
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     where = ["--devices", str(devices)] if devices else ["--device", args.device]
-    argv = [sys.executable, "-m", "astrai.serve.cli", "--model", str(model_dir), "--port", str(port), *where,
-            "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--log-level", "warning"]
+    argv = [
+        sys.executable,
+        "-m",
+        "astrai.serve.cli",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        *where,
+        "--dtype",
+        args.dtype,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--log-level",
+        "warning",
+    ]
     if getattr(args, "max_num_batched_tokens", None):  # serve_soak passes a namespace without these
         argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if getattr(args, "kv_cache_dtype", None):
@@ -234,17 +295,41 @@ def engine_baseline(args, model_dir: Path) -> dict:
     """bench/engine_throughput.py on the same model directory, device, dtype, workload and engine
     sizes, in its own process and before any server holds the device; its JSON figures."""
     device = "cuda" if args.devices else args.device
-    argv = [sys.executable, str(Path(__file__).with_name("engine_throughput.py")), "--model", str(model_dir),
-            "--device", device, "--num-requests", str(args.num_requests),
-            "--prompt-len", *map(str, args.prompt_len), "--output-len", *map(str, args.output_len),
-            "--max-batch-size", str(args.max_batch_size), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-            "--temperature", str(args.temperature), "--seed", str(args.seed), "--vocab-size", str(args.vocab_size),
-            "--kv-cache-dtype", args.kv_cache_dtype, "--json"]
+    argv = [
+        sys.executable,
+        str(Path(__file__).with_name("engine_throughput.py")),
+        "--model",
+        str(model_dir),
+        "--device",
+        device,
+        "--num-requests",
+        str(args.num_requests),
+        "--prompt-len",
+        *map(str, args.prompt_len),
+        "--output-len",
+        *map(str, args.output_len),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--temperature",
+        str(args.temperature),
+        "--seed",
+        str(args.seed),
+        "--vocab-size",
+        str(args.vocab_size),
+        "--kv-cache-dtype",
+        args.kv_cache_dtype,
+        "--json",
+    ]
     if args.dtype != "auto":
         argv += ["--dtype", args.dtype]
     elif device != "cpu":
-        print("note: --dtype auto: the server loads the stored dtype, the engine baseline its default "
-              "(bfloat16 on CUDA); pass --dtype to compare like with like", flush=True)
+        print(
+            "note: --dtype auto: the server loads the stored dtype, the engine baseline its default "
+            "(bfloat16 on CUDA); pass --dtype to compare like with like",
+            flush=True,
+        )
     if args.rate:
         argv += ["--rate", str(args.rate)]
     print(f"engine alone: {shlex.join(argv[1:])}", flush=True)
@@ -263,17 +348,25 @@ def engine_baseline(args, model_dir: Path) -> dict:
 def share_of_engine(summary: dict, engine: dict) -> dict:
     """The server's output tokens/s as a share of the engine's, and TTFT p50 as a ratio."""
     engine_ttft_ms = engine["ttft_s"]["p50"] * 1e3 if engine.get("ttft_s") else float("nan")
-    return {"output_tok_s": summary["output_tokens_per_s"] / engine["output_tok_s"],
-            "engine_output_tok_s": engine["output_tok_s"], "engine_ttft_p50_ms": engine_ttft_ms,
-            "ttft_p50_ratio": summary["ttft_ms"]["p50"] / engine_ttft_ms if engine_ttft_ms else float("nan"),
-            "same_workload": (engine["output_tokens"], engine.get("vocab_size"), engine.get("seed"))
-            == (summary["expected_output_tokens"], summary["vocab_size"], summary["seed"])}
+    return {
+        "output_tok_s": summary["output_tokens_per_s"] / engine["output_tok_s"],
+        "engine_output_tok_s": engine["output_tok_s"],
+        "engine_ttft_p50_ms": engine_ttft_ms,
+        "ttft_p50_ratio": summary["ttft_ms"]["p50"] / engine_ttft_ms if engine_ttft_ms else float("nan"),
+        "same_workload": (engine["output_tokens"], engine.get("vocab_size"), engine.get("seed"))
+        == (summary["expected_output_tokens"], summary["vocab_size"], summary["seed"]),
+    }
 
 
 # -- the load -----------------------------------------------------------------------------------
 def request_body(args, prompt: list[int], output_len: int, rng: random.Random) -> tuple[str, dict]:
-    common = {"max_tokens": output_len, "temperature": args.temperature, "ignore_eos": True, "stream": True,
-              "stream_options": {"include_usage": True}}
+    common = {
+        "max_tokens": output_len,
+        "temperature": args.temperature,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if args.api == "chat":
         content = " ".join(rng.choice(WORDS) for _ in range(len(prompt)))
         return "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], **common}
@@ -294,16 +387,27 @@ def send_load(args, url: str, server_pid: int | None) -> LoadRun:
     phases = ([build_requests(args, args.seed + 2)] if args.warmup else []) + [timed]
     first = request_body(args, [FIRST_ORDINARY_ID] * 4, 2, random.Random(args.seed))
     procs = max(1, min(args.client_procs, len(timed)))
-    print(f"load: {len(timed)} requests from {procs} {args.client} client process(es)"
-          + (", after an untimed warm-up run (seed + 2)" if args.warmup else ""), flush=True)
+    print(
+        f"load: {len(timed)} requests from {procs} {args.client} client process(es)"
+        + (", after an untimed warm-up run (seed + 2)" if args.warmup else ""),
+        flush=True,
+    )
     server_cpu = None
     if server_pid is not None:
         from soak_processes import tree_cpu_seconds
 
         server_cpu = lambda: tree_cpu_seconds(server_pid)  # noqa: E731
-    return run_load(phases, first, url=url, api_key=args.api_key, client=args.client,
-                    model=served_model_name(url, auth_headers(args)), procs=procs, concurrency=args.concurrency,
-                    server_cpu=server_cpu)
+    return run_load(
+        phases,
+        first,
+        url=url,
+        api_key=args.api_key,
+        client=args.client,
+        model=served_model_name(url, auth_headers(args)),
+        procs=procs,
+        concurrency=args.concurrency,
+        server_cpu=server_cpu,
+    )
 
 
 # -- the figures --------------------------------------------------------------------------------
@@ -323,9 +427,14 @@ def summarize(results: list[Result], elapsed: float) -> dict:
     tokens = sum(r.tokens for r in ok)
     connection = sum(r.connection_error for r in results)
     return {
-        "requests": len(results), "failed": len(results) - len(ok), "connection_errors": connection,
-        "http_errors": len(results) - len(ok) - connection, "elapsed_s": elapsed,
-        "requests_per_s": len(ok) / elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "connection_errors": connection,
+        "http_errors": len(results) - len(ok) - connection,
+        "elapsed_s": elapsed,
+        "requests_per_s": len(ok) / elapsed,
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens / elapsed,
         "ttft_ms": {k: v * 1e3 for k, v in percentiles(ttft).items()},
         "tpot_ms": {k: v * 1e3 for k, v in percentiles(tpot).items()},
         "itl_ms": {k: v * 1e3 for k, v in percentiles(itl).items()},
@@ -337,13 +446,22 @@ def summarize(results: list[Result], elapsed: float) -> dict:
 def client_figures(args, load: LoadRun) -> dict:
     """The client processes' CPU over the timed run: near a whole core, the client sets the pace."""
     busiest = max((cpu / wall for cpu, wall in zip(load.cpu_s, load.wall_s) if wall > 0), default=0.0)
-    return {"client": args.client, "client_procs": len(load.cpu_s), "client_cpu_s": sum(load.cpu_s),
-            "client_cpu_per_proc_s": load.cpu_s, "client_busiest_core_frac": busiest,
-            "client_may_be_limit": busiest > BUSY_CLIENT}
+    return {
+        "client": args.client,
+        "client_procs": len(load.cpu_s),
+        "client_cpu_s": sum(load.cpu_s),
+        "client_cpu_per_proc_s": load.cpu_s,
+        "client_busiest_core_frac": busiest,
+        "client_may_be_limit": busiest > BUSY_CLIENT,
+    }
 
 
-ROLES = {"main": "astrai-serve main", "manager": "LitServe manager (forked)", "http": "HTTP server (forked)",
-         "resource_tracker": "multiprocessing resource tracker"}
+ROLES = {
+    "main": "astrai-serve main",
+    "manager": "LitServe manager (forked)",
+    "http": "HTTP server (forked)",
+    "resource_tracker": "multiprocessing resource tracker",
+}
 
 
 def server_cpu_figures(load: LoadRun, root: int, stats: dict) -> list[dict]:
@@ -365,24 +483,34 @@ def server_cpu_figures(load: LoadRun, root: int, stats: dict) -> list[dict]:
 
 
 def report(summary: dict, args) -> None:
-    print(f"{summary['requests']} requests ({summary['failed']} failed: {summary['connection_errors']} connection, "
-          f"{summary['http_errors']} HTTP or stream errors) in {summary['elapsed_s']:.2f} s, api {args.api}, "
-          f"workload {args.workload or 'custom'}, concurrency {args.concurrency or 'all'}, "
-          f"rate {args.rate or 'all at once'}")
-    print(f"  {summary['requests_per_s']:.2f} requests/s, {summary['output_tokens_per_s']:.1f} output tokens/s "
-          f"({summary['output_tokens']} tokens; {summary['expected_output_tokens']} asked for)")
+    print(
+        f"{summary['requests']} requests ({summary['failed']} failed: {summary['connection_errors']} connection, "
+        f"{summary['http_errors']} HTTP or stream errors) in {summary['elapsed_s']:.2f} s, api {args.api}, "
+        f"workload {args.workload or 'custom'}, concurrency {args.concurrency or 'all'}, "
+        f"rate {args.rate or 'all at once'}"
+    )
+    print(
+        f"  {summary['requests_per_s']:.2f} requests/s, {summary['output_tokens_per_s']:.1f} output tokens/s "
+        f"({summary['output_tokens']} tokens; {summary['expected_output_tokens']} asked for)"
+    )
     for name, unit in (("ttft_ms", "ms"), ("tpot_ms", "ms"), ("itl_ms", "ms"), ("e2e_s", "s")):
         p = summary[name]
-        print(f"  {name.split('_')[0].upper():5s} p50 {p['p50']:8.2f} {unit}  p90 {p['p90']:8.2f} {unit}  "
-              f"p99 {p['p99']:8.2f} {unit}  mean {p['mean']:8.2f} {unit}")
+        print(
+            f"  {name.split('_')[0].upper():5s} p50 {p['p50']:8.2f} {unit}  p90 {p['p90']:8.2f} {unit}  "
+            f"p99 {p['p99']:8.2f} {unit}  mean {p['mean']:8.2f} {unit}"
+        )
     for error in summary["errors"]:
         print("  error:", error)
-    print(f"load clients: {summary['client_procs']} processes ({summary['client']}), "
-          f"CPU {summary['client_cpu_s']:.1f} s in {summary['elapsed_s']:.1f} s wall, "
-          f"busiest process {summary['client_busiest_core_frac']:.0%} of a core")
+    print(
+        f"load clients: {summary['client_procs']} processes ({summary['client']}), "
+        f"CPU {summary['client_cpu_s']:.1f} s in {summary['elapsed_s']:.1f} s wall, "
+        f"busiest process {summary['client_busiest_core_frac']:.0%} of a core"
+    )
     if summary["client_may_be_limit"]:
-        print(f"  warning: a client process used over {BUSY_CLIENT:.0%} of a core: the client may be the limit "
-              "(raise --client-procs)")
+        print(
+            f"  warning: a client process used over {BUSY_CLIENT:.0%} of a core: the client may be the limit "
+            "(raise --client-procs)"
+        )
     if summary.get("server_cpu"):
         print(f"server processes over the timed run ({summary['elapsed_s']:.1f} s):")
         for p in summary["server_cpu"]:
@@ -390,9 +518,11 @@ def report(summary: dict, args) -> None:
 
 
 def report_share(share: dict, summary: dict) -> None:
-    print(f"through HTTP: {summary['output_tokens_per_s']:,.0f} out tok/s = {share['output_tok_s']:.0%} of the "
-          f"engine alone ({share['engine_output_tok_s']:,.0f} out tok/s); TTFT p50 {summary['ttft_ms']['p50']:.0f} ms "
-          f"vs {share['engine_ttft_p50_ms']:.0f} ms ({share['ttft_p50_ratio']:.1f}x)")
+    print(
+        f"through HTTP: {summary['output_tokens_per_s']:,.0f} out tok/s = {share['output_tok_s']:.0%} of the "
+        f"engine alone ({share['engine_output_tok_s']:,.0f} out tok/s); TTFT p50 {summary['ttft_ms']['p50']:.0f} ms "
+        f"vs {share['engine_ttft_p50_ms']:.0f} ms ({share['ttft_p50_ratio']:.1f}x)"
+    )
     if not share["same_workload"]:
         print("  warning: the engine baseline ran another workload (output tokens, vocabulary or seed differ)")
 
@@ -410,18 +540,26 @@ def one_run(args, model_dir: Path | None, tmp: Path, devices: int | None, baseli
             stats = httpx.get(url + "/stats", headers=auth_headers(args), timeout=30).json()  # /stats needs the key too
             engine = stats["engine"]
             per_engine = [w.get("stats", {}).get("generated_tokens") for w in stats.get("workers", [])]
-            print(f"engines: {stats.get('engines', 1)}, {engine['steps']} steps, {engine['generated_tokens']} tokens "
-                  f"generated (per engine: {per_engine}), {engine['preemptions']} preemptions")
+            print(
+                f"engines: {stats.get('engines', 1)}, {engine['steps']} steps, {engine['generated_tokens']} tokens "
+                f"generated (per engine: {per_engine}), {engine['preemptions']} preemptions"
+            )
             server_cpu = server_cpu_figures(load, proc.pid, stats)
     finally:
         if proc is not None:
             stop_server(proc)
     summary = summarize(load.results, load.elapsed)
-    summary.update(client_figures(args, load), devices=devices, workload=args.workload, seed=args.seed,
-                   vocab_size=args.vocab_size, max_batch_size=args.max_batch_size,
-                   max_num_batched_tokens=args.max_num_batched_tokens,
-                   expected_output_tokens=sum(body["max_tokens"] for _, body, _ in build_requests(args, args.seed)),
-                   server_cpu=server_cpu)
+    summary.update(
+        client_figures(args, load),
+        devices=devices,
+        workload=args.workload,
+        seed=args.seed,
+        vocab_size=args.vocab_size,
+        max_batch_size=args.max_batch_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        expected_output_tokens=sum(body["max_tokens"] for _, body, _ in build_requests(args, args.seed)),
+        server_cpu=server_cpu,
+    )
     report(summary, args)
     if baseline is not None:
         summary["engine_baseline"], summary["share"] = baseline, share_of_engine(summary, baseline)
@@ -435,10 +573,14 @@ def compare(runs: list[dict]) -> None:
     base = runs[0]
     print(f"\nthroughput against {base['devices']} GPU(s) ({base['output_tokens_per_s']:.1f} output tokens/s):")
     for run in runs[1:]:
-        ratio = run["output_tokens_per_s"] / base["output_tokens_per_s"] if base["output_tokens_per_s"] else float("nan")
+        ratio = (
+            run["output_tokens_per_s"] / base["output_tokens_per_s"] if base["output_tokens_per_s"] else float("nan")
+        )
         per_gpu = ratio * base["devices"] / run["devices"]
-        print(f"  {run['devices']} GPU(s): {run['output_tokens_per_s']:.1f} output tokens/s = {ratio:.2f}x "
-              f"({per_gpu:.0%} of linear), TTFT p50 {run['ttft_ms']['p50']:.1f} ms vs {base['ttft_ms']['p50']:.1f} ms")
+        print(
+            f"  {run['devices']} GPU(s): {run['output_tokens_per_s']:.1f} output tokens/s = {ratio:.2f}x "
+            f"({per_gpu:.0%} of linear), TTFT p50 {run['ttft_ms']['p50']:.1f} ms vs {base['ttft_ms']['p50']:.1f} ms"
+        )
 
 
 def main(argv=None) -> None:

@@ -66,26 +66,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model directory or ModelConfig JSON (random weights)")
     p.add_argument("--minutes", type=float, default=2.0, help="how long to send traffic (default: %(default)s)")
     p.add_argument("--clients", type=int, default=8, help="concurrent asyncio clients (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="server --workers: engine workers; one of them is killed (default: %(default)s)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="server --workers: engine workers; one of them is killed (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="server --device (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="server --dtype (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=32, help="server --max-batch-size (default: %(default)s)")
-    p.add_argument("--max-request-bytes", default="64KiB",
-                   help="server --max-request-bytes; the oversized bodies exceed it (default: %(default)s)")
-    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="extra astrai-serve argument (repeatable, e.g. --server-arg=--log-level=info)")
-    p.add_argument("--max-tokens", type=int, nargs=2, default=[4, 48], metavar=("MIN", "MAX"),
-                   help="max_tokens of ordinary requests (disconnects ask for 4x as many, ignoring EOS)")
-    p.add_argument("--request-timeout", type=float, default=60.0,
-                   help="a request still unanswered after this many seconds is a hang (default: %(default)s)")
-    p.add_argument("--kill-window", type=float, default=2.0,
-                   help="seconds after the kill in which 503s and connection errors are expected")
+    p.add_argument(
+        "--max-request-bytes",
+        default="64KiB",
+        help="server --max-request-bytes; the oversized bodies exceed it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra astrai-serve argument (repeatable, e.g. --server-arg=--log-level=info)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        nargs=2,
+        default=[4, 48],
+        metavar=("MIN", "MAX"),
+        help="max_tokens of ordinary requests (disconnects ask for 4x as many, ignoring EOS)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        help="a request still unanswered after this many seconds is a hang (default: %(default)s)",
+    )
+    p.add_argument(
+        "--kill-window",
+        type=float,
+        default=2.0,
+        help="seconds after the kill in which 503s and connection errors are expected",
+    )
     p.add_argument("--no-kill", action="store_true", help="do not kill a worker (a baseline soak)")
-    p.add_argument("--recovery-timeout", type=float, default=180.0,
-                   help="seconds the replacement worker may take to serve (default: %(default)s)")
-    p.add_argument("--idle-timeout", type=float, default=30.0,
-                   help="seconds the server may take to hold no request after the traffic (default: %(default)s)")
+    p.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=180.0,
+        help="seconds the replacement worker may take to serve (default: %(default)s)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        help="seconds the server may take to hold no request after the traffic (default: %(default)s)",
+    )
     p.add_argument("--max-requests", type=int, default=100_000, help="cap on requests per client")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON here")
@@ -113,8 +147,9 @@ async def kill_one_worker(args, traffic: Traffic, root: int, start: float, deadl
     await asyncio.gather(*targets)  # each ends within --request-timeout
 
 
-async def _kill_one_worker(args, traffic: Traffic, root: int, start: float, deadline: float, out: dict,
-                           targets: list[asyncio.Task]) -> None:
+async def _kill_one_worker(
+    args, traffic: Traffic, root: int, start: float, deadline: float, out: dict, targets: list[asyncio.Task]
+) -> None:
     url = traffic.url
     await asyncio.sleep(max(0.0, start + (deadline - start) / 2 - time.monotonic()))
     async with httpx.AsyncClient() as http:
@@ -140,8 +175,11 @@ async def _kill_one_worker(args, traffic: Traffic, root: int, start: float, dead
         os.kill(pid, signal.SIGKILL)
         out["t"] = killed
         out["at_s"] = round(killed - start, 2)
-        print(f"[{killed - start:6.1f} s] kill -9 worker {victim['worker']} (pid {pid}, "
-              f"{out['active_requests']} active requests)", flush=True)
+        print(
+            f"[{killed - start:6.1f} s] kill -9 worker {victim['worker']} (pid {pid}, "
+            f"{out['active_requests']} active requests)",
+            flush=True,
+        )
         seen_503 = None
         while time.monotonic() - killed < args.recovery_timeout:
             try:
@@ -163,8 +201,11 @@ async def _kill_one_worker(args, traffic: Traffic, root: int, start: float, dead
         if out.get("recovered_t"):
             stats = await get_stats(http, url)
             out["new_pid"] = stats["workers"][victim["worker"]].get("pid")
-            print(f"[{time.monotonic() - start:6.1f} s] /health 503 after {seen_503} s, 200 again after "
-                  f"{out['recovered_after_s']} s; worker {victim['worker']} is now pid {out['new_pid']}", flush=True)
+            print(
+                f"[{time.monotonic() - start:6.1f} s] /health 503 after {seen_503} s, 200 again after "
+                f"{out['recovered_after_s']} s; worker {victim['worker']} is now pid {out['new_pid']}",
+                flush=True,
+            )
 
 
 async def wait_idle(args, url: str) -> tuple[bool, dict]:
@@ -176,8 +217,11 @@ async def wait_idle(args, url: str) -> tuple[bool, dict]:
             try:
                 stats = await get_stats(http, url)
                 workers = stats.get("workers", [])
-                if workers and all("stats" in w and not (w["stats"]["active_requests"] or w["stats"]["running"]
-                                                         or w["stats"]["waiting"]) for w in workers):
+                if workers and all(
+                    "stats" in w
+                    and not (w["stats"]["active_requests"] or w["stats"]["running"] or w["stats"]["waiting"])
+                    for w in workers
+                ):
                     await asyncio.sleep(0.5)  # then once more, so a late abort has landed
                     return True, await get_stats(http, url)
             except (httpx.HTTPError, ValueError):
@@ -189,8 +233,9 @@ async def wait_idle(args, url: str) -> tuple[bool, dict]:
 async def final_probe(url: str, model: str) -> str | None:
     try:
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60) as oai:
-            r = await oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}],
-                                                  max_tokens=4)
+            r = await oai.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4
+            )
         return None if r.choices else f"no choices: {r}"
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
@@ -201,8 +246,11 @@ async def soak(args, url: str, root: int, model: str) -> dict:
     start = time.monotonic()
     deadline = start + args.minutes * 60
     kill: dict = {}
-    print(f"traffic for {args.minutes:g} min from {args.clients} clients"
-          + ("" if args.no_kill else f"; kill -9 of a worker at {args.minutes * 30:.0f} s"), flush=True)
+    print(
+        f"traffic for {args.minutes:g} min from {args.clients} clients"
+        + ("" if args.no_kill else f"; kill -9 of a worker at {args.minutes * 30:.0f} s"),
+        flush=True,
+    )
     try:
         tasks = [asyncio.create_task(traffic.client(i, deadline)) for i in range(args.clients)]
         if not args.no_kill:
@@ -213,8 +261,10 @@ async def soak(args, url: str, root: int, model: str) -> dict:
                 await asyncio.sleep(min(15.0, max(0.1, deadline - time.monotonic())))
                 recs = traffic.records
                 bad = sum(r.error is not None and not r.kind.startswith("bad_") for r in recs)
-                print(f"[{time.monotonic() - start:6.1f} s] {len(recs)} requests done, {bad} ordinary ones "
-                      f"failed so far", flush=True)
+                print(
+                    f"[{time.monotonic() - start:6.1f} s] {len(recs)} requests done, {bad} ordinary ones failed so far",
+                    flush=True,
+                )
 
         tasks.append(asyncio.create_task(progress()))
         await asyncio.gather(*tasks)
@@ -238,8 +288,9 @@ def _ms(value: float | None, width: int) -> str:
     return f"{'-':>{width}s}" if value is None else f"{value:{width}.0f}"
 
 
-def summarize(args, result: dict, pages: dict, rss: dict, log_text: str, server_alive: bool,
-              probe_error: str | None) -> dict:
+def summarize(
+    args, result: dict, pages: dict, rss: dict, log_text: str, server_alive: bool, probe_error: str | None
+) -> dict:
     recs, kill = result["records"], result["kill"]
     by_kind = {}
     for kind in [*KINDS, *AT_KILL]:
@@ -249,10 +300,13 @@ def summarize(args, result: dict, pages: dict, rss: dict, log_text: str, server_
         ok = [r for r in mine if r.outcome == "ok"]
         # Latency: of the successful requests; for bad_* ones, of the refusals.
         timed = [r for r in mine if r.outcome == "expected"] if kind.startswith("bad_") else ok
-        by_kind[kind] = {"requests": len(mine), "ok": len(ok),
-                         "expected_fail": sum(r.outcome == "expected" for r in mine),
-                         "unexpected_fail": sum(r.outcome == "unexpected" for r in mine),
-                         **{k: v for k, v in latency(timed).items() if k != "n"}}
+        by_kind[kind] = {
+            "requests": len(mine),
+            "ok": len(ok),
+            "expected_fail": sum(r.outcome == "expected" for r in mine),
+            "unexpected_fail": sum(r.outcome == "unexpected" for r in mine),
+            **{k: v for k, v in latency(timed).items() if k != "n"},
+        }
     # Latency phases: ordinary requests only (disconnects end early, AT_KILL ones are long on purpose).
     ok = [r for r in recs if r.outcome == "ok" and not r.kind.startswith(("disconnect_", "cancel_", "at_kill_"))]
     kt, rt = kill.get("t"), kill.get("recovered_t")
@@ -300,15 +354,35 @@ def summarize(args, result: dict, pages: dict, rss: dict, log_text: str, server_
         "unexpected_fail": len(unexpected),
         "expected_by_reason": reasons,
         "by_kind": by_kind,
-        "unexpected": [{**asdict(r), "start_s": round(r.start - result["start"], 2),
-                        "end_s": round(r.end - result["start"], 2)} for r in unexpected[:50]],
+        "unexpected": [
+            {**asdict(r), "start_s": round(r.start - result["start"], 2), "end_s": round(r.end - result["start"], 2)}
+            for r in unexpected[:50]
+        ],
         "latency": lat,
         "kill": {k: v for k, v in kill.items() if k not in ("t", "recovered_t", "rss_before_kill")},
-        "pages": {"idle": pages.get("idle"), "leaked_pages": leaked,
-                  "workers": [{"worker": w.get("worker"), "pid": w.get("pid"),
-                               **{k: w.get("stats", {}).get(k) for k in
-                                  ("active_requests", "pages_used", "pages_cached", "pages_free", "pages_total",
-                                   "preemptions", "generated_tokens")}} for w in pages.get("workers", [])]},
+        "pages": {
+            "idle": pages.get("idle"),
+            "leaked_pages": leaked,
+            "workers": [
+                {
+                    "worker": w.get("worker"),
+                    "pid": w.get("pid"),
+                    **{
+                        k: w.get("stats", {}).get(k)
+                        for k in (
+                            "active_requests",
+                            "pages_used",
+                            "pages_cached",
+                            "pages_free",
+                            "pages_total",
+                            "preemptions",
+                            "generated_tokens",
+                        )
+                    },
+                }
+                for w in pages.get("workers", [])
+            ],
+        },
         "rss_mib": rss,
         "server_log": {"lines": len(log_lines), "flagged": flagged[:40]},
         "failures": failures,
@@ -317,13 +391,18 @@ def summarize(args, result: dict, pages: dict, rss: dict, log_text: str, server_
 
 
 def report(s: dict) -> None:
-    print(f"\n{s['requests']} requests in {s['elapsed_s']} s: {s['ok']} ok, {s['expected_fail']} expected failures, "
-          f"{s['unexpected_fail']} unexpected")
-    print(f"{'kind':32s} {'requests':>8s} {'ok':>6s} {'expected':>8s} {'unexpected':>10s} "
-          f"{'p50 ms':>8s} {'p99 ms':>8s}")
+    print(
+        f"\n{s['requests']} requests in {s['elapsed_s']} s: {s['ok']} ok, {s['expected_fail']} expected failures, "
+        f"{s['unexpected_fail']} unexpected"
+    )
+    print(
+        f"{'kind':32s} {'requests':>8s} {'ok':>6s} {'expected':>8s} {'unexpected':>10s} {'p50 ms':>8s} {'p99 ms':>8s}"
+    )
     for kind, k in s["by_kind"].items():
-        print(f"{kind:32s} {k['requests']:8d} {k['ok']:6d} {k['expected_fail']:8d} {k['unexpected_fail']:10d} "
-              f"{_ms(k['p50_ms'], 8)} {_ms(k['p99_ms'], 8)}")
+        print(
+            f"{kind:32s} {k['requests']:8d} {k['ok']:6d} {k['expected_fail']:8d} {k['unexpected_fail']:10d} "
+            f"{_ms(k['p50_ms'], 8)} {_ms(k['p99_ms'], 8)}"
+        )
     print("(p50/p99: end-to-end ms of the successful requests; for bad_* kinds, of the refusals)")
     for reason, n in s["expected_by_reason"].items():
         print(f"  expected: {n:5d} x {reason}")
@@ -335,12 +414,16 @@ def report(s: dict) -> None:
     if s["kill"]:
         print("kill:", json.dumps(s["kill"]))
     pages = s["pages"]
-    print(f"KV pages with the server idle ({'reached' if pages['idle'] else 'NOT reached'}): "
-          f"{pages['leaked_pages']} used (leaked)")
+    print(
+        f"KV pages with the server idle ({'reached' if pages['idle'] else 'NOT reached'}): "
+        f"{pages['leaked_pages']} used (leaked)"
+    )
     for w in pages["workers"]:
-        print(f"  worker {w['worker']} pid {w['pid']}: used {w['pages_used']}, cached {w['pages_cached']}, "
-              f"free {w['pages_free']} of {w['pages_total']}; {w['preemptions']} preemptions, "
-              f"{w['generated_tokens']} tokens generated")
+        print(
+            f"  worker {w['worker']} pid {w['pid']}: used {w['pages_used']}, cached {w['pages_cached']}, "
+            f"free {w['pages_free']} of {w['pages_total']}; {w['preemptions']} preemptions, "
+            f"{w['generated_tokens']} tokens generated"
+        )
     print("RSS MiB:")
     phases = list(s["rss_mib"])
     print(f"  {'process':18s}" + "".join(f"{p:>22s}" for p in phases))
@@ -366,9 +449,18 @@ def main(argv=None) -> int:
         model_dir = prepare_model(args.model, tmp)
         log_path = tmp / "server.log"
         server_args = argparse.Namespace(
-            device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, api_key=None,
-            server_arg=["--workers", str(args.workers), "--max-request-bytes", args.max_request_bytes,
-                        *args.server_arg])
+            device=args.device,
+            dtype=args.dtype,
+            max_batch_size=args.max_batch_size,
+            api_key=None,
+            server_arg=[
+                "--workers",
+                str(args.workers),
+                "--max-request-bytes",
+                args.max_request_bytes,
+                *args.server_arg,
+            ],
+        )
         print(f"starting astrai-serve on {model_dir} ({args.device}, {args.workers} worker(s)) ...", flush=True)
         proc, url = start_server(server_args, model_dir, log_path)
         try:

@@ -56,8 +56,9 @@ def server_processes(root: int, worker_pids: dict[int, int]) -> list[dict]:
     for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     out = [{"name": "main", "pid": root}]
-    forked = sorted((p for p in children.get(root, []) if table[p][2] == table.get(root, (0, 0, ""))[2]),
-                    key=lambda p: table[p][1])
+    forked = sorted(
+        (p for p in children.get(root, []) if table[p][2] == table.get(root, (0, 0, ""))[2]), key=lambda p: table[p][1]
+    )
     for pid in sorted(children.get(root, []), key=lambda p: table[p][1]):
         cmd = table[pid][2]
         if pid in worker_pids:

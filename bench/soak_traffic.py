@@ -25,17 +25,33 @@ from serve_load import WORDS
 
 # What a client picks, with weights: ordinary traffic, disconnects, bad requests.
 KINDS = {
-    "openai_chat_stream": 8, "openai_chat": 6, "openai_completion_stream": 5, "openai_completion": 4,
-    "anthropic_stream": 6, "anthropic": 4, "httpx_chat_stream": 4, "httpx_completion_stream": 3,
+    "openai_chat_stream": 8,
+    "openai_chat": 6,
+    "openai_completion_stream": 5,
+    "openai_completion": 4,
+    "anthropic_stream": 6,
+    "anthropic": 4,
+    "httpx_chat_stream": 4,
+    "httpx_completion_stream": 3,
     "httpx_messages_stream": 3,
-    "disconnect_openai_stream": 4, "disconnect_anthropic_stream": 3, "disconnect_httpx_stream": 3,
+    "disconnect_openai_stream": 4,
+    "disconnect_anthropic_stream": 3,
+    "disconnect_httpx_stream": 3,
     "cancel_task": 5,
-    "bad_unknown_field": 2, "bad_surrogate": 2, "bad_oversize": 2, "bad_invalid_json": 2,
+    "bad_unknown_field": 2,
+    "bad_surrogate": 2,
+    "bad_oversize": 2,
+    "bad_invalid_json": 2,
 }
 # Sent just before the kill, twice each, so the killed worker surely holds requests of every
 # shape; long enough (AT_KILL_TOKENS, ignoring EOS) to be mid-generation when it dies.
-AT_KILL = ("at_kill_openai_chat_stream", "at_kill_openai_chat", "at_kill_anthropic_stream", "at_kill_anthropic",
-           "at_kill_httpx_completion_stream")
+AT_KILL = (
+    "at_kill_openai_chat_stream",
+    "at_kill_openai_chat",
+    "at_kill_anthropic_stream",
+    "at_kill_anthropic",
+    "at_kill_httpx_completion_stream",
+)
 AT_KILL_TOKENS = 384  # + a prompt of at most 40 words: within tiny.json's 512 positions
 
 
@@ -103,8 +119,9 @@ class Traffic:
             if not r.choices or r.choices[0].finish_reason is None or r.usage is None:
                 raise ProtocolViolation(f"chat completion without choices, finish_reason or usage: {r}")
             return
-        s = await self.oai.chat.completions.create(model=self.model, messages=messages, stream=True,
-                                                   stream_options={"include_usage": True}, **kw)
+        s = await self.oai.chat.completions.create(
+            model=self.model, messages=messages, stream=True, stream_options={"include_usage": True}, **kw
+        )
         finished, n = False, 0
         try:
             async for chunk in s:
@@ -131,12 +148,17 @@ class Traffic:
         if not finished:
             raise ProtocolViolation("completion stream ended without a finish_reason")
 
-    async def anthropic_messages(self, rng, stream: bool, close_after: int | None = None,
-                                 tokens: int | None = None) -> None:
+    async def anthropic_messages(
+        self, rng, stream: bool, close_after: int | None = None, tokens: int | None = None
+    ) -> None:
         s = self._sizes(rng, tokens or (self._long(rng) if close_after else None))
         # This SDK's create() has no temperature argument: it goes in the body as it is.
-        kw = {"model": self.model, "max_tokens": s.pop("max_tokens"), "extra_body": s,
-              "messages": [{"role": "user", "content": self._text(rng)}]}
+        kw = {
+            "model": self.model,
+            "max_tokens": s.pop("max_tokens"),
+            "extra_body": s,
+            "messages": [{"role": "user", "content": self._text(rng)}],
+        }
         if not stream:
             m = await self.ant.messages.create(**kw)
             if m.stop_reason is None:
@@ -155,20 +177,29 @@ class Traffic:
     async def httpx_stream(self, rng, route: str, close_after: int | None = None, tokens: int | None = None) -> int:
         sizes = self._sizes(rng, tokens or (self._long(rng) if close_after else None))
         if route == "/v1/messages":
-            body = {"model": self.model, "stream": True, **sizes,
-                    "messages": [{"role": "user", "content": self._text(rng)}]}
+            body = {
+                "model": self.model,
+                "stream": True,
+                **sizes,
+                "messages": [{"role": "user", "content": self._text(rng)}],
+            }
             headers, end = {"anthropic-version": "2023-06-01"}, "event: message_stop"
         elif route == "/v1/chat/completions":
-            body = {"model": self.model, "stream": True, **sizes,
-                    "messages": [{"role": "user", "content": self._text(rng)}]}
+            body = {
+                "model": self.model,
+                "stream": True,
+                **sizes,
+                "messages": [{"role": "user", "content": self._text(rng)}],
+            }
             headers, end = {}, "data: [DONE]"
         else:
             body = {"model": self.model, "stream": True, **sizes, "prompt": self._text(rng)}
             headers, end = {}, "data: [DONE]"
         async with self.http.stream("POST", route, json=body, headers=headers) as r:
             if r.status_code != 200:
-                raise httpx.HTTPStatusError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}",
-                                            request=r.request, response=r)
+                raise httpx.HTTPStatusError(
+                    f"HTTP {r.status_code}: {(await r.aread())[:300]!r}", request=r.request, response=r
+                )
             n, seen_end, event = 0, False, ""
             async for line in r.aiter_lines():
                 if line.startswith("event: "):
@@ -191,9 +222,13 @@ class Traffic:
         """A request task cancelled at a random moment: its connection goes away mid-request."""
         pick = rng.randrange(3)
         tokens = self._long(rng)
-        coro = (self.openai_chat(rng, stream=False, tokens=tokens) if pick == 0 else
-                self.openai_chat(rng, stream=True, tokens=tokens) if pick == 1 else
-                self.anthropic_messages(rng, stream=False, tokens=tokens))
+        coro = (
+            self.openai_chat(rng, stream=False, tokens=tokens)
+            if pick == 0
+            else self.openai_chat(rng, stream=True, tokens=tokens)
+            if pick == 1
+            else self.anthropic_messages(rng, stream=False, tokens=tokens)
+        )
         task = asyncio.create_task(coro)
         done, _ = await asyncio.wait({task}, timeout=rng.uniform(0.05, 1.5))
         if task in done:
@@ -209,14 +244,21 @@ class Traffic:
     async def bad_unknown_field(self, rng) -> None:
         pick = rng.randrange(3)
         if pick == 0:
-            await self.oai.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "hi"}],
-                                                   max_tokens=4, extra_body={"bogus_field": 1})
+            await self.oai.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=4,
+                extra_body={"bogus_field": 1},
+            )
         elif pick == 1:
-            await self.oai.completions.create(model=self.model, prompt="hi", max_tokens=4,
-                                              extra_body={"max_token": 4})
+            await self.oai.completions.create(model=self.model, prompt="hi", max_tokens=4, extra_body={"max_token": 4})
         else:
-            await self.ant.messages.create(model=self.model, max_tokens=4, messages=[{"role": "user", "content": "hi"}],
-                                           extra_body={"bogus_field": True})
+            await self.ant.messages.create(
+                model=self.model,
+                max_tokens=4,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_body={"bogus_field": True},
+            )
 
     def _raw_body(self, rng, text_json: str) -> tuple[str, dict, bytes]:
         """(route, headers, body) with `text_json` (already JSON) as the user text."""
@@ -245,9 +287,11 @@ class Traffic:
         if rng.random() < 0.5:
             await self._post_raw(route, headers, body)  # with Content-Length: refused from the headers
         else:
+
             async def chunks():  # no Content-Length: chunked, refused once the limit is passed
                 for i in range(0, len(body), 16384):
-                    yield body[i:i + 16384]
+                    yield body[i : i + 16384]
+
             await self._post_raw(route, headers, chunks())
 
     async def bad_invalid_json(self, rng) -> None:
@@ -271,15 +315,16 @@ class Traffic:
             "disconnect_openai_stream": lambda: self.openai_chat(rng, True, close_after=rng.randint(1, 6)),
             "disconnect_anthropic_stream": lambda: self.anthropic_messages(rng, True, close_after=rng.randint(1, 8)),
             "disconnect_httpx_stream": lambda: self.httpx_stream(
-                rng, rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/messages"]),
-                close_after=rng.randint(1, 6)),
+                rng,
+                rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/messages"]),
+                close_after=rng.randint(1, 6),
+            ),
             "cancel_task": lambda: self.cancel_task(rng),
             "at_kill_openai_chat_stream": lambda: self.openai_chat(rng, True, tokens=AT_KILL_TOKENS),
             "at_kill_openai_chat": lambda: self.openai_chat(rng, False, tokens=AT_KILL_TOKENS),
             "at_kill_anthropic_stream": lambda: self.anthropic_messages(rng, True, tokens=AT_KILL_TOKENS),
             "at_kill_anthropic": lambda: self.anthropic_messages(rng, False, tokens=AT_KILL_TOKENS),
-            "at_kill_httpx_completion_stream": lambda: self.httpx_stream(rng, "/v1/completions",
-                                                                         tokens=AT_KILL_TOKENS),
+            "at_kill_httpx_completion_stream": lambda: self.httpx_stream(rng, "/v1/completions", tokens=AT_KILL_TOKENS),
             "bad_unknown_field": lambda: self.bad_unknown_field(rng),
             "bad_surrogate": lambda: self.bad_surrogate(rng),
             "bad_oversize": lambda: self.bad_oversize(rng),

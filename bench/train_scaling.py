@@ -94,24 +94,55 @@ class StepTimer(L.Callback):
         if not trainer.is_global_zero:
             return
         seconds = (self.end - self.start) if self.steps else None
-        result = {"steps_timed": self.steps, "seconds": seconds, "world_size": trainer.world_size,
-                  "tokens_per_step": self.tokens_per_step,
-                  "tokens_per_s": self.steps * self.tokens_per_step / seconds if seconds else None,
-                  "peak_memory_gib_rank0": self.peak_gib}
+        result = {
+            "steps_timed": self.steps,
+            "seconds": seconds,
+            "world_size": trainer.world_size,
+            "tokens_per_step": self.tokens_per_step,
+            "tokens_per_s": self.steps * self.tokens_per_step / seconds if seconds else None,
+            "peak_memory_gib_rank0": self.peak_gib,
+        }
         Path(self.path).write_text(json.dumps(result))
 
 
 # -- inputs ------------------------------------------------------------------------------------
 def lexicon(n: int, rng: random.Random) -> list[str]:
-    onsets = ["", "b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "dr", "st",
-              "tr", "sh", "ch", "kl", "pl", "gr"]
+    onsets = [
+        "",
+        "b",
+        "d",
+        "f",
+        "g",
+        "h",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "z",
+        "br",
+        "dr",
+        "st",
+        "tr",
+        "sh",
+        "ch",
+        "kl",
+        "pl",
+        "gr",
+    ]
     vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ee", "ia", "oa"]
     codas = ["", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng"]
     words: list[str] = []
     seen: set[str] = set()
     while len(words) < n:
-        word = "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-                       for _ in range(rng.choice((1, 2, 2, 3, 3, 4))))
+        word = "".join(
+            rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))
+        )
         if word not in seen:
             seen.add(word)
             words.append(word)
@@ -148,12 +179,20 @@ def prepare(args, work: Path) -> dict:
     docs = documents(args.words, args.lexicon)
     corpus = work / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tokenizer = train_tokenizer(iter(docs), vocab_size=args.vocab_size, min_frequency=2, out_dir=work / "tokenizer",
-                                show_progress=False)
-    print(f"corpus: {len(docs)} documents, {args.words} words, {corpus.stat().st_size / 1e6:.1f} MB; tokenizer: "
-          f"{tokenizer.vocab_size} tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return {"corpus": corpus, "tokenizer": work / "tokenizer", "cache": work / "cache",
-            "vocab_size": tokenizer.vocab_size}
+    tokenizer = train_tokenizer(
+        iter(docs), vocab_size=args.vocab_size, min_frequency=2, out_dir=work / "tokenizer", show_progress=False
+    )
+    print(
+        f"corpus: {len(docs)} documents, {args.words} words, {corpus.stat().st_size / 1e6:.1f} MB; tokenizer: "
+        f"{tokenizer.vocab_size} tokens ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
+    return {
+        "corpus": corpus,
+        "tokenizer": work / "tokenizer",
+        "cache": work / "cache",
+        "vocab_size": tokenizer.vocab_size,
+    }
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -161,26 +200,49 @@ def strategy(name: str, accelerator: str) -> str:
     if name == "ddp":
         return "ddp"
     cls = "disthelp.CPUFSDPStrategy" if accelerator == "cpu" else "lightning.pytorch.strategies.FSDPStrategy"
-    return json.dumps({"class_path": cls, "init_args": {"state_dict_type": "full",
-                                                        "auto_wrap_policy": ["astrai.core.transformer.Block"]}})
+    return json.dumps(
+        {
+            "class_path": cls,
+            "init_args": {"state_dict_type": "full", "auto_wrap_policy": ["astrai.core.transformer.Block"]},
+        }
+    )
 
 
-def fit_args(args, inputs: dict, root: Path, *, steps: int, batch: int, devices: int = 1, strat: str = "auto",
-             keep: bool = False) -> list[str]:
-    timer = {"class_path": "train_scaling.StepTimer",
-             "init_args": {"path": str(root / "timing.json"), "warmup": args.warmup}}
-    out = ["fit", "--model=seq", f"--model.model={args.model}", f"--model.lr={args.lr}",
-           f"--model.warmup_steps={args.lr_warmup}", f"--model.decay_steps={args.steps + args.extra_steps}",
-           "--model.export_dtype=bfloat16" if args.accelerator != "cpu" else "--model.export_dtype=float32",
-           f"--model.export_on_fit_end={str(keep).lower()}",
-           "--data=pretrain", f"--data.train={inputs['corpus']}", f"--data.tokenizer={inputs['tokenizer']}",
-           f"--data.seq_len={args.seq_len}", f"--data.batch_size={batch}", f"--data.cache_dir={inputs['cache']}",
-           f"--data.num_workers={args.num_workers}", f"--data.num_proc={args.num_proc}",
-           f"--trainer.accelerator={'cpu' if args.accelerator == 'cpu' else 'gpu'}", f"--trainer.devices={devices}",
-           f"--trainer.strategy={strat}", f"--trainer.precision={args.precision}", f"--trainer.max_steps={steps}",
-           f"--trainer.default_root_dir={root}", "--trainer.log_every_n_steps=1",
-           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-           f"--trainer.callbacks=[{json.dumps(timer)}]"]
+def fit_args(
+    args, inputs: dict, root: Path, *, steps: int, batch: int, devices: int = 1, strat: str = "auto", keep: bool = False
+) -> list[str]:
+    timer = {
+        "class_path": "train_scaling.StepTimer",
+        "init_args": {"path": str(root / "timing.json"), "warmup": args.warmup},
+    }
+    out = [
+        "fit",
+        "--model=seq",
+        f"--model.model={args.model}",
+        f"--model.lr={args.lr}",
+        f"--model.warmup_steps={args.lr_warmup}",
+        f"--model.decay_steps={args.steps + args.extra_steps}",
+        "--model.export_dtype=bfloat16" if args.accelerator != "cpu" else "--model.export_dtype=float32",
+        f"--model.export_on_fit_end={str(keep).lower()}",
+        "--data=pretrain",
+        f"--data.train={inputs['corpus']}",
+        f"--data.tokenizer={inputs['tokenizer']}",
+        f"--data.seq_len={args.seq_len}",
+        f"--data.batch_size={batch}",
+        f"--data.cache_dir={inputs['cache']}",
+        f"--data.num_workers={args.num_workers}",
+        f"--data.num_proc={args.num_proc}",
+        f"--trainer.accelerator={'cpu' if args.accelerator == 'cpu' else 'gpu'}",
+        f"--trainer.devices={devices}",
+        f"--trainer.strategy={strat}",
+        f"--trainer.precision={args.precision}",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.callbacks=[{json.dumps(timer)}]",
+    ]
     if keep:
         out.append("--checkpoint.save_top_k=0")  # last.ckpt only: one full write of the optimizer state
     else:
@@ -202,8 +264,11 @@ def save_progress(work: Path, walls: dict) -> None:
     script is cut off (a time limit), the figures of the runs that finished survive."""
     if not os.environ.get("OUT"):
         return
-    runs = {name: {"wall_s": round(wall), "timing": timing(work / name), "losses": losses(work / name)}
-            for name, wall in walls.items() if (work / name).is_dir()}
+    runs = {
+        name: {"wall_s": round(wall), "timing": timing(work / name), "losses": losses(work / name)}
+        for name, wall in walls.items()
+        if (work / name).is_dir()
+    }
     out = Path(os.environ["OUT"]) / "train_scaling_progress.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(runs, indent=1))
@@ -215,8 +280,14 @@ def train(args, name: str, argv: list[str], log_dir: Path) -> float:
     print(f"[{name}] astrai-train {' '.join(a for a in argv if not a.startswith('--trainer.callbacks'))}", flush=True)
     t0 = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.run([sys.executable, "-m", "astrai.train.cli", *argv], cwd=REPO, env=child_env(args),
-                              stdout=out, stderr=subprocess.STDOUT, timeout=args.run_timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "astrai.train.cli", *argv],
+            cwd=REPO,
+            env=child_env(args),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=args.run_timeout,
+        )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         print(log.read_text()[-6000:], file=sys.stderr)
@@ -250,16 +321,29 @@ def serve_once(args, model_dir: Path, log_dir: Path) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     where = ["--device", "cpu"] if args.accelerator == "cpu" else ["--devices", str(args.devices)]
-    argv = [sys.executable, "-m", "astrai.serve.cli", "--model", str(model_dir), "--port", str(port), *where,
-            "--max-batch-size", "8", "--log-level", "info"]
+    argv = [
+        sys.executable,
+        "-m",
+        "astrai.serve.cli",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        *where,
+        "--max-batch-size",
+        "8",
+        "--log-level",
+        "info",
+    ]
     if args.accelerator != "cpu":
         argv += ["--kv-cache-memory", "4GiB"]
     print(f"[serve] {' '.join(argv[1:])}", flush=True)
     log = log_dir / "serve.log"
     t0 = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, env=child_env(args), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=child_env(args), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -275,21 +359,33 @@ def serve_once(args, model_dir: Path, log_dir: Path) -> dict:
                 pass
             time.sleep(0.5)
         ready = time.perf_counter() - t0
-        body = {"model": model_dir.name, "messages": [{"role": "user", "content": "Tell me about the words."}],
-                "max_tokens": 24, "temperature": 0}
+        body = {
+            "model": model_dir.name,
+            "messages": [{"role": "user", "content": "Tell me about the words."}],
+            "max_tokens": 24,
+            "temperature": 0,
+        }
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
         r.raise_for_status()
         reply = r.json()
         stats = httpx.get(url + "/stats", timeout=30).json()
     finally:
         stop_server(proc)
-    result = {"ready_s": round(ready, 1), "reply": reply["choices"][0]["message"]["content"],
-              "finish_reason": reply["choices"][0]["finish_reason"], "usage": reply["usage"],
-              "engines": [{"device": w.get("device"), "generated_tokens": w.get("stats", {}).get("generated_tokens")}
-                          for w in stats["workers"]]}
-    print(f"[serve] ready in {ready:.0f} s; reply ({result['finish_reason']}, "
-          f"{reply['usage']['completion_tokens']} tokens): {result['reply']!r}; engines: {result['engines']}",
-          flush=True)
+    result = {
+        "ready_s": round(ready, 1),
+        "reply": reply["choices"][0]["message"]["content"],
+        "finish_reason": reply["choices"][0]["finish_reason"],
+        "usage": reply["usage"],
+        "engines": [
+            {"device": w.get("device"), "generated_tokens": w.get("stats", {}).get("generated_tokens")}
+            for w in stats["workers"]
+        ],
+    }
+    print(
+        f"[serve] ready in {ready:.0f} s; reply ({result['finish_reason']}, "
+        f"{reply['usage']['completion_tokens']} tokens): {result['reply']!r}; engines: {result['engines']}",
+        flush=True,
+    )
     return result
 
 
@@ -314,19 +410,29 @@ def summarize(args, curves: dict, times: dict, walls: dict, served: dict | None)
 
     return {
         "device": torch.cuda.get_device_name(0) if args.accelerator != "cpu" else "cpu",
-        "model": args.model, "vocab_size": args.vocab_size_used, "seq_len": args.seq_len,
-        "global_batch": args.batch_size, "precision": args.precision, "steps": args.steps,
+        "model": args.model,
+        "vocab_size": args.vocab_size_used,
+        "seq_len": args.seq_len,
+        "global_batch": args.batch_size,
+        "precision": args.precision,
+        "steps": args.steps,
         "extra_steps": args.extra_steps,
         "loss_drop_one": round(one[0] - one[args.steps - 1], 4) if 0 in one and args.steps - 1 in one else None,
         "max_abs_loss_diff_vs_one": diffs,
         "step0_abs_loss_diff_vs_one": step0,
         "tokens_per_s": {k: round(v) if v else None for k, v in tps.items()},
-        "scaling_efficiency": {"ddp": ratio(tps.get("ddp"), tps.get("half"), args.devices),
-                               "fsdp": ratio(tps.get("fsdp"), tps.get("half"), args.devices)},
-        "speedup_vs_one_gpu_same_global_batch": {"ddp": ratio(tps.get("ddp"), tps.get("one")),
-                                                 "fsdp": ratio(tps.get("fsdp"), tps.get("one"))},
-        "peak_memory_gib_rank0": {k: round(t["peak_memory_gib_rank0"], 1) if t.get("peak_memory_gib_rank0") else None
-                                  for k, t in times.items()},
+        "scaling_efficiency": {
+            "ddp": ratio(tps.get("ddp"), tps.get("half"), args.devices),
+            "fsdp": ratio(tps.get("fsdp"), tps.get("half"), args.devices),
+        },
+        "speedup_vs_one_gpu_same_global_batch": {
+            "ddp": ratio(tps.get("ddp"), tps.get("one")),
+            "fsdp": ratio(tps.get("fsdp"), tps.get("one")),
+        },
+        "peak_memory_gib_rank0": {
+            k: round(t["peak_memory_gib_rank0"], 1) if t.get("peak_memory_gib_rank0") else None
+            for k, t in times.items()
+        },
         "wall_s": {k: round(v) for k, v in walls.items()},
         "serve": served,
         "losses": {name: [curves[name].get(s) for s in range(args.steps + args.extra_steps)] for name in curves},
@@ -340,9 +446,22 @@ def print_summary(summary: dict, args) -> None:
         cells = [summary["losses"][n][step] for n in names]
         print(f"{step:4d}  " + "".join(f"{'':>10}" if c is None else f"{c:10.4f}" for c in cells))
     print()
-    for key in ("device", "model", "vocab_size", "seq_len", "global_batch", "precision", "loss_drop_one",
-                "max_abs_loss_diff_vs_one", "step0_abs_loss_diff_vs_one", "tokens_per_s", "scaling_efficiency",
-                "speedup_vs_one_gpu_same_global_batch", "peak_memory_gib_rank0", "wall_s"):
+    for key in (
+        "device",
+        "model",
+        "vocab_size",
+        "seq_len",
+        "global_batch",
+        "precision",
+        "loss_drop_one",
+        "max_abs_loss_diff_vs_one",
+        "step0_abs_loss_diff_vs_one",
+        "tokens_per_s",
+        "scaling_efficiency",
+        "speedup_vs_one_gpu_same_global_batch",
+        "peak_memory_gib_rank0",
+        "wall_s",
+    ):
         print(f"{key:<38} {summary[key]}")
     if summary["serve"]:
         print(f"{'serve':<38} {summary['serve']}")
@@ -373,11 +492,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-timeout", type=int, default=900, help="seconds any one run may take")
     args = p.parse_args(argv)
     mini = args.mini
-    defaults = {"model": "configs/model/tiny.json" if mini else "configs/model/tinyllama-1.1b.json",
-                "seq_len": 64 if mini else 2048, "batch_size": 4 if mini else 8, "steps": 4 if mini else 24,
-                "extra_steps": 2 if mini else 4, "warmup": 1 if mini else 5,
-                "precision": "32-true" if args.accelerator == "cpu" else "bf16-mixed",
-                "vocab_size": 1024 if mini else 32000, "words": 40_000 if mini else 1_200_000}
+    defaults = {
+        "model": "configs/model/tiny.json" if mini else "configs/model/tinyllama-1.1b.json",
+        "seq_len": 64 if mini else 2048,
+        "batch_size": 4 if mini else 8,
+        "steps": 4 if mini else 24,
+        "extra_steps": 2 if mini else 4,
+        "warmup": 1 if mini else 5,
+        "precision": "32-true" if args.accelerator == "cpu" else "bf16-mixed",
+        "vocab_size": 1024 if mini else 32000,
+        "words": 40_000 if mini else 1_200_000,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -398,9 +523,12 @@ def main(argv=None) -> dict:
     work = Path(args.work_dir) if args.work_dir else Path("/tmp") / f"astrai-train-scaling-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    print(f"work dir {work}; model {args.model}, seq {args.seq_len}, global batch {args.batch_size}, "
-          f"{args.steps}+{args.extra_steps} steps, {args.precision}, {args.devices} devices "
-          f"({args.accelerator}); NCCL_NVLS_ENABLE={os.environ['NCCL_NVLS_ENABLE']}", flush=True)
+    print(
+        f"work dir {work}; model {args.model}, seq {args.seq_len}, global batch {args.batch_size}, "
+        f"{args.steps}+{args.extra_steps} steps, {args.precision}, {args.devices} devices "
+        f"({args.accelerator}); NCCL_NVLS_ENABLE={os.environ['NCCL_NVLS_ENABLE']}",
+        flush=True,
+    )
     t_start = time.perf_counter()
     inputs = prepare(args, work)
     args.vocab_size_used = inputs["vocab_size"]
@@ -412,8 +540,16 @@ def main(argv=None) -> dict:
     walls["half"] = train(args, "half", fit_args(args, inputs, roots["half"], steps=args.steps, batch=half), work)
     save_progress(work, walls)
     for name in ("ddp", "fsdp"):
-        argv = fit_args(args, inputs, roots[name], steps=args.steps, batch=half, devices=args.devices,
-                        strat=strategy(name, args.accelerator), keep=name == "fsdp")
+        argv = fit_args(
+            args,
+            inputs,
+            roots[name],
+            steps=args.steps,
+            batch=half,
+            devices=args.devices,
+            strat=strategy(name, args.accelerator),
+            keep=name == "fsdp",
+        )
         walls[name] = train(args, name, argv, work)
         save_progress(work, walls)
     times = {name: timing(root) for name, root in roots.items()}

@@ -126,25 +126,46 @@ def shape_stats(config: dict, seq_len: int) -> tuple[int, float]:
 
 def make_module(args, config: dict, param_dtype: str) -> SeqModule:
     torch.manual_seed(0)
-    return SeqModule(model=config, optimizer=args.optimizer, lr=1e-4, scheduler="constant",
-                     gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
-                     param_dtype=param_dtype, export_on_fit_end=False, peak_flops=args.peak_flops)
+    return SeqModule(
+        model=config,
+        optimizer=args.optimizer,
+        lr=1e-4,
+        scheduler="constant",
+        gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile,
+        param_dtype=param_dtype,
+        export_on_fit_end=False,
+        peak_flops=args.peak_flops,
+    )
 
 
 def make_loader(args, config: dict, world_size: int = 1) -> DataLoader:
     rows = (args.warmup + args.steps + 1) * args.accumulate * args.batch_size * world_size
-    return DataLoader(RandomTokens(rows, args.seq_len, config["vocab_size"]), batch_size=args.batch_size,
-                      num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        RandomTokens(rows, args.seq_len, config["vocab_size"]),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def run_lightning(args, config: dict, param_dtype: str, device: torch.device) -> dict | None:
     module = make_module(args, config, param_dtype)
     timer = StepTimer(args.warmup, args.steps, allocated(device))
-    trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-                        precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
-                        accumulate_grad_batches=args.accumulate,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[timer], limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        precision=args.precision,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        accumulate_grad_batches=args.accumulate,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        limit_val_batches=0,
+    )
     trainer.fit(module, make_loader(args, config, trainer.world_size))
     if not trainer.is_global_zero:
         return None
@@ -201,8 +222,9 @@ def run_reference(args, config: dict, device: torch.device) -> dict:
     fields["use_cache"] = False
     torch.manual_seed(0)
     with torch.device(device):
-        model = transformers.LlamaForCausalLM._from_config(transformers.LlamaConfig(**fields),
-                                                             attn_implementation="sdpa")
+        model = transformers.LlamaForCausalLM._from_config(
+            transformers.LlamaConfig(**fields), attn_implementation="sdpa"
+        )
     model.train()
     if args.compile:
         model.compile()
@@ -252,8 +274,10 @@ def print_report(header: dict, rows: list[dict], args) -> None:
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
         mem = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
-        print(f"{r['run']:<34}{r['tokens_per_sec']:>10,}{r['step_ms']:>10.1f}{r['model_tflops_per_device']:>10.1f}"
-              f"{mfu:>8}{mem:>10}")
+        print(
+            f"{r['run']:<34}{r['tokens_per_sec']:>10,}{r['step_ms']:>10.1f}{r['model_tflops_per_device']:>10.1f}"
+            f"{mfu:>8}{mem:>10}"
+        )
     by_name = {r["run"]: r for r in rows}
     reference = next((r for r in rows if r["run"].startswith("transformers")), None)
     print()
@@ -280,8 +304,13 @@ def main():
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     p.add_argument("--precision", default=None, help="Lightning precision; default bf16-mixed on GPU, 32-true on CPU")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
-    p.add_argument("--param-dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                   help="module option param_dtype; several: one run of ours each")
+    p.add_argument(
+        "--param-dtype",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16"],
+        help="module option param_dtype; several: one run of ours each",
+    )
     p.add_argument("--compile", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (Lightning runs only)")
@@ -332,7 +361,8 @@ def main():
         "torch": torch.__version__,
         "model": args.model,
         "params": n_params,
-        "batch_size": args.batch_size, "accumulate": args.accumulate,
+        "batch_size": args.batch_size,
+        "accumulate": args.accumulate,
         "seq_len": args.seq_len,
         "precision": args.precision,
         "optimizer": args.optimizer,

@@ -12,12 +12,19 @@ import random
 
 # Presets: request count, length ranges (inclusive) and the engine sizes both benches use.
 WORKLOADS = {
-    "decode256": dict(num_requests=256, prompt_len=[256, 256], output_len=[256, 256], max_batch_size=256,
-                      max_num_batched_tokens=8192),
-    "mixed": dict(num_requests=256, prompt_len=[100, 1024], output_len=[100, 1024], max_batch_size=256,
-                  max_num_batched_tokens=8192),
-    "short": dict(num_requests=512, prompt_len=[16, 128], output_len=[64, 128], max_batch_size=256,
-                  max_num_batched_tokens=8192),
+    "decode256": dict(
+        num_requests=256, prompt_len=[256, 256], output_len=[256, 256], max_batch_size=256, max_num_batched_tokens=8192
+    ),
+    "mixed": dict(
+        num_requests=256,
+        prompt_len=[100, 1024],
+        output_len=[100, 1024],
+        max_batch_size=256,
+        max_num_batched_tokens=8192,
+    ),
+    "short": dict(
+        num_requests=512, prompt_len=[16, 128], output_len=[64, 128], max_batch_size=256, max_num_batched_tokens=8192
+    ),
 }
 FIRST_ORDINARY_ID = 5  # our special tokens take ids 0..4: prompts stay clear of them
 

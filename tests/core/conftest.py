@@ -17,10 +17,22 @@ ARCHITECTURES = {
     "qk_norm": {"qk_norm": True},
     "gated": {"gated_attn": True},
     "mla": {"attn_type": "mla", "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12},
-    "mla_qlora_gated": {"attn_type": "mla", "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                        "qk_rope_head_dim": 8, "v_head_dim": 12, "gated_attn": True},
-    "moe": {"ffn_type": "moe", "n_routed_experts": 4, "n_shared_experts": 1, "n_activated_experts": 2,
-            "moe_ffn_dim": 24},
+    "mla_qlora_gated": {
+        "attn_type": "mla",
+        "q_lora_rank": 24,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 12,
+        "gated_attn": True,
+    },
+    "moe": {
+        "ffn_type": "moe",
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "n_activated_experts": 2,
+        "moe_ffn_dim": 24,
+    },
 }
 
 

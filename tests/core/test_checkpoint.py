@@ -109,8 +109,9 @@ def test_sharded_save_writes_an_index_and_reloads(make_model, tmp_path):
     assert_same_weights(model, load_pretrained(tmp_path))
 
 
-@pytest.mark.parametrize(("text", "expected"), [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1.5kb", 1500),
-                                                 (12345, 12345), ("64 B", 64)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1.5kb", 1500), (12345, 12345), ("64 B", 64)]
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -184,14 +185,17 @@ def test_tokenizer_is_saved_alongside(make_model, tmp_path):
 
 
 # -- config.json -----------------------------------------------------------------------------
-@pytest.mark.parametrize(("arch", "model_type", "architecture"), [
-    ("gqa", "llama", "LlamaForCausalLM"),
-    ("bias", "qwen2", "Qwen2ForCausalLM"),
-    ("qk_norm", "qwen3", "Qwen3ForCausalLM"),
-    ("gated", "astrai", "AstrAIForCausalLM"),
-    ("mla", "astrai", "AstrAIForCausalLM"),
-    ("moe", "astrai", "AstrAIForCausalLM"),
-])
+@pytest.mark.parametrize(
+    ("arch", "model_type", "architecture"),
+    [
+        ("gqa", "llama", "LlamaForCausalLM"),
+        ("bias", "qwen2", "Qwen2ForCausalLM"),
+        ("qk_norm", "qwen3", "Qwen3ForCausalLM"),
+        ("gated", "astrai", "AstrAIForCausalLM"),
+        ("mla", "astrai", "AstrAIForCausalLM"),
+        ("moe", "astrai", "AstrAIForCausalLM"),
+    ],
+)
 def test_config_json_uses_the_hugging_face_architecture_when_it_can(tiny_config, arch, model_type, architecture):
     config = tiny_config(arch, rope_scaling={"type": "linear", "factor": 2.0})
     data = to_hf_dict(config, "float32")
@@ -208,7 +212,9 @@ def test_config_json_uses_the_hugging_face_architecture_when_it_can(tiny_config,
 def test_both_ecosystems_attention_bias_rules(tiny_config):
     """Our attn_bias is q/k/v only (Qwen2); with qk-norm there is no Hugging Face equivalent."""
     assert to_hf_dict(tiny_config(attn_bias=True, qk_norm=True))["model_type"] == "astrai"
-    assert to_hf_dict(tiny_config(dim=34, n_heads=4, head_dim=8))["model_type"] == "astrai"  # Llama needs dim % heads == 0
+    assert (
+        to_hf_dict(tiny_config(dim=34, n_heads=4, head_dim=8))["model_type"] == "astrai"
+    )  # Llama needs dim % heads == 0
 
 
 def test_edited_hugging_face_fields_win_over_the_astrai_copy(tiny_config, tmp_path):
@@ -219,37 +225,104 @@ def test_edited_hugging_face_fields_win_over_the_astrai_copy(tiny_config, tmp_pa
 
 
 def test_transformers_4_style_rope_fields():
-    data = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 50, "hidden_size": 32,
-            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "rope_theta": 5e5,
-            "rope_scaling": {"type": "linear", "factor": 2.0}, "tie_word_embeddings": True}
+    data = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 50,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "rope_theta": 5e5,
+        "rope_scaling": {"type": "linear", "factor": 2.0},
+        "tie_word_embeddings": True,
+    }
     config = from_hf_dict(data)
-    assert (config.rope_theta, config.rope_scaling, config.n_kv_heads, config.head_dim) == (5e5, {"type": "linear", "factor": 2.0}, 4, 8)
+    assert (config.rope_theta, config.rope_scaling, config.n_kv_heads, config.head_dim) == (
+        5e5,
+        {"type": "linear", "factor": 2.0},
+        4,
+        8,
+    )
     assert (config.bos_token_id, config.eos_token_id, config.max_len) == (1, 2, 2048)  # LlamaConfig's defaults
 
 
 # config.json files as published on the Hugging Face Hub (transformers 4.x layout).
 PUBLISHED = {
     "qwen2.5-0.5b.json": {
-        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
-        "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
-        "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
-        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-        "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "hidden_act": "silu",
+        "hidden_size": 896,
+        "initializer_range": 0.02,
+        "intermediate_size": 4864,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 24,
+        "model_type": "qwen2",
+        "num_attention_heads": 14,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.1",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    },
     "qwen3-0.6b.json": {
-        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
-        "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960,
-        "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
-        "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
-        "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
-        "use_sliding_window": False, "vocab_size": 151936},
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 1024,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 40960,
+        "max_window_layers": 28,
+        "model_type": "qwen3",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    },
     "tinyllama-1.1b.json": {
-        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 2048,
-        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4,
-        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000},
+        "architectures": ["LlamaForCausalLM"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 5632,
+        "max_position_embeddings": 2048,
+        "model_type": "llama",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 22,
+        "num_key_value_heads": 4,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 32000,
+    },
 }
 
 
@@ -386,8 +459,10 @@ def test_unknown_architecture_names_the_supported_ones(saved):
         assert supported in message
 
 
-@pytest.mark.parametrize(("field", "value"), [("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"),
-                                              ("partial_rotary_factor", 0.5)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"), ("partial_rotary_factor", 0.5)],
+)
 def test_unsupported_hugging_face_options_are_refused(saved, field, value):
     data = json.loads((saved / "config.json").read_text())
     data[field] = value

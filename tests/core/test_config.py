@@ -17,12 +17,37 @@ MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 def test_json_round_trip_keeps_every_field(tmp_path):
     config = ModelConfig(
-        vocab_size=300, dim=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=16, ffn_dim=80, norm_eps=1e-5,
-        max_len=256, rope_theta=5e5, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-        tie_embeddings=True, attn_bias=True, gated_attn=True, attn_type="mla", q_lora_rank=24, kv_lora_rank=20,
-        qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10, ffn_type="moe", n_routed_experts=5,
-        n_shared_experts=2, n_activated_experts=3, moe_ffn_dim=40, moe_aux_loss_coef=0.05, init_std=0.01,
-        bos_token_id=1, eos_token_id=[2, 4], pad_token_id=0, extra={"note": "中文 ok", "nested": {"a": [1, 2]}},
+        vocab_size=300,
+        dim=48,
+        n_layers=3,
+        n_heads=6,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=80,
+        norm_eps=1e-5,
+        max_len=256,
+        rope_theta=5e5,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        tie_embeddings=True,
+        attn_bias=True,
+        gated_attn=True,
+        attn_type="mla",
+        q_lora_rank=24,
+        kv_lora_rank=20,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=6,
+        v_head_dim=10,
+        ffn_type="moe",
+        n_routed_experts=5,
+        n_shared_experts=2,
+        n_activated_experts=3,
+        moe_ffn_dim=40,
+        moe_aux_loss_coef=0.05,
+        init_std=0.01,
+        bos_token_id=1,
+        eos_token_id=[2, 4],
+        pad_token_id=0,
+        extra={"note": "中文 ok", "nested": {"a": [1, 2]}},
     )
     assert ModelConfig.from_json(config.to_json()) == config
     config.to_json(tmp_path / "c.json")
@@ -64,8 +89,17 @@ BAD_VALUES = [
     ({"rope_scaling": {"type": "ntk-by-parts", "factor": 2.0}}, "rope_scaling.type"),
     ({"rope_scaling": {"type": "linear", "factor": 0.5}}, "rope_scaling.factor"),
     ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling.factor"),
-    ({"rope_scaling": {"type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 64}}, "rope_scaling.low_freq_factor"),
+    (
+        {
+            "rope_scaling": {
+                "type": "llama3",
+                "factor": 8.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+        "rope_scaling.low_freq_factor",
+    ),
 ]
 
 
@@ -121,13 +155,36 @@ def test_every_shipped_config_loads_and_builds(path):
 
 def test_named_open_shapes():
     q25 = ModelConfig.from_json(MODEL_CONFIGS / "qwen2.5-0.5b.json")
-    assert (q25.vocab_size, q25.dim, q25.n_layers, q25.n_heads, q25.n_kv_heads, q25.ffn_dim) == (151936, 896, 24, 14, 2, 4864)
+    assert (q25.vocab_size, q25.dim, q25.n_layers, q25.n_heads, q25.n_kv_heads, q25.ffn_dim) == (
+        151936,
+        896,
+        24,
+        14,
+        2,
+        4864,
+    )
     assert q25.tie_embeddings and q25.attn_bias and q25.rope_theta == 1e6
     q3 = ModelConfig.from_json(MODEL_CONFIGS / "qwen3-0.6b.json")
-    assert (q3.dim, q3.n_layers, q3.n_heads, q3.n_kv_heads, q3.head_dim, q3.ffn_dim, q3.max_len) == (1024, 28, 16, 8, 128, 3072, 40960)
+    assert (q3.dim, q3.n_layers, q3.n_heads, q3.n_kv_heads, q3.head_dim, q3.ffn_dim, q3.max_len) == (
+        1024,
+        28,
+        16,
+        8,
+        128,
+        3072,
+        40960,
+    )
     assert q3.qk_norm and q3.tie_embeddings and not q3.attn_bias
     tl = ModelConfig.from_json(MODEL_CONFIGS / "tinyllama-1.1b.json")
-    assert (tl.vocab_size, tl.dim, tl.n_layers, tl.n_heads, tl.n_kv_heads, tl.ffn_dim, tl.max_len) == (32000, 2048, 22, 32, 4, 5632, 2048)
+    assert (tl.vocab_size, tl.dim, tl.n_layers, tl.n_heads, tl.n_kv_heads, tl.ffn_dim, tl.max_len) == (
+        32000,
+        2048,
+        22,
+        32,
+        4,
+        5632,
+        2048,
+    )
     assert not tl.tie_embeddings and tl.rope_theta == 10000.0
     tiny = ModelConfig.from_json(MODEL_CONFIGS / "tiny.json")
     assert (tiny.dim, tiny.n_layers, tiny.n_heads, tiny.n_kv_heads, tiny.max_len) == (128, 4, 4, 2, 512)

@@ -29,11 +29,28 @@ from astrai.train.cli import USER_ERRORS, UsageError
 from astrai.train.data.records import DataError, RecordError
 from astrai.train.rewards import RewardError
 
-USER_FACING = [IntegrityError, ConfigError, CheckpointError, HFConfigError, ServeConfigError, UsageError,
-               BatchError, DataError, RecordError, RewardError]
+USER_FACING = [
+    IntegrityError,
+    ConfigError,
+    CheckpointError,
+    HFConfigError,
+    ServeConfigError,
+    UsageError,
+    BatchError,
+    DataError,
+    RecordError,
+    RewardError,
+]
 
-SIZES = {"2G": 2 * 10**9, "2GB": 2 * 10**9, "2GiB": 2 * 2**30, "512MB": 512 * 10**6, "512MiB": 512 * 2**20,
-         "1.5GiB": 3 * 2**29, "4096": 4096}
+SIZES = {
+    "2G": 2 * 10**9,
+    "2GB": 2 * 10**9,
+    "2GiB": 2 * 2**30,
+    "512MB": 512 * 10**6,
+    "512MiB": 512 * 2**20,
+    "1.5GiB": 3 * 2**29,
+    "4096": 4096,
+}
 NOT_SIZES = ["two gigs", "-1G", ""]
 
 

@@ -19,13 +19,24 @@ from astrai.core.engine import InferenceEngine, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-SHAPE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SHAPE = dict(
+    vocab_size=4096,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 HF_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**SHAPE, rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
     "qwen2": lambda: transformers.Qwen2Config(**SHAPE, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-    "qwen3": lambda: transformers.Qwen3Config(**SHAPE, head_dim=128, tie_word_embeddings=True,
-                                              rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "qwen3": lambda: transformers.Qwen3Config(
+        **SHAPE, head_dim=128, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
+    ),
 }
 SLACK = 1.5  # ours may be this much further from float32 than transformers' bf16 is, plus ABS_SLACK
 ABS_SLACK = 2e-2
@@ -49,7 +60,9 @@ def test_bf16_logits_as_close_to_float32_as_transformers(kind, tmp_path):
     theirs32 = hf_model(kind, tmp_path)
     theirs16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
     ours16 = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda").eval()
-    ids = torch.randint(3, SHAPE["vocab_size"], (4, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    ids = torch.randint(
+        3, SHAPE["vocab_size"], (4, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1)
+    )
     with torch.no_grad():
         ref = theirs32(input_ids=ids).logits.double()
         assert ref.std() > 0.5  # meaningful logits
@@ -66,16 +79,19 @@ def test_bf16_engine_greedy_matches_transformers_generate(kind, tmp_path):
     ours = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda").eval()
     engine = InferenceEngine(ours, None, max_batch_size=16, page_size=16, kv_cache_memory="256MiB")
     gen = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(3, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
-               for n in torch.randint(5, 200, (16,), generator=gen)]
+    prompts = [
+        torch.randint(3, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
+        for n in torch.randint(5, 200, (16,), generator=gen)
+    ]
     new = 48
     completions = engine.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
     clear_mismatch = []
     with torch.no_grad():
         for prompt, c in zip(prompts, completions):
             ids = torch.tensor([prompt], device="cuda")
-            expected = theirs16.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None,
-                                         pad_token_id=0)[0, len(prompt):].tolist()
+            expected = theirs16.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)[
+                0, len(prompt) :
+            ].tolist()
             got = list(c.token_ids)
             assert len(got) == new
             if got == expected:

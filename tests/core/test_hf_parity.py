@@ -14,17 +14,50 @@ from astrai.core.auto import AutoModel
 from astrai.core.checkpoint import save_pretrained
 
 ATOL = 1e-4
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 HF_CONFIGS = {
-    "llama": lambda **kw: transformers.LlamaConfig(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw),
-    "qwen2": lambda **kw: transformers.Qwen2Config(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw),
-    "qwen3": lambda **kw: transformers.Qwen3Config(**TINY, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw),
-    "llama-llama3-rope": lambda **kw: transformers.LlamaConfig(**TINY, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}, **kw),
-    "qwen3-yarn-rope": lambda **kw: transformers.Qwen3Config(**TINY, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}, **kw),
+    "llama": lambda **kw: transformers.LlamaConfig(
+        **TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw
+    ),
+    "qwen2": lambda **kw: transformers.Qwen2Config(
+        **TINY, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw
+    ),
+    "qwen3": lambda **kw: transformers.Qwen3Config(
+        **TINY, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **kw
+    ),
+    "llama-llama3-rope": lambda **kw: transformers.LlamaConfig(
+        **TINY,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        **kw,
+    ),
+    "qwen3-yarn-rope": lambda **kw: transformers.Qwen3Config(
+        **TINY,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        **kw,
+    ),
 }
 
 
@@ -81,18 +114,35 @@ OUR_SHAPES = {
     "Qwen2ForCausalLM": {"attn_bias": True, "tie_embeddings": True},
     "Qwen3ForCausalLM": {"qk_norm": True, "head_dim": 24, "tie_embeddings": True},
     "LlamaForCausalLM-linear": {"rope_scaling": {"type": "linear", "factor": 4.0}},
-    "LlamaForCausalLM-llama3": {"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-                                "rope_theta": 500000.0},
-    "Qwen3ForCausalLM-yarn": {"qk_norm": True, "rope_scaling": {"type": "yarn", "factor": 4.0,
-                                                                "original_max_position_embeddings": 16}},
+    "LlamaForCausalLM-llama3": {
+        "rope_scaling": {
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        "rope_theta": 500000.0,
+    },
+    "Qwen3ForCausalLM-yarn": {
+        "qk_norm": True,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    },
 }
 
 
 @pytest.mark.parametrize("shape", list(OUR_SHAPES))
 def test_our_checkpoint_loads_into_transformers(tmp_path, make_model, shape):
-    ours = make_model(vocab_size=128, dim=64, ffn_dim=96, max_len=128, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0, **OUR_SHAPES[shape])
+    ours = make_model(
+        vocab_size=128,
+        dim=64,
+        ffn_dim=96,
+        max_len=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **OUR_SHAPES[shape],
+    )
     save_pretrained(ours, tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(theirs).__name__ == shape.split("-")[0]

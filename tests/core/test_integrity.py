@@ -94,8 +94,14 @@ def test_the_manifest_lists_every_file_written_tokenizer_included(make_model, to
     assert (manifest["format_version"], manifest["algorithm"]) == (1, "sha256")
     on_disk = {p.name for p in tmp_path.iterdir()} - {MANIFEST_FILE}
     assert set(manifest["files"]) == on_disk
-    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.safetensors.index.json",
-            "generation_config.json", "config.json"} <= on_disk
+    assert {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "model.safetensors.index.json",
+        "generation_config.json",
+        "config.json",
+    } <= on_disk
     for name, entry in manifest["files"].items():
         assert entry == {"sha256": sha256_file(tmp_path / name), "size": (tmp_path / name).stat().st_size}, name
 
@@ -125,7 +131,9 @@ def test_each_file_a_load_reads_is_checked(make_model, tmp_path, damaged):
 def test_load_config_checks_config_json(make_model, tmp_path):
     save_pretrained(make_model(), tmp_path)
     text = (tmp_path / "config.json").read_text()
-    (tmp_path / "config.json").write_text(text.replace('"max_position_embeddings": 64', '"max_position_embeddings": 65'))
+    (tmp_path / "config.json").write_text(
+        text.replace('"max_position_embeddings": 64', '"max_position_embeddings": 65')
+    )
     with pytest.raises(CheckpointError, match=r"config\.json: .*differs"):
         load_config(tmp_path)
 

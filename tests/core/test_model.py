@@ -35,15 +35,22 @@ def test_astrai_1b_parameter_count_on_meta_device():
     config = ModelConfig.from_json(CONFIGS / "astrai-1b.json")
     model = AutoModel.from_config(config, device="meta")
     assert all(p.is_meta for p in model.parameters())
-    V, d, L, H, kv, hd, f = (config.vocab_size, config.dim, config.n_layers, config.n_heads,
-                             config.n_kv_heads, config.head_dim, config.ffn_dim)
+    V, d, L, H, kv, hd, f = (
+        config.vocab_size,
+        config.dim,
+        config.n_layers,
+        config.n_heads,
+        config.n_kv_heads,
+        config.head_dim,
+        config.ffn_dim,
+    )
     per_layer = (
-        d * H * hd          # q_proj
-        + 2 * d * kv * hd   # k_proj, v_proj
-        + H * hd * d        # o_proj
-        + 2 * hd            # q_norm, k_norm
-        + 3 * d * f         # gate_proj, up_proj, down_proj
-        + 2 * d             # input_layernorm, post_attention_layernorm
+        d * H * hd  # q_proj
+        + 2 * d * kv * hd  # k_proj, v_proj
+        + H * hd * d  # o_proj
+        + 2 * hd  # q_norm, k_norm
+        + 3 * d * f  # gate_proj, up_proj, down_proj
+        + 2 * d  # input_layernorm, post_attention_layernorm
     )
     embeddings = V * d  # tied: lm_head shares it
     expected = embeddings + L * per_layer + d  # + final norm
@@ -129,20 +136,52 @@ ROPE_CASES = {
     "dynamic-short": ({"rope_type": "dynamic", "factor": 2.0}, 3000),
     "dynamic-long": ({"rope_type": "dynamic", "factor": 2.0}, 10000),
     "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}, None),
-    "yarn-mscale": ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 1024,
-                     "mscale": 1.0, "mscale_all_dim": 0.8}, None),
-    "yarn-attention-beta": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
-                             "attention_factor": 1.5, "beta_fast": 16.0, "beta_slow": 2.0}, None),
-    "yarn-no-truncate": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
-                          "truncate": False}, None),
-    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 1024}, None),
+    "yarn-mscale": (
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 1024,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.8,
+        },
+        None,
+    ),
+    "yarn-attention-beta": (
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+            "attention_factor": 1.5,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+        },
+        None,
+    ),
+    "yarn-no-truncate": (
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "truncate": False},
+        None,
+    ),
+    "llama3": (
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024,
+        },
+        None,
+    ),
 }
 
 
 def _hf_rope(params: dict, theta: float, head_dim: int, max_len: int, seq_len):
-    hf = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
-                     max_position_embeddings=max_len, rope_parameters={**params, "rope_theta": theta})
+    hf = LlamaConfig(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=max_len,
+        rope_parameters={**params, "rope_theta": theta},
+    )
     return ROPE_INIT_FUNCTIONS[params["rope_type"]](hf, "cpu", seq_len)
 
 
@@ -293,8 +332,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_arch, make_model)
 
 
 def test_init_scales_residual_output_projections():
-    config = ModelConfig(vocab_size=1000, dim=256, n_layers=8, n_heads=4, ffn_dim=512, init_std=0.02,
-                         attn_bias=True, qk_norm=True)
+    config = ModelConfig(
+        vocab_size=1000, dim=256, n_layers=8, n_heads=4, ffn_dim=512, init_std=0.02, attn_bias=True, qk_norm=True
+    )
     model = CausalLM(config)
     out_std = 0.02 / math.sqrt(2 * 8)
     for name, p in model.named_parameters():
@@ -309,8 +349,16 @@ def test_init_scales_residual_output_projections():
 
 
 def test_init_scales_mla_and_expert_outputs(tiny_config):
-    config = tiny_config("mla", dim=128, n_layers=4, init_std=0.02, ffn_type="moe", n_routed_experts=2,
-                         moe_ffn_dim=128, n_shared_experts=1)
+    config = tiny_config(
+        "mla",
+        dim=128,
+        n_layers=4,
+        init_std=0.02,
+        ffn_type="moe",
+        n_routed_experts=2,
+        moe_ffn_dim=128,
+        n_shared_experts=1,
+    )
     model = CausalLM(config)
     out_std = 0.02 / math.sqrt(2 * 4)
     scaled = [n for n, _ in model.named_parameters() if n.endswith(("o_proj.weight", "down_proj.weight"))]

@@ -120,4 +120,4 @@ def test_the_engine_packs_the_model_it_serves(make_model):
     ids = IDS
     for _ in range(4):  # greedy by full recompute on the unpacked copy
         ids = torch.cat([ids, _logits(reference, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert out.samples[0].token_ids == ids[0, IDS.shape[1]:].tolist()
+    assert out.samples[0].token_ids == ids[0, IDS.shape[1] :].tolist()

@@ -12,8 +12,9 @@ from astrai.core.rope import RotaryEmbedding
 
 
 def test_cos_sin_ignore_a_bf16_cast_of_the_frequency_buffer():
-    rope = RotaryEmbedding(ModelConfig(vocab_size=64, dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                                       max_len=4096))
+    rope = RotaryEmbedding(
+        ModelConfig(vocab_size=64, dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_len=4096)
+    )
     positions = torch.arange(4096)[None]
     cos, sin = rope(positions, torch.float32)
     exact = rope.inv_freq.clone()

@@ -37,8 +37,9 @@ def bilingual_corpus(n: int = 300, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok() -> AutoTokenizer:
-    return train_tokenizer(iter(bilingual_corpus()), vocab_size=400, min_frequency=2,
-                           model_max_length=256, show_progress=False)
+    return train_tokenizer(
+        iter(bilingual_corpus()), vocab_size=400, min_frequency=2, model_max_length=256, show_progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +177,9 @@ def test_incremental_decoder_fallback_for_metaspace_tokenizer():
     backend = BackendTokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(bilingual_corpus(100), trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", EOS], show_progress=False))
+    backend.train_from_iterator(
+        bilingual_corpus(100), trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", EOS], show_progress=False)
+    )
     mtok = AutoTokenizer(backend, bos_token=None, eos_token=EOS, pad_token=None)
     assert not mtok.is_byte_level
     text = "the model 学习 data and 今天天气很好"
@@ -376,8 +378,12 @@ def test_assistant_mask_hand_computed(tok):
     # Special tokens and newlines split the text, so the segments tokenise independently.
     segments = [
         ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", 0),
-        ("Hi, 你好！", 1), (IM_END, 1), ("\n<|im_start|>user\nyes<|im_end|>\n<|im_start|>assistant\n", 0),
-        ("yes", 1), (IM_END, 1), ("\n", 0),
+        ("Hi, 你好！", 1),
+        (IM_END, 1),
+        ("\n<|im_start|>user\nyes<|im_end|>\n<|im_start|>assistant\n", 0),
+        ("yes", 1),
+        (IM_END, 1),
+        ("\n", 0),
     ]
     expected_ids, expected_mask = [], []
     for text, m in segments:
@@ -417,8 +423,12 @@ def test_assistant_mask_with_a_different_template(tok):
         "{% if add_generation_prompt %}### A: {% endif %}"
     )
     other = AutoTokenizer(tok.backend, chat_template=template)
-    chat = [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "3+3"}, {"role": "assistant", "content": "六"}]
+    chat = [
+        {"role": "user", "content": "2+2"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "3+3"},
+        {"role": "assistant", "content": "六"},
+    ]
     ids, mask = other.chat_assistant_mask(chat)
     # The template's "<think></think>" comes after the generation prompt, so it is trained on.
     assert _masked_runs(other, ids, mask) == [f"<think></think>4{EOS}", f"<think></think>六{EOS}"]
@@ -433,8 +443,12 @@ def test_assistant_mask_when_prefix_renders_differently(tok):
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     other = AutoTokenizer(tok.backend, chat_template=template)
-    chat = [{"role": "user", "content": "yes"}, {"role": "assistant", "content": "yes"},
-            {"role": "user", "content": "yes"}, {"role": "assistant", "content": "no"}]
+    chat = [
+        {"role": "user", "content": "yes"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "yes"},
+        {"role": "assistant", "content": "no"},
+    ]
     ids, mask = other.chat_assistant_mask(chat)
     assert _masked_runs(other, ids, mask) == [f"yes{IM_END}", f"no{IM_END}"]
     # The first "yes" reply is the second occurrence of "yes" in the text, not the user's.

@@ -138,8 +138,10 @@ def test_bad_arguments():
 
 
 def test_main_in_process(txt_file, tmp_path, capsys):
-    assert main(["train", "--input", str(txt_file), "--vocab-size", "300", "--out", str(tmp_path / "t"),
-                 "--no-progress"]) == 0
+    assert (
+        main(["train", "--input", str(txt_file), "--vocab-size", "300", "--out", str(tmp_path / "t"), "--no-progress"])
+        == 0
+    )
     assert "saved tokenizer (300 tokens)" in capsys.readouterr().out
     assert main(["train", "--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "u")]) == 1
     assert "nope.txt" in capsys.readouterr().err
@@ -163,8 +165,12 @@ def test_cli_trains_loadable_dir(txt_file, jsonl_file, tmp_path):
 
 
 def test_cli_help_and_errors(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "astrai.core.tokenizer_trainer", "train", "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "astrai.core.tokenizer_trainer", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0
     for flag in ("--input", "--vocab-size", "--out", "--text-field", "--min-frequency"):
         assert flag in proc.stdout

@@ -8,8 +8,10 @@ import torch
 from astrai.core.config import ModelConfig
 from astrai.core.transformer import CausalLM
 
-WORDS = ("the a small model reads and writes text every day while we watch it learn new words "
-         "quickly slowly cat dog sun rain tree river stone light dark open close hello world").split()
+WORDS = (
+    "the a small model reads and writes text every day while we watch it learn new words "
+    "quickly slowly cat dog sun rain tree river stone light dark open close hello world"
+).split()
 
 
 # Small MLA shapes for the tests that run each path for GQA and for multi-head latent attention.
@@ -26,8 +28,9 @@ def samples(completions) -> list[list[list[int]]]:
 
 def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
     # A large init std spreads the logits, so greedy ties (which float noise could flip) are unlikely.
-    base = dict(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                max_len=256, init_std=0.2)
+    base = dict(
+        vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_len=256, init_std=0.2
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -63,8 +66,9 @@ def padded_engine(model, **kwargs):
     from astrai.core.engine.cuda_graphs import DecodeRunner
 
     engine = InferenceEngine(model, None, **kwargs)
-    engine.core.decode_runner = DecodeRunner(engine.model, engine.cache, engine.core.backend, engine.max_batch_size,
-                                             engine.max_model_len, capture=False)
+    engine.core.decode_runner = DecodeRunner(
+        engine.model, engine.cache, engine.core.backend, engine.max_batch_size, engine.max_model_len, capture=False
+    )
     return engine
 
 
@@ -87,9 +91,15 @@ def padded_prefill_engine(model, **kwargs):
     from astrai.core.engine.prefill_graphs import PrefillRunner
 
     engine = padded_engine(model, **kwargs)
-    engine.core.prefill_runner = PrefillRunner(engine.model, engine.cache, engine.core.backend, engine.max_batch_size,
-                                               engine.scheduler.max_num_batched_tokens, engine.max_model_len,
-                                               capture=False)
+    engine.core.prefill_runner = PrefillRunner(
+        engine.model,
+        engine.cache,
+        engine.core.backend,
+        engine.max_batch_size,
+        engine.scheduler.max_num_batched_tokens,
+        engine.max_model_len,
+        capture=False,
+    )
     return engine
 
 

@@ -121,8 +121,18 @@ def _randomized(model):
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_matches_transformers_generate_on_a_hugging_face_checkpoint(tmp_path, kind):
     torch.manual_seed(11)
-    common = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if kind == "llama":
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     else:
@@ -134,8 +144,9 @@ def test_matches_transformers_generate_on_a_hugging_face_checkpoint(tmp_path, ki
     completions = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     with torch.no_grad():
         for prompt, completion in zip(prompts, completions):
-            expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            expected = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(prompt) :].tolist()
             assert completion.token_ids == expected
 
 

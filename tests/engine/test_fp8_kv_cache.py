@@ -6,7 +6,7 @@ import pytest
 import torch
 from engine_helpers import ARCHS, VOCAB, needs_cuda, random_prompts, samples, tiny_model
 
-from astrai.core.engine import InferenceEngine, KernelPagedAttention, SamplingParams, TorchPagedAttention
+from astrai.core.engine import InferenceEngine, KernelPagedAttention, SamplingParams
 from astrai.core.engine.attention import TorchPagedAttention, build_metadata
 from astrai.core.engine.kv_dtype import FP8
 from astrai.core.engine.paged_cache import PagedKVCache
@@ -42,8 +42,9 @@ def test_fp8_engine_equals_full_recompute_over_rounded_keys_and_values(arch):
     prompts = random_prompts(6, VOCAB, 2, 90, seed=9)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     # chunked prefill (budget 64), decode rows beside prefill chunks, several pages per sequence
-    engine = InferenceEngine(model, None, max_batch_size=4, max_num_batched_tokens=64, page_size=8,
-                             kv_cache_dtype="fp8")
+    engine = InferenceEngine(
+        model, None, max_batch_size=4, max_num_batched_tokens=64, page_size=8, kv_cache_dtype="fp8"
+    )
     assert engine.cache.k.dtype == FP8
     got = [c.samples[0].token_ids for c in engine.generate(prompts, params)]
     assert got == [rounded_greedy(model, p, 10) for p in prompts]
@@ -89,8 +90,10 @@ def test_stored_values_are_clamped_not_nan_and_attention_reads_them_back():
 
 def test_fp8_pool_holds_more_tokens_for_the_same_memory():
     model = tiny_model(VOCAB)  # float32 weights: fp8 is a quarter of the bytes
-    pages = {d: InferenceEngine(model, None, kv_cache_memory="1MiB", kv_cache_dtype=d).allocator.num_pages
-             for d in ("auto", "fp8")}
+    pages = {
+        d: InferenceEngine(model, None, kv_cache_memory="1MiB", kv_cache_dtype=d).allocator.num_pages
+        for d in ("auto", "fp8")
+    }
     per_page = PagedKVCache.bytes_per_page(model.kv_layout(), 16, torch.float32)
     assert pages["auto"] == 2**20 // per_page and pages["fp8"] == 4 * pages["auto"]
 
@@ -112,8 +115,16 @@ def test_fp8_cuda_engine_matches_rounded_full_recompute(backend, arch):
     choice is demanded where it is clear, and the log-probability within 0.03 everywhere."""
     model = tiny_model(VOCAB, **arch).cuda()
     prompts = random_prompts(6, VOCAB, 3, 70, seed=50)
-    engine = InferenceEngine(model, None, max_batch_size=4, max_num_batched_tokens=64, page_size=16, num_pages=24,
-                             attention_backend=backend(), kv_cache_dtype="fp8")
+    engine = InferenceEngine(
+        model,
+        None,
+        max_batch_size=4,
+        max_num_batched_tokens=64,
+        page_size=16,
+        num_pages=24,
+        attention_backend=backend(),
+        kv_cache_dtype="fp8",
+    )
     assert (engine.core.prefill_runner is not None) == (backend is KernelPagedAttention)
     completions = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True))
     assert_near_rounded_recompute(model, prompts, completions)

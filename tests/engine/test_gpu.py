@@ -11,14 +11,24 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @cuda
 @pytest.mark.parametrize("backend", [KernelPagedAttention, TorchPagedAttention])
-@pytest.mark.parametrize("arch", [dict(), dict(attn_type="mla", kv_lora_rank=32, qk_nope_head_dim=16,
-                                               qk_rope_head_dim=16, v_head_dim=16)], ids=["gqa", "mla"])
+@pytest.mark.parametrize(
+    "arch",
+    [dict(), dict(attn_type="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)],
+    ids=["gqa", "mla"],
+)
 def test_cuda_engine_matches_full_recompute(backend, arch):
     vocab = 300
     model = tiny_model(vocab, **arch).cuda()
     prompts = random_prompts(6, vocab, 3, 40, seed=50)
-    engine = InferenceEngine(model, None, max_batch_size=4, max_num_batched_tokens=32, page_size=16, num_pages=12,
-                             attention_backend=backend())
+    engine = InferenceEngine(
+        model,
+        None,
+        max_batch_size=4,
+        max_num_batched_tokens=32,
+        page_size=16,
+        num_pages=12,
+        attention_backend=backend(),
+    )
     assert engine.device.type == "cuda"
     completions = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True))
     with torch.no_grad():

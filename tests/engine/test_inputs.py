@@ -96,7 +96,9 @@ def test_engine_settings_are_checked(model, tokenizer):
         InferenceEngine(model, tokenizer, page_size=0)
     with pytest.raises(ValueError, match=r"max_model_len must be an integer in \[2, model max_len=256\]"):
         InferenceEngine(model, tokenizer, max_model_len=1000)
-    with pytest.raises(ValueError, match="kv_cache_memory 'lots' is not a size; use a number of bytes or a size like 2GiB"):
+    with pytest.raises(
+        ValueError, match="kv_cache_memory 'lots' is not a size; use a number of bytes or a size like 2GiB"
+    ):
         InferenceEngine(model, tokenizer, kv_cache_memory="lots")
     with pytest.raises(ValueError, match="smaller than one KV page"):
         InferenceEngine(model, tokenizer, kv_cache_memory=100)

@@ -47,7 +47,9 @@ def test_a_stop_token_read_late_ends_the_sample_where_the_plain_engine_does():
     plain, overlapped, engine = plain_and_overlapped(model, prompts, params)
     assert all(c.finish_reason == "stop" and c.token_ids[-1] == c.stop_reason for c in overlapped)
     assert engine.stats()["overlapped_steps"] > 0
-    assert engine.stats()["generated_tokens"] == sum(len(c.token_ids) for c in overlapped)  # the wasted rows are not counted
+    assert engine.stats()["generated_tokens"] == sum(
+        len(c.token_ids) for c in overlapped
+    )  # the wasted rows are not counted
     assert_pages_released(engine)
 
 

@@ -38,8 +38,7 @@ def test_padded_decode_gives_the_plain_greedy_tokens(arch, batch):
     model = tiny_model(VOCAB, seed=1, **arch)
     prompts = random_prompts(batch, VOCAB, 2, 30, seed=batch)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    plain, padded, engine = both_ways(model, prompts, params, max_batch_size=32, max_num_batched_tokens=64,
-                                      page_size=4)
+    plain, padded, engine = both_ways(model, prompts, params, max_batch_size=32, max_num_batched_tokens=64, page_size=4)
     assert samples(padded) == samples(plain)
     assert_pages_released(engine)
 
@@ -72,8 +71,9 @@ def test_preemption_and_greedy_forks(arch):
 def test_seeded_forks_draw_the_same_tokens():
     model = tiny_model(VOCAB, seed=4)
     prompts = random_prompts(3, VOCAB, 3, 9, seed=6)
-    params = [SamplingParams(n=3, max_tokens=9, temperature=0.8, seed=s, ignore_eos=True, logprobs=2)
-              for s in (1, 2, 3)]
+    params = [
+        SamplingParams(n=3, max_tokens=9, temperature=0.8, seed=s, ignore_eos=True, logprobs=2) for s in (1, 2, 3)
+    ]
     plain, padded, _ = both_ways(model, prompts, params, max_batch_size=16, page_size=4)
     assert samples(padded) == samples(plain)
     for a, b in zip(plain, padded):

@@ -49,8 +49,9 @@ def test_padded_prefill_gives_the_plain_greedy_tokens(arch, budget):
     model = tiny_model(VOCAB, seed=1, **arch)
     prompts = random_prompts(7, VOCAB, 2, 90, seed=budget)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    plain, padded, engine = both_ways(model, prompts, params, padded_prefill_engine, max_batch_size=8,
-                                      max_num_batched_tokens=budget, page_size=4)
+    plain, padded, engine = both_ways(
+        model, prompts, params, padded_prefill_engine, max_batch_size=8, max_num_batched_tokens=budget, page_size=4
+    )
     assert samples(padded) == samples(plain)
     assert_pages_released(engine)
 
@@ -61,8 +62,16 @@ def test_prefix_hits_preemption_and_forks(arch):
     system = random_prompts(1, VOCAB, 13, 13, seed=3)[0]
     prompts = [system + tail for tail in random_prompts(5, VOCAB, 3, 11, seed=5)]
     params = SamplingParams(n=2, max_tokens=14, temperature=0, ignore_eos=True)
-    plain, padded, engine = both_ways(model, prompts, params, padded_prefill_engine, max_batch_size=8,
-                                      max_num_batched_tokens=64, page_size=4, num_pages=24)
+    plain, padded, engine = both_ways(
+        model,
+        prompts,
+        params,
+        padded_prefill_engine,
+        max_batch_size=8,
+        max_num_batched_tokens=64,
+        page_size=4,
+        num_pages=24,
+    )
     assert engine.stats()["preemptions"] > 0 and engine.scheduler.hit_tokens > 0
     assert samples(padded) == samples(plain)
     assert_pages_released(engine)
@@ -130,8 +139,14 @@ _INTERPRETED = textwrap.dedent("""
 def test_the_listed_kernel_in_the_interpreter_gives_the_plain_tokens():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED, str(HERE)], env=env, cwd=HERE.parents[1],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED, str(HERE)],
+        env=env,
+        cwd=HERE.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "listed kernel ok" in proc.stdout, proc.stderr[-4000:]
 
 

@@ -87,9 +87,11 @@ def test_penalties_follow_the_formula():
     logits = torch.randn(3, 12, generator=g) * 2
     prompts = [[1, 2, 3], [4, 4], [5]]
     outputs = [[2, 6, 6, 7], [], [5, 5, 5, 8]]
-    params = [SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.25),
-              SamplingParams(repetition_penalty=0.8),
-              SamplingParams()]  # no penalties: untouched
+    params = [
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.25),
+        SamplingParams(repetition_penalty=0.8),
+        SamplingParams(),
+    ]  # no penalties: untouched
     got = apply_penalties(logits.clone(), [SampleRow(p, None, pr, o) for p, pr, o in zip(params, prompts, outputs)])
     expected = logits.double().clone()
     for row, (p, prompt, out) in enumerate(zip(params, prompts, outputs)):
@@ -105,8 +107,14 @@ def test_penalties_follow_the_formula():
 
 
 def test_greedy_with_penalties_matches_a_reference_loop(model, tokenizer):
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.5,
-                            frequency_penalty=0.5, presence_penalty=0.3)
+    params = SamplingParams(
+        max_tokens=12,
+        temperature=0,
+        ignore_eos=True,
+        repetition_penalty=1.5,
+        frequency_penalty=0.5,
+        presence_penalty=0.3,
+    )
     prompts = random_prompts(3, tokenizer.vocab_size, 4, 12, seed=20)
     engine = InferenceEngine(model, tokenizer, max_batch_size=4, max_num_batched_tokens=8, page_size=4)
     completions = engine.generate(prompts, params)
@@ -122,8 +130,9 @@ def test_greedy_with_penalties_matches_a_reference_loop(model, tokenizer):
             ids.append(out[-1])
         assert completion.token_ids == out
     # The penalties did something: plain greedy repeats itself on this model.
-    assert completions[0].token_ids != greedy_reference(model, prompts[0], 12) or \
-        completions[1].token_ids != greedy_reference(model, prompts[1], 12)
+    assert completions[0].token_ids != greedy_reference(model, prompts[0], 12) or completions[
+        1
+    ].token_ids != greedy_reference(model, prompts[1], 12)
 
 
 def test_temperature_near_zero_is_greedy(model, tokenizer):
@@ -142,7 +151,8 @@ def test_seed_reproduces_whatever_else_is_in_the_batch(model, tokenizer):
     others = random_prompts(5, tokenizer.vocab_size, 2, 30, seed=23)
     mixed = engine.generate(
         others[:3] + [prompt] + others[3:],
-        [SamplingParams(max_tokens=9, temperature=1.0, ignore_eos=True)] * 3 + [seeded]
+        [SamplingParams(max_tokens=9, temperature=1.0, ignore_eos=True)] * 3
+        + [seeded]
         + [SamplingParams(max_tokens=20, temperature=0.7, seed=7, ignore_eos=True)] * 2,
     )
     assert mixed[3].token_ids == alone

@@ -72,8 +72,9 @@ def test_stop_token_ids(model, tokenizer):
     tokens = greedy_reference(model, prompt, 12)
     stop_id = next(t for t in tokens[3:] if t not in tokens[:3] and t > 4)
     cut = tokens.index(stop_id) + 1
-    c = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_id],
-                                               ignore_eos=True))[0]
+    c = engine.generate(
+        prompt, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_id], ignore_eos=True)
+    )[0]
     assert c.token_ids == tokens[:cut]  # the stop token is kept in the ids...
     assert (c.finish_reason, c.stop_reason) == ("stop", stop_id)
     assert c.text == tokenizer.decode(tokens[: cut - 1], skip_special_tokens=True)  # ...not in the text

@@ -38,6 +38,7 @@ def test_many_threads_stream_at_once(model, tokenizer):
     max_tokens = [5 + 2 * i for i in range(8)]
     results, errors = {}, []
     with InferenceEngine(model, tokenizer, max_batch_size=4, max_num_batched_tokens=32, page_size=4) as engine:
+
         def worker(i):
             try:
                 params = SamplingParams(max_tokens=max_tokens[i], temperature=0, ignore_eos=True)
@@ -102,8 +103,9 @@ def test_abort_mid_stream(model, tokenizer):
         wait_until(lambda: not engine.has_unfinished_requests())
         assert_pages_released(engine)
         # The aborted ids are free again and the engine still answers.
-        assert engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].token_ids \
-            == greedy_reference(model, prompt, 4)
+        assert engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[
+            0
+        ].token_ids == greedy_reference(model, prompt, 4)
 
 
 def test_cancelled_asyncio_task_aborts(model, tokenizer):

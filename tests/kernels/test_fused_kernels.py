@@ -27,7 +27,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 # Shared by the interpreter subprocess and the CUDA tests: `check(device, bf16_rtol)`.
-_CHECKS = textwrap.dedent('''
+_CHECKS = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
     from astrai.core.kernels import fused_norm, fused_rope, fused_silu_mul, store_kv
@@ -134,15 +134,16 @@ _CHECKS = textwrap.dedent('''
             check_rope(device, dtype, bf16_rtol, g)
             check_silu_mul(device, dtype, bf16_rtol, g)
             check_store_kv(device, dtype, g)
-''')
+""")
 
 
 @needs_triton
 def test_kernels_match_the_torch_ops_in_the_interpreter():
     script = _CHECKS + "\ncheck('cpu', 2**-6)\nprint('kernels ok')\n"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0 and "kernels ok" in proc.stdout, proc.stderr[-4000:]
 
 
@@ -168,8 +169,14 @@ def test_fused_path_is_only_for_cuda_inference():
 
 def test_bad_switch_value_names_the_variable():
     env = {**os.environ, "ASTRAI_FUSED_KERNELS": "yes"}
-    proc = subprocess.run([sys.executable, "-c", "import astrai.core.kernels.dispatch"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import astrai.core.kernels.dispatch"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "ASTRAI_FUSED_KERNELS must be 0" in proc.stderr, proc.stderr[-2000:]
 
 

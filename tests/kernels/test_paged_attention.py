@@ -51,9 +51,16 @@ def dense_expected(q, k_cache, v_cache, table, seq_lens, query_start, scale, dv)
             pos = ctx - (hi - lo) + i
             for h in range(n_heads):
                 kvh = h // (n_heads // n_kv)
-                keys = torch.stack([k_cache[table[b, j // page_size], j % page_size, kvh] for j in range(pos + 1)]).double()
-                vals = keys[:, :dv] if v_cache is None else torch.stack(
-                    [v_cache[table[b, j // page_size], j % page_size, kvh] for j in range(pos + 1)]).double()
+                keys = torch.stack(
+                    [k_cache[table[b, j // page_size], j % page_size, kvh] for j in range(pos + 1)]
+                ).double()
+                vals = (
+                    keys[:, :dv]
+                    if v_cache is None
+                    else torch.stack(
+                        [v_cache[table[b, j // page_size], j % page_size, kvh] for j in range(pos + 1)]
+                    ).double()
+                )
                 w = torch.softmax(keys @ q[t, h].double() * scale, 0)
                 out[t, h] = w @ vals
     return out
@@ -62,8 +69,9 @@ def dense_expected(q, k_cache, v_cache, table, seq_lens, query_start, scale, dv)
 @pytest.mark.parametrize("mla", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_reference_matches_dense_math(mla, fp8):
-    case = make_case([1, 5, 3], [9, 5, 20], n_heads=4, n_kv_heads=1 if mla else 2, dk=12, dv=8 if mla else 6,
-                     page_size=4, mla=mla)
+    case = make_case(
+        [1, 5, 3], [9, 5, 20], n_heads=4, n_kv_heads=1 if mla else 2, dk=12, dv=8 if mla else 6, page_size=4, mla=mla
+    )
     dv = 8 if mla else 6
     if fp8:  # float8 pools (kv_cache_dtype="fp8"): read back in the queries' dtype
         case = (case[0], *[None if t is None else t.to(FP8) for t in case[1:3]], *case[3:])
@@ -71,7 +79,6 @@ def test_reference_matches_dense_math(mla, fp8):
     if fp8:
         case = (case[0], *[None if t is None else t.double() for t in case[1:3]], *case[3:])
     assert torch.allclose(got, dense_expected(*case, scale=0.3, dv=dv), atol=1e-12)
-
 
 
 @cuda
@@ -85,7 +92,9 @@ def test_triton_matches_reference(n_heads, n_kv_heads, dk, dv, mla, q_lens, list
     from astrai.core.kernels.paged_attention_triton import paged_attention_triton, query_block_size
 
     ctx = [q + extra for q, extra in zip(q_lens, [3, 0, 200, 17, 64, 1, 90])]
-    case = make_case(q_lens, ctx, n_heads, n_kv_heads, dk, dv, page_size=16, mla=mla, dtype=torch.bfloat16, device="cuda")
+    case = make_case(
+        q_lens, ctx, n_heads, n_kv_heads, dk, dv, page_size=16, mla=mla, dtype=torch.bfloat16, device="cuda"
+    )
     scale = dk**-0.5
     blocks = None
     if listed:  # one program per (sequence, query block), unused entries -1 (CUDA-graph prefill)
@@ -93,8 +102,9 @@ def test_triton_matches_reference(n_heads, n_kv_heads, dk, dv, mla, q_lens, list
         pairs = [(-1, 0)] + [(b, m) for b, n in enumerate(q_lens) for m in range(-(-n // size))] + [(-1, 0)] * 2
         blocks = tuple(torch.tensor(col, dtype=torch.int32, device="cuda") for col in zip(*pairs))
     got = paged_attention_triton(*case, scale=scale, v_dim=dv, blocks=blocks).float()
-    ref = paged_attention_reference(*[None if t is None else (t.float() if t.is_floating_point() else t) for t in case],
-                                    scale=scale, v_dim=dv)
+    ref = paged_attention_reference(
+        *[None if t is None else (t.float() if t.is_floating_point() else t) for t in case], scale=scale, v_dim=dv
+    )
     assert (got - ref).abs().max().item() < 2e-2
 
 
@@ -107,12 +117,14 @@ def test_triton_reads_fp8_pools(n_heads, n_kv_heads, dk, dv, mla, q_lens):
     from astrai.core.kernels.paged_attention_triton import paged_attention_triton
 
     ctx = [q + extra for q, extra in zip(q_lens, [3, 0, 200, 17, 64, 1, 90])]
-    q, k, v, *rest = make_case(q_lens, ctx, n_heads, n_kv_heads, dk, dv, page_size=16, mla=mla,
-                               dtype=torch.bfloat16, device="cuda")
+    q, k, v, *rest = make_case(
+        q_lens, ctx, n_heads, n_kv_heads, dk, dv, page_size=16, mla=mla, dtype=torch.bfloat16, device="cuda"
+    )
     k, v = k.to(FP8), None if v is None else v.to(FP8)
     got = paged_attention_triton(q, k, v, *rest, scale=dk**-0.5, v_dim=dv).float()
-    ref = paged_attention_reference(q.float(), k.float(), None if v is None else v.float(), *rest, scale=dk**-0.5,
-                                    v_dim=dv)
+    ref = paged_attention_reference(
+        q.float(), k.float(), None if v is None else v.float(), *rest, scale=dk**-0.5, v_dim=dv
+    )
     assert (got - ref).abs().max().item() < 2e-2
 
 
@@ -129,8 +141,9 @@ def test_triton_decode(fp8, batch, page_size, n_heads, n_kv_heads, dk):
     from astrai.core.kernels.paged_attention_triton import paged_attention_triton
 
     ctx = [1 + (37 * b) % 300 for b in range(batch)]
-    q, k, v, table, seq_lens, query_start = make_case([1] * batch, ctx, n_heads, n_kv_heads, dk, dk, page_size,
-                                                      dtype=torch.bfloat16, device="cuda")
+    q, k, v, table, seq_lens, query_start = make_case(
+        [1] * batch, ctx, n_heads, n_kv_heads, dk, dk, page_size, dtype=torch.bfloat16, device="cuda"
+    )
     seq_lens[3] = 0
     if fp8:
         k, v = k.to(FP8), v.to(FP8)
@@ -210,6 +223,12 @@ _INTERPRETED = textwrap.dedent("""
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the compiled kernel is tested instead")
 def test_triton_kernel_matches_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED, str(HERE)], env=env, cwd=HERE.parents[1],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED, str(HERE)],
+        env=env,
+        cwd=HERE.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-4000:]

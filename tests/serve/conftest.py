@@ -42,10 +42,20 @@ TEXTS = [
 def model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve") / "tiny-model"
     tokenizer = train_tokenizer(iter(TEXTS), vocab_size=320, min_frequency=2, show_progress=False)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                         max_len=MAX_LEN, init_std=0.2, tie_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=128,
+        max_len=MAX_LEN,
+        init_std=0.2,
+        tie_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(1234)
     model = AutoModel.from_config(config)
     AutoModel.save_pretrained(model, path, tokenizer=tokenizer)
@@ -97,10 +107,11 @@ class Server:
         self.port, self.log, self.model_dir = port, log, model_dir
         self.url = f"http://127.0.0.1:{port}"
         with log.open("w") as out:
-            self.proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, **popen)
+            self.proc = subprocess.Popen(
+                [str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen
+            )
 
-    def wait_ready(self, timeout: float = 240) -> "Server":
+    def wait_ready(self, timeout: float = 240) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -140,8 +151,9 @@ def cpu_server(model_dir, tmp_path):
     def start(*extra) -> Server:
         port = _free_port()
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-        argv = _serve_command("--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name",
-                              MODEL_NAME, *extra)
+        argv = _serve_command(
+            "--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name", MODEL_NAME, *extra
+        )
         started.append(Server(argv, port, tmp_path / f"server-{len(started)}.log", model_dir, env=env, cwd=REPO))
         return started[-1].wait_ready()
 
@@ -156,8 +168,22 @@ def server(model_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    argv = _serve_command("--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name", MODEL_NAME,
-                          "--api-key", API_KEY, "--max-batch-size", "32", "--log-level", "info")
+    argv = _serve_command(
+        "--model",
+        model_dir,
+        "--port",
+        port,
+        "--device",
+        "cpu",
+        "--served-model-name",
+        MODEL_NAME,
+        "--api-key",
+        API_KEY,
+        "--max-batch-size",
+        "32",
+        "--log-level",
+        "info",
+    )
     srv = Server(argv, port, log, model_dir, env=env, cwd=REPO)
     try:
         yield srv.wait_ready()

@@ -11,9 +11,9 @@ import re
 import httpx
 import openai
 import pytest
+from conftest import MODEL_NAME
 
 from astrai.serve.metrics import Metrics
-from conftest import MODEL_NAME
 
 
 def _count_in_row(metrics: Metrics, row: int) -> None:
@@ -35,8 +35,11 @@ def test_metrics_written_by_forked_processes_add_up_in_every_process():
     metrics.row = 0
     metrics.request_done("/v1/completions", 400)
     metrics.request_done("/v1/messages", 418)  # not a status of its own: counted as "other"
-    assert metrics.requests() == {("/v1/completions", "200"): 6, ("/v1/completions", "400"): 1,
-                                  ("/v1/messages", "other"): 1}
+    assert metrics.requests() == {
+        ("/v1/completions", "200"): 6,
+        ("/v1/completions", "400"): 1,
+        ("/v1/messages", "other"): 1,
+    }
     text = metrics.render({})
     assert "astrai_generation_tokens_total 60" in text
     assert 'astrai_time_to_first_token_seconds_bucket{le="0.25"} 2' in text
@@ -68,9 +71,14 @@ def test_two_api_servers_answer_streams_stats_and_one_set_of_metrics(cpu_server)
         # A client of its own per request: a new connection, for whichever process accepts it.
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0) as oai:
             text, chunks = "", 0
-            async for chunk in await oai.completions.create(model=MODEL_NAME, prompt="hello world", max_tokens=12,
-                                                            temperature=0, stream=True,
-                                                            extra_body={"ignore_eos": True}):
+            async for chunk in await oai.completions.create(
+                model=MODEL_NAME,
+                prompt="hello world",
+                max_tokens=12,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            ):
                 text += chunk.choices[0].text if chunk.choices else ""
                 chunks += 1
             return text, chunks

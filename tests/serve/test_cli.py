@@ -40,23 +40,26 @@ def test_repo_serve_yaml_is_valid():
     assert cfg.model == "/some/model"
 
 
-@pytest.mark.parametrize("yaml_text, overrides, needle", [
-    ("model: /m\nbatch: 3\n", {}, "unknown setting(s) ['batch']"),
-    ("- a\n- b\n", {}, "must hold a mapping"),
-    ("model: [\n", {}, "not valid YAML"),
-    ("", {}, "no model directory"),
-    ("model: /m\nport: 80\n", {}, "port: must be an integer from 1024 to 65535"),
-    ("model: /m\nhost: example.com\n", {}, "host:"),
-    ("model: /m\ndevice: tpu\n", {}, "device:"),
-    ("model: /m\ndtype: int8\n", {}, "dtype:"),
-    ("model: /m\nkv_cache_memory: lots\n", {}, "kv_cache_memory:"),
-    ("model: /m\nkv_cache_dtype: int8\n", {}, "kv_cache_dtype: 'int8' is not supported; use one of auto, fp8"),
-    ("model: /m\nmax_batch_size: 0\n", {}, "max_batch_size:"),
-    ("model: /m\nmax_request_bytes: huge\n", {}, "max_request_bytes: 'huge' is not a size"),
-    ("model: /m\nmax_request_bytes: 0\n", {}, "max_request_bytes: must be positive"),
-    ("model: /m\ndocs: maybe\n", {}, "docs: must be true, false or left out"),
-    ("model: /m\nstrict_fields: 1\n", {}, "strict_fields: must be true or false"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, overrides, needle",
+    [
+        ("model: /m\nbatch: 3\n", {}, "unknown setting(s) ['batch']"),
+        ("- a\n- b\n", {}, "must hold a mapping"),
+        ("model: [\n", {}, "not valid YAML"),
+        ("", {}, "no model directory"),
+        ("model: /m\nport: 80\n", {}, "port: must be an integer from 1024 to 65535"),
+        ("model: /m\nhost: example.com\n", {}, "host:"),
+        ("model: /m\ndevice: tpu\n", {}, "device:"),
+        ("model: /m\ndtype: int8\n", {}, "dtype:"),
+        ("model: /m\nkv_cache_memory: lots\n", {}, "kv_cache_memory:"),
+        ("model: /m\nkv_cache_dtype: int8\n", {}, "kv_cache_dtype: 'int8' is not supported; use one of auto, fp8"),
+        ("model: /m\nmax_batch_size: 0\n", {}, "max_batch_size:"),
+        ("model: /m\nmax_request_bytes: huge\n", {}, "max_request_bytes: 'huge' is not a size"),
+        ("model: /m\nmax_request_bytes: 0\n", {}, "max_request_bytes: must be positive"),
+        ("model: /m\ndocs: maybe\n", {}, "docs: must be true, false or left out"),
+        ("model: /m\nstrict_fields: 1\n", {}, "strict_fields: must be true or false"),
+    ],
+)
 def test_bad_settings_name_the_setting(tmp_path, yaml_text, overrides, needle):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml_text)
@@ -114,8 +117,9 @@ def test_help_explains_the_security_settings(capsys):
     assert "every route but /health needs the key" in text
 
 
-@pytest.mark.parametrize("key, docs, served", [(None, None, True), ("k", None, False), ("k", True, True),
-                                               (None, False, False)])
+@pytest.mark.parametrize(
+    "key, docs, served", [(None, None, True), ("k", None, False), ("k", True, True), (None, False, False)]
+)
 def test_docs_routes_exist_only_when_docs_are_on(key, docs, served):
     from astrai.serve.generation import ModelInfo
     from astrai.serve.server import build_server
@@ -138,16 +142,19 @@ def _broken(model_dir, tmp_path, name):
     return path
 
 
-@pytest.mark.parametrize("breakage, needle", [
-    ("missing_dir", "model directory not found"),
-    ("no_config", "config.json: not found"),
-    ("bad_config", "config.json: not valid JSON"),
-    ("no_weights", "no model.safetensors"),
-    ("truncated_weights", "not a readable safetensors file"),
-    ("no_tokenizer", "has no tokenizer.json"),
-    ("wrong_vocab", "vocab_size"),
-    ("damaged_weights", "the file is damaged"),
-])
+@pytest.mark.parametrize(
+    "breakage, needle",
+    [
+        ("missing_dir", "model directory not found"),
+        ("no_config", "config.json: not found"),
+        ("bad_config", "config.json: not valid JSON"),
+        ("no_weights", "no model.safetensors"),
+        ("truncated_weights", "not a readable safetensors file"),
+        ("no_tokenizer", "has no tokenizer.json"),
+        ("wrong_vocab", "vocab_size"),
+        ("damaged_weights", "the file is damaged"),
+    ],
+)
 def test_broken_model_directory_fails_before_any_worker(model_dir, tmp_path, capsys, breakage, needle):
     path = _broken(model_dir, tmp_path, breakage)
     if breakage == "missing_dir":
@@ -179,17 +186,24 @@ def test_broken_model_directory_fails_before_any_worker(model_dir, tmp_path, cap
 
 
 def test_command_exits_nonzero_with_one_line_and_no_traceback(tmp_path, serve_command):
-    proc = subprocess.run(serve_command("--model", str(tmp_path / "nope")), capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        serve_command("--model", str(tmp_path / "nope")), capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert proc.returncode == 1
     assert "model directory not found" in proc.stderr and "Traceback" not in proc.stderr
     assert "Uvicorn running" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("device,devices,cuda,expected", [
-    ("auto", None, True, (256, 8192)), ("auto", None, False, (64, 2048)), ("cpu", None, True, (64, 2048)),
-    ("cuda:1", None, True, (256, 8192)), ("auto", 2, True, (256, 8192)),
-])
+@pytest.mark.parametrize(
+    "device,devices,cuda,expected",
+    [
+        ("auto", None, True, (256, 8192)),
+        ("auto", None, False, (64, 2048)),
+        ("cpu", None, True, (64, 2048)),
+        ("cuda:1", None, True, (256, 8192)),
+        ("auto", 2, True, (256, 8192)),
+    ],
+)
 def test_engine_sizes_left_unset_fit_the_device_the_engines_run_on(device, devices, cuda, expected):
     config = ServeConfig(model="/m", device=device, devices=devices).fit_to_device(cuda)
     assert (config.max_batch_size, config.max_num_batched_tokens) == expected

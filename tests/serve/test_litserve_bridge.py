@@ -49,15 +49,39 @@ def test_the_http_side_still_reads_replies_as_uid_then_response_type_and_worker_
 
 def test_the_streaming_loop_methods_the_burst_loop_calls_keep_their_signatures():
     assert _parameters(StreamingLoop._process_streaming_request) == [
-        "self", "request", "lit_api", "transport", "callback_runner", "lit_spec"]
+        "self",
+        "request",
+        "lit_api",
+        "transport",
+        "callback_runner",
+        "lit_spec",
+    ]
     assert _parameters(LitLoop.put_response) == [
-        "self", "transport", "response_queue_id", "uid", "response_data", "status", "response_type"]
+        "self",
+        "transport",
+        "response_queue_id",
+        "uid",
+        "response_data",
+        "status",
+        "response_type",
+    ]
     assert _parameters(StreamingLoop.run_streaming_loop_async) == [
-        "self", "lit_api", "request_queue", "transport", "callback_runner"]
+        "self",
+        "lit_api",
+        "request_queue",
+        "transport",
+        "callback_runner",
+    ]
     assert _parameters(StreamingLoop.__call__)[:6] == [
-        "self", "lit_api", "device", "worker_id", "request_queue", "transport"]
+        "self",
+        "lit_api",
+        "device",
+        "worker_id",
+        "request_queue",
+        "transport",
+    ]
     assert _SENTINEL_VALUE == (None, None, None, None)
-    assert callable(getattr(StreamingLoop, "kill"))
+    assert callable(StreamingLoop.kill)
 
 
 def test_reply_buffers_statuses_and_worker_records_keep_their_names():

@@ -34,9 +34,24 @@ def two_engines(launch, model_dir, serve_command, free_port, tmp_path):
     port = free_port()
     log = tmp_path / "server.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    argv = serve_command("--model", model_dir, "--port", port, "--device", "cpu", "--workers", "2",
-                         "--served-model-name", "tiny", "--max-batch-size", "16", "--kv-cache-dtype", "fp8",
-                         "--log-level", "info")
+    argv = serve_command(
+        "--model",
+        model_dir,
+        "--port",
+        port,
+        "--device",
+        "cpu",
+        "--workers",
+        "2",
+        "--served-model-name",
+        "tiny",
+        "--max-batch-size",
+        "16",
+        "--kv-cache-dtype",
+        "fp8",
+        "--log-level",
+        "info",
+    )
     server = launch(argv, port, log, model_dir, env=env)
     try:
         yield server.wait_ready()
@@ -125,8 +140,10 @@ def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):
         before = wait_idle(two_engines)
         asyncio.run(run_all())
         stats = wait_idle(two_engines)
-        if all(w["stats"]["generated_tokens"] > v["stats"]["generated_tokens"]
-               for w, v in zip(stats["workers"], before["workers"])):
+        if all(
+            w["stats"]["generated_tokens"] > v["stats"]["generated_tokens"]
+            for w, v in zip(stats["workers"], before["workers"])
+        ):
             break
     else:
         raise AssertionError(f"three rounds of six streams all went to one engine: {start} -> {stats}")
@@ -138,6 +155,10 @@ def test_disconnects_stop_the_request_in_whichever_engine_runs_it(two_engines):
 
 
 def test_workers_is_checked_before_start(serve_command, model_dir):
-    proc = subprocess.run(serve_command("--model", model_dir, "--device", "cpu", "--workers", "0"),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        serve_command("--model", model_dir, "--device", "cpu", "--workers", "0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "workers: must be an integer of at least 1" in proc.stderr, proc.stderr

@@ -40,8 +40,17 @@ def test_serve_wheel_installs_and_serves_without_the_training_stack(tmp_path, mo
     wheels = sorted(dist.glob("*.whl"))
     assert [w.name.split("-")[0] for w in wheels] == ["astrai_core", "astrai_serve"]
 
-    requirements = run(uv, "export", "--package", "astrai-serve", "--no-dev", "--frozen", "--no-emit-workspace",
-                       "--no-hashes", cwd=REPO).stdout
+    requirements = run(
+        uv,
+        "export",
+        "--package",
+        "astrai-serve",
+        "--no-dev",
+        "--frozen",
+        "--no-emit-workspace",
+        "--no-hashes",
+        cwd=REPO,
+    ).stdout
     pinned = {line.split("==")[0] for line in requirements.splitlines() if "==" in line}
     assert {"torch", "litserve", "tokenizers", "safetensors", "pyyaml"} <= pinned
     assert not pinned & set(TRAINING_ONLY), "the serving install would pull in training packages"
@@ -50,8 +59,7 @@ def test_serve_wheel_installs_and_serves_without_the_training_stack(tmp_path, mo
     venv = tmp_path / "venv"
     python = venv / "bin" / "python"
     run(uv, "venv", "--python", sys.executable, venv)
-    run(uv, "pip", "install", "--no-deps", "--python", python, "-r", tmp_path / "requirements.txt",
-        *wheels)
+    run(uv, "pip", "install", "--no-deps", "--python", python, "-r", tmp_path / "requirements.txt", *wheels)
     run(uv, "pip", "check", "--python", python)
     for module in TRAINING_ONLY:
         proc = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
@@ -62,8 +70,13 @@ def test_serve_wheel_installs_and_serves_without_the_training_stack(tmp_path, mo
 
     # The installed command serves a real request (cwd outside the repo: only the venv is used).
     port = free_port()
-    server = launch([venv / "bin" / "astrai-serve", "--model", model_dir, "--port", port, "--device", "cpu"], port,
-                    tmp_path / "server.log", cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    server = launch(
+        [venv / "bin" / "astrai-serve", "--model", model_dir, "--port", port, "--device", "cpu"],
+        port,
+        tmp_path / "server.log",
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     try:
         server.wait_ready()
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
@@ -72,5 +85,3 @@ def test_serve_wheel_installs_and_serves_without_the_training_stack(tmp_path, mo
         server.stop()
     location = run(python, "-c", "import astrai.serve; print(astrai.serve.__file__)").stdout
     assert location.startswith(str(venv))
-
-

@@ -30,9 +30,16 @@ def chat(**body):
 
 
 def event(index=0, text="", token_ids=(), finish_reason=None, stop_reason=None, logprobs=None, prompt_tokens=5):
-    return {"index": index, "text": text, "token_ids": list(token_ids), "logprobs": logprobs,
-            "finish_reason": finish_reason, "stop_reason": stop_reason, "prompt_tokens": prompt_tokens,
-            "completion_tokens": 0}
+    return {
+        "index": index,
+        "text": text,
+        "token_ids": list(token_ids),
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 0,
+    }
 
 
 def error_of(fn, *args) -> APIError:
@@ -43,13 +50,17 @@ def error_of(fn, *args) -> APIError:
 
 # -- OpenAI chat -----------------------------------------------------------------------------
 def test_chat_prompt_is_the_chat_template_with_generation_prompt(info):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "你好"}, {"type": "text", "text": " there"}]}]
-    gen, options = oai.parse_chat({"messages": messages, "max_tokens": 7, "temperature": 0, "top_k": 5,
-                                   "stop": "x", "seed": 3}, info)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "你好"}, {"type": "text", "text": " there"}]},
+    ]
+    gen, options = oai.parse_chat(
+        {"messages": messages, "max_tokens": 7, "temperature": 0, "top_k": 5, "stop": "x", "seed": 3}, info
+    )
     expected = info.tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好 there"}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     assert gen.prompt_ids == expected
     assert gen.params["max_tokens"] == 7 and gen.params["temperature"] == 0 and gen.params["top_k"] == 5
     assert gen.params["stop"] == ["x"] and gen.params["seed"] == 3 and gen.params["logprobs"] is None
@@ -73,43 +84,50 @@ def test_chat_max_completion_tokens_wins_over_max_tokens(info):
 
 
 def test_chat_logprobs_and_usage_options(info):
-    gen, options = oai.parse_chat(chat(logprobs=True, top_logprobs=3, stream=True,
-                                       stream_options={"include_usage": True}), info)
+    gen, options = oai.parse_chat(
+        chat(logprobs=True, top_logprobs=3, stream=True, stream_options={"include_usage": True}), info
+    )
     assert gen.params["logprobs"] == 3 and gen.stream
     assert options["include_usage"] is True
 
 
-@pytest.mark.parametrize("body, param, hint", [
-    ({"model": "tiny"}, "messages", "required"),
-    (chat(messages=[]), "messages", "non-empty"),
-    (chat(messages="hi"), "messages", "non-empty"),
-    (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0].role", "supported roles"),
-    (chat(messages=[{"role": "user"}]), "messages[0].content", "string or a list"),
-    (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-     "messages[0].content[0]", "text only"),
-    (chat(temperature=3), "temperature", "at most 2"),
-    (chat(temperature=True), "temperature", "number"),
-    (chat(temperature="0.5"), "temperature", "number"),
-    (chat(top_p=0), "top_p", "greater than 0"),
-    (chat(presence_penalty=-2.5), "presence_penalty", "at least -2"),
-    (chat(n=0), "n", "at least 1"),
-    (chat(n=9), "n", "--max-batch-size"),
-    (chat(max_tokens=0), "max_tokens", "at least 1"),
-    (chat(max_tokens=CTX), "max_tokens", "at most"),
-    (chat(max_completion_tokens=10_000), "max_completion_tokens", "maximum context length"),
-    (chat(messages=[{"role": "user", "content": "word " * 200}]), "messages", "maximum context length"),
-    (chat(stop=["", "x"]), "stop", "non-empty"),
-    (chat(stop=[1]), "stop", "strings"),
-    (chat(top_logprobs=2), "top_logprobs", "logprobs"),
-    (chat(logprobs=True, top_logprobs=21), "top_logprobs", "between 0 and 20"),
-    (chat(stream_options={"include_usage": True}), "stream_options", "stream"),
-    (chat(repetition_penalty=0), "repetition_penalty", "greater than 0"),
-    (chat(min_p=1.5), "min_p", "at most 1"),
-    (chat(seed=-1), "seed", "integer"),
-    (chat(stop_token_ids=[10**6]), "stop_token_ids", "vocabulary"),
-    (chat(tools=[{"type": "function"}]), "tools", "not supported"),
-    (chat(response_format={"type": "json_object"}), "response_format", "not supported"),
-])
+@pytest.mark.parametrize(
+    "body, param, hint",
+    [
+        ({"model": "tiny"}, "messages", "required"),
+        (chat(messages=[]), "messages", "non-empty"),
+        (chat(messages="hi"), "messages", "non-empty"),
+        (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0].role", "supported roles"),
+        (chat(messages=[{"role": "user"}]), "messages[0].content", "string or a list"),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+            "messages[0].content[0]",
+            "text only",
+        ),
+        (chat(temperature=3), "temperature", "at most 2"),
+        (chat(temperature=True), "temperature", "number"),
+        (chat(temperature="0.5"), "temperature", "number"),
+        (chat(top_p=0), "top_p", "greater than 0"),
+        (chat(presence_penalty=-2.5), "presence_penalty", "at least -2"),
+        (chat(n=0), "n", "at least 1"),
+        (chat(n=9), "n", "--max-batch-size"),
+        (chat(max_tokens=0), "max_tokens", "at least 1"),
+        (chat(max_tokens=CTX), "max_tokens", "at most"),
+        (chat(max_completion_tokens=10_000), "max_completion_tokens", "maximum context length"),
+        (chat(messages=[{"role": "user", "content": "word " * 200}]), "messages", "maximum context length"),
+        (chat(stop=["", "x"]), "stop", "non-empty"),
+        (chat(stop=[1]), "stop", "strings"),
+        (chat(top_logprobs=2), "top_logprobs", "logprobs"),
+        (chat(logprobs=True, top_logprobs=21), "top_logprobs", "between 0 and 20"),
+        (chat(stream_options={"include_usage": True}), "stream_options", "stream"),
+        (chat(repetition_penalty=0), "repetition_penalty", "greater than 0"),
+        (chat(min_p=1.5), "min_p", "at most 1"),
+        (chat(seed=-1), "seed", "integer"),
+        (chat(stop_token_ids=[10**6]), "stop_token_ids", "vocabulary"),
+        (chat(tools=[{"type": "function"}]), "tools", "not supported"),
+        (chat(response_format={"type": "json_object"}), "response_format", "not supported"),
+    ],
+)
 def test_chat_rejects_bad_fields_naming_them(info, body, param, hint):
     err = error_of(oai.parse_chat, body, info)
     assert err.status == 400
@@ -130,12 +148,17 @@ def test_malformed_json_and_non_objects_are_400():
 
 def test_error_bodies_have_each_protocols_shape():
     err = APIError(400, "bad 'temperature'", param="temperature")
-    assert openai_error_body(err) == {"error": {"message": "bad 'temperature'", "type": "invalid_request_error",
-                                                "param": "temperature", "code": None}}
-    assert anthropic_error_body(err) == {"type": "error", "error": {"type": "invalid_request_error",
-                                                                    "message": "bad 'temperature'"}}
-    assert anthropic_error_body(APIError(401, "key", type="authentication_error"))["error"]["type"] == \
-        "authentication_error"
+    assert openai_error_body(err) == {
+        "error": {"message": "bad 'temperature'", "type": "invalid_request_error", "param": "temperature", "code": None}
+    }
+    assert anthropic_error_body(err) == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "bad 'temperature'"},
+    }
+    assert (
+        anthropic_error_body(APIError(401, "key", type="authentication_error"))["error"]["type"]
+        == "authentication_error"
+    )
 
 
 # -- OpenAI legacy completions ---------------------------------------------------------------
@@ -151,17 +174,20 @@ def test_completion_string_prompt_gets_bos_token_list_is_kept(info):
     assert gen.prompt_ids == ids and options["echo"] == info.tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": [1, -2]}, "prompt"),
-    ({"prompt": [10**6]}, "prompt"),
-    ({"prompt": "x", "suffix": "y"}, "suffix"),
-    ({"prompt": "x", "logprobs": 6}, "logprobs"),
-    ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
-    ({"prompt": "x", "best_of": 3}, "best_of"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [1, -2]}, "prompt"),
+        ({"prompt": [10**6]}, "prompt"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+    ],
+)
 def test_completion_rejects_bad_fields(info, body, param):
     err = error_of(oai.parse_completion, body, info)
     assert err.status == 400 and err.param == param
@@ -169,29 +195,47 @@ def test_completion_rejects_bad_fields(info, body, param):
 
 # -- Anthropic -------------------------------------------------------------------------------
 def test_messages_prompt_has_system_and_prefill(info):
-    body = {"model": "tiny", "max_tokens": 5, "system": [{"type": "text", "text": "Be brief."}],
-            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure,"}],
-            "stop_sequences": ["\n\n"], "temperature": 0.5, "top_k": 4, "ignore_eos": True}
+    body = {
+        "model": "tiny",
+        "max_tokens": 5,
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure,"}],
+        "stop_sequences": ["\n\n"],
+        "temperature": 0.5,
+        "top_k": 4,
+        "ignore_eos": True,
+    }
     gen, options = anth.parse_messages(body, info)
     text = info.tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert gen.prompt_ids == info.tokenizer.encode(text + "Sure,")
-    assert gen.params == {"temperature": 0.5, "top_p": 1.0, "top_k": 4, "stop": ["\n\n"], "max_tokens": 5,
-                          "ignore_eos": True}
+    assert gen.params == {
+        "temperature": 0.5,
+        "top_p": 1.0,
+        "top_k": 4,
+        "stop": ["\n\n"],
+        "max_tokens": 5,
+        "ignore_eos": True,
+    }
     assert options == {"stream": False, "stop": ["\n\n"]}
 
 
-@pytest.mark.parametrize("body, hint", [
-    ({"messages": [{"role": "user", "content": "Hi"}]}, "max_tokens: Field required"),
-    ({"max_tokens": 5}, "messages: Field required"),
-    ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "top-level 'system'"),
-    ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, "'image' is not supported"),
-    ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "temperature": 1.5}, "'temperature'"),
-    ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": "yes"}, "'ignore_eos'"),
-    ({"max_tokens": 10_000, "messages": [{"role": "user", "content": "Hi"}]}, "maximum context length"),
-    ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "stop_sequences": "x y"}, None),
-])
+@pytest.mark.parametrize(
+    "body, hint",
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}]}, "max_tokens: Field required"),
+        ({"max_tokens": 5}, "messages: Field required"),
+        ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "top-level 'system'"),
+        ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, "'image' is not supported"),
+        ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "temperature": 1.5}, "'temperature'"),
+        ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": "yes"}, "'ignore_eos'"),
+        ({"max_tokens": 10_000, "messages": [{"role": "user", "content": "Hi"}]}, "maximum context length"),
+        ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "stop_sequences": "x y"}, None),
+    ],
+)
 def test_messages_rejects_bad_requests(info, body, hint):
     if hint is None:  # a single string is accepted as one stop sequence
         gen, _ = anth.parse_messages(body, info)
@@ -201,12 +245,15 @@ def test_messages_rejects_bad_requests(info, body, hint):
     assert err.status == 400 and hint in err.message
 
 
-@pytest.mark.parametrize("finish, stop_reason, expected", [
-    ("length", None, ("max_tokens", None)),
-    ("stop", "END", ("stop_sequence", "END")),
-    ("stop", None, ("end_turn", None)),
-    ("stop", 7, ("end_turn", None)),
-])
+@pytest.mark.parametrize(
+    "finish, stop_reason, expected",
+    [
+        ("length", None, ("max_tokens", None)),
+        ("stop", "END", ("stop_sequence", "END")),
+        ("stop", None, ("end_turn", None)),
+        ("stop", 7, ("end_turn", None)),
+    ],
+)
 def test_anthropic_stop_reasons(finish, stop_reason, expected):
     out = anth.stop_fields(finish, stop_reason, ["END"])
     assert (out["stop_reason"], out["stop_sequence"]) == expected
@@ -226,8 +273,12 @@ def test_accumulator_folds_interleaved_samples():
 
 def test_merge_events_joins_each_samples_deltas_in_order():
     lp = lambda i: [{"id": i, "logprob": -1.0, "top": []}]  # noqa: E731
-    events = [event(0, "a", [1], logprobs=lp(1)), event(1, "x", [7], logprobs=lp(7)),
-              event(0, "b", [2], logprobs=lp(2)), event(0, "", [3], finish_reason="stop", logprobs=lp(3))]
+    events = [
+        event(0, "a", [1], logprobs=lp(1)),
+        event(1, "x", [7], logprobs=lp(7)),
+        event(0, "b", [2], logprobs=lp(2)),
+        event(0, "", [3], finish_reason="stop", logprobs=lp(3)),
+    ]
     merged = merge_events(events)
     assert [m["index"] for m in merged] == [0, 1]
     assert merged[0]["text"] == "ab" and merged[0]["token_ids"] == [1, 2, 3]
@@ -239,14 +290,24 @@ def test_merge_events_joins_each_samples_deltas_in_order():
         folded.add(e)
     for e in events:
         direct.add(e)
-    assert [(c.text, c.token_ids, c.finish_reason) for c in folded.choices] == \
-        [(c.text, c.token_ids, c.finish_reason) for c in direct.choices]
+    assert [(c.text, c.token_ids, c.finish_reason) for c in folded.choices] == [
+        (c.text, c.token_ids, c.finish_reason) for c in direct.choices
+    ]
 
 
 def test_chat_stream_chunk_order_ids_and_usage(info):
     stream = oai.ChatStream("chatcmpl-1", info, 1, {"include_usage": True, "logprobs": None})
-    chunks = stream.start() + stream.events([event(text="Hi", token_ids=[1]), event(token_ids=[2]),
-                                             event(text="!", token_ids=[3], finish_reason="length")]) + stream.end()
+    chunks = (
+        stream.start()
+        + stream.events(
+            [
+                event(text="Hi", token_ids=[1]),
+                event(token_ids=[2]),
+                event(text="!", token_ids=[3], finish_reason="length"),
+            ]
+        )
+        + stream.end()
+    )
     assert {c["id"] for c in chunks} == {"chatcmpl-1"}
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     deltas = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
@@ -269,11 +330,19 @@ def test_chat_logprobs_shape(info):
 
 def test_anthropic_stream_event_sequence(info):
     stream = anth.MessageStream("msg_1", info, 4, {"stop": ["END"]})
-    items = stream.start() + stream.events([event(text="Hi", token_ids=[1]),
-                                            event(text="", token_ids=[2], finish_reason="stop", stop_reason="END")])
+    items = stream.start() + stream.events(
+        [event(text="Hi", token_ids=[1]), event(text="", token_ids=[2], finish_reason="stop", stop_reason="END")]
+    )
     items += stream.end()
-    assert [name for name, _ in items] == ["message_start", "content_block_start", "ping", "content_block_delta",
-                                           "content_block_stop", "message_delta", "message_stop"]
+    assert [name for name, _ in items] == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert all(data["type"] == name for name, data in items)
     assert items[0][1]["message"]["usage"] == {"input_tokens": 4, "output_tokens": 0}
     delta = items[5][1]
@@ -281,14 +350,16 @@ def test_anthropic_stream_event_sequence(info):
     assert delta["usage"] == {"output_tokens": 2}
 
 
-@pytest.mark.parametrize("text", ["a\u2028b", "c\u2029d", "e\x85f", "中文\n\r\t\"x"])
+@pytest.mark.parametrize("text", ["a\u2028b", "c\u2029d", "e\x85f", '中文\n\r\t"x'])
 def test_sse_events_stay_one_line_for_any_line_splitter(text):
     """A generated token can be U+2028 / U+2029 / NEL: str.splitlines() (httpx's aiter_lines)
     breaks lines there, so a raw one would cut the event's data line in two."""
     from astrai.serve.server import _sse_anthropic, _sse_openai
 
-    for event, prefix in ((_sse_openai({"text": text}), "data: "),
-                          (_sse_anthropic(("delta", {"text": text})), "event: delta")):
+    for event, prefix in (
+        (_sse_openai({"text": text}), "data: "),
+        (_sse_anthropic(("delta", {"text": text})), "event: delta"),
+    ):
         lines = [line for line in event.splitlines() if line]
         assert lines[-1].startswith("data: ") and lines[0].startswith(prefix)
         assert json.loads(lines[-1][6:])["text"] == text
@@ -316,12 +387,19 @@ class _Reads(dict):
         return super().__contains__(key)
 
 
-@pytest.mark.parametrize("parse, body, accepted, ignored", [
-    (oai.parse_chat, chat(max_tokens=3), oai.CHAT_FIELDS, oai.IGNORED_CHAT),
-    (oai.parse_completion, {"prompt": "Hello", "max_tokens": 3}, oai.COMPLETION_FIELDS, oai.IGNORED_COMPLETION),
-    (anth.parse_messages, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}, anth.MESSAGE_FIELDS,
-     anth.IGNORED),
-])
+@pytest.mark.parametrize(
+    "parse, body, accepted, ignored",
+    [
+        (oai.parse_chat, chat(max_tokens=3), oai.CHAT_FIELDS, oai.IGNORED_CHAT),
+        (oai.parse_completion, {"prompt": "Hello", "max_tokens": 3}, oai.COMPLETION_FIELDS, oai.IGNORED_COMPLETION),
+        (
+            anth.parse_messages,
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+            anth.MESSAGE_FIELDS,
+            anth.IGNORED,
+        ),
+    ],
+)
 def test_every_field_a_parser_reads_is_in_its_routes_accepted_list(info, parse, body, accepted, ignored):
     """The accepted list is what strict mode lets through: a field the parser reads but the list
     lacks would be refused, and a listed field nobody reads must be one we ignore on purpose."""
@@ -346,12 +424,15 @@ def test_unknown_field_errors_use_each_protocols_wording_and_suggest_a_near_miss
     assert len(err.message) < 300 and "did you mean" not in err.message
 
 
-@pytest.mark.parametrize("raw, param", [
-    (b'{"messages": [{"role": "user", "content": "h\\ud800i"}]}', "messages[0].content"),
-    (b'{"prompt": ["a", "\\udc00"]}', "prompt[1]"),
-    (b'{"messages": [{"h\\ud800": 1}]}', "messages[0]"),
-    (b'{"\\ud800": 1}', None),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"messages": [{"role": "user", "content": "h\\ud800i"}]}', "messages[0].content"),
+        (b'{"prompt": ["a", "\\udc00"]}', "prompt[1]"),
+        (b'{"messages": [{"h\\ud800": 1}]}', "messages[0]"),
+        (b'{"\\ud800": 1}', None),
+    ],
+)
 def test_lone_surrogates_in_values_and_keys_are_refused_with_their_path(raw, param):
     err = error_of(parse_json_object, raw)
     assert err.status == 400 and err.param == param and "lone surrogate" in err.message
@@ -360,7 +441,7 @@ def test_lone_surrogates_in_values_and_keys_are_refused_with_their_path(raw, par
 
 def test_surrogate_pairs_and_other_unicode_pass():
     body = parse_json_object('{"a": "\\ud83d\\ude00 你好 \\u00e9"}'.encode())
-    assert body == {"a": "\U0001F600 你好 é"}
+    assert body == {"a": "\U0001f600 你好 é"}
 
 
 def test_nesting_is_capped_whether_or_not_the_decoder_recurses_too_deep():
@@ -375,16 +456,22 @@ def test_nesting_is_capped_whether_or_not_the_decoder_recurses_too_deep():
         assert err.status == 400 and f"more than {MAX_DEPTH} levels deep" in err.message
 
 
-@pytest.mark.parametrize("raw, offset", [(b'{"a": "\xff"}', 7), (b'{"a": "\xed\xa0\x80"}', 7),
-                                         (b'{"a": "\xe4\xbd"}', 7)])
+@pytest.mark.parametrize(
+    "raw, offset", [(b'{"a": "\xff"}', 7), (b'{"a": "\xed\xa0\x80"}', 7), (b'{"a": "\xe4\xbd"}', 7)]
+)
 def test_invalid_utf8_is_refused_with_its_offset(raw, offset):
     err = error_of(parse_json_object, raw)
     assert err.status == 400 and "not valid UTF-8" in err.message and f"offset {offset}" in err.message
 
 
-@pytest.mark.parametrize("raw, needle", [(b'{"max_tokens": ' + b"9" * 5000 + b"}", "4300 digits"),
-                                         (b'{"temperature": NaN}', "NaN is not a JSON number"),
-                                         (b'{"top_p": -Infinity}', "-Infinity is not a JSON number")])
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "4300 digits"),
+        (b'{"temperature": NaN}', "NaN is not a JSON number"),
+        (b'{"top_p": -Infinity}', "-Infinity is not a JSON number"),
+    ],
+)
 def test_numbers_json_cannot_carry_are_refused(raw, needle):
     err = error_of(parse_json_object, raw)
     assert err.status == 400 and needle in err.message

@@ -27,8 +27,15 @@ def test_a_step_becomes_one_reply_per_streamed_request_sent_before_any_end_is_an
         a = RelayedRequest("uid-a", 1, True, loop.create_future())
         b = RelayedRequest("uid-b", 0, False, loop.create_future())
         a.done.add_done_callback(lambda _: order.append("a ended"))
-        relay.deliver([(a, _event(0, "he")), (b, _event(0, "x")), (a, _event(0, "llo", "stop")), (a, END),
-                       (b, EngineError("boom"))])
+        relay.deliver(
+            [
+                (a, _event(0, "he")),
+                (b, _event(0, "x")),
+                (a, _event(0, "llo", "stop")),
+                (a, END),
+                (b, EngineError("boom")),
+            ]
+        )
         await asyncio.sleep(0)
         return a, b
 

@@ -33,8 +33,22 @@ def lenient(launch, model_dir, serve_command, free_port, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve-lenient") / "server.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    argv = serve_command("--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name", "tiny-serve",
-                         "--api-key", launch.api_key, "--docs", "--max-request-bytes", "8MiB", "--no-strict-fields")
+    argv = serve_command(
+        "--model",
+        model_dir,
+        "--port",
+        port,
+        "--device",
+        "cpu",
+        "--served-model-name",
+        "tiny-serve",
+        "--api-key",
+        launch.api_key,
+        "--docs",
+        "--max-request-bytes",
+        "8MiB",
+        "--no-strict-fields",
+    )
     srv = launch(argv, port, log, model_dir, env=env)
     try:
         yield srv.wait_ready()
@@ -146,7 +160,7 @@ def test_a_chunked_body_is_capped_while_it_streams_in(server):
     def chunks(total: int, size: int = 2**16):
         body = _big_chat(total)
         for i in range(0, len(body), size):
-            yield body[i:i + size]
+            yield body[i : i + size]
 
     r = httpx.post(server.url + "/v1/chat/completions", content=chunks(5 * 2**20), headers=keyed(server))
     assert "--max-request-bytes" in openai_error(r, 413)["message"]
@@ -156,8 +170,9 @@ def test_a_chunked_body_is_capped_while_it_streams_in(server):
 
 
 def test_a_large_body_without_the_key_is_refused_for_the_key(server):
-    r = httpx.post(server.url + "/v1/chat/completions", content=_big_chat(5 * 2**20),
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions", content=_big_chat(5 * 2**20), headers={"Content-Type": "application/json"}
+    )
     assert "API key missing" in openai_error(r, 401)["message"]
 
 
@@ -168,14 +183,15 @@ def test_health_stays_fast_while_a_3mb_prompt_is_tokenized(lenient):
     blocked event loop shows as few calls (one of them waiting seconds), so their number is
     checked too."""
     words = "fox dog 天气 hello world 12345 language 公园 model "
-    prompt = (words * (3_000_000 // len(words.encode())))
+    prompt = words * (3_000_000 // len(words.encode()))
     body = json.dumps({**CHAT, "messages": [{"role": "user", "content": prompt}]}, ensure_ascii=False).encode()
     assert 2.9e6 < len(body) < 4e6
     result = {}
 
     def big() -> None:
-        result["response"] = httpx.post(lenient.url + "/v1/chat/completions", content=body,
-                                        headers=keyed(lenient), timeout=300)
+        result["response"] = httpx.post(
+            lenient.url + "/v1/chat/completions", content=body, headers=keyed(lenient), timeout=300
+        )
 
     latencies = []
     with httpx.Client(base_url=lenient.url, timeout=30) as http:
@@ -197,17 +213,29 @@ def test_health_stays_fast_while_a_3mb_prompt_is_tokenized(lenient):
 
 # -- bad input -------------------------------------------------------------------------------
 LONE_SURROGATE = [
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "h\\ud800i"}], "max_tokens": 2}',
-     "messages[0].content"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
-     "messages[0].content[0].text"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "h\\ud800i"}], "max_tokens": 2}',
+        "messages[0].content",
+    ),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+        "messages[0].content[0].text",
+    ),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stop": ["a\\ud83d"]}', "stop[0]"),
     ("/v1/completions", '{"prompt": "h\\ud800i", "max_tokens": 2}', "prompt"),
     ("/v1/completions", '{"prompt": "hi", "max_tokens": 2, "x\\ud800": 1}', None),
-    ("/v1/messages", '{"system": "h\\ud800i", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}',
-     "system"),
-    ("/v1/messages", '{"messages": [{"role": "user", "content": "h\\ud800i"}], "max_tokens": 2}',
-     "messages[0].content"),
+    (
+        "/v1/messages",
+        '{"system": "h\\ud800i", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}',
+        "system",
+    ),
+    (
+        "/v1/messages",
+        '{"messages": [{"role": "user", "content": "h\\ud800i"}], "max_tokens": 2}',
+        "messages[0].content",
+    ),
 ]
 
 
@@ -239,15 +267,18 @@ def test_deeply_nested_json_is_a_400_not_a_500(server, depth):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-@pytest.mark.parametrize("raw", [b'{"prompt": "h\xffi", "max_tokens": 2}',
-                                 b'{"prompt": "h\xed\xa0\x80i", "max_tokens": 2}'])  # a UTF-8-encoded surrogate
+@pytest.mark.parametrize(
+    "raw", [b'{"prompt": "h\xffi", "max_tokens": 2}', b'{"prompt": "h\xed\xa0\x80i", "max_tokens": 2}']
+)  # a UTF-8-encoded surrogate
 def test_invalid_utf8_is_a_400(server, raw):
     error = openai_error(httpx.post(server.url + "/v1/completions", content=raw, headers=keyed(server)), 400)
     assert "not valid UTF-8" in error["message"] and "offset 13" in error["message"]
 
 
-@pytest.mark.parametrize("raw", [b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
-                                 b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}'])
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}'],
+)
 def test_numbers_json_cannot_carry_are_a_400_on_every_route(server, raw):
     for path in POST_ROUTES:
         r = httpx.post(server.url + path, content=raw, headers=keyed(server))
@@ -261,8 +292,9 @@ def test_unknown_fields_are_a_400_naming_the_field(server):
     assert error["param"] == "max_token"
     assert error["message"].startswith("Unrecognized request argument supplied: max_token (did you mean 'max_tokens'?)")
     assert "--no-strict-fields" in error["message"]
-    r = httpx.post(server.url + "/v1/completions", json={**COMPLETION, "suffixx": "", "echo": False},
-                   headers=keyed(server))
+    r = httpx.post(
+        server.url + "/v1/completions", json={**COMPLETION, "suffixx": "", "echo": False}, headers=keyed(server)
+    )
     assert openai_error(r, 400)["param"] == "suffixx"
     for name, value in (("n", 2), ("seed", 1)):  # OpenAI's, unknown to Anthropic
         r = httpx.post(server.url + "/v1/messages", json={**MESSAGE, name: value}, headers=keyed(server))
@@ -272,19 +304,30 @@ def test_unknown_fields_are_a_400_naming_the_field(server):
 def test_the_official_openai_client_sees_unknown_fields_as_bad_requests(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}],
-                                       max_tokens=2, extra_body={"max_token": 2})
+        client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": "x"}], max_tokens=2, extra_body={"max_token": 2}
+        )
     assert exc.value.body["param"] == "max_token"
     # What the client sends by default, and fields we accept and ignore, pass.
-    r = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}], max_tokens=2,
-                                       user="u-1", metadata={"k": "v"}, store=False, parallel_tool_calls=False)
+    r = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=2,
+        user="u-1",
+        metadata={"k": "v"},
+        store=False,
+        parallel_tool_calls=False,
+    )
     assert r.choices[0].finish_reason in ("length", "stop")
 
 
 def test_no_strict_fields_ignores_unknown_fields_and_logs_each_once(lenient):
     for _ in range(3):
-        r = httpx.post(lenient.url + "/v1/chat/completions", json={**CHAT, "max_token": 5, "frobnicate": True},
-                       headers=keyed(lenient))
+        r = httpx.post(
+            lenient.url + "/v1/chat/completions",
+            json={**CHAT, "max_token": 5, "frobnicate": True},
+            headers=keyed(lenient),
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
     r = httpx.post(lenient.url + "/v1/messages", json={**MESSAGE, "n": 3}, headers=keyed(lenient))
     assert r.status_code == 200 and r.json()["type"] == "message"

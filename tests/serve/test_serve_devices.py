@@ -18,19 +18,39 @@ from astrai.serve.server import placement
 
 
 # -- parsing and checks -------------------------------------------------------------------------
-@pytest.mark.parametrize("value, gpus", [
-    (None, None), (2, [0, 1]), ("2", [0, 1]), ("0,2", [0, 2]), ("1,", [1]), ("[3, 1]", [3, 1]),
-    ([1], [1]), ((0, 1), [0, 1]),
-])
+@pytest.mark.parametrize(
+    "value, gpus",
+    [
+        (None, None),
+        (2, [0, 1]),
+        ("2", [0, 1]),
+        ("0,2", [0, 2]),
+        ("1,", [1]),
+        ("[3, 1]", [3, 1]),
+        ([1], [1]),
+        ((0, 1), [0, 1]),
+    ],
+)
 def test_devices_are_a_count_or_gpu_indexes(value, gpus):
     assert parse_devices(value) == gpus
 
 
-@pytest.mark.parametrize("value, message", [
-    (0, "at least 1 GPU"), ("0", "at least 1 GPU"), (-1, "at least 1 GPU"), ("two", "not a GPU count"),
-    ("0,x", "not a GPU count"), ([], "not a GPU count"), ([0, -1], "integers from 0"), ([0, 0], "names a GPU twice"),
-    (True, "not a GPU count"), (1.5, "not a GPU count"), ("", "not a GPU count"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (0, "at least 1 GPU"),
+        ("0", "at least 1 GPU"),
+        (-1, "at least 1 GPU"),
+        ("two", "not a GPU count"),
+        ("0,x", "not a GPU count"),
+        ([], "not a GPU count"),
+        ([0, -1], "integers from 0"),
+        ([0, 0], "names a GPU twice"),
+        (True, "not a GPU count"),
+        (1.5, "not a GPU count"),
+        ("", "not a GPU count"),
+    ],
+)
 def test_bad_devices_name_the_setting_and_the_forms(value, message):
     with pytest.raises(ServeConfigError, match=f"^devices: .*{message}"):
         parse_devices(value)
@@ -59,12 +79,17 @@ def test_gpus_are_checked_against_the_visible_ones(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     cli.check_gpus(build_config(model="m", devices=2), visible=2)
     cli.check_gpus(build_config(model="m", device="cuda:1"), visible=2)
-    with pytest.raises(ServeConfigError, match=r"devices: asks for GPU\(s\) \[0, 1, 2\] but there are 2 GPU\(s\) "
-                                               r"visible \(CUDA_VISIBLE_DEVICES=4,5\); ask for at most 2"):
+    with pytest.raises(
+        ServeConfigError,
+        match=r"devices: asks for GPU\(s\) \[0, 1, 2\] but there are 2 GPU\(s\) "
+        r"visible \(CUDA_VISIBLE_DEVICES=4,5\); ask for at most 2",
+    ):
         cli.check_gpus(build_config(model="m", devices=3), visible=2)
     with pytest.raises(ServeConfigError, match=r"devices: asks for GPU\(s\) \[2\]"):
         cli.check_gpus(build_config(model="m", devices="2,"), visible=2)
-    with pytest.raises(ServeConfigError, match="devices: .* CUDA is not available; on the CPU use --device cpu --workers"):
+    with pytest.raises(
+        ServeConfigError, match="devices: .* CUDA is not available; on the CPU use --device cpu --workers"
+    ):
         cli.check_gpus(build_config(model="m", devices=1), visible=0)
     with pytest.raises(ServeConfigError, match="device: 'cuda:2' but there are 2 GPU"):
         cli.check_gpus(build_config(model="m", device="cuda:2"), visible=2)
@@ -103,16 +128,19 @@ def cli_cuda() -> bool:
 
 
 # -- where the workers go -----------------------------------------------------------------------
-@pytest.mark.parametrize("settings, cuda, expected", [
-    ({}, False, ("cpu", [0], 1)),
-    ({"workers": 3}, False, ("cpu", [0], 3)),
-    ({}, True, ("cuda", [0], 1)),
-    ({"device": "cuda:1", "workers": 2}, True, ("cuda", [1], 2)),
-    ({"device": "cuda"}, True, ("cuda", [0], 1)),
-    ({"devices": 2}, True, ("cuda", [0, 1], 1)),
-    ({"devices": "1,3", "workers": 2}, True, ("cuda", [1, 3], 2)),
-    ({"device": "cpu", "workers": 2}, True, ("cpu", [0], 2)),
-])
+@pytest.mark.parametrize(
+    "settings, cuda, expected",
+    [
+        ({}, False, ("cpu", [0], 1)),
+        ({"workers": 3}, False, ("cpu", [0], 3)),
+        ({}, True, ("cuda", [0], 1)),
+        ({"device": "cuda:1", "workers": 2}, True, ("cuda", [1], 2)),
+        ({"device": "cuda"}, True, ("cuda", [0], 1)),
+        ({"devices": 2}, True, ("cuda", [0, 1], 1)),
+        ({"devices": "1,3", "workers": 2}, True, ("cuda", [1, 3], 2)),
+        ({"device": "cpu", "workers": 2}, True, ("cpu", [0], 2)),
+    ],
+)
 def test_placement(settings, cuda, expected):
     assert placement(build_config(model="m", **settings), cuda) == expected
 
@@ -131,15 +159,32 @@ def test_pin_gpu_hides_the_other_gpus(monkeypatch):
 
 
 # -- the control plane --------------------------------------------------------------------------
-ENGINE = {"active_requests": 1, "running": 1, "pages_total": 100, "pages_used": 10, "page_size": 16,
-          "prefix_cache_hit_rate": 0.5, "generated_tokens": 7, "tokens_per_s": 10.0, "weights_version": 0,
-          "max_model_len": 2048}
+ENGINE = {
+    "active_requests": 1,
+    "running": 1,
+    "pages_total": 100,
+    "pages_used": 10,
+    "page_size": 16,
+    "prefix_cache_hit_rate": 0.5,
+    "generated_tokens": 7,
+    "tokens_per_s": 10.0,
+    "weights_version": 0,
+    "max_model_len": 2048,
+}
 
 
 def test_combine_stats_sums_counts_and_keeps_limits():
     a = {"worker": 0, "stats": ENGINE}
-    b = {"worker": 1, "stats": {**ENGINE, "pages_total": 50, "prefix_cache_hit_rate": 0.0, "generated_tokens": 3,
-                                "max_model_len": 1024}}
+    b = {
+        "worker": 1,
+        "stats": {
+            **ENGINE,
+            "pages_total": 50,
+            "prefix_cache_hit_rate": 0.0,
+            "generated_tokens": 3,
+            "max_model_len": 1024,
+        },
+    }
     both = combine_stats([a, b])
     assert both["pages_total"] == 150 and both["generated_tokens"] == 10 and both["tokens_per_s"] == 20.0
     assert both["max_model_len"] == 1024 and both["page_size"] == 16 and both["prefix_cache_hit_rate"] == 0.25
@@ -155,8 +200,9 @@ class FakeWorker:
         self.aborted: list[str] = []
         self.generated = generated
         self.got_abort = threading.Event()
-        control.serve(worker_id, self.abort, lambda: {"device": "cpu", "stats": {**ENGINE,
-                                                                                 "generated_tokens": self.generated}})
+        control.serve(
+            worker_id, self.abort, lambda: {"device": "cpu", "stats": {**ENGINE, "generated_tokens": self.generated}}
+        )
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

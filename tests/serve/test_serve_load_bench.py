@@ -13,8 +13,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-MICRO = {"vocab_size": 512, "dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64,
-         "norm_eps": 1e-06, "max_len": 512, "rope_theta": 10000.0, "tie_embeddings": True}
+MICRO = {
+    "vocab_size": 512,
+    "dim": 32,
+    "n_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 1,
+    "ffn_dim": 64,
+    "norm_eps": 1e-06,
+    "max_len": 512,
+    "rope_theta": 10000.0,
+    "tie_embeddings": True,
+}
 
 
 def drawn_output_lengths(num_requests: int, prompt_len, output_len, vocab: int, seed: int) -> list[int]:
@@ -30,8 +40,26 @@ def drawn_output_lengths(num_requests: int, prompt_len, output_len, vocab: int, 
 def test_the_load_generator_spreads_requests_over_client_processes_and_counts_every_token(tmp_path):
     config = tmp_path / "micro.json"
     config.write_text(json.dumps(MICRO))
-    argv = [sys.executable, "bench/serve_load.py", "--model", str(config), "--num-requests", "8", "--client-procs", "2",
-            "--prompt-len", "8", "32", "--output-len", "4", "24", "--temperature", "0", "--no-warmup", "--json"]
+    argv = [
+        sys.executable,
+        "bench/serve_load.py",
+        "--model",
+        str(config),
+        "--num-requests",
+        "8",
+        "--client-procs",
+        "2",
+        "--prompt-len",
+        "8",
+        "32",
+        "--output-len",
+        "4",
+        "24",
+        "--temperature",
+        "0",
+        "--no-warmup",
+        "--json",
+    ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

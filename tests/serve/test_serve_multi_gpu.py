@@ -25,11 +25,30 @@ pytestmark = [
 @pytest.fixture
 def two_gpus(launch, model_dir, serve_command, free_port, tmp_path):
     port = free_port()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-           # Multicast stays off on shared machines, also for whatever this server starts.
-           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    argv = serve_command("--model", model_dir, "--port", port, "--devices", "2", "--served-model-name", "tiny",
-                         "--max-batch-size", "32", "--kv-cache-memory", "1GiB", "--log-level", "info")
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        # Multicast stays off on shared machines, also for whatever this server starts.
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NVSHMEM_DISABLE_NVLS": "1",
+    }
+    argv = serve_command(
+        "--model",
+        model_dir,
+        "--port",
+        port,
+        "--devices",
+        "2",
+        "--served-model-name",
+        "tiny",
+        "--max-batch-size",
+        "32",
+        "--kv-cache-memory",
+        "1GiB",
+        "--log-level",
+        "info",
+    )
     server = launch(argv, port, tmp_path / "server.log", model_dir, env=env)
     try:
         yield server.wait_ready(timeout=300)
@@ -52,8 +71,9 @@ def test_one_engine_per_gpu_and_requests_spread_over_both(two_gpus):
     same = [{"role": "user", "content": "the same question every time"}]
 
     async def ask(client, messages):
-        r = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
-                                                 extra_body={"ignore_eos": True})
+        r = await client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
         return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
 
     async def run_all():

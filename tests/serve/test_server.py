@@ -62,8 +62,8 @@ def wait_idle(server, timeout: float = 60) -> dict:
 def pick_stop(text: str) -> str:
     """Two printable ASCII characters from the second half of a greedy answer, to stop on."""
     for i in range(len(text) // 3, len(text) - 1):
-        if text[i:i + 2].isascii() and text[i:i + 2].isprintable():
-            return text[i:i + 2]
+        if text[i : i + 2].isascii() and text[i : i + 2].isprintable():
+            return text[i : i + 2]
     raise AssertionError(f"no stop string to pick in {text!r}; use another prompt")
 
 
@@ -96,11 +96,20 @@ def test_chat_greedy_equals_offline_engine(client, offline, server):
 
 def test_chat_stream_with_usage(client, offline, server):
     messages = [{"role": "user", "content": "hello world"}]
-    ref = offline.generate([chat_ids(offline, messages)], SamplingParams(temperature=0, max_tokens=12,
-                                                                         ignore_eos=True))[0]
-    chunks = list(client.chat.completions.create(
-        model=server.model, messages=messages, max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    ref = offline.generate(
+        [chat_ids(offline, messages)], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )[0]
+    chunks = list(
+        client.chat.completions.create(
+            model=server.model,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -113,8 +122,9 @@ def test_chat_stream_with_usage(client, offline, server):
 def test_chat_logprobs_equal_offline(client, offline, server):
     messages = [{"role": "user", "content": "fox"}]
     ref = offline.generate([chat_ids(offline, messages)], SamplingParams(temperature=0, max_tokens=5, logprobs=2))[0]
-    r = client.chat.completions.create(model=server.model, messages=messages, max_tokens=5, temperature=0,
-                                       logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
     got = r.choices[0].logprobs.content
     assert len(got) == len(ref.samples[0].logprobs)
     for entry, want in zip(got, ref.samples[0].logprobs):
@@ -137,11 +147,18 @@ def test_seeded_samples_reproduce_and_match_offline(client, offline, server):
 
 def test_stop_string_ends_the_choice(client, offline, server):
     messages = [{"role": "user", "content": "language model"}]
-    full = offline.generate([chat_ids(offline, messages)], SamplingParams(temperature=0, max_tokens=30,
-                                                                          ignore_eos=True))[0].text
+    full = offline.generate(
+        [chat_ids(offline, messages)], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    )[0].text
     stop = pick_stop(full)
-    r = client.chat.completions.create(model=server.model, messages=messages, max_tokens=30, temperature=0,
-                                       stop=[stop], extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=server.model,
+        messages=messages,
+        max_tokens=30,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "stop" and choice.stop_reason == stop
     assert choice.message.content == full[: full.index(stop)]
@@ -152,8 +169,7 @@ def test_legacy_completions_token_prompt_and_echo(client, offline, server):
     ref = offline.generate([ids], SamplingParams(temperature=0, max_tokens=8))[0]
     r = client.completions.create(model=server.model, prompt=ids, max_tokens=8, temperature=0)
     assert r.choices[0].text == ref.text and r.object == "text_completion"
-    r = client.completions.create(model=server.model, prompt="The quick brown", max_tokens=8, temperature=0,
-                                  echo=True)
+    r = client.completions.create(model=server.model, prompt="The quick brown", max_tokens=8, temperature=0, echo=True)
     assert r.choices[0].text == "The quick brown" + ref.text
     streamed = client.completions.create(model=server.model, prompt=ids, max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == ref.text
@@ -201,9 +217,17 @@ def test_concurrent_streams_of_both_protocols_equal_full_answers(server, offline
 
     async def openai_stream(c, i):
         texts, finish, usage = ["", ""], [None, None], None
-        stream = await c.completions.create(model=server.model, prompt=chat_ids(offline, prompts[i]), max_tokens=20,
-                                            temperature=1.0, seed=11, n=2, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        stream = await c.completions.create(
+            model=server.model,
+            prompt=chat_ids(offline, prompts[i]),
+            max_tokens=20,
+            temperature=1.0,
+            seed=11,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         async for chunk in stream:
             for choice in chunk.choices:
                 texts[choice.index] += choice.text
@@ -212,17 +236,21 @@ def test_concurrent_streams_of_both_protocols_equal_full_answers(server, offline
         return texts, finish, (usage.prompt_tokens, usage.completion_tokens)
 
     async def anthropic_stream(c, i):
-        async with c.messages.stream(model=server.model, max_tokens=20, messages=prompts[i],
-                                     extra_body={"temperature": 0}) as stream:
+        async with c.messages.stream(
+            model=server.model, max_tokens=20, messages=prompts[i], extra_body={"temperature": 0}
+        ) as stream:
             text = "".join([e.delta.text async for e in stream if e.type == "content_block_delta"])
             final = await stream.get_final_message()
         return text, final.content[0].text, (final.usage.input_tokens, final.usage.output_tokens)
 
     async def run_all():
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0) as oc, \
-                anthropic.AsyncAnthropic(base_url=server.url, api_key=server.api_key, max_retries=0) as ac:
-            return await asyncio.gather(*(openai_stream(oc, i) for i in range(6)),
-                                        *(anthropic_stream(ac, i) for i in range(6, 12)))
+        async with (
+            openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0) as oc,
+            anthropic.AsyncAnthropic(base_url=server.url, api_key=server.api_key, max_retries=0) as ac,
+        ):
+            return await asyncio.gather(
+                *(openai_stream(oc, i) for i in range(6)), *(anthropic_stream(ac, i) for i in range(6, 12))
+            )
 
     outputs = asyncio.run(run_all())
     for ref, (texts, finish, usage) in zip(refs[:6], outputs[:6]):
@@ -244,8 +272,9 @@ def _anthropic_ref(offline, system, messages, max_tokens):
 def test_anthropic_message_equals_offline(aclient, offline, server):
     messages = [{"role": "user", "content": "你好，世界"}]
     ref, stop_reason = _anthropic_ref(offline, "Be kind.", messages, 16)
-    m = aclient.messages.create(model=server.model, max_tokens=16, system="Be kind.", messages=messages,
-                                extra_body={"temperature": 0})
+    m = aclient.messages.create(
+        model=server.model, max_tokens=16, system="Be kind.", messages=messages, extra_body={"temperature": 0}
+    )
     assert m.content[0].text == ref.text and m.stop_reason == stop_reason
     assert m.usage.input_tokens == len(ref.prompt_token_ids) and m.usage.output_tokens == len(ref.token_ids)
     assert m.id.startswith("msg_") and m.role == "assistant" and m.model == server.model
@@ -254,8 +283,9 @@ def test_anthropic_message_equals_offline(aclient, offline, server):
 def test_anthropic_stream_event_sequence(aclient, offline, server):
     messages = [{"role": "user", "content": "Numbers like 12345"}]
     ref, stop_reason = _anthropic_ref(offline, "Count.", messages, 10)
-    with aclient.messages.stream(model=server.model, max_tokens=10, system="Count.", messages=messages,
-                                 extra_body={"temperature": 0}) as stream:
+    with aclient.messages.stream(
+        model=server.model, max_tokens=10, system="Count.", messages=messages, extra_body={"temperature": 0}
+    ) as stream:
         types = [event.type for event in stream]
         final = stream.get_final_message()
     assert final.content[0].text == ref.text and final.stop_reason == stop_reason
@@ -270,8 +300,9 @@ def test_anthropic_stop_sequence(aclient, offline, server):
     messages = [{"role": "user", "content": "fox"}]
     full = offline.generate([chat_ids(offline, messages)], SamplingParams(temperature=0, max_tokens=30))[0].text
     stop = pick_stop(full)
-    m = aclient.messages.create(model=server.model, max_tokens=30, messages=messages, stop_sequences=[stop],
-                                extra_body={"temperature": 0})
+    m = aclient.messages.create(
+        model=server.model, max_tokens=30, messages=messages, stop_sequences=[stop], extra_body={"temperature": 0}
+    )
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == stop
     assert m.content[0].text == full[: full.index(stop)]
 
@@ -281,17 +312,22 @@ OPENAI_BAD = [
     (b"{not json", "JSON", None),
     (json.dumps({"model": "tiny-serve"}), "'messages' is required", "messages"),
     (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), "supported roles", "messages[0].role"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}), "maximum context length",
-     "max_tokens"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -1}), "'temperature'",
-     "temperature"),
+    (
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}),
+        "maximum context length",
+        "max_tokens",
+    ),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -1}), "'temperature'", "temperature"),
 ]
 
 
 @pytest.mark.parametrize("body, needle, param", OPENAI_BAD)
 def test_openai_bad_requests_get_openai_errors(server, body, needle, param):
-    r = httpx.post(server.url + "/v1/chat/completions", content=body,
-                   headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     error = r.json()["error"]
     assert needle in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
@@ -305,13 +341,16 @@ def test_openai_client_raises_bad_request(client, server):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
 
 
-@pytest.mark.parametrize("body, needle", [
-    (b"{not json", "JSON"),
-    (json.dumps({"model": "tiny-serve", "max_tokens": 5}), "messages: Field required"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "max_tokens: Field required"),
-    (json.dumps({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}), "'system'"),
-    (json.dumps({"max_tokens": 10**6, "messages": [{"role": "user", "content": "x"}]}), "maximum context length"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b"{not json", "JSON"),
+        (json.dumps({"model": "tiny-serve", "max_tokens": 5}), "messages: Field required"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "max_tokens: Field required"),
+        (json.dumps({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}), "'system'"),
+        (json.dumps({"max_tokens": 10**6, "messages": [{"role": "user", "content": "x"}]}), "maximum context length"),
+    ],
+)
 def test_anthropic_bad_requests_get_anthropic_errors(server, body, needle):
     r = httpx.post(server.url + "/v1/messages", content=body, headers={"x-api-key": server.api_key})
     assert r.status_code == 400
@@ -337,11 +376,19 @@ def test_wrong_or_missing_api_key_is_401(server):
 # -- disconnects -----------------------------------------------------------------------------
 def test_client_disconnect_mid_stream_aborts_the_request(server):
     before = wait_idle(server)
-    body = {"model": server.model, "messages": [{"role": "user", "content": "go on forever"}], "max_tokens": 2000,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": 2000,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     headers = {"Authorization": f"Bearer {server.api_key}"}
-    with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body,
-                                                       headers=headers) as r:
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) as r,
+    ):
         chunks = 0
         for line in r.iter_lines():
             chunks += line.startswith("data:")
@@ -354,10 +401,19 @@ def test_client_disconnect_mid_stream_aborts_the_request(server):
 
 def test_client_disconnect_while_waiting_for_a_full_answer_aborts(server):
     before = wait_idle(server)
-    body = json.dumps({"model": server.model, "messages": [{"role": "user", "content": "wait"}],
-                       "max_tokens": 2000, "temperature": 0, "ignore_eos": True}).encode()
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    body = json.dumps(
+        {
+            "model": server.model,
+            "messages": [{"role": "user", "content": "wait"}],
+            "max_tokens": 2000,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+    ).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(request)
         deadline = time.monotonic() + 30

@@ -45,6 +45,7 @@ def test_sends_of_one_loop_pass_travel_as_one_message(tmp_path):
     pull = zmq.Context.instance().socket(zmq.PULL)
     pull.bind(transport.addresses[0])
     try:
+
         async def step(uid: str, wake: asyncio.Event, i: int):
             await wake.wait()
             transport.send(_reply(uid, i), 0)

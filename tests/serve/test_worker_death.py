@@ -13,7 +13,6 @@ import anthropic
 import httpx
 import openai
 import pytest
-
 from conftest import MODEL_NAME
 
 LONG = {"max_tokens": 1500, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
@@ -23,8 +22,9 @@ async def _openai_chat(client: openai.AsyncOpenAI, stream: bool, started: set) -
     messages = [{"role": "user", "content": "Count to a thousand."}]
     try:
         if stream:
-            async for _ in await client.chat.completions.create(model=MODEL_NAME, messages=messages, stream=True,
-                                                                 **LONG):
+            async for _ in await client.chat.completions.create(
+                model=MODEL_NAME, messages=messages, stream=True, **LONG
+            ):
                 started.add(asyncio.current_task())
         else:
             await client.chat.completions.create(model=MODEL_NAME, messages=messages, **LONG)
@@ -37,9 +37,12 @@ async def _openai_chat(client: openai.AsyncOpenAI, stream: bool, started: set) -
 
 async def _anthropic_stream(client: anthropic.AsyncAnthropic, started: set) -> tuple[str, float]:
     try:
-        async with client.messages.stream(model=MODEL_NAME, max_tokens=1500,
-                                          messages=[{"role": "user", "content": "Count to a thousand."}],
-                                          extra_body={"ignore_eos": True}) as stream:
+        async with client.messages.stream(
+            model=MODEL_NAME,
+            max_tokens=1500,
+            messages=[{"role": "user", "content": "Count to a thousand."}],
+            extra_body={"ignore_eos": True},
+        ) as stream:
             async for _ in stream:
                 started.add(asyncio.current_task())
     except anthropic.APIStatusError as e:  # an error event in a stream comes with the stream's 200
@@ -100,8 +103,8 @@ def test_a_killed_worker_ends_every_request_with_an_error_and_is_replaced(cpu_se
     _wait_for(server.url + "/health", 200, 180)
     assert server.stats()["workers"][0]["pid"] != pid
     reply = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0).chat.completions.create(
-        model=MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+    )
     assert reply.usage.completion_tokens >= 1
     assert server.proc.poll() is None
     assert "inference worker 0" in server.log.read_text() and "died" in server.log.read_text()
-

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from trainhelp import CORPUS, QUIET_WARNINGS, TINY_MODEL, TinyData, make_trainer
 
 from astrai.core.tokenizer_trainer import train_tokenizer
-
-from trainhelp import CORPUS, QUIET_WARNINGS, TINY_MODEL, TinyData, make_trainer
 
 
 def pytest_configure(config):
@@ -58,8 +57,13 @@ def chat_model_dir(tmp_path_factory, tokenizer_dir):
     from astrai.core.tokenizer import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = ModelConfig(vocab_size=tok.vocab_size, **{**TINY_MODEL, "init_std": 0.2}, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = ModelConfig(
+        vocab_size=tok.vocab_size,
+        **{**TINY_MODEL, "init_std": 0.2},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(7)
     path = tmp_path_factory.mktemp("chat_model") / "model"
     AutoModel.save_pretrained(AutoModel.from_config(config), path, tokenizer=tok)

@@ -25,8 +25,13 @@ import os
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig, FullyShardedDataParallel,
-                                    OptimStateKeyType, StateDictType)
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    OptimStateKeyType,
+    StateDictType,
+)
 
 from astrai.train.seq_module import SeqModule
 
@@ -35,17 +40,26 @@ class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         kwargs = dict(self.kwargs)
         self.kwargs.pop("auto_wrap_policy", None)  # applied here; Lightning would warn about it
-        model = FullyShardedDataParallel(model, sharding_strategy=self.sharding_strategy, cpu_offload=self.cpu_offload,
-                                         mixed_precision=self.mixed_precision_config,
-                                         device_id=torch.device("cpu"), **kwargs)
+        model = FullyShardedDataParallel(
+            model,
+            sharding_strategy=self.sharding_strategy,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            device_id=torch.device("cpu"),
+            **kwargs,
+        )
         return super()._setup_model(model)
 
     def optimizer_state(self, optimizer):
         if self._state_dict_type != "full":
             return super().optimizer_state(optimizer)
         fsdp = FullyShardedDataParallel
-        with fsdp.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True),
-                                  FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+        with fsdp.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        ):
             state = fsdp.optim_state_dict(self.model, optimizer)
             if self.global_rank == 0:  # ids in the order of the parameters, as Lightning stores them
                 state = fsdp.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from test_resume import _loader, _module, _tiny_json
+from trainhelp import make_trainer
 
 from astrai.core.integrity import IntegrityError
 from astrai.train.checkpoint_io import ChecksummedCheckpointIO
 from astrai.train.checkpointing import Checkpoint
 from astrai.train.cli import main
-
-from test_resume import _loader, _module, _tiny_json
-from trainhelp import make_trainer
 
 STEPS = 4
 EARLIER = f"epoch=0-step={STEPS}.ckpt"  # save_top_k=1 keeps the newest step checkpoint beside last.ckpt
@@ -29,8 +28,15 @@ EARLIER = f"epoch=0-step={STEPS}.ckpt"  # save_top_k=1 keeps the newest step che
 def fit(root: Path, tokenizer_dir, steps: int, resume: bool = False, **trainer_kwargs):
     module = _module(tokenizer_dir)
     checkpoint = Checkpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=1)
-    trainer = make_trainer(root, max_steps=steps, callbacks=[checkpoint], enable_checkpointing=True,
-                           limit_val_batches=0, plugins=[ChecksummedCheckpointIO()], **trainer_kwargs)
+    trainer = make_trainer(
+        root,
+        max_steps=steps,
+        callbacks=[checkpoint],
+        enable_checkpointing=True,
+        limit_val_batches=0,
+        plugins=[ChecksummedCheckpointIO()],
+        **trainer_kwargs,
+    )
     trainer.fit(module, _loader(), ckpt_path="last" if resume else None)
     return trainer
 
@@ -126,12 +132,26 @@ def test_astrai_train_exits_2_instead_of_resuming_from_a_damaged_last_ckpt(tmp_p
     root = tmp_path / "run"
 
     def astrai_train(steps: int, *extra: str) -> int:
-        return main(["fit", "--model=seq", f"--model.model={_tiny_json(tmp_path)}", "--data=pretrain",
-                     f"--data.train={rows}", f"--data.tokenizer={tokenizer_dir}", "--data.seq_len=16",
-                     "--data.batch_size=4", f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.max_steps={steps}",
-                     "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}",
-                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                     "--model.export_on_fit_end=false", *extra])
+        return main(
+            [
+                "fit",
+                "--model=seq",
+                f"--model.model={_tiny_json(tmp_path)}",
+                "--data=pretrain",
+                f"--data.train={rows}",
+                f"--data.tokenizer={tokenizer_dir}",
+                "--data.seq_len=16",
+                "--data.batch_size=4",
+                f"--data.cache_dir={tmp_path / 'cache'}",
+                f"--trainer.max_steps={steps}",
+                "--trainer.accelerator=cpu",
+                f"--trainer.default_root_dir={root}",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                "--model.export_on_fit_end=false",
+                *extra,
+            ]
+        )
 
     assert astrai_train(3) == 0
     last = root / "checkpoints" / "last.ckpt"

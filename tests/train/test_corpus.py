@@ -7,8 +7,19 @@ import re
 
 import pytest
 
-from astrai.train.corpus import (ANIMALS, WEEKDAYS_EN, add_en, add_zh, is_correct, load_questions,
-                                 pretrain_documents, split_questions, split_rl, write_corpus, zh_number)
+from astrai.train.corpus import (
+    ANIMALS,
+    WEEKDAYS_EN,
+    add_en,
+    add_zh,
+    is_correct,
+    load_questions,
+    pretrain_documents,
+    split_questions,
+    split_rl,
+    write_corpus,
+    zh_number,
+)
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -31,8 +42,10 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, corpus):
     assert other["sft_heldout"].read_bytes() != corpus["sft_heldout"].read_bytes()
 
 
-@pytest.mark.parametrize("n,text", [(0, "零"), (7, "七"), (10, "十"), (11, "十一"), (18, "十八"), (20, "二十"),
-                                    (35, "三十五"), (99, "九十九")])
+@pytest.mark.parametrize(
+    "n,text",
+    [(0, "零"), (7, "七"), (10, "十"), (11, "十一"), (18, "十八"), (20, "二十"), (35, "三十五"), (99, "九十九")],
+)
 def test_chinese_numerals(n, text):
     assert zh_number(n) == text
 
@@ -65,8 +78,9 @@ def test_held_out_questions_are_never_trained_on_but_their_facts_were_read(corpu
     held_pairs = {q.operands for q in held}
     assert len(held_pairs) == 20 and {q.lang for q in held} == {"en", "zh"} and len(held) == 100  # 5 wordings a sum
     assert not held_pairs & {q.operands for q in train if q.task == "add"}
-    trained_text = "".join(corpus[name].read_text(encoding="utf-8")
-                           for name in ("sft_train", "dpo_questions", "grpo_train"))
+    trained_text = "".join(
+        corpus[name].read_text(encoding="utf-8") for name in ("sft_train", "dpo_questions", "grpo_train")
+    )
     for q in held:
         assert q.reference not in trained_text and q.prompt not in trained_text
     pretrain = corpus["pretrain_train"].read_text(encoding="utf-8")
@@ -105,6 +119,7 @@ def test_grpo_practises_its_own_sums_and_sfts_but_never_the_held_out_ones(corpus
     """Three disjoint sets of sums: SFT's, GRPO's own (a quarter of the training sums, never
     asked in SFT) and the held-out ones; GRPO also practises SFT's sums, and pre-training text
     mentions all of them."""
+
     def sums(prompts):
         return {tuple(map(int, re.findall(r"\d+", p)[:2])) for p in prompts if re.match(r"^\D*\d+ \+ \d+", p)}
 

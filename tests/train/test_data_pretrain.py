@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from datahelp import EOS, SP, VOCAB, word_tokenizer, write_jsonl
 
 from astrai.train.data import DataError, PretrainDataModule
 from astrai.train.data.pretrain import TokenWindows
-from datahelp import EOS, SP, VOCAB, word_tokenizer, write_jsonl
 
 A, B, C, D, E = (VOCAB[w] for w in "abcde")
 
@@ -38,12 +38,15 @@ def test_windows_with_stride_match_hand_computation():
     ]
 
 
-@pytest.mark.parametrize("n,seq_len,stride,starts", [
-    (9, 4, 4, [0, 4]),  # exact fit: windows share only their boundary token
-    (11, 4, 4, [0, 4, 6]),  # tail: the last window is pulled back
-    (5, 4, 2, [0]),  # exactly one window
-    (12, 3, 1, list(range(9))),  # every position
-])
+@pytest.mark.parametrize(
+    "n,seq_len,stride,starts",
+    [
+        (9, 4, 4, [0, 4]),  # exact fit: windows share only their boundary token
+        (11, 4, 4, [0, 4, 6]),  # tail: the last window is pulled back
+        (5, 4, 2, [0]),  # exactly one window
+        (12, 3, 1, list(range(9))),  # every position
+    ],
+)
 def test_window_starts_cover_the_stream(n, seq_len, stride, starts):
     windows = TokenWindows(np.arange(n, dtype=np.uint32), seq_len, stride)
     assert [int(w["input_ids"][0]) for w in windows] == starts
@@ -60,11 +63,13 @@ def test_stream_is_documents_joined_by_eos_and_batches_are_windows(tok, tmp_path
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "labels"}
     got = sorted(zip(batch["input_ids"].tolist(), batch["labels"].tolist()))
-    assert got == sorted([
-        ([A, SP, B, SP], [SP, B, SP, C]),
-        ([SP, C, EOS, D], [C, EOS, D, SP]),
-        ([EOS, D, SP, E], [D, SP, E, EOS]),
-    ])
+    assert got == sorted(
+        [
+            ([A, SP, B, SP], [SP, B, SP, C]),
+            ([SP, C, EOS, D], [C, EOS, D, SP]),
+            ([EOS, D, SP, E], [D, SP, E, EOS]),
+        ]
+    )
 
 
 def test_validation_windows_do_not_overlap_whatever_the_stride(tok, tmp_path):
@@ -132,7 +137,8 @@ def test_changed_tokenizer_or_data_is_tokenised_again(tok, tmp_path):
     assert after_data > before
     other = word_tokenizer(tmp_path / "tok2")
     (tmp_path / "tok2" / "tokenizer_config.json").write_text(
-        (tmp_path / "tok2" / "tokenizer_config.json").read_text().replace('"<|pad|>"', '"<|eos|>"'))
+        (tmp_path / "tok2" / "tokenizer_config.json").read_text().replace('"<|pad|>"', '"<|eos|>"')
+    )
     make(other, tmp_path, ["a b c"] * 5, seq_len=2)
     assert set(_files(tmp_path / "cache")) > after_data
 
@@ -150,8 +156,8 @@ def test_batches_are_int64_and_labels_shifted(tok, tmp_path):
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (2, 6)
     stream = torch.as_tensor(dm.train_dataset.tokens.astype(np.int64))
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
-        start = next(s for s in range(len(stream)) if torch.equal(stream[s:s + 6], ids))
-        assert torch.equal(labels, stream[start + 1:start + 7])
+        start = next(s for s in range(len(stream)) if torch.equal(stream[s : s + 6], ids))
+        assert torch.equal(labels, stream[start + 1 : start + 7])
 
 
 def test_worker_processes_give_the_same_batches(tok, tmp_path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from datahelp import word_tokenizer, write_jsonl
 from datasets import Dataset
 
 from astrai.train.data import DataError, DPODataModule, PretrainDataModule, SFTDataModule
-from datahelp import word_tokenizer, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 
@@ -24,17 +24,30 @@ def sft(tok, tmp_path, train, **kwargs) -> SFTDataModule:
     return dm
 
 
-@pytest.mark.parametrize("bad,field,problem", [
-    ({"messages": []}, "messages", "conversation is empty"),
-    ({"messages": "hi"}, "messages", "must be a list"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "has no assistant message"),
-    ({"messages": [{"role": "bot", "content": "hi"}]}, r"messages\[0\]\.role", "must be one of system, user, assistant"),
-    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "yo"}]},
-     r"messages\[0\]\.content", "must be a string, got int"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
-     "messages", "every assistant message is empty"),
-    ({"messages": None}, "messages", "is missing"),
-])
+@pytest.mark.parametrize(
+    "bad,field,problem",
+    [
+        ({"messages": []}, "messages", "conversation is empty"),
+        ({"messages": "hi"}, "messages", "must be a list"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "has no assistant message"),
+        (
+            {"messages": [{"role": "bot", "content": "hi"}]},
+            r"messages\[0\]\.role",
+            "must be one of system, user, assistant",
+        ),
+        (
+            {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "yo"}]},
+            r"messages\[0\]\.content",
+            "must be a string, got int",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+            "messages",
+            "every assistant message is empty",
+        ),
+        ({"messages": None}, "messages", "is missing"),
+    ],
+)
 def test_bad_conversation_names_file_row_and_field(tok, tmp_path, bad, field, problem):
     path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, GOOD, bad, GOOD])
     with pytest.raises(DataError, match=rf"chat\.jsonl, row 3: field '{field}': {problem}.*skip_bad_rows"):
@@ -50,8 +63,11 @@ def test_wrong_type_in_one_row_of_a_column(tok, tmp_path):
 
 def test_missing_column_names_the_file_the_columns_and_the_fix(tok, tmp_path):
     path = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "hi", "answer": "yo"}])
-    with pytest.raises(DataError, match=r"pr\.jsonl: no column 'response' \(columns: prompt, answer\).*"
-                                        r"data\.rename, e\.g\. \{old_name: response\}"):
+    with pytest.raises(
+        DataError,
+        match=r"pr\.jsonl: no column 'response' \(columns: prompt, answer\).*"
+        r"data\.rename, e\.g\. \{old_name: response\}",
+    ):
         sft(tok, tmp_path, path)
     dm = sft(tok, tmp_path, path, rename={"answer": "response"})
     assert len(dm.train_dataset) == 1
@@ -120,8 +136,12 @@ def test_parquet_arrow_json_directory_and_glob_sources(tok, tmp_path):
     write_jsonl(tmp_path / "src" / "l.jsonl", rows)
     expected = sft(tok, tmp_path, str(tmp_path / "src" / "l.jsonl"))
     first = [expected.train_dataset[i] for i in range(4)]
-    for source in (str(tmp_path / "src" / "p.parquet"), str(tmp_path / "saved"), str(tmp_path / "arr" / "rows.arrow"),
-                   str(tmp_path / "src" / "j.json")):
+    for source in (
+        str(tmp_path / "src" / "p.parquet"),
+        str(tmp_path / "saved"),
+        str(tmp_path / "arr" / "rows.arrow"),
+        str(tmp_path / "src" / "j.json"),
+    ):
         dm = sft(tok, tmp_path, source)
         assert [dm.train_dataset[i] for i in range(4)] == first, source
     assert len(sft(tok, tmp_path, str(tmp_path / "src")).train_dataset) == 12  # a directory: its three files

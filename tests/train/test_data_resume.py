@@ -8,17 +8,18 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from datahelp import VOCAB, word_tokenizer, write_jsonl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from astrai.train.data import PretrainDataModule
 from astrai.train.data.loader import ResumableDataLoader, ResumableSampler
-from datahelp import VOCAB, word_tokenizer, write_jsonl
 
 
 def loader(n=20, batch_size=3, seed=0, rank=0, world=1):
     data = list(range(n))
-    return ResumableDataLoader(data, batch_size=batch_size,
-                               sampler=ResumableSampler(data, num_replicas=world, rank=rank, seed=seed))
+    return ResumableDataLoader(
+        data, batch_size=batch_size, sampler=ResumableSampler(data, num_replicas=world, rank=rank, seed=seed)
+    )
 
 
 def batches(dl, epoch, limit=None):
@@ -86,9 +87,16 @@ def _fit(tmp_path, data_path, tok, max_steps, ckpt_path=None, name="run"):
     module = Recorder(len(VOCAB))
     dm = PretrainDataModule(tok, data_path, seq_len=4, batch_size=2, cache_dir=str(tmp_path / "cache"), seed=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_last=True, save_top_k=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, callbacks=[ckpt],
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module, tmp_path / name / "last.ckpt"
 

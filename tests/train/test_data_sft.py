@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from datahelp import ASSISTANT, IM_END, IM_START, NL, PAD, SP, SYSTEM, USER, VOCAB, ids, word_tokenizer, write_jsonl
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.train.data import DataError, SFTDataModule
 from astrai.train.data.sft import pack
-from datahelp import (ASSISTANT, IM_END, IM_START, NL, PAD, SP, SYSTEM, USER, VOCAB, ids, word_tokenizer,
-                      write_jsonl)
 
 X = -100
 HI, YO, A, B, WHAT, IS, ONE, TWO = (VOCAB[w] for w in ("hi", "yo", "a", "b", "what", "is", "one", "two"))
@@ -44,13 +43,32 @@ def test_labels_cover_only_the_reply_and_its_end_of_turn(tok, tmp_path):
 
 
 def test_every_assistant_turn_is_trained_and_no_other(tok, tmp_path):
-    dm = make(tok, tmp_path, [chat(("system", "b"), ("user", "hi"), ("assistant", "yo"),
-                                   ("user", "what is one"), ("assistant", "two"))])
-    row = dm.train_dataset[0]
-    expected_ids = (
-        [IM_START, SYSTEM, NL, B, IM_END, NL, IM_START, USER, NL, HI, IM_END, NL, IM_START, ASSISTANT, NL, YO, IM_END, NL]
-        + [IM_START, USER, NL, *ids("what is one"), IM_END, NL, IM_START, ASSISTANT, NL, TWO, IM_END, NL]
+    dm = make(
+        tok,
+        tmp_path,
+        [chat(("system", "b"), ("user", "hi"), ("assistant", "yo"), ("user", "what is one"), ("assistant", "two"))],
     )
+    row = dm.train_dataset[0]
+    expected_ids = [
+        IM_START,
+        SYSTEM,
+        NL,
+        B,
+        IM_END,
+        NL,
+        IM_START,
+        USER,
+        NL,
+        HI,
+        IM_END,
+        NL,
+        IM_START,
+        ASSISTANT,
+        NL,
+        YO,
+        IM_END,
+        NL,
+    ] + [IM_START, USER, NL, *ids("what is one"), IM_END, NL, IM_START, ASSISTANT, NL, TWO, IM_END, NL]
     assert row["input_ids"] == expected_ids
     targets = {t: row["labels"][t] for t in range(len(expected_ids)) if row["labels"][t] != X}
     first_nl = expected_ids.index(ASSISTANT) + 1  # the '\n' after the first "assistant" header
@@ -74,9 +92,11 @@ def test_pack_is_best_fit_decreasing_by_hand():
 
 
 def test_packed_rows_restart_positions_and_labels_never_cross_samples(tok, tmp_path):
-    rows = [chat(("user", "hi"), ("assistant", "yo")),  # 12 tokens
-            chat(("user", "what is one"), ("assistant", "two")),  # 16 tokens
-            chat(("user", "a"), ("assistant", "b a b"))]  # 16 tokens
+    rows = [
+        chat(("user", "hi"), ("assistant", "yo")),  # 12 tokens
+        chat(("user", "what is one"), ("assistant", "two")),  # 16 tokens
+        chat(("user", "a"), ("assistant", "b a b")),
+    ]  # 16 tokens
     padded = make(tok, tmp_path / "pad", rows, max_len=32)
     alone = [padded.train_dataset[i] for i in range(3)]
     assert [len(s["input_ids"]) for s in alone] == [12, 16, 16]
@@ -99,8 +119,12 @@ def test_packed_rows_restart_positions_and_labels_never_cross_samples(tok, tmp_p
 
 
 def test_padded_batches_mask_padding(tok, tmp_path):
-    dm = make(tok, tmp_path, [chat(("user", "hi"), ("assistant", "yo")),
-                              chat(("user", "what is one"), ("assistant", "two"))], batch_size=2)
+    dm = make(
+        tok,
+        tmp_path,
+        [chat(("user", "hi"), ("assistant", "yo")), chat(("user", "what is one"), ("assistant", "two"))],
+        batch_size=2,
+    )
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     lengths = batch["attention_mask"].sum(1).tolist()
@@ -112,8 +136,12 @@ def test_padded_batches_mask_padding(tok, tmp_path):
 
 def test_packed_loss_equals_one_sample_at_a_time(tok, tmp_path):
     """Through a real model: a packed row gives each sample exactly the logits it gets alone."""
-    rows = [chat(("user", "hi"), ("assistant", "yo a b")), chat(("user", "what is one"), ("assistant", "two")),
-            chat(("user", "b"), ("assistant", "a")), chat(("system", "a"), ("user", "hi"), ("assistant", "yo"))]
+    rows = [
+        chat(("user", "hi"), ("assistant", "yo a b")),
+        chat(("user", "what is one"), ("assistant", "two")),
+        chat(("user", "b"), ("assistant", "a")),
+        chat(("system", "a"), ("user", "hi"), ("assistant", "yo")),
+    ]
     packed = make(tok, tmp_path / "pack", rows, max_len=40, packing=True, batch_size=4)
     padded = make(tok, tmp_path / "pad", rows, max_len=40, batch_size=4)
     cfg = ModelConfig(vocab_size=len(VOCAB), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_len=64)
@@ -122,8 +150,9 @@ def test_packed_loss_equals_one_sample_at_a_time(tok, tmp_path):
     def nll_sum(dm):
         total, count = torch.zeros((), dtype=torch.float64), 0
         for batch in torch.utils.data.DataLoader(dm.train_dataset, batch_size=4, collate_fn=dm.collate_fn()):
-            logits = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                           attention_mask=batch["attention_mask"])
+            logits = model(
+                batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=batch["attention_mask"]
+            )
             total += F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
             count += int((batch["labels"] != X).sum())
         return total, count
@@ -140,8 +169,11 @@ def test_overlong_samples_truncate_with_a_count_or_fail_by_name(tok, tmp_path):
     dm = make(tok, tmp_path / "t", rows, max_len=14)
     assert dm.truncated == {"train": 1}
     assert [len(dm.train_dataset[i]["input_ids"]) for i in range(2)] == [14, 12]
-    with pytest.raises(DataError, match=r"chat\.jsonl, row 1: field 'messages': has 31 tokens, more than "
-                                        r"data\.max_len=14.*skip_bad_rows"):
+    with pytest.raises(
+        DataError,
+        match=r"chat\.jsonl, row 1: field 'messages': has 31 tokens, more than "
+        r"data\.max_len=14.*skip_bad_rows",
+    ):
         make(tok, tmp_path / "e", rows, max_len=14, overlong="error")
     dm = make(tok, tmp_path / "s", rows, max_len=14, overlong="error", skip_bad_rows=True)
     assert dm.skipped == {"train": 1} and len(dm.train_dataset) == 1

@@ -23,12 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainhelp import TINY_MODEL, write_text_rows
 
 from astrai.core.auto import AutoModel
 from astrai.train.cli import cli_main
 from astrai.train.optimizers import build_optimizer
-
-from trainhelp import TINY_MODEL, write_text_rows
 
 REPO = Path(__file__).resolve().parents[2]
 HALF, FULL = 5, 10
@@ -48,12 +47,26 @@ def inputs(tmp_path_factory, tokenizer_dir) -> dict[str, Path | str]:
 
 
 def fit_args(inputs, root: Path, steps: int, batch_size: int) -> list[str]:
-    return ["fit", "--model=seq", f"--model.model={inputs['model']}", "--model.lr=3e-3", "--model.warmup_steps=2",
-            f"--model.decay_steps={FULL}", "--data=pretrain", f"--data.train={inputs['rows']}",
-            f"--data.tokenizer={inputs['tokenizer']}", "--data.seq_len=16", f"--data.batch_size={batch_size}",
-            f"--data.cache_dir={inputs['cache']}", f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu",
-            f"--trainer.default_root_dir={root}", "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    return [
+        "fit",
+        "--model=seq",
+        f"--model.model={inputs['model']}",
+        "--model.lr=3e-3",
+        "--model.warmup_steps=2",
+        f"--model.decay_steps={FULL}",
+        "--data=pretrain",
+        f"--data.train={inputs['rows']}",
+        f"--data.tokenizer={inputs['tokenizer']}",
+        "--data.seq_len=16",
+        f"--data.batch_size={batch_size}",
+        f"--data.cache_dir={inputs['cache']}",
+        f"--trainer.max_steps={steps}",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
 
 
 def losses(root: Path) -> dict[int, float]:
@@ -86,11 +99,21 @@ def reference(inputs, tmp_path_factory) -> Path:
 def distributed(request, inputs, tmp_path_factory) -> tuple[Path, str]:
     """Two `astrai-train` processes for HALF steps, then the one-device resume to FULL."""
     root = tmp_path_factory.mktemp(request.param)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+    }
     args = fit_args(inputs, root, HALF, 2) + ["--trainer.devices=2", f"--trainer.strategy={STRATEGIES[request.param]}"]
-    proc = subprocess.run([sys.executable, "-m", "astrai.train.cli", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-m", "astrai.train.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     resume_on_one_device(inputs, root)
@@ -154,20 +177,33 @@ def test_bf16_accumulation_over_two_processes_gives_the_one_device_gradient(inpu
     the same 4 windows as one device with batch 4. Lightning all-reduces only the last
     micro-batch; the float32 sum is averaged over the ranks before the step, so the step gets
     the one-device gradient up to bf16 rounding."""
+
     def run(root: Path, batch: int, extra: list[str]) -> dict[str, torch.Tensor]:
         dump = root / "grads.pt"
         args = [a for a in fit_args(inputs, root, 1, batch) if a != "--model=seq"]
         args += ["--model=disthelp.FirstStepGrads", "--model.param_dtype=bfloat16", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ASTRAI_TEST_GRADS": str(dump),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run([sys.executable, "-m", "astrai.train.cli", *args], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=400)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "ASTRAI_TEST_GRADS": str(dump),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "astrai.train.cli", *args],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return torch.load(dump)
 
     one = run(tmp_path / "one", 4, [])
-    two = run(tmp_path / "two", 1, ["--trainer.devices=2", "--trainer.strategy=ddp",
-                                    "--trainer.accumulate_grad_batches=2"])
+    two = run(
+        tmp_path / "two", 1, ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accumulate_grad_batches=2"]
+    )
     assert set(one) == set(two)
     flat_one = torch.cat([one[n].flatten() for n in sorted(one)])
     flat_two = torch.cat([two[n].flatten() for n in sorted(one)])

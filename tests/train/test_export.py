@@ -11,14 +11,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
+from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.core.auto import AutoModel
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.train.export import ModelExport, export_model
 from astrai.train.seq_module import SeqModule
 from astrai.train.sft_module import SFTModule
-
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 
 def _tensor_names(path: Path) -> dict[str, torch.dtype]:
@@ -39,8 +38,13 @@ def trained(tmp_path_factory, tokenizer_dir):
 
 def test_fit_end_export_loads_in_automodel_with_equal_logits(trained):
     module, path = trained
-    assert {p.name for p in path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
-                                                 "tokenizer_config.json", "chat_template.jinja"}
+    assert {p.name for p in path.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
     loaded = AutoModel.from_pretrained(path)
     ids = torch.tensor([CycleBatches(1, 12).rows[0]["input_ids"].tolist()])
     with torch.no_grad():
@@ -72,8 +76,13 @@ def test_export_serves_in_the_engine_and_continues_the_learned_cycle(trained):
 
 def test_lora_export_is_merged(tmp_path, tokenizer_dir):
     torch.manual_seed(0)
-    module = SFTModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=1e-2, export_dir=str(tmp_path / "out"),
-                       lora={"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]})
+    module = SFTModule(
+        model=TINY_MODEL,
+        tokenizer=tokenizer_dir,
+        lr=1e-2,
+        export_dir=str(tmp_path / "out"),
+        lora={"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]},
+    )
     make_trainer(tmp_path, max_steps=5).fit(module, DataLoader(CycleBatches(8, 16), batch_size=4))
     names = _tensor_names(tmp_path / "out")
     assert not any("lora" in n for n in names)
@@ -85,13 +94,15 @@ def test_lora_export_is_merged(tmp_path, tokenizer_dir):
 
 
 def test_export_dtype_and_no_export(tmp_path, tokenizer_dir):
-    module = SeqModule(model=TINY_MODEL, tokenizer=tokenizer_dir, export_dtype="bfloat16",
-                       export_dir=str(tmp_path / "bf16"))
+    module = SeqModule(
+        model=TINY_MODEL, tokenizer=tokenizer_dir, export_dtype="bfloat16", export_dir=str(tmp_path / "bf16")
+    )
     path = export_model(module, tmp_path / "bf16")
     assert set(_tensor_names(path).values()) == {torch.bfloat16}
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
-    quiet = SeqModule(model=TINY_MODEL, tokenizer=tokenizer_dir, export_on_fit_end=False,
-                      export_dir=str(tmp_path / "none"))
+    quiet = SeqModule(
+        model=TINY_MODEL, tokenizer=tokenizer_dir, export_on_fit_end=False, export_dir=str(tmp_path / "none")
+    )
     make_trainer(tmp_path, max_steps=1).fit(quiet, DataLoader(CycleBatches(4, 8), batch_size=4))
     assert not (tmp_path / "none").exists()
     with pytest.raises(ValueError, match="export_dtype"):

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from astrai.train.cli import cli_main
-
 from test_distributed import HALF, LOSS_TOL, REPO, STRATEGIES, WEIGHT_TOL, fit_args, losses, weights
 from trainhelp import write_text_rows
+
+from astrai.train.cli import cli_main
 
 # So small that the clipped gradients fall below AdamW's eps (1e-8) and the updates shrink:
 # plain clipping by a steady factor would hardly show, as AdamW divides it out again.
@@ -39,18 +38,34 @@ def one_device(inputs, root: Path, accelerator: str, *extra: str) -> Path:
 
 
 # CPU: FSDP over gloo through disthelp; GPU (2 or more): Lightning's own FSDPStrategy over NCCL.
-@pytest.fixture(scope="module", params=[
-    "cpu", pytest.param("gpu", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
+@pytest.fixture(
+    scope="module",
+    params=["cpu", pytest.param("gpu", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))],
+)
 def fsdp_clipped(request, inputs, tmp_path_factory) -> tuple[Path, str]:
     accelerator = request.param
     root = tmp_path_factory.mktemp(f"fsdp_clipped_{accelerator}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+    }
     strategy = STRATEGIES["fsdp"] if accelerator == "cpu" else "fsdp"
-    args = fit_args(inputs, root, HALF, 2) + [f"--trainer.accelerator={accelerator}", "--trainer.devices=2",
-                                              f"--trainer.strategy={strategy}", f"--trainer.gradient_clip_val={CLIP}"]
-    proc = subprocess.run([sys.executable, "-m", "astrai.train.cli", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=400)
+    args = fit_args(inputs, root, HALF, 2) + [
+        f"--trainer.accelerator={accelerator}",
+        "--trainer.devices=2",
+        f"--trainer.strategy={strategy}",
+        f"--trainer.gradient_clip_val={CLIP}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "astrai.train.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     return root, accelerator

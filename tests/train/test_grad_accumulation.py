@@ -7,15 +7,14 @@ import os
 
 import pytest
 import torch
+from datahelp import word_tokenizer, write_jsonl
 from torch.utils.data import DataLoader
+from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.train.data.grpo import GRPODataModule
 from astrai.train.grad_accumulation import Float32Grads
 from astrai.train.grpo_module import GRPOModule
 from astrai.train.seq_module import SeqModule
-
-from datahelp import word_tokenizer, write_jsonl
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 SMALL = 2.0**-9  # a quarter of bf16's spacing at 1.0 (2**-7): lost when added to 1 in bf16
 
@@ -95,8 +94,9 @@ class RecordingGRPOModule(Recording, GRPOModule):
 
 def test_lightning_accumulation_with_bf16_weights(tmp_path):
     torch.manual_seed(0)
-    module = RecordingSeqModule(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False,
-                                param_dtype="bfloat16")
+    module = RecordingSeqModule(
+        model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, param_dtype="bfloat16"
+    )
     loader = DataLoader(CycleBatches(24, 16), batch_size=2, shuffle=True)
     trainer = make_trainer(tmp_path, max_steps=4, accumulate_grad_batches=3)
     trainer.fit(module, loader)
@@ -109,13 +109,22 @@ def test_grpo_micro_batches_with_bf16_weights(tmp_path):
     """GRPO's own micro-batches (manual optimisation) go through the same float32 sum."""
     tok = word_tokenizer(tmp_path / "tok")
     rows = [{"prompt": p, "reference": "good one two"} for p in ("what is one", "hi", "yo", "what is a")]
-    data = GRPODataModule(tok, write_jsonl(tmp_path / "grpo.jsonl", rows), batch_size=2,
-                          cache_dir=str(tmp_path / "cache"))
+    data = GRPODataModule(
+        tok, write_jsonl(tmp_path / "grpo.jsonl", rows), batch_size=2, cache_dir=str(tmp_path / "cache")
+    )
     torch.manual_seed(0)
-    module = RecordingGRPOModule(model={**TINY_MODEL, "max_len": 64}, tokenizer=tok, group_size=4, max_new_tokens=3,
-                                 rewards=[{"fn": "astrai.train.rewards.similarity"}], micro_batch_size=2, lr=1e-2,
-                                 param_dtype="bfloat16", max_grad_norm=None,  # unclipped: the sum itself
-                                 export_on_fit_end=False)
+    module = RecordingGRPOModule(
+        model={**TINY_MODEL, "max_len": 64},
+        tokenizer=tok,
+        group_size=4,
+        max_new_tokens=3,
+        rewards=[{"fn": "astrai.train.rewards.similarity"}],
+        micro_batch_size=2,
+        lr=1e-2,
+        param_dtype="bfloat16",
+        max_grad_norm=None,  # unclipped: the sum itself
+        export_on_fit_end=False,
+    )
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(module, data)
     assert module.steps == [4, 4]  # 2 prompts x 4 completions in micro-batches of 2

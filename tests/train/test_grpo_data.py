@@ -5,11 +5,10 @@ silently. Token ids are worked out by hand with the word tokenizer of datahelp."
 from __future__ import annotations
 
 import pytest
+from datahelp import ASSISTANT, IM_END, IM_START, NL, USER, VOCAB, ids, word_tokenizer, write_jsonl
 
 from astrai.train.data.grpo import GRPODataModule
 from astrai.train.data.records import DataError
-
-from datahelp import ASSISTANT, IM_END, IM_START, NL, USER, VOCAB, ids, word_tokenizer, write_jsonl
 
 IGNORE = -100
 
@@ -24,16 +23,22 @@ def tok(tmp_path):
 
 
 def build(tok, tmp_path, train_rows, **kwargs) -> GRPODataModule:
-    dm = GRPODataModule(tok, write_jsonl(tmp_path / "train.jsonl", train_rows), cache_dir=str(tmp_path / "cache"),
-                        **kwargs)
+    dm = GRPODataModule(
+        tok, write_jsonl(tmp_path / "train.jsonl", train_rows), cache_dir=str(tmp_path / "cache"), **kwargs
+    )
     dm.setup("fit")
     return dm
 
 
 def test_online_batches_carry_prompt_ids_and_whole_rows(tok, tmp_path):
-    rows = [{"prompt": "what is one", "answer": "one", "extra": [1, 2]},
-            {"prompt": [{"role": "system", "content": "hi"}, {"role": "user", "content": "what is two"}],
-             "answer": "two", "extra": [3]}]
+    rows = [
+        {"prompt": "what is one", "answer": "one", "extra": [1, 2]},
+        {
+            "prompt": [{"role": "system", "content": "hi"}, {"role": "user", "content": "what is two"}],
+            "answer": "two",
+            "extra": [3],
+        },
+    ]
     dm = build(tok, tmp_path, rows, batch_size=2)
     assert dm.offline is False
     batch = next(iter(dm.train_dataloader()))
@@ -48,8 +53,10 @@ def test_online_batches_carry_prompt_ids_and_whole_rows(tok, tmp_path):
 
 
 def test_offline_batches_one_sequence_per_response(tok, tmp_path):
-    rows = [{"prompt": "what is one", "responses": ["one", "two three", "bad"], "rewards": [1.0, 0.0, -1]},
-            {"prompt": "hi", "responses": ["yo", "hi"], "rewards": [0.5, 0.25]}]
+    rows = [
+        {"prompt": "what is one", "responses": ["one", "two three", "bad"], "rewards": [1.0, 0.0, -1]},
+        {"prompt": "hi", "responses": ["yo", "hi"], "rewards": [0.5, 0.25]},
+    ]
     dm = build(tok, tmp_path, rows, batch_size=2)
     assert dm.offline is True
     loader = dm.train_dataloader()
@@ -57,8 +64,13 @@ def test_offline_batches_one_sequence_per_response(tok, tmp_path):
     batch = next(iter(loader))
     assert batch["group_ids"].tolist() == [0, 0, 0, 1, 1]
     assert batch["rewards"].tolist() == [1.0, 0.0, -1.0, 0.5, 0.25]
-    want = [(prompt_ids("what is one"), ids("one")), (prompt_ids("what is one"), ids("two three")),
-            (prompt_ids("what is one"), ids("bad")), (prompt_ids("hi"), ids("yo")), (prompt_ids("hi"), ids("hi"))]
+    want = [
+        (prompt_ids("what is one"), ids("one")),
+        (prompt_ids("what is one"), ids("two three")),
+        (prompt_ids("what is one"), ids("bad")),
+        (prompt_ids("hi"), ids("yo")),
+        (prompt_ids("hi"), ids("hi")),
+    ]
     length = max(len(p) + len(c) + 1 for p, c in want)
     assert batch["input_ids"].shape == (5, length)
     for i, (p, c) in enumerate(want):
@@ -79,13 +91,19 @@ def test_validation_rows_are_served_as_prompts(tok, tmp_path):
     assert batch["rows"][1]["responses"] == ["a", "b"]
 
 
-@pytest.mark.parametrize("row,match", [
-    ({"prompt": "hi", "responses": ["a"], "rewards": [1.0]}, r"row 1: field 'responses'.*at least 2"),
-    ({"prompt": "hi", "responses": ["a", "b"], "rewards": [1.0]}, r"field 'rewards'.*2 numbers"),
-    ({"prompt": "hi", "responses": ["a", "b"], "rewards": [1.0, "x"]}, r"field 'rewards\[1\]': must be a finite number"),
-    ({"prompt": "hi", "responses": ["a", ""], "rewards": [1.0, 0.0]}, r"field 'responses\[1\]': is empty"),
-    ({"prompt": "", "responses": ["a", "b"], "rewards": [1.0, 0.0]}, r"field 'prompt': is empty"),
-])
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        ({"prompt": "hi", "responses": ["a"], "rewards": [1.0]}, r"row 1: field 'responses'.*at least 2"),
+        ({"prompt": "hi", "responses": ["a", "b"], "rewards": [1.0]}, r"field 'rewards'.*2 numbers"),
+        (
+            {"prompt": "hi", "responses": ["a", "b"], "rewards": [1.0, "x"]},
+            r"field 'rewards\[1\]': must be a finite number",
+        ),
+        ({"prompt": "hi", "responses": ["a", ""], "rewards": [1.0, 0.0]}, r"field 'responses\[1\]': is empty"),
+        ({"prompt": "", "responses": ["a", "b"], "rewards": [1.0, 0.0]}, r"field 'prompt': is empty"),
+    ],
+)
 def test_bad_offline_rows_are_named(tok, tmp_path, row, match):
     with pytest.raises(DataError, match=match):
         build(tok, tmp_path, [row])
@@ -127,8 +145,13 @@ def test_bundled_corpus_rows_load(tok, tmp_path, tokenizer_dir):
     from astrai.train.corpus import write_corpus
 
     paths = write_corpus(tmp_path / "corpus", n_docs=10, n_val_docs=2)
-    dm = GRPODataModule(tokenizer_dir, str(paths["grpo_train"]), val=str(paths["grpo_val"]), batch_size=4,
-                        cache_dir=str(tmp_path / "cache"))
+    dm = GRPODataModule(
+        tokenizer_dir,
+        str(paths["grpo_train"]),
+        val=str(paths["grpo_val"]),
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert set(batch["rows"][0]) == {"prompt", "answer", "reference"}

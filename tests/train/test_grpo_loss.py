@@ -55,6 +55,7 @@ def test_group_moments_per_group():
 
 # ---- the loss --------------------------------------------------------------------------------
 
+
 def fixed_inputs(seed=0, n=4, t=6):
     g = torch.Generator().manual_seed(seed)
     logps = -torch.rand(n, t, generator=g, dtype=torch.float64) * 3
@@ -98,10 +99,20 @@ def reference_loss(logps, old, ref, adv, mask, eps, eps_high, kl_coef, aggregati
 @pytest.mark.parametrize("eps,eps_high,kl_coef", [(0.2, None, 0.0), (0.1, 0.3, 0.05), (0.2, None, 0.5)])
 def test_loss_matches_float64_reference(aggregation, eps, eps_high, kl_coef):
     logps, old, ref, adv, mask = fixed_inputs()
-    out = grpo_loss(logps, old, adv, mask, ref, epsilon=eps, epsilon_high=eps_high, kl_coef=kl_coef,
-                    aggregation=aggregation)
-    want_loss, want_kl, want_clip = reference_loss(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(),
-                                                   mask.tolist(), eps, eps_high or eps, kl_coef, aggregation)
+    out = grpo_loss(
+        logps, old, adv, mask, ref, epsilon=eps, epsilon_high=eps_high, kl_coef=kl_coef, aggregation=aggregation
+    )
+    want_loss, want_kl, want_clip = reference_loss(
+        logps.tolist(),
+        old.tolist(),
+        ref.tolist(),
+        adv.tolist(),
+        mask.tolist(),
+        eps,
+        eps_high or eps,
+        kl_coef,
+        aggregation,
+    )
     assert float(out.loss) == pytest.approx(want_loss, rel=1e-12, abs=1e-12)
     assert float(out.kl) == pytest.approx(want_kl, rel=1e-12)
     assert float(out.clip_frac) == pytest.approx(want_clip)
@@ -154,8 +165,9 @@ def test_micro_batches_add_up_to_the_mini_batch(aggregation):
     norm = mask.sum() if aggregation == "token" else mask.shape[0]
     total = 0.0
     for idx in (torch.tensor([0, 3]), torch.tensor([1]), torch.tensor([2])):
-        out = grpo_loss(parts[idx], old[idx], adv[idx], mask[idx], ref[idx], kl_coef=0.1,
-                        aggregation=aggregation, normalizer=norm)
+        out = grpo_loss(
+            parts[idx], old[idx], adv[idx], mask[idx], ref[idx], kl_coef=0.1, aggregation=aggregation, normalizer=norm
+        )
         out.loss.backward()
         total += float(out.loss.detach())
     assert total == pytest.approx(float(full.loss.detach()), rel=1e-12)

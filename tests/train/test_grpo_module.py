@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from datahelp import word_tokenizer, write_jsonl
+from trainhelp import TINY_MODEL, make_trainer
 
 from astrai.train.base_module import BatchError
 from astrai.train.data.grpo import GRPODataModule
 from astrai.train.grpo_module import GRPOModule
 from astrai.train.lora import LoRAConfig
 from astrai.train.rewards import RewardError
-
-from datahelp import word_tokenizer, write_jsonl
-from trainhelp import TINY_MODEL, make_trainer
 
 PROMPTS = ["what is one", "what is two", "what is three", "hi", "yo", "what is a", "what is b", "what is c"]
 ANSWER = [{"fn": "astrai.train.rewards.answer_match"}]
@@ -33,15 +32,32 @@ def online_data(tmp_path, tok, batch_size=4, **kwargs) -> GRPODataModule:
     """Prompts whose reward is 1 when the reply contains the word 'good' (a word of the vocabulary)."""
     rows = [{"prompt": p, "answer": "good"} for p in PROMPTS]
     path = write_jsonl(tmp_path / "grpo.jsonl", rows)
-    return GRPODataModule(tok, path, val=path, batch_size=batch_size, val_batch_size=len(PROMPTS),
-                          cache_dir=str(tmp_path / "cache"), **kwargs)
+    return GRPODataModule(
+        tok,
+        path,
+        val=path,
+        batch_size=batch_size,
+        val_batch_size=len(PROMPTS),
+        cache_dir=str(tmp_path / "cache"),
+        **kwargs,
+    )
 
 
 def module(tok, **kwargs) -> GRPOModule:
     torch.manual_seed(0)
-    options = dict(model={**TINY_MODEL, "max_len": 64}, tokenizer=tok, rewards=ANSWER, group_size=8,
-                   max_new_tokens=4, lr=1e-2, scheduler="constant", weight_decay=0.0, export_on_fit_end=False,
-                   val_temperature=1.0, val_samples=8)
+    options = dict(
+        model={**TINY_MODEL, "max_len": 64},
+        tokenizer=tok,
+        rewards=ANSWER,
+        group_size=8,
+        max_new_tokens=4,
+        lr=1e-2,
+        scheduler="constant",
+        weight_decay=0.0,
+        export_on_fit_end=False,
+        val_temperature=1.0,
+        val_samples=8,
+    )
     options.update(kwargs)
     return GRPOModule(**options)
 
@@ -62,23 +78,44 @@ def test_online_grpo_raises_the_reward_of_a_toy_task(tmp_path, word_tok):
     assert after > before + 0.4 and after >= 0.8
     assert trainer.global_step == 25
     assert m.rollout_engine().version == 25  # the engine samples with the latest weights
-    for key in ("train/reward", "train/reward_std", "train/reward/answer_match", "train/clip_frac", "train/ratio",
-                "train/loss", "train/completion_len", "train/completion_len_max", "train/truncated",
-                "train/rollout_tokens_per_sec", "train/weights_lag", "train/zero_std_groups", "train/lr"):
+    for key in (
+        "train/reward",
+        "train/reward_std",
+        "train/reward/answer_match",
+        "train/clip_frac",
+        "train/ratio",
+        "train/loss",
+        "train/completion_len",
+        "train/completion_len_max",
+        "train/truncated",
+        "train/rollout_tokens_per_sec",
+        "train/weights_lag",
+        "train/zero_std_groups",
+        "train/lr",
+    ):
         assert key in metrics, key
     assert float(metrics["train/weights_lag"]) == 0  # synced after every step
     assert float(metrics["train/rollout_tokens_per_sec"]) > 0
 
 
-@pytest.mark.parametrize("ppo_epochs,mini_batch_size,sync_interval,expect_version", [
-    (1, None, 1, 3), (2, 4, 1, 12), (2, 4, 5, 10)])
-def test_optimizer_steps_and_weight_syncs_are_counted(tmp_path, word_tok, ppo_epochs, mini_batch_size,
-                                                      sync_interval, expect_version):
+@pytest.mark.parametrize(
+    "ppo_epochs,mini_batch_size,sync_interval,expect_version", [(1, None, 1, 3), (2, 4, 1, 12), (2, 4, 5, 10)]
+)
+def test_optimizer_steps_and_weight_syncs_are_counted(
+    tmp_path, word_tok, ppo_epochs, mini_batch_size, sync_interval, expect_version
+):
     """Each batch of 2 prompts x 4 completions gives ppo_epochs x (8 / mini_batch_size) optimizer
     steps; the engine gets the weights every sync_interval steps, stamped with the step."""
     per_batch = ppo_epochs * (8 // (mini_batch_size or 8))
-    m = module(word_tok, group_size=4, ppo_epochs=ppo_epochs, mini_batch_size=mini_batch_size,
-               micro_batch_size=2, sync_interval=sync_interval, max_new_tokens=3)
+    m = module(
+        word_tok,
+        group_size=4,
+        ppo_epochs=ppo_epochs,
+        mini_batch_size=mini_batch_size,
+        micro_batch_size=2,
+        sync_interval=sync_interval,
+        max_new_tokens=3,
+    )
     trainer = make_trainer(tmp_path, max_steps=3 * per_batch, limit_val_batches=0)
     trainer.fit(m, online_data(tmp_path, word_tok, batch_size=2))
     assert trainer.global_step == 3 * per_batch
@@ -101,8 +138,10 @@ def test_policy_and_engine_old_logps_agree_in_float32(tmp_path, word_tok):
 
 
 def offline_rows() -> list[dict]:
-    return [{"prompt": p, "responses": ["good", "bad", "one two", "yo"], "rewards": [1.0, 0.0, 0.0, 0.2]}
-            for p in PROMPTS[:4]]
+    return [
+        {"prompt": p, "responses": ["good", "bad", "one two", "yo"], "rewards": [1.0, 0.0, 0.0, 0.2]}
+        for p in PROMPTS[:4]
+    ]
 
 
 def test_offline_grpo_prefers_the_rewarded_responses(tmp_path, word_tok):
@@ -156,16 +195,19 @@ def test_reference_read_from_a_directory_stays_out_of_checkpoints(tmp_path, word
     m.load_state_dict(state["state_dict"])
 
 
-@pytest.mark.parametrize("options,match", [
-    ({"group_size": 1}, r"model.group_size must be an integer >= 2"),
-    ({"epsilon": 0.0}, r"model.epsilon"),
-    ({"kl_coef": -1.0}, r"model.kl_coef"),
-    ({"aggregation": "mean"}, r"model.aggregation"),
-    ({"old_logps": "ref"}, r"model.old_logps"),
-    ({"ppo_epochs": 0}, r"model.ppo_epochs"),
-    ({"mini_batch_size": 0}, r"model.mini_batch_size"),
-    ({"temperature": -1.0}, r"SamplingParams.temperature"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"group_size": 1}, r"model.group_size must be an integer >= 2"),
+        ({"epsilon": 0.0}, r"model.epsilon"),
+        ({"kl_coef": -1.0}, r"model.kl_coef"),
+        ({"aggregation": "mean"}, r"model.aggregation"),
+        ({"old_logps": "ref"}, r"model.old_logps"),
+        ({"ppo_epochs": 0}, r"model.ppo_epochs"),
+        ({"mini_batch_size": 0}, r"model.mini_batch_size"),
+        ({"temperature": -1.0}, r"SamplingParams.temperature"),
+    ],
+)
 def test_settings_are_checked(word_tok, options, match):
     with pytest.raises(ValueError, match=match):
         module(word_tok, **options)
@@ -202,20 +244,50 @@ def test_cli_runs_the_shipped_configs(tmp_path, word_tok):
     model_json = tmp_path / "tiny.json"
     model_json.write_text(json.dumps({"vocab_size": 32, **TINY_MODEL, "max_len": 64}))
     prompts = write_jsonl(tmp_path / "online.jsonl", [{"prompt": p, "answer": "good"} for p in PROMPTS[:4]])
-    common = [f"--model.model={model_json}", f"--data.tokenizer={word_tok}", "--trainer.max_steps=2",
-              "--trainer.precision=32-true", "--trainer.enable_progress_bar=false", "--data.batch_size=2",
-              f"--data.cache_dir={tmp_path / 'cache'}", "--model.micro_batch_size=4"]
+    common = [
+        f"--model.model={model_json}",
+        f"--data.tokenizer={word_tok}",
+        "--trainer.max_steps=2",
+        "--trainer.precision=32-true",
+        "--trainer.enable_progress_bar=false",
+        "--data.batch_size=2",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--model.micro_batch_size=4",
+    ]
     online = tmp_path / "online"
-    assert main(["fit", f"--config={REPO / 'configs/train/grpo.yaml'}", *common, f"--data.train={prompts}",
-                 f"--data.val={prompts}", "--trainer.val_check_interval=2", "--model.group_size=2",
-                 "--model.max_new_tokens=3", f"--trainer.default_root_dir={online}"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                f"--config={REPO / 'configs/train/grpo.yaml'}",
+                *common,
+                f"--data.train={prompts}",
+                f"--data.val={prompts}",
+                "--trainer.val_check_interval=2",
+                "--model.group_size=2",
+                "--model.max_new_tokens=3",
+                f"--trainer.default_root_dir={online}",
+            ]
+        )
+        == 0
+    )
     assert (online / "export" / "model.safetensors").is_file()
     metrics = (online / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/reward" in metrics and "val/reward" in metrics
     scored = write_jsonl(tmp_path / "offline.jsonl", offline_rows())
     offline = tmp_path / "offline"
-    assert main(["fit", f"--config={REPO / 'configs/train/grpo-offline.yaml'}", *common, f"--data.train={scored}",
-                 f"--trainer.default_root_dir={offline}"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                f"--config={REPO / 'configs/train/grpo-offline.yaml'}",
+                *common,
+                f"--data.train={scored}",
+                f"--trainer.default_root_dir={offline}",
+            ]
+        )
+        == 0
+    )
     assert (offline / "export" / "model.safetensors").is_file()
     assert (offline / "checkpoints" / "last.ckpt").is_file()
 
@@ -225,9 +297,20 @@ def test_cli_reports_bad_rewards_without_a_traceback(tmp_path, word_tok, capsys)
     from astrai.train.cli import main
 
     prompts = write_jsonl(tmp_path / "online.jsonl", [{"prompt": "hi"}])
-    assert main(["fit", "--model=grpo", "--data=grpo", f"--model.model={REPO / 'configs/model/tiny.json'}",
-                 f"--data.tokenizer={word_tok}", f"--data.train={prompts}",
-                 "--model.rewards=[{fn: astrai.train.rewards.answer_matc}]"]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "--model=grpo",
+                "--data=grpo",
+                f"--model.model={REPO / 'configs/model/tiny.json'}",
+                f"--data.tokenizer={word_tok}",
+                f"--data.train={prompts}",
+                "--model.rewards=[{fn: astrai.train.rewards.answer_matc}]",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "model.rewards[0].fn: module 'astrai.train.rewards' has no 'answer_matc'" in err
     assert "Traceback" not in err

@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainhelp import TINY_MODEL
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.train.corpus import add_en, add_zh, split_questions
-from astrai.train.rewards import (RewardError, RewardModel, RewardSpec, answer_match, exact_match, final_number,
-                                  format_match, load_rewards, numbers_in, parse_number, restates_question,
-                                  score, similarity)
-
-from trainhelp import TINY_MODEL
+from astrai.train.rewards import (
+    RewardError,
+    RewardModel,
+    RewardSpec,
+    answer_match,
+    exact_match,
+    final_number,
+    format_match,
+    load_rewards,
+    numbers_in,
+    parse_number,
+    restates_question,
+    score,
+    similarity,
+)
 
 
 def scaled_length(prompt, completion, row, scale=1.0):
@@ -34,9 +45,25 @@ def returns_nan(prompt, completion, row):
     return float("nan")
 
 
-@pytest.mark.parametrize("text,value", [("7", 7), ("-12", -12), ("3.5", 3.5), ("七", 7), ("十", 10), ("十二", 12),
-                                        ("二十", 20), ("二十一", 21), ("一百零五", 105), ("两", 2), ("零", 0),
-                                        ("三四", None), ("seven", None), ("", None)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("7", 7),
+        ("-12", -12),
+        ("3.5", 3.5),
+        ("七", 7),
+        ("十", 10),
+        ("十二", 12),
+        ("二十", 20),
+        ("二十一", 21),
+        ("一百零五", 105),
+        ("两", 2),
+        ("零", 0),
+        ("三四", None),
+        ("seven", None),
+        ("", None),
+    ],
+)
 def test_parse_number(text, value):
     assert parse_number(text) == value
 
@@ -108,11 +135,13 @@ def test_missing_column_names_it():
 
 def test_load_and_score_weighted_with_kwargs():
     here = __name__
-    rewards = load_rewards([
-        RewardSpec(fn="astrai.train.rewards.answer_match", weight=1.0),
-        {"fn": f"{here}.scaled_length", "weight": 0.5, "kwargs": {"scale": 2.0}, "name": "length"},
-        {"fn": f"{here}.CountsWord", "weight": -1.0, "kwargs": {"word": "no"}},
-    ])
+    rewards = load_rewards(
+        [
+            RewardSpec(fn="astrai.train.rewards.answer_match", weight=1.0),
+            {"fn": f"{here}.scaled_length", "weight": 0.5, "kwargs": {"scale": 2.0}, "name": "length"},
+            {"fn": f"{here}.CountsWord", "weight": -1.0, "kwargs": {"word": "no"}},
+        ]
+    )
     assert [r.name for r in rewards] == ["answer_match", "length", "CountsWord"]
     completions = ["3 + 4 = 7.", "no no"]
     total, parts = score(rewards, ["p", "p"], completions, [{"answer": "7"}, {"answer": "7"}])
@@ -122,15 +151,18 @@ def test_load_and_score_weighted_with_kwargs():
     assert total.tolist() == [1.0 + 0.5 * 20.0, 0.5 * 10.0 - 2.0]
 
 
-@pytest.mark.parametrize("spec,match", [
-    ({"fn": "answer_match"}, r"rewards\[0\]\.fn.*import path"),
-    ({"fn": "astrai.train.no_such_module.f"}, r"rewards\[0\]\.fn: cannot import"),
-    ({"fn": "astrai.train.rewards.no_such_fn"}, r"rewards\[0\]\.fn.*has no 'no_such_fn'"),
-    ({"fn": "astrai.train.rewards.answer_match", "kwargs": {"colour": 1}}, r"rewards\[0\]\.kwargs"),
-    ({"fn": f"{__name__}.CountsWord", "kwargs": {}}, r"rewards\[0\]\.kwargs"),
-    ({"fn": "astrai.train.rewards.answer_match", "weight": float("inf")}, r"rewards\[0\]\.weight"),
-    ({"func": "astrai.train.rewards.answer_match"}, r"rewards\[0\]: expected keys"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ({"fn": "answer_match"}, r"rewards\[0\]\.fn.*import path"),
+        ({"fn": "astrai.train.no_such_module.f"}, r"rewards\[0\]\.fn: cannot import"),
+        ({"fn": "astrai.train.rewards.no_such_fn"}, r"rewards\[0\]\.fn.*has no 'no_such_fn'"),
+        ({"fn": "astrai.train.rewards.answer_match", "kwargs": {"colour": 1}}, r"rewards\[0\]\.kwargs"),
+        ({"fn": f"{__name__}.CountsWord", "kwargs": {}}, r"rewards\[0\]\.kwargs"),
+        ({"fn": "astrai.train.rewards.answer_match", "weight": float("inf")}, r"rewards\[0\]\.weight"),
+        ({"func": "astrai.train.rewards.answer_match"}, r"rewards\[0\]: expected keys"),
+    ],
+)
 def test_load_errors_name_the_entry(spec, match):
     with pytest.raises(RewardError, match=match):
         load_rewards([spec])
@@ -163,15 +195,19 @@ def test_reward_model_is_p_yes_from_a_full_forward(judge_dir):
     assert yes != no
     for prompt, completion, value in zip(prompts, completions, got):
         text = prompt if isinstance(prompt, str) else prompt[0]["content"]
-        ids = tok.apply_chat_template([{"role": "user", "content": rm.template.format(prompt=text, completion=completion)}],
-                                      add_generation_prompt=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": rm.template.format(prompt=text, completion=completion)}],
+            add_generation_prompt=True,
+        )
         with torch.no_grad():
             logits = model(torch.tensor([ids]))[0, -1].double()
         p = torch.softmax(logits[[yes, no]], -1)[0].item()
         assert value == pytest.approx(p, abs=1e-5)
     assert len(set(round(v, 6) for v in got)) == 3  # really depends on the input
     # Loaded by import path like any reward, scored in batches.
-    loaded = load_rewards([{"fn": "astrai.train.rewards.RewardModel", "kwargs": {"path": path, "yes": "Yes", "no": "No"}}])
+    loaded = load_rewards(
+        [{"fn": "astrai.train.rewards.RewardModel", "kwargs": {"path": path, "yes": "Yes", "no": "No"}}]
+    )
     _, parts = score(loaded, prompts, completions, rows)
     assert parts["RewardModel"].tolist() == pytest.approx(got, abs=1e-6)
 

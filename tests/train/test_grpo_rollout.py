@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainhelp import TINY_MODEL
 
 from astrai.core.engine import SamplingParams
 from astrai.core.tokenizer import AutoTokenizer
@@ -13,18 +14,24 @@ from astrai.train.grpo_module import GRPOModule
 from astrai.train.lora import LoRAConfig, lora_layers
 from astrai.train.rollout import RolloutEngine
 
-from trainhelp import TINY_MODEL
-
-PROMPTS = [[{"role": "user", "content": "Hello world!"}], [{"role": "user", "content": "一二三四五。"}],
-           [{"role": "user", "content": "The quick brown fox"}]]
+PROMPTS = [
+    [{"role": "user", "content": "Hello world!"}],
+    [{"role": "user", "content": "一二三四五。"}],
+    [{"role": "user", "content": "The quick brown fox"}],
+]
 
 
 def make_module(tokenizer_dir, **kwargs) -> GRPOModule:
     torch.manual_seed(0)
     # A larger init than training would use, so sampled tokens and their log-probs vary a lot.
     model = {**TINY_MODEL, "init_std": 0.3}
-    return GRPOModule(model=model, tokenizer=tokenizer_dir, rewards=[{"fn": "astrai.train.rewards.format_match"}],
-                      export_on_fit_end=False, **kwargs)
+    return GRPOModule(
+        model=model,
+        tokenizer=tokenizer_dir,
+        rewards=[{"fn": "astrai.train.rewards.format_match"}],
+        export_on_fit_end=False,
+        **kwargs,
+    )
 
 
 def prompt_ids(tokenizer_dir) -> list[list[int]]:
@@ -67,8 +74,9 @@ def test_engine_logprobs_match_policy_recompute(tokenizer_dir):
 
 def test_rollout_tensors_layout(tokenizer_dir):
     module = make_module(tokenizer_dir)
-    rollout = module.rollout_engine().generate(prompt_ids(tokenizer_dir)[:2], SamplingParams(n=2, max_tokens=5),
-                                               seeds=[7, 8])
+    rollout = module.rollout_engine().generate(
+        prompt_ids(tokenizer_dir)[:2], SamplingParams(n=2, max_tokens=5), seeds=[7, 8]
+    )
     data = rollout.tensors(pad_id=2)
     for i, (p, c, lp) in enumerate(zip(rollout.prompt_ids, rollout.completion_ids, rollout.logps)):
         n = len(p) + len(c)

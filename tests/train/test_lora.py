@@ -8,14 +8,12 @@ from torch import nn
 
 from astrai.core.config import ModelConfig
 from astrai.core.transformer import CausalLM
-from astrai.train.lora import (LoRAConfig, LoRALinear, adapters_disabled, apply_lora, merge_lora,
-                               merge_lora_state_dict)
+from astrai.train.lora import LoRAConfig, LoRALinear, adapters_disabled, apply_lora, merge_lora, merge_lora_state_dict
 
 
 def _model(seed=0) -> CausalLM:
     torch.manual_seed(seed)
-    return CausalLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
-                                init_std=0.2))
+    return CausalLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, init_std=0.2))
 
 
 def _ids():

@@ -11,14 +11,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
+from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.train.dpo_module import DPOModule
 from astrai.train.losses import IGNORE_INDEX, _dense_token_loss, compiled_token_loss, token_loss
 from astrai.train.metrics import HostCopy
 from astrai.train.seq_module import SeqModule
 from astrai.train.sft_module import SFTModule
-
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 
 def _logits_labels(dtype, b=2, t=24, v=97, seed=0):
@@ -102,12 +101,14 @@ class _SyncsAreErrors(Callback):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on CUDA only")
-@pytest.mark.parametrize("options", [dict(), dict(compile=True), dict(param_dtype="bfloat16")],
-                         ids=["eager", "compiled", "bf16-params"])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(compile=True), dict(param_dtype="bfloat16")], ids=["eager", "compiled", "bf16-params"]
+)
 def test_training_step_never_waits_for_the_device(tmp_path, options):
     torch.manual_seed(0)
-    module = SeqModule(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False,
-                       peak_flops=1e12, **options)
+    module = SeqModule(
+        model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, peak_flops=1e12, **options
+    )
     strict = _SyncsAreErrors()
     trainer = make_trainer(tmp_path, max_steps=4, accelerator="gpu", precision="bf16-mixed", callbacks=[strict])
     try:
@@ -130,16 +131,23 @@ class _Pairs(Dataset):
     def __getitem__(self, i):
         out = {}
         for side, row in (("chosen", self.rows[i]), ("rejected", self.rows[(i + 3) % len(self.rows)])):
-            out.update({f"{side}_input_ids": row["input_ids"], f"{side}_labels": row["labels"],
-                        f"{side}_attention_mask": torch.ones_like(row["input_ids"])})
+            out.update(
+                {
+                    f"{side}_input_ids": row["input_ids"],
+                    f"{side}_labels": row["labels"],
+                    f"{side}_attention_mask": torch.ones_like(row["input_ids"]),
+                }
+            )
         return out
 
 
 def _fine_tuning(kind: str):
     torch.manual_seed(0)
     module = {"sft": SFTModule, "dpo": DPOModule}[kind]
-    return (module(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, peak_flops=1e12),
-            DataLoader(CycleBatches(16, 16) if kind == "sft" else _Pairs(), batch_size=4))
+    return (
+        module(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, peak_flops=1e12),
+        DataLoader(CycleBatches(16, 16) if kind == "sft" else _Pairs(), batch_size=4),
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on CUDA only")

@@ -100,8 +100,11 @@ def test_sequence_logps_sums_labelled_positions_only():
     logits, labels = _batch(seed=1)
     got = sequence_logps(logits, labels)
     for b in range(labels.shape[0]):
-        expected = sum(_log_softmax64(logits[b, t].double().tolist())[int(y)]
-                       for t, y in enumerate(labels[b]) if int(y) != IGNORE_INDEX)
+        expected = sum(
+            _log_softmax64(logits[b, t].double().tolist())[int(y)]
+            for t, y in enumerate(labels[b])
+            if int(y) != IGNORE_INDEX
+        )
         assert got[b].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -113,8 +116,9 @@ def _dpo_reference(pc, pr, rc, rr, beta, loss_type, eps):
     return -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
 
 
-@pytest.mark.parametrize("loss_type,beta,eps", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("ipo", 0.1, 0.0),
-                                                ("ipo", 1.0, 0.0)])
+@pytest.mark.parametrize(
+    "loss_type,beta,eps", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("ipo", 0.1, 0.0), ("ipo", 1.0, 0.0)]
+)
 def test_dpo_loss_matches_float64_formula(loss_type, beta, eps):
     g = torch.Generator().manual_seed(2)
     pc, pr, rc, rr = (torch.randn(6, generator=g, dtype=torch.float64) * 20 - 40 for _ in range(4))

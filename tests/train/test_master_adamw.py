@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.core.config import ModelConfig
 from astrai.core.transformer import CausalLM
 from astrai.train.master_adamw import MasterWeightAdamW
 from astrai.train.optimizers import build_optimizer
 from astrai.train.seq_module import SeqModule
-
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
@@ -161,8 +160,9 @@ _KERNEL_CHECK = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_triton_kernel_matches_the_torch_ops_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KERNEL_CHECK], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-3000:]
 
 

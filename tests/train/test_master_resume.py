@@ -5,7 +5,6 @@ test_master_adamw.py because the resume helpers need the CLI's dependencies."""
 from __future__ import annotations
 
 import torch
-
 from test_resume import _fit, _optimizer_state
 
 

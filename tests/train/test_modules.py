@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
+from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.core.auto import AutoModel
 from astrai.core.tokenizer import AutoTokenizer
@@ -16,8 +17,6 @@ from astrai.train.losses import IGNORE_INDEX
 from astrai.train.metrics import Throughput, flops_per_token
 from astrai.train.seq_module import SeqModule
 from astrai.train.sft_module import SFTModule
-
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 
 def _val_metrics(trainer, module, loader) -> dict[str, float]:
@@ -31,8 +30,14 @@ def _log64(logits_row: torch.Tensor) -> torch.Tensor:
 
 # -- pre-training ---------------------------------------------------------------------------
 def test_seq_module_learns_and_logs(tmp_path, tokenizer_dir, model_config_json):
-    module = SeqModule(model=model_config_json, tokenizer=tokenizer_dir, lr=1e-2, warmup_steps=2,
-                       export_on_fit_end=False, peak_flops=1e12)
+    module = SeqModule(
+        model=model_config_json,
+        tokenizer=tokenizer_dir,
+        lr=1e-2,
+        warmup_steps=2,
+        export_on_fit_end=False,
+        peak_flops=1e12,
+    )
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert module.config.vocab_size == tok.vocab_size  # taken from the tokenizer, not the JSON
     assert module.config.eos_token_id == tok.eos_token_id
@@ -61,10 +66,14 @@ def test_flops_per_token_counts_matmuls_and_attention(tokenizer_dir, model_confi
 
 
 def test_moe_flops_count_only_the_activated_experts(tokenizer_dir):
-    dense = SeqModule(model={**TINY_MODEL, "ffn_type": "moe", "n_routed_experts": 4, "n_activated_experts": 1,
-                             "n_shared_experts": 0}, tokenizer=tokenizer_dir)
-    wide = SeqModule(model={**TINY_MODEL, "ffn_type": "moe", "n_routed_experts": 8, "n_activated_experts": 1,
-                            "n_shared_experts": 0}, tokenizer=tokenizer_dir)
+    dense = SeqModule(
+        model={**TINY_MODEL, "ffn_type": "moe", "n_routed_experts": 4, "n_activated_experts": 1, "n_shared_experts": 0},
+        tokenizer=tokenizer_dir,
+    )
+    wide = SeqModule(
+        model={**TINY_MODEL, "ffn_type": "moe", "n_routed_experts": 8, "n_activated_experts": 1, "n_shared_experts": 0},
+        tokenizer=tokenizer_dir,
+    )
     assert wide.model.num_parameters() > dense.model.num_parameters()
     # twice the experts, same number activated: only the router grows
     router_growth = 6 * TINY_MODEL["n_layers"] * TINY_MODEL["dim"] * 4
@@ -89,8 +98,16 @@ def test_moe_model_trains_with_the_balance_loss(tmp_path, tokenizer_dir):
 
 
 def test_muon_and_sgdr_train_the_model(tmp_path, tokenizer_dir, model_config_json):
-    module = SeqModule(model=model_config_json, tokenizer=tokenizer_dir, optimizer="muon", lr=2e-2,
-                       scheduler="sgdr", cycle_steps=5, min_lr_ratio=0.0, export_on_fit_end=False)
+    module = SeqModule(
+        model=model_config_json,
+        tokenizer=tokenizer_dir,
+        optimizer="muon",
+        lr=2e-2,
+        scheduler="sgdr",
+        cycle_steps=5,
+        min_lr_ratio=0.0,
+        export_on_fit_end=False,
+    )
     val = DataLoader(CycleBatches(8, 16), batch_size=4)
     trainer = make_trainer(tmp_path, max_steps=20)
     before = _val_metrics(trainer, module, val)["val/loss"]
@@ -135,12 +152,17 @@ def test_sft_loss_covers_labelled_tokens_and_packing_keeps_samples_apart(tokeniz
         nll += [-_log64(logits[t])[int(y)] for t, y in enumerate(labels) if y != IGNORE_INDEX]
     expected = torch.stack(nll).mean()
 
-    packed = {"input_ids": torch.cat([a, b])[None], "labels": torch.cat([la, lb])[None],
-              "position_ids": torch.cat([torch.arange(5), torch.arange(7)])[None]}
+    packed = {
+        "input_ids": torch.cat([a, b])[None],
+        "labels": torch.cat([la, lb])[None],
+        "position_ids": torch.cat([torch.arange(5), torch.arange(7)])[None],
+    }
     pad = 2
-    padded = {"input_ids": torch.stack([torch.cat([a, torch.full((2,), pad)]), b]),
-              "labels": torch.stack([torch.cat([la, torch.full((2,), IGNORE_INDEX)]), lb]),
-              "attention_mask": torch.tensor([[1] * 5 + [0] * 2, [1] * 7])}
+    padded = {
+        "input_ids": torch.stack([torch.cat([a, torch.full((2,), pad)]), b]),
+        "labels": torch.stack([torch.cat([la, torch.full((2,), IGNORE_INDEX)]), lb]),
+        "attention_mask": torch.tensor([[1] * 5 + [0] * 2, [1] * 7]),
+    }
     with torch.no_grad():
         for batch in (packed, padded):
             _, out = module.compute_loss(batch, "val")
@@ -223,8 +245,15 @@ def test_start_from_a_model_directory(tmp_path, tokenizer_dir):
 
 def test_start_from_a_hugging_face_directory(tmp_path, tokenizer_dir):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = transformers.LlamaConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "llama")
@@ -249,7 +278,7 @@ class Preferences(Dataset):
             row = {}
             for side, full in (("chosen", seq), ("rejected", torch.cat([seq[: prompt_len + 1], bad]))):
                 ids, labels = full[:-1].clone(), full[1:].clone()
-                labels[: prompt_len] = IGNORE_INDEX
+                labels[:prompt_len] = IGNORE_INDEX
                 row[f"{side}_input_ids"], row[f"{side}_labels"] = ids, labels
             self.rows.append(row)
 
@@ -265,10 +294,17 @@ def collate_pairs(rows):
     for side in ("chosen", "rejected"):
         length = max(len(r[f"{side}_input_ids"]) for r in rows)
         for key, fill in (("input_ids", 2), ("labels", IGNORE_INDEX)):
-            out[f"{side}_{key}"] = torch.stack([torch.cat([r[f"{side}_{key}"], torch.full(
-                (length - len(r[f"{side}_{key}"]),), fill)]) for r in rows])
-        out[f"{side}_attention_mask"] = torch.stack([torch.cat([torch.ones(len(r[f"{side}_input_ids"])), torch.zeros(
-            length - len(r[f"{side}_input_ids"]))]).long() for r in rows])
+            out[f"{side}_{key}"] = torch.stack(
+                [torch.cat([r[f"{side}_{key}"], torch.full((length - len(r[f"{side}_{key}"]),), fill)]) for r in rows]
+            )
+        out[f"{side}_attention_mask"] = torch.stack(
+            [
+                torch.cat(
+                    [torch.ones(len(r[f"{side}_input_ids"])), torch.zeros(length - len(r[f"{side}_input_ids"]))]
+                ).long()
+                for r in rows
+            ]
+        )
     return out
 
 
@@ -313,8 +349,9 @@ def test_dpo_module_loss_matches_float64_formula(tokenizer_dir, loss_type, smoot
 
 
 @pytest.mark.filterwarnings("ignore:.*reference is not registered")
-def test_dpo_rpo_alpha_adds_the_chosen_replies_mean_token_nll_and_logs_which_reply_the_policy_prefers(tmp_path,
-                                                                                                     tokenizer_dir):
+def test_dpo_rpo_alpha_adds_the_chosen_replies_mean_token_nll_and_logs_which_reply_the_policy_prefers(
+    tmp_path, tokenizer_dir
+):
     plain = _dpo(tokenizer_dir, beta=0.5).eval()
     rpo = _dpo(tokenizer_dir, beta=0.5, rpo_alpha=0.7).eval()
     with torch.no_grad():
@@ -413,10 +450,11 @@ def test_dpo_settings_are_checked(tokenizer_dir):
 
 
 # Inductor compiles C++ on a CPU, over a minute on two cores: run it where compiling is fast.
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile is exercised on CUDA only (CPU build too slow)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch.compile is exercised on CUDA only (CPU build too slow)"
+)
 def test_compiled_module_trains_and_keeps_parameter_names(tmp_path, tokenizer_dir, model_config_json):
-    module = SeqModule(model=model_config_json, tokenizer=tokenizer_dir, compile=True, lr=1e-2,
-                       export_on_fit_end=False)
+    module = SeqModule(model=model_config_json, tokenizer=tokenizer_dir, compile=True, lr=1e-2, export_on_fit_end=False)
     names = set(module.state_dict())
     trainer = make_trainer(tmp_path, max_steps=3, accelerator="gpu")
     trainer.fit(module, DataLoader(CycleBatches(8, 16), batch_size=4))

@@ -40,11 +40,20 @@ def test_muon_adamw_groups_match_torch_adamw():
     torch.manual_seed(0)
     a, b = torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)
     a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    ours = Muon([{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
-                lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    ref = torch.optim.AdamW([{"params": [a2], "weight_decay": 0.1}, {"params": [b2], "weight_decay": 0.0}],
-                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
-    for step in range(5):
+    ours = Muon(
+        [{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    ref = torch.optim.AdamW(
+        [{"params": [a2], "weight_decay": 0.1}, {"params": [b2], "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        foreach=False,
+    )
+    for _ in range(5):
         grads = torch.randn(5, 3), torch.randn(7)
         for p, q, grad in ((a, a2, grads[0]), (b, b2, grads[1])):
             p.grad, q.grad = grad.clone(), grad.clone()
@@ -198,8 +207,7 @@ def test_step_runs_a_closure_with_gradients_on_and_returns_its_loss(kind):
     from astrai.train.master_adamw import MasterWeightAdamW
 
     w = nn.Parameter(torch.ones(4, 4))
-    opt = (Muon([{"params": [w], "use_muon": True}], lr=0.1) if kind == "muon"
-           else MasterWeightAdamW([w], lr=0.1))
+    opt = Muon([{"params": [w], "use_muon": True}], lr=0.1) if kind == "muon" else MasterWeightAdamW([w], lr=0.1)
 
     def closure():
         opt.zero_grad()

@@ -42,14 +42,20 @@ def test_smoke_run_trains_every_stage_repeats_itself_and_exports_loadable_models
     assert main(["--smoke", "--out", str(tmp_path / "again"), "--quiet"]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     for stage in ("pretrain", "sft", "dpo", "grpo"):
-        assert {k: v for k, v in again[stage].items() if k != "export"} == \
-            {k: v for k, v in results[stage].items() if k != "export"}, stage
+        assert {k: v for k, v in again[stage].items() if k != "export"} == {
+            k: v for k, v in results[stage].items() if k != "export"
+        }, stage
 
     # Each stage ran and reported its measure (the smoke run is far too short to be good).
     assert results["pretrain"]["val_loss_after"] < results["pretrain"]["val_loss_before"] - 1.0
     assert results["sft"]["n_questions"] == 100
-    for stage, measure in (("sft", "accuracy"), ("dpo", "chosen_likelier"), ("dpo", "accuracy"),
-                           ("grpo", "reward"), ("grpo", "accuracy")):
+    for stage, measure in (
+        ("sft", "accuracy"),
+        ("dpo", "chosen_likelier"),
+        ("dpo", "accuracy"),
+        ("grpo", "reward"),
+        ("grpo", "accuracy"),
+    ):
         values = results[stage][measure]
         assert 0.0 <= values["before"] <= 2.0 and 0.0 <= values["after"] <= 2.0, (stage, measure)
     assert results["dpo"]["accuracy"]["before"] == results["sft"]["accuracy"]["after"]
@@ -92,5 +98,11 @@ def test_full_run_improves_every_stage(tmp_path, monkeypatch):
     out = tmp_path / "qs"
     assert main(["--out", str(out), "--quiet", "--threads", "2"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["verdicts"] == {"pre-training": "better", "SFT": "better", "DPO": "better", "after DPO": "ok",
-                                   "GRPO": "better", "after GRPO": "ok"}
+    assert results["verdicts"] == {
+        "pre-training": "better",
+        "SFT": "better",
+        "DPO": "better",
+        "after DPO": "ok",
+        "GRPO": "better",
+        "after GRPO": "ok",
+    }

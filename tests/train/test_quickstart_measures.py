@@ -16,8 +16,10 @@ from astrai.train.quickstart import verdict
 from astrai.train.quickstart_measures import greedy_answers, paired_change, sampled_rewards
 from astrai.train.rewards import load_rewards, similarity
 
-QUESTIONS = [Question("add", "en", f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", str(a + b), (a, b))
-             for a, b in ((1, 2), (3, 4), (5, 0), (2, 2))]
+QUESTIONS = [
+    Question("add", "en", f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", str(a + b), (a, b))
+    for a, b in ((1, 2), (3, 4), (5, 0), (2, 2))
+]
 
 
 def test_paired_change_is_the_mean_difference_and_its_standard_error():
@@ -34,17 +36,20 @@ def test_paired_change_is_the_mean_difference_and_its_standard_error():
         paired_change([1.0], [1.0, 2.0])
 
 
-@pytest.mark.parametrize("values,rule,expected", [
-    ({"before": 6.6, "after": 0.7}, "lower", "better"),
-    ({"before": 0.7, "after": 6.6}, "lower", "WORSE"),
-    ({"before": 0.5, "after": 0.6, "stderr": 0.04}, "higher", "better"),
-    ({"before": 0.5, "after": 0.57, "stderr": 0.04}, "higher", "same"),  # +0.07 < 2 standard errors
-    ({"before": 0.5, "after": 0.4, "stderr": 0.04}, "higher", "WORSE"),
-    ({"before": 0.7, "after": 0.63, "stderr": 0.04}, "not lower", "ok"),  # a drop within the noise
-    ({"before": 0.7, "after": 0.6, "stderr": 0.04}, "not lower", "WORSE"),
-    ({"before": 0.7, "after": 0.65}, "not lower", "WORSE"),  # no standard error: any drop counts
-    ({"before": 0.7, "after": 0.7}, "not lower", "ok"),
-])
+@pytest.mark.parametrize(
+    "values,rule,expected",
+    [
+        ({"before": 6.6, "after": 0.7}, "lower", "better"),
+        ({"before": 0.7, "after": 6.6}, "lower", "WORSE"),
+        ({"before": 0.5, "after": 0.6, "stderr": 0.04}, "higher", "better"),
+        ({"before": 0.5, "after": 0.57, "stderr": 0.04}, "higher", "same"),  # +0.07 < 2 standard errors
+        ({"before": 0.5, "after": 0.4, "stderr": 0.04}, "higher", "WORSE"),
+        ({"before": 0.7, "after": 0.63, "stderr": 0.04}, "not lower", "ok"),  # a drop within the noise
+        ({"before": 0.7, "after": 0.6, "stderr": 0.04}, "not lower", "WORSE"),
+        ({"before": 0.7, "after": 0.65}, "not lower", "WORSE"),  # no standard error: any drop counts
+        ({"before": 0.7, "after": 0.7}, "not lower", "ok"),
+    ],
+)
 def test_verdict_rules(values, rule, expected):
     assert verdict(values, rule) == expected
 

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.train.checkpointing import Checkpoint
-from safetensors.torch import load_file
-
 from astrai.train.cli import cli_main
 from astrai.train.data.loader import ResumableDataLoader, ResumableSampler
 from astrai.train.seq_module import SeqModule
-
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 
 def _loader():
@@ -27,8 +25,7 @@ def _loader():
 
 def _module(tokenizer_dir, **kw):
     torch.manual_seed(0)
-    return SeqModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=5e-3, warmup_steps=3, export_on_fit_end=False,
-                     **kw)
+    return SeqModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=5e-3, warmup_steps=3, export_on_fit_end=False, **kw)
 
 
 class Crash(Callback):
@@ -63,9 +60,11 @@ def _optimizer_state(trainer):
     return trainer.optimizers[0].state_dict()["state"]
 
 
-@pytest.mark.parametrize("options", [dict(optimizer="adamw", scheduler="cosine"),
-                                     dict(optimizer="muon", scheduler="sgdr", cycle_steps=4)],
-                         ids=["adamw-cosine", "muon-sgdr"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(optimizer="adamw", scheduler="cosine"), dict(optimizer="muon", scheduler="sgdr", cycle_steps=4)],
+    ids=["adamw-cosine", "muon-sgdr"],
+)
 def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer_dir, options):
     full, full_trainer = _fit(tmp_path / "full", tokenizer_dir, **options)
     _fit(tmp_path / "split", tokenizer_dir, crash_at=7, **options)
@@ -98,12 +97,28 @@ def test_cli_resume_with_ckpt_path_last(tmp_path, tokenizer_dir):
     rows.write_text("".join(f'{{"text": "row {i}: the cat sat on the mat, 猫坐在垫子上。"}}\n' for i in range(40)))
 
     def run(root: Path, steps: int, *extra: str) -> dict[str, torch.Tensor]:
-        cli_main(["fit", "--model=seq", f"--model.model={_tiny_json(tmp_path)}", "--model.lr=3e-3",
-                  "--model.warmup_steps=2", "--model.decay_steps=10", "--data=pretrain", f"--data.train={rows}",
-                  f"--data.tokenizer={tokenizer_dir}", "--data.seq_len=16", "--data.batch_size=4",
-                  f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu",
-                  f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-                  "--trainer.enable_model_summary=false", *extra])
+        cli_main(
+            [
+                "fit",
+                "--model=seq",
+                f"--model.model={_tiny_json(tmp_path)}",
+                "--model.lr=3e-3",
+                "--model.warmup_steps=2",
+                "--model.decay_steps=10",
+                "--data=pretrain",
+                f"--data.train={rows}",
+                f"--data.tokenizer={tokenizer_dir}",
+                "--data.seq_len=16",
+                "--data.batch_size=4",
+                f"--data.cache_dir={tmp_path / 'cache'}",
+                f"--trainer.max_steps={steps}",
+                "--trainer.accelerator=cpu",
+                f"--trainer.default_root_dir={root}",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                *extra,
+            ]
+        )
         return load_file(root / "export" / "model.safetensors")
 
     full = run(tmp_path / "full", 10)

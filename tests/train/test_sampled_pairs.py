@@ -12,7 +12,9 @@ from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.train.sampled_pairs import main, read_questions, sample_pairs
 
-QUESTIONS = [{"prompt": f"What is {a} + {b}?", "reference": f"{a} + {b} = {a + b}."} for a, b in ((1, 2), (3, 4), (6, 1))]
+QUESTIONS = [
+    {"prompt": f"What is {a} + {b}?", "reference": f"{a} + {b} = {a + b}."} for a, b in ((1, 2), (3, 4), (6, 1))
+]
 
 
 def _samples(model_dir, prompt, n, seed):

@@ -12,13 +12,12 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from trainhelp import CORPUS, TINY_MODEL
 
 from astrai.core.auto import AutoModel
 from astrai.train.checkpointing import Checkpoint
 from astrai.train.cli import cli_main, expand_aliases, main
 from astrai.train.sft_module import SFTModule
-
-from trainhelp import CORPUS, TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +26,18 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_data")
     rows = {
         "text.jsonl": [{"text": CORPUS[i % len(CORPUS)]} for i in range(48)],
-        "chat.jsonl": [{"messages": [{"role": "user", "content": f"count {i}"},
-                                     {"role": "assistant", "content": CORPUS[i % len(CORPUS)]}]} for i in range(24)],
-        "pairs.jsonl": [{"prompt": f"say {i}", "chosen": CORPUS[i % 4], "rejected": CORPUS[4 + i % 4]}
-                        for i in range(16)],
+        "chat.jsonl": [
+            {
+                "messages": [
+                    {"role": "user", "content": f"count {i}"},
+                    {"role": "assistant", "content": CORPUS[i % len(CORPUS)]},
+                ]
+            }
+            for i in range(24)
+        ],
+        "pairs.jsonl": [
+            {"prompt": f"say {i}", "chosen": CORPUS[i % 4], "rejected": CORPUS[4 + i % 4]} for i in range(16)
+        ],
     }
     for name, records in rows.items():
         (root / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
@@ -39,10 +46,17 @@ def files(tmp_path_factory):
 
 
 def _common(files, tokenizer_dir, tmp_path, steps=4):
-    return [f"--model.model={files / 'model.json'}", f"--data.tokenizer={tokenizer_dir}",
-            f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.max_steps={steps}",
-            f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu", "--trainer.log_every_n_steps=1"]
+    return [
+        f"--model.model={files / 'model.json'}",
+        f"--data.tokenizer={tokenizer_dir}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.log_every_n_steps=1",
+    ]
 
 
 def _metrics(run: Path) -> list[dict[str, str]]:
@@ -53,14 +67,26 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 
 def test_aliases_become_class_paths():
     assert expand_aliases(["fit", "--model=sft", "--data", "dpo", "--model.lr=1", "--data.train=sft"]) == [
-        "fit", "--model=astrai.train.sft_module.SFTModule", "--data", "astrai.train.data.dpo.DPODataModule",
-        "--model.lr=1", "--data.train=sft"]
+        "fit",
+        "--model=astrai.train.sft_module.SFTModule",
+        "--data",
+        "astrai.train.data.dpo.DPODataModule",
+        "--model.lr=1",
+        "--data.train=sft",
+    ]
     assert expand_aliases(["--model.class_path=seq"]) == ["--model.class_path=astrai.train.seq_module.SeqModule"]
 
 
 def test_print_config_is_complete_and_reproducible(files, tokenizer_dir, tmp_path, capsys):
-    args = ["fit", "--model=sft", "--data=sft", f"--data.train={files / 'chat.jsonl'}", "--model.lr=1e-4",
-            "--model.lora.rank=4", *_common(files, tokenizer_dir, tmp_path)]
+    args = [
+        "fit",
+        "--model=sft",
+        "--data=sft",
+        f"--data.train={files / 'chat.jsonl'}",
+        "--model.lr=1e-4",
+        "--model.lora.rank=4",
+        *_common(files, tokenizer_dir, tmp_path),
+    ]
     with pytest.raises(SystemExit):
         cli_main([*args, "--print_config"])
     printed = capsys.readouterr().out
@@ -79,11 +105,21 @@ def test_print_config_is_complete_and_reproducible(files, tokenizer_dir, tmp_pat
 
 
 def test_pretrain_fit_validate_test_and_export(files, tokenizer_dir, tmp_path):
-    args = ["--model=seq", "--data=pretrain", f"--data.train={files / 'text.jsonl'}", "--data.val_fraction=0.2",
-            "--data.seq_len=24", "--data.batch_size=4", "--model.lr=3e-3", "--trainer.val_check_interval=4",
-            "--trainer.check_val_every_n_epoch=null", "--trainer.precision=bf16-mixed",
-            "--trainer.accumulate_grad_batches=2", "--trainer.gradient_clip_val=1.0",
-            *_common(files, tokenizer_dir, tmp_path, steps=8)]
+    args = [
+        "--model=seq",
+        "--data=pretrain",
+        f"--data.train={files / 'text.jsonl'}",
+        "--data.val_fraction=0.2",
+        "--data.seq_len=24",
+        "--data.batch_size=4",
+        "--model.lr=3e-3",
+        "--trainer.val_check_interval=4",
+        "--trainer.check_val_every_n_epoch=null",
+        "--trainer.precision=bf16-mixed",
+        "--trainer.accumulate_grad_batches=2",
+        "--trainer.gradient_clip_val=1.0",
+        *_common(files, tokenizer_dir, tmp_path, steps=8),
+    ]
     cli = cli_main(["fit", *args])
     assert cli.trainer.global_step == 8
     assert cli.model.hparams.tokenizer == tokenizer_dir  # given once, for the data, used by both
@@ -102,16 +138,38 @@ def test_pretrain_fit_validate_test_and_export(files, tokenizer_dir, tmp_path):
 
 
 def test_sft_and_dpo_fit_through_the_data_modules(files, tokenizer_dir, tmp_path):
-    sft = cli_main(["fit", "--model=sft", "--data=sft", f"--data.train={files / 'chat.jsonl'}", "--data.packing=true",
-                    "--data.max_len=64", "--data.batch_size=2", "--model.lr=3e-3",
-                    *_common(files, tokenizer_dir, tmp_path / "sft")])
+    sft = cli_main(
+        [
+            "fit",
+            "--model=sft",
+            "--data=sft",
+            f"--data.train={files / 'chat.jsonl'}",
+            "--data.packing=true",
+            "--data.max_len=64",
+            "--data.batch_size=2",
+            "--model.lr=3e-3",
+            *_common(files, tokenizer_dir, tmp_path / "sft"),
+        ]
+    )
     assert isinstance(sft.model, SFTModule) and sft.trainer.global_step == 4
     assert "train/acc" in sft.trainer.callback_metrics
     sft_dir = tmp_path / "sft" / "run" / "export"
-    dpo = cli_main(["fit", "--model=dpo", f"--data=dpo", f"--data.train={files / 'pairs.jsonl'}",
-                    "--data.max_len=64", "--data.batch_size=2", "--model.lr=1e-3", "--model.beta=0.2",
-                    "--model.lora.rank=4", "--model.lora.targets=[all-linear]",
-                    *_common(files, tokenizer_dir, tmp_path / "dpo"), f"--model.model={sft_dir}"])
+    dpo = cli_main(
+        [
+            "fit",
+            "--model=dpo",
+            "--data=dpo",
+            f"--data.train={files / 'pairs.jsonl'}",
+            "--data.max_len=64",
+            "--data.batch_size=2",
+            "--model.lr=1e-3",
+            "--model.beta=0.2",
+            "--model.lora.rank=4",
+            "--model.lora.targets=[all-linear]",
+            *_common(files, tokenizer_dir, tmp_path / "dpo"),
+            f"--model.model={sft_dir}",
+        ]
+    )
     assert dpo.model.ref_model is None  # LoRA: the policy without adapters is the reference
     assert "train/reward_acc" in dpo.trainer.callback_metrics
     assert AutoModel.from_pretrained(tmp_path / "dpo" / "run" / "export").config.vocab_size == 320
@@ -119,15 +177,33 @@ def test_sft_and_dpo_fit_through_the_data_modules(files, tokenizer_dir, tmp_path
 
 def _strategy_cli(files, tokenizer_dir, tmp_path, *extra):
     # run=False: no subcommand, the classes are only built
-    return cli_main(["--model=seq", "--data=pretrain", f"--data.train={files / 'text.jsonl'}",
-                     *_common(files, tokenizer_dir, tmp_path), *extra], run=False)
+    return cli_main(
+        [
+            "--model=seq",
+            "--data=pretrain",
+            f"--data.train={files / 'text.jsonl'}",
+            *_common(files, tokenizer_dir, tmp_path),
+            *extra,
+        ],
+        run=False,
+    )
 
 
 def test_strategy_by_short_name_or_class_path(files, tokenizer_dir, tmp_path):
     cli = _strategy_cli(files, tokenizer_dir, tmp_path, "--trainer.strategy=ddp")
     assert isinstance(cli.trainer.strategy, DDPStrategy)
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump({"trainer": {"strategy": {
-        "class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": {"find_unused_parameters": True}}}}))
+    (tmp_path / "ddp.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "strategy": {
+                        "class_path": "lightning.pytorch.strategies.DDPStrategy",
+                        "init_args": {"find_unused_parameters": True},
+                    }
+                }
+            }
+        )
+    )
     cli = _strategy_cli(files, tokenizer_dir, tmp_path, f"--config={tmp_path / 'ddp.yaml'}")
     assert cli.trainer.strategy._ddp_kwargs["find_unused_parameters"] is True
 
@@ -147,8 +223,13 @@ def test_fsdp_by_short_name(files, tokenizer_dir, tmp_path):
 
 
 def test_bad_input_gives_one_clear_line(files, tokenizer_dir, tmp_path, capsys):
-    base = ["fit", "--model=seq", "--data=pretrain", f"--data.train={files / 'text.jsonl'}",
-            *_common(files, tokenizer_dir, tmp_path)]
+    base = [
+        "fit",
+        "--model=seq",
+        "--data=pretrain",
+        f"--data.train={files / 'text.jsonl'}",
+        *_common(files, tokenizer_dir, tmp_path),
+    ]
     assert main([*base, "--model.model=/nowhere/model"]) == 2
     err = capsys.readouterr().err
     assert "model: '/nowhere/model' is neither a model directory nor a ModelConfig JSON" in err

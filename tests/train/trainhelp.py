@@ -28,9 +28,17 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
 # Lightning's advice about worker counts, logging intervals and missing loaders is noise at this scale.
-QUIET_WARNINGS = ["does not have many workers", "log_every_n_steps", "smaller than the logging interval",
-                  "but have no `val_dataloader`", "LeafSpec", "LitLogger", "Checkpoint directory .* exists",
-                  "args parameter is intended to run from within Python", "Total length of .* across ranks is zero"]
+QUIET_WARNINGS = [
+    "does not have many workers",
+    "log_every_n_steps",
+    "smaller than the logging interval",
+    "but have no `val_dataloader`",
+    "LeafSpec",
+    "LitLogger",
+    "Checkpoint directory .* exists",
+    "args parameter is intended to run from within Python",
+    "Total length of .* across ranks is zero",
+]
 
 
 class CycleBatches(Dataset):
@@ -62,8 +70,9 @@ class TinyData(L.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.batch_size)
@@ -71,9 +80,17 @@ class TinyData(L.LightningDataModule):
 
 def make_trainer(tmp_path, **kwargs) -> L.Trainer:
     """A quiet CPU Trainer writing under tmp_path."""
-    defaults = dict(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                    num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -82,8 +99,9 @@ def write_text_rows(root: Path, tokenizer_dir) -> dict[str, Path | str]:
     """60 short bilingual text rows, the tiny model's config and a cache folder under root:
     the inputs of the multi-process training tests."""
     rows = root / "text.jsonl"
-    rows.write_text("".join(json.dumps({"text": f"row {i}: the cat sat on the mat, 猫坐在垫子上。"}) + "\n"
-                            for i in range(60)))
+    rows.write_text(
+        "".join(json.dumps({"text": f"row {i}: the cat sat on the mat, 猫坐在垫子上。"}) + "\n" for i in range(60))
+    )
     model = root / "tiny.json"
     model.write_text(json.dumps(TINY_MODEL))
     return {"rows": rows, "model": model, "tokenizer": tokenizer_dir, "cache": root / "cache"}

@@ -63,8 +63,13 @@ class Attention(nn.Module):
             out = cache.attend(self.layer_idx, q, k, v, self.scale)
         else:
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.scale,
+                enable_gqa=True,
             ).transpose(1, 2)
         out = out.reshape(b, t, -1)
         if gate:

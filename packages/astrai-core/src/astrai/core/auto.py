@@ -6,8 +6,8 @@ itself in one line. Loading and saving live in `checkpoint.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

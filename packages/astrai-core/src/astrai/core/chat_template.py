@@ -58,8 +58,7 @@ def _content_to_text(content: Any, index: int) -> str:
         return content
     if not isinstance(content, list):
         raise ValueError(
-            f"messages[{index}]['content'] must be a string or a list of text parts, "
-            f"got {type(content).__name__}"
+            f"messages[{index}]['content'] must be a string or a list of text parts, got {type(content).__name__}"
         )
     texts = []
     for j, part in enumerate(content):
@@ -113,11 +112,15 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # jinja's own tojson HTML-escapes, which would corrupt prompts.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                      separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:

@@ -28,8 +28,17 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import AstraiError
 from .hf_config import HFConfigError, from_hf_dict, to_hf_dict
-from .integrity import (MANIFEST_FILE, Entries, IntegrityError, atomic_write, atomic_write_text, read_manifest,
-                        record_files, remove_file, verify_file)
+from .integrity import (
+    MANIFEST_FILE,
+    Entries,
+    IntegrityError,
+    atomic_write,
+    atomic_write_text,
+    read_manifest,
+    record_files,
+    remove_file,
+    verify_file,
+)
 from .rope import RotaryEmbedding, rope_frequencies
 from .sizes import parse_bytes
 from .transformer import CausalLM
@@ -42,10 +51,17 @@ _SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _TIED_KEY = "lm_head.weight"
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
 }
 
 
@@ -224,8 +240,11 @@ def _read_weights(
     if missing:
         where = INDEX_FILE if len(files) > 1 else next(iter(files))
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        hint = ("; if the head shares the embedding matrix, set tie_word_embeddings (astrai: tie_embeddings) to true"
-                if missing == [_TIED_KEY] else "; the weights do not match config.json")
+        hint = (
+            "; if the head shares the embedding matrix, set tie_word_embeddings (astrai: tie_embeddings) to true"
+            if missing == [_TIED_KEY]
+            else "; the weights do not match config.json"
+        )
         raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}{hint}")
     if dtype is None:  # keep the stored dtype; a mixed checkpoint follows its embeddings
         target = state["model.embed_tokens.weight"].dtype
@@ -245,7 +264,9 @@ def _read_file(
         with safe_open(file, framework="pt", device=str(device)) as f:
             absent = sorted((listed or set()) - set(f.keys()))
             if absent:
-                raise CheckpointError(f"{file.name}: tensor {absent[0]!r} is listed in {INDEX_FILE} but not in the file")
+                raise CheckpointError(
+                    f"{file.name}: tensor {absent[0]!r} is listed in {INDEX_FILE} but not in the file"
+                )
             # old transformers checkpoints saved the derived rotary_emb.inv_freq buffer
             names = [name for name in f.keys() if not name.endswith("rotary_emb.inv_freq")]
             for name in names:
@@ -310,7 +331,9 @@ def _weight_files(path: Path, manifest: Entries | None) -> dict[str, set[str] | 
             for name, file in weight_map.items():
                 files.setdefault(file, set()).add(name)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' of tensor -> file): {e!r}") from None
+            raise CheckpointError(
+                f"{index}: not a valid index (needs a 'weight_map' of tensor -> file): {e!r}"
+            ) from None
         _verify(path, INDEX_FILE, manifest)
         return files
     if (path / WEIGHTS_FILE).is_file():

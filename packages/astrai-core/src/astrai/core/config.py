@@ -74,15 +74,26 @@ class ModelConfig:
     def validate(self) -> None:
         positive = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_len"]
         for name in positive:
-            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
-                     f"must be a positive integer, got {getattr(self, name)!r}")
-        _require(self.head_dim is not None and self.head_dim > 0, "head_dim",
-                 f"must be positive; set it explicitly when dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
-        _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
-                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            _require(
+                isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                name,
+                f"must be a positive integer, got {getattr(self, name)!r}",
+            )
+        _require(
+            self.head_dim is not None and self.head_dim > 0,
+            "head_dim",
+            f"must be positive; set it explicitly when dim ({self.dim}) is not divisible by n_heads ({self.n_heads})",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
+        )
         _require(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         _require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        _require(self.attn_type in ATTENTION_TYPES, "attn_type", f"must be one of {ATTENTION_TYPES}, got {self.attn_type!r}")
+        _require(
+            self.attn_type in ATTENTION_TYPES, "attn_type", f"must be one of {ATTENTION_TYPES}, got {self.attn_type!r}"
+        )
         _require(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}, got {self.ffn_type!r}")
         if self.attn_type == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -93,8 +104,11 @@ class ModelConfig:
             _require(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
         if self.ffn_type == "moe":
             _require(self.n_routed_experts > 0, "n_routed_experts", "must be > 0 for ffn_type='moe'")
-            _require(0 < self.n_activated_experts <= self.n_routed_experts, "n_activated_experts",
-                     f"must be in 1..n_routed_experts ({self.n_routed_experts}), got {self.n_activated_experts}")
+            _require(
+                0 < self.n_activated_experts <= self.n_routed_experts,
+                "n_activated_experts",
+                f"must be in 1..n_routed_experts ({self.n_routed_experts}), got {self.n_activated_experts}",
+            )
             _require(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
         self._validate_rope_scaling()
 
@@ -102,14 +116,22 @@ class ModelConfig:
         s = self.rope_scaling
         if s is None:
             return
-        _require(isinstance(s, dict), "rope_scaling", "must be a mapping like {'type': 'linear', 'factor': 2.0} or null")
+        _require(
+            isinstance(s, dict), "rope_scaling", "must be a mapping like {'type': 'linear', 'factor': 2.0} or null"
+        )
         kind = s.get("type", s.get("rope_type"))
-        _require(kind in ROPE_SCALING_TYPES + ("default",), "rope_scaling.type",
-                 f"must be one of {ROPE_SCALING_TYPES}, got {kind!r}")
+        _require(
+            kind in ROPE_SCALING_TYPES + ("default",),
+            "rope_scaling.type",
+            f"must be one of {ROPE_SCALING_TYPES}, got {kind!r}",
+        )
         if kind != "default":
             factor = s.get("factor")
-            _require(isinstance(factor, (int, float)) and factor >= 1.0, "rope_scaling.factor",
-                     f"must be a number >= 1, got {factor!r}")
+            _require(
+                isinstance(factor, (int, float)) and factor >= 1.0,
+                "rope_scaling.factor",
+                f"must be a number >= 1, got {factor!r}",
+            )
         if kind == "llama3":
             for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 _require(key in s, f"rope_scaling.{key}", "is required for rope type 'llama3'")
@@ -125,7 +147,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -139,7 +161,7 @@ class ModelConfig:
         return text
 
     @classmethod
-    def from_json(cls, path_or_text: str | Path) -> "ModelConfig":
+    def from_json(cls, path_or_text: str | Path) -> ModelConfig:
         p = Path(path_or_text) if not str(path_or_text).lstrip().startswith("{") else None
         try:
             data = json.loads(p.read_text(encoding="utf-8") if p else str(path_or_text))

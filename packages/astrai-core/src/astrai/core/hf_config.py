@@ -117,8 +117,9 @@ def from_hf_dict(data: dict[str, Any]) -> ModelConfig:
     if isinstance(ours, dict):
         saved = _model_config(ours)
         # Our own copy is exact; use it unless a tool edited the Hugging Face fields since.
-        if all(data.get(k) == v for k, v in _hf_fields(saved).items() if k not in ("rope_parameters", "use_cache")) \
-                and _same_rope(data, saved):
+        if all(
+            data.get(k) == v for k, v in _hf_fields(saved).items() if k not in ("rope_parameters", "use_cache")
+        ) and _same_rope(data, saved):
             return saved
         return _model_config({**ours, **mapped})
     return _model_config(mapped)
@@ -132,12 +133,18 @@ def _from_hf_fields(model_type: str, data: dict[str, Any]) -> dict[str, Any]:
     _reject(d.get("hidden_act", "silu") != "silu", "hidden_act", f"{d.get('hidden_act')!r} (only 'silu' is supported)")
     _reject(bool(d.get("mlp_bias")), "mlp_bias", "true (MLP biases are not supported)")
     if model_type in ("llama", "qwen3"):
-        _reject(bool(d.get("attention_bias")), "attention_bias",
-                "true (a bias on o_proj is not supported; only Qwen2-style q/k/v biases are)")
+        _reject(
+            bool(d.get("attention_bias")),
+            "attention_bias",
+            "true (a bias on o_proj is not supported; only Qwen2-style q/k/v biases are)",
+        )
     if model_type != "llama":
         layer_types = d.get("layer_types") or []
-        _reject(bool(d.get("use_sliding_window")) and "sliding_attention" in layer_types,
-                "use_sliding_window", "true (sliding-window attention is not supported)")
+        _reject(
+            bool(d.get("use_sliding_window")) and "sliding_attention" in layer_types,
+            "use_sliding_window",
+            "true (sliding-window attention is not supported)",
+        )
     heads = d["num_attention_heads"]
     theta, scaling = _rope_from_hf(d)
     return {
@@ -179,8 +186,11 @@ def _same_rope(data: dict[str, Any], config: ModelConfig) -> bool:
     except HFConfigError:
         return False
     ours = _rope_parameters(config)
-    theirs = {"rope_type": (scaling or {}).get("type", "default"), "rope_theta": theta,
-              **{k: v for k, v in (scaling or {}).items() if k != "type"}}
+    theirs = {
+        "rope_type": (scaling or {}).get("type", "default"),
+        "rope_theta": theta,
+        **{k: v for k, v in (scaling or {}).items() if k != "type"},
+    }
     if "original_max_position_embeddings" not in ours:  # transformers fills it in when it re-saves
         theirs.pop("original_max_position_embeddings", None)
     return ours == theirs

@@ -127,8 +127,10 @@ def read_manifest(directory: str | Path) -> Entries | None:
         raise IntegrityError(f"{file}: not a checksum manifest (no 'files' object); {_manifest_fix(file)}")
     version = data.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise IntegrityError(f"{file}: format_version {version!r} is not one this astrai reads (up to "
-                             f"{FORMAT_VERSION}); upgrade astrai, or delete {MANIFEST_FILE} to load without checksums")
+        raise IntegrityError(
+            f"{file}: format_version {version!r} is not one this astrai reads (up to "
+            f"{FORMAT_VERSION}); upgrade astrai, or delete {MANIFEST_FILE} to load without checksums"
+        )
     return data["files"]
 
 
@@ -179,16 +181,22 @@ def verify_file(directory: str | Path, name: str, entries: Entries | None) -> No
         raise IntegrityError(f"{file}: listed in {MANIFEST_FILE} but missing; {_file_fix()}")
     size, expected_size = file.stat().st_size, entry.get("size")
     if size != expected_size:
-        raise IntegrityError(f"{file}: {size} bytes, but {MANIFEST_FILE} recorded {expected_size} when it was "
-                             f"written: the file is truncated or damaged; {_file_fix()}")
+        raise IntegrityError(
+            f"{file}: {size} bytes, but {MANIFEST_FILE} recorded {expected_size} when it was "
+            f"written: the file is truncated or damaged; {_file_fix()}"
+        )
     if sha256_file(file) != entry.get(_ALGORITHM):
-        raise IntegrityError(f"{file}: its sha256 differs from the one {MANIFEST_FILE} recorded when it was "
-                             f"written: the file is damaged; {_file_fix()}")
+        raise IntegrityError(
+            f"{file}: its sha256 differs from the one {MANIFEST_FILE} recorded when it was "
+            f"written: the file is damaged; {_file_fix()}"
+        )
 
 
 def _file_fix() -> str:
-    return (f"export the model again (or download it again). If you changed the file on purpose, "
-            f"delete {MANIFEST_FILE} to load the directory without checksums")
+    return (
+        f"export the model again (or download it again). If you changed the file on purpose, "
+        f"delete {MANIFEST_FILE} to load the directory without checksums"
+    )
 
 
 def _manifest_fix(file: Path) -> str:

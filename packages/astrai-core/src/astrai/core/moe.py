@@ -37,8 +37,9 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         if self.training:
-            self.aux_loss = self._balance_loss(probs, chosen) if valid is None else \
-                self._balance_loss(probs[valid], chosen[valid])
+            self.aux_loss = (
+                self._balance_loss(probs, chosen) if valid is None else self._balance_loss(probs[valid], chosen[valid])
+            )
         return out.view(shape)
 
     def _balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,11 @@ class PackedLinear:
 
 def packable(linears: list[nn.Module]) -> bool:
     """Plain nn.Linear layers (not LoRA or other wrappers) of one input size, all with a bias or none."""
-    return (all(type(lin) is nn.Linear for lin in linears) and len({lin.in_features for lin in linears}) == 1
-            and len({lin.bias is None for lin in linears}) == 1)
+    return (
+        all(type(lin) is nn.Linear for lin in linears)
+        and len({lin.in_features for lin in linears}) == 1
+        and len({lin.bias is None for lin in linears}) == 1
+    )
 
 
 def _pack(params: list[nn.Parameter]) -> torch.Tensor:

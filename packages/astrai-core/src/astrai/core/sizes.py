@@ -14,8 +14,7 @@ from .errors import AstraiError
 # A number (integer or decimal) and an optional unit: K/M/G/T with "i" for powers of 1024, with or
 # without the B, in any case ("2G" and "2gb" are 2 * 10**9, "2GiB" and "2Gi" are 2 * 2**30).
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmgt]?i?b?)\s*", re.IGNORECASE)
-_SCALES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_SCALES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 HINT = "use a number of bytes or a size like 2GiB, 512MB or 1.5G"
 
 

@@ -84,8 +84,12 @@ class AutoTokenizer:
         self.chat_template = chat_template
         self.model_max_length = model_max_length
         self._special: dict[str, str | None] = {}
-        for field, token in (("bos_token", bos_token), ("eos_token", eos_token),
-                             ("pad_token", pad_token), ("unk_token", unk_token)):
+        for field, token in (
+            ("bos_token", bos_token),
+            ("eos_token", eos_token),
+            ("pad_token", pad_token),
+            ("unk_token", unk_token),
+        ):
             if token is not None and tokenizer.token_to_id(token) is None:
                 raise ValueError(f"{field} {token!r} is not in the tokenizer vocabulary")
             self._special[field] = token
@@ -293,9 +297,7 @@ class AutoTokenizer:
         text = self._render(messages, add_generation_prompt, **kwargs)
         return self.encode(text) if tokenize else text
 
-    def chat_assistant_mask(
-        self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
-    ) -> tuple[list[int], list[int]]:
+    def chat_assistant_mask(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> tuple[list[int], list[int]]:
         """Token ids of the rendered conversation and a 0/1 mask of assistant-reply tokens.
 
         A reply spans from the end of its generation prompt (so the role header is excluded)
@@ -309,8 +311,9 @@ class AutoTokenizer:
         encoding = self._tok.encode(text, add_special_tokens=False)
         # A token straddling a span edge (e.g. a merged "\n\n" after the header) counts as
         # assistant, as in transformers' own assistant masks.
-        mask = [int(any(s < span_end and e > span_start for span_start, span_end in spans))
-                for s, e in encoding.offsets]
+        mask = [
+            int(any(s < span_end and e > span_start for span_start, span_end in spans)) for s, e in encoding.offsets
+        ]
         return encoding.ids, mask
 
     def _assistant_spans(self, messages: list[dict[str, Any]], text: str, **kwargs: Any) -> list[tuple[int, int]]:

@@ -53,10 +53,12 @@ class _ReadStats:
 def build_byte_level_bpe() -> Tokenizer:
     """An untrained byte-level BPE tokenizer with our pre-tokenizer and decoder."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -128,8 +130,11 @@ def _iter_source(source: Source, text_field: str, txt_mode: TxtMode, stats: _Rea
         paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            hint = "" if isinstance(source, (str, os.PathLike)) else (
-                " (a list of strings is read as file paths; pass iter(texts) to train on in-memory text)")
+            hint = (
+                ""
+                if isinstance(source, (str, os.PathLike))
+                else (" (a list of strings is read as file paths; pass iter(texts) to train on in-memory text)")
+            )
             raise FileNotFoundError(f"input file not found: {', '.join(missing)}{hint}")
         stats.files = [str(p) for p in paths]
         texts: Iterable[str] = (t for p in paths for t in _logged(iter_file_texts(p, text_field, txt_mode), p))
@@ -211,8 +216,12 @@ def train_tokenizer(
         single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)]
     )
     tokenizer = AutoTokenizer(
-        backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        chat_template=DEFAULT_CHAT_TEMPLATE, model_max_length=model_max_length,
+        backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+        model_max_length=model_max_length,
     )
     log.info("trained byte-level BPE with %d tokens", tokenizer.vocab_size)
     if out_dir is not None:
@@ -243,19 +252,44 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  astrai-tokenizer train --input a.txt b.jsonl --vocab-size 8000 --out tok/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--input", "-i", nargs="+", required=True, metavar="FILE",
-                       help=".jsonl files (one JSON object per line) or plain-text files")
+    train.add_argument(
+        "--input",
+        "-i",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help=".jsonl files (one JSON object per line) or plain-text files",
+    )
     train.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory (created if missing)")
-    train.add_argument("--vocab-size", type=int, metavar="N", default=32000,
-                       help="target vocabulary size (default: %(default)s)")
-    train.add_argument("--min-frequency", type=int, metavar="N", default=2,
-                       help="minimum pair frequency for a merge (default: %(default)s)")
-    train.add_argument("--text-field", default="text", metavar="NAME",
-                       help="JSON field holding the text in .jsonl files (default: %(default)s)")
-    train.add_argument("--txt-mode", choices=("line", "file"), default="line",
-                       help="plain text: one document per line, or the whole file as one (default: %(default)s)")
-    train.add_argument("--model-max-length", type=int, metavar="N", default=None,
-                       help="context length recorded in tokenizer_config.json")
+    train.add_argument(
+        "--vocab-size", type=int, metavar="N", default=32000, help="target vocabulary size (default: %(default)s)"
+    )
+    train.add_argument(
+        "--min-frequency",
+        type=int,
+        metavar="N",
+        default=2,
+        help="minimum pair frequency for a merge (default: %(default)s)",
+    )
+    train.add_argument(
+        "--text-field",
+        default="text",
+        metavar="NAME",
+        help="JSON field holding the text in .jsonl files (default: %(default)s)",
+    )
+    train.add_argument(
+        "--txt-mode",
+        choices=("line", "file"),
+        default="line",
+        help="plain text: one document per line, or the whole file as one (default: %(default)s)",
+    )
+    train.add_argument(
+        "--model-max-length",
+        type=int,
+        metavar="N",
+        default=None,
+        help="context length recorded in tokenizer_config.json",
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -265,8 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         tok = train_tokenizer(
-            args.input, vocab_size=args.vocab_size, min_frequency=args.min_frequency, out_dir=args.out,
-            text_field=args.text_field, txt_mode=args.txt_mode, model_max_length=args.model_max_length,
+            args.input,
+            vocab_size=args.vocab_size,
+            min_frequency=args.min_frequency,
+            out_dir=args.out,
+            text_field=args.text_field,
+            txt_mode=args.txt_mode,
+            model_max_length=args.model_max_length,
             show_progress=not args.no_progress,
         )
     except (FileNotFoundError, ValueError) as e:

@@ -35,8 +35,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoE(config) if config.ffn_type == "moe" else MLP(config.dim, config.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, cache: KVCacheView | None = None, pending: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None):
+    def forward(
+        self,
+        x,
+        cos,
+        sin,
+        mask,
+        cache: KVCacheView | None = None,
+        pending: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ):
         """(residual stream, this block's MLP output not yet added to it).
 
         Each residual add is left to the norm that follows it (`pending` is the previous block's
@@ -79,7 +87,6 @@ class TransformerModel(nn.Module):
             else:
                 x, pending = layer(x, cos, sin, mask, cache, pending, valid)
         return self.norm.add_forward(x, pending)[1]
-
 
     def _balance_tokens(self, attention_mask) -> torch.Tensor | None:
         """The tokens an MoE balance loss counts, flattened: non-padding ones of a (batch, seq)

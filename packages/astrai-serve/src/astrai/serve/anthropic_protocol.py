@@ -26,14 +26,30 @@ _UNSUPPORTED = {
 # does (OpenAI's `n` and `seed` included). `metadata` (a user id for abuse tracking) and
 # `service_tier` are accepted and ignored: they do not change the answer.
 IGNORED = ("metadata", "service_tier")
-MESSAGE_FIELDS = frozenset({"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p",
-                            "top_k", "stream", "thinking", "ignore_eos", *_UNSUPPORTED, *IGNORED})
+MESSAGE_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "max_tokens",
+        "stop_sequences",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stream",
+        "thinking",
+        "ignore_eos",
+        *_UNSUPPORTED,
+        *IGNORED,
+    }
+)
 
 
 def unknown_field(name: str, accepted: frozenset[str]) -> APIError:
     """Anthropic's own wording, plus the likely fix."""
-    return fields.unknown_field_error(f"{fields.clip(name)}: Extra inputs are not permitted"
-                                      f"{fields.did_you_mean(name, accepted)}", name)
+    return fields.unknown_field_error(
+        f"{fields.clip(name)}: Extra inputs are not permitted{fields.did_you_mean(name, accepted)}", name
+    )
 
 
 def _text(content: Any, where: str) -> str:
@@ -44,8 +60,10 @@ def _text(content: Any, where: str) -> str:
         for j, block in enumerate(content):
             if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
                 kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-                raise bad_request(f"{where}.{j}: content block of type {kind!r} is not supported; "
-                                  "send {\"type\": \"text\", \"text\": \"...\"} blocks (this model reads text only)")
+                raise bad_request(
+                    f"{where}.{j}: content block of type {kind!r} is not supported; "
+                    'send {"type": "text", "text": "..."} blocks (this model reads text only)'
+                )
             texts.append(block["text"])
         return "".join(texts)
     raise bad_request(f"{where}: must be a string or a list of text blocks, got {type(content).__name__}")
@@ -54,9 +72,9 @@ def _text(content: Any, where: str) -> str:
 def _messages(body: dict) -> list[dict[str, str]]:
     messages = body.get("messages")
     if messages is None:
-        raise bad_request("messages: Field required; send a list of {\"role\": \"user\", \"content\": \"...\"}")
+        raise bad_request('messages: Field required; send a list of {"role": "user", "content": "..."}')
     if not isinstance(messages, list) or not messages:
-        raise bad_request("messages: must be a non-empty list of {\"role\", \"content\"} objects")
+        raise bad_request('messages: must be a non-empty list of {"role", "content"} objects')
     out = []
     for i, message in enumerate(messages):
         where = f"messages.{i}"
@@ -121,7 +139,10 @@ def new_id() -> str:
 def message_response(message_id: str, info: ModelInfo, acc: Accumulator, options: dict) -> dict[str, Any]:
     choice = acc.choices[0]
     return {
-        "id": message_id, "type": "message", "role": "assistant", "model": info.name,
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": info.name,
         "content": [{"type": "text", "text": choice.text}],
         **stop_fields(choice.finish_reason, choice.stop_reason, options["stop"]),
         "usage": {"input_tokens": acc.prompt_tokens, "output_tokens": acc.completion_tokens},
@@ -139,27 +160,50 @@ class MessageStream:
         self.acc = Accumulator(1)
 
     def start(self) -> list[tuple[str, dict]]:
-        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.info.name, "content": [],
-                   "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0}}
-        return [("message_start", {"type": "message_start", "message": message}),
-                ("content_block_start", {"type": "content_block_start", "index": 0,
-                                         "content_block": {"type": "text", "text": ""}}),
-                ("ping", {"type": "ping"})]
+        message = {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.info.name,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0},
+        }
+        return [
+            ("message_start", {"type": "message_start", "message": message}),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ),
+            ("ping", {"type": "ping"}),
+        ]
 
     def events(self, events: list[dict]) -> list[tuple[str, dict]]:
         out = []
         for event in events:
             self.acc.add(event)
             if event["text"]:
-                out.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                     "delta": {"type": "text_delta", "text": event["text"]}}))
+                out.append(
+                    (
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": 0,
+                            "delta": {"type": "text_delta", "text": event["text"]},
+                        },
+                    )
+                )
         return out
 
     def end(self) -> list[tuple[str, dict]]:
         choice = self.acc.choices[0]
         delta = stop_fields(choice.finish_reason, choice.stop_reason, self.options["stop"])
-        return [("content_block_stop", {"type": "content_block_stop", "index": 0}),
-                ("message_delta", {"type": "message_delta", "delta": delta,
-                                   "usage": {"output_tokens": self.acc.completion_tokens}}),
-                ("message_stop", {"type": "message_stop"})]
+        return [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            (
+                "message_delta",
+                {"type": "message_delta", "delta": delta, "usage": {"output_tokens": self.acc.completion_tokens}},
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]

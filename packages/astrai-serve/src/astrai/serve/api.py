@@ -26,7 +26,8 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from astrai.core.engine.host import quiet_gc
 
@@ -66,7 +67,7 @@ def pin_gpu(device: str) -> str:
     return "cuda:0"
 
 
-def _start_relay(lit_api: "EngineAPI", send, worker_id: int) -> None:
+def _start_relay(lit_api: EngineAPI, send, worker_id: int) -> None:
     lit_api.relay = StepRelay(send, worker_id)
 
 
@@ -86,12 +87,16 @@ class EngineAPI(LitAPI):
         from astrai.core.engine import InferenceEngine
         from astrai.core.tokenizer import AutoTokenizer
 
-        logging.basicConfig(level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         cfg = self.config
         self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))  # set by LitServe before setup()
         delay = self.control.liveness.starting(self.worker_id)
         if delay:
-            log.warning("worker %d started again soon after its last start: waiting %.1f s first", self.worker_id, delay)
+            log.warning(
+                "worker %d started again soon after its last start: waiting %.1f s first", self.worker_id, delay
+            )
             time.sleep(delay)
         self.device_name = device
         device = pin_gpu(device)
@@ -101,9 +106,15 @@ class EngineAPI(LitAPI):
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         kv_bytes = parse_size(cfg.kv_cache_memory, "kv_cache_memory") if cfg.kv_cache_memory else None
         self.engine = InferenceEngine(
-            model, tokenizer, max_batch_size=cfg.max_batch_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            page_size=cfg.page_size, num_pages=cfg.num_pages, kv_cache_memory=kv_bytes,
-            kv_cache_dtype=cfg.kv_cache_dtype, device=device,
+            model,
+            tokenizer,
+            max_batch_size=cfg.max_batch_size,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            page_size=cfg.page_size,
+            num_pages=cfg.num_pages,
+            kv_cache_memory=kv_bytes,
+            kv_cache_dtype=cfg.kv_cache_dtype,
+            device=device,
             max_model_len=cfg.max_model_len,
         )
         self.engine.start()
@@ -116,16 +127,31 @@ class EngineAPI(LitAPI):
         stats = self.engine.stats()
         dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
         gpu = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if device != self.device_name else ""
-        log.info("worker %d: model %s (%s, %.1fM parameters, %s) on %s%s; KV cache: %d pages of %d tokens (%s), "
-                 "max_model_len %d; torch threads %d",
-                 self.worker_id, cfg.name, cfg.model, model.num_parameters() / 1e6, dtype_name, self.device_name,
-                 gpu, stats["pages_total"], stats["page_size"], stats["kv_cache_dtype"], stats["max_model_len"],
-                 torch.get_num_threads())
+        log.info(
+            "worker %d: model %s (%s, %.1fM parameters, %s) on %s%s; KV cache: %d pages of %d tokens (%s), "
+            "max_model_len %d; torch threads %d",
+            self.worker_id,
+            cfg.name,
+            cfg.model,
+            model.num_parameters() / 1e6,
+            dtype_name,
+            self.device_name,
+            gpu,
+            stats["pages_total"],
+            stats["page_size"],
+            stats["kv_cache_dtype"],
+            stats["max_model_len"],
+            torch.get_num_threads(),
+        )
         if self.worker_id != 0:  # the address once per server, not once per engine
             return
         host = "[::1]" if cfg.host == "::" else cfg.host
-        log.info("serving on http://%s:%d  (OpenAI: /v1/chat/completions, /v1/completions, /v1/models; "
-                 "Anthropic: /v1/messages; /health, /stats, /metrics)", host, cfg.port)
+        log.info(
+            "serving on http://%s:%d  (OpenAI: /v1/chat/completions, /v1/completions, /v1/models; "
+            "Anthropic: /v1/messages; /health, /stats, /metrics)",
+            host,
+            cfg.port,
+        )
 
     # -- request handling ---------------------------------------------------------------
     async def decode_request(self, request: dict, **kwargs: Any) -> dict:
@@ -186,8 +212,9 @@ class EngineAPI(LitAPI):
         relayed = RelayedRequest(request["uid"], request["consumer"], request["stream"], loop.create_future())
         try:
             params = SamplingParams(**request["params"])
-            self.engine.stream_to(request["prompt_ids"], params, request_id,
-                                    LoopSink(loop, relayed, self.relay.deliver))
+            self.engine.stream_to(
+                request["prompt_ids"], params, request_id, LoopSink(loop, relayed, self.relay.deliver)
+            )
         except ValueError as e:  # the engine's own validation, e.g. a prompt longer than it allows
             yield _error(400, str(e))
             return

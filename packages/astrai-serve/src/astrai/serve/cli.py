@@ -32,26 +32,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="astrai-serve",
         description="Serve an AstrAI model over HTTP with OpenAI-compatible (/v1/chat/completions, "
-                    "/v1/completions, /v1/models) and Anthropic-compatible (/v1/messages) endpoints, plus "
-                    "/health, /stats and /metrics. Each worker runs one continuous-batching engine: one worker "
-                    "by default, --devices N for one per GPU, --workers M for M per device. With --api-key, "
-                    "every route but /health needs the key.",
+        "/v1/completions, /v1/models) and Anthropic-compatible (/v1/messages) endpoints, plus "
+        "/health, /stats and /metrics. Each worker runs one continuous-batching engine: one worker "
+        "by default, --devices N for one per GPU, --workers M for M per device. With --api-key, "
+        "every route but /health needs the key.",
         epilog="Settings come from the defaults, then --config, then the flags given. "
-               "Example: astrai-serve --model out/sft --port 8000 --api-key secret; "
-               "on GPUs 0 and 1: astrai-serve --model out/sft --devices 2",
+        "Example: astrai-serve --model runs/sft-lora/export --port 8000 --api-key secret; "
+        "on GPUs 0 and 1: astrai-serve --model runs/sft-lora/export --devices 2",
     )
-    parser.add_argument("--config", metavar="YAML", help="YAML file with any of the settings below "
-                        "(keys as the flags, without dashes: max_batch_size: 32)")
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="YAML file with any of the settings below (keys as the flags, without dashes: max_batch_size: 32)",
+    )
     for f in dataclasses.fields(ServeConfig):
         flag = "--" + f.name.replace("_", "-")
         default = "" if f.default is None else f" (default: {f.default})"
         if f.type in ("bool", "bool | None"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f.metadata["help"] + default)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f.metadata["help"] + default,
+            )
             continue
         kind = int if f.type in ("int", "int | None") else str
-        parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.metadata.get("metavar"),
-                            help=f.metadata["help"] + default)
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=None,
+            metavar=f.metadata.get("metavar"),
+            help=f.metadata["help"] + default,
+        )
     parser.add_argument("--print-config", action="store_true", help="print the resulting settings as YAML and exit")
     return parser
 
@@ -68,11 +82,14 @@ def preflight(config: ServeConfig):
     model_config = load_config(config.model)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     if tokenizer.vocab_size > model_config.vocab_size:
-        raise AstraiError(f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
-                          f"vocab_size is {model_config.vocab_size}; tokenizer and model do not belong together")
+        raise AstraiError(
+            f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
+            f"vocab_size is {model_config.vocab_size}; tokenizer and model do not belong together"
+        )
     if config.max_model_len is not None and config.max_model_len > model_config.max_len:
-        raise ServeConfigError(f"max_model_len: {config.max_model_len} exceeds the model's max_len "
-                               f"({model_config.max_len} in config.json)")
+        raise ServeConfigError(
+            f"max_model_len: {config.max_model_len} exceeds the model's max_len ({model_config.max_len} in config.json)"
+        )
     check_gpus(config, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     config.fit_to_device(torch.cuda.is_available())
     # Reading every tensor once (names, shapes, file integrity) costs about as much as the
@@ -80,25 +97,42 @@ def preflight(config: ServeConfig):
     model = load_pretrained(config.model, dtype=None if config.dtype == "auto" else config.dtype, device="cpu")
     params = model.num_parameters()
     del model
-    log.info("model %s: %s, %.1fM parameters, context %d tokens, vocabulary %d",
-             config.name, config.model, params / 1e6, config.max_model_len or model_config.max_len,
-             tokenizer.vocab_size)
-    return ModelInfo(config.name, tokenizer, config.max_model_len or model_config.max_len,
-                     max_batch_size=config.max_batch_size, created=int(time.time()))
+    log.info(
+        "model %s: %s, %.1fM parameters, context %d tokens, vocabulary %d",
+        config.name,
+        config.model,
+        params / 1e6,
+        config.max_model_len or model_config.max_len,
+        tokenizer.vocab_size,
+    )
+    return ModelInfo(
+        config.name,
+        tokenizer,
+        config.max_model_len or model_config.max_len,
+        max_batch_size=config.max_batch_size,
+        created=int(time.time()),
+    )
 
 
 def check_gpus(config: ServeConfig, visible: int) -> None:
     """Fail before start-up when the settings ask for GPUs that are not there (`visible` of them)."""
     gpus = config.gpus()
-    seen = f"{visible} GPU(s) visible" + (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
-                                          if os.environ.get("CUDA_VISIBLE_DEVICES") is not None else "")
+    seen = f"{visible} GPU(s) visible" + (
+        f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None
+        else ""
+    )
     if gpus is not None:
         if visible == 0:
-            raise ServeConfigError(f"devices: asks for GPU(s) {gpus} but CUDA is not available; on the CPU "
-                                   "use --device cpu --workers N for several engines")
+            raise ServeConfigError(
+                f"devices: asks for GPU(s) {gpus} but CUDA is not available; on the CPU "
+                "use --device cpu --workers N for several engines"
+            )
         if max(gpus) >= visible:
-            raise ServeConfigError(f"devices: asks for GPU(s) {gpus} but there are {seen}; ask for at most "
-                                   f"{visible} (--devices {visible}) or name visible ones (0..{visible - 1})")
+            raise ServeConfigError(
+                f"devices: asks for GPU(s) {gpus} but there are {seen}; ask for at most "
+                f"{visible} (--devices {visible}) or name visible ones (0..{visible - 1})"
+            )
     elif config.device.startswith("cuda"):
         index = cuda_index(config.device)
         if visible == 0:
@@ -107,9 +141,12 @@ def check_gpus(config: ServeConfig, visible: int) -> None:
             raise ServeConfigError(f"device: {config.device!r} but there are {seen}; use cuda:0..cuda:{visible - 1}")
     on_gpu = gpus is not None or config.device.startswith("cuda") or (config.device == "auto" and visible > 0)
     if on_gpu and config.workers > 1 and config.kv_cache_memory is None and config.num_pages is None:
-        log.warning("workers: %d engines share each GPU, but no --kv-cache-memory or --num-pages is set; each "
-                    "engine sizes its KV cache from the free memory it finds, so the first may leave the "
-                    "others little", config.workers)
+        log.warning(
+            "workers: %d engines share each GPU, but no --kv-cache-memory or --num-pages is set; each "
+            "engine sizes its KV cache from the free memory it finds, so the first may leave the "
+            "others little",
+            config.workers,
+        )
 
 
 def _check_port(host: str, port: int) -> None:
@@ -119,8 +156,9 @@ def _check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ServeConfigError(f"port: cannot listen on {host}:{port} ({e.strerror}); "
-                                   "stop the other server or pick another --port") from None
+            raise ServeConfigError(
+                f"port: cannot listen on {host}:{port} ({e.strerror}); stop the other server or pick another --port"
+            ) from None
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -44,53 +44,94 @@ class ServeConfig:
     model: str | None = _opt(None, "model directory (config.json, model.safetensors, tokenizer files)", metavar="DIR")
     host: str = _opt("127.0.0.1", f"address to listen on: one of {', '.join(HOSTS)}")
     port: int = _opt(8000, "port to listen on (1024-65535)")
-    device: str = _opt("auto", "the one device to serve on: auto (cuda when available), cpu, cuda (GPU 0) or "
-                               "cuda:N; for several GPUs use --devices")
+    device: str = _opt(
+        "auto",
+        "the one device to serve on: auto (cuda when available), cpu, cuda (GPU 0) or "
+        "cuda:N; for several GPUs use --devices",
+    )
     devices: int | str | list[int] | None = _opt(
-        None, "GPUs to serve on, one engine each (times --workers): a count N (GPUs 0..N-1) or GPU indexes "
-              "such as 0,2; with device auto or cuda", metavar="N|I,J")
-    workers: int = _opt(1, "engines per device, each in its own worker process; all engines take requests "
-                           "from one queue (engines on one GPU share its memory: set --kv-cache-memory)")
-    api_servers: int | None = _opt(None, "HTTP server processes, all on the one port (as vLLM's --api-server-count): "
-                                         "each parses requests and writes streams for its share of the clients "
-                                         "(default: on a GPU one per 4 CPU cores, at most "
-                                         f"{MAX_DEFAULT_API_SERVERS}; 1 on the CPU)")
+        None,
+        "GPUs to serve on, one engine each (times --workers): a count N (GPUs 0..N-1) or GPU indexes "
+        "such as 0,2; with device auto or cuda",
+        metavar="N|I,J",
+    )
+    workers: int = _opt(
+        1,
+        "engines per device, each in its own worker process; all engines take requests "
+        "from one queue (engines on one GPU share its memory: set --kv-cache-memory)",
+    )
+    api_servers: int | None = _opt(
+        None,
+        "HTTP server processes, all on the one port (as vLLM's --api-server-count): "
+        "each parses requests and writes streams for its share of the clients "
+        "(default: on a GPU one per 4 CPU cores, at most "
+        f"{MAX_DEFAULT_API_SERVERS}; 1 on the CPU)",
+    )
     dtype: str = _opt("auto", f"weights dtype: {', '.join(DTYPES)} (auto: as stored)")
-    max_batch_size: int | None = _opt(None, "most sequences the engine decodes together (default: "
-                                            f"{GPU_DEFAULTS['max_batch_size']} on a GPU, "
-                                            f"{CPU_DEFAULTS['max_batch_size']} on the CPU)")
-    max_num_batched_tokens: int | None = _opt(None, "most tokens (prefill + decode) in one engine step (default: "
-                                                    f"{GPU_DEFAULTS['max_num_batched_tokens']} on a GPU, "
-                                                    f"{CPU_DEFAULTS['max_num_batched_tokens']} on the CPU)")
-    kv_cache_memory: str | None = _opt(None, "memory for the paged KV cache, e.g. 2GiB or 512MB "
-                                             "(default: the engine's choice)", metavar="SIZE")
+    max_batch_size: int | None = _opt(
+        None,
+        "most sequences the engine decodes together (default: "
+        f"{GPU_DEFAULTS['max_batch_size']} on a GPU, "
+        f"{CPU_DEFAULTS['max_batch_size']} on the CPU)",
+    )
+    max_num_batched_tokens: int | None = _opt(
+        None,
+        "most tokens (prefill + decode) in one engine step (default: "
+        f"{GPU_DEFAULTS['max_num_batched_tokens']} on a GPU, "
+        f"{CPU_DEFAULTS['max_num_batched_tokens']} on the CPU)",
+    )
+    kv_cache_memory: str | None = _opt(
+        None, "memory for the paged KV cache, e.g. 2GiB or 512MB (default: the engine's choice)", metavar="SIZE"
+    )
     num_pages: int | None = _opt(None, "KV cache size as a page count (instead of --kv-cache-memory)")
-    kv_cache_dtype: str = _opt("auto", "KV cache storage: auto (the weights' dtype) or fp8 (float8 e4m3, "
-                                       "Ada/Hopper GPUs or the CPU: twice the tokens per byte of bf16 and "
-                                       "faster large-batch decoding; values keep ~2 significant digits)")
+    kv_cache_dtype: str = _opt(
+        "auto",
+        "KV cache storage: auto (the weights' dtype) or fp8 (float8 e4m3, "
+        "Ada/Hopper GPUs or the CPU: twice the tokens per byte of bf16 and "
+        "faster large-batch decoding; values keep ~2 significant digits)",
+    )
     page_size: int = _opt(16, "tokens per KV cache page")
     max_model_len: int | None = _opt(None, "longest prompt + completion in tokens (default: the model's max_len)")
-    served_model_name: str | None = _opt(None, "model name clients send and /v1/models lists "
-                                               "(default: the directory name)", metavar="NAME")
-    api_key: str | None = _opt(None, "require this key: 'Authorization: Bearer KEY' (OpenAI) or "
-                                     "'x-api-key: KEY' (Anthropic); default: $ASTRAI_API_KEY, else no auth",
-                               metavar="KEY")
-    docs: bool | None = _opt(None, "serve the Swagger UI (/docs, /redoc) and the OpenAPI schema (/openapi.json); "
-                                   "default: off when an API key is set (then they need the key too), on "
-                                   "otherwise")
-    max_request_bytes: str = _opt("4MiB", "largest request body accepted, e.g. 8MiB or 500KB; a larger one is "
-                                          "refused with 413 before it is read", metavar="SIZE")
-    strict_fields: bool = _opt(True, "refuse requests with a field this server does not know (400 naming it, "
-                                     "as OpenAI and Anthropic do); --no-strict-fields ignores such fields and "
-                                     "logs each one once")
-    fast_queue: bool = _opt(True, "the workers' replies reach the HTTP process over batched ZeroMQ "
-                                  "(--no-fast-queue: multiprocessing queues, slower)")
-    worker_restart: bool = _opt(True, "start a new engine worker when one dies (its requests end with a 503 "
-                                      "error at once, and it waits 0.5 s, 1 s, 2 s ... when it keeps dying); "
-                                      "--no-worker-restart: the server exits instead")
+    served_model_name: str | None = _opt(
+        None, "model name clients send and /v1/models lists (default: the directory name)", metavar="NAME"
+    )
+    api_key: str | None = _opt(
+        None,
+        "require this key: 'Authorization: Bearer KEY' (OpenAI) or "
+        "'x-api-key: KEY' (Anthropic); default: $ASTRAI_API_KEY, else no auth",
+        metavar="KEY",
+    )
+    docs: bool | None = _opt(
+        None,
+        "serve the Swagger UI (/docs, /redoc) and the OpenAPI schema (/openapi.json); "
+        "default: off when an API key is set (then they need the key too), on "
+        "otherwise",
+    )
+    max_request_bytes: str = _opt(
+        "4MiB",
+        "largest request body accepted, e.g. 8MiB or 500KB; a larger one is refused with 413 before it is read",
+        metavar="SIZE",
+    )
+    strict_fields: bool = _opt(
+        True,
+        "refuse requests with a field this server does not know (400 naming it, "
+        "as OpenAI and Anthropic do); --no-strict-fields ignores such fields and "
+        "logs each one once",
+    )
+    fast_queue: bool = _opt(
+        True,
+        "the workers' replies reach the HTTP process over batched ZeroMQ "
+        "(--no-fast-queue: multiprocessing queues, slower)",
+    )
+    worker_restart: bool = _opt(
+        True,
+        "start a new engine worker when one dies (its requests end with a 503 "
+        "error at once, and it waits 0.5 s, 1 s, 2 s ... when it keeps dying); "
+        "--no-worker-restart: the server exits instead",
+    )
     log_level: str = _opt("info", f"one of {', '.join(LOG_LEVELS)}")
 
-    def fit_to_device(self, cuda_available: bool) -> "ServeConfig":
+    def fit_to_device(self, cuda_available: bool) -> ServeConfig:
         """Fill the engine sizes left unset with GPU_DEFAULTS or CPU_DEFAULTS, by where the
         engines will run (device auto: a GPU when CUDA is available)."""
         on_gpu = self.device.startswith("cuda") or self.gpus() is not None or (self.device == "auto" and cuda_available)
@@ -102,7 +143,7 @@ class ServeConfig:
             self.api_servers = max(1, min(MAX_DEFAULT_API_SERVERS, cores // 4)) if on_gpu else 1
         return self
 
-    def validate(self) -> "ServeConfig":
+    def validate(self) -> ServeConfig:
         if not self.model:
             raise ServeConfigError("model: no model directory given; pass --model DIR or set 'model:' in the YAML")
         if self.host not in HOSTS:
@@ -112,11 +153,15 @@ class ServeConfig:
             raise ServeConfigError(f"device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         gpus = self.gpus()
         if gpus is not None and self.device == "cpu":
-            raise ServeConfigError(f"devices: asks for GPUs ({self.devices!r}) but device is 'cpu'; drop one of "
-                                   "them (on the CPU, --workers N runs N engines)")
+            raise ServeConfigError(
+                f"devices: asks for GPUs ({self.devices!r}) but device is 'cpu'; drop one of "
+                "them (on the CPU, --workers N runs N engines)"
+            )
         if gpus is not None and self.device.startswith("cuda:"):
-            raise ServeConfigError(f"devices: cannot be combined with device {self.device!r}; name the GPUs in "
-                                   "devices (e.g. --devices 1,2) and leave device at auto or cuda")
+            raise ServeConfigError(
+                f"devices: cannot be combined with device {self.device!r}; name the GPUs in "
+                "devices (e.g. --devices 1,2) and leave device at auto or cuda"
+            )
         if self.dtype not in DTYPES:
             raise ServeConfigError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         for name in ("workers", "page_size"):
@@ -129,8 +174,9 @@ class ServeConfig:
             if self.num_pages is not None:
                 raise ServeConfigError("num_pages: set either num_pages or kv_cache_memory, not both")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ServeConfigError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not supported; use one of "
-                                   f"{', '.join(KV_CACHE_DTYPES)}")
+            raise ServeConfigError(
+                f"kv_cache_dtype: {self.kv_cache_dtype!r} is not supported; use one of {', '.join(KV_CACHE_DTYPES)}"
+            )
         parse_size(self.max_request_bytes, "max_request_bytes")
         for name in ("fast_queue", "strict_fields", "worker_restart"):
             if not isinstance(getattr(self, name), bool):
@@ -196,8 +242,9 @@ def parse_devices(value: Any) -> list[int] | None:
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
             raise ServeConfigError(f"devices: GPU indexes must be integers from 0, got {list(value)!r}; {hint}")
         if len(set(value)) != len(value):
-            raise ServeConfigError(f"devices: {list(value)!r} names a GPU twice; for several engines on one GPU "
-                                   "use --workers")
+            raise ServeConfigError(
+                f"devices: {list(value)!r} names a GPU twice; for several engines on one GPU use --workers"
+            )
         return list(value)
     raise ServeConfigError(f"devices: {value!r} is not a GPU count or a list of GPU indexes; {hint}")
 

@@ -19,7 +19,8 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .liveness import WorkerLiveness
 
@@ -94,12 +95,14 @@ class ControlPlane:
                     break
                 if answer.pop("token", None) == token:
                     answers[answer["worker"]] = answer
-        return [answers.get(i) or {"worker": i, "error": f"no answer within {timeout:g} s"}
-                for i in range(self.num_workers)]
+        return [
+            answers.get(i) or {"worker": i, "error": f"no answer within {timeout:g} s"} for i in range(self.num_workers)
+        ]
 
     # -- worker side --------------------------------------------------------------------
-    def serve(self, worker_id: int, on_abort: Callable[[str], None],
-              describe: Callable[[], dict[str, Any]]) -> threading.Thread:
+    def serve(
+        self, worker_id: int, on_abort: Callable[[str], None], describe: Callable[[], dict[str, Any]]
+    ) -> threading.Thread:
         """Answer this worker's inbox on a daemon thread: aborts call `on_abort(request_id)`,
         stats requests are answered with `describe()` (a dict with "stats" and more)."""
         if not 0 <= worker_id < self.num_workers:

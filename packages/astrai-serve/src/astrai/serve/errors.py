@@ -24,8 +24,9 @@ _ANTHROPIC_TYPES = {
 class APIError(Exception):
     """A client-facing error: HTTP status, message, and the offending request field."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, type: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message

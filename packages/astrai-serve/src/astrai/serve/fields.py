@@ -24,17 +24,23 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         # Decoded here, strictly: json.loads(bytes) lets UTF-8-encoded surrogates through.
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise bad_request(f"request body is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                          "send JSON encoded as UTF-8") from None
+        raise bad_request(
+            f"request body is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "send JSON encoded as UTF-8"
+        ) from None
     try:
         body = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as e:
-        raise bad_request(f"request body is not valid JSON ({e}); send a JSON object with Content-Type: application/json")
+        raise bad_request(
+            f"request body is not valid JSON ({e}); send a JSON object with Content-Type: application/json"
+        )
     except RecursionError:  # the decoder recurses once per nested array or object
         raise bad_request(_too_deep()) from None
     except ValueError as e:  # Python's cap on integer digits (4300), or NaN/Infinity (_not_json)
-        raise bad_request(f"request body holds a number JSON requests cannot carry ({str(e).split(':')[0]}); "
-                          "send finite numbers of ordinary size") from None
+        raise bad_request(
+            f"request body holds a number JSON requests cannot carry ({str(e).split(':')[0]}); "
+            "send finite numbers of ordinary size"
+        ) from None
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, got {type(body).__name__}")
     check_text(body)
@@ -76,14 +82,19 @@ def _check_string(text: str, path: str, what: str = "text") -> None:
     except UnicodeEncodeError as e:
         char = f"\\u{ord(text[e.start]):04x}"
         where = f"'{path}'" if path else "the request body"
-        raise bad_request(f"{where} holds {what} with a lone surrogate ({char} at character {e.start}), which is "
-                          "not Unicode text; send valid UTF-8 (escape only whole surrogate pairs, such as "
-                          "\\ud83d\\ude00)", path or None) from None
+        raise bad_request(
+            f"{where} holds {what} with a lone surrogate ({char} at character {e.start}), which is "
+            "not Unicode text; send valid UTF-8 (escape only whole surrogate pairs, such as "
+            "\\ud83d\\ude00)",
+            path or None,
+        ) from None
 
 
 def _too_deep() -> str:
-    return (f"request body nests arrays or objects more than {MAX_DEPTH} levels deep; no field of this API "
-            "needs more than a few levels")
+    return (
+        f"request body nests arrays or objects more than {MAX_DEPTH} levels deep; no field of this API "
+        "needs more than a few levels"
+    )
 
 
 def unknown_fields(body: dict[str, Any], accepted: frozenset[str]) -> list[str]:
@@ -99,13 +110,15 @@ def did_you_mean(name: str, accepted: frozenset[str]) -> str:
 
 def unknown_field_error(said: str, name: str) -> APIError:
     """A 400 for an unknown field: what the protocol itself says (``said``), then the fix."""
-    return bad_request(f"{said}; remove it, or ask the operator to start the server with --no-strict-fields "
-                       "to ignore unknown fields", clip(name))
+    return bad_request(
+        f"{said}; remove it, or ask the operator to start the server with --no-strict-fields to ignore unknown fields",
+        clip(name),
+    )
 
 
 def clip(name: str, most: int = 60) -> str:
     """A client-chosen name, short enough to quote in an error message."""
-    return name if len(name) <= most else name[:most - 3] + "..."
+    return name if len(name) <= most else name[: most - 3] + "..."
 
 
 def _show(value: Any) -> str:
@@ -152,7 +165,9 @@ def string_list(body: dict, name: str, max_items: int = 16) -> list[str]:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
-        raise bad_request(f"'{name}' must be a non-empty string or a list of non-empty strings, got {_show(value)}", name)
+        raise bad_request(
+            f"'{name}' must be a non-empty string or a list of non-empty strings, got {_show(value)}", name
+        )
     if len(items) > max_items:
         raise bad_request(f"'{name}' may hold at most {max_items} sequences, got {len(items)}", name)
     return items

@@ -34,8 +34,13 @@ class Generation:
     stream: bool = False
 
     def payload(self, request_id: str) -> dict[str, Any]:
-        return {"op": "generate", "request_id": request_id, "prompt_ids": self.prompt_ids,
-                "params": self.params, "stream": self.stream}
+        return {
+            "op": "generate",
+            "request_id": request_id,
+            "prompt_ids": self.prompt_ids,
+            "params": self.params,
+            "stream": self.stream,
+        }
 
 
 def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -53,14 +58,18 @@ def fit_max_tokens(prompt_len: int, requested: int | None, info: ModelInfo, para
     if prompt_len >= limit:
         raise bad_request(
             f"this model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens; "
-            f"shorten '{prompt_param}'", prompt_param)
+            f"shorten '{prompt_param}'",
+            prompt_param,
+        )
     if requested is None:
         return limit - prompt_len
     if prompt_len + requested > limit:
         raise bad_request(
             f"this model's maximum context length is {limit} tokens, but {prompt_len + requested} were requested "
             f"({prompt_len} in the prompt, {requested} in '{param}'); set '{param}' to at most {limit - prompt_len} "
-            "or shorten the prompt", param)
+            "or shorten the prompt",
+            param,
+        )
     return requested
 
 
@@ -119,8 +128,11 @@ class Accumulator:
         return all(c.finish_reason is not None for c in self.choices)
 
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
 
 def merge_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -133,8 +145,11 @@ def merge_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for event in events:
         into = merged.get(event["index"])
         if into is None:
-            merged[event["index"]] = {**event, "token_ids": list(event["token_ids"]),
-                                      "logprobs": None if event["logprobs"] is None else list(event["logprobs"])}
+            merged[event["index"]] = {
+                **event,
+                "token_ids": list(event["token_ids"]),
+                "logprobs": None if event["logprobs"] is None else list(event["logprobs"]),
+            }
             continue
         into["text"] += event["text"]
         into["token_ids"] += event["token_ids"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .config import format_size
 from .errors import APIError, anthropic_error_body, openai_error_body
@@ -35,8 +36,9 @@ class RequestGuard:
     """Refuses requests without the API key (401) and bodies over the limit (413), in the error
     shape of the protocol the client speaks. `rejected(path, status)` is told of each refusal."""
 
-    def __init__(self, app, *, api_key: str | None, max_request_bytes: int,
-                 rejected: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self, app, *, api_key: str | None, max_request_bytes: int, rejected: Callable[[str, int], None] | None = None
+    ) -> None:
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.limit = max_request_bytes
@@ -77,8 +79,9 @@ class RequestGuard:
         how = "'x-api-key: <key>'" if _speaks_anthropic(scope, headers) else "'Authorization: Bearer <key>'"
         sent = headers.get("authorization") or headers.get("x-api-key")
         state = "invalid" if sent else "missing"
-        return APIError(401, f"API key {state}; send the server's key as {how}", type="authentication_error",
-                        code="invalid_api_key")
+        return APIError(
+            401, f"API key {state}; send the server's key as {how}", type="authentication_error", code="invalid_api_key"
+        )
 
     def _check_length(self, headers: dict[str, str]) -> APIError | None:
         declared = headers.get("content-length", "")
@@ -103,9 +106,13 @@ class RequestGuard:
     def _too_large(self, detail: str) -> APIError:
         limit = format_size(self.limit)
         exact = "" if limit.endswith("bytes") else f" ({self.limit} bytes)"
-        return APIError(413, f"request body{detail} is larger than this server's limit of {limit}{exact}; send a "
-                             f"smaller request, or start the server with a larger --max-request-bytes (now {limit})",
-                        type="invalid_request_error", code="request_too_large")
+        return APIError(
+            413,
+            f"request body{detail} is larger than this server's limit of {limit}{exact}; send a "
+            f"smaller request, or start the server with a larger --max-request-bytes (now {limit})",
+            type="invalid_request_error",
+            code="request_too_large",
+        )
 
     async def _refuse(self, scope: Scope, headers: dict[str, str], error: APIError, send: Send) -> None:
         """Answer without reading the body. No 'Connection: close': uvicorn then reads and drops the
@@ -114,9 +121,13 @@ class RequestGuard:
             self.rejected(scope["path"], error.status)
         shape = anthropic_error_body if _speaks_anthropic(scope, headers) else openai_error_body
         body = json.dumps(shape(error)).encode()
-        await send({"type": "http.response.start", "status": error.status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

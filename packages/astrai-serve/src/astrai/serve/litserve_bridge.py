@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from queue import Empty
-from typing import Any, Callable
+from typing import Any
 
 import litserve
 from litserve import LitAPI, LitServer
@@ -26,8 +27,20 @@ from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, W
 
 LITSERVE_VERSION = "0.2.19"  # the version this module was written against (and pinned)
 
-__all__ = ["LITSERVE_VERSION", "LitAPI", "LitAPIStatus", "LitServer", "LitSpec", "MessageTransport",
-           "BurstLoop", "ReplyTransportServer", "new_reply_buffer", "queue_request", "reply", "startup_state"]
+__all__ = [
+    "LITSERVE_VERSION",
+    "LitAPI",
+    "LitAPIStatus",
+    "LitServer",
+    "LitSpec",
+    "MessageTransport",
+    "BurstLoop",
+    "ReplyTransportServer",
+    "new_reply_buffer",
+    "queue_request",
+    "reply",
+    "startup_state",
+]
 
 
 # -- messages -----------------------------------------------------------------------------
@@ -101,10 +114,12 @@ class BurstLoop(StreamingLoop):
                     if request == _SENTINEL_VALUE:
                         return
                     response_queue_id, uid = request[0], request[1]
-                    self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
-                                      LoopResponseType.STREAMING)
-                    task = asyncio.create_task(self._process_streaming_request(request, lit_api, transport,
-                                                                               callback_runner))
+                    self.put_response(
+                        transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.STREAMING
+                    )
+                    task = asyncio.create_task(
+                        self._process_streaming_request(request, lit_api, transport, callback_runner)
+                    )
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
 

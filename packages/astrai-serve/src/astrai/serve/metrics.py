@@ -91,8 +91,10 @@ class Metrics:
         return self.total(_LAYOUT.counters + _COUNTERS.index(name))
 
     def render(self, engine_stats: dict[str, Any]) -> str:
-        lines = ["# HELP astrai_requests_total HTTP requests by route and status code.",
-                 "# TYPE astrai_requests_total counter"]
+        lines = [
+            "# HELP astrai_requests_total HTTP requests by route and status code.",
+            "# TYPE astrai_requests_total counter",
+        ]
         for (route, status), count in sorted(self.requests().items()):
             lines.append(f'astrai_requests_total{{route="{route}",status="{status}"}} {count}')
         for name, counter, help in (
@@ -110,8 +112,10 @@ class Metrics:
             for i, bound in enumerate(BUCKETS):
                 le = "+Inf" if math.isinf(bound) else repr(bound)
                 lines.append(f'{name}_bucket{{le="{le}"}} {int(self.total(base + i))}')
-            lines += [f"{name}_sum {self.total(base + len(BUCKETS))}",
-                      f"{name}_count {int(self.total(base + len(BUCKETS) - 1))}"]
+            lines += [
+                f"{name}_sum {self.total(base + len(BUCKETS))}",
+                f"{name}_count {int(self.total(base + len(BUCKETS) - 1))}",
+            ]
         for key, value in sorted(_flatten(engine_stats).items()):
             name = "astrai_engine_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
             lines += [f"# TYPE {name} gauge", f"{name} {value}"]

@@ -16,8 +16,16 @@ from jinja2 import TemplateError
 
 from . import fields
 from .errors import APIError, bad_request
-from .generation import (Accumulator, Choice, Generation, ModelInfo, check_token_ids, checked_params, encode,
-                         fit_max_tokens)
+from .generation import (
+    Accumulator,
+    Choice,
+    Generation,
+    ModelInfo,
+    check_token_ids,
+    checked_params,
+    encode,
+    fit_max_tokens,
+)
 
 MAX_TOP_LOGPROBS = 20
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -32,34 +40,87 @@ _UNSUPPORTED_COMPLETION = {
     "logit_bias": "logit biases are not implemented",
 }
 
-_SAMPLING_FIELDS = ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
-                    "min_p", "repetition_penalty", "ignore_eos", "skip_special_tokens", "stop_token_ids")
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+    "skip_special_tokens",
+    "stop_token_ids",
+)
 # Accepted and ignored: they do not change the answer here. `user`, `metadata`, `store`,
 # `service_tier`, `safety_identifier` and `prompt_cache_key` concern OpenAI's accounting and
 # storage; the tool-choice fields mean something only with tools/functions, which are refused.
-IGNORED_CHAT = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-                "tool_choice", "parallel_tool_calls", "function_call")
+IGNORED_CHAT = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "tool_choice",
+    "parallel_tool_calls",
+    "function_call",
+)
 IGNORED_COMPLETION = ("user",)
 # Every field each route takes; in strict mode (the default) any other is refused, as OpenAI does.
-CHAT_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "logprobs", "top_logprobs",
-                         "response_format", "max_tokens", "max_completion_tokens", *_UNSUPPORTED_CHAT,
-                         *_SAMPLING_FIELDS, *IGNORED_CHAT})
-COMPLETION_FIELDS = frozenset({"model", "prompt", "stream", "stream_options", "logprobs", "echo", "best_of",
-                               "max_tokens", *_UNSUPPORTED_COMPLETION, *_SAMPLING_FIELDS,
-                               *IGNORED_COMPLETION})
+CHAT_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "max_tokens",
+        "max_completion_tokens",
+        *_UNSUPPORTED_CHAT,
+        *_SAMPLING_FIELDS,
+        *IGNORED_CHAT,
+    }
+)
+COMPLETION_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "echo",
+        "best_of",
+        "max_tokens",
+        *_UNSUPPORTED_COMPLETION,
+        *_SAMPLING_FIELDS,
+        *IGNORED_COMPLETION,
+    }
+)
 
 
 def unknown_field(name: str, accepted: frozenset[str]) -> APIError:
     """OpenAI's own wording, plus the likely fix."""
-    return fields.unknown_field_error(f"Unrecognized request argument supplied: {fields.clip(name)}"
-                                      f"{fields.did_you_mean(name, accepted)}", name)
+    return fields.unknown_field_error(
+        f"Unrecognized request argument supplied: {fields.clip(name)}{fields.did_you_mean(name, accepted)}", name
+    )
 
 
 def check_model(body: dict, info: ModelInfo) -> None:
     model = body.get("model")
     if model is not None and model != info.name:
-        raise APIError(404, f"model {model!r} does not exist; this server serves {info.name!r} (see GET /v1/models)",
-                       param="model", type="invalid_request_error", code="model_not_found")
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; this server serves {info.name!r} (see GET /v1/models)",
+            param="model",
+            type="invalid_request_error",
+            code="model_not_found",
+        )
 
 
 def _sampling(body: dict, info: ModelInfo) -> dict[str, Any]:
@@ -67,8 +128,11 @@ def _sampling(body: dict, info: ModelInfo) -> dict[str, Any]:
     stop = fields.string_list(body, "stop")
     n = fields.integer(body, "n", 1, 1)
     if n > info.max_batch_size:  # the samples of one request decode side by side
-        raise bad_request(f"'n' is {n} but this server decodes at most {info.max_batch_size} sequences at once "
-                          "(--max-batch-size); ask for fewer samples", "n")
+        raise bad_request(
+            f"'n' is {n} but this server decodes at most {info.max_batch_size} sequences at once "
+            "(--max-batch-size); ask for fewer samples",
+            "n",
+        )
     return {
         "temperature": fields.number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": fields.number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
@@ -100,9 +164,9 @@ def _include_usage(body: dict, stream: bool) -> bool:
 def _chat_messages(body: dict) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if messages is None:
-        raise bad_request("'messages' is required: a list of {\"role\", \"content\"} objects", "messages")
+        raise bad_request('\'messages\' is required: a list of {"role", "content"} objects', "messages")
     if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+        raise bad_request('\'messages\' must be a non-empty list of {"role", "content"} objects', "messages")
     out = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -110,7 +174,9 @@ def _chat_messages(body: dict) -> list[dict[str, Any]]:
             raise bad_request(f"'{where}' must be an object with 'role' and 'content'", where)
         role = message.get("role")
         if role not in CHAT_ROLES:
-            raise bad_request(f"'{where}.role' is {role!r}; supported roles are {', '.join(CHAT_ROLES)}", f"{where}.role")
+            raise bad_request(
+                f"'{where}.role' is {role!r}; supported roles are {', '.join(CHAT_ROLES)}", f"{where}.role"
+            )
         out.append({"role": CHAT_ROLES[role], "content": _text_content(message.get("content"), f"{where}.content")})
     return out
 
@@ -122,8 +188,11 @@ def _text_content(content: Any, where: str) -> str:
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"'{where}[{j}]' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}; "
-                                  "this model reads text only", f"{where}[{j}]")
+                raise bad_request(
+                    f'\'{where}[{j}]\' must be a text part {{"type": "text", "text": "..."}}; '
+                    "this model reads text only",
+                    f"{where}[{j}]",
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise bad_request(f"'{where}' must be a string or a list of text parts, got {type(content).__name__}", where)
@@ -144,8 +213,9 @@ def parse_chat(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]
     fields.reject_unsupported(body, _UNSUPPORTED_CHAT)
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("'response_format' other than {\"type\": \"text\"} is not supported (no JSON mode)",
-                          "response_format")
+        raise bad_request(
+            '\'response_format\' other than {"type": "text"} is not supported (no JSON mode)', "response_format"
+        )
     messages = _chat_messages(body)
     stream = fields.boolean(body, "stream", False)
     options = {"stream": stream, "include_usage": _include_usage(body, stream), "logprobs": _logprobs_count(body)}
@@ -172,13 +242,19 @@ def _completion_prompt(body: dict, info: ModelInfo) -> tuple[list[int], str]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return encode(info.tokenizer, prompt, add_special_tokens=True), prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                   for t in prompt):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    ):
         check_token_ids(prompt, info.tokenizer.vocab_size, "prompt")
         return prompt, info.tokenizer.decode(prompt)
     if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise bad_request(f"'prompt' holds {len(prompt)} prompts; send one prompt per request "
-                          "(requests are batched by the server anyway)", "prompt")
+        raise bad_request(
+            f"'prompt' holds {len(prompt)} prompts; send one prompt per request "
+            "(requests are batched by the server anyway)",
+            "prompt",
+        )
     raise bad_request("'prompt' must be a non-empty string or a non-empty list of non-negative token ids", "prompt")
 
 
@@ -199,8 +275,12 @@ def parse_completion(body: dict, info: ModelInfo) -> tuple[Generation, dict[str,
     params["max_tokens"] = fit_max_tokens(len(prompt_ids), requested, info, "max_tokens", "prompt")
     params["logprobs"] = logprobs
     check_token_ids(params["stop_token_ids"] or [], info.tokenizer.vocab_size, "stop_token_ids")
-    options = {"stream": stream, "include_usage": _include_usage(body, stream), "logprobs": logprobs,
-               "echo": prompt_text if echo else None}
+    options = {
+        "stream": stream,
+        "include_usage": _include_usage(body, stream),
+        "logprobs": logprobs,
+        "echo": prompt_text if echo else None,
+    }
     return Generation(prompt_ids, checked_params(params), stream), options
 
 
@@ -244,11 +324,23 @@ def new_id(prefix: str) -> str:
 def chat_response(request_id: str, info: ModelInfo, acc: Accumulator, options: dict) -> dict[str, Any]:
     def choice(c: Choice) -> dict[str, Any]:
         logprobs = chat_logprobs(info.tokenizer, c.logprobs) if options["logprobs"] is not None else None
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        return {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
 
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": info.name,
-            "choices": [choice(c) for c in acc.choices], "usage": acc.usage(), "system_fingerprint": None}
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": info.name,
+        "choices": [choice(c) for c in acc.choices],
+        "usage": acc.usage(),
+        "system_fingerprint": None,
+    }
 
 
 def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, options: dict) -> dict[str, Any]:
@@ -256,11 +348,23 @@ def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, opti
 
     def choice(c: Choice) -> dict[str, Any]:
         logprobs = completion_logprobs(info.tokenizer, c.logprobs) if options["logprobs"] is not None else None
-        return {"index": c.index, "text": echo + c.text, "logprobs": logprobs,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        return {
+            "index": c.index,
+            "text": echo + c.text,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
 
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": info.name,
-            "choices": [choice(c) for c in acc.choices], "usage": acc.usage(), "system_fingerprint": None}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": info.name,
+        "choices": [choice(c) for c in acc.choices],
+        "usage": acc.usage(),
+        "system_fingerprint": None,
+    }
 
 
 class ChatStream:
@@ -275,16 +379,33 @@ class ChatStream:
         self.acc = Accumulator(n)
 
     def _chunk(self, choices: list[dict], **extra: Any) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": self.object, "created": self.created, "model": self.info.name,
-                 "choices": choices, "system_fingerprint": None}
+        chunk = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.info.name,
+            "choices": choices,
+            "system_fingerprint": None,
+        }
         if self.options["include_usage"]:
             chunk["usage"] = None
         chunk.update(extra)
         return chunk
 
     def start(self) -> list[dict]:
-        return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for c in self.acc.choices])]
+        return [
+            self._chunk(
+                [
+                    {
+                        "index": c.index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for c in self.acc.choices
+                ]
+            )
+        ]
 
     def _delta(self, event: dict) -> dict[str, Any]:
         return {"content": event["text"]} if event["text"] else {}
@@ -300,8 +421,12 @@ class ChatStream:
             self.acc.add(event)
             if not event["text"] and event["finish_reason"] is None and not event["logprobs"]:
                 continue  # e.g. a stop token or half of a multibyte character: nothing to show yet
-            choice = {"index": event["index"], "delta": self._delta(event), "logprobs": self._logprobs(event),
-                      "finish_reason": event["finish_reason"]}
+            choice = {
+                "index": event["index"],
+                "delta": self._delta(event),
+                "logprobs": self._logprobs(event),
+                "finish_reason": event["finish_reason"],
+            }
             if event["finish_reason"] is not None:
                 choice["stop_reason"] = event["stop_reason"]
             chunks.append(self._chunk([choice]))
@@ -326,8 +451,11 @@ class CompletionStream(ChatStream):
         echo = self.options["echo"]
         if not echo:
             return []
-        return [self._chunk([{"index": c.index, "text": echo, "logprobs": None, "finish_reason": None}
-                             for c in self.acc.choices])]
+        return [
+            self._chunk(
+                [{"index": c.index, "text": echo, "logprobs": None, "finish_reason": None} for c in self.acc.choices]
+            )
+        ]
 
     def events(self, events: list[dict]) -> list[dict]:
         chunks = []

@@ -22,25 +22,43 @@ a dict): cheaper to build and to pickle in the worker, whose every cycle the eng
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from astrai.core.engine import END
 
 from .litserve_bridge import reply
 
-EVENT_FIELDS = ("index", "text", "token_ids", "logprobs", "finish_reason", "stop_reason", "prompt_tokens",
-                "completion_tokens")
+EVENT_FIELDS = (
+    "index",
+    "text",
+    "token_ids",
+    "logprobs",
+    "finish_reason",
+    "stop_reason",
+    "prompt_tokens",
+    "completion_tokens",
+)
 
 
 def event_to_tuple(event) -> tuple:
     """A StreamEvent as plain data in EVENT_FIELDS order (it crosses a process boundary)."""
     logprobs = None
     if event.logprobs is not None:
-        logprobs = [{"id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
-                    for lp in event.logprobs]
-    return (event.index, event.text, event.token_ids, logprobs, event.finish_reason, event.stop_reason,
-            event.prompt_tokens, event.completion_tokens)
+        logprobs = [
+            {"id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]} for lp in event.logprobs
+        ]
+    return (
+        event.index,
+        event.text,
+        event.token_ids,
+        logprobs,
+        event.finish_reason,
+        event.stop_reason,
+        event.prompt_tokens,
+        event.completion_tokens,
+    )
 
 
 def event_to_dict(event) -> dict[str, Any]:
@@ -87,4 +105,3 @@ class StepRelay:
         for request, outcome in ended:  # after the sends: a woken task's end marker comes last
             if not request.done.done():
                 request.done.set_result(outcome)
-

@@ -32,7 +32,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -44,8 +45,18 @@ from .errors import APIError, anthropic_error_body, openai_error_body
 from .fields import parse_json_object, unknown_fields
 from .generation import Accumulator, ModelInfo, merge_events, worker_error
 from .guard import RequestGuard
-from .litserve_bridge import (FAILED, READY, LitAPI, LitAPIStatus, LitServer, LitSpec, ReplyTransportServer,
-                              new_reply_buffer, queue_request, startup_state)
+from .litserve_bridge import (
+    FAILED,
+    READY,
+    LitAPI,
+    LitAPIStatus,
+    LitServer,
+    LitSpec,
+    ReplyTransportServer,
+    new_reply_buffer,
+    queue_request,
+    startup_state,
+)
 from .liveness import process_alive
 from .metrics import CONTENT_TYPE, Metrics
 from .relay import as_event_dict
@@ -193,13 +204,17 @@ class ProtocolSpec(LitSpec):
             self._dead_pids[worker] = pid
             self._deaths.append(now)
             self._drain()
-            lost = self._fail(lambda taker, _: taker == worker, f"the inference worker serving this request "
-                              f"(worker {worker}) died")
+            lost = self._fail(
+                lambda taker, _, worker=worker: taker == worker,
+                f"the inference worker serving this request (worker {worker}) died",
+            )
             log.error("inference worker %d (pid %d) died; ended its %d request(s) with 503", worker, pid, lost)
         for death in [t for t in self._deaths if now - t >= UNCLAIMED_S]:
             self._deaths.remove(death)
-            self._fail(lambda worker, submitted: worker is None and submitted < death,
-                       "the inference worker that took this request died")
+            self._fail(
+                lambda worker, submitted, death=death: worker is None and submitted < death,
+                "the inference worker that took this request died",
+            )
 
     def _fail(self, lost: Callable[[int | None, float], bool], why: str) -> int:
         """End with a 503 every waiting request for which lost(worker, submitted) holds; the
@@ -280,27 +295,57 @@ class ProtocolSpec(LitSpec):
 
     # -- generation routes --------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, OPENAI, "/v1/chat/completions", openai_protocol.parse_chat,
-                                    "chatcmpl", openai_protocol.chat_response, openai_protocol.ChatStream)
+        return await self._generate(
+            request,
+            OPENAI,
+            "/v1/chat/completions",
+            openai_protocol.parse_chat,
+            "chatcmpl",
+            openai_protocol.chat_response,
+            openai_protocol.ChatStream,
+        )
 
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, OPENAI, "/v1/completions", openai_protocol.parse_completion,
-                                    "cmpl", openai_protocol.completion_response, openai_protocol.CompletionStream)
+        return await self._generate(
+            request,
+            OPENAI,
+            "/v1/completions",
+            openai_protocol.parse_completion,
+            "cmpl",
+            openai_protocol.completion_response,
+            openai_protocol.CompletionStream,
+        )
 
     async def messages(self, request: Request) -> Response:
-        return await self._generate(request, ANTHROPIC, "/v1/messages", anthropic_protocol.parse_messages,
-                                    "msg", anthropic_protocol.message_response, None)
+        return await self._generate(
+            request,
+            ANTHROPIC,
+            "/v1/messages",
+            anthropic_protocol.parse_messages,
+            "msg",
+            anthropic_protocol.message_response,
+            None,
+        )
 
-    async def _generate(self, request: Request, protocol: str, route: str, parse: Callable, prefix: str,
-                        respond: Callable, stream_cls: type | None) -> Response:
+    async def _generate(
+        self,
+        request: Request,
+        protocol: str,
+        route: str,
+        parse: Callable,
+        prefix: str,
+        respond: Callable,
+        stream_cls: type | None,
+    ) -> Response:
         start = time.monotonic()
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_workers())
         request_id = anthropic_protocol.new_id() if protocol == ANTHROPIC else openai_protocol.new_id(prefix)
         try:
             raw = await request.body()
-            gen, options, submitted = await asyncio.to_thread(self._read_and_submit, raw, route, parse,
-                                                              await self._model_info(), request_id)
+            gen, options, submitted = await asyncio.to_thread(
+                self._read_and_submit, raw, route, parse, await self._model_info(), request_id
+            )
         except APIError as e:
             self.metrics.request_done(route, e.status)
             return _error_response(protocol, e)
@@ -322,9 +367,12 @@ class ProtocolSpec(LitSpec):
                 self.metrics.request_done(route, 200)
                 body_iter = self._stream(request_id, first, batches, streamer, fmt, protocol, start)
                 streaming = True
-                return _ClosingStreamingResponse(body_iter, media_type="text/event-stream",
-                                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                                 on_close=lambda: self._forget(submitted[0]))
+                return _ClosingStreamingResponse(
+                    body_iter,
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    on_close=lambda: self._forget(submitted[0]),
+                )
             acc = Accumulator(n)
             if await self._unless_gone(request, request_id, _fold(first, batches, acc)) is _GONE:
                 return Response(status_code=499)
@@ -338,8 +386,9 @@ class ProtocolSpec(LitSpec):
         self.metrics.request_done(route, 200)
         return JSONResponse(respond(request_id, self.info, acc, options))
 
-    def _read_and_submit(self, raw: bytes, route: str, parse: Callable, info: ModelInfo,
-                         request_id: str) -> tuple[Any, dict, tuple[str, deque, asyncio.Event]]:
+    def _read_and_submit(
+        self, raw: bytes, route: str, parse: Callable, info: ModelInfo, request_id: str
+    ) -> tuple[Any, dict, tuple[str, deque, asyncio.Event]]:
         """Body bytes -> (Generation, response options, what _submit returned). Runs in a worker
         thread (see the module docstring); the tokenizer lets go of the GIL while it works
         (generation.encode)."""
@@ -357,8 +406,7 @@ class ProtocolSpec(LitSpec):
         for name in unknown:
             if (route, name) not in self._logged_fields and len(self._logged_fields) < _MAX_LOGGED_FIELDS:
                 self._logged_fields.add((route, name))
-                log.warning("%s: ignoring unknown request field %r (--no-strict-fields); logged once",
-                            route, name[:60])
+                log.warning("%s: ignoring unknown request field %r (--no-strict-fields); logged once", route, name[:60])
 
     def rejected(self, path: str, status: int) -> None:
         """RequestGuard refused a request (401, 413): count it for the generation routes."""
@@ -383,8 +431,16 @@ class ProtocolSpec(LitSpec):
             if not task.done():
                 task.cancel()
 
-    async def _stream(self, request_id: str, first: list[dict] | None, batches: AsyncIterator[list[dict]],
-                      streamer: Any, fmt: Callable, protocol: str, start: float) -> AsyncIterator[str]:
+    async def _stream(
+        self,
+        request_id: str,
+        first: list[dict] | None,
+        batches: AsyncIterator[list[dict]],
+        streamer: Any,
+        fmt: Callable,
+        protocol: str,
+        start: float,
+    ) -> AsyncIterator[str]:
         # One write per batch of events: under load that is far fewer writes than tokens.
         finished = False
         try:
@@ -424,22 +480,40 @@ class ProtocolSpec(LitSpec):
             return _error_response(ANTHROPIC if anthropic else OPENAI, e)
         if anthropic:
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created))
-            model = {"type": "model", "id": info.name, "display_name": info.name, "created_at": created,
-                     "max_input_tokens": info.max_model_len - 1, "max_tokens": info.max_model_len - 1}
+            model = {
+                "type": "model",
+                "id": info.name,
+                "display_name": info.name,
+                "created_at": created,
+                "max_input_tokens": info.max_model_len - 1,
+                "max_tokens": info.max_model_len - 1,
+            }
             return JSONResponse({"data": [model], "has_more": False, "first_id": info.name, "last_id": info.name})
-        model = {"id": info.name, "object": "model", "created": info.created, "owned_by": "astrai",
-                 "max_model_len": info.max_model_len}
+        model = {
+            "id": info.name,
+            "object": "model",
+            "created": info.created,
+            "owned_by": "astrai",
+            "max_model_len": info.max_model_len,
+        }
         return JSONResponse({"object": "list", "data": [model]})
 
     async def stats(self, request: Request) -> Response:
-        """"engine": all engines together (counts summed, see combine_stats); "workers": each
+        """ "engine": all engines together (counts summed, see combine_stats); "workers": each
         engine's own statistics and device."""
         try:
             workers = await self._workers()
         except APIError as e:
             return _error_response(OPENAI, e)
-        return JSONResponse({"model": self.info.name, "max_model_len": self.info.max_model_len,
-                             "engines": len(workers), "engine": combine_stats(workers), "workers": workers})
+        return JSONResponse(
+            {
+                "model": self.info.name,
+                "max_model_len": self.info.max_model_len,
+                "engines": len(workers),
+                "engine": combine_stats(workers),
+                "workers": workers,
+            }
+        )
 
     async def prometheus(self, request: Request) -> Response:
         try:
@@ -496,20 +570,33 @@ def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
     control = ControlPlane(len(devices) * per_device, config.api_servers or 1)
     spec = ProtocolSpec(config, info, control)
     api = EngineAPI(config, spec, control)
-    log.info("%d engine(s): %d on each of %s", control.num_workers, per_device,
-             "the CPU" if accelerator == "cpu" else ", ".join(f"cuda:{i}" for i in devices))
+    log.info(
+        "%d engine(s): %d on each of %s",
+        control.num_workers,
+        per_device,
+        "the CPU" if accelerator == "cpu" else ", ".join(f"cuda:{i}" for i in devices),
+    )
     # timeout=False: requests leave LitServe's queue at once (the engine schedules them), so a
     # queue timeout would only cut off long generations.
     # fast_queue is ours (BatchedZMQTransport), not LitServe's: see transport.py.
     # RequestGuard checks the key and the body size on every route (guard.py says why not
     # LitServe's own auth and size hooks); without docs FastAPI adds no /docs, /redoc, /openapi.json.
-    guard = (RequestGuard, {"api_key": config.api_key, "max_request_bytes": config.request_limit(),
-                            "rejected": spec.rejected})
-    server = ReplyTransportServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else devices,
-                        workers_per_device=per_device, timeout=False, fast_queue=False,
-                        restart_workers=config.worker_restart,
-                        model_metadata={"model": info.name, "max_model_len": info.max_model_len},
-                        middlewares=[guard], disable_openapi_url=not config.docs_enabled())
+    guard = (
+        RequestGuard,
+        {"api_key": config.api_key, "max_request_bytes": config.request_limit(), "rejected": spec.rejected},
+    )
+    server = ReplyTransportServer(
+        api,
+        accelerator=accelerator,
+        devices=1 if accelerator == "cpu" else devices,
+        workers_per_device=per_device,
+        timeout=False,
+        fast_queue=False,
+        restart_workers=config.worker_restart,
+        model_metadata={"model": info.name, "max_model_len": info.max_model_len},
+        middlewares=[guard],
+        disable_openapi_url=not config.docs_enabled(),
+    )
     if config.fast_queue:
         server.make_transport = BatchedZMQTransport
     return server
@@ -545,7 +632,12 @@ def run_server(server: LitServer, config: ServeConfig) -> None:
 
     quiet_gc()  # the HTTP process is forked from this one: it starts with the same frozen objects
     try:
-        server.run(host=config.host, port=config.port, log_level=config.log_level, generate_client_file=False,
-                   num_api_servers=config.api_servers or 1)
+        server.run(
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            generate_client_file=False,
+            num_api_servers=config.api_servers or 1,
+        )
     finally:
         done.set()

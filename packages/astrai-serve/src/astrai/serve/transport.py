@@ -27,6 +27,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+
 from .litserve_bridge import MessageTransport
 
 

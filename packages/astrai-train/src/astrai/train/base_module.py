@@ -56,16 +56,20 @@ def build_model(source: str | dict[str, Any], tokenizer: AutoTokenizer | None) -
     if isinstance(source, str) and Path(source).is_dir():
         model = AutoModel.from_pretrained(source, dtype=torch.float32)  # fp32 master weights
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"model.tokenizer has {tokenizer.vocab_size} tokens but the model in {source} embeds "
-                             f"only {model.config.vocab_size}; use the tokenizer the model was trained with")
+            raise ValueError(
+                f"model.tokenizer has {tokenizer.vocab_size} tokens but the model in {source} embeds "
+                f"only {model.config.vocab_size}; use the tokenizer the model was trained with"
+            )
         return model.train()
     if isinstance(source, dict):
         fields = dict(source)
     elif isinstance(source, str) and Path(source).is_file():
         fields = ModelConfig.from_json(source).to_dict()
     else:
-        raise ValueError(f"model: {source!r} is neither a model directory nor a ModelConfig JSON file "
-                         "(nor a mapping of ModelConfig fields)")
+        raise ValueError(
+            f"model: {source!r} is neither a model directory nor a ModelConfig JSON file "
+            "(nor a mapping of ModelConfig fields)"
+        )
     if tokenizer is not None:
         fields["vocab_size"] = tokenizer.vocab_size
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -79,15 +83,19 @@ def check_batch(batch: Any, required: tuple[str, ...], owner: str) -> None:
         raise BatchError(f"{owner} expects a dict batch with keys {list(required)}, got {type(batch).__name__}")
     missing = [k for k in required if k not in batch]
     if missing:
-        raise BatchError(f"{owner}: batch is missing {missing} (it has {sorted(batch)}); "
-                         "see the batch contract in astrai.train.base_module")
+        raise BatchError(
+            f"{owner}: batch is missing {missing} (it has {sorted(batch)}); "
+            "see the batch contract in astrai.train.base_module"
+        )
     # Tensors of one sequence (chosen_*, rejected_*, or the unprefixed ones) share one shape.
     for key in [k for k in required if k.endswith("input_ids")]:
         prefix, shape = key[: -len("input_ids")], batch[key].shape
         for name, value in batch.items():
             if name.startswith(prefix) and torch.is_tensor(value) and value.dim() == 2 and value.shape != shape:
-                raise BatchError(f"{owner}: batch[{name!r}] has shape {tuple(value.shape)}, expected "
-                                 f"{tuple(shape)} like batch[{key!r}]")
+                raise BatchError(
+                    f"{owner}: batch[{name!r}] has shape {tuple(value.shape)}, expected "
+                    f"{tuple(shape)} like batch[{key!r}]"
+                )
 
 
 def _host(value: float | torch.Tensor) -> torch.Tensor:
@@ -206,11 +214,26 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         self._float32_grads = self.float32_grads_for(self.accumulated_backwards())
-        optimizer = build_optimizer(self.model, h.optimizer, lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
-                                    eps=h.eps, momentum=h.momentum, ns_steps=h.ns_steps, shapes=self._param_shapes)
-        scheduler = build_scheduler(optimizer, h.scheduler, warmup_steps=h.warmup_steps,
-                                    total_steps=self._schedule_length(), min_lr_ratio=h.min_lr_ratio,
-                                    cycle_steps=h.cycle_steps, cycle_mult=h.cycle_mult)
+        optimizer = build_optimizer(
+            self.model,
+            h.optimizer,
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            betas=h.betas,
+            eps=h.eps,
+            momentum=h.momentum,
+            ns_steps=h.ns_steps,
+            shapes=self._param_shapes,
+        )
+        scheduler = build_scheduler(
+            optimizer,
+            h.scheduler,
+            warmup_steps=h.warmup_steps,
+            total_steps=self._schedule_length(),
+            min_lr_ratio=h.min_lr_ratio,
+            cycle_steps=h.cycle_steps,
+            cycle_mult=h.cycle_mult,
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def accumulated_backwards(self) -> str | None:
@@ -224,8 +247,10 @@ class CausalLMModule(L.LightningModule):
         if self.hparams.param_dtype != "bfloat16" or accumulating is None:
             return None
         if self._trainer is not None and "FSDP" in type(self._trainer.strategy).__name__:
-            raise ValueError(f"param_dtype: bfloat16 with {accumulating} under FSDP: the float32 gradient sum "
-                             "does not handle sharded gradients; use param_dtype: float32, or no accumulation")
+            raise ValueError(
+                f"param_dtype: bfloat16 with {accumulating} under FSDP: the float32 gradient sum "
+                "does not handle sharded gradients; use param_dtype: float32, or no accumulation"
+            )
         return Float32Grads([p for p in self.model.parameters() if p.requires_grad])
 
     def on_after_backward(self) -> None:
@@ -310,9 +335,11 @@ class CausalLMModule(L.LightningModule):
             ids = value[value != IGNORE_INDEX] if key.endswith("labels") else value
             bad = ids[(ids < 0) | (ids >= vocab)]
             if bad.numel():
-                raise BatchError(f"{type(self).__name__}: batch[{key!r}] holds token id {int(bad[0])}, outside "
-                                 f"the model's vocabulary 0..{vocab - 1}; was the data tokenised with "
-                                 "another tokenizer?")
+                raise BatchError(
+                    f"{type(self).__name__}: batch[{key!r}] holds token id {int(bad[0])}, outside "
+                    f"the model's vocabulary 0..{vocab - 1}; was the data tokenised with "
+                    "another tokenizer?"
+                )
 
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> TokenLoss:
         """losses.token_loss, compiled when the model is (see losses.compiled_token_loss)."""

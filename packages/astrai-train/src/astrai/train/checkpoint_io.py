@@ -55,8 +55,10 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
         except _UNREADABLE as e:
             if checked:  # the bytes are the ones written: the cause is not damage
                 raise
-            raise IntegrityError(f"{path}: torch.load cannot read it ({type(e).__name__}: {_first_line(e)}); the file "
-                                 f"is damaged or truncated. {resume_hint(path)}") from e
+            raise IntegrityError(
+                f"{path}: torch.load cannot read it ({type(e).__name__}: {_first_line(e)}); the file "
+                f"is damaged or truncated. {resume_hint(path)}"
+            ) from e
 
     def remove_checkpoint(self, path) -> None:
         super().remove_checkpoint(path)
@@ -84,9 +86,11 @@ def verify_checkpoint(path) -> bool:
         return False
     expected = _recorded_digest(sidecar)
     if sha256_file(file) != expected:
-        raise IntegrityError(f"{path}: its sha256 differs from the one {sidecar.name} recorded when it was saved: "
-                             f"the checkpoint is damaged. {resume_hint(path)} If you changed the file on purpose, "
-                             f"delete {sidecar} to resume from it without the check.")
+        raise IntegrityError(
+            f"{path}: its sha256 differs from the one {sidecar.name} recorded when it was saved: "
+            f"the checkpoint is damaged. {resume_hint(path)} If you changed the file on purpose, "
+            f"delete {sidecar} to resume from it without the check."
+        )
     log.debug("%s matches %s", path, sidecar.name)
     return True
 
@@ -94,13 +98,18 @@ def verify_checkpoint(path) -> bool:
 def resume_hint(path) -> str:
     """What to do instead: the other checkpoints of the same folder, newest first."""
     path = Path(path)
-    others = sorted((p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.is_file()),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
+    others = sorted(
+        (p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.is_file()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     if not others:
         return f"No other checkpoint is in {path.parent}: start the run again without --ckpt_path."
     names = ", ".join(p.name for p in others[:5])
-    return (f"Resume from an earlier checkpoint instead (--ckpt_path={others[0]}; {path.parent} holds {names}), "
-            "or start the run again without --ckpt_path.")
+    return (
+        f"Resume from an earlier checkpoint instead (--ckpt_path={others[0]}; {path.parent} holds {names}), "
+        "or start the run again without --ckpt_path."
+    )
 
 
 def loads_checkpoints_itself(strategy: Strategy) -> bool:
@@ -111,9 +120,11 @@ def loads_checkpoints_itself(strategy: Strategy) -> bool:
 def _recorded_digest(sidecar: Path) -> str:
     fields = sidecar.read_text(encoding="utf-8", errors="replace").split()
     if not fields or len(fields[0]) != 64 or any(c not in "0123456789abcdef" for c in fields[0]):
-        raise IntegrityError(f"{sidecar}: not a sha256 line ('<64 hex digits>  <file name>'); the checksum file "
-                             f"itself is damaged. Delete it to resume from {sidecar.name[:-len(SIDECAR_SUFFIX)]} "
-                             "without the check, or resume from an earlier checkpoint.")
+        raise IntegrityError(
+            f"{sidecar}: not a sha256 line ('<64 hex digits>  <file name>'); the checksum file "
+            f"itself is damaged. Delete it to resume from {sidecar.name[: -len(SIDECAR_SUFFIX)]} "
+            "without the check, or resume from an earlier checkpoint."
+        )
     return fields[0]
 
 

@@ -40,7 +40,11 @@ from .seq_module import SeqModule
 from .sft_module import SFTModule
 
 MODEL_ALIASES = {
-    "seq": SeqModule, "pretrain": SeqModule, "sft": SFTModule, "dpo": DPOModule, "grpo": GRPOModule,
+    "seq": SeqModule,
+    "pretrain": SeqModule,
+    "sft": SFTModule,
+    "dpo": DPOModule,
+    "grpo": GRPOModule,
 }
 # The data modules, imported on demand so a missing one only matters when asked for.
 DATA_ALIASES = {
@@ -107,8 +111,10 @@ class AstraiCLI(LightningCLI):
         root = Path(config.trainer.get("default_root_dir") or ".")
         # A logger whose files land under default_root_dir (Lightning's default would print a notice).
         if config.trainer.get("logger") in (None, True):
-            config.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                     "init_args": {"save_dir": str(root), "name": "logs"}}
+            config.trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(root), "name": "logs"},
+            }
         # A fixed checkpoint folder: a run's versioned log folder would hide last.ckpt from the next run.
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
             config.checkpoint.dirpath = str(root / "checkpoints")
@@ -175,8 +181,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AstraiCLI:
         auto_configure_optimizers=False,  # optimizer and schedule are model options (--model.lr, ...)
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"log_every_n_steps": 5},
-        parser_kwargs={"description": "Train AstrAI models: pre-training (seq), SFT (sft), DPO (dpo) and "
-                                      "GRPO (grpo) with Lightning. Every option is a flag; see --print_config."},
+        parser_kwargs={
+            "description": "Train AstrAI models: pre-training (seq), SFT (sft), DPO (dpo) and "
+            "GRPO (grpo) with Lightning. Every option is a flag; see --print_config."
+        },
     )
 
 

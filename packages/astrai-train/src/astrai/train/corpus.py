@@ -29,9 +29,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-EN_NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-              "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-              "nineteen", "twenty"]
+EN_NUMBERS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+]
 ZH_DIGITS = ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"]
 
 
@@ -46,15 +66,30 @@ def zh_number(n: int) -> str:
 WEEKDAYS_EN = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 WEEKDAYS_ZH = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]
 # thing (en), thing (zh), colour (en), colour (zh)
-COLOURS = [("the sky", "天空", "blue", "蓝色"), ("grass", "草", "green", "绿色"), ("snow", "雪", "white", "白色"),
-           ("coal", "煤", "black", "黑色"), ("blood", "血", "red", "红色"), ("a banana", "香蕉", "yellow", "黄色"),
-           ("an orange", "橙子", "orange", "橙色"), ("a leaf", "树叶", "green", "绿色"), ("the sea", "大海", "blue", "蓝色"),
-           ("milk", "牛奶", "white", "白色")]
+COLOURS = [
+    ("the sky", "天空", "blue", "蓝色"),
+    ("grass", "草", "green", "绿色"),
+    ("snow", "雪", "white", "白色"),
+    ("coal", "煤", "black", "黑色"),
+    ("blood", "血", "red", "红色"),
+    ("a banana", "香蕉", "yellow", "黄色"),
+    ("an orange", "橙子", "orange", "橙色"),
+    ("a leaf", "树叶", "green", "绿色"),
+    ("the sea", "大海", "blue", "蓝色"),
+    ("milk", "牛奶", "white", "白色"),
+]
 ALL_COLOURS = sorted({(c[2], c[3]) for c in COLOURS})
 # animal (en), animal (zh), legs, sound (en), sound (zh)
-ANIMALS = [("dog", "狗", 4, "woof", "汪汪"), ("cat", "猫", 4, "meow", "喵喵"), ("cow", "牛", 4, "moo", "哞哞"),
-           ("duck", "鸭子", 2, "quack", "嘎嘎"), ("chicken", "鸡", 2, "cluck", "咯咯"), ("horse", "马", 4, "neigh", "嘶嘶"),
-           ("bird", "鸟", 2, "tweet", "叽叽"), ("sheep", "羊", 4, "baa", "咩咩")]
+ANIMALS = [
+    ("dog", "狗", 4, "woof", "汪汪"),
+    ("cat", "猫", 4, "meow", "喵喵"),
+    ("cow", "牛", 4, "moo", "哞哞"),
+    ("duck", "鸭子", 2, "quack", "嘎嘎"),
+    ("chicken", "鸡", 2, "cluck", "咯咯"),
+    ("horse", "马", 4, "neigh", "嘶嘶"),
+    ("bird", "鸟", 2, "tweet", "叽叽"),
+    ("sheep", "羊", 4, "baa", "咩咩"),
+]
 LEG_WORDS_ZH = {2: "两", 4: "四"}
 MAX_OPERAND = 9  # sums and differences of 0..9
 
@@ -64,6 +99,7 @@ def _cap(text: str) -> str:
 
 
 # ---- facts as sentences ----------------------------------------------------------------
+
 
 def add_en(a: int, b: int, total: int | None = None) -> str:
     return f"{a} + {b} = {a + b if total is None else total}."
@@ -86,8 +122,11 @@ def _weekday_sentences(rng: random.Random, lang: str) -> list[str]:
     out = []
     for k in range(rng.randint(2, 5)):
         i, j = (start + k) % 7, (start + k + 1) % 7
-        out.append(f"After {WEEKDAYS_EN[i]} comes {WEEKDAYS_EN[j]}." if lang == "en"
-                   else f"{WEEKDAYS_ZH[i]}之后是{WEEKDAYS_ZH[j]}。")
+        out.append(
+            f"After {WEEKDAYS_EN[i]} comes {WEEKDAYS_EN[j]}."
+            if lang == "en"
+            else f"{WEEKDAYS_ZH[i]}之后是{WEEKDAYS_ZH[j]}。"
+        )
     return out
 
 
@@ -109,8 +148,11 @@ def _animal_sentences(rng: random.Random, lang: str) -> list[str]:
     out = []
     for animal in rng.sample(ANIMALS, rng.randint(2, 4)):
         en, zh, _, sound_en, sound_zh = animal
-        out.append(legs_sentence(animal, lang) if rng.random() < 0.6
-                   else (f"The {en} says {sound_en}." if lang == "en" else f"{zh}叫{sound_zh}。"))
+        out.append(
+            legs_sentence(animal, lang)
+            if rng.random() < 0.6
+            else (f"The {en} says {sound_en}." if lang == "en" else f"{zh}叫{sound_zh}。")
+        )
     return out
 
 
@@ -136,12 +178,16 @@ def _repeat_sentences(rng: random.Random, lang: str) -> list[str]:
 def _translation_sentences(rng: random.Random, lang: str) -> list[str]:
     out = []
     for n in rng.sample(range(21), 3):
-        out.append(f"In Chinese, {EN_NUMBERS[n]} is {zh_number(n)}." if lang == "en"
-                   else f"{zh_number(n)}的英文是 {EN_NUMBERS[n]}。")
+        out.append(
+            f"In Chinese, {EN_NUMBERS[n]} is {zh_number(n)}."
+            if lang == "en"
+            else f"{zh_number(n)}的英文是 {EN_NUMBERS[n]}。"
+        )
     return out
 
 
 # ---- questions with checkable answers ----------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Question:
@@ -164,9 +210,10 @@ ADD_PROMPTS_ZH = ["{a}加{b}等于几？", "{a}加{b}是多少？"]
 def addition_questions(a: int, b: int) -> list[Question]:
     """The sum of a and b asked in every wording of both languages."""
     s = a + b
-    return ([Question("add", "en", p.format(a=a, b=b), add_en(a, b), str(s), (a, b)) for p in ADD_PROMPTS_EN]
-            + [Question("add", "zh", p.format(a=zh_number(a), b=zh_number(b)), add_zh(a, b), zh_number(s), (a, b))
-               for p in ADD_PROMPTS_ZH])
+    return [Question("add", "en", p.format(a=a, b=b), add_en(a, b), str(s), (a, b)) for p in ADD_PROMPTS_EN] + [
+        Question("add", "zh", p.format(a=zh_number(a), b=zh_number(b)), add_zh(a, b), zh_number(s), (a, b))
+        for p in ADD_PROMPTS_ZH
+    ]
 
 
 def other_questions() -> list[Question]:
@@ -174,18 +221,40 @@ def other_questions() -> list[Question]:
     out = []
     for i in range(7):
         j = (i + 1) % 7
-        out.append(Question("weekday", "en", f"What day comes after {WEEKDAYS_EN[i]}?",
-                            f"After {WEEKDAYS_EN[i]} comes {WEEKDAYS_EN[j]}.", WEEKDAYS_EN[j]))
-        out.append(Question("weekday", "zh", f"{WEEKDAYS_ZH[i]}之后是星期几？",
-                            f"{WEEKDAYS_ZH[i]}之后是{WEEKDAYS_ZH[j]}。", WEEKDAYS_ZH[j]))
+        out.append(
+            Question(
+                "weekday",
+                "en",
+                f"What day comes after {WEEKDAYS_EN[i]}?",
+                f"After {WEEKDAYS_EN[i]} comes {WEEKDAYS_EN[j]}.",
+                WEEKDAYS_EN[j],
+            )
+        )
+        out.append(
+            Question(
+                "weekday",
+                "zh",
+                f"{WEEKDAYS_ZH[i]}之后是星期几？",
+                f"{WEEKDAYS_ZH[i]}之后是{WEEKDAYS_ZH[j]}。",
+                WEEKDAYS_ZH[j],
+            )
+        )
     for item in COLOURS:
         out.append(Question("colour", "en", f"What colour is {item[0]}?", colour_sentence(item, "en"), item[2]))
         out.append(Question("colour", "zh", f"{item[1]}是什么颜色的？", colour_sentence(item, "zh"), item[3]))
     for animal in ANIMALS:
-        out.append(Question("legs", "en", f"How many legs does a {animal[0]} have?", legs_sentence(animal, "en"),
-                            EN_NUMBERS[animal[2]]))
-        out.append(Question("legs", "zh", f"{animal[1]}有几条腿？", legs_sentence(animal, "zh"),
-                            LEG_WORDS_ZH[animal[2]]))
+        out.append(
+            Question(
+                "legs",
+                "en",
+                f"How many legs does a {animal[0]} have?",
+                legs_sentence(animal, "en"),
+                EN_NUMBERS[animal[2]],
+            )
+        )
+        out.append(
+            Question("legs", "zh", f"{animal[1]}有几条腿？", legs_sentence(animal, "zh"), LEG_WORDS_ZH[animal[2]])
+        )
     out.append(Question("greeting", "en", "Hello!", "Hello! How can I help you?", "Hello"))
     out.append(Question("greeting", "zh", "你好！", "你好！有什么可以帮你的？", "你好"))
     return out
@@ -231,8 +300,15 @@ def _qa_sentences(questions: list[Question]) -> Callable[[random.Random, str], l
 
 # Sums are the facts the held-out questions test, so they get the most text.
 TOPICS: list[Callable[[random.Random, str], list[str]]] = [
-    _arithmetic_sentences, _arithmetic_sentences, _arithmetic_sentences, _arithmetic_sentences,
-    _weekday_sentences, _colour_sentences, _animal_sentences, _counting_sentences, _translation_sentences,
+    _arithmetic_sentences,
+    _arithmetic_sentences,
+    _arithmetic_sentences,
+    _arithmetic_sentences,
+    _weekday_sentences,
+    _colour_sentences,
+    _animal_sentences,
+    _counting_sentences,
+    _translation_sentences,
     _repeat_sentences,
 ]
 
@@ -283,8 +359,9 @@ def _write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_docs: int = 200,
-                 sft_repeats: int = 1) -> dict[str, Path]:
+def write_corpus(
+    out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_docs: int = 200, sft_repeats: int = 1
+) -> dict[str, Path]:
     """Write every data set under ``out_dir``; returns their paths by name:
 
     tokenizer_text ({"text"}: documents and training questions), pretrain_train / pretrain_val
@@ -298,8 +375,17 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
     train_q, rl_q = split_rl(train_q, seed)
 
     def question_rows(qs: list[Question], with_reply: bool) -> list[dict]:
-        return [{"messages": q.messages(q.reference if with_reply else None), "reference": q.reference,
-                 "answer": q.answer, "task": q.task, "lang": q.lang, "operands": q.operands} for q in qs]
+        return [
+            {
+                "messages": q.messages(q.reference if with_reply else None),
+                "reference": q.reference,
+                "answer": q.answer,
+                "task": q.task,
+                "lang": q.lang,
+                "operands": q.operands,
+            }
+            for q in qs
+        ]
 
     def grpo_rows(qs: list[Question]) -> list[dict]:
         return [{"prompt": q.prompt, "answer": q.answer, "reference": q.reference} for q in qs]
@@ -312,18 +398,23 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
     docs = [{"text": t} for t in pretrain_documents(n_docs, seed, qa=train_q + rl_q + held_q)]
     chats = [f"user\n{q.prompt}\nassistant\n{q.reference}" for q in train_q]
     return {
-        "tokenizer_text": _write(out / "tokenizer" / "train.jsonl",
-                                 [{"text": tokenizer_text(t)} for t in [d["text"] for d in docs] + chats]),
+        "tokenizer_text": _write(
+            out / "tokenizer" / "train.jsonl", [{"text": tokenizer_text(t)} for t in [d["text"] for d in docs] + chats]
+        ),
         "pretrain_train": _write(out / "pretrain" / "train.jsonl", docs),
         # A different seed stream: the validation text is new text about the same world.
-        "pretrain_val": _write(out / "pretrain" / "val.jsonl",
-                               [{"text": t} for t in pretrain_documents(n_val_docs, seed + 1000, qa=train_q + rl_q + held_q)]),
-        "sft_train": _write(out / "sft" / "train.jsonl",
-                            [{"messages": q.messages(q.reference)} for q in train_q] * sft_repeats),
+        "pretrain_val": _write(
+            out / "pretrain" / "val.jsonl",
+            [{"text": t} for t in pretrain_documents(n_val_docs, seed + 1000, qa=train_q + rl_q + held_q)],
+        ),
+        "sft_train": _write(
+            out / "sft" / "train.jsonl", [{"messages": q.messages(q.reference)} for q in train_q] * sft_repeats
+        ),
         "sft_val": _write(out / "sft" / "val.jsonl", [{"messages": q.messages(q.reference)} for q in held_q]),
         "sft_heldout": _write(out / "sft" / "heldout.jsonl", question_rows(held_q, with_reply=False)),
-        "dpo_questions": _write(out / "dpo" / "questions.jsonl",
-                                reference_rows([q for q in train_q if q.task != "greeting"])),
+        "dpo_questions": _write(
+            out / "dpo" / "questions.jsonl", reference_rows([q for q in train_q if q.task != "greeting"])
+        ),
         "dpo_heldout_questions": _write(out / "dpo" / "heldout_questions.jsonl", reference_rows(held_q)),
         "grpo_train": _write(out / "grpo" / "train.jsonl", grpo_rows(rl_q + [q for q in train_q if q.task == "add"])),
         "grpo_val": _write(out / "grpo" / "val.jsonl", grpo_rows(held_q)),
@@ -333,13 +424,23 @@ def write_corpus(out_dir: str | Path, seed: int = 0, n_docs: int = 4000, n_val_d
 def load_questions(path: str | Path) -> list[Question]:
     """Read back a held-out file written by ``write_corpus``."""
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [Question(r["task"], r["lang"], r["messages"][0]["content"], r["reference"], r["answer"],
-                     tuple(r["operands"]) if r.get("operands") else None) for r in rows]
+    return [
+        Question(
+            r["task"],
+            r["lang"],
+            r["messages"][0]["content"],
+            r["reference"],
+            r["answer"],
+            tuple(r["operands"]) if r.get("operands") else None,
+        )
+        for r in rows
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m astrai.train.corpus",
-                                     description="Write the bundled bilingual corpus and task data as JSONL.")
+    parser = argparse.ArgumentParser(
+        prog="python -m astrai.train.corpus", description="Write the bundled bilingual corpus and task data as JSONL."
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--docs", type=int, default=4000, help="pre-training documents")

@@ -109,8 +109,9 @@ class DPOModule(CausalLMModule):
         if all(k in batch for k in REF_KEYS):
             return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
         if self.precomputed_reference:
-            raise BatchError(f"DPOModule(precomputed_reference=True): batch is missing {list(REF_KEYS)} "
-                             f"(it has {sorted(batch)})")
+            raise BatchError(
+                f"DPOModule(precomputed_reference=True): batch is missing {list(REF_KEYS)} (it has {sorted(batch)})"
+            )
         ids, labels, mask = self._concat(batch)
         if self.ref_model is not None:
             return self._logps(self.ref_model, ids, labels, mask)
@@ -122,16 +123,23 @@ class DPOModule(CausalLMModule):
         self.check_once(batch, DPO_KEYS, stage)
         ref_chosen, ref_rejected = self.reference_logps(batch)
         policy_chosen, policy_rejected = self._logps(self.model, *self._concat(batch))
-        out = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                       self.beta, self.loss_type, self.label_smoothing)
+        out = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
+        )
         loss = out.losses.mean()
         n = policy_chosen.shape[0]
         on_step = stage == "train"
         margin = out.chosen_rewards - out.rejected_rewards
-        metrics = {"loss": loss.detach(), "reward_acc": (margin > 0).float().mean(), "margin": margin.mean(),
-                   "chosen_reward": out.chosen_rewards.mean(), "rejected_reward": out.rejected_rewards.mean(),
-                   "chosen_logps": policy_chosen.detach().mean(), "rejected_logps": policy_rejected.detach().mean(),
-                   "chosen_likelier": (policy_chosen > policy_rejected).float().mean()}
+        metrics = {
+            "loss": loss.detach(),
+            "reward_acc": (margin > 0).float().mean(),
+            "margin": margin.mean(),
+            "chosen_reward": out.chosen_rewards.mean(),
+            "rejected_reward": out.rejected_rewards.mean(),
+            "chosen_logps": policy_chosen.detach().mean(),
+            "rejected_logps": policy_rejected.detach().mean(),
+            "chosen_likelier": (policy_chosen > policy_rejected).float().mean(),
+        }
         if self.rpo_alpha:
             chosen_tokens = (batch["chosen_labels"] != IGNORE_INDEX).sum().clamp(min=1)
             nll = -policy_chosen.sum() / chosen_tokens
@@ -141,8 +149,15 @@ class DPOModule(CausalLMModule):
             self.log_train_loss(metrics.pop("loss"))
             self.show("reward_acc", metrics["reward_acc"])
         for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, batch_size=n, on_step=on_step, on_epoch=not on_step,
-                     prog_bar=not on_step and name in ("loss", "reward_acc"), sync_dist=not on_step)
+            self.log(
+                f"{stage}/{name}",
+                value,
+                batch_size=n,
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=not on_step and name in ("loss", "reward_acc"),
+                sync_dist=not on_step,
+            )
         return loss
 
     def training_step(self, batch, batch_idx):

@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def export_model(module: L.LightningModule, path: str | Path, trainer: L.Trainer | None = None,
-                 dtype: str | None = None) -> Path | None:
+def export_model(
+    module: L.LightningModule, path: str | Path, trainer: L.Trainer | None = None, dtype: str | None = None
+) -> Path | None:
     """Write ``module.model`` (adapters merged) and its tokenizer to ``path``.
 
     Every rank must call this (gathering FSDP shards is collective); rank 0 writes and

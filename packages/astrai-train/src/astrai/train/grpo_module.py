@@ -51,6 +51,7 @@ _check = require_for("model")  # constructor checks name the config field: model
 
 # ---- the math, as pure functions ------------------------------------------------------------------
 
+
 def group_moments(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group (ids 0..G-1): the mean and the sample standard deviation (n - 1) of its
     completions' rewards (std 0 for a group of one)."""
@@ -62,8 +63,9 @@ def group_moments(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch
     return mean, var.sqrt()
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale: bool = True,
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """(r - group mean) / (group std + eps), or r - group mean without ``scale``. A group whose
     completions all scored the same gives advantage 0: it carries no signal about what is better."""
     mean, std = group_moments(rewards, group_ids)
@@ -132,6 +134,7 @@ def _seed(*parts: int) -> int:
 
 
 # ---- the Lightning module ------------------------------------------------------------------------
+
 
 class GRPOModule(CausalLMModule):
     """GRPO fine-tuning of a policy that starts from `model` (usually an SFT or DPO export).
@@ -203,29 +206,46 @@ class GRPOModule(CausalLMModule):
     ):
         super().__init__(**kwargs)
         self.automatic_optimization = False
-        _check(isinstance(group_size, int) and group_size >= 2, "group_size",
-               f"must be an integer >= 2 (advantages compare completions of one prompt), got {group_size!r}")
-        for name, value in (("max_new_tokens", max_new_tokens), ("ppo_epochs", ppo_epochs),
-                            ("sync_interval", sync_interval), ("val_samples", val_samples)):
+        _check(
+            isinstance(group_size, int) and group_size >= 2,
+            "group_size",
+            f"must be an integer >= 2 (advantages compare completions of one prompt), got {group_size!r}",
+        )
+        for name, value in (
+            ("max_new_tokens", max_new_tokens),
+            ("ppo_epochs", ppo_epochs),
+            ("sync_interval", sync_interval),
+            ("val_samples", val_samples),
+        ):
             _check(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
         for name, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
-            _check(value is None or (isinstance(value, int) and value >= 1), name,
-                   f"must be a positive integer or null, got {value!r}")
+            _check(
+                value is None or (isinstance(value, int) and value >= 1),
+                name,
+                f"must be a positive integer or null, got {value!r}",
+            )
         _check(0 < epsilon < 1, "epsilon", f"must be in (0, 1), got {epsilon!r}")
         _check(epsilon_high is None or epsilon_high > 0, "epsilon_high", f"must be > 0, got {epsilon_high!r}")
         _check(kl_coef >= 0, "kl_coef", f"must be >= 0, got {kl_coef!r}")
         _check(aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}, got {aggregation!r}")
         _check(old_logps in OLD_LOGPS, "old_logps", f"must be one of {OLD_LOGPS}, got {old_logps!r}")
-        _check(max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", f"must be > 0 or null, got {max_grad_norm!r}")
-        _check(reference_model is None or kl_coef > 0, "reference_model",
-               "is only used for the KL penalty; set model.kl_coef > 0 or drop it")
+        _check(
+            max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", f"must be > 0 or null, got {max_grad_norm!r}"
+        )
+        _check(
+            reference_model is None or kl_coef > 0,
+            "reference_model",
+            "is only used for the KL penalty; set model.kl_coef > 0 or drop it",
+        )
         resolve_dtype(rollout_dtype, torch.device("cpu"))  # checks the name now rather than at the first step
         self.rewards = load_rewards(rewards)
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
-        self.sampling = SamplingParams(n=group_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       max_tokens=max_new_tokens, logprobs=0)
-        self.val_sampling = SamplingParams(n=val_samples, temperature=val_temperature, top_k=top_k, top_p=top_p,
-                                           max_tokens=max_new_tokens, logprobs=0)
+        self.sampling = SamplingParams(
+            n=group_size, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_new_tokens, logprobs=0
+        )
+        self.val_sampling = SamplingParams(
+            n=val_samples, temperature=val_temperature, top_k=top_k, top_p=top_p, max_tokens=max_new_tokens, logprobs=0
+        )
         try:
             self.sampling.validate(), self.val_sampling.validate()
         except ValueError as e:
@@ -255,15 +275,18 @@ class GRPOModule(CausalLMModule):
     def rollout_engine(self, fresh: bool = False) -> RolloutEngine:
         """The engine, built on first use; ``fresh``: first sync it to the current weights."""
         if self.tokenizer is None:
-            raise BatchError("GRPOModule: generating completions needs a tokenizer; set model.tokenizer "
-                             "(or give a model directory that holds one)")
+            raise BatchError(
+                "GRPOModule: generating completions needs a tokenizer; set model.tokenizer "
+                "(or give a model directory that holds one)"
+            )
         # Validation runs under inference mode; the engine's weights and KV pages must not be
         # inference tensors, or training could not update them in place later.
         with torch.inference_mode(False):
             if self._rollout is None:
                 dtype = resolve_dtype(self.rollout_dtype_name, self.device)
-                self._rollout = RolloutEngine(self.model, self.tokenizer, dtype, self.device, self.lora_config,
-                                              **self.engine_kwargs)
+                self._rollout = RolloutEngine(
+                    self.model, self.tokenizer, dtype, self.device, self.lora_config, **self.engine_kwargs
+                )
                 self._rollout.sync(self.model, self.global_step)
             elif fresh and self._rollout.version != self.global_step:
                 self._rollout.sync(self.model, self.global_step)
@@ -272,8 +295,10 @@ class GRPOModule(CausalLMModule):
     def _generate(self, batch: dict, params: SamplingParams, stage: str, step: int):
         self._check_online(batch, stage)
         if not self.rewards:
-            raise BatchError(f"GRPOModule: {stage} generates completions and scores them, but model.rewards is "
-                             "empty; name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]")
+            raise BatchError(
+                f"GRPOModule: {stage} generates completions and scores them, but model.rewards is "
+                "empty; name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]"
+            )
         engine = self.rollout_engine(fresh=stage != "train")
         seeds = [_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
         prompts, rows = batch["prompts"], batch["rows"]
@@ -288,15 +313,19 @@ class GRPOModule(CausalLMModule):
     def _check_online(self, batch, stage: str) -> None:
         if not isinstance(batch, dict) or any(k not in batch for k in ONLINE_KEYS):
             have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise BatchError(f"GRPOModule: a {stage} batch needs {list(ONLINE_KEYS)} (prompts to complete; see "
-                             f"astrai.train.data.grpo), got {have}")
+            raise BatchError(
+                f"GRPOModule: a {stage} batch needs {list(ONLINE_KEYS)} (prompts to complete; see "
+                f"astrai.train.data.grpo), got {have}"
+            )
         if not self._checked_online:
             self._checked_online = True
             vocab = self.config.vocab_size
             bad = [t for ids in batch["prompt_ids"] for t in ids if not 0 <= t < vocab]
             if bad:
-                raise BatchError(f"GRPOModule: batch['prompt_ids'] holds token id {bad[0]}, outside the model's "
-                                 f"vocabulary 0..{vocab - 1}; was the data tokenised with another tokenizer?")
+                raise BatchError(
+                    f"GRPOModule: batch['prompt_ids'] holds token id {bad[0]}, outside the model's "
+                    f"vocabulary 0..{vocab - 1}; was the data tokenised with another tokenizer?"
+                )
 
     # -- log-probabilities ---------------------------------------------------------------------------
     def _token_logps(self, model, data: dict, idx: torch.Tensor) -> torch.Tensor:
@@ -320,8 +349,10 @@ class GRPOModule(CausalLMModule):
         was_training = model.training
         model.eval()  # no (LoRA) dropout in the behaviour / reference log-probs
         try:
-            parts = [self._token_logps(model, data, torch.arange(s, min(s + step, n), device=self.device))
-                     for s in range(0, n, step)]
+            parts = [
+                self._token_logps(model, data, torch.arange(s, min(s + step, n), device=self.device))
+                for s in range(0, n, step)
+            ]
         finally:
             model.train(was_training)
         return torch.cat(parts)
@@ -347,12 +378,15 @@ class GRPOModule(CausalLMModule):
         data["rewards"] = total.to(self.device, torch.float32)
         lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
         stats = {f"reward/{name}": values.mean() for name, values in parts.items()}
-        stats.update({
-            "completion_len": lengths.mean(), "completion_len_max": lengths.max(),
-            "truncated": torch.tensor([r == "length" for r in rollout.finish_reasons], dtype=torch.float32).mean(),
-            "rollout_tokens_per_sec": rollout.num_tokens / max(rollout.seconds, 1e-9),
-            "weights_lag": float(self.global_step - min(rollout.versions)),
-        })
+        stats.update(
+            {
+                "completion_len": lengths.mean(),
+                "completion_len_max": lengths.max(),
+                "truncated": torch.tensor([r == "length" for r in rollout.finish_reasons], dtype=torch.float32).mean(),
+                "rollout_tokens_per_sec": rollout.num_tokens / max(rollout.seconds, 1e-9),
+                "weights_lag": float(self.global_step - min(rollout.versions)),
+            }
+        )
         return data, stats
 
     def _optimise(self, data: dict, stats: dict) -> None:
@@ -377,7 +411,11 @@ class GRPOModule(CausalLMModule):
         tokens, updates = torch.zeros((), device=self.device), 0
         max_steps = self.trainer.max_steps
         for _ in range(self.ppo_epochs):
-            order = torch.randperm(n, generator=shuffle).to(self.device) if mini < n else torch.arange(n, device=self.device)
+            order = (
+                torch.randperm(n, generator=shuffle).to(self.device)
+                if mini < n
+                else torch.arange(n, device=self.device)
+            )
             for start in range(0, n, mini):
                 if 0 < max_steps <= self.global_step:
                     break
@@ -385,9 +423,18 @@ class GRPOModule(CausalLMModule):
                 normalizer = mask[rows].sum() if self.aggregation == "token" else len(rows)
                 for m in range(0, len(rows), micro):
                     idx = rows[m : m + micro]
-                    out = grpo_loss(self._token_logps(self.model, data, idx), old[idx], advantages[idx], mask[idx],
-                                    None if ref is None else ref[idx], self.epsilon, self.epsilon_high, self.kl_coef,
-                                    self.aggregation, normalizer)
+                    out = grpo_loss(
+                        self._token_logps(self.model, data, idx),
+                        old[idx],
+                        advantages[idx],
+                        mask[idx],
+                        None if ref is None else ref[idx],
+                        self.epsilon,
+                        self.epsilon_high,
+                        self.kl_coef,
+                        self.aggregation,
+                        normalizer,
+                    )
                     loss = out.loss
                     aux = self.model.aux_loss()
                     if torch.is_tensor(aux):  # MoE load balancing, weighted by this micro-batch's share
@@ -415,17 +462,24 @@ class GRPOModule(CausalLMModule):
 
     def _log_step(self, rewards, groups, sums, tokens, updates, stats, data) -> None:
         _, group_std = group_moments(rewards, groups)
-        metrics = {"reward": rewards.mean(), "reward_std": group_std.mean(),
-                   "zero_std_groups": (group_std < 1e-6).float().mean(),
-                   "loss": sums["loss"] / max(updates, 1)}
+        metrics = {
+            "reward": rewards.mean(),
+            "reward_std": group_std.mean(),
+            "zero_std_groups": (group_std < 1e-6).float().mean(),
+            "loss": sums["loss"] / max(updates, 1),
+        }
         if tokens.item() > 0:  # one wait per step (the progress bar waits for its values anyway)
             metrics.update({name: sums[name] / tokens for name in ("clip_frac", "ratio")})
             if self.kl_coef > 0:
                 metrics["kl"] = sums["kl"] / tokens
         metrics.update(stats)
         for name, value in metrics.items():
-            self.log(f"train/{name}", torch.as_tensor(value, dtype=torch.float32), batch_size=1,
-                     prog_bar=name in ("reward", "loss"))
+            self.log(
+                f"train/{name}",
+                torch.as_tensor(value, dtype=torch.float32),
+                batch_size=1,
+                prog_bar=name in ("reward", "loss"),
+            )
         self.log_lr()
         self.log_throughput(int(data["attention_mask"].sum()) * self.ppo_epochs, data["input_ids"].shape[1])
 
@@ -446,9 +500,11 @@ class GRPOModule(CausalLMModule):
     # -- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         if not (isinstance(batch, dict) and "prompt_ids" in batch):
-            raise BatchError(f"GRPOModule: {stage} batches must be prompts (astrai.train.data.grpo serves "
-                             "validation rows as prompts), got " + (f"keys {sorted(batch)}" if isinstance(batch, dict)
-                                                                    else type(batch).__name__))
+            raise BatchError(
+                f"GRPOModule: {stage} batches must be prompts (astrai.train.data.grpo serves "
+                "validation rows as prompts), got "
+                + (f"keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__)
+            )
         # A fixed seed per batch: every validation run samples alike, so runs are comparable.
         rollout, total, parts = self._generate(batch, self.val_sampling, stage, -1 - batch_idx)
         n = len(rollout.texts)

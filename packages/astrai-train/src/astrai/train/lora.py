@@ -79,8 +79,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         chosen = [n for n in linears if n.rsplit(".", 1)[-1] in config.targets]
     if not chosen:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ValueError(f"lora.targets {config.targets} matched no linear layer; this model has: {kinds} "
-                         f"(or use [{ALL_LINEAR}])")
+        raise ValueError(
+            f"lora.targets {config.targets} matched no linear layer; this model has: {kinds} (or use [{ALL_LINEAR}])"
+        )
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -110,8 +111,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put plain nn.Linear layers back (in place)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              device="meta")
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             plain.weight = nn.Parameter(module.merged_weight(), requires_grad=False)
             plain.bias = module.bias
             parent_name, _, child = name.rpartition(".")

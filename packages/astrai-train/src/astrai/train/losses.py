@@ -7,7 +7,8 @@ Labels follow the batch contract: labels[b, t] is the token to predict after inp
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F

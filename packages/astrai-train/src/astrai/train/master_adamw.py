@@ -32,9 +32,22 @@ _BLOCK = 1024
 if triton is not None:
 
     @triton.jit
-    def _adamw_master_kernel(grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, param_ptr, n_elements,
-                             beta1, beta2, eps, decay, step_size, bias_correction2_sqrt,
-                             WRITE_PARAM: tl.constexpr, BLOCK: tl.constexpr):
+    def _adamw_master_kernel(
+        grad_ptr,
+        master_ptr,
+        exp_avg_ptr,
+        exp_avg_sq_ptr,
+        param_ptr,
+        n_elements,
+        beta1,
+        beta2,
+        eps,
+        decay,
+        step_size,
+        bias_correction2_sqrt,
+        WRITE_PARAM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n_elements
         g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -66,8 +79,21 @@ def _update_torch(p, grad, master, exp_avg, exp_avg_sq, beta1, beta2, eps, decay
 def _update_triton(p, grad, master, exp_avg, exp_avg_sq, beta1, beta2, eps, decay, step_size, bc2_sqrt) -> None:
     n = p.numel()
     _adamw_master_kernel[(triton.cdiv(n, _BLOCK),)](
-        grad, master, exp_avg, exp_avg_sq, p, n, beta1, beta2, eps, decay, step_size, bc2_sqrt,
-        WRITE_PARAM=master is not p, BLOCK=_BLOCK)
+        grad,
+        master,
+        exp_avg,
+        exp_avg_sq,
+        p,
+        n,
+        beta1,
+        beta2,
+        eps,
+        decay,
+        step_size,
+        bc2_sqrt,
+        WRITE_PARAM=master is not p,
+        BLOCK=_BLOCK,
+    )
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
@@ -78,11 +104,20 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     the Triton kernel (default: when Triton is installed and the weights are on CUDA).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, fused: bool | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        fused: bool | None = None,
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"MasterWeightAdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1), got "
-                             f"lr={lr}, eps={eps}, weight_decay={weight_decay}, betas={betas}")
+            raise ValueError(
+                f"MasterWeightAdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1), got "
+                f"lr={lr}, eps={eps}, weight_decay={weight_decay}, betas={betas}"
+            )
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         on_cuda = all(p.is_cuda for g in self.param_groups for p in g["params"])
         if fused and (triton is None or not on_cuda):
@@ -114,8 +149,19 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 step = state["step"]
                 master = state.get("master", p)
-                args = (p, p.grad, master, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps, decay,
-                        lr / (1 - beta1**step), math.sqrt(1 - beta2**step))
+                args = (
+                    p,
+                    p.grad,
+                    master,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    beta1,
+                    beta2,
+                    eps,
+                    decay,
+                    lr / (1 - beta1**step),
+                    math.sqrt(1 - beta2**step),
+                )
                 # The kernel walks flat memory: every operand must be laid out contiguously.
                 fused = self.fused and all(t.is_contiguous() for t in args[:5])
                 (_update_triton if fused else _update_torch)(*args)

@@ -48,10 +48,27 @@ class Muon(torch.optim.Optimizer):
     Weight decay is decoupled (AdamW-style) in both.
     """
 
-    def __init__(self, param_groups, lr: float = 3e-4, weight_decay: float = 0.0, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, betas=(0.9, 0.95), eps: float = 1e-8):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, betas=tuple(betas), eps=eps, use_muon=False)
+    def __init__(
+        self,
+        param_groups,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        betas=(0.9, 0.95),
+        eps: float = 1e-8,
+    ):
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            betas=tuple(betas),
+            eps=eps,
+            use_muon=False,
+        )
         super().__init__(param_groups, defaults)
         for group in self.param_groups:
             bad = [tuple(p.shape) for p in group["params"] if group["use_muon"] and p.ndim != 2]
@@ -135,13 +152,17 @@ def build_optimizer(
     ndim = {id(p): len(_original_shape(n, p, shapes)) for n, p in trainable}
     low = [n for n, p in trainable if p.dtype in (torch.bfloat16, torch.float16)]
     if low and name == "muon":
-        raise ValueError(f"optimizer: muon keeps no float32 master weights, but {len(low)} trainable weights (e.g. "
-                         f"{low[0]}) are {dict(trainable)[low[0]].dtype}; use optimizer: adamw, or float32 weights "
-                         "(param_dtype: float32, precision: bf16-mixed)")
+        raise ValueError(
+            f"optimizer: muon keeps no float32 master weights, but {len(low)} trainable weights (e.g. "
+            f"{low[0]}) are {dict(trainable)[low[0]].dtype}; use optimizer: adamw, or float32 weights "
+            "(param_dtype: float32, precision: bf16-mixed)"
+        )
     hidden = [p for n, p in trainable if name == "muon" and ndim[id(p)] == 2 and not _is_embedding_or_head(n)]
     if any(p.ndim != 2 for p in hidden):
-        raise ValueError("optimizer: muon orthogonalises whole weight matrices, but the strategy shards them "
-                         "(FSDP); use --model.optimizer=adamw with FSDP, or a DDP strategy with muon")
+        raise ValueError(
+            "optimizer: muon orthogonalises whole weight matrices, but the strategy shards them "
+            "(FSDP); use --model.optimizer=adamw with FSDP, or a DDP strategy with muon"
+        )
     hidden_ids = {id(p) for p in hidden}
     rest = [p for _, p in trainable if id(p) not in hidden_ids]
     decay = [p for p in rest if ndim[id(p)] >= 2]

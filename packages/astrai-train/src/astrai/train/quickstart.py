@@ -59,18 +59,34 @@ def _parser() -> argparse.ArgumentParser:
         "the exported model directory can be served with `astrai-serve --model <out>/grpo/export`.",
     )
     parser.add_argument("--out", default="runs/quickstart", help="output directory (default: %(default)s)")
-    parser.add_argument("--configs", default=None,
-                        help="directory with tokenizer/pretrain/sft/dpo/grpo.yaml and model.json (default: configs/quickstart)")
-    parser.add_argument("--steps-scale", type=float, default=1.0,
-                        help="multiply every stage's training steps (e.g. 0.5 for a faster, weaker run)")
-    parser.add_argument("--docs", type=int, default=4000, help="pre-training documents to generate (default: %(default)s)")
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="directory with tokenizer/pretrain/sft/dpo/grpo.yaml and model.json (default: configs/quickstart)",
+    )
+    parser.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="multiply every stage's training steps (e.g. 0.5 for a faster, weaker run)",
+    )
+    parser.add_argument(
+        "--docs", type=int, default=4000, help="pre-training documents to generate (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated data and of training")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"a seconds-long check of the chain (steps x{SMOKE['scale']}, {SMOKE['docs']} documents); "
-                        "its numbers mean nothing")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice, one per core); results differ slightly "
-                        "with the thread count, as float sums are taken in another order")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a seconds-long check of the chain (steps x{SMOKE['scale']}, {SMOKE['docs']} documents); "
+        "its numbers mean nothing",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice, one per core); results differ slightly "
+        "with the thread count, as float sums are taken in another order",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -158,21 +174,30 @@ class Quickstart:
 
         config = yaml.safe_load((self.configs / "tokenizer.yaml").read_text(encoding="utf-8"))
         self.banner(2, f"training a byte-level BPE tokenizer (vocab {config['vocab_size']})")
-        tok = train_tokenizer([self.files["tokenizer_text"]], vocab_size=config["vocab_size"],
-                              min_frequency=config.get("min_frequency", 2), out_dir=self.tokenizer,
-                              text_field=config.get("text_field", "text"), show_progress=not self.quiet)
+        tok = train_tokenizer(
+            [self.files["tokenizer_text"]],
+            vocab_size=config["vocab_size"],
+            min_frequency=config.get("min_frequency", 2),
+            out_dir=self.tokenizer,
+            text_field=config.get("text_field", "text"),
+            show_progress=not self.quiet,
+        )
         print(f"  {tok.vocab_size} tokens -> {self.tokenizer}")
 
     def pretrain(self) -> None:
-        overrides = self.stage_overrides("pretrain", {"train": self.files["pretrain_train"],
-                                                      "val": self.files["pretrain_val"]})
+        overrides = self.stage_overrides(
+            "pretrain", {"train": self.files["pretrain_train"], "val": self.files["pretrain_val"]}
+        )
         self.banner(3, f"pre-training ({overrides['trainer.max_steps']} steps)")
         evaluate = {**overrides, "trainer.logger": False, "model.model": self.configs / "model.json"}
         before = self.cli("validate", "pretrain", evaluate)["val/loss"]
         self.cli("fit", "pretrain", {**overrides, "model.model": self.configs / "model.json"})
         after = self.cli("validate", "pretrain", {**evaluate, "model.model": self.export("pretrain")})["val/loss"]
-        self.results["pretrain"] = {"val_loss_before": before, "val_loss_after": after,
-                                    "export": str(self.export("pretrain"))}
+        self.results["pretrain"] = {
+            "val_loss_before": before,
+            "val_loss_after": after,
+            "export": str(self.export("pretrain")),
+        }
         print(f"  validation loss {before:.3f} -> {after:.3f}")
 
     def sft(self) -> None:
@@ -184,8 +209,11 @@ class Quickstart:
         after, replies = greedy_answers(self.export("sft"), self.questions)
         self.accuracy = {"sft": after}
         change = paired_change(before, after)
-        self.results["sft"] = {"accuracy": _change(change), "n_questions": len(self.questions),
-                               "export": str(self.export("sft"))}
+        self.results["sft"] = {
+            "accuracy": _change(change),
+            "n_questions": len(self.questions),
+            "export": str(self.export("sft")),
+        }
         print(f"  held-out accuracy {change.before:.3f} -> {change.after:.3f}; for example:")
         for q, reply in _examples(self.questions, replies):
             print(f"    {q.prompt!r} -> {reply!r}" + ("" if is_correct(reply, q) else f"   (expected {q.reference!r})"))
@@ -199,7 +227,10 @@ class Quickstart:
     def dpo_pairs(self) -> dict[str, Path]:
         """DPO's training and validation pairs: the reference against the SFT model's own wrong replies."""
         paths = {}
-        for split, name, seed in (("train", "dpo_questions", self.seed), ("val", "dpo_heldout_questions", self.seed + 1)):
+        for split, name, seed in (
+            ("train", "dpo_questions", self.seed),
+            ("val", "dpo_heldout_questions", self.seed + 1),
+        ):
             pairs = sample_pairs(self.export("sft"), read_questions(self.files[name]), seed=seed)
             paths[split] = write_pairs(self.data / "dpo" / f"{split}.jsonl", pairs)
             print(f"  {len(pairs)} {split} pairs -> {paths[split]}")
@@ -212,11 +243,17 @@ class Quickstart:
         evaluate = {**overrides, "trainer.logger": False, "model.model": self.export("sft")}
         before = self.cli("validate", "dpo", evaluate)["val/chosen_likelier"]
         self.cli("fit", "dpo", {**overrides, "model.model": self.export("sft")})
-        after = self.cli("validate", "dpo", {**evaluate, "model.model": self.export("dpo"),
-                                             "model.reference_model": self.export("sft")})["val/chosen_likelier"]
+        after = self.cli(
+            "validate",
+            "dpo",
+            {**evaluate, "model.model": self.export("dpo"), "model.reference_model": self.export("sft")},
+        )["val/chosen_likelier"]
         accuracy = self.accuracy_change("sft", "dpo")
-        self.results["dpo"] = {"chosen_likelier": {"before": before, "after": after},
-                               "accuracy": _change(accuracy), "export": str(self.export("dpo"))}
+        self.results["dpo"] = {
+            "chosen_likelier": {"before": before, "after": after},
+            "accuracy": _change(accuracy),
+            "export": str(self.export("dpo")),
+        }
         print(f"  held-out pairs whose reference the policy finds likelier {before:.3f} -> {after:.3f}")
         print(f"  held-out accuracy {accuracy.before:.3f} -> {accuracy.after:.3f}")
 
@@ -224,15 +261,23 @@ class Quickstart:
         overrides = self.stage_overrides("grpo", {"train": self.files["grpo_train"], "val": self.files["grpo_val"]})
         self.banner(6, f"GRPO ({overrides['trainer.max_steps']} steps of replies sampled by the inference engine)")
         config = yaml.safe_load((self.configs / "grpo.yaml").read_text(encoding="utf-8"))["model"]["init_args"]
-        sampling = {"rewards": load_rewards(config["rewards"], "grpo.yaml: model.rewards"),
-                    "samples": config.get("val_samples", 16), "temperature": config.get("val_temperature", 1.0),
-                    "max_tokens": config.get("max_new_tokens", 24), "seed": self.seed}
+        sampling = {
+            "rewards": load_rewards(config["rewards"], "grpo.yaml: model.rewards"),
+            "samples": config.get("val_samples", 16),
+            "temperature": config.get("val_temperature", 1.0),
+            "max_tokens": config.get("max_new_tokens", 24),
+            "seed": self.seed,
+        }
         before = sampled_rewards(self.export("dpo"), self.questions, **sampling)
         self.cli("fit", "grpo", {**overrides, "model.model": self.export("dpo"), "trainer.limit_val_batches": 0})
         reward = paired_change(before, sampled_rewards(self.export("grpo"), self.questions, **sampling))
         accuracy = self.accuracy_change("dpo", "grpo")
-        self.results["grpo"] = {"reward": _change(reward), "samples": sampling["samples"],
-                                "accuracy": _change(accuracy), "export": str(self.export("grpo"))}
+        self.results["grpo"] = {
+            "reward": _change(reward),
+            "samples": sampling["samples"],
+            "accuracy": _change(accuracy),
+            "export": str(self.export("grpo")),
+        }
         print(f"  held-out mean reward {reward.before:.3f} -> {reward.after:.3f} (+-{reward.stderr:.3f})")
         print(f"  held-out accuracy {accuracy.before:.3f} -> {accuracy.after:.3f}")
 
@@ -241,8 +286,12 @@ class Quickstart:
         "better" is judged (see verdict)."""
         r, n = self.results, self.results["sft"]["n_questions"]
         return [
-            ("pre-training", "validation loss (nats/token, lower is better)",
-             {"before": r["pretrain"]["val_loss_before"], "after": r["pretrain"]["val_loss_after"]}, "lower"),
+            (
+                "pre-training",
+                "validation loss (nats/token, lower is better)",
+                {"before": r["pretrain"]["val_loss_before"], "after": r["pretrain"]["val_loss_after"]},
+                "lower",
+            ),
             ("SFT", f"held-out task accuracy ({n} questions)", r["sft"]["accuracy"], "higher"),
             ("DPO", "held-out pairs: reference likelier than own error", r["dpo"]["chosen_likelier"], "higher"),
             ("after DPO", "held-out task accuracy", r["dpo"]["accuracy"], "not lower"),
@@ -259,12 +308,16 @@ class Quickstart:
             table.append({"stage": stage, "measure": measure, **values, "rule": rule, "verdict": verdict(values, rule)})
             change = values["after"] - values["before"]
             noise = f" +-{values['stderr']:.3f}" if "stderr" in values else ""
-            print(f"{stage:12s} {measure:51s} {values['before']:7.3f} {values['after']:7.3f} "
-                  f"{f'{change:+.3f}{noise}':>15s}  {table[-1]['verdict']}")
+            print(
+                f"{stage:12s} {measure:51s} {values['before']:7.3f} {values['after']:7.3f} "
+                f"{f'{change:+.3f}{noise}':>15s}  {table[-1]['verdict']}"
+            )
         self.results["table"] = table  # the rows as printed (bench/quickstart_seeds.py reads them)
         self.results["verdicts"] = {row["stage"]: row["verdict"] for row in table}
-        print("\nchange +- its standard error, paired per held-out question; 'better' needs a change of at least "
-              "twice that, 'not lower' a drop of less than twice that")
+        print(
+            "\nchange +- its standard error, paired per held-out question; 'better' needs a change of at least "
+            "twice that, 'not lower' a drop of less than twice that"
+        )
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n", encoding="utf-8")
         print(f"\nmodel: {self.export('grpo')}\nserve it:  uv run astrai-serve --model {self.export('grpo')}")
         print(f"results:   {self.out / 'results.json'}")
@@ -285,7 +338,7 @@ def _change(change: Change) -> dict[str, float]:
 
 
 def verdict(values: dict, rule: str) -> str:
-    """"better", "same" or "WORSE" by ``rule``: "lower" / "higher" (better when the change goes
+    """ "better", "same" or "WORSE" by ``rule``: "lower" / "higher" (better when the change goes
     that way, by at least 2 standard errors where the change has one) or "not lower" (a held
     measure: "ok" unless it dropped by 2 standard errors or more)."""
     delta = values["after"] - values["before"]

@@ -44,8 +44,9 @@ class Change:
 
 def paired_change(before: Sequence[float], after: Sequence[float]) -> Change:
     if len(before) != len(after) or len(before) < 2:
-        raise ValueError(f"paired_change needs two equally long sequences of >= 2 values, got {len(before)} and "
-                         f"{len(after)}")
+        raise ValueError(
+            f"paired_change needs two equally long sequences of >= 2 values, got {len(before)} and {len(after)}"
+        )
     n = len(before)
     diffs = [a - b for a, b in zip(after, before)]
     delta = sum(diffs) / n
@@ -53,7 +54,9 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> Change:
     return Change(sum(before) / n, sum(after) / n, delta, math.sqrt(variance / n))
 
 
-def greedy_answers(model_dir: Path, questions: Sequence[Question], max_tokens: int = 32) -> tuple[list[float], list[str]]:
+def greedy_answers(
+    model_dir: Path, questions: Sequence[Question], max_tokens: int = 32
+) -> tuple[list[float], list[str]]:
     """Per question 1.0 when the greedy reply equals the reference, else 0.0; and the replies."""
     from astrai.core.engine import SamplingParams
 
@@ -64,18 +67,29 @@ def greedy_answers(model_dir: Path, questions: Sequence[Question], max_tokens: i
     return [float(is_correct(r, q)) for r, q in zip(replies, questions)], replies
 
 
-def sampled_rewards(model_dir: Path, questions: Sequence[Question], rewards: Sequence[Reward], samples: int = 16,
-                    temperature: float = 1.0, max_tokens: int = 24, seed: int = 0) -> list[float]:
+def sampled_rewards(
+    model_dir: Path,
+    questions: Sequence[Question],
+    rewards: Sequence[Reward],
+    samples: int = 16,
+    temperature: float = 1.0,
+    max_tokens: int = 24,
+    seed: int = 0,
+) -> list[float]:
     """Per question the mean total reward of ``samples`` sampled replies."""
     from astrai.core.engine import SamplingParams
 
     engine, tok = load_engine(model_dir, max_batch_size=max(64, samples))
     prompts = chat_prompts(tok, [q.prompt for q in questions])
-    params = [SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed * 100_003 + i)
-              for i in range(len(questions))]
+    params = [
+        SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed * 100_003 + i)
+        for i in range(len(questions))
+    ]
     outputs = engine.generate(prompts, params)
     texts = [s.text for o in outputs for s in o.samples]
-    rows = [{"prompt": q.prompt, "answer": q.answer, "reference": q.reference} for q in questions for _ in range(samples)]
+    rows = [
+        {"prompt": q.prompt, "answer": q.answer, "reference": q.reference} for q in questions for _ in range(samples)
+    ]
     total, _ = score(rewards, [r["prompt"] for r in rows], texts, rows)
     values = total.tolist()
-    return [sum(values[i * samples:(i + 1) * samples]) / samples for i in range(len(questions))]
+    return [sum(values[i * samples : (i + 1) * samples]) / samples for i in range(len(questions))]

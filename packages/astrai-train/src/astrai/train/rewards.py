@@ -41,10 +41,13 @@ class RewardError(AstraiError):
 
 # ---- verifiable rewards ----------------------------------------------------------------------
 
+
 def _row_value(row: dict, key: str, reward: str) -> str:
     if key not in row or row[key] is None:
-        raise RewardError(f"{reward}: the dataset row has no {key!r} (columns: {sorted(row)}); "
-                          f"add the column or set kwargs: {{key: <column>}}")
+        raise RewardError(
+            f"{reward}: the dataset row has no {key!r} (columns: {sorted(row)}); "
+            f"add the column or set kwargs: {{key: <column>}}"
+        )
     return str(row[key]).strip()
 
 
@@ -60,8 +63,20 @@ def similarity(prompt: Any, completion: str, row: dict, key: str = "reference") 
     return difflib.SequenceMatcher(None, completion.strip(), _row_value(row, key, "similarity")).ratio()
 
 
-_ZH_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7,
-              "八": 8, "九": 9}
+_ZH_DIGITS = {
+    "零": 0,
+    "〇": 0,
+    "一": 1,
+    "二": 2,
+    "两": 2,
+    "三": 3,
+    "四": 4,
+    "五": 5,
+    "六": 6,
+    "七": 7,
+    "八": 8,
+    "九": 9,
+}
 _ZH_UNITS = {"十": 10, "百": 100, "千": 1000}
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?|[零〇一二两三四五六七八九十百千]+")
 
@@ -154,13 +169,23 @@ class RewardModel:
         device, dtype: where and how the judge runs (default: CUDA if available, float32 / bfloat16 on CUDA).
     """
 
-    def __init__(self, path: str, template: str = JUDGE_TEMPLATE, yes: str = "yes", no: str = "no",
-                 batch_size: int = 16, device: str | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        path: str,
+        template: str = JUDGE_TEMPLATE,
+        yes: str = "yes",
+        no: str = "no",
+        batch_size: int = 16,
+        device: str | None = None,
+        dtype: str | None = None,
+    ):
         from astrai.core.auto import AutoModel
         from astrai.core.tokenizer import AutoTokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        torch_dtype = (
+            getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModel.from_pretrained(path, dtype=torch_dtype, device=self.device).eval()
@@ -182,8 +207,10 @@ class RewardModel:
         try:
             message = self.template.format(**{**row, "prompt": text, "completion": completion})
         except KeyError as e:
-            raise RewardError(f"RewardModel.template names {e} which is neither prompt, completion nor a "
-                              f"column of the row ({sorted(row)})") from None
+            raise RewardError(
+                f"RewardModel.template names {e} which is neither prompt, completion nor a "
+                f"column of the row ({sorted(row)})"
+            ) from None
         return self.tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True)
 
     @torch.no_grad()
@@ -213,6 +240,7 @@ class RewardModel:
 
 # ---- loading rewards named in a config ----------------------------------------------------------
 
+
 @dataclass
 class RewardSpec:
     """One reward of a run: ``fn`` is an import path (``package.module.name``) of a function or a
@@ -228,8 +256,10 @@ class RewardSpec:
 def import_object(path: str, where: str) -> Any:
     module_name, _, attr = path.rpartition(".") if isinstance(path, str) else ("", "", "")
     if not module_name or not attr:
-        raise RewardError(f"{where}: {path!r} is not an import path; write it as package.module.name, "
-                          "e.g. astrai.train.rewards.answer_match")
+        raise RewardError(
+            f"{where}: {path!r} is not an import path; write it as package.module.name, "
+            "e.g. astrai.train.rewards.answer_match"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -271,7 +301,9 @@ class Reward:
         else:
             values = [self.fn(p, c, r) for p, c, r in zip(prompts, completions, rows)]
         if len(values) != len(completions):
-            raise RewardError(f"{self.where} ({self.name}) returned {len(values)} scores for {len(completions)} completions")
+            raise RewardError(
+                f"{self.where} ({self.name}) returned {len(values)} scores for {len(completions)} completions"
+            )
         out = []
         for v in values:
             if isinstance(v, torch.Tensor) and v.numel() == 1:
@@ -297,13 +329,16 @@ def load_rewards(specs: Sequence[RewardSpec | dict] | None, field_name: str = "m
         rewards.append(Reward(spec, where))
     names = [r.name for r in rewards]
     if len(set(names)) != len(names):
-        raise RewardError(f"{field_name}: two rewards are both named {next(n for n in names if names.count(n) > 1)!r}; "
-                          "give one a different `name`")
+        raise RewardError(
+            f"{field_name}: two rewards are both named {next(n for n in names if names.count(n) > 1)!r}; "
+            "give one a different `name`"
+        )
     return rewards
 
 
-def score(rewards: Sequence[Reward], prompts: Sequence[Any], completions: Sequence[str],
-          rows: Sequence[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def score(
+    rewards: Sequence[Reward], prompts: Sequence[Any], completions: Sequence[str], rows: Sequence[dict]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(weighted total per completion, each reward's raw values by name), as float64 tensors."""
     parts = {r.name: torch.tensor(r.score(prompts, completions, rows), dtype=torch.float64) for r in rewards}
     total = torch.zeros(len(completions), dtype=torch.float64)

@@ -26,8 +26,8 @@ from astrai.core.engine.kv_dtype import pool_dtype
 from astrai.core.engine.paged_cache import PagedKVCache
 from astrai.core.tokenizer import AutoTokenizer
 
-from .losses import IGNORE_INDEX
 from .lora import LoRAConfig, merge_lora_state_dict
+from .losses import IGNORE_INDEX
 
 # Share of free GPU memory the engine's KV cache may take by default: training needs the rest.
 DEFAULT_KV_SHARE = 0.25
@@ -85,8 +85,13 @@ class Rollout:
             if c:
                 labels[i, p - 1 : p + c - 1] = torch.tensor(completion)
                 logps[i, p - 1 : p + c - 1] = torch.tensor(lp, dtype=torch.float32)
-        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "engine_logps": logps,
-               "group_ids": torch.tensor(self.group_ids, dtype=torch.long)}
+        out = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "engine_logps": logps,
+            "group_ids": torch.tensor(self.group_ids, dtype=torch.long),
+        }
         return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
@@ -104,8 +109,15 @@ class RolloutEngine:
             and on a GPU at most a quarter of the free memory.
     """
 
-    def __init__(self, policy: nn.Module, tokenizer: AutoTokenizer, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, lora: LoRAConfig | None = None, **engine_kwargs):
+    def __init__(
+        self,
+        policy: nn.Module,
+        tokenizer: AutoTokenizer,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        lora: LoRAConfig | None = None,
+        **engine_kwargs,
+    ):
         device = torch.device(device) if device is not None else next(policy.parameters()).device
         self.lora = lora
         model = AutoModel.from_config(policy.config, dtype=dtype, device=device)
@@ -113,8 +125,9 @@ class RolloutEngine:
         model.requires_grad_(False)
         kwargs = {"max_batch_size": 64, **engine_kwargs}
         if device.type == "cuda" and "num_pages" not in kwargs and "kv_cache_memory" not in kwargs:
-            kwargs["kv_cache_memory"] = default_kv_budget(model, dtype, device, kwargs,
-                                                          torch.cuda.mem_get_info(device)[0])
+            kwargs["kv_cache_memory"] = default_kv_budget(
+                model, dtype, device, kwargs, torch.cuda.mem_get_info(device)[0]
+            )
         try:
             self.engine = InferenceEngine(model, tokenizer, device=device, **kwargs)
         except TypeError as e:
@@ -141,9 +154,11 @@ class RolloutEngine:
         too_long = [i for i, p in enumerate(prompt_ids) if len(p) >= self.engine.max_model_len]
         if too_long:
             i = too_long[0]
-            raise ValueError(f"prompt {i} has {len(prompt_ids[i])} tokens, leaving no room to generate within the "
-                             f"engine's max_model_len={self.engine.max_model_len}; lower data.max_prompt_len or raise "
-                             "model.engine.max_model_len (at most the model's max_len)")
+            raise ValueError(
+                f"prompt {i} has {len(prompt_ids[i])} tokens, leaving no room to generate within the "
+                f"engine's max_model_len={self.engine.max_model_len}; lower data.max_prompt_len or raise "
+                "model.engine.max_model_len (at most the model's max_len)"
+            )
         start = time.perf_counter()
         completions = self.engine.generate(prompt_ids, per_prompt)
         out = Rollout(seconds=time.perf_counter() - start)

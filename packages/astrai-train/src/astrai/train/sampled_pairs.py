@@ -53,8 +53,15 @@ def chat_prompts(tok, questions: Sequence[str]) -> list[list[int]]:
     return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
 
 
-def sample_pairs(model_dir: str | Path, questions: Sequence[dict], samples: int = 8, per_question: int = 2,
-                 temperature: float = 1.0, max_tokens: int = 32, seed: int = 0) -> list[dict]:
+def sample_pairs(
+    model_dir: str | Path,
+    questions: Sequence[dict],
+    samples: int = 8,
+    per_question: int = 2,
+    temperature: float = 1.0,
+    max_tokens: int = 32,
+    seed: int = 0,
+) -> list[dict]:
     """Up to ``per_question`` pairs (reference, a distinct wrong reply) for every question, from
     ``samples`` replies sampled at ``temperature``; reply i of question q is seeded from
     (``seed``, q), so the same model and seed give the same pairs."""
@@ -62,8 +69,10 @@ def sample_pairs(model_dir: str | Path, questions: Sequence[dict], samples: int 
 
     engine, tok = load_engine(model_dir, max_batch_size=max(64, samples))
     prompts = chat_prompts(tok, [q["prompt"] for q in questions])
-    params = [SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i)
-              for i in range(len(questions))]
+    params = [
+        SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i)
+        for i in range(len(questions))
+    ]
     pairs = []
     for question, output in zip(questions, engine.generate(prompts, params)):
         reference, wrong = question["reference"].strip(), []
@@ -83,8 +92,7 @@ def write_pairs(path: str | Path, pairs: Sequence[dict]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m astrai.train.sampled_pairs",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m astrai.train.sampled_pairs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory whose replies are sampled")
     parser.add_argument("--questions", required=True, help='JSONL of {"prompt", "reference"} rows')
     parser.add_argument("--out", required=True, help="JSONL to write the pairs to")
@@ -93,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    pairs = sample_pairs(args.model, read_questions(args.questions), args.samples, args.per_question,
-                         args.temperature, seed=args.seed)
+    pairs = sample_pairs(
+        args.model, read_questions(args.questions), args.samples, args.per_question, args.temperature, seed=args.seed
+    )
     print(f"{len(pairs)} pairs -> {write_pairs(args.out, pairs)}")
     return 0
 

@@ -46,9 +46,11 @@ class SFTModule(SeqModule):
         if self._first_train_batch:
             self._first_train_batch = False
             if int(out.n_tokens) == 0:
-                raise BatchError("SFTModule: the first training batch has no assistant tokens (every label is "
-                                 "-100); check the data's roles / chat template, or the sequence length that "
-                                 "may cut replies off")
+                raise BatchError(
+                    "SFTModule: the first training batch has no assistant tokens (every label is "
+                    "-100); check the data's roles / chat template, or the sequence length that "
+                    "may cut replies off"
+                )
         loss = self.add_aux_loss(out.loss)
         n = out.n_tokens.clamp(min=1)
         acc, _ = token_accuracy(logits.detach(), batch["labels"])

@@ -23,8 +23,10 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
     With label_smoothing e: (1 - e) * nll + e * mean over the vocabulary of -log p (as
     F.cross_entropy's label_smoothing)."""
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"token_nll takes (rows, vocab) logits and (rows,) labels, got {tuple(logits.shape)} "
-                         f"and {tuple(labels.shape)}")
+        raise ValueError(
+            f"token_nll takes (rows, vocab) logits and (rows,) labels, got {tuple(logits.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
     return _TokenNLL.apply(logits, labels, float(label_smoothing))
 
 

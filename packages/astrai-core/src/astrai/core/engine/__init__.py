@@ -1,8 +1,8 @@
 """Inference engine: paged KV cache, prefix cache, continuous batching and batched sampling.
 
-    from astrai.core.engine import InferenceEngine, SamplingParams
-    engine = InferenceEngine(model, tokenizer)
-    print(engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))[0].text)
+from astrai.core.engine import InferenceEngine, SamplingParams
+engine = InferenceEngine(model, tokenizer)
+print(engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))[0].text)
 """
 
 from ..sizes import parse_bytes  # the one byte-size parser, also astrai.core.parse_bytes

@@ -58,15 +58,20 @@ class AttentionBackend(Protocol):
         """Work done once per step (index tensors, kernel plans); passed to every call."""
         ...
 
-    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, state: Any,
-                 scale: float, v_dim: int) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, state: Any, scale: float, v_dim: int
+    ) -> torch.Tensor:
         """q (T, H, Dk); k_pool (pages, page_size, Hkv, Dk); v_pool likewise with Dv, or None when
         the values are the first v_dim channels of the keys (MLA) -> (T, H, Dv)."""
         ...
 
 
 def build_metadata(
-    query_lens: list[int], context_lens: list[int], pages: list[list[int]], page_size: int, device,
+    query_lens: list[int],
+    context_lens: list[int],
+    pages: list[list[int]],
+    page_size: int,
+    device,
     extra: list[torch.Tensor] = (),
 ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
     """Metadata for sequences whose new tokens are the last query_lens[i] of context_lens[i].
@@ -92,8 +97,14 @@ def build_metadata(
         slots = table[seq_of_token, pos // page_size] * page_size + pos % page_size
     moved = to_device([slots, pos, torch.tensor(starts, dtype=torch.long), ctx, table, *extra], device)
     meta = AttentionMetadata(
-        slot_mapping=moved[0], positions=moved[1], query_start=moved[2], context_lens=moved[3], page_table=moved[4],
-        page_size=page_size, query_start_list=starts, context_lens_list=list(context_lens),
+        slot_mapping=moved[0],
+        positions=moved[1],
+        query_start=moved[2],
+        context_lens=moved[3],
+        page_table=moved[4],
+        page_size=page_size,
+        query_start_list=starts,
+        context_lens_list=list(context_lens),
         max_query_len=max(query_lens),
     )
     return meta, moved[5:]
@@ -156,8 +167,9 @@ class TorchPagedAttention:
             ctx = slots.shape[0]
             # Query i sits at position ctx - n + i and sees keys up to there.
             mask = None if ctx == n else torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
-                                                scale=scale, enable_gqa=True)
+            op = F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+            )
             out[start : start + n] = op.squeeze(0).transpose(0, 1)
         return out
 
@@ -183,8 +195,18 @@ class KernelPagedAttention:
     def __call__(self, q, k_pool, v_pool, meta: AttentionMetadata, scale: float, v_dim: int) -> torch.Tensor:
         from ..kernels.paged_attention import paged_attention
 
-        return paged_attention(q, k_pool, v_pool, meta.page_table, meta.context_lens, meta.query_start, scale,
-                               v_dim=v_dim, max_q_len=meta.max_query_len, blocks=meta.blocks)
+        return paged_attention(
+            q,
+            k_pool,
+            v_pool,
+            meta.page_table,
+            meta.context_lens,
+            meta.query_start,
+            scale,
+            v_dim=v_dim,
+            max_q_len=meta.max_query_len,
+            blocks=meta.blocks,
+        )
 
 
 def default_backend(device: torch.device) -> AttentionBackend:

@@ -19,15 +19,15 @@ import asyncio
 import dataclasses
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from .attention import AttentionBackend, build_metadata
 from .cuda_graphs import DecodeRunner
-from .prefill_graphs import PrefillRunner
 from .outputs import Completion, EngineError, Sample, StreamEvent
 from .paged_cache import PagedKVCache
+from .prefill_graphs import PrefillRunner
 from .sampler import Drawn, Sampler, SampleRow
 from .scheduler import Chunk, Scheduler, StepPlan, is_decode
 from .sequence import Request, Sequence, Status
@@ -61,7 +61,6 @@ class InFlight:
     rows: dict[Sequence, int]  # the row of each sequence's token in drawn.tokens, for the next step to feed on
 
 
-
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
     for q, item in items:
         q.put_nowait(item)
@@ -82,8 +81,15 @@ class LoopSink:
 
 
 class EngineCore:
-    def __init__(self, model, tokenizer, cache: PagedKVCache, scheduler: Scheduler, backend: AttentionBackend,
-                 device: torch.device):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        cache: PagedKVCache,
+        scheduler: Scheduler,
+        backend: AttentionBackend,
+        device: torch.device,
+    ):
         self.model, self.tokenizer, self.cache, self.scheduler = model, tokenizer, cache, scheduler
         self.backend, self.device = backend, device
         self.sampler = Sampler(tokenizer.vocab_size if tokenizer is not None else None)
@@ -102,8 +108,14 @@ class EngineCore:
 
     # -- requests in ---------------------------------------------------------------------
     def add(self, r: Request) -> None:
-        seq = Sequence(request=r, index=0, token_ids=list(r.prompt_token_ids), text=self._sample_text(r),
-                       num_samples=r.params.n, logprobs=_logprob_list(r))
+        seq = Sequence(
+            request=r,
+            index=0,
+            token_ids=list(r.prompt_token_ids),
+            text=self._sample_text(r),
+            num_samples=r.params.n,
+            logprobs=_logprob_list(r),
+        )
         r.seqs.append(seq)
         self.scheduler.add(seq)
 
@@ -221,11 +233,19 @@ class EngineCore:
                 last.append(len(ids) - 1)
                 sampled.append(c)
         meta, (ids_t, last_t) = build_metadata(
-            [c.length for c in chunks], [c.start + c.length for c in chunks], [c.seq.pages for c in chunks],
-            self.cache.page_size, self.device, extra=[torch.tensor(ids), torch.tensor(last, dtype=torch.long)],
+            [c.length for c in chunks],
+            [c.start + c.length for c in chunks],
+            [c.seq.pages for c in chunks],
+            self.cache.page_size,
+            self.device,
+            extra=[torch.tensor(ids), torch.tensor(last, dtype=torch.long)],
         )
-        logits = self.model(ids_t.view(1, -1), position_ids=meta.positions.view(1, -1),
-                            cache=self.cache.view(meta, self.backend), logits_index=last_t)
+        logits = self.model(
+            ids_t.view(1, -1),
+            position_ids=meta.positions.view(1, -1),
+            cache=self.cache.view(meta, self.backend),
+            logits_index=last_t,
+        )
         return logits, sampled, len(ids)
 
     def _draw(self, chunks: list[Chunk], logits: torch.Tensor, keep: bool) -> None:
@@ -316,8 +336,21 @@ class EngineCore:
         new = seq.token_ids[n_prompt + seq.num_streamed :]
         logprobs = seq.logprobs[seq.num_streamed :] if seq.logprobs is not None else None
         seq.num_streamed = len(seq.token_ids) - n_prompt
-        self._send(r, StreamEvent(r.request_id, seq.index, text, new, logprobs, finish_reason, stop_reason,
-                                  n_prompt, seq.num_streamed, self.weights_version))
+        self._send(
+            r,
+            StreamEvent(
+                r.request_id,
+                seq.index,
+                text,
+                new,
+                logprobs,
+                finish_reason,
+                stop_reason,
+                n_prompt,
+                seq.num_streamed,
+                self.weights_version,
+            ),
+        )
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         """End seq (and, before its first token, the samples it would have forked)."""
@@ -330,11 +363,23 @@ class EngineCore:
             idx = seq.index + k
             r.samples[idx] = Sample(idx, [], "", reason, stop_reason, _logprob_list(r))
             if r.sink is not None:
-                self._send(r, StreamEvent(r.request_id, idx, "", [], r.samples[idx].logprobs, reason, stop_reason,
-                                          len(r.prompt_token_ids), 0, self.weights_version))
+                self._send(
+                    r,
+                    StreamEvent(
+                        r.request_id,
+                        idx,
+                        "",
+                        [],
+                        r.samples[idx].logprobs,
+                        reason,
+                        stop_reason,
+                        len(r.prompt_token_ids),
+                        0,
+                        self.weights_version,
+                    ),
+                )
         if r.finished:
-            r.completion = Completion(r.request_id, r.prompt_token_ids, list(r.samples), r.prompt,
-                                      self.weights_version)
+            r.completion = Completion(r.request_id, r.prompt_token_ids, list(r.samples), r.prompt, self.weights_version)
             self._end(r, END)
 
     def fail(self, requests: list[Request], error: Exception) -> None:
@@ -351,8 +396,9 @@ class EngineCore:
                     r.samples[i] = Sample(i, [], "", "abort")
             r.error = EngineError(f"request {r.request_id!r} failed in an engine step: {error!r}")
             r.error.__cause__ = error
-            r.completion = Completion(r.request_id, r.prompt_token_ids, list(r.samples), r.prompt,
-                                      self.weights_version, error=str(r.error))
+            r.completion = Completion(
+                r.request_id, r.prompt_token_ids, list(r.samples), r.prompt, self.weights_version, error=str(r.error)
+            )
             self._end(r, r.error)
 
     def _end(self, r: Request, last_item) -> None:

@@ -60,8 +60,9 @@ def graph_blocker(model, backend: AttentionBackend) -> str | None:
     return None
 
 
-def capture_graphs(buckets: list[int], body, device: torch.device
-                   ) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+def capture_graphs(
+    buckets: list[int], body, device: torch.device
+) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
     """{bucket: (graph, output)} of body(bucket) captured for every bucket, largest first, all in
     one memory pool (the smaller ones fit in the largest one's), each after a warm-up run."""
     graphs, pool = {}, None
@@ -89,8 +90,15 @@ def capture_graphs(buckets: list[int], body, device: torch.device
 class DecodeRunner:
     """Runs decode steps of up to max_batch_size sequences on static buffers (see the module doc)."""
 
-    def __init__(self, model, cache: PagedKVCache, backend: AttentionBackend, max_batch_size: int,
-                 max_model_len: int, capture: bool):
+    def __init__(
+        self,
+        model,
+        cache: PagedKVCache,
+        backend: AttentionBackend,
+        max_batch_size: int,
+        max_model_len: int,
+        capture: bool,
+    ):
         self.model, self.cache, self.backend = model, cache, backend
         self.device = cache.k.device
         if capture and self.device.type != "cuda":
@@ -129,8 +137,9 @@ class DecodeRunner:
     def bucket(self, batch: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, batch)]
 
-    def run(self, chunks: list[Chunk], feed: torch.Tensor | None = None, feed_rows: list[int] | None = None
-            ) -> torch.Tensor:
+    def run(
+        self, chunks: list[Chunk], feed: torch.Tensor | None = None, feed_rows: list[int] | None = None
+    ) -> torch.Tensor:
         """Logits (len(chunks), vocab) of a decode step (scheduler.is_decode(chunks), at most
         max_batch_size chunks); the keys/values land in the cache.
 
@@ -197,13 +206,21 @@ class DecodeRunner:
     def _body(self, bucket: int, context_lens: list[int]) -> torch.Tensor:
         """Final hidden states (bucket, dim) of the model body over the first `bucket` rows."""
         meta = AttentionMetadata(
-            slot_mapping=self.slots[:bucket], positions=self.positions[:bucket],
-            query_start=self.query_start[: bucket + 1], context_lens=self.context_lens[:bucket],
-            page_table=self.page_table[:bucket], page_size=self.cache.page_size,
-            query_start_list=list(range(bucket + 1)), context_lens_list=context_lens, max_query_len=1,
+            slot_mapping=self.slots[:bucket],
+            positions=self.positions[:bucket],
+            query_start=self.query_start[: bucket + 1],
+            context_lens=self.context_lens[:bucket],
+            page_table=self.page_table[:bucket],
+            page_size=self.cache.page_size,
+            query_start_list=list(range(bucket + 1)),
+            context_lens_list=context_lens,
+            max_query_len=1,
         )
-        hidden = self.model.model(self.ids[:bucket].view(1, bucket), self.positions[:bucket].view(1, bucket),
-                                  cache=self.cache.view(meta, self.backend))
+        hidden = self.model.model(
+            self.ids[:bucket].view(1, bucket),
+            self.positions[:bucket].view(1, bucket),
+            cache=self.cache.view(meta, self.backend),
+        )
         return hidden[0]
 
     # -- capture ----------------------------------------------------------------------------

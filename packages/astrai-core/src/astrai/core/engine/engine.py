@@ -18,7 +18,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence as SequenceABC
+from collections.abc import AsyncIterator, Iterator
+from collections.abc import Sequence as SequenceABC
 
 import torch
 from torch import nn
@@ -28,7 +29,6 @@ from ..packed_linear import pack_projections
 from .attention import AttentionBackend, default_backend
 from .core import END, EngineCore, LoopSink
 from .cuda_graphs import DecodeRunner, graph_blocker
-from .prefill_graphs import PrefillRunner
 from .host import limit_cpu_threads
 from .intake import RequestIntake, is_token_id
 from .kv_dtype import pool_dtype
@@ -36,6 +36,7 @@ from .outputs import Completion, StreamEvent
 from .page_allocator import PageAllocator
 from .paged_cache import PagedKVCache, pool_pages
 from .params import SamplingParams
+from .prefill_graphs import PrefillRunner
 from .scheduler import Scheduler
 from .sequence import Request
 
@@ -93,22 +94,37 @@ class InferenceEngine:
         cuda_graphs: bool | None = None,
         prefill_graphs: bool | None = None,
     ):
-        for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens),
-                            ("page_size", page_size)):
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("page_size", page_size),
+        ):
             require(is_token_id(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
-        require(cuda_graphs is None or isinstance(cuda_graphs, bool), "cuda_graphs",
-                f"must be True, False or None (on where possible), got {cuda_graphs!r}")
-        require(prefill_graphs is None or isinstance(prefill_graphs, bool), "prefill_graphs",
-                f"must be True, False or None (with the decode graphs), got {prefill_graphs!r}")
-        require(max_num_batched_tokens >= max_batch_size, "max_num_batched_tokens",
-                f"({max_num_batched_tokens}) must be >= max_batch_size ({max_batch_size}): every running "
-                "sequence needs a token of each step's budget")
+        require(
+            cuda_graphs is None or isinstance(cuda_graphs, bool),
+            "cuda_graphs",
+            f"must be True, False or None (on where possible), got {cuda_graphs!r}",
+        )
+        require(
+            prefill_graphs is None or isinstance(prefill_graphs, bool),
+            "prefill_graphs",
+            f"must be True, False or None (with the decode graphs), got {prefill_graphs!r}",
+        )
+        require(
+            max_num_batched_tokens >= max_batch_size,
+            "max_num_batched_tokens",
+            f"({max_num_batched_tokens}) must be >= max_batch_size ({max_batch_size}): every running "
+            "sequence needs a token of each step's budget",
+        )
         if not hasattr(model, "kv_layout") or not hasattr(model, "config"):
             raise TypeError(f"model must be a CausalLM (with .config and .kv_layout()), got {type(model).__name__}")
         config = model.config
         max_model_len = config.max_len if max_model_len is None else max_model_len
-        require(is_token_id(max_model_len) and 2 <= max_model_len <= config.max_len, "max_model_len",
-                f"must be an integer in [2, model max_len={config.max_len}], got {max_model_len!r}")
+        require(
+            is_token_id(max_model_len) and 2 <= max_model_len <= config.max_len,
+            "max_model_len",
+            f"must be an integer in [2, model max_len={config.max_len}], got {max_model_len!r}",
+        )
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         limit_cpu_threads(self.device)
         self.model = model.to(self.device).eval()
@@ -117,28 +133,47 @@ class InferenceEngine:
         dtype = pool_dtype(kv_cache_dtype, next(model.parameters()).dtype, self.device)
         layout = model.kv_layout()
         wanted = max_batch_size * -(-max_model_len // page_size)
-        pages = pool_pages(num_pages, kv_cache_memory, PagedKVCache.bytes_per_page(layout, page_size, dtype),
-                           wanted, self.device)
+        pages = pool_pages(
+            num_pages, kv_cache_memory, PagedKVCache.bytes_per_page(layout, page_size, dtype), wanted, self.device
+        )
         self.page_size, self.max_batch_size = page_size, max_batch_size
         self.max_model_len = min(max_model_len, pages * page_size)
         self.cache = PagedKVCache(layout, pages, page_size, dtype, self.device)
         self.allocator = PageAllocator(pages)
         self.scheduler = Scheduler(self.allocator, page_size, max_batch_size, max_num_batched_tokens)
         self.eos_ids = frozenset(tokenizer.stop_token_ids if tokenizer is not None else _config_eos(config))
-        self.intake = RequestIntake(tokenizer, config.vocab_size, self.max_model_len, max_batch_size,
-                                    self.eos_ids, self.device)
-        self.core = EngineCore(self.model, tokenizer, self.cache, self.scheduler,
-                               attention_backend or default_backend(self.device), self.device)
+        self.intake = RequestIntake(
+            tokenizer, config.vocab_size, self.max_model_len, max_batch_size, self.eos_ids, self.device
+        )
+        self.core = EngineCore(
+            self.model,
+            tokenizer,
+            self.cache,
+            self.scheduler,
+            attention_backend or default_backend(self.device),
+            self.device,
+        )
         if self._use_cuda_graphs(cuda_graphs):
-            self.core.decode_runner = DecodeRunner(self.model, self.cache, self.core.backend, max_batch_size,
-                                                   self.max_model_len, capture=True)
+            self.core.decode_runner = DecodeRunner(
+                self.model, self.cache, self.core.backend, max_batch_size, self.max_model_len, capture=True
+            )
             if prefill_graphs is not False:
-                self.core.prefill_runner = PrefillRunner(self.model, self.cache, self.core.backend, max_batch_size,
-                                                         max_num_batched_tokens, self.max_model_len, capture=True)
+                self.core.prefill_runner = PrefillRunner(
+                    self.model,
+                    self.cache,
+                    self.core.backend,
+                    max_batch_size,
+                    max_num_batched_tokens,
+                    self.max_model_len,
+                    capture=True,
+                )
         else:
-            require(prefill_graphs is not True, "prefill_graphs",
-                    "(True) needs the decode CUDA graphs: a CUDA device, cuda_graphs not False and a model "
-                    "they can capture (see the log line); leave prefill_graphs None or False")
+            require(
+                prefill_graphs is not True,
+                "prefill_graphs",
+                "(True) needs the decode CUDA graphs: a CUDA device, cuda_graphs not False and a model "
+                "they can capture (see the log line); leave prefill_graphs None or False",
+            )
 
         self._step_lock = threading.RLock()  # model, cache, scheduler and core state
         self._cv = threading.Condition()  # inbox, aborts, active requests, thread control
@@ -171,8 +206,12 @@ class InferenceEngine:
         if wanted is False:
             return False
         if self.device.type != "cuda":
-            require(wanted is None, "cuda_graphs", f"(True) needs a CUDA device, but the engine runs on "
-                    f"{self.device}; leave it None (auto) or set it False")
+            require(
+                wanted is None,
+                "cuda_graphs",
+                f"(True) needs a CUDA device, but the engine runs on "
+                f"{self.device}; leave it None (auto) or set it False",
+            )
             return False
         blocker = graph_blocker(self.model, self.core.backend)
         if blocker is not None:
@@ -205,8 +244,11 @@ class InferenceEngine:
             prompts = [prompts]
         prompts = list(prompts)
         if isinstance(params, SequenceABC):
-            require(len(params) == len(prompts), "params",
-                    f"has {len(params)} entries for {len(prompts)} prompts; pass one SamplingParams or one per prompt")
+            require(
+                len(params) == len(prompts),
+                "params",
+                f"has {len(params)} entries for {len(prompts)} prompts; pass one SamplingParams or one per prompt",
+            )
             params_list = list(params)
         else:
             params_list = [params] * len(prompts)
@@ -229,8 +271,9 @@ class InferenceEngine:
                 raise r.error
         return [r.completion for r in requests]
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
-               request_id: str | None = None) -> Iterator[StreamEvent]:
+    def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Iterator[StreamEvent]:
         """Submit one request now; iterate its StreamEvents (the samples' events interleave).
 
         Thread-safe. Closing the iterator early aborts the request. Bad input raises
@@ -243,8 +286,9 @@ class InferenceEngine:
         self.start()
         return self._iterate(request, events)
 
-    def astream(self, prompt: str | list[int], params: SamplingParams | None = None,
-                request_id: str | None = None) -> AsyncIterator[StreamEvent]:
+    def astream(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[StreamEvent]:
         """Async version of `stream` for an asyncio loop: `async for event in engine.astream(...)`.
 
         Input is checked here; the request is queued when iteration starts. Cancelling the
@@ -253,8 +297,9 @@ class InferenceEngine:
         request = self.intake.build(prompt, params, request_id)
         return self._aiterate(request)
 
-    def stream_to(self, prompt: str | list[int], params: SamplingParams | None, request_id: str,
-                  sink: LoopSink) -> None:
+    def stream_to(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str, sink: LoopSink
+    ) -> None:
         """Submit one request now; its StreamEvents, then END (or the EngineError that ended it),
         go to `sink`. A LoopSink's deliver function gets, once per engine step and inside its
         loop, the (target, item) pairs of every request that shares it: a server streaming many
@@ -276,7 +321,7 @@ class InferenceEngine:
             with self._step_lock:
                 self._turn(run_step=False)
 
-    def start(self) -> "InferenceEngine":
+    def start(self) -> InferenceEngine:
         """Start the background engine thread (idempotent)."""
         with self._cv:
             if self._thread_alive():
@@ -300,7 +345,7 @@ class InferenceEngine:
         with self._step_lock:
             self._turn(run_step=False)
 
-    def __enter__(self) -> "InferenceEngine":
+    def __enter__(self) -> InferenceEngine:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -355,8 +400,9 @@ class InferenceEngine:
         }
 
     # -- manual stepping (tests, custom loops): add_request + step, no thread needed --------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         """Queue a request without waiting for it; returns its id. Drive it with `step()`."""
         request = self.intake.build(prompt, params, request_id)
         self._submit(request)
@@ -376,8 +422,9 @@ class InferenceEngine:
     # ------------------------------------------------------------------------------------
     def _submit(self, request: Request) -> None:
         with self._cv:
-            require(request.request_id not in self._active, "request_id",
-                    f"{request.request_id!r} is already in flight")
+            require(
+                request.request_id not in self._active, "request_id", f"{request.request_id!r} is already in flight"
+            )
             request.arrival = next(self._arrivals)
             self._active[request.request_id] = request
             self._inbox.append(request)
@@ -418,8 +465,9 @@ class InferenceEngine:
             return
         with self._cv:
             queued = {r.request_id for r in self._inbox}
-            orphans = [r for r in self._active.values()
-                       if r.completion is None and not r.seqs and r.request_id not in queued]
+            orphans = [
+                r for r in self._active.values() if r.completion is None and not r.seqs and r.request_id not in queued
+            ]
         if orphans:
             self.core.fail(orphans, RuntimeError("request has no sequence left to run but is not finished"))
 
@@ -497,8 +545,11 @@ def _check_state(own: dict, state: dict) -> None:
         by_storage.setdefault(t.data_ptr(), []).append(name)
     missing = {m for m in set(own) - set(state) if not any(o in state for o in by_storage[own[m].data_ptr()])}
     unexpected = set(state) - set(own)
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         raise ValueError(
             "update_weights: the weights do not match the served model; "

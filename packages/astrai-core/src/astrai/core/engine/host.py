@@ -27,8 +27,11 @@ def limit_cpu_threads(device: torch.device) -> None:
     says otherwise (the user's choice wins). A CPU engine keeps the pool: its model runs there."""
     if device.type != "cuda" or "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() == 1:
         return
-    log.info("torch CPU threads %d -> 1: the host only schedules and launches GPU work "
-             "(set OMP_NUM_THREADS to choose another number)", torch.get_num_threads())
+    log.info(
+        "torch CPU threads %d -> 1: the host only schedules and launches GPU work "
+        "(set OMP_NUM_THREADS to choose another number)",
+        torch.get_num_threads(),
+    )
     torch.set_num_threads(1)
 
 

@@ -17,8 +17,15 @@ from .sequence import Request
 
 
 class RequestIntake:
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_batch_size: int,
-                 eos_ids: frozenset[int], device: torch.device):
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        max_model_len: int,
+        max_batch_size: int,
+        eos_ids: frozenset[int],
+        device: torch.device,
+    ):
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
         self.max_batch_size, self.eos_ids, self.device = max_batch_size, eos_ids, device
         self._ids = itertools.count()
@@ -31,26 +38,43 @@ class RequestIntake:
         params = dataclasses.replace(params).validate()  # a private copy, normalised
         ids, text = self.prompt_ids(prompt)
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}, which "
-                             "leaves no room to generate; shorten the prompt or raise max_model_len")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}, which "
+                "leaves no room to generate; shorten the prompt or raise max_model_len"
+            )
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer; pass stop_token_ids instead")
         bad = [t for t in params.stop_token_ids or () if t >= self.vocab_size]
-        require(not bad, "SamplingParams.stop_token_ids", f"has ids {bad} outside the vocabulary (size {self.vocab_size})")
+        require(
+            not bad, "SamplingParams.stop_token_ids", f"has ids {bad} outside the vocabulary (size {self.vocab_size})"
+        )
         if params.logprobs is not None:
-            require(params.logprobs <= self.vocab_size, "SamplingParams.logprobs",
-                    f"asks for {params.logprobs} alternatives but the vocabulary has {self.vocab_size} tokens")
-        require(params.n <= self.max_batch_size, "SamplingParams.n",
-                f"({params.n}) exceeds the engine's max_batch_size ({self.max_batch_size})")
+            require(
+                params.logprobs <= self.vocab_size,
+                "SamplingParams.logprobs",
+                f"asks for {params.logprobs} alternatives but the vocabulary has {self.vocab_size} tokens",
+            )
+        require(
+            params.n <= self.max_batch_size,
+            "SamplingParams.n",
+            f"({params.n}) exceeds the engine's max_batch_size ({self.max_batch_size})",
+        )
         if request_id is None:
             request_id = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        require(isinstance(request_id, str) and request_id, "request_id",
-                f"must be a non-empty string, got {request_id!r}")
+        require(
+            isinstance(request_id, str) and request_id, "request_id", f"must be a non-empty string, got {request_id!r}"
+        )
         room = self.max_model_len - len(ids)
         return Request(
-            request_id=request_id, prompt=text, prompt_token_ids=ids, params=params, arrival=0,
-            max_tokens=min(params.max_tokens or room, room), generators=self._generators(params),
-            eos_ids=self.eos_ids, sink=sink,
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            arrival=0,
+            max_tokens=min(params.max_tokens or room, room),
+            generators=self._generators(params),
+            eos_ids=self.eos_ids,
+            sink=sink,
         )
 
     def prompt_ids(self, prompt) -> tuple[list[int], str | None]:

@@ -46,7 +46,7 @@ class PagedKVCache:
             pool = as_bytes(pool)
             pool[:, dst] = pool[:, src]
 
-    def view(self, meta: AttentionMetadata, backend: AttentionBackend | None = None) -> "PagedCacheView":
+    def view(self, meta: AttentionMetadata, backend: AttentionBackend | None = None) -> PagedCacheView:
         return PagedCacheView(self, meta, backend or default_backend(self.k.device))
 
 

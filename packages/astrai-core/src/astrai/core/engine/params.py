@@ -58,19 +58,31 @@ class SamplingParams:
     # Normalised by validate(): stop as a tuple of strings.
     stop_strings: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         """Check every field; raise ValueError("SamplingParams.<field> ...") on the first bad one."""
         if self.max_tokens is not None:
-            _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
-                   f"must be a positive integer (or None for 'up to the length limit'), got {self.max_tokens!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature",
-               f"must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        _check(_is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1), "top_k",
-               f"must be a positive integer, or 0 / -1 to turn it off, got {self.top_k!r}")
+            _check(
+                _is_int(self.max_tokens) and self.max_tokens >= 1,
+                "max_tokens",
+                f"must be a positive integer (or None for 'up to the length limit'), got {self.max_tokens!r}",
+            )
+        _check(
+            _is_number(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"must be a number >= 0 (0 = greedy), got {self.temperature!r}",
+        )
+        _check(
+            _is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1),
+            "top_k",
+            f"must be a positive integer, or 0 / -1 to turn it off, got {self.top_k!r}",
+        )
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-               f"must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        _check(
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"must be > 0 (1 = off), got {self.repetition_penalty!r}",
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_number(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
@@ -78,14 +90,22 @@ class SamplingParams:
         _check(_is_int(self.n) and self.n >= 1, "n", f"must be a positive integer, got {self.n!r}")
         self.stop_strings = _stop_strings(self.stop)
         if self.stop_token_ids is not None:
-            ok = isinstance(self.stop_token_ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids)
+            ok = isinstance(self.stop_token_ids, (list, tuple)) and all(
+                _is_int(t) and t >= 0 for t in self.stop_token_ids
+            )
             _check(ok, "stop_token_ids", f"must be a list of non-negative token ids, got {self.stop_token_ids!r}")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
         if self.logprobs is not None:
-            _check(_is_int(self.logprobs) and self.logprobs >= 0, "logprobs",
-                   f"must be None (off) or an integer >= 0 (number of alternatives), got {self.logprobs!r}")
-        _check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens",
-               f"must be true or false, got {self.skip_special_tokens!r}")
+            _check(
+                _is_int(self.logprobs) and self.logprobs >= 0,
+                "logprobs",
+                f"must be None (off) or an integer >= 0 (number of alternatives), got {self.logprobs!r}",
+            )
+        _check(
+            isinstance(self.skip_special_tokens, bool),
+            "skip_special_tokens",
+            f"must be true or false, got {self.skip_special_tokens!r}",
+        )
         return self
 
     @property

@@ -43,8 +43,16 @@ def token_buckets(max_tokens: int) -> list[int]:
 class PrefillRunner:
     """Runs steps of up to max_tokens tokens and max_seqs sequences on static buffers (module doc)."""
 
-    def __init__(self, model, cache: PagedKVCache, backend: AttentionBackend, max_seqs: int, max_tokens: int,
-                 max_model_len: int, capture: bool):
+    def __init__(
+        self,
+        model,
+        cache: PagedKVCache,
+        backend: AttentionBackend,
+        max_seqs: int,
+        max_tokens: int,
+        max_model_len: int,
+        capture: bool,
+    ):
         self.model, self.cache, self.backend = model, cache, backend
         self.device = cache.k.device
         if capture and self.device.type != "cuda":
@@ -58,15 +66,22 @@ class PrefillRunner:
         # One int64 buffer: token ids (max_tokens), query starts (max_seqs + 1), context lengths,
         # the sampled rows, the program list (two fields), then the step's page table rows (B, w).
         s, t, nb = max_seqs, max_tokens, self._max_blocks
-        self._offsets = dict(ids=0, starts=t, ctx=t + s + 1, last=t + 2 * s + 1, seq=t + 3 * s + 1,
-                             index=t + 3 * s + 1 + nb, table=t + 3 * s + 1 + 2 * nb)
+        self._offsets = dict(
+            ids=0,
+            starts=t,
+            ctx=t + s + 1,
+            last=t + 2 * s + 1,
+            seq=t + 3 * s + 1,
+            index=t + 3 * s + 1 + nb,
+            table=t + 3 * s + 1 + 2 * nb,
+        )
         size = self._offsets["table"] + s * self.width
         on_cuda = self.device.type == "cuda"
         self._host = torch.zeros(size, dtype=torch.long, pin_memory=on_cuda)
         self._host_np = self._host.numpy()
         self._dev = torch.zeros(size, dtype=torch.long, device=self.device) if on_cuda else self._host
         o = self._offsets
-        self.ids = self._dev[: t]
+        self.ids = self._dev[:t]
         self.query_start = self._dev[o["starts"] : o["starts"] + s + 1]
         self.context_lens = self._dev[o["ctx"] : o["ctx"] + s]
         self.last = self._dev[o["last"] : o["last"] + s]
@@ -89,8 +104,11 @@ class PrefillRunner:
         return -(-tokens // self.block_m) + self.max_seqs
 
     def fits(self, chunks: list[Chunk]) -> bool:
-        return (len(chunks) <= self.max_seqs and sum(c.length for c in chunks) <= self.max_tokens
-                and max(len(c.seq.pages) for c in chunks) <= self.width)
+        return (
+            len(chunks) <= self.max_seqs
+            and sum(c.length for c in chunks) <= self.max_tokens
+            and max(len(c.seq.pages) for c in chunks) <= self.width
+        )
 
     def bucket(self, tokens: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, tokens)]
@@ -169,15 +187,21 @@ class PrefillRunner:
         ctx = context_lens + [0] * (self.max_seqs - len(context_lens))
         nb = self._blocks_for(bucket)
         meta = AttentionMetadata(
-            slot_mapping=slots, positions=positions, query_start=self.query_start, context_lens=self.context_lens,
-            page_table=self.page_table, page_size=self.cache.page_size,
+            slot_mapping=slots,
+            positions=positions,
+            query_start=self.query_start,
+            context_lens=self.context_lens,
+            page_table=self.page_table,
+            page_size=self.cache.page_size,
             # host lists only for a backend that loops over sequences (never inside a capture)
             query_start_list=[] if getattr(self.backend, "graph_safe", False) else self.query_start.tolist(),
-            context_lens_list=ctx, max_query_len=bucket,
+            context_lens_list=ctx,
+            max_query_len=bucket,
             blocks=(self.block_seq[:nb], self.block_index[:nb]),
         )
-        hidden = self.model.model(self.ids[:bucket].view(1, bucket), positions.view(1, bucket),
-                                  cache=self.cache.view(meta, self.backend))
+        hidden = self.model.model(
+            self.ids[:bucket].view(1, bucket), positions.view(1, bucket), cache=self.cache.view(meta, self.backend)
+        )
         return hidden[0]
 
     def _token_layout(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:

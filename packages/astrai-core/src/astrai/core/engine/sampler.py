@@ -42,7 +42,7 @@ class Sampler:
         return self.draw(logits, rows).result()
 
     @torch.inference_mode()
-    def draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> "Drawn":
+    def draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> Drawn:
         """Queue the draw; the tokens stay on the device until Drawn.result() reads them."""
         # Widening bf16 to float32 is exact, so greedy rows can take the argmax of the logits as they are.
         x = logits
@@ -59,14 +59,17 @@ class Sampler:
         params = [r.params for r in rows]
         top_k = any(p.top_k > 0 for p in params)
         k_max = min(max(p.top_k for p in params), vocab)
-        numbers = torch.tensor([
-            [p.temperature or 1.0 for p in params],
-            [min(p.top_k, vocab) if p.top_k > 0 else k_max for p in params],
-            [float(p.top_k <= 0) for p in params],  # top-k off
-            [p.top_p if p.top_p < 1 else 2.0 for p in params],  # 2: nothing reaches it, top-p off
-            [p.min_p for p in params],
-            [float(g) for g in greedy],
-        ], dtype=torch.float32)
+        numbers = torch.tensor(
+            [
+                [p.temperature or 1.0 for p in params],
+                [min(p.top_k, vocab) if p.top_k > 0 else k_max for p in params],
+                [float(p.top_k <= 0) for p in params],  # top-k off
+                [p.top_p if p.top_p < 1 else 2.0 for p in params],  # 2: nothing reaches it, top-p off
+                [p.min_p for p in params],
+                [float(g) for g in greedy],
+            ],
+            dtype=torch.float32,
+        )
         (numbers,) = to_device([numbers], x.device)
         temps, ks, k_off, top_p, min_p, is_greedy = numbers
         scaled = x / temps[:, None]
@@ -94,8 +97,10 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     active = [r.params.has_penalties for r in rows]
     outputs = [r.output_ids if a else [] for r, a in zip(rows, active)]
     prompts = [r.prompt_ids if a else [] for r, a in zip(rows, active)]
-    factors = torch.tensor([[r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
-                            for r in rows], dtype=torch.float32)
+    factors = torch.tensor(
+        [[r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty] for r in rows],
+        dtype=torch.float32,
+    )
     out_index, out_weight = _padded(outputs)
     prompt_index, prompt_weight = _padded(prompts)
     out_index, prompt_index = to_device([out_index, prompt_index], device)

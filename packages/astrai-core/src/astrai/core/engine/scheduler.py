@@ -85,9 +85,16 @@ class Scheduler:
     def fork(self, parent: Sequence, index: int, text) -> Sequence:
         """A new running sample that shares every page of `parent` (copied on first write)."""
         child = Sequence(
-            request=parent.request, index=index, token_ids=list(parent.token_ids), text=text,
-            status=Status.RUNNING, num_computed=parent.num_computed, pages=list(parent.pages),
-            page_hashes=list(parent.page_hashes), num_registered=parent.num_registered, epoch=parent.epoch,
+            request=parent.request,
+            index=index,
+            token_ids=list(parent.token_ids),
+            text=text,
+            status=Status.RUNNING,
+            num_computed=parent.num_computed,
+            pages=list(parent.pages),
+            page_hashes=list(parent.page_hashes),
+            num_registered=parent.num_registered,
+            epoch=parent.epoch,
         )
         for page in child.pages:
             self.allocator.retain(page)

@@ -37,7 +37,7 @@ class Request:
     eos_ids: frozenset[int]
     sink: object = None  # where StreamEvents go (a callable or an asyncio loop's queue), then the end marker
     samples: list[Sample | None] = field(default_factory=list)  # filled in as samples finish
-    seqs: list["Sequence"] = field(default_factory=list)  # live sequences
+    seqs: list[Sequence] = field(default_factory=list)  # live sequences
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     completion: Completion | None = None  # set when the request ends (finished, aborted or failed)

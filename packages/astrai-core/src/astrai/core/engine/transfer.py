@@ -46,4 +46,3 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return [h.tolist() for h in self._host]
-

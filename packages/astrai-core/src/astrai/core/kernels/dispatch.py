@@ -54,5 +54,4 @@ def fused_kernels(enabled: bool):
 
 def use_fused(x: torch.Tensor) -> bool:
     """True for a CUDA tensor under no_grad / inference_mode, outside torch.compile tracing."""
-    return (_enabled and _HAS_TRITON and x.is_cuda and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+    return _enabled and _HAS_TRITON and x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()

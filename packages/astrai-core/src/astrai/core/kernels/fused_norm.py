@@ -18,8 +18,9 @@ MAX_COLS = 16384  # one row lives in registers (<= 64 floats a thread at 8 warps
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_cols, eps,
-                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def _rms_norm_kernel(
+    X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_cols, eps, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -39,8 +40,14 @@ def _rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, n_co
 def supports(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Shapes and dtypes the kernel handles; anything else keeps the torch path."""
     n = x.shape[-1]
-    ok = (x.dtype in FUSED_DTYPES and weight.dtype in FUSED_DTYPES and weight.shape == (n,)
-          and weight.stride(0) == 1 and n <= MAX_COLS and x.numel() > 0)
+    ok = (
+        x.dtype in FUSED_DTYPES
+        and weight.dtype in FUSED_DTYPES
+        and weight.shape == (n,)
+        and weight.stride(0) == 1
+        and n <= MAX_COLS
+        and x.numel() > 0
+    )
     if residual is not None:
         ok = ok and residual.shape == x.shape and residual.dtype == x.dtype
     return ok
@@ -64,7 +71,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         rr, summed = _rows(residual), torch.empty(shape, dtype=x.dtype, device=x.device).view(-1, n)
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(xr.shape[0],)](
-        xr, rr, weight, out2, summed, xr.stride(0), rr.stride(0), out2.stride(0), summed.stride(0), n, eps,
-        BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=min(max(block // 256, 1), 8),
+        xr,
+        rr,
+        weight,
+        out2,
+        summed,
+        xr.stride(0),
+        rr.stride(0),
+        out2.stride(0),
+        summed.stride(0),
+        n,
+        eps,
+        BLOCK=block,
+        HAS_RESIDUAL=residual is not None,
+        num_warps=min(max(block // 256, 1), 8),
     )
     return out if residual is None else (summed.view(shape), out)

@@ -18,8 +18,24 @@ from .dispatch import FUSED_DTYPES
 
 
 @triton.jit
-def _rotate_heads(X, O, W, x_row, o_row, stride_h, n_heads, cos1, cos2, sin1, sin2, eps,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+def _rotate_heads(
+    X,
+    O,
+    W,
+    x_row,
+    o_row,
+    stride_h,
+    n_heads,
+    cos1,
+    cos2,
+    sin1,
+    sin2,
+    eps,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
     h = tl.arange(0, BLOCK_H)[:, None]
     c = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < n_heads) & (c < HALF)
@@ -43,10 +59,33 @@ def _rotate_heads(X, O, W, x_row, o_row, stride_h, n_heads, cos1, cos2, sin1, si
 
 
 @triton.jit
-def _qk_rope_kernel(Q, K, QO, KO, COS, SIN, QW, KW, seq_len, n_q_heads, n_k_heads, eps,
-                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sc_b, sc_t,
-                    HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-                    BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+def _qk_rope_kernel(
+    Q,
+    K,
+    QO,
+    KO,
+    COS,
+    SIN,
+    QW,
+    KW,
+    seq_len,
+    n_q_heads,
+    n_k_heads,
+    eps,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sc_b,
+    sc_t,
+    HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
     tok = tl.program_id(0).to(tl.int64)
     b, t = tok // seq_len, tok % seq_len
     c = tl.arange(0, BLOCK_HALF)
@@ -56,10 +95,42 @@ def _qk_rope_kernel(Q, K, QO, KO, COS, SIN, QW, KW, seq_len, n_q_heads, n_k_head
     cos2 = tl.load(COS + trig + HALF, mask=cm, other=0.0).to(tl.float32)[None, :]
     sin1 = tl.load(SIN + trig, mask=cm, other=0.0).to(tl.float32)[None, :]
     sin2 = tl.load(SIN + trig + HALF, mask=cm, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(Q, QO, QW, b * sq_b + t * sq_t, tok * n_q_heads * 2 * HALF, sq_h, n_q_heads,
-                  cos1, cos2, sin1, sin2, eps, HALF, BLOCK_QH, BLOCK_HALF, HAS_NORM)
-    _rotate_heads(K, KO, KW, b * sk_b + t * sk_t, tok * n_k_heads * 2 * HALF, sk_h, n_k_heads,
-                  cos1, cos2, sin1, sin2, eps, HALF, BLOCK_KH, BLOCK_HALF, HAS_NORM)
+    _rotate_heads(
+        Q,
+        QO,
+        QW,
+        b * sq_b + t * sq_t,
+        tok * n_q_heads * 2 * HALF,
+        sq_h,
+        n_q_heads,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        eps,
+        HALF,
+        BLOCK_QH,
+        BLOCK_HALF,
+        HAS_NORM,
+    )
+    _rotate_heads(
+        K,
+        KO,
+        KW,
+        b * sk_b + t * sk_t,
+        tok * n_k_heads * 2 * HALF,
+        sk_h,
+        n_k_heads,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        eps,
+        HALF,
+        BLOCK_KH,
+        BLOCK_HALF,
+        HAS_NORM,
+    )
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, norm_weights=None) -> bool:
@@ -68,11 +139,21 @@ def supports(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, norm_weights=N
     if q.dim() != 4 or k.dim() != 4:
         return False
     b, t, _, d = q.shape
-    ok = (k.shape[:2] == (b, t) and k.shape[3] == d and d % 2 == 0
-          and cos.dim() == 3 and cos.shape[0] in (1, b) and cos.shape[1:] == (t, d)
-          and q.dtype in FUSED_DTYPES and q.dtype == k.dtype == cos.dtype
-          and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1
-          and q.numel() > 0 and k.numel() > 0)
+    ok = (
+        k.shape[:2] == (b, t)
+        and k.shape[3] == d
+        and d % 2 == 0
+        and cos.dim() == 3
+        and cos.shape[0] in (1, b)
+        and cos.shape[1:] == (t, d)
+        and q.dtype in FUSED_DTYPES
+        and q.dtype == k.dtype == cos.dtype
+        and q.stride(-1) == 1
+        and k.stride(-1) == 1
+        and cos.stride(-1) == 1
+        and q.numel() > 0
+        and k.numel() > 0
+    )
     if ok and norm_weights is not None:
         ok = all(w.shape == (d,) and w.dtype == q.dtype and w.stride(0) == 1 for w in norm_weights)
     return ok
@@ -90,9 +171,31 @@ def qk_rope(q, k, cos, sin, norm_weights=None, eps: float = 0.0):
     wq, wk = norm_weights if norm_weights is not None else (q, k)  # unused when HAS_NORM is off
     half = d // 2
     _qk_rope_kernel[(b * t,)](
-        q, k, q_out, k_out, cos, sin, wq, wk, t, hq, hk, eps,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cos.stride(0), cos.stride(1),
-        HALF=half, BLOCK_QH=triton.next_power_of_2(hq), BLOCK_KH=triton.next_power_of_2(hk),
-        BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=norm_weights is not None, num_warps=4,
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        wq,
+        wk,
+        t,
+        hq,
+        hk,
+        eps,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        cos.stride(0),
+        cos.stride(1),
+        HALF=half,
+        BLOCK_QH=triton.next_power_of_2(hq),
+        BLOCK_KH=triton.next_power_of_2(hk),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        HAS_NORM=norm_weights is not None,
+        num_warps=4,
     )
     return q_out, k_out

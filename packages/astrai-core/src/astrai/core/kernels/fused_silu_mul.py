@@ -30,8 +30,14 @@ def _silu_mul_kernel(G, U, O, width, stride_g, stride_u, BLOCK: tl.constexpr):
 
 
 def supports(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    return (gate.shape == up.shape and gate.dtype == up.dtype and gate.dtype in FUSED_DTYPES
-            and gate.numel() > 0 and _rows(gate) is not None and _rows(up) is not None)
+    return (
+        gate.shape == up.shape
+        and gate.dtype == up.dtype
+        and gate.dtype in FUSED_DTYPES
+        and gate.numel() > 0
+        and _rows(gate) is not None
+        and _rows(up) is not None
+    )
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor | None:

@@ -34,8 +34,12 @@ def paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_s
         q_len = hi - lo
         mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
         o = F.scaled_dot_product_attention(
-            q[lo:hi].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, scale=scale, enable_gqa=True,
+            q[lo:hi].transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
         )
         out[lo:hi] = o.transpose(0, 1)
     return out
@@ -53,13 +57,15 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def paged_attention(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
-                    blocks=None):
+def paged_attention(
+    q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None, blocks=None
+):
     """Triton kernel on CUDA, the reference elsewhere. max_q_len avoids a host sync when known;
     blocks: the kernel's program list (paged_attention_triton), ignored by the reference."""
     if q.is_cuda:
         from .paged_attention_triton import paged_attention_triton
 
-        return paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim, max_q_len,
-                                      blocks)
+        return paged_attention_triton(
+            q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim, max_q_len, blocks
+        )
     return paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim)

@@ -20,12 +20,38 @@ from .paged_attention import query_block_size
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, K, V, O, page_table, seq_lens, query_start, block_seq, block_index, scale,
-    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_pt,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LISTED: tl.constexpr, F16_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    page_table,
+    seq_lens,
+    query_start,
+    block_seq,
+    block_index,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_pt,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    LISTED: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     if LISTED:  # the programs' (sequence, query block) pairs come from a list; -1: nothing to do
         b = tl.load(block_seq + tl.program_id(0))
@@ -50,8 +76,11 @@ def _paged_attention_kernel(
     qpos = ctx - q_len + tok
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
-                mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    q = tl.load(
+        Q + (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dk[None, :],
+        mask=row_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
+    )
     if F16_DOT:  # clamped: a query beyond float16's range would make the scores inf, then NaN
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     m_i = tl.full([BLOCK_M * GROUP_P], float("-inf"), tl.float32)
@@ -65,8 +94,11 @@ def _paged_attention_kernel(
         n_ok = n < kv_end
         page = tl.load(page_table + b * stride_pt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
         slot = n % PAGE
-        k = tl.load(K + page[None, :] * stride_kp + slot[None, :] * stride_ks + kvh * stride_kh + dk[:, None],
-                    mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0).to(q.dtype)
+        k = tl.load(
+            K + page[None, :] * stride_kp + slot[None, :] * stride_ks + kvh * stride_kh + dk[:, None],
+            mask=n_ok[None, :] & (dk[:, None] < DK),
+            other=0.0,
+        ).to(q.dtype)
         s = tl.dot(q, k) * qk_scale
         visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -75,23 +107,56 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
-                    mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0).to(q.dtype)
+        v = tl.load(
+            V + page[:, None] * stride_vp + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
+            mask=n_ok[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        ).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O + (q_begin + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(
+        O + (q_begin + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & (dv[None, :] < DV),
+    )
 
 
 @triton.jit
 def _paged_decode_kernel(
-    Q, K, V, O, part, part_max, part_sum, page_table, seq_lens, query_start, scale,
-    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_pt, n_heads,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLITS: tl.constexpr, F16_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    part,
+    part_max,
+    part_sum,
+    page_table,
+    seq_lens,
+    query_start,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_pt,
+    n_heads,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    SPLITS: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     """One query token per sequence; program (sequence, KV head, split of the context). A key
     tile lies inside one page (PAGE % BLOCK_N == 0), so its page number is one scalar load and
@@ -111,8 +176,11 @@ def _paged_decode_kernel(
     head = kvh * GROUP + g
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + row * stride_qt + head[:, None] * stride_qh + dk[None, :],
-                mask=(g[:, None] < GROUP) & (dk[None, :] < DK), other=0.0)
+    q = tl.load(
+        Q + row * stride_qt + head[:, None] * stride_qh + dk[None, :],
+        mask=(g[:, None] < GROUP) & (dk[None, :] < DK),
+        other=0.0,
+    )
     if F16_DOT:  # clamped: a query beyond float16's range would make the scores inf, then NaN
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -126,22 +194,27 @@ def _paged_decode_kernel(
         page = tl.load(page_table + b * stride_pt + start // PAGE).to(tl.int64)
         first = start % PAGE
         n_ok = start + j < hi
-        k = tl.load(K + page * stride_kp + first * stride_ks + k_offsets,
-                    mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0).to(q.dtype)
+        k = tl.load(
+            K + page * stride_kp + first * stride_ks + k_offsets, mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0
+        ).to(q.dtype)
         s = tl.where(n_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has a visible key
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + page * stride_vp + first * stride_vs + v_offsets,
-                    mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0).to(q.dtype)
+        v = tl.load(
+            V + page * stride_vp + first * stride_vs + v_offsets, mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0
+        ).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no keys (a padding row, an empty split): zeros
     row_ok = g < GROUP
     if SPLITS == 1:
-        tl.store(O + row * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & (dv[None, :] < DV))
+        tl.store(
+            O + row * stride_ot + head[:, None] * stride_oh + dv[None, :],
+            out.to(O.dtype.element_ty),
+            mask=row_ok[:, None] & (dv[None, :] < DV),
+        )
     else:
         at = (b * n_heads + head) * SPLITS + split
         tl.store(part + at[:, None] * BLOCK_DV + dv[None, :], out, mask=row_ok[:, None])
@@ -150,8 +223,19 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _combine_splits_kernel(part, part_max, part_sum, O, query_start, stride_ot, stride_oh, n_heads,
-                           SPLITS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _combine_splits_kernel(
+    part,
+    part_max,
+    part_sum,
+    O,
+    query_start,
+    stride_ot,
+    stride_oh,
+    n_heads,
+    SPLITS: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """Program (sequence, head): the splits' outputs weighted by their share of the softmax sum."""
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -200,22 +284,64 @@ def _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f1
     # The register cap fits a 16 x 128 accumulator; wider ones keep the compiler's choice.
     cap = {"maxnreg": DECODE_MAX_REGISTERS} if rows * max(block_dk, block_dv) <= 16 * 128 else {}
     _paged_decode_kernel[(batch, n_kv_heads, splits)](
-        q, k_cache, v, out, part, stats[0], stats[1], page_table, seq_lens, query_start, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), page_table.stride(0), n_heads,
-        GROUP=group, ROWS=rows, PAGE=page_size, BLOCK_N=DECODE_BLOCK_N, DK=dk, DV=dv,
-        BLOCK_DK=block_dk, BLOCK_DV=block_dv, SPLITS=splits, F16_DOT=f16_dot,
-        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, **cap,
+        q,
+        k_cache,
+        v,
+        out,
+        part,
+        stats[0],
+        stats[1],
+        page_table,
+        seq_lens,
+        query_start,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        page_table.stride(0),
+        n_heads,
+        GROUP=group,
+        ROWS=rows,
+        PAGE=page_size,
+        BLOCK_N=DECODE_BLOCK_N,
+        DK=dk,
+        DV=dv,
+        BLOCK_DK=block_dk,
+        BLOCK_DV=block_dv,
+        SPLITS=splits,
+        F16_DOT=f16_dot,
+        num_warps=DECODE_WARPS,
+        num_stages=DECODE_STAGES,
+        **cap,
     )
     if splits > 1:
-        _combine_splits_kernel[(batch, n_heads)](part, stats[0], stats[1], out, query_start, out.stride(0),
-                                                 out.stride(1), n_heads, SPLITS=splits, DV=dv, BLOCK_DV=block_dv,
-                                                 num_warps=1)
+        _combine_splits_kernel[(batch, n_heads)](
+            part,
+            stats[0],
+            stats[1],
+            out,
+            query_start,
+            out.stride(0),
+            out.stride(1),
+            n_heads,
+            SPLITS=splits,
+            DV=dv,
+            BLOCK_DV=block_dv,
+            num_warps=1,
+        )
     return out
 
 
-def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None,
-                           blocks=None):
+def paged_attention_triton(
+    q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None, blocks=None
+):
     """blocks: None, or (block_seq, block_index) int32 tensors listing the (sequence, query block)
     of every program, query blocks of query_block_size(...) tokens, unused entries -1: the
     launch then depends on the list's length only, not on the step's sequence lengths (CUDA
@@ -244,11 +370,39 @@ def paged_attention_triton(q, k_cache, v_cache, page_table, seq_lens, query_star
         grid = (seq_lens.shape[0], triton.cdiv(max_q_len, block_m), n_kv_heads)
         block_seq = block_index = seq_lens  # unused
     _paged_attention_kernel[grid](
-        q, k_cache, v, out, page_table, seq_lens, query_start, block_seq, block_index, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), page_table.stride(0),
-        GROUP=group, GROUP_P=triton.next_power_of_2(group), PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DK=dk, DV=dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv, LISTED=blocks is not None,
-        F16_DOT=f16_dot, num_warps=warps, num_stages=stages,
+        q,
+        k_cache,
+        v,
+        out,
+        page_table,
+        seq_lens,
+        query_start,
+        block_seq,
+        block_index,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        page_table.stride(0),
+        GROUP=group,
+        GROUP_P=triton.next_power_of_2(group),
+        PAGE=page_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DK=dk,
+        DV=dv,
+        BLOCK_DK=block_dk,
+        BLOCK_DV=block_dv,
+        LISTED=blocks is not None,
+        F16_DOT=f16_dot,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out

@@ -66,8 +66,17 @@ def per_row(convert: Callable, rows: list[dict], tok: AutoTokenizer, **options: 
     return out
 
 
-def _convert_batch(batch: dict[str, list], indices: list[int], *, convert: Callable, empty: dict[str, Any],
-                   tokenizer: str, options: dict[str, Any], origin: str, skip: bool) -> dict[str, list]:
+def _convert_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    convert: Callable,
+    empty: dict[str, Any],
+    tokenizer: str,
+    options: dict[str, Any],
+    origin: str,
+    skip: bool,
+) -> dict[str, list]:
     """``datasets.map`` body: convert a batch of rows; a bad row raises, or leaves an empty row
     that carries its error message (skip mode) so it can be counted and filtered out later."""
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -205,16 +214,37 @@ class BaseDataModule(L.LightningDataModule):
             ds = ds.rename_columns(present) if present else ds
         self.check_columns(ds.column_names, part.origin)
         convert, options, features = self.converter(ds.column_names)
-        key = json.dumps([CACHE_VERSION, type(self).__name__, ds._fingerprint, tokenizer_fingerprint(self.tokenizer_path),
-                          convert.__qualname__, options, self.skip_bad_rows], sort_keys=True, default=str)
+        key = json.dumps(
+            [
+                CACHE_VERSION,
+                type(self).__name__,
+                ds._fingerprint,
+                tokenizer_fingerprint(self.tokenizer_path),
+                convert.__qualname__,
+                options,
+                self.skip_bad_rows,
+            ],
+            sort_keys=True,
+            default=str,
+        )
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:32]
         ds = ds.map(
-            _convert_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
-            features=Features({**features, ERROR: Value("string")}), num_proc=self.num_proc,
-            new_fingerprint=fingerprint, desc=f"tokenising {Path(part.origin).name}",
-            fn_kwargs=dict(convert=convert, empty={k: _empty(v) for k, v in features.items()},
-                           tokenizer=self.tokenizer_path, options=options, origin=part.origin,
-                           skip=self.skip_bad_rows),
+            _convert_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=ds.column_names,
+            features=Features({**features, ERROR: Value("string")}),
+            num_proc=self.num_proc,
+            new_fingerprint=fingerprint,
+            desc=f"tokenising {Path(part.origin).name}",
+            fn_kwargs=dict(
+                convert=convert,
+                empty={k: _empty(v) for k, v in features.items()},
+                tokenizer=self.tokenizer_path,
+                options=options,
+                origin=part.origin,
+                skip=self.skip_bad_rows,
+            ),
         )
         column = ds.with_format("arrow")[ERROR]  # counted in Arrow: no Python string per row
         errors = pc.filter(column, pc.not_equal(column, "")).to_pylist()
@@ -234,8 +264,13 @@ class BaseDataModule(L.LightningDataModule):
         return ds.remove_columns(ERROR)
 
     def _tokenized(self, spec: Spec, split: str) -> Dataset:
-        parts = load_parts(spec, f"data.{split}", cache_dir=self.cache_dir, load_kwargs=self.load_kwargs,
-                           skip_bad_rows=self.skip_bad_rows)
+        parts = load_parts(
+            spec,
+            f"data.{split}",
+            cache_dir=self.cache_dir,
+            load_kwargs=self.load_kwargs,
+            skip_bad_rows=self.skip_bad_rows,
+        )
         done = [self._tokenize_part(part, split) for part in parts]
         return done[0] if len(done) == 1 else concatenate_datasets(done)
 
@@ -269,15 +304,25 @@ class BaseDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return ResumableDataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler,
-                                   collate_fn=self.collate_fn(), num_workers=self.num_workers,
-                                   persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate_fn(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def _eval_loader(self, dataset, split: str) -> DataLoader:
         if dataset is None:
             raise DataError(f"no {split} data: set data.val (files) or data.val_fraction (a share of data.train)")
-        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, collate_fn=self.collate_fn(),
-                          num_workers=self.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            collate_fn=self.collate_fn(),
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         # No validation data is allowed for fit (Lightning then skips validation).

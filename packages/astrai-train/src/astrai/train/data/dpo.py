@@ -11,7 +11,8 @@ columns (precomputed reference log-probabilities) are passed through to the batc
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from datasets import Dataset, Features, Sequence, Value
 
@@ -25,23 +26,35 @@ from .sft import OVERLONG, _chat, _pad_id, fit_length, sample_from_mask
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def _side(tok: AutoTokenizer, prompt: list[dict], prompt_ids: list[int], reply: list[dict], field: str,
-          max_len: int, overlong: str) -> tuple[dict, bool]:
+def _side(
+    tok: AutoTokenizer,
+    prompt: list[dict],
+    prompt_ids: list[int],
+    reply: list[dict],
+    field: str,
+    max_len: int,
+    overlong: str,
+) -> tuple[dict, bool]:
     ids, mask = _chat(tok, prompt + reply, field)
     if ids[: len(prompt_ids)] != prompt_ids:
-        raise RecordError(field, "the chat template renders the prompt differently once a reply follows, "
-                                 "so prompt and reply tokens cannot be told apart")
+        raise RecordError(
+            field,
+            "the chat template renders the prompt differently once a reply follows, "
+            "so prompt and reply tokens cannot be told apart",
+        )
     if len(prompt_ids) >= max_len:
-        raise RecordError("prompt", f"has {len(prompt_ids)} tokens, leaving no room for a reply "
-                                    f"within data.max_len={max_len}")
-    mask = [0] * len(prompt_ids) + mask[len(prompt_ids):]  # earlier assistant turns are prompt too
+        raise RecordError(
+            "prompt", f"has {len(prompt_ids)} tokens, leaving no room for a reply within data.max_len={max_len}"
+        )
+    mask = [0] * len(prompt_ids) + mask[len(prompt_ids) :]  # earlier assistant turns are prompt too
     ids, mask, cut = fit_length(ids, mask, max_len, overlong, field)
     sample = sample_from_mask(ids, mask, field)
     return {f"{field}_input_ids": sample["input_ids"], f"{field}_labels": sample["labels"]}, cut
 
 
-def _dpo_row(row: dict, tok: AutoTokenizer, *, max_len: int, overlong: str, system_prompt: str | None,
-             with_refs: bool) -> dict:
+def _dpo_row(
+    row: dict, tok: AutoTokenizer, *, max_len: int, overlong: str, system_prompt: str | None, with_refs: bool
+) -> dict:
     prompt = prompt_messages(row.get("prompt"), "prompt", system_prompt)
     chosen = reply_messages(row.get("chosen"), "chosen", prompt)
     rejected = reply_messages(row.get("rejected"), "rejected", prompt)
@@ -78,8 +91,15 @@ class DPODataModule(BaseDataModule):
 
     columns_hint = "DPO rows need 'prompt', 'chosen' and 'rejected'"
 
-    def __init__(self, tokenizer: str, train: str | list[str], max_len: int = 1024, overlong: str = "truncate",
-                 system_prompt: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        tokenizer: str,
+        train: str | list[str],
+        max_len: int = 1024,
+        overlong: str = "truncate",
+        system_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(tokenizer, train, **kwargs)
         if not isinstance(max_len, int) or max_len < 2:
             raise DataError(f"data.max_len must be an integer >= 2, got {max_len!r}")
@@ -95,13 +115,20 @@ class DPODataModule(BaseDataModule):
 
     def converter(self, columns: list[str]) -> tuple[Callable, dict[str, Any], Features]:
         with_refs = all(c in columns for c in REF_COLUMNS)
-        features = {f"{side}_{key}": Sequence(Value("int32"))
-                    for side in ("chosen", "rejected") for key in ("input_ids", "labels")}
+        features = {
+            f"{side}_{key}": Sequence(Value("int32"))
+            for side in ("chosen", "rejected")
+            for key in ("input_ids", "labels")
+        }
         features[TRUNCATED] = Value("bool")
         if with_refs:
             features.update({name: Value("float64") for name in REF_COLUMNS})
-        options = {"max_len": self.max_len, "overlong": self.overlong, "system_prompt": self.system_prompt,
-                   "with_refs": with_refs}
+        options = {
+            "max_len": self.max_len,
+            "overlong": self.overlong,
+            "system_prompt": self.system_prompt,
+            "with_refs": with_refs,
+        }
         return tokenize_pairs, options, Features(features)
 
     def to_torch(self, ds: Dataset, split: str) -> Rows:

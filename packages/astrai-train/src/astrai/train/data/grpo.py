@@ -37,13 +37,15 @@ from .records import DataError, RecordError, prompt_messages, require_text
 from .sft import OVERLONG, _chat, _pad_id
 
 OFFLINE_COLUMNS = ("responses", "rewards")
-FEATURES = Features({
-    "prompt_ids": Sequence(Value("int32")),
-    "completion_ids": Sequence(Sequence(Value("int32"))),  # offline only (else empty)
-    "rewards": Sequence(Value("float64")),  # offline only (else empty)
-    "row": Value("string"),  # the original row as JSON, for the reward functions
-    TRUNCATED: Value("bool"),
-})
+FEATURES = Features(
+    {
+        "prompt_ids": Sequence(Value("int32")),
+        "completion_ids": Sequence(Sequence(Value("int32"))),  # offline only (else empty)
+        "rewards": Sequence(Value("float64")),  # offline only (else empty)
+        "row": Value("string"),  # the original row as JSON, for the reward functions
+        TRUNCATED: Value("bool"),
+    }
+)
 
 
 def _prompt(row: dict, tok: AutoTokenizer, max_prompt_len: int, system_prompt: str | None) -> tuple[list, list[int]]:
@@ -53,21 +55,27 @@ def _prompt(row: dict, tok: AutoTokenizer, max_prompt_len: int, system_prompt: s
     except ValueError as e:  # the template rejected the conversation
         raise RecordError("prompt", str(e)) from None
     if len(ids) > max_prompt_len:
-        raise RecordError("prompt", f"has {len(ids)} tokens, more than data.max_prompt_len={max_prompt_len} "
-                                    "(raise it, or shorten the prompt)")
+        raise RecordError(
+            "prompt",
+            f"has {len(ids)} tokens, more than data.max_prompt_len={max_prompt_len} (raise it, or shorten the prompt)",
+        )
     return messages, ids
 
 
-def _response(tok: AutoTokenizer, messages: list, prompt_ids: list[int], text: Any, field: str,
-              max_len: int, overlong: str) -> tuple[list[int], bool]:
+def _response(
+    tok: AutoTokenizer, messages: list, prompt_ids: list[int], text: Any, field: str, max_len: int, overlong: str
+) -> tuple[list[int], bool]:
     """Token ids of one reply after the prompt: its content and end-of-turn token, as the engine
     would have generated them (the template's trailing newline is not part of it)."""
     reply = require_text(text, field)
     ids, mask = _chat(tok, [*messages, {"role": "assistant", "content": reply}], field)
     if ids[: len(prompt_ids)] != prompt_ids:
-        raise RecordError(field, "the chat template renders the prompt differently once a reply follows, "
-                                 "so prompt and reply tokens cannot be told apart")
-    reply_mask = mask[len(prompt_ids):]
+        raise RecordError(
+            field,
+            "the chat template renders the prompt differently once a reply follows, "
+            "so prompt and reply tokens cannot be told apart",
+        )
+    reply_mask = mask[len(prompt_ids) :]
     if 1 not in reply_mask:
         raise RecordError(field, "renders to no reply tokens")
     end = len(reply_mask) - reply_mask[::-1].index(1)
@@ -76,23 +84,41 @@ def _response(tok: AutoTokenizer, messages: list, prompt_ids: list[int], text: A
     if len(completion) <= room:
         return completion, False
     if overlong == "error" or room < 1:
-        raise RecordError(field, f"prompt + reply have {len(prompt_ids) + len(completion)} tokens, more than "
-                                 f"data.max_len={max_len} (raise data.max_len or set data.overlong: truncate)")
+        raise RecordError(
+            field,
+            f"prompt + reply have {len(prompt_ids) + len(completion)} tokens, more than "
+            f"data.max_len={max_len} (raise data.max_len or set data.overlong: truncate)",
+        )
     return completion[:room], True
 
 
-def _grpo_row(row: dict, tok: AutoTokenizer, *, max_prompt_len: int, max_len: int, overlong: str,
-              system_prompt: str | None, offline: bool) -> dict:
+def _grpo_row(
+    row: dict,
+    tok: AutoTokenizer,
+    *,
+    max_prompt_len: int,
+    max_len: int,
+    overlong: str,
+    system_prompt: str | None,
+    offline: bool,
+) -> dict:
     messages, prompt_ids = _prompt(row, tok, max_prompt_len, system_prompt)
-    out = {"prompt_ids": prompt_ids, "completion_ids": [], "rewards": [], TRUNCATED: False,
-           "row": json.dumps(row, ensure_ascii=False, default=str)}
+    out = {
+        "prompt_ids": prompt_ids,
+        "completion_ids": [],
+        "rewards": [],
+        TRUNCATED: False,
+        "row": json.dumps(row, ensure_ascii=False, default=str),
+    }
     if not offline:
         return out
     responses, rewards = row.get("responses"), row.get("rewards")
     if not isinstance(responses, list) or len(responses) < 2:
         raise RecordError("responses", f"must be a list of at least 2 replies to compare, got {responses!r:.80}")
     if not isinstance(rewards, list) or len(rewards) != len(responses):
-        raise RecordError("rewards", f"must be a list of {len(responses)} numbers, one per response, got {rewards!r:.80}")
+        raise RecordError(
+            "rewards", f"must be a list of {len(responses)} numbers, one per response, got {rewards!r:.80}"
+        )
     for i, value in enumerate(rewards):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RecordError(f"rewards[{i}]", f"must be a finite number, got {value!r}")
@@ -110,11 +136,15 @@ def tokenize_grpo(rows: list[dict], tok: AutoTokenizer, **options: Any) -> list[
 
 # ---- batches ------------------------------------------------------------------------------------
 
+
 def collate_prompts(rows: list[dict]) -> dict[str, list]:
     """Online batch: prompt token ids plus the original rows (for the reward functions)."""
     originals = [json.loads(r["row"]) for r in rows]
-    return {"prompt_ids": [list(r["prompt_ids"]) for r in rows],
-            "prompts": [o.get("prompt") for o in originals], "rows": originals}
+    return {
+        "prompt_ids": [list(r["prompt_ids"]) for r in rows],
+        "prompts": [o.get("prompt") for o in originals],
+        "rows": originals,
+    }
 
 
 def collate_offline(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -129,9 +159,13 @@ def collate_offline(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             rewards.append(reward)
             groups.append(g)
     length = max(map(len, seqs))
-    return {"input_ids": _pad(seqs, pad_id, length), "labels": _pad(labels, IGNORE, length),
-            "attention_mask": _attention_mask(seqs, length),
-            "rewards": torch.tensor(rewards, dtype=torch.float32), "group_ids": torch.tensor(groups)}
+    return {
+        "input_ids": _pad(seqs, pad_id, length),
+        "labels": _pad(labels, IGNORE, length),
+        "attention_mask": _attention_mask(seqs, length),
+        "rewards": torch.tensor(rewards, dtype=torch.float32),
+        "group_ids": torch.tensor(groups),
+    }
 
 
 def collate_grpo(rows: list[dict], pad_id: int) -> dict:
@@ -167,11 +201,21 @@ class GRPODataModule(BaseDataModule):
             counts prompts (each gives a group of completions).
     """
 
-    columns_hint = ("GRPO rows need 'prompt' (online), or 'prompt', 'responses' and 'rewards' (offline); "
-                    "other columns are passed to the reward functions")
+    columns_hint = (
+        "GRPO rows need 'prompt' (online), or 'prompt', 'responses' and 'rewards' (offline); "
+        "other columns are passed to the reward functions"
+    )
 
-    def __init__(self, tokenizer: str, train: str | list[str], max_prompt_len: int = 512, max_len: int = 1024,
-                 overlong: str = "truncate", system_prompt: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        tokenizer: str,
+        train: str | list[str],
+        max_prompt_len: int = 512,
+        max_len: int = 1024,
+        overlong: str = "truncate",
+        system_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(tokenizer, train, **kwargs)
         for name, value in (("max_prompt_len", max_prompt_len), ("max_len", max_len)):
             if not isinstance(value, int) or value < 1:
@@ -189,8 +233,13 @@ class GRPODataModule(BaseDataModule):
             self._require(columns, list(OFFLINE_COLUMNS), origin)
 
     def converter(self, columns: list[str]) -> tuple[Callable, dict[str, Any], Features]:
-        options = {"max_prompt_len": self.max_prompt_len, "max_len": self.max_len, "overlong": self.overlong,
-                   "system_prompt": self.system_prompt, "offline": all(c in columns for c in OFFLINE_COLUMNS)}
+        options = {
+            "max_prompt_len": self.max_prompt_len,
+            "max_len": self.max_len,
+            "overlong": self.overlong,
+            "system_prompt": self.system_prompt,
+            "offline": all(c in columns for c in OFFLINE_COLUMNS),
+        }
         return tokenize_grpo, options, FEATURES
 
     def build(self) -> None:
@@ -200,8 +249,10 @@ class GRPODataModule(BaseDataModule):
         ds = self.train_dataset.ds
         n_offline = _count_offline(ds)
         if 0 < n_offline < len(ds):
-            raise DataError(f"data.train mixes {n_offline} offline rows (with responses and rewards) and "
-                            f"{len(ds) - n_offline} prompt-only rows; train on one kind at a time")
+            raise DataError(
+                f"data.train mixes {n_offline} offline rows (with responses and rewards) and "
+                f"{len(ds) - n_offline} prompt-only rows; train on one kind at a time"
+            )
         self.offline = n_offline > 0
 
     def to_torch(self, ds: Dataset, split: str) -> torch.utils.data.Dataset:

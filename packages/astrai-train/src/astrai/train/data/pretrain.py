@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -32,7 +33,9 @@ def _one_text(row: dict, tok: AutoTokenizer, *, text_field: str) -> str:
     return require_text(row.get(text_field), text_field, allow_empty=True)
 
 
-def tokenize_documents(rows: list[dict], tok: AutoTokenizer, *, text_field: str, eos_id: int) -> list[dict | RecordError]:
+def tokenize_documents(
+    rows: list[dict], tok: AutoTokenizer, *, text_field: str, eos_id: int
+) -> list[dict | RecordError]:
     """Check each row's text, then encode the good ones in one batch call (Rust threads).
     An empty document adds nothing to the stream (not even EOS)."""
     checked = per_row(_one_text, rows, tok, text_field=text_field)
@@ -56,8 +59,9 @@ class TokenWindows(torch.utils.data.Dataset):
     """Windows over a token stream. With ``eos_id`` set (document attention), positions
     restart after each EOS, so attention stays inside a document, and EOS predicts nothing."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, stride: int, eos_id: int | None = None,
-                 split: str = "train") -> None:
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, stride: int, eos_id: int | None = None, split: str = "train"
+    ) -> None:
         if len(tokens) < seq_len + 1:
             raise DataError(
                 f"the {split} data has {len(tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; "
@@ -136,8 +140,16 @@ class PretrainDataModule(BaseDataModule):
 
     columns_hint = "pre-training rows need a text column (data.text_field)"
 
-    def __init__(self, tokenizer: str, train: str | list[str], seq_len: int = 512, stride: int | None = None,
-                 text_field: str = "text", document_attention: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        tokenizer: str,
+        train: str | list[str],
+        seq_len: int = 512,
+        stride: int | None = None,
+        text_field: str = "text",
+        document_attention: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(tokenizer, train, **kwargs)
         for name, value in (("seq_len", seq_len), ("stride", seq_len if stride is None else stride)):
             if not isinstance(value, int) or value < 1:
@@ -152,8 +164,11 @@ class PretrainDataModule(BaseDataModule):
 
     def converter(self, columns: list[str]) -> tuple[Callable, dict[str, Any], Features]:
         eos = self.tokenizer.eos_token_id
-        return (tokenize_documents, {"text_field": self.text_field, "eos_id": eos},
-                Features({"input_ids": Sequence(Value("int32"))}))
+        return (
+            tokenize_documents,
+            {"text_field": self.text_field, "eos_id": eos},
+            Features({"input_ids": Sequence(Value("int32"))}),
+        )
 
     def to_torch(self, ds: Dataset, split: str) -> TokenWindows:
         tokens = token_stream(ds, self.tokenizer.vocab_size)

@@ -92,7 +92,9 @@ def require_messages(value: Any, field: str, *, need_assistant: bool = True) -> 
 
 def _string_or_list(value: Any, field: str) -> None:
     if value is not None and not isinstance(value, (str, list, tuple)):
-        raise RecordError(field, f"must be a string or a list of {{'role', 'content'}} messages, got {_type_name(value)}")
+        raise RecordError(
+            field, f"must be a string or a list of {{'role', 'content'}} messages, got {_type_name(value)}"
+        )
 
 
 def prompt_messages(value: Any, field: str = "prompt", system_prompt: str | None = None) -> list[dict[str, str]]:
@@ -116,7 +118,7 @@ def reply_messages(value: Any, field: str, prompt: list[dict[str, str]]) -> list
         return [{"role": "assistant", "content": require_text(value, field)}]
     messages = require_messages(value, field)
     if messages[: len(prompt)] == prompt:
-        messages = messages[len(prompt):]
+        messages = messages[len(prompt) :]
     if not messages or messages[0]["role"] != "assistant":
         raise RecordError(field, "must be a reply: a string, or messages starting with an assistant turn")
     return messages

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import bisect
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -32,13 +33,18 @@ from .records import DataError, RecordError, require_messages, require_text
 OVERLONG = ("truncate", "error")
 
 
-def fit_length(ids: list[int], mask: list[int], max_len: int, overlong: str, field: str) -> tuple[list[int], list[int], bool]:
+def fit_length(
+    ids: list[int], mask: list[int], max_len: int, overlong: str, field: str
+) -> tuple[list[int], list[int], bool]:
     """Cut a sample to ``max_len`` tokens, or raise under ``overlong: error``."""
     if len(ids) <= max_len:
         return ids, mask, False
     if overlong == "error":
-        raise RecordError(field, f"has {len(ids)} tokens, more than data.max_len={max_len} "
-                                 "(raise data.max_len or set data.overlong: truncate)")
+        raise RecordError(
+            field,
+            f"has {len(ids)} tokens, more than data.max_len={max_len} "
+            "(raise data.max_len or set data.overlong: truncate)",
+        )
     return ids[:max_len], mask[:max_len], True
 
 
@@ -131,8 +137,16 @@ class SFTDataModule(BaseDataModule):
 
     columns_hint = "SFT rows need 'messages' (a list of {role, content}) or 'prompt' and 'response'"
 
-    def __init__(self, tokenizer: str, train: str | list[str], max_len: int = 1024, packing: bool = False,
-                 overlong: str = "truncate", system_prompt: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        tokenizer: str,
+        train: str | list[str],
+        max_len: int = 1024,
+        packing: bool = False,
+        overlong: str = "truncate",
+        system_prompt: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(tokenizer, train, **kwargs)
         if not isinstance(max_len, int) or max_len < 2:
             raise DataError(f"data.max_len must be an integer >= 2, got {max_len!r}")
@@ -142,13 +156,17 @@ class SFTDataModule(BaseDataModule):
 
     def check_columns(self, columns: list[str], origin: str) -> None:
         if "messages" not in columns:
-            self._require(columns, ["prompt", "response"] if "prompt" in columns or "response" in columns
-                          else ["messages"], origin)
+            self._require(
+                columns,
+                ["prompt", "response"] if "prompt" in columns or "response" in columns else ["messages"],
+                origin,
+            )
 
     def converter(self, columns: list[str]) -> tuple[Callable, dict[str, Any], Features]:
         options = {"max_len": self.max_len, "overlong": self.overlong, "system_prompt": self.system_prompt}
-        features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
-                             TRUNCATED: Value("bool")})
+        features = Features(
+            {"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")), TRUNCATED: Value("bool")}
+        )
         return tokenize_chats, options, features
 
     def to_torch(self, ds: Dataset, split: str) -> torch.utils.data.Dataset:

@@ -162,7 +162,9 @@ def load_parts(
     return parts
 
 
-def split_off(ds: Dataset, fraction: float, seed: int, field_name: str = "data.val_fraction") -> tuple[Dataset, Dataset]:
+def split_off(
+    ds: Dataset, fraction: float, seed: int, field_name: str = "data.val_fraction"
+) -> tuple[Dataset, Dataset]:
     """A seeded random (train, validation) split of rows; the split is cached by ``datasets``."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"{field_name} must be between 0 and 1 (exclusive), got {fraction}")
