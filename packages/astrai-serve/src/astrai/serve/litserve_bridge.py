@@ -17,7 +17,6 @@ from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
-import litserve
 from litserve import LitAPI, LitServer
 from litserve.loops import StreamingLoop
 from litserve.loops.base import _SENTINEL_VALUE
@@ -147,7 +146,3 @@ def take_all(request_queue) -> list:
             requests.append(request_queue.get_nowait())
         except (Empty, ValueError, OSError, EOFError):
             return requests
-
-
-def installed_version() -> str:
-    return litserve.__version__
