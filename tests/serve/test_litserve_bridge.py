@@ -31,12 +31,20 @@ def test_the_installed_litserve_is_the_version_the_bridge_was_written_for_and_pi
     assert f"litserve=={LITSERVE_VERSION}" in dependencies
 
 
-def test_the_server_still_creates_its_transport_in_init_manager_before_starting_workers():
+def test_the_server_still_creates_its_transport_and_request_queues_in_init_manager_before_starting_workers():
     assert _parameters(litserve.LitServer._init_manager) == ["self", "num_api_servers"]
     run = inspect.getsource(litserve.LitServer.run)
     assert run.index("self._init_manager(") < run.index("self.launch_inference_worker(")
-    assert "self._transport" in inspect.getsource(litserve.LitServer._init_manager)
+    init = inspect.getsource(litserve.LitServer._init_manager)
+    assert "self._transport" in init and "self.litapi_request_queues[lit_api.api_path] =" in init
+    assert _parameters(litserve.LitServer._inference_workers_config_for_api) == ["self", "api_path"]
     assert issubclass(ReplyTransportServer, litserve.LitServer)
+
+
+def test_workers_started_and_restarted_get_the_request_queue_the_server_holds():
+    for launch in (litserve.LitServer.launch_inference_worker, litserve.LitServer.launch_single_inference_worker):
+        assert "self._get_request_queue(lit_api.api_path)" in inspect.getsource(launch), launch.__name__
+    assert "self.litapi_request_queues[api_path]" in inspect.getsource(litserve.LitServer._get_request_queue)
 
 
 def test_the_http_side_still_reads_replies_as_uid_then_response_type_and_worker_last():
@@ -86,7 +94,7 @@ def test_the_streaming_loop_methods_the_burst_loop_calls_keep_their_signatures()
 
 def test_reply_buffers_statuses_and_worker_records_keep_their_names():
     item = ResponseBufferItem(event=None, response_queue=[])
-    assert item.worker_id is None  # "not taken yet", what the dead-worker check reads
+    assert item.response_queue == [] and item.event is None
     for name in ("START", "OK", "ERROR", "FINISH_STREAMING"):
         assert hasattr(LitAPIStatus, name), name
     for name in ("READY", "ERROR"):

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import queue
-import threading
 
 from litserve.utils import LitAPIStatus
 
 from astrai.core.engine import END, EngineError, StreamEvent
-from astrai.serve.litserve_bridge import take_all
 from astrai.serve.relay import EVENT_FIELDS, RelayedRequest, StepRelay, as_event_dict, event_to_tuple
 
 
@@ -66,13 +63,3 @@ def test_a_stream_event_survives_the_wire_field_for_field():
     }
     assert set(back) == set(EVENT_FIELDS)
     assert as_event_dict(back) is back  # a full answer's events arrive as dicts already
-
-
-def test_requests_queued_together_are_taken_together():
-    q: queue.Queue = queue.Queue()
-    for i in range(5):
-        q.put(i)
-    assert take_all(q) == [0, 1, 2, 3, 4]
-    threading.Timer(0.2, q.put, args=("late",)).start()
-    assert take_all(q) == ["late"]  # waits for the first one
-    assert take_all(q) == []  # nothing within a second

@@ -100,6 +100,17 @@ def test_a_killed_worker_ends_every_request_with_an_error_and_is_replaced(cpu_se
     assert slowest < 2.0, f"the last client heard of the failure {slowest:.2f} s after the kill"
     assert health_503 < 2.0
 
+    # While no worker serves, a request is refused at once (not queued for a worker to come).
+    asked = time.monotonic()
+    during = httpx.post(
+        server.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}, timeout=30
+    )
+    still_down = httpx.get(server.url + "/health", timeout=5).status_code == 503
+    if still_down:  # (else the new worker was ready first, and the request may rightly succeed)
+        assert during.status_code == 503, during.text
+        assert "no inference worker is serving" in during.json()["error"]["message"]
+        assert time.monotonic() - asked < 2.0
+
     _wait_for(server.url + "/health", 200, 180)
     assert server.stats()["workers"][0]["pid"] != pid
     reply = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0).chat.completions.create(

@@ -6,8 +6,8 @@ LitServe spawns the workers and unpickles this object in each, so the model and 
 `predict`, LitServe runs each request as its own task on one event loop, and those tasks all
 feed the same engine: continuous batching happens in the engine, not in LitServe.
 
-The HTTP side (server.py) puts generation payloads, already validated, on the queue that all
-workers take from:
+The HTTP side (server.py) sends generation payloads, already validated, to the worker it
+picks (request_queue.py):
   {"op": "generate", "request_id", "uid", "consumer", "prompt_ids", "params", "stream"}
       -> {"events": [...]}*
 The events do not travel through predict: the engine hands each step's events to relay.py,
@@ -15,8 +15,7 @@ which sends them on LitServe's reply transport (that is why the payload names Li
 and the HTTP process, "consumer", that waits for it); predict only waits for the end.
 Failures come back as {"error": {"status", "message", "param"}} rather than exceptions, so
 the HTTP side can answer in the client's protocol. Aborts and stats requests come over the
-control plane (control.py), which addresses every worker. {"op": "drain"} is answered with
-nothing: the HTTP side sends one after a worker dies (see ProtocolSpec.check_workers).
+control plane (control.py), which addresses every worker.
 """
 
 from __future__ import annotations
@@ -163,7 +162,7 @@ class EngineAPI(LitAPI):
         if op == "generate":
             async for message in self._generate(request):
                 yield message
-        elif op != "drain":
+        else:
             yield _error(400, f"unknown operation {op!r}")
 
     async def encode_response(self, outputs: AsyncIterator[dict], **kwargs: Any) -> AsyncIterator[dict]:

@@ -57,8 +57,8 @@ class ServeConfig:
     )
     workers: int = _opt(
         1,
-        "engines per device, each in its own worker process; all engines take requests "
-        "from one queue (engines on one GPU share its memory: set --kv-cache-memory)",
+        "engines per device, each in its own worker process; a request goes to the least "
+        "busy one (engines on one GPU share its memory: set --kv-cache-memory)",
     )
     api_servers: int | None = _opt(
         None,
@@ -121,7 +121,7 @@ class ServeConfig:
     fast_queue: bool = _opt(
         True,
         "the workers' replies reach the HTTP process over batched ZeroMQ "
-        "(--no-fast-queue: multiprocessing queues, slower)",
+        "(--no-fast-queue: LitServe's multiprocessing queue, slower)",
     )
     worker_restart: bool = _opt(
         True,

@@ -1,9 +1,8 @@
 """A side channel from the HTTP process to every engine worker: aborts and statistics.
 
-LitServe's request queue is shared by the workers: a payload goes to whichever worker takes
-it first, so nothing sent there can be addressed to one worker. Yet an abort must reach the
-engine that holds the request, and /stats must hear from every engine. So each worker gets
-an inbox of its own (indexed by LitServe's worker id) and all answers come back on one reply
+Requests travel to one worker each (request_queue.py), read by the worker's request loop
+only between its bursts; an abort must reach the engine that holds the request at once, and
+/stats must hear from every engine, busy or not. So each worker gets an inbox of its own (indexed by LitServe's worker id) and all answers come back on one reply
 queue. Aborts go to every inbox: only the engine holding the request acts on them, the others
 just remember the id (in case the request has not reached them yet, it never will).
 

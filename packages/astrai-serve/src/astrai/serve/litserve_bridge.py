@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from queue import Empty
 from typing import Any
 
 from litserve import LitAPI, LitServer
@@ -49,10 +48,11 @@ def reply(uid: str, data: Any, worker_id: int, status: LitAPIStatus = LitAPIStat
     return uid, (data, status, LoopResponseType.STREAMING, worker_id)
 
 
-def queue_request(spec: LitSpec, uid: str, payload: Any) -> None:
-    """Put a request on the workers' queue as LitServe's own handlers do; its replies will come
-    to this API-server process (spec.response_queue_id)."""
-    spec.request_queue.put((spec.response_queue_id, uid, time.monotonic(), payload))
+def queue_request(spec: LitSpec, uid: str, payload: Any, worker: int, worker_pid: int) -> None:
+    """Send a request to `worker` (process `worker_pid`) in LitServe's request layout; its
+    replies will come to this API-server process (spec.response_queue_id). The queue is
+    ReplyTransportServer's RoutedRequestQueue."""
+    spec.request_queue.put((spec.response_queue_id, uid, time.monotonic(), payload), worker, worker_pid)
 
 
 def new_reply_buffer(spec: LitSpec, uid: str, queue, event: asyncio.Event) -> ResponseBufferItem:
@@ -74,30 +74,43 @@ READY, FAILED = WorkerSetupStatus.READY, WorkerSetupStatus.ERROR
 
 # -- the server ---------------------------------------------------------------------------
 class ReplyTransportServer(LitServer):
-    """LitServer whose worker replies travel over the transport `make_transport(num_api_servers)`
-    returns (when set): LitServe 0.2.19 ignores `fast_queue=True` (its issue #751), so its own
-    choice is a multiprocessing Manager queue, one round trip per reply."""
+    """LitServer whose requests travel over the queue `make_request_queue(num_workers)` returns
+    (request_queue.py says why not LitServe's), and whose worker replies travel over the
+    transport `make_transport(num_api_servers)` returns (when set): LitServe 0.2.19 ignores
+    `fast_queue=True` (its issue #751), so its own choice is a multiprocessing Manager queue,
+    one round trip per reply."""
 
     make_transport: Callable[[int], MessageTransport] | None = None
+    make_request_queue: Callable[[int], Any] | None = None
 
     def _init_manager(self, num_api_servers: int):
         manager = super()._init_manager(num_api_servers)
         if self.make_transport is not None:
             self._transport = self.make_transport(num_api_servers)
+        if self.make_request_queue is not None:
+            for path in self.litapi_request_queues:
+                workers = len(self._inference_workers_config_for_api(path))
+                self.litapi_request_queues[path] = self.make_request_queue(workers)
         return manager
+
+    def request_queues(self) -> list:
+        return list(self.litapi_request_queues.values())
 
 
 class BurstLoop(StreamingLoop):
     """LitServe's async streaming loop with two changes: `on_start(lit_api, send, worker_id)`
     runs first in the worker, with the `send(item, consumer_id)` of the reply transport this
     loop uses (so replies sent from outside predict share its sockets, in order, with LitServe's
-    own messages); and requests come off the queue in bursts (`take_all`)."""
+    own messages); and requests come from a RoutedRequestQueue, every waiting one at once, in
+    the loop itself: a burst of clients reaches the engine together, as it would with the
+    engine alone, and no thread hop or manager round trip stands between."""
 
     def __init__(self, on_start: Callable[[LitAPI, Callable, int], None]) -> None:
         super().__init__()
         self.on_start = on_start
 
     def __call__(self, lit_api, device, worker_id, request_queue, transport, *args, **kwargs):
+        self.queue_slot = worker_id  # (LitLoop.worker_id is a read-only property from the environment)
         self.on_start(lit_api, transport.send, worker_id)
         return super().__call__(lit_api, device, worker_id, request_queue, transport, *args, **kwargs)
 
@@ -106,10 +119,10 @@ class BurstLoop(StreamingLoop):
             lit_api.spec = lit_api.spec.as_async()  # as LitServe's own loop does
 
         async def process_requests() -> None:
-            loop = asyncio.get_running_loop()
+            request_queue.bind(self.queue_slot)  # in the loop that will read it
             tasks: set[asyncio.Task] = set()
             while True:
-                for request in await loop.run_in_executor(None, take_all, request_queue):
+                for request in await request_queue.take_all(timeout=1.0):
                     if request == _SENTINEL_VALUE:
                         return
                     response_queue_id, uid = request[0], request[1]
@@ -127,22 +140,3 @@ class BurstLoop(StreamingLoop):
             loop.run_until_complete(process_requests())
         except KeyboardInterrupt:
             self.kill()
-
-
-def take_all(request_queue) -> list:
-    """Wait up to a second for a request, then take every request already queued.
-
-    LitServe's loop takes one request per trip to a thread, and a burst of clients then
-    reaches the engine one request at a time, each starting its own prefill step. Taken
-    together, they start in the same engine step(s), as they would with the engine alone.
-    (LitServe's own wait, `get(1.0)`, is block=1.0 with no timeout: this one does time out.)
-    """
-    try:
-        requests = [request_queue.get(timeout=1.0)]
-    except (Empty, ValueError, OSError, EOFError):  # nothing yet, or the queue is closing
-        return []
-    while True:
-        try:
-            requests.append(request_queue.get_nowait())
-        except (Empty, ValueError, OSError, EOFError):
-            return requests

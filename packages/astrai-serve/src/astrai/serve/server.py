@@ -1,8 +1,8 @@
 """HTTP side: our own LitSpec with the OpenAI and Anthropic routes, and `build_server()`.
 
 LitServe runs these routes in its API-server process. Each route validates and tokenizes
-the request, puts one payload on the workers' request queue and relays what the worker that
-took it sends back. All routes share the one LitAPI (one queue; one engine per worker, one or
+the request, sends one payload to the least busy worker (request_queue.py) and relays what
+that worker sends back. All routes share the one LitAPI (one engine per worker, one or
 more workers per device); LitServe's OpenAISpec is not used because it fixes finish_reason to
 "stop", gives every chunk its own id and cannot serve a second protocol.
 
@@ -60,6 +60,7 @@ from .litserve_bridge import (
 from .liveness import process_alive
 from .metrics import CONTENT_TYPE, Metrics
 from .relay import as_event_dict
+from .request_queue import RoutedRequestQueue
 from .transport import BatchedZMQTransport
 
 log = logging.getLogger("astrai.serve")
@@ -77,9 +78,6 @@ _FIELDS = {
 # Unknown fields logged in lenient mode; bounded, since clients choose the names.
 _MAX_LOGGED_FIELDS = 256
 WATCH_S = 0.1  # how often the HTTP process checks that the workers live
-# A request a worker took just before it died may not have said so yet; one still unclaimed
-# this long after a death, and sent before it, is taken for lost with that worker.
-UNCLAIMED_S = 1.0
 
 
 def _error_response(protocol: str, err: APIError) -> JSONResponse:
@@ -141,10 +139,10 @@ class ProtocolSpec(LitSpec):
         self._metrics = Metrics(control.num_consumers)  # shared by the API-server processes (metrics.py)
         self._synced = False
         self._logged_fields: set[tuple[str, str]] = set()
-        self._submitted: dict[str, float] = {}  # uid -> when it went on the queue
+        self._submitted: dict[str, int] = {}  # uid -> the worker it was sent to
+        self._in_flight = [0] * control.num_workers  # per worker, this process's requests not yet forgotten
         self._watch: asyncio.Task | None = None
         self._dead_pids = [0] * control.num_workers  # per slot, the dead worker already dealt with
-        self._deaths: list[float] = []  # times of deaths whose unclaimed requests are still to check
 
     @property
     def metrics(self) -> Metrics:
@@ -173,69 +171,61 @@ class ProtocolSpec(LitSpec):
 
     # -- plumbing to the worker ---------------------------------------------------------
     def _submit(self, payload: dict) -> tuple[str, deque, asyncio.Event]:
-        """Register a reply buffer and queue the payload for the workers. Called from a worker
-        thread (`_read_and_submit`): putting on LitServe's queue is a blocking round trip to its
-        manager process, which must not hold up the event loop."""
+        """Register a reply buffer and send the payload to the least busy serving worker (as
+        this process counts: its own requests in flight). On the event loop's thread: the
+        queue's sockets belong to it, and a send never blocks (request_queue.py)."""
+        worker = self._pick_worker()
         uid = uuid.uuid4().hex
         payload["uid"], payload["consumer"] = uid, self.response_queue_id  # where the worker's relay answers
         queue, event = deque(), asyncio.Event()
-        self._submitted[uid] = time.monotonic()
+        self._submitted[uid] = worker
+        self._in_flight[worker] += 1
         new_reply_buffer(self, uid, queue, event)
-        queue_request(self, uid, payload)
+        queue_request(self, uid, payload, worker, self.control.liveness.pid(worker))
         return uid, queue, event
+
+    def _pick_worker(self) -> int:
+        liveness = self.control.liveness
+        serving = [w for w, dead in enumerate(self._dead_pids) if liveness.pid(w) not in (0, dead)]
+        if not serving:
+            raise APIError(
+                503, "no inference worker is serving right now (one is starting after a failure); retry shortly"
+            )
+        return min(serving, key=self._in_flight.__getitem__)
 
     # -- dead workers ---------------------------------------------------------------------
     async def _watch_workers(self) -> None:
         while True:
             await asyncio.sleep(WATCH_S)
             try:
-                self.check_workers(time.monotonic())
+                self.check_workers()
             except Exception:  # noqa: BLE001 - the watchdog must outlive any one bad check
                 log.exception("worker watchdog")
 
-    def check_workers(self, now: float) -> None:
-        """End the requests of workers that died since the last check (and, UNCLAIMED_S after a
-        death, the requests sent before it that no worker has claimed)."""
+    def check_workers(self) -> None:
+        """End the requests of workers that died since the last check: each request went to
+        one worker (_submit), so those of a dead one are known, whether it had started them
+        or not; what it never read, its successor drops (request_queue.py)."""
         liveness = self.control.liveness
         for worker, handled in enumerate(self._dead_pids):
             pid = liveness.pid(worker)  # the slot's last ready worker; a new one overwrites it
             if not pid or pid == handled or process_alive(pid):
                 continue
             self._dead_pids[worker] = pid
-            self._deaths.append(now)
-            self._drain()
-            lost = self._fail(
-                lambda taker, _, worker=worker: taker == worker,
-                f"the inference worker serving this request (worker {worker}) died",
-            )
+            lost = self._fail(worker, f"the inference worker serving this request (worker {worker}) died")
             log.error("inference worker %d (pid %d) died; ended its %d request(s) with 503", worker, pid, lost)
-        for death in [t for t in self._deaths if now - t >= UNCLAIMED_S]:
-            self._deaths.remove(death)
-            self._fail(
-                lambda worker, submitted, death=death: worker is None and submitted < death,
-                "the inference worker that took this request died",
-            )
 
-    def _fail(self, lost: Callable[[int | None, float], bool], why: str) -> int:
-        """End with a 503 every waiting request for which lost(worker, submitted) holds; the
-        worker is LitServe's record of who took it (None until that worker started it)."""
+    def _fail(self, worker: int, why: str) -> int:
+        """End with a 503 every waiting request sent to `worker`."""
         error = {"error": {"status": 503, "message": f"{why}; please retry", "param": None}}
         ended = 0
-        for uid, submitted in list(self._submitted.items()):
+        for uid, sent_to in list(self._submitted.items()):
             item = self.response_buffer.get(uid)
-            if item is not None and lost(item.worker_id, submitted):
+            if item is not None and sent_to == worker:
                 item.response_queue.append((error, LitAPIStatus.OK))
                 item.event.set()
                 ended += 1
         return ended
-
-    def _drain(self) -> None:
-        """Feed the request queue's reader that a dead worker left behind: the queue manager's
-        thread that served the killed worker's wait goes on waiting (up to a second with our
-        BurstLoop, for ever with LitServe's own loop), and would take the next request with it
-        to nowhere. A drain payload (answered with nothing by any live worker that gets it
-        instead) goes first."""
-        queue_request(self, f"drain-{uuid.uuid4().hex}", {"op": "drain"})
 
     async def _bursts(self, uid: str, queue: deque, event: asyncio.Event) -> AsyncIterator[list[dict]]:
         """What the worker sent for one payload, as lists: everything that arrived since the last
@@ -265,7 +255,9 @@ class ProtocolSpec(LitSpec):
     def _forget(self, uid: str) -> None:
         """Drop a request's reply buffer: whatever still comes for it is ignored."""
         self.response_buffer.pop(uid, None)
-        self._submitted.pop(uid, None)
+        worker = self._submitted.pop(uid, None)
+        if worker is not None:
+            self._in_flight[worker] -= 1
 
     async def _event_batches(self, submitted: tuple[str, deque, asyncio.Event]) -> AsyncIterator[list[dict]]:
         """A submitted generation's events, merged per sample, as they arrive."""
@@ -343,9 +335,8 @@ class ProtocolSpec(LitSpec):
         request_id = anthropic_protocol.new_id() if protocol == ANTHROPIC else openai_protocol.new_id(prefix)
         try:
             raw = await request.body()
-            gen, options, submitted = await asyncio.to_thread(
-                self._read_and_submit, raw, route, parse, await self._model_info(), request_id
-            )
+            gen, options = await asyncio.to_thread(self._read, raw, route, parse, await self._model_info())
+            submitted = self._submit(gen.payload(request_id))
         except APIError as e:
             self.metrics.request_done(route, e.status)
             return _error_response(protocol, e)
@@ -386,16 +377,13 @@ class ProtocolSpec(LitSpec):
         self.metrics.request_done(route, 200)
         return JSONResponse(respond(request_id, self.info, acc, options))
 
-    def _read_and_submit(
-        self, raw: bytes, route: str, parse: Callable, info: ModelInfo, request_id: str
-    ) -> tuple[Any, dict, tuple[str, deque, asyncio.Event]]:
-        """Body bytes -> (Generation, response options, what _submit returned). Runs in a worker
-        thread (see the module docstring); the tokenizer lets go of the GIL while it works
+    def _read(self, raw: bytes, route: str, parse: Callable, info: ModelInfo) -> tuple[Any, dict]:
+        """Body bytes -> (Generation, response options). Runs in a worker thread (see the module docstring); the tokenizer lets go of the GIL while it works
         (generation.encode)."""
         body = parse_json_object(raw)
         self._check_fields(body, route)
         gen, options = parse(body, info)
-        return gen, options, self._submit(gen.payload(request_id))
+        return gen, options
 
     def _check_fields(self, body: dict, route: str) -> None:
         """Unknown fields: a 400 naming the first (strict_fields), else ignored and logged once."""
@@ -561,7 +549,7 @@ def placement(config: ServeConfig, cuda_available: bool) -> tuple[str, list[int]
 
 def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
     """A LitServer with one engine per worker and ``config.workers`` workers per device, all
-    taking requests from one queue."""
+    each request sent to the least busy serving one."""
     import torch
 
     from .api import EngineAPI
@@ -597,6 +585,7 @@ def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
         middlewares=[guard],
         disable_openapi_url=not config.docs_enabled(),
     )
+    server.make_request_queue = RoutedRequestQueue
     if config.fast_queue:
         server.make_transport = BatchedZMQTransport
     return server
@@ -641,3 +630,5 @@ def run_server(server: LitServer, config: ServeConfig) -> None:
         )
     finally:
         done.set()
+        for queue in server.request_queues():  # their socket files
+            queue.close()
