@@ -28,15 +28,15 @@ NO_PROMPT = "and the row has no 'prompt'"
 
 def preference_pair(row: dict, system_prompt: str | None = None) -> tuple[Messages, Messages, Messages]:
     """(prompt, chosen reply, rejected reply) of one row, as message lists (see module doc)."""
-    if row.get("prompt") is not None:
-        prompt = prompt_messages(row["prompt"], "prompt", system_prompt)
-        pair = (prompt, reply_messages(row.get("chosen"), "chosen", prompt))
-        rejected = reply_messages(row.get("rejected"), "rejected", prompt)
+    if row.get("prompt") is None:
+        prompt, chosen, rejected = _implicit(row.get("chosen"), row.get("rejected"), system_prompt)
     else:
-        *pair, rejected = _implicit(row.get("chosen"), row.get("rejected"), system_prompt)
-    if pair[1] == rejected:
+        prompt = prompt_messages(row["prompt"], "prompt", system_prompt)
+        chosen = reply_messages(row.get("chosen"), "chosen", prompt)
+        rejected = reply_messages(row.get("rejected"), "rejected", prompt)
+    if chosen == rejected:
         raise RecordError("rejected", "is identical to 'chosen' (the pair teaches nothing)")
-    return pair[0], pair[1], rejected
+    return prompt, chosen, rejected
 
 
 def shared_prefix_length(a: Sequence, b: Sequence) -> int:
