@@ -33,7 +33,7 @@ from .sources import Part, Spec, load_parts, split_off
 log = logging.getLogger(__name__)
 
 # Bump when a converter's output changes, so old caches are not reused.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 ERROR = "_error"  # per-row error message ("" when the row is fine)
 TRUNCATED = "_truncated"  # optional per-row flag: the row was cut to the length limit
 

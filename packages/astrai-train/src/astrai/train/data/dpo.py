@@ -2,9 +2,11 @@
 
 ``prompt`` is a string (one user turn) or a message list ending with a user turn; ``chosen``
 and ``rejected`` are strings (one assistant turn) or message lists (an assistant turn and
-what follows; a full conversation repeating the prompt is accepted and cut after it). Each
-side is rendered with the chat template as prompt + reply; labels cover only the reply and
-its end-of-turn token, never the prompt. Optional ``ref_chosen_logps`` / ``ref_rejected_logps``
+what follows; a full conversation repeating the prompt is accepted and cut after it). Without
+``prompt``, ``chosen`` and ``rejected`` are two whole conversations (or texts) and their
+shared start is the prompt (TRL's implicit-prompt format, upstream AstrAI's DPO rows; see
+``preference``). Each side is rendered with the chat template as prompt + reply; labels cover
+only the reply and its end-of-turn token, never the prompt. Optional ``ref_chosen_logps`` / ``ref_rejected_logps``
 columns (precomputed reference log-probabilities) are passed through to the batch.
 """
 
@@ -20,7 +22,8 @@ from astrai.core.tokenizer import AutoTokenizer
 
 from .base import TRUNCATED, BaseDataModule, Rows, per_row
 from .collate import collate_dpo
-from .records import DataError, RecordError, optional_float, prompt_messages, reply_messages
+from .preference import preference_pair
+from .records import DataError, RecordError, optional_float
 from .sft import OVERLONG, _chat, _pad_id, fit_length, sample_from_mask
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -55,11 +58,7 @@ def _side(
 def _dpo_row(
     row: dict, tok: AutoTokenizer, *, max_len: int, overlong: str, system_prompt: str | None, with_refs: bool
 ) -> dict:
-    prompt = prompt_messages(row.get("prompt"), "prompt", system_prompt)
-    chosen = reply_messages(row.get("chosen"), "chosen", prompt)
-    rejected = reply_messages(row.get("rejected"), "rejected", prompt)
-    if chosen == rejected:
-        raise RecordError("rejected", "is identical to 'chosen' (the pair teaches nothing)")
+    prompt, chosen, rejected = preference_pair(row, system_prompt)
     prompt_ids = tok.apply_chat_template(prompt, add_generation_prompt=True)
     out, cut_c = _side(tok, prompt, prompt_ids, chosen, "chosen", max_len, overlong)
     more, cut_r = _side(tok, prompt, prompt_ids, rejected, "rejected", max_len, overlong)
@@ -85,11 +84,14 @@ class DPODataModule(BaseDataModule):
         max_len: most tokens of prompt + reply on each side.
         overlong: a side over ``max_len``: ``truncate`` (cut the reply's end; counted and logged)
             or ``error`` (stop, or skip and count with ``skip_bad_rows``).
-        system_prompt: system turn put before string prompts.
+        system_prompt: system turn put before string prompts (given, or the shared start of two texts).
         **kwargs: the options shared by all data modules (see ``BaseDataModule``).
     """
 
-    columns_hint = "DPO rows need 'prompt', 'chosen' and 'rejected'"
+    columns_hint = (
+        "DPO rows need 'chosen' and 'rejected' (replies after a 'prompt', or without 'prompt' two whole "
+        "conversations that start with the same prompt)"
+    )
 
     def __init__(
         self,
@@ -108,7 +110,7 @@ class DPODataModule(BaseDataModule):
         self.max_len, self.overlong, self.system_prompt = max_len, overlong, system_prompt
 
     def check_columns(self, columns: list[str], origin: str) -> None:
-        self._require(columns, ["prompt", "chosen", "rejected"], origin)
+        self._require(columns, ["chosen", "rejected"], origin)
         refs = [c for c in REF_COLUMNS if c in columns]
         if len(refs) == 1:
             self._require(columns, list(REF_COLUMNS), origin)

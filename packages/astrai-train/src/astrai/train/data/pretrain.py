@@ -6,6 +6,10 @@ so a corpus larger than RAM is fine). Window ``i`` starts at ``min(i * stride, N
 of the ``N``-token stream and holds ``seq_len + 1`` tokens: inputs are the first ``seq_len``,
 labels the last ``seq_len``. The last window is pulled back to end at the stream's end, so no
 tail is lost and every window is full.
+
+A directory of upstream AstrAI's preprocessed token shards (``meta.json`` + ``.bin``, see
+``shards``) is read as the stream instead, memory-mapped in place: its tokens are already
+ids, its ``position_ids`` mark where documents start and its ``loss_mask``, if any, is kept.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from astrai.core.tokenizer import AutoTokenizer
 from .base import BaseDataModule, per_row
 from .collate import IGNORE, collate_windows
 from .records import DataError, RecordError, require_text
+from .shards import TokenShards, has_shards, open_shards
 
 
 def _one_text(row: dict, tok: AutoTokenizer, *, text_field: str) -> str:
@@ -56,11 +61,23 @@ def window_starts(n_tokens: int, seq_len: int, stride: int) -> int:
 
 
 class TokenWindows(torch.utils.data.Dataset):
-    """Windows over a token stream. With ``eos_id`` set (document attention), positions
-    restart after each EOS, so attention stays inside a document, and EOS predicts nothing."""
+    """Windows over a token stream (an array, or any object with ``len`` and slices).
+
+    With document attention, positions restart at each document start, so attention stays
+    inside a document, and the last token of a document predicts nothing. Documents start
+    after each ``eos_id`` token, or where ``positions`` (stored position ids) is 0.
+    ``loss_mask`` (one value per token, 0 = not trained) removes the targets it marks.
+    """
 
     def __init__(
-        self, tokens: np.ndarray, seq_len: int, stride: int, eos_id: int | None = None, split: str = "train"
+        self,
+        tokens: Any,
+        seq_len: int,
+        stride: int,
+        eos_id: int | None = None,
+        split: str = "train",
+        positions: Any = None,
+        loss_mask: Any = None,
     ) -> None:
         if len(tokens) < seq_len + 1:
             raise DataError(
@@ -68,6 +85,7 @@ class TokenWindows(torch.utils.data.Dataset):
                 "lower data.seq_len or add text"
             )
         self.tokens, self.seq_len, self.stride, self.eos_id = tokens, seq_len, stride, eos_id
+        self.positions, self.loss_mask = positions, loss_mask
         self.count = window_starts(len(tokens), seq_len, stride)
 
     def __len__(self) -> int:
@@ -76,22 +94,31 @@ class TokenWindows(torch.utils.data.Dataset):
     def start(self, index: int) -> int:
         return min(index * self.stride, len(self.tokens) - 1 - self.seq_len)
 
+    def _document_starts(self, chunk: torch.Tensor, begin: int) -> torch.Tensor | None:
+        """Whether each token of the window's ``seq_len + 1`` starts a document (None: no documents)."""
+        if self.positions is not None:
+            return torch.from_numpy(self.positions[begin : begin + self.seq_len + 1] == 0)
+        if self.eos_id is not None:
+            return torch.cat([torch.zeros(1, dtype=torch.bool), chunk[:-1] == self.eos_id])
+        return None
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.count:
             raise IndexError(index)
         begin = self.start(index)
         chunk = torch.from_numpy(self.tokens[begin : begin + self.seq_len + 1].astype(np.int64))
         item = {"input_ids": chunk[:-1], "labels": chunk[1:].clone()}
-        if self.eos_id is not None:
-            ids = item["input_ids"]
+        if self.loss_mask is not None:
+            item["labels"][torch.from_numpy(self.loss_mask[begin + 1 : begin + self.seq_len + 1] == 0)] = IGNORE
+        starts = self._document_starts(chunk, begin)
+        if starts is not None:
             t = torch.arange(self.seq_len)
-            is_start = torch.zeros(self.seq_len, dtype=torch.bool)
+            is_start = starts[:-1].clone()
             is_start[0] = True
-            is_start[1:] = ids[:-1] == self.eos_id
             # Position = distance from the latest document start at or before t.
             latest_start = torch.where(is_start, t, torch.zeros_like(t)).cummax(0).values
             item["position_ids"] = t - latest_start
-            item["labels"][ids == self.eos_id] = IGNORE
+            item["labels"][starts[1:]] = IGNORE  # the next token begins another document
         return item
 
 
@@ -122,11 +149,27 @@ def token_stream(ds: Dataset, vocab_size: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def shard_directories(spec: Any, field: str) -> list[Path] | None:
+    """The directories of ``spec`` when they hold token shards, None when it names rows."""
+    entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    sharded = [has_shards(e) if isinstance(e, (str, os.PathLike)) else False for e in entries]
+    if not any(sharded):
+        return None
+    if not all(sharded):
+        shard, other = entries[sharded.index(True)], entries[sharded.index(False)]
+        raise DataError(
+            f"{field}: {shard} holds token shards (meta.json + .bin) but {other} does not; "
+            "one split reads either token shards or text rows, not both"
+        )
+    return [Path(e).expanduser() for e in entries]
+
+
 class PretrainDataModule(BaseDataModule):
     """Next-token prediction over windows of a document stream (see module docstring).
 
-    Rows need a text column (``text_field``). Batches: ``input_ids``/``labels`` (B, seq_len),
-    plus ``position_ids`` with ``document_attention``.
+    Rows need a text column (``text_field``); or ``train`` / ``val`` / ``test`` name directories
+    of upstream AstrAI token shards (detected by their ``meta.json``). Batches:
+    ``input_ids``/``labels`` (B, seq_len), plus ``position_ids`` with ``document_attention``.
 
     Args:
         seq_len: tokens per training window (the model's context in training).
@@ -134,7 +177,8 @@ class PretrainDataModule(BaseDataModule):
             only their boundary token, smaller values make them overlap. Validation and test
             windows always use ``seq_len``.
         text_field: the column holding each document's text.
-        document_attention: keep attention inside each document (positions restart after EOS).
+        document_attention: keep attention inside each document (positions restart after EOS,
+            or, in token shards with ``position_ids``, where those restart).
         **kwargs: the options shared by all data modules (see ``BaseDataModule``).
     """
 
@@ -170,11 +214,33 @@ class PretrainDataModule(BaseDataModule):
             Features({"input_ids": Sequence(Value("int32"))}),
         )
 
-    def to_torch(self, ds: Dataset, split: str) -> TokenWindows:
-        tokens = token_stream(ds, self.tokenizer.vocab_size)
+    def _tokenized(self, spec: Any, split: str) -> Dataset | TokenShards:
+        directories = shard_directories(spec, f"data.{split}")
+        if directories is None:
+            return super()._tokenized(spec, split)
+        if split == "train" and self.val_spec is None and self.val_fraction:
+            raise DataError(
+                "data.val_fraction cannot hold out rows of token shards (they have no rows); "
+                "give data.val a directory of validation shards, or set data.val_fraction: 0"
+            )
+        return open_shards(directories, f"data.{split}")
+
+    def to_torch(self, ds: Dataset | TokenShards, split: str) -> TokenWindows:
         stride = self.stride if split == "train" else self.seq_len
         eos = self.tokenizer.eos_token_id if self.document_attention else None
-        return TokenWindows(tokens, self.seq_len, stride, eos_id=eos, split=split)
+        if not isinstance(ds, TokenShards):
+            tokens = token_stream(ds, self.tokenizer.vocab_size)
+            return TokenWindows(tokens, self.seq_len, stride, eos_id=eos, split=split)
+        positions = ds.positions if self.document_attention else None
+        return TokenWindows(
+            ds.tokens,
+            self.seq_len,
+            stride,
+            eos_id=None if positions is not None else eos,
+            split=split,
+            positions=positions,
+            loss_mask=ds.loss_mask,
+        )
 
     def collate_fn(self) -> Callable[[list[dict]], dict]:
         return functools.partial(collate_windows)
