@@ -15,6 +15,7 @@ ARCHITECTURES = {
     "gqa": {},
     "bias": {"attn_bias": True},
     "qk_norm": {"qk_norm": True},
+    "qk_norm_after_rope": {"qk_norm": True, "qk_norm_after_rope": True},  # upstream AstrAI's order
     "gated": {"gated_attn": True},
     "mla": {"attn_type": "mla", "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12},
     "mla_qlora_gated": {

@@ -130,7 +130,7 @@ SHIPPED = {
     # file: (Hugging Face model_type it saves as, parameter count)
     "tiny.json": ("llama", 1_049_728),
     "tiny-mla-moe.json": (None, 1_775_104),
-    "astrai-1b.json": ("qwen3", 1_036_082_176),
+    "astrai-1b.json": ("llama", 1_203_807_744),  # upstream AstrAI's released 1B shape
     "qwen2.5-0.5b.json": ("qwen2", 494_032_768),  # the published Qwen2.5-0.5B count
     "qwen3-0.6b.json": ("qwen3", 596_049_920),  # the published Qwen3-0.6B count
     "tinyllama-1.1b.json": ("llama", 1_100_048_384),  # the published TinyLlama-1.1B count

@@ -31,30 +31,27 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- size ------------------------------------------------------------------------------------
-def test_astrai_1b_parameter_count_on_meta_device():
+def test_astrai_1b_matches_upstreams_released_shape_and_parameter_count():
+    """configs/model/astrai-1b.json is upstream AstrAI's released 1B instruct model; its size is
+    counted here from that published shape, not from the config, and equals the meta-built model."""
+    V, d, L, H, kv, f = 100_000, 1536, 24, 24, 4, 6912  # vocab, hidden, layers, heads, KV heads, FFN
+    hd = d // H
     config = ModelConfig.from_json(CONFIGS / "astrai-1b.json")
+    assert (config.vocab_size, config.dim, config.n_layers, config.n_heads, config.n_kv_heads) == (V, d, L, H, kv)
+    assert (config.head_dim, config.ffn_dim, config.tie_embeddings, config.qk_norm) == (hd, f, False, False)
+    assert (config.rope_theta, config.rope_scaling, config.norm_eps, config.max_len) == (10000.0, None, 1e-5, 2048)
     model = AutoModel.from_config(config, device="meta")
     assert all(p.is_meta for p in model.parameters())
-    V, d, L, H, kv, hd, f = (
-        config.vocab_size,
-        config.dim,
-        config.n_layers,
-        config.n_heads,
-        config.n_kv_heads,
-        config.head_dim,
-        config.ffn_dim,
-    )
     per_layer = (
         d * H * hd  # q_proj
         + 2 * d * kv * hd  # k_proj, v_proj
         + H * hd * d  # o_proj
-        + 2 * hd  # q_norm, k_norm
         + 3 * d * f  # gate_proj, up_proj, down_proj
         + 2 * d  # input_layernorm, post_attention_layernorm
     )
-    embeddings = V * d  # tied: lm_head shares it
+    embeddings = 2 * V * d  # untied: the embedding and the head
     expected = embeddings + L * per_layer + d  # + final norm
-    assert expected == 1_036_082_176
+    assert expected == 1_203_807_744
     assert model.num_parameters() == expected
     assert model.num_parameters(exclude_embeddings=True) == expected - embeddings
 

@@ -92,12 +92,13 @@ def test_requests_arriving_while_others_decode(model, tokenizer):
     "arch",
     [
         dict(qk_norm=True, gated_attn=True, attn_bias=True),
+        dict(qk_norm=True, qk_norm_after_rope=True, gated_attn=True, rope_scaling={"type": "ntk", "factor": 4.0}),
         dict(n_kv_heads=1, tie_embeddings=True),
         dict(attn_type="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
         dict(attn_type="mla", q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
         dict(ffn_type="moe", n_routed_experts=4, n_activated_experts=2, n_shared_experts=1, moe_ffn_dim=32),
     ],
-    ids=["gqa-qknorm-gated-bias", "mqa-tied", "mla", "mla-qlora", "moe"],
+    ids=["gqa-qknorm-gated-bias", "upstream-astrai-qknorm-after-rope-ntk", "mqa-tied", "mla", "mla-qlora", "moe"],
 )
 def test_architectures_through_the_engine(tokenizer, arch):
     model = tiny_model(tokenizer.vocab_size, seed=7, **arch)

@@ -27,6 +27,7 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.norm_after_rope = config.qk_norm_after_rope
         # Gated attention: a per-channel sigmoid gate on the attention output lets a head
         # switch itself off, which removes attention sinks and loss spikes.
         self.o_gate_proj = nn.Linear(config.dim, q_out, bias=False) if config.gated_attn else None
@@ -58,7 +59,7 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
         norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
-        q, k = apply_rope_qk(q, k, cos, sin, norms)
+        q, k = apply_rope_qk(q, k, cos, sin, norms, self.norm_after_rope)
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v, self.scale)
         else:

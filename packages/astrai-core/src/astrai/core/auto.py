@@ -41,13 +41,16 @@ class AutoModel:
 
     @staticmethod
     def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> CausalLM:
-        """Load our directory format or a Hugging Face Llama / Qwen2 / Qwen3 directory."""
+        """Load our directory format, a Hugging Face Llama / Qwen2 / Qwen3 directory, or an upstream
+        AstrAI one (config.json with model_type "autoregressive_lm" or none; see upstream_config.py)."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device)
 
     @staticmethod
     def save_pretrained(model: CausalLM, path: str | Path, tokenizer=None, **kwargs) -> Path:
+        """Write a model directory; format="astrai-upstream" writes upstream AstrAI's layout.
+        Other keywords (max_shard_size) go to checkpoint.save_pretrained."""
         from .checkpoint import save_pretrained
 
         return save_pretrained(model, path, tokenizer=tokenizer, **kwargs)

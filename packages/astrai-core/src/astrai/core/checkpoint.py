@@ -1,6 +1,7 @@
-"""Save and load model directories in the Hugging Face layout.
+"""Save and load model directories in the Hugging Face layout (or upstream AstrAI's).
 
-    config.json                     our config, or a Llama/Qwen2/Qwen3 one (see hf_config.py)
+    config.json                     our config, or a Llama/Qwen2/Qwen3 one (see hf_config.py),
+                                    or upstream AstrAI's (see upstream_config.py)
     generation_config.json          bos/eos ids for generation tools
     model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
     tokenizer.json, tokenizer_config.json, chat_template.jinja   when a tokenizer is given
@@ -42,6 +43,14 @@ from .integrity import (
 from .rope import RotaryEmbedding, rope_frequencies
 from .sizes import parse_bytes
 from .transformer import CausalLM
+from .upstream_config import (
+    UPSTREAM_FORMAT,
+    UpstreamConfigError,
+    from_upstream_dict,
+    is_upstream_config,
+    to_upstream_dict,
+)
+from .upstream_weights import from_upstream_state, to_upstream_name, to_upstream_state
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -49,6 +58,8 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _TIED_KEY = "lm_head.weight"
+_EMBED_KEY = "model.embed_tokens.weight"
+FORMATS = ("astrai", UPSTREAM_FORMAT)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -70,11 +81,16 @@ class CheckpointError(AstraiError):
 
 
 # -- saving ---------------------------------------------------------------------------------
-def save_pretrained(model: CausalLM, path: str | Path, tokenizer=None, max_shard_size: int | str = "2GB") -> Path:
-    """Write `model` (and `tokenizer`) as a directory that we and transformers can both load."""
+def save_pretrained(
+    model: CausalLM, path: str | Path, tokenizer=None, max_shard_size: int | str = "2GB", format: str = "astrai"
+) -> Path:
+    """Write `model` (and `tokenizer`) as a directory that we and transformers can both load, or
+    with format="astrai-upstream" as upstream AstrAI's layout (one model.safetensors, its names)."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     if not isinstance(model, CausalLM):
         raise TypeError(f"save_pretrained expects an astrai CausalLM, got {type(model).__name__}")
+    if format not in FORMATS:
+        raise CheckpointError(f"format {format!r} is not supported; use one of {list(FORMATS)}")
     config = model.config
     max_shard_bytes = parse_size(max_shard_size)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -86,14 +102,27 @@ def save_pretrained(model: CausalLM, path: str | Path, tokenizer=None, max_shard
     path.mkdir(parents=True, exist_ok=True)
     tensors = _tensors_to_save(model)
     dtype = next(iter(tensors.values())).dtype
+    if format == UPSTREAM_FORMAT:
+        config_json = _upstream_config_json(config)
+        tensors = to_upstream_state(tensors, config)
+        max_shard_bytes = float("inf")  # upstream reads a single model.safetensors
+    else:
+        config_json = to_hf_dict(config, str(dtype).removeprefix("torch."))
     remove_file(path / MANIFEST_FILE)  # until the new one is written, nothing here is listed
-    written = [_write_json(path / CONFIG_FILE, to_hf_dict(config, str(dtype).removeprefix("torch.")))]
+    written = [_write_json(path / CONFIG_FILE, config_json)]
     written += _write_generation_config(path, config, tokenizer)
     written += _write_weights(path, tensors, max_shard_bytes)
     record_files(path, written, create=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)  # adds its files to the manifest: the manifest is written last
     return path
+
+
+def _upstream_config_json(config: ModelConfig) -> dict:
+    try:
+        return to_upstream_dict(config)
+    except UpstreamConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _tensors_to_save(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -179,8 +208,12 @@ def _write_json(path: Path, data: dict) -> str:
 
 # -- loading --------------------------------------------------------------------------------
 def load_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a model directory (ours, or a Llama / Qwen2 / Qwen3 one)."""
-    path = _model_dir(path)
+    """The ModelConfig of a model directory (ours, a Llama / Qwen2 / Qwen3 one, or upstream AstrAI's)."""
+    return _load_config(_model_dir(path))[0]
+
+
+def _load_config(path: Path) -> tuple[ModelConfig, bool]:
+    """(config, whether the directory is in upstream AstrAI's layout)."""
     file = path / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: not found; a model directory needs config.json next to its weights")
@@ -190,12 +223,13 @@ def load_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: must hold a JSON object, got {type(data).__name__}")
+    upstream = is_upstream_config(data)
     try:
-        config = from_hf_dict(data)
-    except HFConfigError as e:
+        config = from_upstream_dict(data) if upstream else from_hf_dict(data)
+    except (HFConfigError, UpstreamConfigError) as e:
         raise CheckpointError(f"{file}: {e}") from None
     _verify(path, CONFIG_FILE, _read_manifest(path))
-    return config
+    return config, upstream
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> CausalLM:
@@ -204,7 +238,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     The model comes back in eval mode, like a freshly loaded Hugging Face model.
     """
     path = _model_dir(path)
-    config = load_config(path)
+    config, upstream = _load_config(path)
     manifest = _read_manifest(path)
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype)
@@ -213,7 +247,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop(_TIED_KEY)
-    state = _read_weights(path, expected, device, dtype, manifest)
+    if upstream:
+        expected = {to_upstream_name(name): shape for name, shape in expected.items()}
+        state = from_upstream_state(_read_weights(path, expected, device, dtype, manifest), config)
+    else:
+        state = _read_weights(path, expected, device, dtype, manifest)
     model.load_state_dict(state, strict=False, assign=True)  # keys were checked above, tied head aside
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
@@ -234,20 +272,22 @@ def _read_weights(
             if name in state:
                 raise CheckpointError(f"{file}: tensor {name!r} is also stored in {origin[name]}")
             state[name], origin[name] = tensor, file
+    embed_key = _EMBED_KEY if _EMBED_KEY in expected else to_upstream_name(_EMBED_KEY)
     if _TIED_KEY not in expected and _TIED_KEY in state:
-        _check_tied_copy(state, origin)
+        _check_tied_copy(state, origin, embed_key)
     missing = [name for name in expected if name not in state]
     if missing:
         where = INDEX_FILE if len(files) > 1 else next(iter(files))
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         hint = (
-            "; if the head shares the embedding matrix, set tie_word_embeddings (astrai: tie_embeddings) to true"
+            "; if the head shares the embedding matrix, set tie_word_embeddings (astrai: tie_embeddings; "
+            "upstream AstrAI v1.3.9: tie_weight) to true"
             if missing == [_TIED_KEY]
             else "; the weights do not match config.json"
         )
         raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}{hint}")
     if dtype is None:  # keep the stored dtype; a mixed checkpoint follows its embeddings
-        target = state["model.embed_tokens.weight"].dtype
+        target = state[embed_key].dtype
         for name in state:
             state[name] = state[name].to(target)
     return state
@@ -311,12 +351,12 @@ def _check_finite(file: str, name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def _check_tied_copy(state: dict[str, torch.Tensor], origin: dict[str, str]) -> None:
+def _check_tied_copy(state: dict[str, torch.Tensor], origin: dict[str, str], embed_key: str) -> None:
     head = state.pop(_TIED_KEY)
-    embed = state.get("model.embed_tokens.weight")
+    embed = state.get(embed_key)
     if embed is not None and not torch.equal(head, embed):
         raise CheckpointError(
-            f"{origin[_TIED_KEY]}: tensor {_TIED_KEY!r} differs from 'model.embed_tokens.weight' but config.json says "
+            f"{origin[_TIED_KEY]}: tensor {_TIED_KEY!r} differs from {embed_key!r} but config.json says "
             "the embeddings are tied; set tie_word_embeddings (astrai: tie_embeddings) to false"
         )
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import AstraiError, require_for
 
-ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
+ROPE_SCALING_TYPES = ("linear", "dynamic", "ntk", "yarn", "llama3")
 ATTENTION_TYPES = ("gqa", "mla")
 FFN_TYPES = ("mlp", "moe")
 
@@ -38,6 +38,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     attn_bias: bool = False  # bias on q/k/v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
+    qk_norm_after_rope: bool = False  # apply qk_norm to the rotated q and k (upstream AstrAI), not before
     gated_attn: bool = False  # sigmoid output gate per head, computed from the input
     attn_type: str = "gqa"
     # Multi-head latent attention (DeepSeek-V2 style); used when attn_type == "mla".
@@ -102,6 +103,11 @@ class ModelConfig:
             _require(not self.qk_norm, "qk_norm", "is not supported with attn_type='mla' (MLA normalises its latents)")
         else:
             _require(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+        _require(
+            self.qk_norm or not self.qk_norm_after_rope,
+            "qk_norm_after_rope",
+            "needs qk_norm: true (it says where the qk-norm goes); set qk_norm or drop qk_norm_after_rope",
+        )
         if self.ffn_type == "moe":
             _require(self.n_routed_experts > 0, "n_routed_experts", "must be > 0 for ffn_type='moe'")
             _require(

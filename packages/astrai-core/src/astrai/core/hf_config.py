@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import ConfigError, ModelConfig
 from .errors import AstraiError
+from .rope import rope_kind
 
 ASTRAI_MODEL_TYPE = "astrai"
 ASTRAI_ARCHITECTURE = "AstrAIForCausalLM"
@@ -35,7 +36,9 @@ class HFConfigError(AstraiError):
 
 def hf_model_type(config: ModelConfig) -> str | None:
     """The transformers model_type that runs this architecture exactly, or None."""
-    if config.attn_type != "gqa" or config.ffn_type != "mlp" or config.gated_attn:
+    if config.attn_type != "gqa" or config.ffn_type != "mlp" or config.gated_attn or config.qk_norm_after_rope:
+        return None
+    if rope_kind(config) == "ntk":  # static NTK: transformers has no such rope_type
         return None
     if config.qk_norm and not config.attn_bias:
         return "qwen3"

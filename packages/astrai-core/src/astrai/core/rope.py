@@ -1,4 +1,4 @@
-"""Rotary position embeddings, with the linear / dynamic-NTK / YaRN / Llama-3 frequency scalings."""
+"""Rotary position embeddings, with the linear / dynamic-NTK / static-NTK / YaRN / Llama-3 frequency scalings."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def rope_frequencies(config: ModelConfig, seq_len: int | None = None) -> tuple[t
     if kind == "dynamic" and seq_len is not None and seq_len > original:
         # NTK-aware: grow the base so the longest wavelength covers the longer context.
         base = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+    if kind == "ntk":
+        # Static NTK-aware (upstream AstrAI's "ntk"): the base grows once by factor^(d/(d-2)),
+        # which stretches the longest wavelength by `factor` and keeps the shortest almost as is.
+        base = base * factor ** (dim / (dim - 2))
     inv_freq = 1.0 / base**exponents
     if kind == "linear":
         return inv_freq / factor, 1.0
@@ -130,10 +134,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def apply_rope_qk(q, k, cos, sin, norms=None):
-    """(rope(q), rope(k)), after per-head RMSNorms `norms` = (q_norm, k_norm) when given.
+def apply_rope_qk(q, k, cos, sin, norms=None, norm_after_rope: bool = False):
+    """(rope(q), rope(k)), after per-head RMSNorms `norms` = (q_norm, k_norm) when given, or
+    before them when norm_after_rope (upstream AstrAI's order).
 
     At inference on CUDA this is one fused kernel instead of ~10 (~26 with the norms)."""
+    if norms is not None and norm_after_rope:
+        q, k = apply_rope_qk(q, k, cos, sin)
+        return norms[0](q), norms[1](k)
     if use_fused(q):
         from .kernels import fused_rope
 

@@ -58,6 +58,13 @@ def _config_template(config: Mapping[str, Any], path: Path) -> str | None:
     raise ValueError(f"{path}: field 'chat_template' must be a string or a list with a 'default' entry")
 
 
+def _upstream_special_tokens(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Upstream AstrAI keeps its special tokens in one "special_tokens" map of tokenizer_config.json
+    ({"bos_token": ..., "eos_token": ..., "im_end": ...}); a top-level field still wins."""
+    specials = config.get("special_tokens")
+    return specials if isinstance(specials, Mapping) else {}  # other tools' lists of that name say nothing here
+
+
 def _verify_files(root: Path) -> None:
     """In a model directory, the files read must match checksums.json (see astrai.core.integrity)."""
     manifest = read_manifest(root)
@@ -120,9 +127,12 @@ class AutoTokenizer:
             raise ValueError(f"{cfg_path}: expected a JSON object")
 
         tokens = {}
+        upstream = _upstream_special_tokens(config)
         for field, default in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD), ("unk_token", None)):
             if field in config:
                 tokens[field] = _token_content(config[field], field, cfg_path)
+            elif field in upstream:
+                tokens[field] = _token_content(upstream[field], f"special_tokens.{field}", cfg_path)
             else:
                 # Directories without a config (or field) fall back to our names when they exist.
                 tokens[field] = default if default and backend.token_to_id(default) is not None else None
