@@ -52,7 +52,10 @@ def test_repo_serve_yaml_is_valid():
         ("model: /m\ndevice: tpu\n", {}, "device:"),
         ("model: /m\ndtype: int8\n", {}, "dtype:"),
         ("model: /m\nkv_cache_memory: lots\n", {}, "kv_cache_memory:"),
-        ("model: /m\nkv_cache_dtype: int8\n", {}, "kv_cache_dtype: 'int8' is not supported; use one of auto, fp8"),
+        ("model: /m\nkv_cache_dtype: int8\n", {}, "kv_cache_dtype: must be one of 'auto', 'fp8', got 'int8'"),
+        ("model: /m\nnum_pages: 8\nkv_cache_memory: 1GiB\n", {}, "kv_cache_memory: cannot be combined with num_pages"),
+        ("model: /m\ncuda_graphs: maybe\n", {}, "cuda_graphs: must be True, False or None"),
+        ("model: /m\nmax_batch_size: 64\nmax_num_batched_tokens: 32\n", {}, "max_num_batched_tokens: (32) must be >="),
         ("model: /m\nmax_batch_size: 0\n", {}, "max_batch_size:"),
         ("model: /m\nmax_request_bytes: huge\n", {}, "max_request_bytes: 'huge' is not a size"),
         ("model: /m\nmax_request_bytes: 0\n", {}, "max_request_bytes: must be positive"),
@@ -66,6 +69,24 @@ def test_bad_settings_name_the_setting(tmp_path, yaml_text, overrides, needle):
     with pytest.raises(ServeConfigError) as exc:
         build_config(path, **overrides)
     assert needle in str(exc.value)
+
+
+def test_engine_flags_are_engine_configs_fields_with_its_help():
+    from astrai.core.engine.config import engine_fields
+
+    serve = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    for f in engine_fields():
+        assert f.name in serve, f"astrai-serve has no flag for EngineConfig.{f.name}"
+        assert serve[f.name].metadata["help"].startswith(f.metadata["help"]), f.name
+    help_text = cli.build_parser().format_help()
+    assert "--cuda-graphs" in help_text and "--prefill-graphs" in help_text
+
+
+def test_the_engine_config_a_server_builds_carries_every_engine_setting(tmp_path):
+    cfg = build_config(None, model="/m", max_batch_size=32, kv_cache_memory="2GiB", page_size=32, cuda_graphs=False)
+    engine = cfg.fit_to_device(cuda_available=False).engine_config()
+    assert (engine.max_batch_size, engine.max_num_batched_tokens) == (32, 2048)
+    assert (engine.kv_cache_bytes(), engine.page_size, engine.cuda_graphs) == (2 * 2**30, 32, False)
 
 
 def test_parse_size():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from trainhelp import TINY_MODEL
 
-from astrai.core.engine import SamplingParams
+from astrai.core.engine import EngineConfig, SamplingParams
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.train.grpo_module import GRPOModule
 from astrai.train.lora import LoRAConfig, lora_layers
@@ -149,9 +149,13 @@ def test_engine_options_and_limits(tokenizer_dir):
     assert engine.engine.max_batch_size == 4 and engine.max_model_len == 40
     with pytest.raises(ValueError, match=r"prompt 0 has 40 tokens.*max_model_len=40.*max_prompt_len"):
         engine.generate([[5] * 40], SamplingParams(max_tokens=2))
-    bad = make_module(tokenizer_dir, engine={"max_batch_sizes": 4})
-    with pytest.raises(ValueError, match=r"model.engine: .*max_batch_sizes"):
-        bad.rollout_engine()
+    with pytest.raises(ValueError, match=r"model.engine has no setting \['max_batch_sizes'\]"):
+        make_module(tokenizer_dir, engine={"max_batch_sizes": 4})  # at start, not at the first rollout
+    with pytest.raises(ValueError, match=r"model.engine.kv_cache_memory 'lots' is not a size"):
+        make_module(tokenizer_dir, engine={"kv_cache_memory": "lots"})
+    assert make_module(tokenizer_dir, engine={"kv_cache_memory": "2G"}).engine_config.kv_cache_bytes() == 2 * 10**9
+    grouped = make_module(tokenizer_dir, group_size=96, engine=EngineConfig(max_batch_size=8))
+    assert grouped.engine_config.max_batch_size == 96  # a whole group fits in one step
     with pytest.raises(ValueError, match="model.rollout_dtype"):
         make_module(tokenizer_dir, rollout_dtype="fp8")
 
@@ -176,8 +180,9 @@ def test_default_kv_budget_counts_the_pool_dtype(tokenizer_dir):
 
     model = make_module(tokenizer_dir).model
     layout, cpu = model.kv_layout(), torch.device("cpu")
-    kwargs = dict(max_batch_size=4, max_model_len=100, page_size=16)  # 7 pages a sequence
+    config = EngineConfig(max_batch_size=4, max_model_len=100, page_size=16)  # 7 pages a sequence
     want = 4 * 7 * 16 * layout.bytes_per_token(2)  # bf16: 2 bytes a value
-    assert default_kv_budget(model, torch.bfloat16, cpu, kwargs, free=2**40) == want
-    assert default_kv_budget(model, torch.bfloat16, cpu, {**kwargs, "kv_cache_dtype": "fp8"}, free=2**40) == want // 2
-    assert default_kv_budget(model, torch.bfloat16, cpu, kwargs, free=want) == int(DEFAULT_KV_SHARE * want)
+    assert default_kv_budget(model, torch.bfloat16, cpu, config, free=2**40) == want
+    fp8 = config.replace(kv_cache_dtype="fp8")
+    assert default_kv_budget(model, torch.bfloat16, cpu, fp8, free=2**40) == want // 2
+    assert default_kv_budget(model, torch.bfloat16, cpu, config, free=want) == int(DEFAULT_KV_SHARE * want)

@@ -250,3 +250,17 @@ def test_example_configs_parse(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("astrai.train.")
     assert printed["data"]["class_path"].startswith("astrai.train.data.")
+
+
+def test_grpos_engine_settings_are_typed_so_a_misspelt_one_fails_at_start(tmp_path, capsys):
+    grpo = Path(__file__).parents[2] / "configs/train/grpo.yaml"
+    with pytest.raises(SystemExit):
+        cli_main(["fit", f"--config={grpo}", "--print_config"])
+    engine = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["engine"]
+    assert engine["max_batch_size"] == 128 and engine["kv_cache_dtype"] == "auto"  # every EngineConfig field shown
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  init_args:\n    engine:\n      max_batch_sizes: 4\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", f"--config={grpo}", f"--config={typo}", "--print_config"])
+    assert exit_info.value.code not in (0, None)
+    assert "max_batch_sizes" in capsys.readouterr().err

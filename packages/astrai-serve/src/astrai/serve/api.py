@@ -30,7 +30,7 @@ from typing import Any
 
 from astrai.core.engine.host import quiet_gc
 
-from .config import ServeConfig, cuda_index, parse_size
+from .config import ServeConfig, cuda_index
 from .control import ControlPlane
 from .generation import merge_events
 from .litserve_bridge import BurstLoop, LitAPI, LitSpec
@@ -103,19 +103,7 @@ class EngineAPI(LitAPI):
         dtype = None if cfg.dtype == "auto" else cfg.dtype
         model = AutoModel.from_pretrained(cfg.model, dtype=dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        kv_bytes = parse_size(cfg.kv_cache_memory, "kv_cache_memory") if cfg.kv_cache_memory else None
-        self.engine = InferenceEngine(
-            model,
-            tokenizer,
-            max_batch_size=cfg.max_batch_size,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            page_size=cfg.page_size,
-            num_pages=cfg.num_pages,
-            kv_cache_memory=kv_bytes,
-            kv_cache_dtype=cfg.kv_cache_dtype,
-            device=device,
-            max_model_len=cfg.max_model_len,
-        )
+        self.engine = InferenceEngine(model, tokenizer, cfg.engine_config(), device=device)
         self.engine.start()
         self._active: set[str] = set()
         self._aborted: deque[str] = deque(maxlen=4096)  # aborts of requests this engine has not seen (yet)

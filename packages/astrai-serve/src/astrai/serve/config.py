@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astrai.core.engine.config import EngineConfig, engine_fields
 from astrai.core.errors import AstraiError
 from astrai.core.sizes import parse_bytes
 
@@ -37,6 +38,19 @@ class ServeConfigError(AstraiError):
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
+
+
+_ENGINE_FIELDS = {f.name: f for f in engine_fields()}
+_SAME = object()
+
+
+def _engine_opt(name: str, default: Any = _SAME, default_note: str | None = None) -> Any:
+    """A ServeConfig field for EngineConfig's field `name`: its help (plus `default_note`), and
+    its default unless the server picks one by device (`default`)."""
+    source = _ENGINE_FIELDS[name]
+    help = source.metadata["help"] + (f" ({default_note})" if default_note else "")
+    extra = {k: v for k, v in source.metadata.items() if k != "help"}
+    return _opt(source.default if default is _SAME else default, help, **extra)
 
 
 @dataclass
@@ -68,30 +82,25 @@ class ServeConfig:
         f"{MAX_DEFAULT_API_SERVERS}; 1 on the CPU)",
     )
     dtype: str = _opt("auto", f"weights dtype: {', '.join(DTYPES)} (auto: as stored)")
-    max_batch_size: int | None = _opt(
+    # The engine's settings: EngineConfig's fields, with its help text (astrai.core.engine.config).
+    max_batch_size: int | None = _engine_opt(
+        "max_batch_size",
         None,
-        "most sequences the engine decodes together (default: "
-        f"{GPU_DEFAULTS['max_batch_size']} on a GPU, "
-        f"{CPU_DEFAULTS['max_batch_size']} on the CPU)",
+        f"default: {GPU_DEFAULTS['max_batch_size']} on a GPU, {CPU_DEFAULTS['max_batch_size']} on the CPU",
     )
-    max_num_batched_tokens: int | None = _opt(
+    max_num_batched_tokens: int | None = _engine_opt(
+        "max_num_batched_tokens",
         None,
-        "most tokens (prefill + decode) in one engine step (default: "
-        f"{GPU_DEFAULTS['max_num_batched_tokens']} on a GPU, "
-        f"{CPU_DEFAULTS['max_num_batched_tokens']} on the CPU)",
+        f"default: {GPU_DEFAULTS['max_num_batched_tokens']} on a GPU, "
+        f"{CPU_DEFAULTS['max_num_batched_tokens']} on the CPU",
     )
-    kv_cache_memory: str | None = _opt(
-        None, "memory for the paged KV cache, e.g. 2GiB or 512MB (default: the engine's choice)", metavar="SIZE"
-    )
-    num_pages: int | None = _opt(None, "KV cache size as a page count (instead of --kv-cache-memory)")
-    kv_cache_dtype: str = _opt(
-        "auto",
-        "KV cache storage: auto (the weights' dtype) or fp8 (float8 e4m3, "
-        "Ada/Hopper GPUs or the CPU: twice the tokens per byte of bf16 and "
-        "faster large-batch decoding; values keep ~2 significant digits)",
-    )
-    page_size: int = _opt(16, "tokens per KV cache page")
-    max_model_len: int | None = _opt(None, "longest prompt + completion in tokens (default: the model's max_len)")
+    kv_cache_memory: str | None = _engine_opt("kv_cache_memory")
+    num_pages: int | None = _engine_opt("num_pages")
+    kv_cache_dtype: str = _engine_opt("kv_cache_dtype")
+    page_size: int = _engine_opt("page_size")
+    max_model_len: int | None = _engine_opt("max_model_len")
+    cuda_graphs: bool | None = _engine_opt("cuda_graphs")
+    prefill_graphs: bool | None = _engine_opt("prefill_graphs")
     served_model_name: str | None = _opt(
         None, "model name clients send and /v1/models lists (default: the directory name)", metavar="NAME"
     )
@@ -164,19 +173,15 @@ class ServeConfig:
             )
         if self.dtype not in DTYPES:
             raise ServeConfigError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        for name in ("workers", "page_size"):
-            _check_int(self, name, 1)
-        for name in ("num_pages", "max_model_len", "max_batch_size", "max_num_batched_tokens", "api_servers"):
-            if getattr(self, name) is not None:
-                _check_int(self, name, 1)
+        _check_int(self, "workers", 1)
+        if self.api_servers is not None:
+            _check_int(self, "api_servers", 1)
         if self.kv_cache_memory is not None:
             parse_size(self.kv_cache_memory, "kv_cache_memory")
-            if self.num_pages is not None:
-                raise ServeConfigError("num_pages: set either num_pages or kv_cache_memory, not both")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ServeConfigError(
-                f"kv_cache_dtype: {self.kv_cache_dtype!r} is not supported; use one of {', '.join(KV_CACHE_DTYPES)}"
-            )
+        try:
+            self._provisional_engine_config().validate()
+        except AstraiError as e:
+            raise ServeConfigError(_as_setting(str(e))) from None
         parse_size(self.max_request_bytes, "max_request_bytes")
         for name in ("fast_queue", "strict_fields", "worker_restart"):
             if not isinstance(getattr(self, name), bool):
@@ -186,6 +191,21 @@ class ServeConfig:
         if self.log_level not in LOG_LEVELS:
             raise ServeConfigError(f"log_level: {self.log_level!r}; use one of {', '.join(LOG_LEVELS)}")
         return self
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's settings (after fit_to_device has picked the sizes left unset)."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in engine_fields()})
+
+    def _provisional_engine_config(self) -> EngineConfig:
+        """engine_config() before fit_to_device: unset sizes take values that cannot clash with the
+        ones given (the device's defaults will not either: a GPU's budget exceeds its batch)."""
+        config = self.engine_config()
+        batch, budget = config.max_batch_size, config.max_num_batched_tokens
+        if batch is None:
+            batch = budget if _positive_int(budget) else CPU_DEFAULTS["max_batch_size"]
+        if budget is None:
+            budget = max(CPU_DEFAULTS["max_num_batched_tokens"], batch) if _positive_int(batch) else batch
+        return config.replace(max_batch_size=batch, max_num_batched_tokens=budget)
 
     def gpus(self) -> list[int] | None:
         """The GPU indexes `devices` asks for (None: not set, serve on `device`)."""
@@ -206,6 +226,17 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _as_setting(message: str) -> str:
+    """An EngineConfig message ("page_size must be ...") worded as every ServeConfig message
+    is ("page_size: must be ...")."""
+    name, _, rest = message.partition(" ")
+    return f"{name}: {rest}" if name.isidentifier() else message
 
 
 def _check_int(cfg: ServeConfig, name: str, lo: int, hi: int | None = None) -> None:

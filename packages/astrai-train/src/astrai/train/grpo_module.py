@@ -24,6 +24,7 @@ counts optimizer steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -31,8 +32,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from astrai.core.engine import SamplingParams
-from astrai.core.errors import require_for
+from astrai.core.engine import EngineConfig, SamplingParams
+from astrai.core.errors import AstraiError, require, require_for
 
 from .base_module import BatchError, CausalLMModule, build_model
 from .lora import adapters_disabled
@@ -162,7 +163,9 @@ class GRPOModule(CausalLMModule):
             the first epoch; robust to the engine's lower precision) or "engine" (as sampled:
             saves a forward pass and weights stale samples correctly).
         rollout_dtype: the engine's dtype: auto (bfloat16 on GPUs, else float32), float32, bfloat16, float16.
-        engine: InferenceEngine options, e.g. {max_batch_size: 64, kv_cache_memory: 2GiB}.
+        engine: the rollout engine's settings (astrai.core.engine.EngineConfig), e.g.
+            {max_batch_size: 128, kv_cache_memory: 2GiB}; max_batch_size is raised to hold a
+            whole group (group_size, val_samples) when it is smaller.
         max_grad_norm: clip the gradient norm before each optimizer step (None: off).
         rollout_seed: seeds the sampling (each prompt's seed also depends on the step).
         val_temperature, val_samples: sampling of the validation completions (default: one
@@ -197,7 +200,7 @@ class GRPOModule(CausalLMModule):
         sync_interval: int = 1,
         old_logps: Literal["policy", "engine"] = "policy",
         rollout_dtype: str | None = "auto",
-        engine: dict | None = None,
+        engine: EngineConfig | None = None,
         max_grad_norm: float | None = 1.0,
         rollout_seed: int = 0,
         val_temperature: float = 0.0,
@@ -254,8 +257,7 @@ class GRPOModule(CausalLMModule):
         self.scale_rewards, self.aggregation, self.ppo_epochs = scale_rewards, aggregation, ppo_epochs
         self.mini_batch_size, self.micro_batch_size = mini_batch_size, micro_batch_size
         self.sync_interval, self.old_logps_source = sync_interval, old_logps
-        # The engine must hold a whole group (one request) in one step.
-        self.engine_kwargs = {"max_batch_size": max(64, group_size, val_samples), **(engine or {})}
+        self.engine_config = _engine_config(engine, needed=max(group_size, val_samples))
         self.rollout_dtype_name = rollout_dtype
         self.max_grad_norm, self.rollout_seed = max_grad_norm, rollout_seed
         self.ref_model = None
@@ -285,7 +287,7 @@ class GRPOModule(CausalLMModule):
             if self._rollout is None:
                 dtype = resolve_dtype(self.rollout_dtype_name, self.device)
                 self._rollout = RolloutEngine(
-                    self.model, self.tokenizer, dtype, self.device, self.lora_config, **self.engine_kwargs
+                    self.model, self.tokenizer, dtype, self.device, self.lora_config, self.engine_config
                 )
                 self._rollout.sync(self.model, self.global_step)
             elif fresh and self._rollout.version != self.global_step:
@@ -533,3 +535,23 @@ class GRPOModule(CausalLMModule):
             state = checkpoint.setdefault("state_dict", {})
             for key, value in self.ref_model.state_dict().items():
                 state.setdefault(REF_PREFIX + key, value)
+
+
+def _engine_config(engine: EngineConfig | dict | None, needed: int) -> EngineConfig:
+    """model.engine as an EngineConfig (LightningCLI gives one; Python callers may pass a dict),
+    checked now so that a bad setting fails when the run starts; its batch holds a whole group
+    (one request of n = group_size), since a request's samples run in one step."""
+    if isinstance(engine, dict):
+        unknown = sorted(set(engine) - {f.name for f in dataclasses.fields(EngineConfig)})
+        require(not unknown, "model.engine", f"has no setting {unknown}; its settings are EngineConfig's fields")
+        engine = EngineConfig(**engine)
+    engine = engine or EngineConfig()
+    try:
+        engine.validate()
+    except AstraiError as e:
+        raise AstraiError(f"model.engine.{e}") from None
+    if engine.max_batch_size < needed:
+        engine = engine.replace(
+            max_batch_size=needed, max_num_batched_tokens=max(engine.max_num_batched_tokens, needed)
+        )
+    return engine

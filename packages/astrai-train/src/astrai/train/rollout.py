@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from astrai.core.auto import AutoModel
-from astrai.core.engine import InferenceEngine, SamplingParams
+from astrai.core.engine import EngineConfig, InferenceEngine, SamplingParams
 from astrai.core.engine.kv_dtype import pool_dtype
 from astrai.core.engine.paged_cache import PagedKVCache
 from astrai.core.tokenizer import AutoTokenizer
@@ -104,9 +104,9 @@ class RolloutEngine:
         dtype: the engine model's dtype.
         device: where the engine runs (default: the policy's device).
         lora: the policy's LoRA config, so synced weights have the adapters merged.
-        **engine_kwargs: InferenceEngine options (max_batch_size, kv_cache_memory, page_size, ...).
-            By default the KV cache holds max_batch_size sequences of max_model_len tokens,
-            and on a GPU at most a quarter of the free memory.
+        engine: the engine's settings (astrai.core.engine.EngineConfig); `**settings` override
+            its fields. By default the KV cache holds max_batch_size sequences of
+            max_model_len tokens, and on a GPU at most a quarter of the free memory.
     """
 
     def __init__(
@@ -116,22 +116,19 @@ class RolloutEngine:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         lora: LoRAConfig | None = None,
-        **engine_kwargs,
+        engine: EngineConfig | None = None,
+        **settings,
     ):
         device = torch.device(device) if device is not None else next(policy.parameters()).device
         self.lora = lora
         model = AutoModel.from_config(policy.config, dtype=dtype, device=device)
         model.load_state_dict(policy_state(policy, lora))
         model.requires_grad_(False)
-        kwargs = {"max_batch_size": 64, **engine_kwargs}
-        if device.type == "cuda" and "num_pages" not in kwargs and "kv_cache_memory" not in kwargs:
-            kwargs["kv_cache_memory"] = default_kv_budget(
-                model, dtype, device, kwargs, torch.cuda.mem_get_info(device)[0]
-            )
-        try:
-            self.engine = InferenceEngine(model, tokenizer, device=device, **kwargs)
-        except TypeError as e:
-            raise ValueError(f"model.engine: {e}; see astrai.core.engine.InferenceEngine for its options") from None
+        config = (engine or EngineConfig()).replace(**settings)
+        if device.type == "cuda" and config.num_pages is None and config.kv_cache_memory is None:
+            budget = default_kv_budget(model, dtype, device, config, torch.cuda.mem_get_info(device)[0])
+            config = config.replace(kv_cache_memory=budget)
+        self.engine = InferenceEngine(model, tokenizer, config, device=device)
         self.version = 0
 
     @property
@@ -174,12 +171,14 @@ class RolloutEngine:
         return out
 
 
-def default_kv_budget(model: nn.Module, dtype: torch.dtype, device: torch.device, kwargs: dict, free: int) -> int:
+def default_kv_budget(
+    model: nn.Module, dtype: torch.dtype, device: torch.device, config: EngineConfig, free: int
+) -> int:
     """KV bytes for max_batch_size sequences of max_model_len in the pool's dtype (an fp8 cache
     needs half of bf16's), at most DEFAULT_KV_SHARE of `free` bytes."""
-    page_size = kwargs.get("page_size", 16)
-    max_len = kwargs.get("max_model_len") or model.config.max_len
-    pages = kwargs["max_batch_size"] * -(-max_len // page_size)
-    stored = pool_dtype(kwargs.get("kv_cache_dtype", "auto"), dtype, device)
+    page_size = config.page_size
+    max_len = config.max_model_len or model.config.max_len
+    pages = config.max_batch_size * -(-max_len // page_size)
+    stored = pool_dtype(config.kv_cache_dtype, dtype, device)
     per_page = PagedKVCache.bytes_per_page(model.kv_layout(), page_size, stored)
     return max(per_page, min(pages * per_page, int(DEFAULT_KV_SHARE * free)))

@@ -7,6 +7,7 @@ print(engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))[0
 
 from ..sizes import parse_bytes  # the one byte-size parser, also astrai.core.parse_bytes
 from .attention import AttentionBackend, AttentionMetadata, KernelPagedAttention, TorchPagedAttention
+from .config import EngineConfig
 from .core import END, LoopSink
 from .engine import InferenceEngine
 from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
@@ -17,6 +18,7 @@ __all__ = [
     "AttentionMetadata",
     "Completion",
     "END",
+    "EngineConfig",
     "EngineError",
     "InferenceEngine",
     "KernelPagedAttention",

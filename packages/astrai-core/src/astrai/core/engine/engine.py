@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import require
 from ..packed_linear import pack_projections
 from .attention import AttentionBackend, default_backend
+from .config import EngineConfig, engine_fields
 from .core import END, EngineCore, LoopSink
 from .cuda_graphs import DecodeRunner, graph_blocker
 from .host import limit_cpu_threads
@@ -52,98 +53,74 @@ class InferenceEngine:
         weight, so the model still trains and loads weights as before).
     tokenizer: an AutoTokenizer; may be None when prompts are token ids and no stop strings
         are used (texts are then empty).
-    max_batch_size: most sequences (samples) in one step.
-    max_num_batched_tokens: token budget of one step (>= max_batch_size); longer prompts are
-        prefilled in chunks.
-    page_size: tokens per KV page.
-    num_pages / kv_cache_memory: size of the page pool, as a page count or a byte budget
-        (an int or a string such as "2GiB"). Default: enough for max_batch_size sequences of
-        max_model_len, capped at 90% of free GPU memory on CUDA and at 1 GiB on CPU.
-    kv_cache_dtype: "auto" (default: the model's dtype) or "fp8" (float8 e4m3: half the bytes
-        of bf16, so twice the tokens fit and large-batch decode steps, which mostly read the
-        cache, run faster; values are rounded to ~2 significant digits, kv_dtype.py).
+    config: an EngineConfig (config.py: batching, KV cache size and dtype, max_model_len, CUDA
+        graphs); its fields may also be given as keyword arguments, which override it.
+        The KV pool holds by default max_batch_size sequences of max_model_len, capped at 90%
+        of free GPU memory on CUDA and at 1 GiB on CPU; max_model_len is lowered to what the
+        pool can hold, so one sequence always fits. kv_cache_dtype "fp8" stores float8 e4m3
+        (half the bytes of bf16, so twice the tokens fit and large-batch decode steps, which
+        mostly read the cache, run faster; values are rounded to ~2 significant digits,
+        kv_dtype.py). cuda_graphs (decode steps, cuda_graphs.py) default to on when the
+        device is CUDA and the model can be captured (not MoE, not dynamic NTK RoPE, a
+        graph-safe attention backend), with one log line saying why when it cannot;
+        prefill_graphs (prefill_graphs.py) default to on whenever the decode graphs are.
     device: where the model and the cache live (default: the model's device). On CUDA the
         process keeps one torch CPU thread unless OMP_NUM_THREADS is set (engine/host.py says why).
-    max_model_len: prompt + output limit per sequence (default and maximum: config.max_len);
-        lowered to what the page pool can hold, so one sequence always fits.
     attention_backend: the paged attention implementation (default: the Triton kernel on CUDA,
         TorchPagedAttention elsewhere).
-    cuda_graphs: run pure decode steps as CUDA graphs (cuda_graphs.py), captured for every
-        batch-size bucket when the engine is built. None (default): on when the device is CUDA
-        and the model can be captured (not MoE, not dynamic NTK RoPE, a graph-safe attention
-        backend), with one log line saying why when it cannot; False: always eager.
-    prefill_graphs: also run prefill and mixed steps as CUDA graphs (prefill_graphs.py), captured
-        for every token-count bucket up to max_num_batched_tokens. None (default): on whenever
-        the decode graphs are; True: required (an error where the decode graphs are off);
-        False: those steps run eagerly.
     """
 
     def __init__(
         self,
         model: nn.Module,
         tokenizer=None,
-        max_batch_size: int = 64,
-        max_num_batched_tokens: int = 2048,
-        page_size: int = 16,
-        num_pages: int | None = None,
-        kv_cache_memory: int | str | None = None,
-        kv_cache_dtype: str = "auto",
+        config: EngineConfig | None = None,
+        *,
         device: str | torch.device | None = None,
-        max_model_len: int | None = None,
         attention_backend: AttentionBackend | None = None,
-        cuda_graphs: bool | None = None,
-        prefill_graphs: bool | None = None,
+        **settings,
     ):
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("max_num_batched_tokens", max_num_batched_tokens),
-            ("page_size", page_size),
-        ):
-            require(is_token_id(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
-        require(
-            cuda_graphs is None or isinstance(cuda_graphs, bool),
-            "cuda_graphs",
-            f"must be True, False or None (on where possible), got {cuda_graphs!r}",
-        )
-        require(
-            prefill_graphs is None or isinstance(prefill_graphs, bool),
-            "prefill_graphs",
-            f"must be True, False or None (with the decode graphs), got {prefill_graphs!r}",
-        )
-        require(
-            max_num_batched_tokens >= max_batch_size,
-            "max_num_batched_tokens",
-            f"({max_num_batched_tokens}) must be >= max_batch_size ({max_batch_size}): every running "
-            "sequence needs a token of each step's budget",
+        unknown = sorted(set(settings) - {f.name for f in engine_fields()})
+        require(not unknown, "InferenceEngine", f"has no setting {unknown}; EngineConfig's fields are its settings")
+        config = (config or EngineConfig()).replace(**settings).validate()
+        self.config = config
+        max_batch_size, max_num_batched_tokens, page_size = (
+            config.max_batch_size,
+            config.max_num_batched_tokens,
+            config.page_size,
         )
         if not hasattr(model, "kv_layout") or not hasattr(model, "config"):
             raise TypeError(f"model must be a CausalLM (with .config and .kv_layout()), got {type(model).__name__}")
-        config = model.config
-        max_model_len = config.max_len if max_model_len is None else max_model_len
+        model_config = model.config
+        max_model_len = model_config.max_len if config.max_model_len is None else config.max_model_len
         require(
-            is_token_id(max_model_len) and 2 <= max_model_len <= config.max_len,
+            2 <= max_model_len <= model_config.max_len,
             "max_model_len",
-            f"must be an integer in [2, model max_len={config.max_len}], got {max_model_len!r}",
+            f"must be an integer in [2, model max_len={model_config.max_len}], got {max_model_len!r}",
         )
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         limit_cpu_threads(self.device)
         self.model = model.to(self.device).eval()
         pack_projections(self.model)
         self.tokenizer = tokenizer
-        dtype = pool_dtype(kv_cache_dtype, next(model.parameters()).dtype, self.device)
+        dtype = pool_dtype(config.kv_cache_dtype, next(model.parameters()).dtype, self.device)
         layout = model.kv_layout()
         wanted = max_batch_size * -(-max_model_len // page_size)
         pages = pool_pages(
-            num_pages, kv_cache_memory, PagedKVCache.bytes_per_page(layout, page_size, dtype), wanted, self.device
+            config.num_pages,
+            config.kv_cache_bytes(),
+            PagedKVCache.bytes_per_page(layout, page_size, dtype),
+            wanted,
+            self.device,
         )
         self.page_size, self.max_batch_size = page_size, max_batch_size
         self.max_model_len = min(max_model_len, pages * page_size)
         self.cache = PagedKVCache(layout, pages, page_size, dtype, self.device)
         self.allocator = PageAllocator(pages)
         self.scheduler = Scheduler(self.allocator, page_size, max_batch_size, max_num_batched_tokens)
-        self.eos_ids = frozenset(tokenizer.stop_token_ids if tokenizer is not None else _config_eos(config))
+        self.eos_ids = frozenset(tokenizer.stop_token_ids if tokenizer is not None else _config_eos(model_config))
         self.intake = RequestIntake(
-            tokenizer, config.vocab_size, self.max_model_len, max_batch_size, self.eos_ids, self.device
+            tokenizer, model_config.vocab_size, self.max_model_len, max_batch_size, self.eos_ids, self.device
         )
         self.core = EngineCore(
             self.model,
@@ -153,11 +130,11 @@ class InferenceEngine:
             attention_backend or default_backend(self.device),
             self.device,
         )
-        if self._use_cuda_graphs(cuda_graphs):
+        if self._use_cuda_graphs(config.cuda_graphs):
             self.core.decode_runner = DecodeRunner(
                 self.model, self.cache, self.core.backend, max_batch_size, self.max_model_len, capture=True
             )
-            if prefill_graphs is not False:
+            if config.prefill_graphs is not False:
                 self.core.prefill_runner = PrefillRunner(
                     self.model,
                     self.cache,
@@ -169,7 +146,7 @@ class InferenceEngine:
                 )
         else:
             require(
-                prefill_graphs is not True,
+                config.prefill_graphs is not True,
                 "prefill_graphs",
                 "(True) needs the decode CUDA graphs: a CUDA device, cuda_graphs not False and a model "
                 "they can capture (see the log line); leave prefill_graphs None or False",
