@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from astrai.train.corpus import (
+from astrai.train.quickstart.corpus import (
     ANIMALS,
     WEEKDAYS_EN,
     add_en,
@@ -145,7 +145,7 @@ def test_is_correct_is_exact_up_to_surrounding_space():
 
 def test_tokenizer_text_makes_the_tokenizer_encode_chinese_a_character_at_a_time(tmp_path):
     from astrai.core.tokenizer_trainer import train_tokenizer
-    from astrai.train.corpus import tokenizer_text
+    from astrai.train.quickstart.corpus import tokenizer_text
 
     assert tokenizer_text("三加四等于七。Q: 3 + 4?") == "三\n加\n四\n等\n于\n七\n。Q: 3 + 4?"
     docs = pretrain_documents(300, seed=0)
@@ -156,3 +156,18 @@ def test_tokenizer_text_makes_the_tokenizer_encode_chinese_a_character_at_a_time
     assert pieces == list(sentence)  # one token per character
     assert len(plain.encode(sentence)) < len(sentence)  # without it, whole phrases become tokens
     assert spaced.decode(spaced.encode(sentence)) == sentence
+
+
+def test_the_old_corpus_module_still_runs_with_a_deprecation_warning(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-W", "always::DeprecationWarning", "-m", "astrai.train.corpus", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "moved to astrai.train.quickstart.corpus" in done.stderr
+    assert (tmp_path / "tokenizer" / "train.jsonl").is_file()

@@ -142,7 +142,7 @@ def test_limits_and_format_errors(tok, tmp_path):
 
 def test_bundled_corpus_rows_load(tok, tmp_path, tokenizer_dir):
     """The quickstart's GRPO files (prompt, answer, reference) load as online prompts."""
-    from astrai.train.corpus import write_corpus
+    from astrai.train.quickstart.corpus import write_corpus
 
     paths = write_corpus(tmp_path / "corpus", n_docs=10, n_val_docs=2)
     dm = GRPODataModule(

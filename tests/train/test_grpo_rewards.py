@@ -10,7 +10,7 @@ from trainhelp import TINY_MODEL
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.core.tokenizer import AutoTokenizer
-from astrai.train.corpus import add_en, add_zh, split_questions
+from astrai.train.quickstart.corpus import add_en, add_zh, split_questions
 from astrai.train.rewards import (
     RewardError,
     RewardModel,

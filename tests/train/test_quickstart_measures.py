@@ -11,9 +11,9 @@ import pytest
 from astrai.core.auto import AutoModel
 from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.tokenizer import AutoTokenizer
-from astrai.train.corpus import Question
 from astrai.train.quickstart import verdict
-from astrai.train.quickstart_measures import greedy_answers, paired_change, sampled_rewards
+from astrai.train.quickstart.corpus import Question
+from astrai.train.quickstart.measures import greedy_answers, paired_change, sampled_rewards
 from astrai.train.rewards import load_rewards, similarity
 
 QUESTIONS = [

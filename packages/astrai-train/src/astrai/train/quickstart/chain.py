@@ -15,7 +15,7 @@ replies (sampled_pairs.py), and measures each stage before and after:
 - GRPO: mean reward (grpo.yaml's rewards) of replies sampled for the held-out questions;
 - after DPO and after GRPO: the held-out greedy accuracy again, which neither may lower.
 
-Each change is reported with its standard error (quickstart_measures.py), and a stage is
+Each change is reported with its standard error (measures.py), and a stage is
 called better only when its change is at least twice that.
 """
 
@@ -31,10 +31,10 @@ from typing import Any
 
 import yaml
 
+from ..rewards import load_rewards
+from ..sampled_pairs import read_questions, sample_pairs, write_pairs
 from .corpus import Question, is_correct, load_questions, write_corpus
-from .quickstart_measures import Change, greedy_answers, paired_change, sampled_rewards
-from .rewards import load_rewards
-from .sampled_pairs import read_questions, sample_pairs, write_pairs
+from .measures import Change, greedy_answers, paired_change, sampled_rewards
 
 STAGES = 6
 SMOKE = {"scale": 0.04, "docs": 400}
@@ -126,7 +126,7 @@ class Quickstart:
     def cli(self, command: str, stage: str, overrides: dict[str, Any]) -> dict[str, float]:
         """Run `astrai-train <command> --config <stage>.yaml --key=value ...` in this process;
         returns the metrics the trainer ended with."""
-        from .cli import cli_main
+        from ..cli import cli_main
 
         args = [command, f"--config={self.configs / f'{stage}.yaml'}", f"--seed_everything={self.seed}"]
         args += [f"--{key}={value}" for key, value in overrides.items()]
@@ -362,7 +362,7 @@ def _examples(questions: list[Question], replies: list[str]) -> list[tuple[Quest
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .cli import USER_ERRORS
+    from ..cli import USER_ERRORS
 
     try:
         Quickstart(args).run()

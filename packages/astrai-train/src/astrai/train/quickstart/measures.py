@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..rewards import Reward, score
+from ..sampled_pairs import chat_prompts, load_engine
 from .corpus import Question, is_correct
-from .rewards import Reward, score
-from .sampled_pairs import chat_prompts, load_engine
 
 
 @dataclass(frozen=True)
