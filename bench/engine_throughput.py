@@ -25,7 +25,7 @@ weights, the same dtype, SDPA, greedy, the same prompts and lengths, batches of 
 in the same process, called two ways (with an attention mask and min_new_tokens, and bare),
 and prints both figures and the ratio to the faster one; it needs fixed lengths.
 Both run under the same process settings: on CUDA one torch CPU thread (what the engine sets
-for itself, engine/host.py) and a frozen garbage collector after set-up (what astrai-serve does).
+for itself, engine/host_settings.py) and a frozen garbage collector after set-up (what astrai-serve does).
 
 The decode bandwidth floor: a decode step must read every weight once and every cached key and
 value of its sequences, so at --bandwidth bytes/s (default: H100 device copy 2.97 TB/s) it takes
@@ -52,7 +52,7 @@ from workloads import WORKLOADS, arrival_delays, draw  # bench/ is on sys.path w
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.core.engine import InferenceEngine, SamplingParams
-from astrai.core.engine.host import limit_cpu_threads, quiet_gc
+from astrai.core.engine.host_settings import limit_cpu_threads, quiet_gc
 
 H100_COPY_BANDWIDTH = 2.97e12
 
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
     on_cuda = args.device.startswith("cuda")
-    # The process settings a CUDA engine makes for itself (engine/host.py), made first so the
+    # The process settings a CUDA engine makes for itself (engine/host_settings.py), made first so the
     # transformers reference runs under them too; --threads overrides.
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,9 +1,9 @@
 """Training throughput of `astrai-train`'s pre-training module: tokens/s, MFU, peak memory.
 
-Runs SeqModule under a real Lightning Trainer on random tokens (so data loading costs
+Runs PretrainModule under a real Lightning Trainer on random tokens (so data loading costs
 nothing) and times the optimizer steps after a warm-up, synchronising the device only at the
 two ends of the timed window. Optionally, in the same process:
-  --overhead   the same SeqModule and optimizer in a plain loop (forward, loss, backward, step,
+  --overhead   the same PretrainModule and optimizer in a plain loop (forward, loss, backward, step,
                zero_grad, same compile and precision): Lightning's overhead = its step time /
                the plain loop's - 1.
   --reference  Hugging Face transformers' LlamaForCausalLM of the same shape (random init, bf16
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.train.metrics import flops_per_token, peak_flops, precision_dtype
-from astrai.train.seq_module import SeqModule
+from astrai.train.pretrain_module import PretrainModule
 
 
 class RandomTokens(Dataset):
@@ -124,9 +124,9 @@ def shape_stats(config: dict, seq_len: int) -> tuple[int, float]:
     return model.num_parameters(), flops_per_token(model, model.config, seq_len)
 
 
-def make_module(args, config: dict, param_dtype: str) -> SeqModule:
+def make_module(args, config: dict, param_dtype: str) -> PretrainModule:
     torch.manual_seed(0)
-    return SeqModule(
+    return PretrainModule(
         model=config,
         optimizer=args.optimizer,
         lr=1e-4,
@@ -190,7 +190,7 @@ def timed_loop(args, loader, device, step_fn) -> Window:
 
 
 def run_plain(args, config: dict, param_dtype: str, device: torch.device) -> dict:
-    """The SeqModule and its optimizer without Lightning: what a hand-written loop would do."""
+    """The PretrainModule and its optimizer without Lightning: what a hand-written loop would do."""
     module = make_module(args, config, param_dtype)
     module.configure_model()  # param dtype, torch.compile: as Lightning calls it
     module.to(device).train()

@@ -7,7 +7,7 @@ import torch
 from engine_helpers import ARCHS, VOCAB, needs_cuda, random_prompts, samples, tiny_model
 
 from astrai.core.engine import InferenceEngine, KernelPagedAttention, SamplingParams
-from astrai.core.engine.attention import TorchPagedAttention, build_metadata
+from astrai.core.engine.attention_backend import TorchPagedAttention, build_metadata
 from astrai.core.engine.kv_dtype import FP8
 from astrai.core.engine.paged_cache import PagedKVCache
 from astrai.core.kv_cache_view import ContiguousKVCache

@@ -1,4 +1,4 @@
-"""Process settings for a GPU engine (engine/host.py): torch CPU threads and the frozen GC."""
+"""Process settings for a GPU engine (engine/host_settings.py): torch CPU threads and the frozen GC."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from astrai.core.engine.host import limit_cpu_threads, quiet_gc
+from astrai.core.engine.host_settings import limit_cpu_threads, quiet_gc
 
 
 @pytest.fixture

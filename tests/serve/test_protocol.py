@@ -14,8 +14,8 @@ from astrai.core.tokenizer import AutoTokenizer
 from astrai.serve import anthropic_protocol as anth
 from astrai.serve import openai_protocol as oai
 from astrai.serve.errors import APIError, anthropic_error_body, openai_error_body
-from astrai.serve.fields import parse_json_object
 from astrai.serve.generation import Accumulator, ModelInfo, merge_events
+from astrai.serve.request_fields import parse_json_object
 
 CTX = 64
 
@@ -445,7 +445,7 @@ def test_surrogate_pairs_and_other_unicode_pass():
 
 
 def test_nesting_is_capped_whether_or_not_the_decoder_recurses_too_deep():
-    from astrai.serve.fields import MAX_DEPTH
+    from astrai.serve.request_fields import MAX_DEPTH
 
     def nested(depth: int) -> bytes:  # the object is level 1, each list one more
         return ('{"a": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}").encode()

@@ -33,7 +33,7 @@ from torch.distributed.fsdp import (
     StateDictType,
 )
 
-from astrai.train.seq_module import SeqModule
+from astrai.train.pretrain_module import PretrainModule
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -66,8 +66,8 @@ class CPUFSDPStrategy(FSDPStrategy):
         return state
 
 
-class FirstStepGrads(SeqModule):
-    """SeqModule that saves the gradients of its first optimizer step (rank 0, as float32) to
+class FirstStepGrads(PretrainModule):
+    """PretrainModule that saves the gradients of its first optimizer step (rank 0, as float32) to
     the file named by $ASTRAI_TEST_GRADS: what the optimizer gets, after any accumulation."""
 
     def on_before_optimizer_step(self, optimizer):

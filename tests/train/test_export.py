@@ -16,7 +16,7 @@ from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 from astrai.core.auto import AutoModel
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.train.export import ModelExport, export_model
-from astrai.train.seq_module import SeqModule
+from astrai.train.pretrain_module import PretrainModule
 from astrai.train.sft_module import SFTModule
 
 
@@ -27,10 +27,10 @@ def _tensor_names(path: Path) -> dict[str, torch.dtype]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer_dir):
-    """A SeqModule fitted on the cycle task and exported on fit end (default location)."""
+    """A PretrainModule fitted on the cycle task and exported on fit end (default location)."""
     root = tmp_path_factory.mktemp("export_run")
     torch.manual_seed(0)
-    module = SeqModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=1e-2)
+    module = PretrainModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=1e-2)
     trainer = make_trainer(root, max_steps=25, logger=L.pytorch.loggers.CSVLogger(root, name="logs"))
     trainer.fit(module, DataLoader(CycleBatches(16, 16), batch_size=4, shuffle=True))
     return module.eval(), root / "export"
@@ -94,13 +94,13 @@ def test_lora_export_is_merged(tmp_path, tokenizer_dir):
 
 
 def test_export_dtype_and_no_export(tmp_path, tokenizer_dir):
-    module = SeqModule(
+    module = PretrainModule(
         model=TINY_MODEL, tokenizer=tokenizer_dir, export_dtype="bfloat16", export_dir=str(tmp_path / "bf16")
     )
     path = export_model(module, tmp_path / "bf16")
     assert set(_tensor_names(path).values()) == {torch.bfloat16}
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
-    quiet = SeqModule(
+    quiet = PretrainModule(
         model=TINY_MODEL, tokenizer=tokenizer_dir, export_on_fit_end=False, export_dir=str(tmp_path / "none")
     )
     make_trainer(tmp_path, max_steps=1).fit(quiet, DataLoader(CycleBatches(4, 8), batch_size=4))
@@ -110,7 +110,7 @@ def test_export_dtype_and_no_export(tmp_path, tokenizer_dir):
 
 
 def test_export_callback_writes_every_n_steps_and_keeps_the_last(tmp_path, tokenizer_dir):
-    module = SeqModule(model=TINY_MODEL, tokenizer=tokenizer_dir, export_on_fit_end=False)
+    module = PretrainModule(model=TINY_MODEL, tokenizer=tokenizer_dir, export_on_fit_end=False)
     callback = ModelExport(every_n_train_steps=2, dirpath=str(tmp_path / "exports"), keep_last=2)
     trainer = make_trainer(tmp_path, max_steps=7, callbacks=[callback], accumulate_grad_batches=2)
     trainer.fit(module, DataLoader(CycleBatches(16, 8), batch_size=2))

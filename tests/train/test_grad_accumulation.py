@@ -14,7 +14,7 @@ from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 from astrai.train.data.grpo import GRPODataModule
 from astrai.train.grad_accumulation import Float32Grads
 from astrai.train.grpo_module import GRPOModule
-from astrai.train.seq_module import SeqModule
+from astrai.train.pretrain_module import PretrainModule
 
 SMALL = 2.0**-9  # a quarter of bf16's spacing at 1.0 (2**-7): lost when added to 1 in bf16
 
@@ -84,7 +84,7 @@ class Recording:
         self.micro = []
 
 
-class RecordingSeqModule(Recording, SeqModule):
+class RecordingPretrainModule(Recording, PretrainModule):
     pass
 
 
@@ -94,7 +94,7 @@ class RecordingGRPOModule(Recording, GRPOModule):
 
 def test_lightning_accumulation_with_bf16_weights(tmp_path):
     torch.manual_seed(0)
-    module = RecordingSeqModule(
+    module = RecordingPretrainModule(
         model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, param_dtype="bfloat16"
     )
     loader = DataLoader(CycleBatches(24, 16), batch_size=2, shuffle=True)
@@ -136,7 +136,7 @@ def test_bf16_accumulation_is_refused_under_fsdp(tmp_path):
     does not handle sharded gradients, so the run stops at start, naming the settings."""
     from disthelp import CPUFSDPStrategy
 
-    module = SeqModule(model={"vocab_size": 320, **TINY_MODEL}, param_dtype="bfloat16", export_on_fit_end=False)
+    module = PretrainModule(model={"vocab_size": 320, **TINY_MODEL}, param_dtype="bfloat16", export_on_fit_end=False)
     loader = DataLoader(CycleBatches(8, 16), batch_size=2)
     trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, strategy=CPUFSDPStrategy())
     environ = dict(os.environ)

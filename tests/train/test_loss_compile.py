@@ -16,7 +16,7 @@ from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 from astrai.train.dpo_module import DPOModule
 from astrai.train.losses import IGNORE_INDEX, _dense_token_loss, compiled_token_loss, token_loss
 from astrai.train.metrics import HostCopy
-from astrai.train.seq_module import SeqModule
+from astrai.train.pretrain_module import PretrainModule
 from astrai.train.sft_module import SFTModule
 
 
@@ -106,7 +106,7 @@ class _SyncsAreErrors(Callback):
 )
 def test_training_step_never_waits_for_the_device(tmp_path, options):
     torch.manual_seed(0)
-    module = SeqModule(
+    module = PretrainModule(
         model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, peak_flops=1e12, **options
     )
     strict = _SyncsAreErrors()

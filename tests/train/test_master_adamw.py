@@ -19,7 +19,7 @@ from astrai.core.config import ModelConfig
 from astrai.core.transformer import CausalLM
 from astrai.train.master_adamw import MasterWeightAdamW
 from astrai.train.optimizers import build_optimizer
-from astrai.train.seq_module import SeqModule
+from astrai.train.pretrain_module import PretrainModule
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
@@ -193,7 +193,7 @@ def test_fused_kernel_matches_the_torch_ops_on_cuda_and_never_syncs():
 # -- the module option ------------------------------------------------------------------------------
 def _module(**kw):
     torch.manual_seed(0)
-    return SeqModule(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, **kw)
+    return PretrainModule(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, **kw)
 
 
 def test_bf16_params_train_the_model(tmp_path):

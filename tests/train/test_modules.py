@@ -15,7 +15,7 @@ from astrai.train.base_module import BatchError
 from astrai.train.dpo_module import DPOModule
 from astrai.train.losses import IGNORE_INDEX
 from astrai.train.metrics import Throughput, flops_per_token
-from astrai.train.seq_module import SeqModule
+from astrai.train.pretrain_module import PretrainModule
 from astrai.train.sft_module import SFTModule
 
 
@@ -29,8 +29,8 @@ def _log64(logits_row: torch.Tensor) -> torch.Tensor:
 
 
 # -- pre-training ---------------------------------------------------------------------------
-def test_seq_module_learns_and_logs(tmp_path, tokenizer_dir, model_config_json):
-    module = SeqModule(
+def test_pretrain_module_learns_and_logs(tmp_path, tokenizer_dir, model_config_json):
+    module = PretrainModule(
         model=model_config_json,
         tokenizer=tokenizer_dir,
         lr=1e-2,
@@ -56,7 +56,7 @@ def test_seq_module_learns_and_logs(tmp_path, tokenizer_dir, model_config_json):
 
 
 def test_flops_per_token_counts_matmuls_and_attention(tokenizer_dir, model_config_json):
-    module = SeqModule(model=model_config_json, tokenizer=tokenizer_dir)
+    module = PretrainModule(model=model_config_json, tokenizer=tokenizer_dir)
     c = module.config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     per_layer = c.dim * q + 2 * c.dim * kv + q * c.dim + 3 * c.dim * c.ffn_dim
@@ -66,11 +66,11 @@ def test_flops_per_token_counts_matmuls_and_attention(tokenizer_dir, model_confi
 
 
 def test_moe_flops_count_only_the_activated_experts(tokenizer_dir):
-    dense = SeqModule(
+    dense = PretrainModule(
         model={**TINY_MODEL, "ffn_type": "moe", "n_routed_experts": 4, "n_activated_experts": 1, "n_shared_experts": 0},
         tokenizer=tokenizer_dir,
     )
-    wide = SeqModule(
+    wide = PretrainModule(
         model={**TINY_MODEL, "ffn_type": "moe", "n_routed_experts": 8, "n_activated_experts": 1, "n_shared_experts": 0},
         tokenizer=tokenizer_dir,
     )
@@ -91,14 +91,14 @@ def test_throughput_ignores_the_first_step():
 
 def test_moe_model_trains_with_the_balance_loss(tmp_path, tokenizer_dir):
     cfg = {**TINY_MODEL, "ffn_type": "moe", "n_routed_experts": 4, "n_activated_experts": 2, "moe_ffn_dim": 32}
-    module = SeqModule(model=cfg, tokenizer=tokenizer_dir, lr=1e-2, export_on_fit_end=False)
+    module = PretrainModule(model=cfg, tokenizer=tokenizer_dir, lr=1e-2, export_on_fit_end=False)
     trainer = make_trainer(tmp_path, max_steps=4)
     trainer.fit(module, DataLoader(CycleBatches(8, 16), batch_size=4))
     assert trainer.callback_metrics["train/aux_loss"] > 0
 
 
 def test_muon_and_sgdr_train_the_model(tmp_path, tokenizer_dir, model_config_json):
-    module = SeqModule(
+    module = PretrainModule(
         model=model_config_json,
         tokenizer=tokenizer_dir,
         optimizer="muon",
@@ -121,7 +121,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer_dir, model_co
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        module = SeqModule(model=model_config_json, tokenizer=tokenizer_dir, gradient_checkpointing=checkpointing)
+        module = PretrainModule(model=model_config_json, tokenizer=tokenizer_dir, gradient_checkpointing=checkpointing)
         module.train()
         module.compute_loss(batch, "train")[1].loss.backward()
         grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
@@ -224,13 +224,13 @@ def test_batch_contract_violations_are_named(tokenizer_dir):
 
 def test_model_source_errors_name_the_field(tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match="model: '/nowhere' is neither a model directory"):
-        SeqModule(model="/nowhere", tokenizer=tokenizer_dir)
+        PretrainModule(model="/nowhere", tokenizer=tokenizer_dir)
     with pytest.raises(ValueError, match="model.tokenizer"):
-        SeqModule(model=TINY_MODEL, tokenizer=str(tmp_path))
+        PretrainModule(model=TINY_MODEL, tokenizer=str(tmp_path))
     small = AutoModel.from_config({**TINY_MODEL, "vocab_size": 100})
     AutoModel.save_pretrained(small, tmp_path / "small")
     with pytest.raises(ValueError, match="tokenizer has 320 tokens but the model .* embeds only 100"):
-        SeqModule(model=str(tmp_path / "small"), tokenizer=tokenizer_dir)
+        PretrainModule(model=str(tmp_path / "small"), tokenizer=tokenizer_dir)
 
 
 def test_start_from_a_model_directory(tmp_path, tokenizer_dir):
@@ -454,7 +454,9 @@ def test_dpo_settings_are_checked(tokenizer_dir):
     not torch.cuda.is_available(), reason="torch.compile is exercised on CUDA only (CPU build too slow)"
 )
 def test_compiled_module_trains_and_keeps_parameter_names(tmp_path, tokenizer_dir, model_config_json):
-    module = SeqModule(model=model_config_json, tokenizer=tokenizer_dir, compile=True, lr=1e-2, export_on_fit_end=False)
+    module = PretrainModule(
+        model=model_config_json, tokenizer=tokenizer_dir, compile=True, lr=1e-2, export_on_fit_end=False
+    )
     names = set(module.state_dict())
     trainer = make_trainer(tmp_path, max_steps=3, accelerator="gpu")
     trainer.fit(module, DataLoader(CycleBatches(8, 16), batch_size=4))

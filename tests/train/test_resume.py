@@ -14,7 +14,7 @@ from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 from astrai.train.checkpointing import Checkpoint
 from astrai.train.cli import cli_main
 from astrai.train.data.loader import ResumableDataLoader, ResumableSampler
-from astrai.train.seq_module import SeqModule
+from astrai.train.pretrain_module import PretrainModule
 
 
 def _loader():
@@ -25,7 +25,9 @@ def _loader():
 
 def _module(tokenizer_dir, **kw):
     torch.manual_seed(0)
-    return SeqModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=5e-3, warmup_steps=3, export_on_fit_end=False, **kw)
+    return PretrainModule(
+        model=TINY_MODEL, tokenizer=tokenizer_dir, lr=5e-3, warmup_steps=3, export_on_fit_end=False, **kw
+    )
 
 
 class Crash(Callback):

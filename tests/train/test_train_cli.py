@@ -74,7 +74,9 @@ def test_aliases_become_class_paths():
         "--model.lr=1",
         "--data.train=sft",
     ]
-    assert expand_aliases(["--model.class_path=seq"]) == ["--model.class_path=astrai.train.seq_module.SeqModule"]
+    assert expand_aliases(["--model.class_path=seq"]) == [
+        "--model.class_path=astrai.train.pretrain_module.PretrainModule"
+    ]
 
 
 def test_print_config_is_complete_and_reproducible(files, tokenizer_dir, tmp_path, capsys):
@@ -264,3 +266,22 @@ def test_grpos_engine_settings_are_typed_so_a_misspelt_one_fails_at_start(tmp_pa
         cli_main(["fit", f"--config={grpo}", f"--config={typo}", "--print_config"])
     assert exit_info.value.code not in (0, None)
     assert "max_batch_sizes" in capsys.readouterr().err
+
+
+def test_the_old_pretraining_class_path_still_loads_with_a_deprecation_warning(tmp_path, capsys):
+    config = Path(__file__).parents[2] / "configs/quickstart/pretrain.yaml"
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        config.read_text().replace("astrai.train.pretrain_module.PretrainModule", "astrai.train.seq_module.SeqModule")
+    )
+    import sys
+
+    sys.modules.pop("astrai.train.seq_module", None)
+    with pytest.warns(DeprecationWarning, match="now astrai.train.pretrain_module.PretrainModule"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", f"--config={old}", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    from astrai.train.pretrain_module import PretrainModule
+    from astrai.train.seq_module import SeqModule
+
+    assert SeqModule is PretrainModule

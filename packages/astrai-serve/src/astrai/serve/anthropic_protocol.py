@@ -12,7 +12,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from . import fields
+from . import request_fields as fields
 from .errors import APIError, bad_request
 from .generation import Accumulator, Generation, ModelInfo, checked_params, encode, fit_max_tokens
 from .openai_protocol import check_model

@@ -15,7 +15,7 @@ which sends them on LitServe's reply transport (that is why the payload names Li
 and the HTTP process, "consumer", that waits for it); predict only waits for the end.
 Failures come back as {"error": {"status", "message", "param"}} rather than exceptions, so
 the HTTP side can answer in the client's protocol. Aborts and stats requests come over the
-control plane (control.py), which addresses every worker.
+control plane (control_plane.py), which addresses every worker.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from astrai.core.engine.host import quiet_gc
+from astrai.core.engine.host_settings import quiet_gc
 
 from .config import ServeConfig, cuda_index
-from .control import ControlPlane
+from .control_plane import ControlPlane
 from .generation import merge_events
 from .litserve_bridge import BurstLoop, LitAPI, LitSpec
 from .relay import RelayedRequest, StepRelay

@@ -14,7 +14,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from . import fields
+from . import request_fields as fields
 from .errors import APIError, bad_request
 from .generation import (
     Accumulator,

@@ -13,7 +13,7 @@ other request, /health included.
 
 A client that goes away is noticed here (the stream's generator is cancelled, or the
 connection reports a disconnect), and an abort is sent so the engine's KV pages free up. Aborts
-and /stats go over the control plane (control.py), which reaches every worker, not just the
+and /stats go over the control plane (control_plane.py), which reaches every worker, not just the
 one that happens to take a queued payload.
 
 A worker that dies takes its requests with it: a watchdog here checks the workers' processes
@@ -40,9 +40,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import anthropic_protocol, openai_protocol
 from .config import ServeConfig, cuda_index
-from .control import ControlPlane, combine_stats
+from .control_plane import ControlPlane, combine_stats
 from .errors import APIError, anthropic_error_body, openai_error_body
-from .fields import parse_json_object, unknown_fields
 from .generation import Accumulator, ModelInfo, merge_events, worker_error
 from .guard import RequestGuard
 from .litserve_bridge import (
@@ -60,6 +59,7 @@ from .litserve_bridge import (
 from .liveness import process_alive
 from .metrics import CONTENT_TYPE, Metrics
 from .relay import as_event_dict
+from .request_fields import parse_json_object, unknown_fields
 from .request_queue import RoutedRequestQueue
 from .transport import BatchedZMQTransport
 
@@ -617,7 +617,7 @@ def run_server(server: LitServer, config: ServeConfig) -> None:
                 return
 
     threading.Thread(target=watch, name="astrai-startup-watch", daemon=True).start()
-    from astrai.core.engine.host import quiet_gc
+    from astrai.core.engine.host_settings import quiet_gc
 
     quiet_gc()  # the HTTP process is forked from this one: it starts with the same frozen objects
     try:

@@ -103,7 +103,7 @@ def _host(value: float | torch.Tensor) -> torch.Tensor:
 
 
 class CausalLMModule(L.LightningModule):
-    """Base of SeqModule, SFTModule and DPOModule (not used on its own).
+    """Base of PretrainModule, SFTModule and DPOModule (not used on its own).
 
     Args:
         model: a model directory (ours or Hugging Face Llama/Qwen2/Qwen3), a ModelConfig JSON

@@ -36,12 +36,12 @@ from .checkpointing import Checkpoint
 from .dpo_module import DPOModule
 from .export import ModelExport
 from .grpo_module import GRPOModule
-from .seq_module import SeqModule
+from .pretrain_module import PretrainModule
 from .sft_module import SFTModule
 
 MODEL_ALIASES = {
-    "seq": SeqModule,
-    "pretrain": SeqModule,
+    "seq": PretrainModule,
+    "pretrain": PretrainModule,
     "sft": SFTModule,
     "dpo": DPOModule,
     "grpo": GRPOModule,

@@ -14,7 +14,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from .base_module import BatchError
 from .losses import IGNORE_INDEX
-from .seq_module import SeqModule
+from .pretrain_module import PretrainModule
 
 
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,14 +25,14 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return correct.float() / n.clamp(min=1), n
 
 
-class SFTModule(SeqModule):
+class SFTModule(PretrainModule):
     """Supervised fine-tuning on chat data (see module docstring).
 
-    Args: as SeqModule (label_smoothing and the shared CausalLMModule options). Typical
+    Args: as PretrainModule (label_smoothing and the shared CausalLMModule options). Typical
     settings differ from pre-training: start from a pre-trained `model` directory, a lower
     lr (e.g. 1e-4 full fine-tuning, 1e-3 with LoRA) and a short warmup.
 
-    Logs, besides SeqModule's metrics, train/acc and val/acc: next-token accuracy on the
+    Logs, besides PretrainModule's metrics, train/acc and val/acc: next-token accuracy on the
     assistant tokens.
     """
 

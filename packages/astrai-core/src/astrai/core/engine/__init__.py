@@ -6,10 +6,10 @@ print(engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))[0
 """
 
 from ..sizes import parse_bytes  # the one byte-size parser, also astrai.core.parse_bytes
-from .attention import AttentionBackend, AttentionMetadata, KernelPagedAttention, TorchPagedAttention
+from .attention_backend import AttentionBackend, AttentionMetadata, KernelPagedAttention, TorchPagedAttention
 from .config import EngineConfig
-from .core import END, LoopSink
 from .engine import InferenceEngine
+from .engine_core import END, LoopSink
 from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
 from .params import SamplingParams
 

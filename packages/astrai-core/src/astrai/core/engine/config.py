@@ -14,8 +14,8 @@ from typing import Any
 
 from ..errors import require
 from ..sizes import parse_bytes
-from .intake import is_token_id
 from .kv_dtype import KV_CACHE_DTYPES
+from .request_intake import is_token_id
 
 
 def _setting(default: Any, help: str, **extra: Any) -> Any:

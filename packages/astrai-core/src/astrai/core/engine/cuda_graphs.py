@@ -33,7 +33,7 @@ import time
 import torch
 
 from ..rope import rope_kind
-from .attention import AttentionBackend, AttentionMetadata
+from .attention_backend import AttentionBackend, AttentionMetadata
 from .paged_cache import PagedKVCache
 from .scheduler import Chunk
 

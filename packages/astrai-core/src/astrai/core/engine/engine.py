@@ -1,6 +1,6 @@
 """InferenceEngine: continuous batching over a paged KV cache, for one model on one device.
 
-This file is the front door: it checks requests, queues them, runs steps (core.py does the
+This file is the front door: it checks requests, queues them, runs steps (engine_core.py does the
 work of one step) and hands results back to whoever waits for them.
 
 Threads: requests may be submitted from any thread. `stream` and `astream` start a background
@@ -26,18 +26,18 @@ from torch import nn
 
 from ..errors import require
 from ..packed_linear import pack_projections
-from .attention import AttentionBackend, default_backend
+from .attention_backend import AttentionBackend, default_backend
 from .config import EngineConfig, engine_fields
-from .core import END, EngineCore, LoopSink
 from .cuda_graphs import DecodeRunner, graph_blocker
-from .host import limit_cpu_threads
-from .intake import RequestIntake, is_token_id
+from .engine_core import END, EngineCore, LoopSink
+from .host_settings import limit_cpu_threads
 from .kv_dtype import pool_dtype
 from .outputs import Completion, StreamEvent
 from .page_allocator import PageAllocator
 from .paged_cache import PagedKVCache, pool_pages
 from .params import SamplingParams
 from .prefill_graphs import PrefillRunner
+from .request_intake import RequestIntake, is_token_id
 from .scheduler import Scheduler
 from .sequence import Request
 
@@ -65,7 +65,7 @@ class InferenceEngine:
         graph-safe attention backend), with one log line saying why when it cannot;
         prefill_graphs (prefill_graphs.py) default to on whenever the decode graphs are.
     device: where the model and the cache live (default: the model's device). On CUDA the
-        process keeps one torch CPU thread unless OMP_NUM_THREADS is set (engine/host.py says why).
+        process keeps one torch CPU thread unless OMP_NUM_THREADS is set (engine/host_settings.py says why).
     attention_backend: the paged attention implementation (default: the Triton kernel on CUDA,
         TorchPagedAttention elsewhere).
     """

@@ -19,9 +19,9 @@ import torch
 from ..kernels.dispatch import use_fused
 from ..kv_cache_view import KVLayout
 from ..sizes import parse_bytes
-from .attention import AttentionBackend, AttentionMetadata, default_backend
+from .attention_backend import AttentionBackend, AttentionMetadata, default_backend
+from .device_transfer import to_device
 from .kv_dtype import as_bytes, to_pool_dtype
-from .transfer import to_device
 
 
 class PagedKVCache:

@@ -26,7 +26,7 @@ import time
 import torch
 
 from ..kernels.paged_attention import query_block_size
-from .attention import AttentionBackend, AttentionMetadata
+from .attention_backend import AttentionBackend, AttentionMetadata
 from .cuda_graphs import capture_graphs
 from .paged_cache import PagedKVCache
 from .scheduler import Chunk

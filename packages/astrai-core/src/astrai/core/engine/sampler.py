@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .device_transfer import HostCopy, to_device
 from .outputs import TokenLogprob
 from .params import SamplingParams
-from .transfer import HostCopy, to_device
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Sequence:
     logprobs: list[TokenLogprob] | None = None
     num_streamed: int = 0  # output tokens already sent to a stream
     # Tokens sampled on the device that the host has not read yet (0 or 1): they come after
-    # token_ids. While the device runs the next decode step, the host reads this one (core.py).
+    # token_ids. While the device runs the next decode step, the host reads this one (engine_core.py).
     num_inflight: int = 0
 
     @property

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from .device_transfer import to_device
 from .kv_dtype import as_bytes
-from .transfer import to_device
 
 
 @dataclass

@@ -23,8 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from .attention import AttentionBackend, build_metadata
+from .attention_backend import AttentionBackend, build_metadata
 from .cuda_graphs import DecodeRunner
+from .device_transfer import to_device
 from .outputs import Completion, EngineError, Sample, StreamEvent
 from .paged_cache import PagedKVCache
 from .prefill_graphs import PrefillRunner
@@ -32,7 +33,6 @@ from .sampler import Drawn, Sampler, SampleRow
 from .scheduler import Chunk, Scheduler, StepPlan, is_decode
 from .sequence import Request, Sequence, Status
 from .stop import SampleText
-from .transfer import to_device
 
 END = object()  # the last item a request's sink receives
 _RATE_WINDOW_S = 10.0

@@ -4,7 +4,7 @@
 step that builds five index tensors that way stalls five times. Here a step's integers go into
 one pinned host tensor and cross in one asynchronous copy; results come back through
 asynchronous copies followed by a single wait, which can come later: the host reads one step's
-tokens while the device already runs the next (see core.py).
+tokens while the device already runs the next (see engine_core.py).
 """
 
 from __future__ import annotations
