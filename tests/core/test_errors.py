@@ -120,3 +120,33 @@ def test_the_engine_budgets_its_kv_pages_from_any_size_astrai_serve_accepts(text
 def test_the_engine_refuses_a_non_size_naming_kv_cache_memory(bad):
     with pytest.raises(AstraiError, match=r"^kv_cache_memory "):
         pool_pages(None, bad, per_page=1024, wanted=1, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        pytest.param(lambda: pool_pages(4, "1MiB", 1024, 8, torch.device("cpu")), id="pool pages and a byte budget"),
+        pytest.param(lambda: pool_pages(None, 100, 1024, 8, torch.device("cpu")), id="a budget below one page"),
+        pytest.param(
+            lambda: __import__("astrai.core.engine.kv_dtype", fromlist=["pool_dtype"]).pool_dtype(
+                "int4", torch.float32, torch.device("cpu")
+            ),
+            id="an unknown KV cache dtype",
+        ),
+    ],
+)
+def test_engine_settings_checked_outside_engine_config_raise_astrai_errors(make_error):
+    with pytest.raises(AstraiError):
+        make_error()
+
+
+def test_a_malformed_tokenizer_directory_and_a_bad_chat_message_raise_astrai_errors(tmp_path):
+    from astrai.core.chat_template import normalize_messages
+    from astrai.core.tokenizer import AutoTokenizer
+
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(AstraiError):
+        AutoTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(AstraiError, match=r"messages\[0\]\['content'\] must be a string"):
+        normalize_messages([{"role": "user", "content": 3}])

@@ -18,6 +18,8 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import AstraiError
+
 BOS = "<|bos|>"
 EOS = "<|eos|>"
 PAD = "<|pad|>"
@@ -57,16 +59,16 @@ def _content_to_text(content: Any, index: int) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ValueError(
+        raise AstraiError(
             f"messages[{index}]['content'] must be a string or a list of text parts, got {type(content).__name__}"
         )
     texts = []
     for j, part in enumerate(content):
         where = f"messages[{index}]['content'][{j}]"
         if not isinstance(part, Mapping) or part.get("type") != "text":
-            raise ValueError(f"{where} must be a dict with type 'text'")
+            raise AstraiError(f"{where} must be a dict with type 'text'")
         if not isinstance(part.get("text"), str):
-            raise ValueError(f"{where}['text'] must be a string")
+            raise AstraiError(f"{where}['text'] must be a string")
         texts.append(part["text"])
     return "".join(texts)
 
@@ -74,18 +76,18 @@ def _content_to_text(content: Any, index: int) -> str:
 def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Validate chat messages and return copies whose content is a plain string."""
     if isinstance(messages, (str, bytes, Mapping)):
-        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        raise AstraiError("messages must be a list of {'role': ..., 'content': ...} dicts")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}] must be a dict, got {type(message).__name__}")
+            raise AstraiError(f"messages[{i}] must be a dict, got {type(message).__name__}")
         role = message.get("role")
         if role is None:
-            raise ValueError(f"messages[{i}] is missing 'role'")
+            raise AstraiError(f"messages[{i}] is missing 'role'")
         if role not in ROLES:
-            raise ValueError(f"messages[{i}]['role'] is {role!r}; expected one of {', '.join(ROLES)}")
+            raise AstraiError(f"messages[{i}]['role'] is {role!r}; expected one of {', '.join(ROLES)}")
         if message.get("content") is None:
-            raise ValueError(f"messages[{i}] ({role}) is missing 'content'")
+            raise AstraiError(f"messages[{i}] ({role}) is missing 'content'")
         out.append({**message, "content": _content_to_text(message["content"], i)})
     return out
 

@@ -17,6 +17,8 @@ from tokenizers import Tokenizer as _BackendTokenizer
 from astrai.core.chat_template import BOS, EOS, IM_END, PAD, normalize_messages, render_chat_template
 from astrai.core.integrity import atomic_write, atomic_write_text, read_manifest, rewriting, verify_file
 
+from .errors import AstraiError
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -34,7 +36,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from e
+        raise AstraiError(f"{path}: malformed JSON ({e})") from e
 
 
 def _token_content(value: Any, field: str, path: Path) -> str | None:
@@ -43,7 +45,7 @@ def _token_content(value: Any, field: str, path: Path) -> str | None:
         return value
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{path}: field {field!r} must be a string or a dict with a 'content' string, got {value!r}")
+    raise AstraiError(f"{path}: field {field!r} must be a string or a dict with a 'content' string, got {value!r}")
 
 
 def _config_template(config: Mapping[str, Any], path: Path) -> str | None:
@@ -55,7 +57,7 @@ def _config_template(config: Mapping[str, Any], path: Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
         if isinstance(named.get("default"), str):
             return named["default"]
-    raise ValueError(f"{path}: field 'chat_template' must be a string or a list with a 'default' entry")
+    raise AstraiError(f"{path}: field 'chat_template' must be a string or a list with a 'default' entry")
 
 
 def _upstream_special_tokens(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -98,7 +100,7 @@ class AutoTokenizer:
             ("unk_token", unk_token),
         ):
             if token is not None and tokenizer.token_to_id(token) is None:
-                raise ValueError(f"{field} {token!r} is not in the tokenizer vocabulary")
+                raise AstraiError(f"{field} {token!r} is not in the tokenizer vocabulary")
             self._special[field] = token
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
@@ -119,12 +121,12 @@ class AutoTokenizer:
         try:
             backend = _BackendTokenizer.from_file(str(tok_path))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
-            raise ValueError(f"{tok_path}: cannot load tokenizer ({e})") from e
+            raise AstraiError(f"{tok_path}: cannot load tokenizer ({e})") from e
 
         cfg_path = root / CONFIG_FILE
         config = _read_json(cfg_path) if cfg_path.is_file() else {}
         if not isinstance(config, Mapping):
-            raise ValueError(f"{cfg_path}: expected a JSON object")
+            raise AstraiError(f"{cfg_path}: expected a JSON object")
 
         tokens = {}
         upstream = _upstream_special_tokens(config)
@@ -138,9 +140,9 @@ class AutoTokenizer:
                 tokens[field] = default if default and backend.token_to_id(default) is not None else None
             token = tokens[field]
             if token is not None and backend.token_to_id(token) is None:
-                raise ValueError(f"{cfg_path}: {field} {token!r} is not in the vocabulary of {tok_path}")
+                raise AstraiError(f"{cfg_path}: {field} {token!r} is not in the vocabulary of {tok_path}")
         if tokens["eos_token"] is None:
-            raise ValueError(f"{cfg_path}: no eos_token set (needed to stop generation)")
+            raise AstraiError(f"{cfg_path}: no eos_token set (needed to stop generation)")
 
         template_path = root / TEMPLATE_FILE
         if template_path.is_file():
@@ -279,7 +281,7 @@ class AutoTokenizer:
         if cached is None:
             piece = self._tok.id_to_token(token_id)
             if piece is None:
-                raise ValueError(f"token id {token_id} is out of range (vocab size {self.vocab_size})")
+                raise AstraiError(f"token id {token_id} is out of range (vocab size {self.vocab_size})")
             cached = self._token_bytes[token_id] = _byte_level_piece_to_bytes(piece)
         return cached
 
@@ -287,7 +289,7 @@ class AutoTokenizer:
 
     def _render(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool, **kwargs: Any) -> str:
         if self.chat_template is None:
-            raise ValueError(
+            raise AstraiError(
                 f"this tokenizer has no chat template (add {TEMPLATE_FILE} or 'chat_template' in {CONFIG_FILE})"
             )
         variables = {**self._special, **kwargs}
@@ -347,7 +349,7 @@ class AutoTokenizer:
             start = len(prompt) if text.startswith(prompt) and len(prompt) >= cursor else None
             content_at = text.find(content, cursor if start is None else start)
             if content_at < 0:
-                raise ValueError(f"messages[{i}]: assistant content not found in the rendered chat template")
+                raise AstraiError(f"messages[{i}]: assistant content not found in the rendered chat template")
             start = content_at if start is None else start
             content_end = content_at + len(content)
             turn = self._render(messages[: i + 1], False, **kwargs)

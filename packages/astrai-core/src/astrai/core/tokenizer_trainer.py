@@ -21,6 +21,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from astrai.core.chat_template import BOS, DEFAULT_CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from astrai.core.tokenizer import AutoTokenizer
 
+from .errors import AstraiError
+
 log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -71,12 +73,12 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                raise AstraiError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
             if not isinstance(record, Mapping) or text_field not in record:
-                raise ValueError(f"{path}:{lineno}: missing field {text_field!r}")
+                raise AstraiError(f"{path}:{lineno}: missing field {text_field!r}")
             text = record[text_field]
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
+                raise AstraiError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
             yield text
 
 
@@ -115,14 +117,14 @@ def _iter_records(source: Iterable[Any], text_field: str) -> Iterator[str]:
     # A datasets.Dataset announces its columns; check before training starts.
     columns = getattr(source, "column_names", None)
     if isinstance(columns, list) and text_field not in columns:
-        raise ValueError(f"dataset has no column {text_field!r} (columns: {', '.join(columns)})")
+        raise AstraiError(f"dataset has no column {text_field!r} (columns: {', '.join(columns)})")
     for i, item in enumerate(source):
         if isinstance(item, str):
             yield item
         elif isinstance(item, Mapping) and isinstance(item.get(text_field), str):
             yield item[text_field]
         else:
-            raise ValueError(f"item {i}: expected a string or a mapping with a string {text_field!r} field")
+            raise AstraiError(f"item {i}: expected a string or a mapping with a string {text_field!r} field")
 
 
 def _iter_source(source: Source, text_field: str, txt_mode: TxtMode, stats: _ReadStats) -> Iterator[str]:
@@ -183,14 +185,14 @@ def train_tokenizer(
     Saves to ``out_dir`` when given.
     """
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
+        raise AstraiError(
             f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
     stats = _ReadStats()
     texts = _iter_source(files_or_iterable, text_field, txt_mode, stats)
     first = next(texts, None)  # surfaces missing files and bad columns before training starts
     if first is None:
-        raise ValueError("no text found in the training input")
+        raise AstraiError("no text found in the training input")
     captured = _Capture(_chain(first, texts))
 
     trainer = trainers.BpeTrainer(

@@ -24,7 +24,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 from torch import nn
 
-from ..errors import require
+from ..errors import AstraiError, require
 from ..packed_linear import pack_projections
 from .attention_backend import AttentionBackend, default_backend
 from .config import EngineConfig, engine_fields
@@ -234,7 +234,7 @@ class InferenceEngine:
             try:
                 requests.append(self.intake.build(prompt, p, None))
             except ValueError as e:
-                raise ValueError(f"prompts[{i}]: {e}") from None
+                raise AstraiError(f"prompts[{i}]: {e}") from None
         for r in requests:
             self._submit(r)
         try:
@@ -528,7 +528,7 @@ def _check_state(own: dict, state: dict) -> None:
         if k in own and tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise AstraiError(
             "update_weights: the weights do not match the served model; "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}, shape mismatches {shapes[:5]}"
         )

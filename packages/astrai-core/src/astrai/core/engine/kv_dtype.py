@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import AstraiError
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
 KV_CACHE_DTYPES = ("auto", "fp8")
@@ -21,13 +23,13 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 def pool_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The pool's dtype for a kv_cache_dtype setting: "auto" (the model's dtype) or "fp8"."""
     if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(
+        raise AstraiError(
             f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, got {kv_cache_dtype!r}"
         )
     if kv_cache_dtype == "auto":
         return model_dtype
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError(
+        raise AstraiError(
             f"kv_cache_dtype 'fp8' needs a GPU with float8 support (compute capability 8.9+: "
             f"Ada, Hopper); {torch.cuda.get_device_name(device)} has none; use 'auto'"
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import AstraiError
 from ..kernels.dispatch import use_fused
 from ..kv_cache_view import KVLayout
 from ..sizes import parse_bytes
@@ -83,14 +84,14 @@ def pool_pages(num_pages, kv_cache_memory, per_page: int, wanted: int, device: t
     memory on CUDA, 1 GiB elsewhere)."""
     if num_pages is not None:
         if not (isinstance(num_pages, int) and not isinstance(num_pages, bool) and num_pages >= 1):
-            raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
+            raise AstraiError(f"num_pages must be a positive integer, got {num_pages!r}")
         if kv_cache_memory is not None:
-            raise ValueError("kv_cache_memory cannot be combined with num_pages; give one")
+            raise AstraiError("kv_cache_memory cannot be combined with num_pages; give one")
         return num_pages
     if kv_cache_memory is not None:
         budget = parse_bytes(kv_cache_memory, "kv_cache_memory")
         if budget < per_page:
-            raise ValueError(f"kv_cache_memory ({budget} bytes) is smaller than one KV page ({per_page} bytes)")
+            raise AstraiError(f"kv_cache_memory ({budget} bytes) is smaller than one KV page ({per_page} bytes)")
         return budget // per_page
     free = int(0.9 * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 2**30
     return max(1, min(wanted, free // per_page))

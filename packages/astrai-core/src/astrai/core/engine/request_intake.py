@@ -11,7 +11,7 @@ import uuid
 
 import torch
 
-from ..errors import require
+from ..errors import AstraiError, require
 from .params import SamplingParams
 from .sequence import Request
 
@@ -34,16 +34,16 @@ class RequestIntake:
         if params is None:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+            raise AstraiError(f"params must be a SamplingParams, got {type(params).__name__}")
         params = dataclasses.replace(params).validate()  # a private copy, normalised
         ids, text = self.prompt_ids(prompt)
         if len(ids) >= self.max_model_len:
-            raise ValueError(
+            raise AstraiError(
                 f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}, which "
                 "leaves no room to generate; shorten the prompt or raise max_model_len"
             )
         if params.stop_strings and self.tokenizer is None:
-            raise ValueError("SamplingParams.stop needs a tokenizer; pass stop_token_ids instead")
+            raise AstraiError("SamplingParams.stop needs a tokenizer; pass stop_token_ids instead")
         bad = [t for t in params.stop_token_ids or () if t >= self.vocab_size]
         require(
             not bad, "SamplingParams.stop_token_ids", f"has ids {bad} outside the vocabulary (size {self.vocab_size})"
@@ -81,19 +81,19 @@ class RequestIntake:
         """Token ids of a prompt (a string is encoded with the tokenizer's special tokens) and its text."""
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt is empty; give some text or token ids")
+                raise AstraiError("prompt is empty; give some text or token ids")
             if self.tokenizer is None:
-                raise ValueError("prompt is a string but the engine has no tokenizer; pass token ids")
+                raise AstraiError("prompt is a string but the engine has no tokenizer; pass token ids")
             return self.tokenizer.encode(prompt, add_special_tokens=True), prompt
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)) or not all(is_token_id(t) for t in prompt):
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise AstraiError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not prompt:
-            raise ValueError("prompt is empty; give some text or token ids")
+            raise AstraiError("prompt is empty; give some text or token ids")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt has token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            raise AstraiError(f"prompt has token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
         return list(prompt), None
 
     def _generators(self, params: SamplingParams) -> list[torch.Generator | None]:
