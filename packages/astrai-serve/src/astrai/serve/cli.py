@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from astrai.core.errors import AstraiError
 
@@ -23,9 +24,9 @@ from .config import ServeConfig, ServeConfigError, build_config, cuda_index
 
 log = logging.getLogger("astrai.serve")
 # Start-up failures reported as one line and exit code 1: every AstraiError (ServeConfigError,
-# CheckpointError, IntegrityError, HFConfigError, ConfigError), the tokenizer's checks of its files
-# (plain ValueErrors still) and files that cannot be read (OSError). AstraiError is a ValueError.
-STARTUP_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
+# CheckpointError, IntegrityError, HFConfigError, ConfigError, the tokenizer's checks of its
+# files) and files that cannot be read (OSError).
+STARTUP_ERRORS: tuple[type[Exception], ...] = (AstraiError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +191,9 @@ def _fail(error: object, code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run-batch"]:
+        return run_batch(argv[1:])
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "print_config")}
     try:
@@ -223,6 +227,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as e:  # LitServe: the worker failed in setup(); its log is above
         return _fail(f"the inference worker failed to start ({e}); see its log above", 1)
     return 0
+
+
+def batch_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    parser.prog = "astrai-serve run-batch"
+    parser.description = (
+        "Run a file of OpenAI Batch requests (one JSON object per line: custom_id, method POST, url "
+        "/v1/chat/completions or /v1/completions, body) through the engine in this process, at full "
+        "batch, and write one result line per request in the OpenAI Batch output format, in input "
+        "order. A bad line becomes an error record; the rest still run. The engine settings below "
+        "apply; the HTTP ones (host, port, api key, workers) do not."
+    )
+    parser.epilog = "Example: astrai-serve run-batch -i requests.jsonl -o results.jsonl --model runs/sft-lora/export"
+    parser.add_argument("-i", "--input", required=True, metavar="JSONL", help="the requests, one per line")
+    parser.add_argument("-o", "--output", required=True, metavar="JSONL", help="where the results go")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_batch(argv: Sequence[str]) -> int:
+    from .batch_file import read_lines, run, write_results
+
+    args = batch_parser().parse_args(argv)
+    skip = ("config", "print_config", "input", "output", "no_progress")
+    try:
+        config = build_config(args.config, **{k: v for k, v in vars(args).items() if k not in skip})
+        source = Path(args.input)
+        if not source.is_file():
+            raise ServeConfigError(f"input: {source} not found")
+        logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        engine, info = batch_engine(config)
+        with source.open(encoding="utf-8", errors="surrogateescape") as f:
+            lines = read_lines(f, info, config.strict_fields)
+    except STARTUP_ERRORS as e:
+        return _fail(e, 1 if not isinstance(e, ServeConfigError) else 2)
+    run(engine, info, lines, progress=not args.no_progress)
+    write_results(args.output, lines)
+    ok = sum(line.ok for line in lines)
+    print(
+        f"astrai-serve run-batch: {len(lines)} requests: {ok} results, {len(lines) - ok} error records -> {args.output}"
+    )
+    return 0
+
+
+def batch_engine(config: ServeConfig):
+    """The engine and ModelInfo of a run-batch: the model on this process's device."""
+    import torch
+
+    from astrai.core.auto import AutoModel
+    from astrai.core.engine import InferenceEngine
+    from astrai.core.tokenizer import AutoTokenizer
+
+    from .generation import ModelInfo
+
+    cuda = torch.cuda.is_available()
+    check_gpus(config, torch.cuda.device_count() if cuda else 0)
+    config.fit_to_device(cuda)
+    device = ("cuda" if cuda else "cpu") if config.device == "auto" else config.device
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    model = AutoModel.from_pretrained(
+        config.model, dtype=None if config.dtype == "auto" else config.dtype, device=device
+    )
+    engine = InferenceEngine(model, tokenizer, config.engine_config(), device=device)
+    return engine, ModelInfo(config.name, tokenizer, engine.max_model_len, max_batch_size=config.max_batch_size)
 
 
 if __name__ == "__main__":

@@ -42,18 +42,20 @@ EVENT_FIELDS = (
 )
 
 
+def logprob_dicts(logprobs) -> list[dict] | None:
+    """The engine's TokenLogprobs as the protocol code reads them ({"id", "logprob", "top"})."""
+    if logprobs is None:
+        return None
+    return [{"id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]} for lp in logprobs]
+
+
 def event_to_tuple(event) -> tuple:
     """A StreamEvent as plain data in EVENT_FIELDS order (it crosses a process boundary)."""
-    logprobs = None
-    if event.logprobs is not None:
-        logprobs = [
-            {"id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]} for lp in event.logprobs
-        ]
     return (
         event.index,
         event.text,
         event.token_ids,
-        logprobs,
+        logprob_dicts(event.logprobs),
         event.finish_reason,
         event.stop_reason,
         event.prompt_tokens,
