@@ -26,7 +26,7 @@ import torch
 from .attention_backend import AttentionBackend, build_metadata
 from .cuda_graphs import DecodeRunner
 from .device_transfer import to_device
-from .outputs import Completion, EngineError, Sample, StreamEvent
+from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
 from .paged_cache import PagedKVCache
 from .prefill_graphs import PrefillRunner
 from .sampler import Drawn, Sampler, SampleRow
@@ -199,7 +199,7 @@ class EngineCore:
         else:
             self.drain()  # prefill and eager steps read every input token on the host
             prefill = self.prefill_runner
-            if prefill is not None and prefill.fits(chunks):
+            if prefill is not None and prefill.fits(chunks) and not any(_scores_prompt(c) for c in chunks):
                 logits, sampled, num_tokens = prefill.run(chunks)
             else:
                 logits, sampled, num_tokens = self._forward(chunks)
@@ -225,28 +225,47 @@ class EngineCore:
 
     def _forward(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Chunk], int]:
         """The eager path (prefill, mixed steps): every chunk's tokens flattened into one row.
-        Returns the logits of the sampled chunks' last tokens, those chunks, and the token count."""
-        ids, last, sampled = [], [], []
+        Returns the logits of the sampled chunks' last tokens, those chunks, and the token count;
+        the prompt log-probs a chunk's request asked for are read here, from the same forward."""
+        ids, last, sampled, scored = [], [], [], []
         for c in chunks:
+            offset = len(ids)
             ids += c.seq.token_ids[c.start : c.start + c.length]
             if c.samples:
                 last.append(len(ids) - 1)
                 sampled.append(c)
-        meta, (ids_t, last_t) = build_metadata(
+            scored += [(c.seq, p, offset + p - c.start) for p in _prompt_positions(c)]
+        meta, (ids_t, rows_t) = build_metadata(
             [c.length for c in chunks],
             [c.start + c.length for c in chunks],
             [c.seq.pages for c in chunks],
             self.cache.page_size,
             self.device,
-            extra=[torch.tensor(ids), torch.tensor(last, dtype=torch.long)],
+            extra=[torch.tensor(ids), torch.tensor(last + [row for _, _, row in scored], dtype=torch.long)],
         )
         logits = self.model(
             ids_t.view(1, -1),
             position_ids=meta.positions.view(1, -1),
             cache=self.cache.view(meta, self.backend),
-            logits_index=last_t,
+            logits_index=rows_t,
         )
-        return logits, sampled, len(ids)
+        if scored:
+            self._score_prompt(scored, logits[len(last) :])
+        return logits[: len(last)], sampled, len(ids)
+
+    def _score_prompt(self, scored: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
+        """Append each scored position's next prompt token's log-prob (and top alternatives) to
+        its request, in the model's raw distribution as sampled logprobs are."""
+        lp = logits.float().log_softmax(-1)
+        targets = torch.tensor([seq.token_ids[p + 1] for seq, p, _ in scored], device=lp.device)
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        k_max = min(max(seq.request.params.prompt_logprobs for seq, _, _ in scored), lp.shape[-1])
+        top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long())
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for j, (seq, p, _) in enumerate(scored):
+            k = seq.request.params.prompt_logprobs
+            top = list(zip(top_i[j][:k], top_v[j][:k]))
+            seq.request.prompt_logprobs.append(TokenLogprob(seq.token_ids[p + 1], chosen[j], top))
 
     def _draw(self, chunks: list[Chunk], logits: torch.Tensor, keep: bool) -> None:
         """Queue the draw of the chunks' next tokens, then read the previous step's tokens; the
@@ -333,6 +352,7 @@ class EngineCore:
             return
         text = seq.text.delta(final=final)
         n_prompt = len(r.prompt_token_ids)
+        prompt_logprobs = r.prompt_logprobs if seq.index == 0 and seq.num_streamed == 0 else None
         new = seq.token_ids[n_prompt + seq.num_streamed :]
         logprobs = seq.logprobs[seq.num_streamed :] if seq.logprobs is not None else None
         seq.num_streamed = len(seq.token_ids) - n_prompt
@@ -349,6 +369,7 @@ class EngineCore:
                 n_prompt,
                 seq.num_streamed,
                 self.weights_version,
+                prompt_logprobs,
             ),
         )
 
@@ -379,7 +400,14 @@ class EngineCore:
                     ),
                 )
         if r.finished:
-            r.completion = Completion(r.request_id, r.prompt_token_ids, list(r.samples), r.prompt, self.weights_version)
+            r.completion = Completion(
+                r.request_id,
+                r.prompt_token_ids,
+                list(r.samples),
+                r.prompt,
+                self.weights_version,
+                prompt_logprobs=r.prompt_logprobs,
+            )
             self._end(r, END)
 
     def fail(self, requests: list[Request], error: Exception) -> None:
@@ -397,7 +425,13 @@ class EngineCore:
             r.error = EngineError(f"request {r.request_id!r} failed in an engine step: {error!r}")
             r.error.__cause__ = error
             r.completion = Completion(
-                r.request_id, r.prompt_token_ids, list(r.samples), r.prompt, self.weights_version, error=str(r.error)
+                r.request_id,
+                r.prompt_token_ids,
+                list(r.samples),
+                r.prompt,
+                self.weights_version,
+                error=str(r.error),
+                prompt_logprobs=r.prompt_logprobs,
             )
             self._end(r, r.error)
 
@@ -467,3 +501,19 @@ def _overlappable(seq: Sequence) -> bool:
 
 def _logprob_list(r: Request):
     return [] if r.params.logprobs is not None else None
+
+
+def _scores_prompt(chunk: Chunk) -> bool:
+    """The chunk holds prompt positions whose next token's log-prob its request still wants."""
+    return bool(_prompt_positions(chunk))
+
+
+def _prompt_positions(chunk: Chunk) -> range:
+    """Positions of the chunk whose logits give a prompt token's log-prob not yet read: p predicts
+    token p + 1, so p < prompt length - 1; a recomputed chunk (after preemption) reads none again."""
+    r = chunk.seq.request
+    if r.prompt_logprobs is None or chunk.seq.index != 0:
+        return range(0)
+    first = max(chunk.start, len(r.prompt_logprobs) - 1)
+    end = min(chunk.start + chunk.length, len(r.prompt_token_ids) - 1)
+    return range(first, end) if first < end else range(0)

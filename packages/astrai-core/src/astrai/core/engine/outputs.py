@@ -47,6 +47,7 @@ class Completion:
     prompt: str | None = None
     weights_version: int = 0  # engine.weights_version when the request finished
     error: str | None = None  # set when an engine step failed this request (its samples end "abort")
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # SamplingParams.prompt_logprobs; [0] is None
 
     @property
     def text(self) -> str:
@@ -93,3 +94,4 @@ class StreamEvent:
     prompt_tokens: int
     completion_tokens: int
     weights_version: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on sample 0's first event only

@@ -48,6 +48,11 @@ class RequestIntake:
         require(
             not bad, "SamplingParams.stop_token_ids", f"has ids {bad} outside the vocabulary (size {self.vocab_size})"
         )
+        require(
+            params.prompt_logprobs is None or params.prompt_logprobs <= self.vocab_size,
+            "SamplingParams.prompt_logprobs",
+            f"asks for {params.prompt_logprobs} alternatives but the vocabulary has {self.vocab_size} tokens",
+        )
         if params.logprobs is not None:
             require(
                 params.logprobs <= self.vocab_size,

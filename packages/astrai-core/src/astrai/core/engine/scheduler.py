@@ -222,6 +222,8 @@ class Scheduler:
         self._extend_hashes(seq)
         # Leave at least one token to compute: its logits give the next token.
         usable = (len(seq.token_ids) - 1) // self.page_size
+        if seq.request.prompt_logprobs is not None and len(seq.request.prompt_logprobs) < seq.num_prompt_tokens:
+            usable = 0  # the prompt's log-probs come from its own prefill: no cached pages
         hits = self.allocator.prefix_cache.lookup(seq.page_hashes[:usable])
         for page in hits:
             self.allocator.retain(page)

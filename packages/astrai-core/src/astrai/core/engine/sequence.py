@@ -41,9 +41,13 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     completion: Completion | None = None  # set when the request ends (finished, aborted or failed)
+    # With params.prompt_logprobs: one entry per prompt token, filled in as its prefill runs.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def __post_init__(self) -> None:
         self.samples = [None] * self.params.n
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first token has nothing before it
 
     @property
     def finished(self) -> bool:
