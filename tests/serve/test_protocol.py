@@ -184,7 +184,8 @@ def test_completion_string_prompt_gets_bos_token_list_is_kept(info):
         ({"prompt": [10**6]}, "prompt"),
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "logprobs": 6}, "logprobs"),
-        ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        ({"prompt": "x", "logprobs": 1, "echo": True, "stream": True}, "echo"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
     ],
 )

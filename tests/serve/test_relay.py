@@ -60,6 +60,7 @@ def test_a_stream_event_survives_the_wire_field_for_field():
         "stop_reason": None,
         "prompt_tokens": 4,
         "completion_tokens": 2,
+        "prompt_logprobs": None,
     }
     assert set(back) == set(EVENT_FIELDS)
     assert as_event_dict(back) is back  # a full answer's events arrive as dicts already

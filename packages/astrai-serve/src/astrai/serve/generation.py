@@ -107,6 +107,7 @@ class Accumulator:
     def __init__(self, n: int) -> None:
         self.choices = [Choice(i) for i in range(n)]
         self.prompt_tokens = 0
+        self.prompt_logprobs: list[dict | None] | None = None  # with SamplingParams.prompt_logprobs
 
     def add(self, event: dict[str, Any]) -> Choice:
         choice = self.choices[event["index"]]
@@ -117,6 +118,8 @@ class Accumulator:
             choice.finish_reason = event["finish_reason"]
             choice.stop_reason = event["stop_reason"]
         self.prompt_tokens = max(self.prompt_tokens, event["prompt_tokens"])
+        if event.get("prompt_logprobs") is not None:
+            self.prompt_logprobs = event["prompt_logprobs"]
         return choice
 
     @property
@@ -157,6 +160,8 @@ def merge_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             into["logprobs"] = (into["logprobs"] or []) + event["logprobs"]
         for key in ("finish_reason", "stop_reason", "prompt_tokens", "completion_tokens"):
             into[key] = event[key]
+        if event.get("prompt_logprobs") is not None:
+            into["prompt_logprobs"] = event["prompt_logprobs"]
     return list(merged.values())
 
 

@@ -265,21 +265,26 @@ def parse_completion(body: dict, info: ModelInfo) -> tuple[Generation, dict[str,
     stream = fields.boolean(body, "stream", False)
     logprobs = fields.integer(body, "logprobs", None, 0, 5)
     echo = fields.boolean(body, "echo", False)
-    if echo and logprobs is not None:
-        raise bad_request("'echo' together with 'logprobs' is not supported (no prompt logprobs)", "echo")
+    if echo and logprobs is not None and stream:
+        raise bad_request("'echo' with 'logprobs' (prompt log-probs) is supported without 'stream' only", "echo")
     best_of = fields.integer(body, "best_of", None, 1)
     params = _sampling(body, info)
     if best_of is not None and best_of != params["n"]:
         raise bad_request("'best_of' different from 'n' is not supported", "best_of")
-    requested = fields.integer(body, "max_tokens", 16, 1)  # OpenAI's legacy default
-    params["max_tokens"] = fit_max_tokens(len(prompt_ids), requested, info, "max_tokens", "prompt")
+    # OpenAI's legacy default; 0 with echo: the prompt (and its log-probs) only. The engine still
+    # samples one token, which the response leaves out.
+    requested = fields.integer(body, "max_tokens", 16, 0 if echo else 1)
+    params["max_tokens"] = fit_max_tokens(len(prompt_ids), max(requested, 1), info, "max_tokens", "prompt")
     params["logprobs"] = logprobs
+    params["prompt_logprobs"] = logprobs if echo else None
     check_token_ids(params["stop_token_ids"] or [], info.tokenizer.vocab_size, "stop_token_ids")
     options = {
         "stream": stream,
         "include_usage": _include_usage(body, stream),
         "logprobs": logprobs,
         "echo": prompt_text if echo else None,
+        "echo_ids": prompt_ids if echo else None,
+        "prompt_only": requested == 0,
     }
     return Generation(prompt_ids, checked_params(params), stream), options
 
@@ -344,26 +349,49 @@ def chat_response(request_id: str, info: ModelInfo, acc: Accumulator, options: d
 
 
 def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, options: dict) -> dict[str, Any]:
-    echo = options["echo"] or ""
+    echo, prompt_only = options["echo"] or "", options.get("prompt_only", False)
 
     def choice(c: Choice) -> dict[str, Any]:
-        logprobs = completion_logprobs(info.tokenizer, c.logprobs) if options["logprobs"] is not None else None
+        logprobs = None
+        if options["logprobs"] is not None:
+            logprobs = _echo_logprobs(info.tokenizer, options["echo_ids"], acc.prompt_logprobs)
+            if not prompt_only:
+                generated = completion_logprobs(info.tokenizer, c.logprobs, len(echo))
+                logprobs = generated if logprobs is None else {k: logprobs[k] + generated[k] for k in logprobs}
         return {
             "index": c.index,
-            "text": echo + c.text,
+            "text": echo + ("" if prompt_only else c.text),
             "logprobs": logprobs,
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
+            "finish_reason": "length" if prompt_only else c.finish_reason,
+            "stop_reason": None if prompt_only else c.stop_reason,
         }
 
+    usage = acc.usage()
+    if prompt_only:
+        usage = {**usage, "completion_tokens": 0, "total_tokens": usage["prompt_tokens"]}
     return {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": info.name,
         "choices": [choice(c) for c in acc.choices],
-        "usage": acc.usage(),
+        "usage": usage,
         "system_fingerprint": None,
+    }
+
+
+def _echo_logprobs(tokenizer, prompt_ids: list[int] | None, entries: list[dict | None] | None) -> dict | None:
+    """The echoed prompt's part of legacy logprobs: its first token has none (null), as in
+    OpenAI's and vLLM's answers; None when the prompt is not echoed."""
+    if prompt_ids is None or entries is None:
+        return None
+    first = _token(tokenizer, prompt_ids[0])[0]
+    rest = completion_logprobs(tokenizer, [e for e in entries[1:] if e is not None], len(first))
+    return {
+        "tokens": [first] + rest["tokens"],
+        "token_logprobs": [None] + rest["token_logprobs"],
+        "top_logprobs": [None] + rest["top_logprobs"],
+        "text_offset": [0] + rest["text_offset"],
     }
 
 

@@ -39,6 +39,7 @@ EVENT_FIELDS = (
     "stop_reason",
     "prompt_tokens",
     "completion_tokens",
+    "prompt_logprobs",
 )
 
 
@@ -47,6 +48,13 @@ def logprob_dicts(logprobs) -> list[dict] | None:
     if logprobs is None:
         return None
     return [{"id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]} for lp in logprobs]
+
+
+def prompt_logprob_dicts(logprobs) -> list[dict | None] | None:
+    """A request's prompt log-probs (the first is None: nothing precedes it) as logprob_dicts."""
+    if logprobs is None:
+        return None
+    return [None if lp is None else logprob_dicts([lp])[0] for lp in logprobs]
 
 
 def event_to_tuple(event) -> tuple:
@@ -60,6 +68,7 @@ def event_to_tuple(event) -> tuple:
         event.stop_reason,
         event.prompt_tokens,
         event.completion_tokens,
+        prompt_logprob_dicts(event.prompt_logprobs),
     )
 
 
