@@ -110,6 +110,11 @@ def test_reply_buffers_statuses_and_worker_records_keep_their_names():
     assert "spec.response_queue_id = response_queue_id" in inspect.getsource(litserve.LitServer._start_server)
 
 
+def test_litserve_still_registers_its_own_index_at_the_root_which_the_chat_page_replaces():
+    source = inspect.getsource(litserve.LitServer._register_internal_endpoints)
+    assert '@self.app.get("/"' in source
+
+
 def test_every_private_litserve_name_in_serve_goes_through_the_bridge():
     serve = REPO / "packages/astrai-serve/src/astrai/serve"
     for path in serve.glob("*.py"):

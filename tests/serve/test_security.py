@@ -19,7 +19,8 @@ import httpx
 import openai
 import pytest
 
-GET_ROUTES = ["/stats", "/metrics", "/v1/models", "/info", "/", "/docs", "/redoc", "/openapi.json", "/no-such-route"]
+# "/" is the static chat page, open like /health (test_chat_page.py checks it holds no data).
+GET_ROUTES = ["/stats", "/metrics", "/v1/models", "/info", "/docs", "/redoc", "/openapi.json", "/no-such-route"]
 POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/messages"]
 CHAT = {"model": "tiny-serve", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 COMPLETION = {"model": "tiny-serve", "prompt": "hello", "max_tokens": 2}
@@ -74,7 +75,7 @@ def anthropic_error(r: httpx.Response, status: int) -> dict:
 
 
 # -- the API key -----------------------------------------------------------------------------
-def test_every_route_but_health_refuses_a_missing_key(server):
+def test_every_route_but_health_and_the_chat_page_refuses_a_missing_key(server):
     for path in GET_ROUTES:
         error = openai_error(httpx.get(server.url + path), 401)
         assert "API key missing" in error["message"] and "Authorization: Bearer" in error["message"], path

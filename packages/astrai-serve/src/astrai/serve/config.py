@@ -121,6 +121,11 @@ class ServeConfig:
         "largest request body accepted, e.g. 8MiB or 500KB; a larger one is refused with 413 before it is read",
         metavar="SIZE",
     )
+    chat_page: bool = _opt(
+        True,
+        "serve a small chat page at / (static, no data of its own; it asks for the API key "
+        "when the server has one); --no-chat-page leaves / unanswered",
+    )
     strict_fields: bool = _opt(
         True,
         "refuse requests with a field this server does not know (400 naming it, "
@@ -183,7 +188,7 @@ class ServeConfig:
         except AstraiError as e:
             raise ServeConfigError(_as_setting(str(e))) from None
         parse_size(self.max_request_bytes, "max_request_bytes")
-        for name in ("fast_queue", "strict_fields", "worker_restart"):
+        for name in ("fast_queue", "strict_fields", "worker_restart", "chat_page"):
             if not isinstance(getattr(self, name), bool):
                 raise ServeConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if self.docs is not None and not isinstance(self.docs, bool):

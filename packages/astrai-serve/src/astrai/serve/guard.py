@@ -9,8 +9,8 @@ rather than LitServe's own hooks, because those do not cover enough:
 - LitServe's MaxSizeMiddleware notices an oversized body only while a route reads it, and
   answers in FastAPI's {"detail": ...} shape rather than the protocol's error shape.
 
-A middleware sees every request whichever library added the route, allows /health by name
-only, and decides from the headers before a byte of the body is read; nothing of LitServe's
+A middleware sees every request whichever library added the route, allows /health (and the
+static chat page) by name only, and decides from the headers before a byte of the body is read; nothing of LitServe's
 internals is patched, so a LitServe upgrade cannot silently open a route.
 """
 
@@ -25,6 +25,9 @@ from .config import format_size
 from .errors import APIError, anthropic_error_body, openai_error_body
 
 OPEN_PATHS = frozenset({"/health"})  # load balancers and orchestrators probe it without a key
+# The chat page (static/chat.html) is open too when served: it holds no data, and asks the
+# person for the key that its own requests then carry.
+CHAT_PAGE = "/"
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 Scope = dict[str, Any]
@@ -37,9 +40,16 @@ class RequestGuard:
     shape of the protocol the client speaks. `rejected(path, status)` is told of each refusal."""
 
     def __init__(
-        self, app, *, api_key: str | None, max_request_bytes: int, rejected: Callable[[str, int], None] | None = None
+        self,
+        app,
+        *,
+        api_key: str | None,
+        max_request_bytes: int,
+        rejected: Callable[[str, int], None] | None = None,
+        open_paths: frozenset[str] = OPEN_PATHS,
     ) -> None:
         self.app = app
+        self.open_paths = open_paths
         self.key = api_key.encode() if api_key else None
         self.limit = max_request_bytes
         self.rejected = rejected
@@ -74,7 +84,7 @@ class RequestGuard:
         return by_bearer or by_header
 
     def _check_key(self, scope: Scope, headers: dict[str, str]) -> APIError | None:
-        if self.key is None or scope["path"] in OPEN_PATHS or self._has_key(headers):
+        if self.key is None or scope["path"] in self.open_paths or self._has_key(headers):
             return None
         how = "'x-api-key: <key>'" if _speaks_anthropic(scope, headers) else "'Authorization: Bearer <key>'"
         sent = headers.get("authorization") or headers.get("x-api-key")

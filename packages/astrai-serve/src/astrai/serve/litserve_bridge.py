@@ -37,6 +37,7 @@ __all__ = [
     "new_reply_buffer",
     "queue_request",
     "reply",
+    "serve_at_root",
     "startup_state",
 ]
 
@@ -70,6 +71,13 @@ def startup_state(server: LitServer) -> tuple[Any, list]:
 
 
 READY, FAILED = WorkerSetupStatus.READY, WorkerSetupStatus.ERROR
+
+
+def serve_at_root(server: LitServer, endpoint: Callable) -> None:
+    """Answer GET / with `endpoint` instead of LitServe's own index ("litserve running"), which
+    LitServe registers before any spec route and so would shadow ours."""
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
+    server.app.add_api_route("/", endpoint, methods=["GET"], include_in_schema=False)
 
 
 # -- the server ---------------------------------------------------------------------------

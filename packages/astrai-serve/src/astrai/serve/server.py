@@ -33,17 +33,18 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from . import anthropic_protocol, openai_protocol
 from .config import ServeConfig, cuda_index
 from .control_plane import ControlPlane, combine_stats
 from .errors import APIError, anthropic_error_body, openai_error_body
 from .generation import Accumulator, ModelInfo, merge_events, worker_error
-from .guard import RequestGuard
+from .guard import CHAT_PAGE, OPEN_PATHS, RequestGuard
 from .litserve_bridge import (
     FAILED,
     READY,
@@ -54,6 +55,7 @@ from .litserve_bridge import (
     ReplyTransportServer,
     new_reply_buffer,
     queue_request,
+    serve_at_root,
     startup_state,
 )
 from .liveness import process_alive
@@ -78,6 +80,7 @@ _FIELDS = {
 # Unknown fields logged in lenient mode; bounded, since clients choose the names.
 _MAX_LOGGED_FIELDS = 256
 WATCH_S = 0.1  # how often the HTTP process checks that the workers live
+_CHAT_PAGE_HTML = (Path(__file__).parent / "static" / "chat.html").read_text(encoding="utf-8")
 
 
 def _error_response(protocol: str, err: APIError) -> JSONResponse:
@@ -460,6 +463,10 @@ class ProtocolSpec(LitSpec):
         metrics.add("generation_tokens", acc.completion_tokens)
 
     # -- other routes -------------------------------------------------------------------
+    async def chat_page(self, request: Request) -> Response:
+        """The chat page (static/chat.html): plain HTML and JavaScript, no build step, no CDN."""
+        return HTMLResponse(_CHAT_PAGE_HTML, headers={"Cache-Control": "no-cache"})
+
     async def models(self, request: Request) -> Response:
         anthropic = "anthropic-version" in request.headers
         try:
@@ -571,7 +578,12 @@ def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
     # LitServe's own auth and size hooks); without docs FastAPI adds no /docs, /redoc, /openapi.json.
     guard = (
         RequestGuard,
-        {"api_key": config.api_key, "max_request_bytes": config.request_limit(), "rejected": spec.rejected},
+        {
+            "api_key": config.api_key,
+            "max_request_bytes": config.request_limit(),
+            "rejected": spec.rejected,
+            "open_paths": OPEN_PATHS | {CHAT_PAGE} if config.chat_page else OPEN_PATHS,
+        },
     )
     server = ReplyTransportServer(
         api,
@@ -585,6 +597,8 @@ def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
         middlewares=[guard],
         disable_openapi_url=not config.docs_enabled(),
     )
+    if config.chat_page:
+        serve_at_root(server, spec.chat_page)
     server.make_request_queue = RoutedRequestQueue
     if config.fast_queue:
         server.make_transport = BatchedZMQTransport
