@@ -11,7 +11,19 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from .errors import APIError, bad_request
-from .request_models import Anything, Flag, Part, RequestModel, Wording, integer, number, raw_at, sequences, text_or
+from .request_models import (
+    Anything,
+    Flag,
+    Part,
+    RequestModel,
+    Wording,
+    integer,
+    number,
+    raw_at,
+    sequences,
+    text_or,
+    unsupported,
+)
 
 UNSUPPORTED = {
     "tools": "tool use is not implemented; describe the tools in the system prompt instead",
@@ -66,8 +78,8 @@ class MessagesRequest(RequestModel):
     """POST /v1/messages. A final assistant message is a prefill: the reply continues it."""
 
     model: str | None = None
-    tools: Annotated[Any, Field(description=f"not supported (refused unless empty): {UNSUPPORTED['tools']}")] = None
-    tool_choice: Annotated[Any, Field(description="not supported (refused unless empty)")] = None
+    tools: unsupported(UNSUPPORTED["tools"]) = None
+    tool_choice: unsupported(UNSUPPORTED["tool_choice"]) = None
     thinking: Annotated[Any, Field(description='{"type": "enabled"} is refused (no extended thinking)')] = None
     max_tokens: Annotated[
         integer(1), Wording(required="max_tokens: Field required; set the most tokens to generate, e.g. 1024")

@@ -14,11 +14,11 @@ from typing import Any
 from jinja2 import TemplateError
 
 from . import request_fields as fields
-from .anthropic_models import IGNORED, UNSUPPORTED, MessagesRequest  # noqa: F401 - IGNORED: importable from here
+from .anthropic_models import IGNORED, MessagesRequest  # noqa: F401 - IGNORED: importable from here
 from .errors import APIError, bad_request
 from .generation import Accumulator, Generation, ModelInfo, checked_params, encode, fit_max_tokens
 from .openai_protocol import check_model
-from .request_models import reject_unsupported, validated
+from .request_models import validated
 
 # Every field /v1/messages takes (its model's); in strict mode (the default) any other is refused,
 # as Anthropic does (OpenAI's `n` and `seed` included).
@@ -50,7 +50,6 @@ def _prompt_ids(req: MessagesRequest, info: ModelInfo) -> list[int]:
 
 def parse_messages(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:
     req = validated(MessagesRequest, body, unknown_field, lambda: check_model(body, info))
-    reject_unsupported(req, UNSUPPORTED)
     if isinstance(req.thinking, dict) and req.thinking.get("type") == "enabled":
         raise bad_request("thinking: extended thinking is not supported by this model", "thinking")
     stop = [req.stop_sequences] if isinstance(req.stop_sequences, str) else list(req.stop_sequences)

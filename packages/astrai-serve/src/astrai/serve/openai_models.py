@@ -6,7 +6,7 @@ how errors read. Field order is the order errors are reported in. What depends o
 model (the context length, --max-batch-size, the vocabulary) is checked in openai_protocol.py.
 """
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -22,6 +22,7 @@ from .request_models import (
     integer,
     number,
     raw_at,
+    refused,
     sequences,
     show,
     text_or,
@@ -39,6 +40,24 @@ UNSUPPORTED_COMPLETION = {
     "suffix": "fill-in-the-middle is not implemented",
     "logit_bias": "logit biases are not implemented",
 }
+
+
+# The sampling fields, in the order their errors are reported.
+SAMPLING = (
+    "stop",
+    "n",
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+    "skip_special_tokens",
+    "stop_token_ids",
+)
 
 
 class TextPart(Part):
@@ -118,12 +137,25 @@ class OpenAIRequest(RequestModel):
 class ChatCompletionRequest(OpenAIRequest):
     """POST /v1/chat/completions."""
 
+    check_order = (
+        *UNSUPPORTED_CHAT,
+        "response_format",
+        "messages",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        *SAMPLING,
+    )
+
     tools: unsupported(UNSUPPORTED_CHAT["tools"]) = None
     functions: unsupported(UNSUPPORTED_CHAT["functions"]) = None
-    response_format: Annotated[
-        dict[str, Any],
-        Wording(message='\'response_format\' other than {"type": "text"} is not supported (no JSON mode)'),
-    ] = Field(None, description='{"type": "text"} only (no JSON mode)')
+    response_format: refused(
+        "no JSON mode",
+        lambda value: isinstance(value, dict) and value.get("type") == "text",
+        '\'response_format\' other than {"type": "text"} is not supported (no JSON mode)',
+        '{"type": "text"} only (no JSON mode)',
+    ) = None
     messages: Annotated[
         list[ChatMessage],
         Field(min_length=1),
@@ -155,6 +187,8 @@ PromptText = Annotated[
 
 class CompletionRequest(OpenAIRequest):
     """POST /v1/completions (OpenAI's legacy completions)."""
+
+    check_order = (*UNSUPPORTED_COMPLETION, "prompt", "stream", "logprobs", "echo", "best_of", *SAMPLING, "max_tokens")
 
     suffix: unsupported(UNSUPPORTED_COMPLETION["suffix"]) = None
     prompt: PromptText

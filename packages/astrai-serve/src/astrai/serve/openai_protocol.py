@@ -33,13 +33,11 @@ from .openai_models import (  # noqa: F401 - IGNORED_*, MAX_TOP_LOGPROBS: import
     IGNORED_CHAT,
     IGNORED_COMPLETION,
     MAX_TOP_LOGPROBS,
-    UNSUPPORTED_CHAT,
-    UNSUPPORTED_COMPLETION,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIRequest,
 )
-from .request_models import reject_unsupported, validated
+from .request_models import validated
 
 # Every field each route takes (its model's); in strict mode (the default) any other is refused, as OpenAI does.
 CHAT_FIELDS = ChatCompletionRequest.accepted()
@@ -116,11 +114,6 @@ def _logprobs_count(req: ChatCompletionRequest) -> int | None:
 def parse_chat(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:
     """Validate a chat completion request; returns the generation and the response options."""
     req = validated(ChatCompletionRequest, body, unknown_field, lambda: check_model(body, info))
-    reject_unsupported(req, UNSUPPORTED_CHAT)
-    if req.response_format is not None and req.response_format.get("type") != "text":
-        raise bad_request(
-            '\'response_format\' other than {"type": "text"} is not supported (no JSON mode)', "response_format"
-        )
     messages = [{"role": CHAT_ROLES[m.role], "content": _text_content(m.content)} for m in req.messages]
     options = {"stream": req.stream, "include_usage": _include_usage(req), "logprobs": _logprobs_count(req)}
     params = _sampling(req, info)
@@ -156,7 +149,6 @@ def _completion_prompt(prompt: str | list, info: ModelInfo) -> tuple[list[int], 
 
 def parse_completion(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:
     req = validated(CompletionRequest, body, unknown_field, lambda: check_model(body, info))
-    reject_unsupported(req, UNSUPPORTED_COMPLETION)
     prompt_ids, prompt_text = _completion_prompt(req.prompt, info)
     if req.echo and req.logprobs is not None:
         raise bad_request("'echo' together with 'logprobs' is not supported (no prompt logprobs)", "echo")

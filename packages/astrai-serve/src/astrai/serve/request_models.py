@@ -19,9 +19,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from .errors import APIError, bad_request
 
@@ -32,7 +43,7 @@ STRING, LIST = "string", "list"
 @dataclass(frozen=True)
 class Wording:
     """How a field's errors read. `what`: "'top_p' must be <what>, got 0"; `message`: the whole
-    message instead; `required`: when it is missing; `too_many`: what a too-long list holds;
+    message instead ({name}: the field's); `required`: when it is missing; `too_many`: what a too-long list holds;
     `explain(error, body)`: an APIError for errors inside a nested value."""
 
     what: str | None = None
@@ -46,6 +57,9 @@ class RequestModel(BaseModel):
     """A request body: strict types, unknown top-level fields refused, null = not sent."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+    # Fields whose errors are reported first, in this order (the order the hand-written parsers
+    # checked them in); the others follow in declaration order.
+    check_order: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -109,16 +123,26 @@ def sequences(most: int = 16) -> Any:
     ]
 
 
+def refused(why: str, ok: Callable[[Any], bool], message: str, description: str) -> Any:
+    """A field that would change the answer in a way we cannot honour: values other than those
+    `ok` allows are refused with `message` rather than silently ignored."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise PydanticCustomError("refused", why)
+        return value
+
+    return Annotated[Any, AfterValidator(check), Field(description=description), Wording(message=message)]
+
+
 def unsupported(why: str) -> Any:
-    """A field that would change the answer but that we cannot honour: refused unless empty."""
-    return Annotated[Any, Field(description=f"not supported (refused unless empty): {why}")]
-
-
-def reject_unsupported(request: RequestModel, names: dict[str, str]) -> None:
-    """Fail loudly on fields that would change the result if silently ignored."""
-    for name, why in names.items():
-        if getattr(request, name) not in (None, [], {}, False):
-            raise APIError(400, f"'{name}' is not supported by this server: {why}", param=name)
+    """Refused unless empty."""
+    return refused(
+        why,
+        lambda value: value in ([], {}, False),
+        f"'{{name}}' is not supported by this server: {why}",
+        f"not supported (refused unless empty): {why}",
+    )
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -129,7 +153,8 @@ def validated(model: type[RequestModel], body: dict, unknown: Callable, first: C
     try:
         request = model.model_validate(body)
     except ValidationError as e:
-        errors = e.errors(include_url=False)
+        rank = {name: i for i, name in enumerate(model.check_order)}
+        errors = sorted(e.errors(include_url=False), key=lambda err: rank.get(err["loc"][0], len(rank)))
         extra = [err for err in errors if err["type"] == "extra_forbidden"]
         if extra:
             raise unknown(str(extra[0]["loc"][0]), model.accepted()) from None
@@ -157,7 +182,7 @@ def field_error(model: type[BaseModel], body: dict, error: dict) -> APIError:
     if says.explain is not None:
         return says.explain(error, body)
     if says.message is not None:
-        return bad_request(says.message, name)
+        return bad_request(says.message.replace("{name}", name), name)
     value = body.get(name)
     if error["type"] == "too_long" and says.too_many:
         return bad_request(
@@ -197,8 +222,9 @@ def install_request_schemas(app: Any, models: dict[str, type[BaseModel]]) -> Non
     components: dict[str, Any] = {}
     for model in models.values():
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(schema.pop("$defs", {}))
-        components[model.__name__] = schema
+        for name, definition in {**schema.pop("$defs", {}), model.__name__: schema}.items():
+            if components.setdefault(name, definition) != definition:
+                raise ValueError(f"two request models define a different {name!r}; rename one")
     for route in app.routes:
         if isinstance(route, APIRoute) and route.path in models and "POST" in route.methods:
             ref = {"$ref": f"#/components/schemas/{models[route.path].__name__}"}
