@@ -43,8 +43,8 @@ STRING, LIST = "string", "list"
 @dataclass(frozen=True)
 class Wording:
     """How a field's errors read. `what`: "'top_p' must be <what>, got 0"; `message`: the whole
-    message instead ({name}: the field's); `required`: when it is missing; `too_many`: what a too-long list holds;
-    `explain(error, body)`: an APIError for errors inside a nested value."""
+    message instead ({name}: the field's); `required`: when it is missing; `too_many`: what a
+    too-long list holds; `explain(error, body)`: an APIError for errors inside a nested value."""
 
     what: str | None = None
     message: str | None = None
@@ -105,10 +105,10 @@ def _string_or_list(value: Any) -> str | None:
     return STRING if isinstance(value, str) else LIST if isinstance(value, list) else None
 
 
-def text_or(item: Any, most: int | None = None) -> Any:
-    """A string, or a list of `item` (at most `most`): tagged, so an error names one branch."""
+def text_or(item: Any) -> Any:
+    """A string, or a list of `item`: tagged, so an error names the one branch taken."""
     return Annotated[
-        Annotated[str, Tag(STRING)] | Annotated[list[item], Field(max_length=most), Tag(LIST)],
+        Annotated[str, Tag(STRING)] | Annotated[list[item], Tag(LIST)],
         Discriminator(_string_or_list),
     ]
 
@@ -149,7 +149,8 @@ def unsupported(why: str) -> Any:
 def validated(model: type[RequestModel], body: dict, unknown: Callable, first: Callable[[], None]) -> Any:
     """`body` as `model`, or the APIError for its first problem. As before the models, an
     unknown field (`unknown(name, accepted)`) is reported before anything else, then whatever
-    `first()` raises (the model check, a 404), then the field errors in the model's field order."""
+    `first()` raises (the model check, a 404), then the first field error: by the model's
+    `check_order`, then its declaration order."""
     try:
         request = model.model_validate(body)
     except ValidationError as e:
