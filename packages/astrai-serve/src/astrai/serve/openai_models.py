@@ -130,7 +130,7 @@ class OpenAIRequest(RequestModel):
     ignore_eos: Flag = False
     skip_special_tokens: Flag = True
     stop_token_ids: TokenIds = []
-    logit_bias: unsupported("logit biases are not implemented") = None
+    logit_bias: unsupported(UNSUPPORTED_CHAT["logit_bias"]) = None
     user: Anything = None
 
 
