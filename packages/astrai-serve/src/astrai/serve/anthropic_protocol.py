@@ -2,7 +2,8 @@
 
 A final assistant message is a prefill: the reply continues it, as in Anthropic's API.
 Stop reasons map from the engine's: length -> max_tokens, a matched stop string ->
-stop_sequence, anything else that stopped (EOS / end of turn) -> end_turn.
+stop_sequence, anything else that stopped (EOS / end of turn) -> end_turn. The request body is a
+pydantic model (anthropic_models.py); here it meets the served model's chat template and context.
 """
 
 from __future__ import annotations
@@ -13,36 +14,15 @@ from typing import Any
 from jinja2 import TemplateError
 
 from . import request_fields as fields
+from .anthropic_models import IGNORED, MessagesRequest  # noqa: F401 - IGNORED: importable from here
 from .errors import APIError, bad_request
 from .generation import Accumulator, Generation, ModelInfo, checked_params, encode, fit_max_tokens
 from .openai_protocol import check_model
+from .request_models import validated
 
-ROLES = ("user", "assistant")
-_UNSUPPORTED = {
-    "tools": "tool use is not implemented; describe the tools in the system prompt instead",
-    "tool_choice": "tool use is not implemented",
-}
-# Every field /v1/messages takes; in strict mode (the default) any other is refused, as Anthropic
-# does (OpenAI's `n` and `seed` included). `metadata` (a user id for abuse tracking) and
-# `service_tier` are accepted and ignored: they do not change the answer.
-IGNORED = ("metadata", "service_tier")
-MESSAGE_FIELDS = frozenset(
-    {
-        "model",
-        "messages",
-        "system",
-        "max_tokens",
-        "stop_sequences",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stream",
-        "thinking",
-        "ignore_eos",
-        *_UNSUPPORTED,
-        *IGNORED,
-    }
-)
+# Every field /v1/messages takes (its model's); in strict mode (the default) any other is refused,
+# as Anthropic does (OpenAI's `n` and `seed` included).
+MESSAGE_FIELDS = MessagesRequest.accepted()
 
 
 def unknown_field(name: str, accepted: frozenset[str]) -> APIError:
@@ -52,76 +32,37 @@ def unknown_field(name: str, accepted: frozenset[str]) -> APIError:
     )
 
 
-def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, block in enumerate(content):
-            if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-                kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-                raise bad_request(
-                    f"{where}.{j}: content block of type {kind!r} is not supported; "
-                    'send {"type": "text", "text": "..."} blocks (this model reads text only)'
-                )
-            texts.append(block["text"])
-        return "".join(texts)
-    raise bad_request(f"{where}: must be a string or a list of text blocks, got {type(content).__name__}")
+def _text(content: str | list) -> str:
+    return content if isinstance(content, str) else "".join(block.text for block in content)
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if messages is None:
-        raise bad_request('messages: Field required; send a list of {"role": "user", "content": "..."}')
-    if not isinstance(messages, list) or not messages:
-        raise bad_request('messages: must be a non-empty list of {"role", "content"} objects')
-    out = []
-    for i, message in enumerate(messages):
-        where = f"messages.{i}"
-        if not isinstance(message, dict):
-            raise bad_request(f"{where}: must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if role not in ROLES:
-            hint = " (put the system prompt in the top-level 'system' field)" if role == "system" else ""
-            raise bad_request(f"{where}.role: {role!r} is not a valid role; use 'user' or 'assistant'{hint}")
-        out.append({"role": role, "content": _text(message.get("content"), f"{where}.content")})
-    return out
-
-
-def _prompt_ids(body: dict, info: ModelInfo) -> list[int]:
-    messages = _messages(body)
-    system = body.get("system")
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": _text(system, "system")})
+def _prompt_ids(req: MessagesRequest, info: ModelInfo) -> list[int]:
+    messages = [{"role": m.role, "content": _text(m.content)} for m in req.messages]
+    if req.system is not None:
+        messages.insert(0, {"role": "system", "content": _text(req.system)})
     prefill = messages.pop()["content"] if messages[-1]["role"] == "assistant" else ""
     try:
         text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except (ValueError, TemplateError) as e:
-        raise bad_request(f"messages: cannot apply the chat template: {e}") from None
+        raise bad_request(f"messages: cannot apply the chat template: {e}", "messages") from None
     return encode(info.tokenizer, text + prefill)
 
 
 def parse_messages(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:
-    check_model(body, info)
-    fields.reject_unsupported(body, _UNSUPPORTED)
-    thinking = body.get("thinking")
-    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
-        raise bad_request("thinking: extended thinking is not supported by this model")
-    if body.get("max_tokens") is None:
-        raise bad_request("max_tokens: Field required; set the most tokens to generate, e.g. 1024")
-    max_tokens = fields.integer(body, "max_tokens", None, 1)
-    stop = fields.string_list(body, "stop_sequences")
+    req = validated(MessagesRequest, body, unknown_field, lambda: check_model(body, info))
+    if isinstance(req.thinking, dict) and req.thinking.get("type") == "enabled":
+        raise bad_request("thinking: extended thinking is not supported by this model", "thinking")
+    stop = [req.stop_sequences] if isinstance(req.stop_sequences, str) else list(req.stop_sequences)
     params = {
-        "temperature": fields.number(body, "temperature", 1.0, 0.0, 1.0),
-        "top_p": fields.number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        "top_k": fields.integer(body, "top_k", 0, 0),
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
         "stop": stop or None,
-        "ignore_eos": fields.boolean(body, "ignore_eos", False),  # vLLM's extra, as on the OpenAI routes
+        "ignore_eos": req.ignore_eos,  # vLLM's extra, as on the OpenAI routes
     }
-    prompt_ids = _prompt_ids(body, info)
-    params["max_tokens"] = fit_max_tokens(len(prompt_ids), max_tokens, info, "max_tokens", "messages")
-    stream = fields.boolean(body, "stream", False)
-    return Generation(prompt_ids, checked_params(params), stream), {"stream": stream, "stop": stop}
+    prompt_ids = _prompt_ids(req, info)
+    params["max_tokens"] = fit_max_tokens(len(prompt_ids), req.max_tokens, info, "max_tokens", "messages")
+    return Generation(prompt_ids, checked_params(params), req.stream), {"stream": req.stream, "stop": stop}
 
 
 def stop_fields(finish_reason: str | None, stop_reason: Any, stop: list[str]) -> dict[str, Any]:

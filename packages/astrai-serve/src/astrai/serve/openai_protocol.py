@@ -3,7 +3,9 @@ stream chunks out. Pure functions and small classes; no HTTP here (see server.py
 
 Beyond OpenAI's fields we take vLLM's extras: top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, skip_special_tokens. Fields that would change the answer but that we cannot
-honour (tools, JSON mode, logit_bias, suffix) are refused rather than ignored.
+honour (tools, JSON mode, logit_bias, suffix) are refused rather than ignored. The request bodies
+are pydantic models (openai_models.py); here they meet the served model: its chat template,
+context length, batch size and vocabulary.
 """
 
 from __future__ import annotations
@@ -26,82 +28,20 @@ from .generation import (
     encode,
     fit_max_tokens,
 )
+from .openai_models import (  # noqa: F401 - IGNORED_*, MAX_TOP_LOGPROBS: importable from here as before
+    CHAT_ROLES,
+    IGNORED_CHAT,
+    IGNORED_COMPLETION,
+    MAX_TOP_LOGPROBS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIRequest,
+)
+from .request_models import validated
 
-MAX_TOP_LOGPROBS = 20
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-_UNSUPPORTED_CHAT = {
-    "tools": "tool calling is not implemented; describe the tools in the system message instead",
-    "functions": "function calling is not implemented",
-    "logit_bias": "logit biases are not implemented",
-}
-_UNSUPPORTED_COMPLETION = {
-    "suffix": "fill-in-the-middle is not implemented",
-    "logit_bias": "logit biases are not implemented",
-}
-
-_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "stop",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "ignore_eos",
-    "skip_special_tokens",
-    "stop_token_ids",
-)
-# Accepted and ignored: they do not change the answer here. `user`, `metadata`, `store`,
-# `service_tier`, `safety_identifier` and `prompt_cache_key` concern OpenAI's accounting and
-# storage; the tool-choice fields mean something only with tools/functions, which are refused.
-IGNORED_CHAT = (
-    "user",
-    "metadata",
-    "store",
-    "service_tier",
-    "safety_identifier",
-    "prompt_cache_key",
-    "tool_choice",
-    "parallel_tool_calls",
-    "function_call",
-)
-IGNORED_COMPLETION = ("user",)
-# Every field each route takes; in strict mode (the default) any other is refused, as OpenAI does.
-CHAT_FIELDS = frozenset(
-    {
-        "model",
-        "messages",
-        "stream",
-        "stream_options",
-        "logprobs",
-        "top_logprobs",
-        "response_format",
-        "max_tokens",
-        "max_completion_tokens",
-        *_UNSUPPORTED_CHAT,
-        *_SAMPLING_FIELDS,
-        *IGNORED_CHAT,
-    }
-)
-COMPLETION_FIELDS = frozenset(
-    {
-        "model",
-        "prompt",
-        "stream",
-        "stream_options",
-        "logprobs",
-        "echo",
-        "best_of",
-        "max_tokens",
-        *_UNSUPPORTED_COMPLETION,
-        *_SAMPLING_FIELDS,
-        *IGNORED_COMPLETION,
-    }
-)
+# Every field each route takes (its model's); in strict mode (the default) any other is refused, as OpenAI does.
+CHAT_FIELDS = ChatCompletionRequest.accepted()
+COMPLETION_FIELDS = CompletionRequest.accepted()
 
 
 def unknown_field(name: str, accepted: frozenset[str]) -> APIError:
@@ -123,133 +63,82 @@ def check_model(body: dict, info: ModelInfo) -> None:
         )
 
 
-def _sampling(body: dict, info: ModelInfo) -> dict[str, Any]:
+def _sampling(req: OpenAIRequest, info: ModelInfo) -> dict[str, Any]:
     """SamplingParams fields shared by both OpenAI endpoints."""
-    stop = fields.string_list(body, "stop")
-    n = fields.integer(body, "n", 1, 1)
-    if n > info.max_batch_size:  # the samples of one request decode side by side
+    if req.n > info.max_batch_size:  # the samples of one request decode side by side
         raise bad_request(
-            f"'n' is {n} but this server decodes at most {info.max_batch_size} sequences at once "
+            f"'n' is {req.n} but this server decodes at most {info.max_batch_size} sequences at once "
             "(--max-batch-size); ask for fewer samples",
             "n",
         )
     return {
-        "temperature": fields.number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": fields.number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        "n": n,
-        "presence_penalty": fields.number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        "frequency_penalty": fields.number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        "seed": fields.integer(body, "seed", None, 0, 2**63 - 1),
-        "stop": stop or None,
-        "top_k": fields.integer(body, "top_k", 0, -1),
-        "min_p": fields.number(body, "min_p", 0.0, 0.0, 1.0),
-        "repetition_penalty": fields.number(body, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True),
-        "ignore_eos": fields.boolean(body, "ignore_eos", False),
-        "skip_special_tokens": fields.boolean(body, "skip_special_tokens", True),
-        "stop_token_ids": fields.int_list(body, "stop_token_ids") or None,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "n": req.n,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "seed": req.seed,
+        "stop": _stop_list(req.stop) or None,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "repetition_penalty": req.repetition_penalty,
+        "ignore_eos": req.ignore_eos,
+        "skip_special_tokens": req.skip_special_tokens,
+        "stop_token_ids": req.stop_token_ids or None,
     }
 
 
-def _include_usage(body: dict, stream: bool) -> bool:
-    options = body.get("stream_options")
-    if options is None:
+def _stop_list(stop: str | list[str]) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _include_usage(req: OpenAIRequest) -> bool:
+    if req.stream_options is None:
         return False
-    if not stream:
+    if not req.stream:
         raise bad_request("'stream_options' is only allowed together with \"stream\": true", "stream_options")
-    if not isinstance(options, dict):
-        raise bad_request("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-    return fields.boolean(options, "include_usage", False)
+    return bool(req.stream_options.include_usage)
 
 
-def _chat_messages(body: dict) -> list[dict[str, Any]]:
-    messages = body.get("messages")
-    if messages is None:
-        raise bad_request('\'messages\' is required: a list of {"role", "content"} objects', "messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request('\'messages\' must be a non-empty list of {"role", "content"} objects', "messages")
-    out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise bad_request(f"'{where}' must be an object with 'role' and 'content'", where)
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise bad_request(
-                f"'{where}.role' is {role!r}; supported roles are {', '.join(CHAT_ROLES)}", f"{where}.role"
-            )
-        out.append({"role": CHAT_ROLES[role], "content": _text_content(message.get("content"), f"{where}.content")})
-    return out
+def _text_content(content: str | list) -> str:
+    return content if isinstance(content, str) else "".join(part.text for part in content)
 
 
-def _text_content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(
-                    f'\'{where}[{j}]\' must be a text part {{"type": "text", "text": "..."}}; '
-                    "this model reads text only",
-                    f"{where}[{j}]",
-                )
-            texts.append(part["text"])
-        return "".join(texts)
-    raise bad_request(f"'{where}' must be a string or a list of text parts, got {type(content).__name__}", where)
-
-
-def _logprobs_count(body: dict) -> int | None:
+def _logprobs_count(req: ChatCompletionRequest) -> int | None:
     """Chat: `logprobs` (bool) + `top_logprobs` (0..20) -> SamplingParams.logprobs."""
-    wanted = fields.boolean(body, "logprobs", False)
-    top = fields.integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
-    if top is not None and not wanted:
+    if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
-    return (top or 0) if wanted else None
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def parse_chat(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:
     """Validate a chat completion request; returns the generation and the response options."""
-    check_model(body, info)
-    fields.reject_unsupported(body, _UNSUPPORTED_CHAT)
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request(
-            '\'response_format\' other than {"type": "text"} is not supported (no JSON mode)', "response_format"
-        )
-    messages = _chat_messages(body)
-    stream = fields.boolean(body, "stream", False)
-    options = {"stream": stream, "include_usage": _include_usage(body, stream), "logprobs": _logprobs_count(body)}
-    params = _sampling(body, info)
+    req = validated(ChatCompletionRequest, body, unknown_field, lambda: check_model(body, info))
+    messages = [{"role": CHAT_ROLES[m.role], "content": _text_content(m.content)} for m in req.messages]
+    options = {"stream": req.stream, "include_usage": _include_usage(req), "logprobs": _logprobs_count(req)}
+    params = _sampling(req, info)
     try:
         text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except (ValueError, TemplateError) as e:
         raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
     prompt_ids = encode(info.tokenizer, text)
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    requested = fields.integer(body, name, None, 1)
-    params["max_tokens"] = fit_max_tokens(len(prompt_ids), requested, info, name, "messages")
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    params["max_tokens"] = fit_max_tokens(len(prompt_ids), getattr(req, name), info, name, "messages")
     params["logprobs"] = options["logprobs"]
     check_token_ids(params["stop_token_ids"] or [], info.tokenizer.vocab_size, "stop_token_ids")
-    return Generation(prompt_ids, checked_params(params), stream), options
+    return Generation(prompt_ids, checked_params(params), req.stream), options
 
 
-def _completion_prompt(body: dict, info: ModelInfo) -> tuple[list[int], str]:
+def _completion_prompt(prompt: str | list, info: ModelInfo) -> tuple[list[int], str]:
     """Legacy `prompt`: a string or a list of token ids (or a one-element list of either)."""
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise bad_request("'prompt' is required: a string or a list of token ids", "prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
         return encode(info.tokenizer, prompt, add_special_tokens=True), prompt
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
-    ):
+    if prompt and all(isinstance(t, int) for t in prompt):
         check_token_ids(prompt, info.tokenizer.vocab_size, "prompt")
         return prompt, info.tokenizer.decode(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+    if len(prompt) > 1:
         raise bad_request(
             f"'prompt' holds {len(prompt)} prompts; send one prompt per request "
             "(requests are batched by the server anyway)",
@@ -259,34 +148,30 @@ def _completion_prompt(body: dict, info: ModelInfo) -> tuple[list[int], str]:
 
 
 def parse_completion(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:
-    check_model(body, info)
-    fields.reject_unsupported(body, _UNSUPPORTED_COMPLETION)
-    prompt_ids, prompt_text = _completion_prompt(body, info)
-    stream = fields.boolean(body, "stream", False)
-    logprobs = fields.integer(body, "logprobs", None, 0, 5)
-    echo = fields.boolean(body, "echo", False)
-    if echo and logprobs is not None and stream:
+    req = validated(CompletionRequest, body, unknown_field, lambda: check_model(body, info))
+    prompt_ids, prompt_text = _completion_prompt(req.prompt, info)
+    if req.echo and req.logprobs is not None and req.stream:
         raise bad_request("'echo' with 'logprobs' (prompt log-probs) is supported without 'stream' only", "echo")
-    best_of = fields.integer(body, "best_of", None, 1)
-    params = _sampling(body, info)
-    if best_of is not None and best_of != params["n"]:
+    if req.max_tokens == 0 and not req.echo:
+        raise bad_request("'max_tokens' must be at least 1 (0 only with 'echo': the prompt alone)", "max_tokens")
+    params = _sampling(req, info)
+    if req.best_of is not None and req.best_of != params["n"]:
         raise bad_request("'best_of' different from 'n' is not supported", "best_of")
-    # OpenAI's legacy default; 0 with echo: the prompt (and its log-probs) only. The engine still
-    # samples one token, which the response leaves out.
-    requested = fields.integer(body, "max_tokens", 16, 0 if echo else 1)
-    params["max_tokens"] = fit_max_tokens(len(prompt_ids), max(requested, 1), info, "max_tokens", "prompt")
-    params["logprobs"] = logprobs
-    params["prompt_logprobs"] = logprobs if echo else None
+    # 0 with echo: the prompt (and its log-probs) only; the engine still samples one token,
+    # which the response leaves out.
+    params["max_tokens"] = fit_max_tokens(len(prompt_ids), max(req.max_tokens, 1), info, "max_tokens", "prompt")
+    params["logprobs"] = req.logprobs
+    params["prompt_logprobs"] = req.logprobs if req.echo else None
     check_token_ids(params["stop_token_ids"] or [], info.tokenizer.vocab_size, "stop_token_ids")
     options = {
-        "stream": stream,
-        "include_usage": _include_usage(body, stream),
-        "logprobs": logprobs,
-        "echo": prompt_text if echo else None,
-        "echo_ids": prompt_ids if echo else None,
-        "prompt_only": requested == 0,
+        "stream": req.stream,
+        "include_usage": _include_usage(req),
+        "logprobs": req.logprobs,
+        "echo": prompt_text if req.echo else None,
+        "echo_ids": prompt_ids if req.echo else None,
+        "prompt_only": req.max_tokens == 0,
     }
-    return Generation(prompt_ids, checked_params(params), stream), options
+    return Generation(prompt_ids, checked_params(params), req.stream), options
 
 
 # -- responses ------------------------------------------------------------------------------

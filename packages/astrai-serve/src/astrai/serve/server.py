@@ -40,6 +40,7 @@ from fastapi import Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from . import anthropic_protocol, openai_protocol
+from .anthropic_models import MessagesRequest
 from .config import ServeConfig, cuda_index
 from .control_plane import ControlPlane, combine_stats
 from .errors import APIError, anthropic_error_body, openai_error_body
@@ -60,8 +61,10 @@ from .litserve_bridge import (
 )
 from .liveness import process_alive
 from .metrics import CONTENT_TYPE, Metrics
+from .openai_models import ChatCompletionRequest, CompletionRequest
 from .relay import as_event_dict
 from .request_fields import parse_json_object, unknown_fields
+from .request_models import install_request_schemas
 from .request_queue import RoutedRequestQueue
 from .transport import BatchedZMQTransport
 
@@ -71,11 +74,12 @@ _GONE = object()  # the client disconnected
 # How often a handler waiting for a full answer checks that its client is still there: a small
 # model on a GPU writes a 2,000-token answer in about a second, all of it wasted after a leave.
 _DISCONNECT_POLL_S = 0.1
-# The fields each generation route takes, and the error for any other (strict_fields).
-_FIELDS = {
-    "/v1/chat/completions": (openai_protocol.CHAT_FIELDS, openai_protocol.unknown_field),
-    "/v1/completions": (openai_protocol.COMPLETION_FIELDS, openai_protocol.unknown_field),
-    "/v1/messages": (anthropic_protocol.MESSAGE_FIELDS, anthropic_protocol.unknown_field),
+# Each generation route's request model: the fields it takes (any other is refused by the model,
+# or dropped here with --no-strict-fields) and the request body schema /openapi.json shows.
+_MODELS = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/messages": MessagesRequest,
 }
 # Unknown fields logged in lenient mode; bounded, since clients choose the names.
 _MAX_LOGGED_FIELDS = 256
@@ -384,24 +388,25 @@ class ProtocolSpec(LitSpec):
         """Body bytes -> (Generation, response options). Runs in a worker thread (see the module docstring); the tokenizer lets go of the GIL while it works
         (generation.encode)."""
         body = parse_json_object(raw)
-        self._check_fields(body, route)
-        gen, options = parse(body, info)
+        gen, options = parse(self._check_fields(body, route), info)
         return gen, options
 
-    def _check_fields(self, body: dict, route: str) -> None:
-        """Unknown fields: a 400 naming the first (strict_fields), else ignored and logged once."""
-        accepted, error = _FIELDS[route]
+    def _check_fields(self, body: dict, route: str) -> dict:
+        """With strict_fields the body as it is: its model refuses an unknown field with a 400 naming
+        it. Without, the body less its unknown fields, each logged once."""
+        if self.config.strict_fields:
+            return body
+        accepted = _MODELS[route].accepted()
         unknown = unknown_fields(body, accepted)
-        if unknown and self.config.strict_fields:
-            raise error(unknown[0], accepted)
         for name in unknown:
             if (route, name) not in self._logged_fields and len(self._logged_fields) < _MAX_LOGGED_FIELDS:
                 self._logged_fields.add((route, name))
                 log.warning("%s: ignoring unknown request field %r (--no-strict-fields); logged once", route, name[:60])
+        return {k: v for k, v in body.items() if k in accepted} if unknown else body
 
     def rejected(self, path: str, status: int) -> None:
         """RequestGuard refused a request (401, 413): count it for the generation routes."""
-        if path in _FIELDS:
+        if path in _MODELS:
             self.metrics.request_done(path, status)
 
     async def _unless_gone(self, request: Request, request_id: str, awaitable: Any) -> Any:
@@ -599,6 +604,7 @@ def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
     )
     if config.chat_page:
         serve_at_root(server, spec.chat_page)
+    install_request_schemas(server.app, _MODELS)  # the request bodies in /openapi.json (behind the key)
     server.make_request_queue = RoutedRequestQueue
     if config.fast_queue:
         server.make_transport = BatchedZMQTransport

@@ -1,0 +1,215 @@
+"""The OpenAI request bodies as pydantic models: /v1/chat/completions and /v1/completions.
+
+Types, bounds and defaults are OpenAI's (plus vLLM's extras: top_k, min_p, repetition_penalty,
+ignore_eos, skip_special_tokens, stop_token_ids); request_models.py says how they are checked and
+how errors read. Field order is the order errors are reported in. What depends on the served
+model (the context length, --max-batch-size, the vocabulary) is checked in openai_protocol.py.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from .errors import APIError, bad_request
+from .request_models import (
+    Anything,
+    Flag,
+    Part,
+    RequestModel,
+    TokenId,
+    TokenIds,
+    Wording,
+    integer,
+    number,
+    raw_at,
+    refused,
+    sequences,
+    show,
+    text_or,
+    unsupported,
+)
+
+MAX_TOP_LOGPROBS = 20
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+UNSUPPORTED_CHAT = {
+    "tools": "tool calling is not implemented; describe the tools in the system message instead",
+    "functions": "function calling is not implemented",
+    "logit_bias": "logit biases are not implemented",
+}
+UNSUPPORTED_COMPLETION = {
+    "suffix": "fill-in-the-middle is not implemented",
+    "logit_bias": "logit biases are not implemented",
+}
+
+
+# The sampling fields, in the order their errors are reported.
+SAMPLING = (
+    "stop",
+    "n",
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+    "skip_special_tokens",
+    "stop_token_ids",
+)
+
+
+class TextPart(Part):
+    """A content part; this model reads text only."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Part):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: text_or(TextPart)
+
+
+class StreamOptions(Part):
+    include_usage: bool | None = None
+
+
+def _messages_error(error: dict, body: dict) -> APIError:
+    loc = error["loc"]
+    if len(loc) == 1:
+        return bad_request('\'messages\' must be a non-empty list of {"role", "content"} objects', "messages")
+    where = f"messages[{loc[1]}]"
+    if len(loc) == 2:
+        return bad_request(f"'{where}' must be an object with 'role' and 'content'", where)
+    if loc[2] == "role":
+        role = raw_at(body, loc[:3])
+        roles = ", ".join(CHAT_ROLES)
+        return bad_request(f"'{where}.role' is {role!r}; supported roles are {roles}", f"{where}.role")
+    if len(loc) > 4 and isinstance(loc[4], int):
+        part = f"{where}.content[{loc[4]}]"
+        return bad_request(
+            f'\'{part}\' must be a text part {{"type": "text", "text": "..."}}; this model reads text only', part
+        )
+    content = raw_at(body, loc[:3])
+    return bad_request(
+        f"'{where}.content' must be a string or a list of text parts, got {type(content).__name__}",
+        f"{where}.content",
+    )
+
+
+def _stream_options_error(error: dict, body: dict) -> APIError:
+    if body.get("stream") is not True:  # said first, whatever the options hold
+        return bad_request("'stream_options' is only allowed together with \"stream\": true", "stream_options")
+    if len(error["loc"]) == 1:
+        return bad_request("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
+    value = raw_at(body, error["loc"][:2])
+    return bad_request(f"'include_usage' must be true or false, got {show(value)}", "include_usage")
+
+
+StreamOptionsField = Annotated[StreamOptions, Wording(explain=_stream_options_error)]
+
+
+class OpenAIRequest(RequestModel):
+    """What both OpenAI routes take: the model, streaming and the sampling settings."""
+
+    model: str | None = None
+    stream: Flag = False
+    stream_options: StreamOptionsField = Field(None, description='with "stream": true only')
+    stop: sequences() = []
+    n: integer(1) = 1
+    temperature: number(0.0, 2.0) = 1.0
+    top_p: number(0.0, 1.0, lo_open=True) = 1.0
+    presence_penalty: number(-2.0, 2.0) = 0.0
+    frequency_penalty: number(-2.0, 2.0) = 0.0
+    seed: integer(0, 2**63 - 1) = None
+    top_k: integer(-1) = 0
+    min_p: number(0.0, 1.0) = 0.0
+    repetition_penalty: number(0.0, 100.0, lo_open=True) = 1.0
+    ignore_eos: Flag = False
+    skip_special_tokens: Flag = True
+    stop_token_ids: TokenIds = []
+    logit_bias: unsupported(UNSUPPORTED_CHAT["logit_bias"]) = None
+    user: Anything = None
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """POST /v1/chat/completions."""
+
+    check_order = (
+        *UNSUPPORTED_CHAT,
+        "response_format",
+        "messages",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        *SAMPLING,
+    )
+
+    tools: unsupported(UNSUPPORTED_CHAT["tools"]) = None
+    functions: unsupported(UNSUPPORTED_CHAT["functions"]) = None
+    response_format: refused(
+        "no JSON mode",
+        lambda value: isinstance(value, dict) and value.get("type") == "text",
+        '\'response_format\' other than {"type": "text"} is not supported (no JSON mode)',
+        '{"type": "text"} only (no JSON mode)',
+    ) = None
+    messages: Annotated[
+        list[ChatMessage],
+        Field(min_length=1),
+        Wording(required='\'messages\' is required: a list of {"role", "content"} objects', explain=_messages_error),
+    ]
+    logprobs: Flag = False
+    top_logprobs: integer(0, MAX_TOP_LOGPROBS) = Field(None, description='with "logprobs": true only')
+    max_tokens: integer(1) = Field(None, description="default: the rest of the context")
+    max_completion_tokens: integer(1) = Field(None, description="wins over max_tokens")
+    metadata: Anything = None
+    store: Anything = None
+    service_tier: Anything = None
+    safety_identifier: Anything = None
+    prompt_cache_key: Anything = None
+    tool_choice: Anything = None
+    parallel_tool_calls: Anything = None
+    function_call: Anything = None
+
+
+PromptText = Annotated[
+    str | list[TokenId] | list[str | list[TokenId]],
+    Field(description="a string or a list of token ids (or a one-element list of either)"),
+    Wording(
+        required="'prompt' is required: a string or a list of token ids",
+        message="'prompt' must be a non-empty string or a non-empty list of non-negative token ids",
+    ),
+]
+
+
+class CompletionRequest(OpenAIRequest):
+    """POST /v1/completions (OpenAI's legacy completions)."""
+
+    check_order = (*UNSUPPORTED_COMPLETION, "prompt", "stream", "logprobs", "echo", "best_of", *SAMPLING, "max_tokens")
+
+    suffix: unsupported(UNSUPPORTED_COMPLETION["suffix"]) = None
+    prompt: PromptText
+    logprobs: integer(0, 5) = None
+    echo: Flag = False
+    best_of: integer(1) = Field(None, description="equal to n only")
+    max_tokens: integer(0) = 16  # OpenAI's legacy default; 0 only with echo (the prompt's log-probs)
+
+
+# Accepted and ignored: they do not change the answer here. `user`, `metadata`, `store`,
+# `service_tier`, `safety_identifier` and `prompt_cache_key` concern OpenAI's accounting and
+# storage; the tool-choice fields mean something only with tools/functions, which are refused.
+IGNORED_CHAT = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "tool_choice",
+    "parallel_tool_calls",
+    "function_call",
+)
+IGNORED_COMPLETION = ("user",)
