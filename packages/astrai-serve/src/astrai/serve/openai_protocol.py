@@ -153,7 +153,7 @@ def parse_completion(body: dict, info: ModelInfo) -> tuple[Generation, dict[str,
     if req.echo and req.logprobs is not None and req.stream:
         raise bad_request("'echo' with 'logprobs' (prompt log-probs) is supported without 'stream' only", "echo")
     if req.max_tokens == 0 and not req.echo:
-        raise bad_request("'max_tokens' must be at least 1 (0 only with 'echo': the prompt alone)", "max_tokens")
+        raise bad_request("'max_tokens' must be at least 1, got 0 (0 only with 'echo': the prompt alone)", "max_tokens")
     params = _sampling(req, info)
     if req.best_of is not None and req.best_of != params["n"]:
         raise bad_request("'best_of' different from 'n' is not supported", "best_of")
