@@ -40,6 +40,7 @@ from .prefill_graphs import PrefillRunner
 from .request_intake import RequestIntake, is_token_id
 from .scheduler import Scheduler
 from .sequence import Request
+from .structured_output import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,9 @@ class InferenceEngine:
         self.allocator = PageAllocator(pages)
         self.scheduler = Scheduler(self.allocator, page_size, max_batch_size, max_num_batched_tokens)
         self.eos_ids = frozenset(tokenizer.stop_token_ids if tokenizer is not None else _config_eos(model_config))
+        grammars = Grammars(tokenizer, model_config.vocab_size, self.eos_ids)
         self.intake = RequestIntake(
-            tokenizer, model_config.vocab_size, self.max_model_len, max_batch_size, self.eos_ids, self.device
+            tokenizer, model_config.vocab_size, self.max_model_len, max_batch_size, self.eos_ids, self.device, grammars
         )
         self.core = EngineCore(
             self.model,
@@ -130,6 +132,7 @@ class InferenceEngine:
             attention_backend or default_backend(self.device),
             self.device,
         )
+        self.core.grammars = grammars
         if self._use_cuda_graphs(config.cuda_graphs):
             self.core.decode_runner = DecodeRunner(
                 self.model, self.cache, self.core.backend, max_batch_size, self.max_model_len, capture=True

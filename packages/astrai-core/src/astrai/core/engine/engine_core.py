@@ -33,6 +33,7 @@ from .sampler import Drawn, Sampler, SampleRow
 from .scheduler import Chunk, Scheduler, StepPlan, is_decode
 from .sequence import Request, Sequence, Status
 from .stop import SampleText
+from .structured_output import Grammars
 
 END = object()  # the last item a request's sink receives
 _RATE_WINDOW_S = 10.0
@@ -105,6 +106,7 @@ class EngineCore:
         self.decode_timing = DecodeTiming()
         self.overlap = True  # runner decode steps leave their tokens in flight (module doc)
         self._inflight: InFlight | None = None
+        self.grammars: Grammars | None = None  # set by InferenceEngine (structured_output.py)
 
     # -- requests in ---------------------------------------------------------------------
     def add(self, r: Request) -> None:
@@ -116,6 +118,8 @@ class EngineCore:
             num_samples=r.params.n,
             logprobs=_logprob_list(r),
         )
+        if r.params.structured_output is not None:
+            seq.matcher = self.grammars.matcher(r.params.structured_output)
         r.seqs.append(seq)
         self.scheduler.add(seq)
 
@@ -282,6 +286,9 @@ class EngineCore:
                     row_logit.append(j)
             (index,) = to_device([torch.tensor(row_logit)], logits.device)
             logits = logits.index_select(0, index)
+        if any(seq.matcher is not None for seq in seqs):
+            matchers = [seq.matcher for seq, n in zip(seqs, counts) for _ in range(n)]
+            self.grammars.apply(logits, matchers)
         drawn = self.sampler.draw(logits, rows)
         for seq in seqs:
             seq.num_inflight += 1
@@ -323,6 +330,8 @@ class EngineCore:
         for k in range(1, n):
             child = self.scheduler.fork(seq, k, self._sample_text(seq.request))
             child.logprobs = _logprob_list(seq.request)
+            if seq.matcher is not None:  # before the parent's matcher takes its own first token
+                child.matcher = seq.matcher.deep_copy()
             seq.request.seqs.append(child)
             targets.append(child)
         return targets
@@ -332,6 +341,10 @@ class EngineCore:
         if seq.logprobs is not None:
             seq.logprobs.append(logprob)
         reason, stop_reason = seq.text.append(token)
+        if seq.matcher is not None and reason is None:
+            seq.matcher.consume_token(token)
+            if seq.matcher.is_stopped() or seq.matcher.is_error():  # the grammar is complete
+                reason = "stop"
         if reason is None and len(seq.token_ids) - seq.num_prompt_tokens >= seq.request.max_tokens:
             reason = "length"
         if reason is not None:
@@ -496,7 +509,7 @@ def _sample_row(seq: Sequence, k: int) -> SampleRow:
 def _overlappable(seq: Sequence) -> bool:
     """A sequence whose next step may launch before its last token is read: one sample, and no
     penalties (they count the output tokens on the host)."""
-    return seq.num_samples == 1 and not seq.request.params.has_penalties
+    return seq.num_samples == 1 and not seq.request.params.has_penalties and seq.matcher is None
 
 
 def _logprob_list(r: Request):

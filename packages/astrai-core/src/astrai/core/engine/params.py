@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import require_for
+from .structured_output import check_spec
 
 _check = require_for("SamplingParams")  # messages name the field as the caller writes it
 
@@ -37,6 +38,8 @@ class SamplingParams:
     stop_token_ids: extra token ids that end a sample (the tokenizer's EOS / end-of-turn
     tokens stop it anyway unless ignore_eos). A stop token is kept in token_ids, not in text.
     logprobs: None = off; 0 = logprob of each chosen token; k = plus the k most likely tokens.
+    structured_output: constrain the sample to {"json_schema": {...}}, {"json_object": True},
+        {"regex": "..."} or {"lark": "..."} (structured_output.py); it stops when complete.
     prompt_logprobs: the same for the prompt's tokens (the first has none: nothing precedes it),
         computed in the prefill the request runs anyway; such a request skips the prefix cache.
     skip_special_tokens: leave special tokens out of the returned text.
@@ -57,6 +60,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_output: dict | None = None
     skip_special_tokens: bool = True
     # Normalised by validate(): stop as a tuple of strings.
     stop_strings: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
@@ -98,6 +102,8 @@ class SamplingParams:
             )
             _check(ok, "stop_token_ids", f"must be a list of non-negative token ids, got {self.stop_token_ids!r}")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
+        if self.structured_output is not None:
+            check_spec(self.structured_output)
         if self.prompt_logprobs is not None:
             _check(
                 _is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0,

@@ -25,7 +25,9 @@ class RequestIntake:
         max_batch_size: int,
         eos_ids: frozenset[int],
         device: torch.device,
+        grammars=None,
     ):
+        self.grammars = grammars  # structured_output.Grammars: checks a constraint before it is queued
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
         self.max_batch_size, self.eos_ids, self.device = max_batch_size, eos_ids, device
         self._ids = itertools.count()
@@ -42,6 +44,8 @@ class RequestIntake:
                 f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}, which "
                 "leaves no room to generate; shorten the prompt or raise max_model_len"
             )
+        if params.structured_output is not None and self.grammars is not None:
+            self.grammars.grammar(params.structured_output)
         if params.stop_strings and self.tokenizer is None:
             raise AstraiError("SamplingParams.stop needs a tokenizer; pass stop_token_ids instead")
         bad = [t for t in params.stop_token_ids or () if t >= self.vocab_size]

@@ -72,6 +72,7 @@ class Sequence:
     # Tokens sampled on the device that the host has not read yet (0 or 1): they come after
     # token_ids. While the device runs the next decode step, the host reads this one (engine_core.py).
     num_inflight: int = 0
+    matcher: object = None  # with params.structured_output: its grammar's state (structured_output.py)
 
     @property
     def order(self) -> tuple[int, int]:

@@ -1,0 +1,124 @@
+"""Structured output: a sample constrained to a JSON schema, any JSON object, a regex or a Lark
+grammar, by masking the tokens the grammar cannot take next before each draw.
+
+Why llguidance (the grammar engine vLLM and SGLang also use): it computes a step's token mask
+from a grammar and the tokenizer's vocabulary in tens of microseconds, JSON Schema included,
+and its wheel has no dependencies. Here: `SamplingParams.structured_output` names the
+constraint; `Grammars` turns it into a grammar (cached by its text) and gives each constrained
+sample a matcher; before a draw the masks of the constrained rows are filled on the host, sent
+in one copy and applied to those rows' logits on the device; after the draw each matcher
+consumes its token, and a sample whose grammar is complete stops ("stop").
+
+A constrained sample's next step needs its last token on the host (the matcher must see it
+before the next mask), so such samples never overlap decode steps. Logprobs of a constrained
+sample are those of the masked distribution (renormalised over the allowed tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from ..errors import AstraiError
+
+KINDS = ("json_schema", "json_object", "regex", "lark")
+
+
+def check_spec(spec: Any) -> None:
+    """A structured_output setting's shape: one of {"json_schema": {...}}, {"json_object": true},
+    {"regex": "..."}, {"lark": "..."}; raises AstraiError naming the field."""
+    field = "SamplingParams.structured_output"
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+        raise AstraiError(
+            f"{field} must be one of {{'json_schema': {{...}}}}, {{'json_object': True}}, "
+            f"{{'regex': '...'}}, {{'lark': '...'}}, got {spec!r}"
+        )
+    kind, value = next(iter(spec.items()))
+    if kind == "json_schema" and not isinstance(value, (dict, bool)):
+        raise AstraiError(f"{field}['json_schema'] must be a JSON schema (an object), got {type(value).__name__}")
+    if kind == "json_object" and value is not True:
+        raise AstraiError(f"{field}['json_object'] must be true, got {value!r}")
+    if kind in ("regex", "lark") and not (isinstance(value, str) and value):
+        raise AstraiError(f"{field}['{kind}'] must be a non-empty string")
+
+
+def grammar_text(spec: dict) -> str:
+    """The llguidance grammar for a checked structured_output setting."""
+    import llguidance
+
+    kind, value = next(iter(spec.items()))
+    # Fixed separators, no free whitespace: with it a model could fill its budget with blanks
+    # between two tokens of valid JSON (a random one does).
+    compact = {"whitespace_flexible": False}
+    if kind == "json_schema":
+        return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=compact)
+    if kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=compact)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(value)
+    return llguidance.LLMatcher.grammar_from_lark(value)
+
+
+class Grammars:
+    """The engine's grammar side: one llguidance tokenizer (built on first use), grammars cached
+    by their text, a matcher per constrained sample, and the masks of a step."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int]) -> None:
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
+        self._lltok = None
+        self._grammars: dict[str, str] = {}  # spec as canonical JSON -> validated grammar
+
+    def _ll_tokenizer(self):
+        if self._lltok is None:
+            import llguidance
+
+            if self.tokenizer is None:
+                raise AstraiError("SamplingParams.structured_output needs the engine to have a tokenizer")
+            eos = sorted(self.eos_ids) or None
+            self._lltok = llguidance.LLTokenizer(
+                self.tokenizer.backend.to_str(), n_vocab=self.vocab_size, eos_token=eos
+            )
+        return self._lltok
+
+    def grammar(self, spec: dict) -> str:
+        """The validated grammar of a structured_output setting (AstraiError if it has none)."""
+        import llguidance
+
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._grammars:
+            check_spec(spec)
+            try:
+                text = grammar_text(spec)
+            except (ValueError, RuntimeError) as e:
+                raise AstraiError(f"SamplingParams.structured_output: {e}") from None
+            error = llguidance.LLMatcher.validate_grammar(text, self._ll_tokenizer())
+            if error:
+                raise AstraiError(f"SamplingParams.structured_output is not a grammar we can follow: {error}")
+            self._grammars[key] = text
+        return self._grammars[key]
+
+    def matcher(self, spec: dict):
+        import llguidance
+
+        return llguidance.LLMatcher(self._ll_tokenizer(), self.grammar(spec), log_level=0)
+
+    def apply(self, logits: torch.Tensor, matchers: list) -> None:
+        """Mask, in place, each row of `logits` whose matcher is not None to the tokens it allows."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return
+        words = (self.vocab_size + 31) // 32
+        masks = torch.empty((len(rows), words), dtype=torch.int32)
+        for j, i in enumerate(rows):
+            masks[j] = torch.frombuffer(bytearray(matchers[i].compute_bitmask()), dtype=torch.int32)[:words]
+        index = torch.tensor(rows, dtype=torch.long)
+        masks, index = masks.to(logits.device, non_blocking=True), index.to(logits.device, non_blocking=True)
+        bits = (masks.unsqueeze(-1) >> torch.arange(32, device=logits.device, dtype=torch.int32)) & 1
+        allowed = bits.reshape(len(rows), -1)[:, : logits.shape[-1]].bool()
+        if allowed.shape[-1] < logits.shape[-1]:  # logits wider than the tokenizer's vocabulary
+            pad = torch.zeros(len(rows), logits.shape[-1] - allowed.shape[-1], dtype=torch.bool, device=logits.device)
+            allowed = torch.cat([allowed, pad], dim=-1)
+        picked = logits.index_select(0, index)
+        logits.index_copy_(0, index, picked.masked_fill(~allowed, float("-inf")))
