@@ -125,7 +125,8 @@ def test_chat_logprobs_and_usage_options(info):
         (chat(seed=-1), "seed", "integer"),
         (chat(stop_token_ids=[10**6]), "stop_token_ids", "vocabulary"),
         (chat(tools=[{"type": "function"}]), "tools", "not supported"),
-        (chat(response_format={"type": "json_object"}), "response_format", "not supported"),
+        (chat(response_format={"type": "yaml"}), "response_format", 'must be {"type": "text"}'),
+        (chat(response_format={"type": "json_schema"}), "response_format", "json_schema"),
     ],
 )
 def test_chat_rejects_bad_fields_naming_them(info, body, param, hint):

@@ -6,7 +6,7 @@ how errors read. Field order is the order errors are reported in. What depends o
 model (the context length, --max-batch-size, the vocabulary) is checked in openai_protocol.py.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -111,6 +111,41 @@ def _stream_options_error(error: dict, body: dict) -> APIError:
 StreamOptionsField = Annotated[StreamOptions, Wording(explain=_stream_options_error)]
 
 
+def _response_format_ok(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    kind = value.get("type")
+    if kind in ("text", "json_object"):
+        return set(value) <= {"type"}
+    spec = value.get("json_schema")
+    return (
+        kind == "json_schema"
+        and set(value) <= {"type", "json_schema"}
+        and isinstance(spec, dict)
+        and isinstance(spec.get("schema", {}), (dict, bool))
+    )
+
+
+# Structured output (the engine's SamplingParams.structured_output, by constrained decoding).
+ResponseFormat = refused(
+    "not a response format",
+    _response_format_ok,
+    '\'response_format\' must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+    '"json_schema": {"name": ..., "schema": {...}}}',
+    "text, json_object (any JSON object) or json_schema (output that validates against the schema)",
+)
+
+
+def structured_output(response_format: dict | None) -> dict | None:
+    """The engine's structured_output for an OpenAI response_format (None: free text)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        return {"json_schema": response_format["json_schema"].get("schema", {})}
+    return None
+
+
 class OpenAIRequest(RequestModel):
     """What both OpenAI routes take: the model, streaming and the sampling settings."""
 
@@ -150,12 +185,7 @@ class ChatCompletionRequest(OpenAIRequest):
 
     tools: unsupported(UNSUPPORTED_CHAT["tools"]) = None
     functions: unsupported(UNSUPPORTED_CHAT["functions"]) = None
-    response_format: refused(
-        "no JSON mode",
-        lambda value: isinstance(value, dict) and value.get("type") == "text",
-        '\'response_format\' other than {"type": "text"} is not supported (no JSON mode)',
-        '{"type": "text"} only (no JSON mode)',
-    ) = None
+    response_format: ResponseFormat = None
     messages: Annotated[
         list[ChatMessage],
         Field(min_length=1),
@@ -188,13 +218,24 @@ PromptText = Annotated[
 class CompletionRequest(OpenAIRequest):
     """POST /v1/completions (OpenAI's legacy completions)."""
 
-    check_order = (*UNSUPPORTED_COMPLETION, "prompt", "stream", "logprobs", "echo", "best_of", *SAMPLING, "max_tokens")
+    check_order = (
+        *UNSUPPORTED_COMPLETION,
+        "prompt",
+        "stream",
+        "logprobs",
+        "echo",
+        "best_of",
+        "response_format",
+        *SAMPLING,
+        "max_tokens",
+    )
 
     suffix: unsupported(UNSUPPORTED_COMPLETION["suffix"]) = None
     prompt: PromptText
     logprobs: integer(0, 5) = None
     echo: Flag = False
     best_of: integer(1) = Field(None, description="equal to n only")
+    response_format: ResponseFormat = None
     max_tokens: integer(0) = 16  # OpenAI's legacy default; 0 only with echo (the prompt's log-probs)
 
 

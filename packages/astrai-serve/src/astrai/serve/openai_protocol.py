@@ -36,6 +36,7 @@ from .openai_models import (  # noqa: F401 - IGNORED_*, MAX_TOP_LOGPROBS: import
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIRequest,
+    structured_output,
 )
 from .request_models import validated
 
@@ -125,6 +126,7 @@ def parse_chat(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     params["max_tokens"] = fit_max_tokens(len(prompt_ids), getattr(req, name), info, name, "messages")
     params["logprobs"] = options["logprobs"]
+    params["structured_output"] = structured_output(req.response_format)
     check_token_ids(params["stop_token_ids"] or [], info.tokenizer.vocab_size, "stop_token_ids")
     return Generation(prompt_ids, checked_params(params), req.stream), options
 
@@ -161,6 +163,7 @@ def parse_completion(body: dict, info: ModelInfo) -> tuple[Generation, dict[str,
     # which the response leaves out.
     params["max_tokens"] = fit_max_tokens(len(prompt_ids), max(req.max_tokens, 1), info, "max_tokens", "prompt")
     params["logprobs"] = req.logprobs
+    params["structured_output"] = structured_output(req.response_format)
     params["prompt_logprobs"] = req.logprobs if req.echo else None
     check_token_ids(params["stop_token_ids"] or [], info.tokenizer.vocab_size, "stop_token_ids")
     options = {
