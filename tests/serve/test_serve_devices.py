@@ -227,7 +227,7 @@ def test_aborts_reach_every_worker_and_stats_come_from_each():
 
 def test_late_answers_do_not_leak_into_the_next_stats_call():
     control = ControlPlane(1)
-    control.inboxes[0].put(("stats", ("old-token", 0)))  # a call that timed out before the worker answered
+    control._send(("stats", ("old-token", 0)))  # a call that timed out before the worker answered
     worker = FakeWorker(control, 0, generated=5)
     time.sleep(0.5)
     worker.generated = 6
@@ -240,7 +240,6 @@ def test_each_api_server_process_gets_the_stats_answers_it_asked_for():
     workers = [FakeWorker(control, i, generated=i + 1) for i in range(2)]
     answers = control.stats(timeout=10, consumer=2)
     assert [a["stats"]["generated_tokens"] for a in answers] == [1, 2]
-    assert control.replies[0].empty() and control.replies[1].empty()
     workers[0].generated = 7
     assert [a["stats"]["generated_tokens"] for a in control.stats(timeout=10, consumer=0)] == [7, 2]
 
@@ -251,3 +250,35 @@ def test_control_plane_checks_worker_ids():
         control.serve(2, lambda r: None, dict)
     with pytest.raises(ValueError, match="num_workers must be at least 1"):
         ControlPlane(0)
+
+
+def test_a_worker_started_in_a_killed_ones_place_answers_stats_and_aborts(tmp_path):
+    """The control plane's sockets survive a SIGKILL of the worker at any moment: a new worker in
+    the same slot answers, and no later call hangs (multiprocessing queues could be left locked
+    or holding half a message)."""
+    import multiprocessing as mp
+    import os
+    import signal
+
+    control = ControlPlane(1, directory=str(tmp_path))
+    ctx = mp.get_context("spawn")
+    for generation in range(3):
+        ready = ctx.Event()
+        worker = ctx.Process(target=_serve_stats_forever, args=(control, generation, ready), daemon=True)
+        worker.start()
+        assert ready.wait(60)
+        answers = control.stats(timeout=20)
+        assert answers[0]["stats"]["generation"] == generation, answers
+        # Hammer it with stats requests and aborts, then kill it in the middle of them.
+        for i in range(200):
+            control.abort(f"req-{i}")
+        control.stats(timeout=0.01)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+    control.close()
+
+
+def _serve_stats_forever(control: ControlPlane, generation: int, ready) -> None:
+    control.serve(0, lambda request_id: None, lambda: {"stats": {"generation": generation}})
+    ready.set()
+    time.sleep(600)

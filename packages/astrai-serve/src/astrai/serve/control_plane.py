@@ -2,24 +2,35 @@
 
 Requests travel to one worker each (request_queue.py), read by the worker's request loop
 only between its bursts; an abort must reach the engine that holds the request at once, and
-/stats must hear from every engine, busy or not. So each worker gets an inbox of its own (indexed by LitServe's worker id) and all answers come back on one reply
-queue. Aborts go to every inbox: only the engine holding the request acts on them, the others
-just remember the id (in case the request has not reached them yet, it never will).
+/stats must hear from every engine, busy or not. So each worker answers an inbox of its own
+(indexed by LitServe's worker id) on a thread of its own, and the answers come back to the
+API-server process (consumer) that asked. Aborts go to every inbox: only the engine holding
+the request acts on them, the others just remember the id (in case the request has not
+reached them yet, it never will).
 
-The queues are made in the main process before LitServe starts its processes: the workers
-receive them when they are spawned, the HTTP process (forked) inherits them.
+Both directions are ZeroMQ PUSH/PULL over ipc sockets, not multiprocessing queues: a worker
+killed with SIGKILL in the middle of a queue's read or write left its lock taken, or half a
+message in the pipe, and the worker started in its place, or every later /stats, waited for
+ever. A ZeroMQ message arrives whole or not at all; a dead worker's unread messages go to its
+successor, which answers a stale stats request with a token nobody waits for any more.
+
+Made in the main process (addresses and the liveness arrays only) before LitServe starts its
+processes; sockets open lazily in the process and thread that uses them.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import queue
+import os
+import pickle
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+import zmq
 
 from .liveness import WorkerLiveness
 
@@ -32,66 +43,86 @@ _MEAN = ("prefix_cache_hit_rate",)
 
 
 class ControlPlane:
-    def __init__(self, num_workers: int, num_consumers: int = 1) -> None:
+    def __init__(self, num_workers: int, num_consumers: int = 1, directory: str | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         if num_consumers < 1:
             raise ValueError(f"num_consumers must be at least 1, got {num_consumers}")
-        ctx = mp.get_context("spawn")
-        self.inboxes = [ctx.Queue() for _ in range(num_workers)]
-        # One reply queue per API-server process (consumer): each reads only its own answers.
-        self.replies = [ctx.Queue() for _ in range(num_consumers)]
+        base = os.path.join(directory or tempfile.gettempdir(), f"astrai-ctl-{uuid.uuid4().hex[:12]}")
+        self.inbox_addresses = [f"ipc://{base}-in-{i}.ipc" for i in range(num_workers)]
+        # One reply address per API-server process (consumer): each reads only its own answers.
+        self.reply_addresses = [f"ipc://{base}-out-{i}.ipc" for i in range(num_consumers)]
         self.liveness = WorkerLiveness(num_workers)  # which workers' engines serve (liveness.py)
-        self._lock = threading.Lock()
+        self._owner_pid = os.getpid()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()  # one stats call at a time per process: its answers are its own
+        self._send_lock = threading.Lock()  # the inbox sockets, shared by the threads that send
+        self._inboxes: dict[int, zmq.Socket] = {}
+        self._replies: dict[int, zmq.Socket] = {}  # consumer -> this process's PULL socket
 
     @property
     def num_workers(self) -> int:
-        return len(self.inboxes)
+        return len(self.inbox_addresses)
 
     @property
     def num_consumers(self) -> int:
-        return len(self.replies)
+        return len(self.reply_addresses)
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        del state["_lock"]
-        return state
+        return {
+            "inbox_addresses": self.inbox_addresses,
+            "reply_addresses": self.reply_addresses,
+            "liveness": self.liveness,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._owner_pid = None
+        self._reset()
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():  # forked after use: sockets do not survive a fork
+            self._reset()
 
     # -- HTTP side ----------------------------------------------------------------------
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
     def _send(self, message: tuple[str, Any]) -> None:
-        for inbox in self.inboxes:
-            inbox.cancel_join_thread()  # exit must not wait for a worker that stopped reading
-            inbox.put(message)
+        self._check_process()
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            for worker, address in enumerate(self.inbox_addresses):
+                sock = self._inboxes.get(worker)
+                if sock is None:
+                    sock = self._inboxes[worker] = _socket(zmq.PUSH, address, bind=False)
+                sock.send(data)
 
     def stats(self, timeout: float = 10.0, consumer: int = 0) -> list[dict[str, Any]]:
         """One entry per worker, in worker order: {"worker", "device", "stats", ...}, or
         {"worker", "error"} for a worker that did not answer within `timeout` seconds.
 
-        Blocking: call it from a thread of API-server process `consumer`, whose reply queue
-        the answers come back on. Calls are serialised within that process, so the answers of
-        one call cannot be taken by another; answers to an earlier call that timed out are
-        dropped.
+        Blocking: call it from a thread of API-server process `consumer`, where the answers
+        come back. Calls are serialised within that process, so the answers of one call
+        cannot be taken by another; answers to an earlier call that timed out are dropped.
         """
+        self._check_process()
         with self._lock:
+            replies = self._replies.get(consumer)
+            if replies is None:
+                replies = self._replies[consumer] = _socket(zmq.PULL, self.reply_addresses[consumer], bind=True)
             token = uuid.uuid4().hex
             self._send(("stats", (token, consumer)))
             answers: dict[int, dict] = {}
             deadline = time.monotonic() + timeout
             while len(answers) < self.num_workers:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or not replies.poll(left * 1000):
                     break
-                try:
-                    answer = self.replies[consumer].get(timeout=left)
-                except queue.Empty:
-                    break
+                answer = pickle.loads(replies.recv())
                 if answer.pop("token", None) == token:
                     answers[answer["worker"]] = answer
         return [
@@ -106,17 +137,14 @@ class ControlPlane:
         stats requests are answered with `describe()` (a dict with "stats" and more)."""
         if not 0 <= worker_id < self.num_workers:
             raise ValueError(f"worker id {worker_id} outside 0..{self.num_workers - 1}")
-        inbox = self.inboxes[worker_id]
-        _reclaim_reader_lock(inbox)
-        # Never let process exit wait on unread answers (the HTTP process may be gone).
-        for replies in self.replies:
-            replies.cancel_join_thread()
+        inbox = _socket(zmq.PULL, self.inbox_addresses[worker_id], bind=True)  # a dead predecessor's file is replaced
 
         def loop() -> None:
+            answer_to: dict[int, zmq.Socket] = {}  # consumer -> PUSH socket, this thread's own
             while True:
                 try:
-                    op, arg = inbox.get()
-                except (EOFError, OSError):  # the main process is gone: shutting down
+                    op, arg = pickle.loads(inbox.recv())
+                except zmq.ZMQError:  # the context is gone: the process is ending
                     return
                 if op == "abort":
                     on_abort(arg)
@@ -126,22 +154,39 @@ class ControlPlane:
                         answer = describe()
                     except Exception as e:  # noqa: BLE001 - reported in /stats, not fatal
                         answer = {"error": f"{type(e).__name__}: {e}"}
-                    self.replies[consumer].put({**answer, "token": token, "worker": worker_id})
+                    sock = answer_to.get(consumer)
+                    if sock is None:
+                        sock = answer_to[consumer] = _socket(zmq.PUSH, self.reply_addresses[consumer], bind=False)
+                    sock.send(pickle.dumps({**answer, "token": token, "worker": worker_id}))
 
         thread = threading.Thread(target=loop, name=f"astrai-control-{worker_id}", daemon=True)
         thread.start()
         return thread
 
+    def close(self) -> None:
+        """Close this process's sockets; the process that made the plane also removes the files."""
+        for sock in [*self._inboxes.values(), *self._replies.values()]:
+            sock.close(linger=0)
+        self._inboxes.clear()
+        self._replies.clear()
+        if self._owner_pid == os.getpid():
+            for address in self.inbox_addresses + self.reply_addresses:
+                try:
+                    os.unlink(address.removeprefix("ipc://"))
+                except OSError:  # never bound, or already gone
+                    pass
 
-def _reclaim_reader_lock(inbox) -> None:
-    """A worker killed while it waits on its inbox dies holding the inbox's reader lock (a
-    multiprocessing Queue's `_rlock`), and the worker started in its place would wait for that
-    lock forever: aborts and /stats would never reach it. Each inbox has one reader, the worker
-    of its slot, so a lock found taken when a worker starts belongs to a dead process: release it."""
-    lock = inbox._rlock
-    if not lock.acquire(block=False):
-        log.warning("the control inbox's reader lock was held by a dead worker; released it")
-    lock.release()
+
+def _socket(kind: int, address: str, bind: bool) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)  # an exit never waits for a worker or an HTTP process that is gone
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if bind:
+        sock.bind(address)
+    else:
+        sock.connect(address)
+    return sock
 
 
 def combine_stats(workers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -605,6 +605,7 @@ def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
     if config.chat_page:
         serve_at_root(server, spec.chat_page)
     install_request_schemas(server.app, _MODELS)  # the request bodies in /openapi.json (behind the key)
+    server.control_plane = control  # run_server closes it (its socket files)
     server.make_request_queue = RoutedRequestQueue
     if config.fast_queue:
         server.make_transport = BatchedZMQTransport
@@ -652,3 +653,5 @@ def run_server(server: LitServer, config: ServeConfig) -> None:
         done.set()
         for queue in server.request_queues():  # their socket files
             queue.close()
+        if getattr(server, "control_plane", None) is not None:
+            server.control_plane.close()
