@@ -413,14 +413,7 @@ class EngineCore:
                     ),
                 )
         if r.finished:
-            r.completion = Completion(
-                r.request_id,
-                r.prompt_token_ids,
-                list(r.samples),
-                r.prompt,
-                self.weights_version,
-                prompt_logprobs=r.prompt_logprobs,
-            )
+            r.completion = self._completion(r)
             self._end(r, END)
 
     def fail(self, requests: list[Request], error: Exception) -> None:
@@ -437,16 +430,19 @@ class EngineCore:
                     r.samples[i] = Sample(i, [], "", "abort")
             r.error = EngineError(f"request {r.request_id!r} failed in an engine step: {error!r}")
             r.error.__cause__ = error
-            r.completion = Completion(
-                r.request_id,
-                r.prompt_token_ids,
-                list(r.samples),
-                r.prompt,
-                self.weights_version,
-                error=str(r.error),
-                prompt_logprobs=r.prompt_logprobs,
-            )
+            r.completion = self._completion(r, error=str(r.error))
             self._end(r, r.error)
+
+    def _completion(self, r: Request, error: str | None = None) -> Completion:
+        return Completion(
+            r.request_id,
+            r.prompt_token_ids,
+            list(r.samples),
+            r.prompt,
+            self.weights_version,
+            error=error,
+            prompt_logprobs=r.prompt_logprobs,
+        )
 
     def _end(self, r: Request, last_item) -> None:
         self._ended.append(r)
