@@ -63,7 +63,7 @@ from serve_load import stop_server  # noqa: E402  (bench/ is on sys.path when a 
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-TESTS_TRAIN = REPO / "tests" / "train"  # disthelp.CPUFSDPStrategy, for FSDP on CPU only
+TESTS_TRAIN = REPO / "tests" / "train"  # dist_helpers.CPUFSDPStrategy, for FSDP on CPU only
 
 
 # -- the timer the runs load (by class path, from this module) ----------------------------------
@@ -199,7 +199,7 @@ def prepare(args, work: Path) -> dict:
 def strategy(name: str, accelerator: str) -> str:
     if name == "ddp":
         return "ddp"
-    cls = "disthelp.CPUFSDPStrategy" if accelerator == "cpu" else "lightning.pytorch.strategies.FSDPStrategy"
+    cls = "dist_helpers.CPUFSDPStrategy" if accelerator == "cpu" else "lightning.pytorch.strategies.FSDPStrategy"
     return json.dumps(
         {
             "class_path": cls,

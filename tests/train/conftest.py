@@ -1,5 +1,5 @@
 """Fixtures for the training tests: a tiny bilingual tokenizer, a tiny model config, small
-learnable data and a quiet CPU Trainer (helpers in trainhelp.py).
+learnable data and a quiet CPU Trainer (helpers in train_helpers.py).
 
 Shared by the "modules" and the "data" tests: either side may add fixtures here (append,
 keep them tiny and download-free).
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from trainhelp import CORPUS, QUIET_WARNINGS, TINY_MODEL, TinyData, make_trainer
+from train_helpers import CORPUS, QUIET_WARNINGS, TINY_MODEL, TinyData, make_trainer
 
 from astrai.core.tokenizer_trainer import train_tokenizer
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from test_resume import _loader, _module, _tiny_json
-from trainhelp import make_trainer
+from train_helpers import make_trainer
 
 from astrai.core.integrity import IntegrityError
 from astrai.train.checkpoint_io import ChecksummedCheckpointIO

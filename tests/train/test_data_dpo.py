@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datahelp import ASSISTANT, IM_END, IM_START, NL, PAD, SP, SYSTEM, USER, VOCAB, ids, word_tokenizer, write_jsonl
+from data_helpers import ASSISTANT, IM_END, IM_START, NL, PAD, SP, SYSTEM, USER, VOCAB, ids, word_tokenizer, write_jsonl
 
 from astrai.train.data import DataError, DPODataModule
 

@@ -4,7 +4,7 @@ AstrAI's whole-conversation rows give the token ids of the equivalent explicit-p
 from __future__ import annotations
 
 import pytest
-from datahelp import ASSISTANT, IM_END, IM_START, NL, SYSTEM, USER, VOCAB, ids, word_tokenizer, write_jsonl
+from data_helpers import ASSISTANT, IM_END, IM_START, NL, SYSTEM, USER, VOCAB, ids, word_tokenizer, write_jsonl
 
 from astrai.train.data import DataError, DPODataModule
 from astrai.train.data.preference import preference_pair, split_text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from datahelp import EOS, SP, VOCAB, word_tokenizer, write_jsonl
+from data_helpers import EOS, SP, VOCAB, word_tokenizer, write_jsonl
 
 from astrai.train.data import DataError, PretrainDataModule
 from astrai.train.data.pretrain import TokenWindows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from datahelp import word_tokenizer, write_jsonl
+from data_helpers import word_tokenizer, write_jsonl
 from datasets import Dataset
 
 from astrai.train.data import DataError, DPODataModule, PretrainDataModule, SFTDataModule

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from datahelp import VOCAB, word_tokenizer, write_jsonl
+from data_helpers import VOCAB, word_tokenizer, write_jsonl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from astrai.train.data import PretrainDataModule

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from datahelp import ASSISTANT, IM_END, IM_START, NL, PAD, SP, SYSTEM, USER, VOCAB, ids, word_tokenizer, write_jsonl
+from data_helpers import ASSISTANT, IM_END, IM_START, NL, PAD, SP, SYSTEM, USER, VOCAB, ids, word_tokenizer, write_jsonl
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig

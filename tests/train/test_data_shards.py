@@ -9,8 +9,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from datahelp import word_tokenizer
-from trainhelp import TINY_MODEL, make_trainer
+from data_helpers import word_tokenizer
+from train_helpers import TINY_MODEL, make_trainer
 
 from astrai.train.data import DataError, PretrainDataModule
 from astrai.train.data.shards import ShardArray

@@ -7,7 +7,7 @@ and the averaged gradient is the one-device gradient: loss curves and weights ag
 float32 summation order. The distributed runs stop after 5 steps; their checkpoint then
 resumes in a one-device run to step 10, which must continue the reference curve.
 
-FSDP runs through tests/train/disthelp.py (Lightning refuses FSDP on CPU; see there why).
+FSDP runs through tests/train/dist_helpers.py (Lightning refuses FSDP on CPU; see there why).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainhelp import TINY_MODEL, write_text_rows
+from train_helpers import TINY_MODEL, write_text_rows
 
 from astrai.core.auto import AutoModel
 from astrai.train.cli import cli_main
@@ -37,7 +37,7 @@ LOSS_TOL = 1e-4
 WEIGHT_TOL = 1e-5  # measured: 1.2e-7 (DDP)
 STRATEGIES = {
     "ddp": "ddp",
-    "fsdp": json.dumps({"class_path": "disthelp.CPUFSDPStrategy", "init_args": {"state_dict_type": "full"}}),
+    "fsdp": json.dumps({"class_path": "dist_helpers.CPUFSDPStrategy", "init_args": {"state_dict_type": "full"}}),
 }
 
 
@@ -181,7 +181,7 @@ def test_bf16_accumulation_over_two_processes_gives_the_one_device_gradient(inpu
     def run(root: Path, batch: int, extra: list[str]) -> dict[str, torch.Tensor]:
         dump = root / "grads.pt"
         args = [a for a in fit_args(inputs, root, 1, batch) if a != "--model=seq"]
-        args += ["--model=disthelp.FirstStepGrads", "--model.param_dtype=bfloat16", *extra]
+        args += ["--model=dist_helpers.FirstStepGrads", "--model.param_dtype=bfloat16", *extra]
         env = {
             **os.environ,
             "OMP_NUM_THREADS": "1",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
+from train_helpers import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.core.auto import AutoModel
 from astrai.core.tokenizer import AutoTokenizer

@@ -4,7 +4,7 @@ Lightning's FSDP precision plugin refuses clipping by norm; CausalLMModule clips
 root FullyShardedDataParallel instead, which reduces the norm over every rank's shards. The
 FSDP run must then train exactly as one device clipping the same global batch does (same
 loss curve, same weights), and both must differ from an unclipped run: else nothing clipped.
-Runs as tests/train/test_distributed.py does (see there and tests/train/disthelp.py), and
+Runs as tests/train/test_distributed.py does (see there and tests/train/dist_helpers.py), and
 with 2 GPUs also under Lightning's own FSDPStrategy (float32, so one device compares closely).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_distributed import HALF, LOSS_TOL, REPO, STRATEGIES, WEIGHT_TOL, fit_args, losses, weights
-from trainhelp import write_text_rows
+from train_helpers import write_text_rows
 
 from astrai.train.cli import cli_main
 
@@ -37,7 +37,7 @@ def one_device(inputs, root: Path, accelerator: str, *extra: str) -> Path:
     return root
 
 
-# CPU: FSDP over gloo through disthelp; GPU (2 or more): Lightning's own FSDPStrategy over NCCL.
+# CPU: FSDP over gloo through dist_helpers; GPU (2 or more): Lightning's own FSDPStrategy over NCCL.
 @pytest.fixture(
     scope="module",
     params=["cpu", pytest.param("gpu", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))],

@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
-from datahelp import word_tokenizer, write_jsonl
+from data_helpers import word_tokenizer, write_jsonl
 from torch.utils.data import DataLoader
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
+from train_helpers import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.train.data.grpo import GRPODataModule
 from astrai.train.grad_accumulation import Float32Grads
@@ -132,9 +132,9 @@ def test_grpo_micro_batches_with_bf16_weights(tmp_path):
 
 
 def test_bf16_accumulation_is_refused_under_fsdp(tmp_path):
-    """Lightning's FSDP strategy (one CPU process, tests/train/disthelp.py): the float32 sum
+    """Lightning's FSDP strategy (one CPU process, tests/train/dist_helpers.py): the float32 sum
     does not handle sharded gradients, so the run stops at start, naming the settings."""
-    from disthelp import CPUFSDPStrategy
+    from dist_helpers import CPUFSDPStrategy
 
     module = PretrainModule(model={"vocab_size": 320, **TINY_MODEL}, param_dtype="bfloat16", export_on_fit_end=False)
     loader = DataLoader(CycleBatches(8, 16), batch_size=2)

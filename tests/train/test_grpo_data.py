@@ -1,11 +1,11 @@
 """GRPO data: online prompt batches keep the whole row for the rewards; offline rows become one
 sequence per response with labels on the response only; bad rows are named, never dropped
-silently. Token ids are worked out by hand with the word tokenizer of datahelp."""
+silently. Token ids are worked out by hand with the word tokenizer of data_helpers."""
 
 from __future__ import annotations
 
 import pytest
-from datahelp import ASSISTANT, IM_END, IM_START, NL, USER, VOCAB, ids, word_tokenizer, write_jsonl
+from data_helpers import ASSISTANT, IM_END, IM_START, NL, USER, VOCAB, ids, word_tokenizer, write_jsonl
 
 from astrai.train.data.grpo import GRPODataModule
 from astrai.train.data.records import DataError

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from datahelp import word_tokenizer, write_jsonl
-from trainhelp import TINY_MODEL, make_trainer
+from data_helpers import word_tokenizer, write_jsonl
+from train_helpers import TINY_MODEL, make_trainer
 
 from astrai.train.base_module import BatchError
 from astrai.train.data.grpo import GRPODataModule

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainhelp import TINY_MODEL
+from train_helpers import TINY_MODEL
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig

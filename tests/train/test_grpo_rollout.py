@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainhelp import TINY_MODEL
+from train_helpers import TINY_MODEL
 
 from astrai.core.engine import EngineConfig, SamplingParams
 from astrai.core.tokenizer import AutoTokenizer

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
+from train_helpers import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.train.dpo_module import DPOModule
 from astrai.train.losses import IGNORE_INDEX, _dense_token_loss, compiled_token_loss, token_loss

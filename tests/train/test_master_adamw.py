@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
+from train_helpers import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.core.config import ModelConfig
 from astrai.core.transformer import CausalLM

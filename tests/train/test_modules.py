@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
+from train_helpers import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.core.auto import AutoModel
 from astrai.core.tokenizer import AutoTokenizer

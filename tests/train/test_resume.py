@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
-from trainhelp import TINY_MODEL, CycleBatches, make_trainer
+from train_helpers import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.train.checkpointing import Checkpoint
 from astrai.train.cli import cli_main

@@ -12,7 +12,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from trainhelp import CORPUS, TINY_MODEL
+from train_helpers import CORPUS, TINY_MODEL
 
 from astrai.core.auto import AutoModel
 from astrai.train.checkpointing import Checkpoint
