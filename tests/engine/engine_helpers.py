@@ -59,13 +59,13 @@ def greedy_reference(model, prompt: list[int], max_tokens: int, stop_ids=()) -> 
     return out
 
 
-def padded_engine(model, **kwargs):
+def padded_engine(model, tokenizer=None, **kwargs):
     """An engine whose decode steps go through DecodeRunner's static buffers without capture (on
     any device): what CUDA graphs replay, with decode steps overlapping the host's reading."""
     from astrai.core.engine import InferenceEngine
     from astrai.core.engine.cuda_graphs import DecodeRunner
 
-    engine = InferenceEngine(model, None, **kwargs)
+    engine = InferenceEngine(model, tokenizer, **kwargs)
     engine.core.decode_runner = DecodeRunner(
         engine.model, engine.cache, engine.core.backend, engine.max_batch_size, engine.max_model_len, capture=False
     )

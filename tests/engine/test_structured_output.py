@@ -89,3 +89,24 @@ def test_a_bad_constraint_is_refused_before_it_is_queued(model, tokenizer, spec,
     with pytest.raises(AstraiError, match=message):
         engine.generate(["x"], SamplingParams(structured_output=spec))
     assert engine.stats()["active_requests"] == 0 if "active_requests" in engine.stats() else True
+
+
+def test_constrained_samples_overlap_decode_steps_and_give_the_plain_engines_tokens(model, tokenizer):
+    """Through the padded DecodeRunner (the CUDA-graph path, overlapping the host's reading): a
+    constrained sample and its free batch-mates come out exactly as from the plain engine,
+    and the batch still overlaps its decode steps."""
+    from engine_helpers import padded_engine
+
+    params = [
+        SamplingParams(max_tokens=60, temperature=1.0, seed=5, structured_output={"json_schema": SCHEMA}),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=6, structured_output={"regex": r"[a-z]{3,8} [0-9]+"}),
+        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0.8, seed=7, ignore_eos=True),
+    ]
+    prompts = ["the cat", "a dog", "hello", "the sun"]
+    plain = InferenceEngine(model, tokenizer, max_batch_size=8).generate(prompts, params)
+    engine = padded_engine(model, tokenizer, max_batch_size=8)
+    overlapped = engine.generate(prompts, params)
+    assert [c.token_ids for c in overlapped] == [c.token_ids for c in plain]
+    assert valid(json.loads(overlapped[0].text)) and re.fullmatch(r"[a-z]{3,8} [0-9]+", overlapped[1].text)
+    assert engine.stats()["overlapped_steps"] > 10

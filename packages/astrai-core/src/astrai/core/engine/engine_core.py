@@ -287,7 +287,11 @@ class EngineCore:
             (index,) = to_device([torch.tensor(row_logit)], logits.device)
             logits = logits.index_select(0, index)
         if any(seq.matcher is not None for seq in seqs):
-            matchers = [seq.matcher for seq, n in zip(seqs, counts) for _ in range(n)]
+            # A mask needs the grammar to have seen the previous token: read the tokens in
+            # flight now (this step's forward is already queued on the device), then mask.
+            self.drain()
+            live = [None if seq.status is Status.FINISHED else seq.matcher for seq in seqs]  # (a drain can end one)
+            matchers = [m for m, n in zip(live, counts) for _ in range(n)]
             self.grammars.apply(logits, matchers)
         drawn = self.sampler.draw(logits, rows)
         for seq in seqs:
@@ -505,7 +509,7 @@ def _sample_row(seq: Sequence, k: int) -> SampleRow:
 def _overlappable(seq: Sequence) -> bool:
     """A sequence whose next step may launch before its last token is read: one sample, and no
     penalties (they count the output tokens on the host)."""
-    return seq.num_samples == 1 and not seq.request.params.has_penalties and seq.matcher is None
+    return seq.num_samples == 1 and not seq.request.params.has_penalties
 
 
 def _logprob_list(r: Request):

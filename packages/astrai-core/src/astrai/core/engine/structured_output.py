@@ -9,9 +9,13 @@ sample a matcher; before a draw the masks of the constrained rows are filled on 
 in one copy and applied to those rows' logits on the device; after the draw each matcher
 consumes its token, and a sample whose grammar is complete stops ("stop").
 
-A constrained sample's next step needs its last token on the host (the matcher must see it
-before the next mask), so such samples never overlap decode steps. Logprobs of a constrained
-sample are those of the masked distribution (renormalised over the allowed tokens).
+A constrained sample's next mask needs its last token on the host (the matcher must see it
+first). With overlapped decode the next step's forward is launched on the device tokens, then
+the tokens in flight are read and the matchers fed, and only then are the masks applied and
+the draw queued: the forward still overlaps the host's reading. A sample that completed its
+grammar in the tokens just read gets one wasted row, as any sample that stops does. Logprobs
+of a constrained sample are those of the masked distribution (renormalised over the allowed
+tokens).
 """
 
 from __future__ import annotations
@@ -106,7 +110,8 @@ class Grammars:
 
     def apply(self, logits: torch.Tensor, matchers: list) -> None:
         """Mask, in place, each row of `logits` whose matcher is not None to the tokens it allows."""
-        rows = [i for i, m in enumerate(matchers) if m is not None]
+        # A stopped matcher (its grammar complete) allows nothing: its row's token is dropped anyway.
+        rows = [i for i, m in enumerate(matchers) if m is not None and not (m.is_stopped() or m.is_error())]
         if not rows:
             return
         words = (self.vocab_size + 31) // 32
