@@ -1,0 +1,123 @@
+"""What structured output costs the requests beside it: one engine, a batch of free requests,
+and in the same batch either extra free requests or the same number constrained to a JSON
+schema (SamplingParams.structured_output). The figure is the free requests' output tok/s in
+the second case over the first, measured side by side in one process (issue 20 asks < 5% loss).
+
+    uv run python bench/structured_output.py                               # tiny model, CPU
+    python3 bench/structured_output.py --model configs/model/qwen3-0.6b.json --device cuda \\
+        --num-free 224 --num-constrained 32 --output-len 256
+
+Models from a ModelConfig JSON get random weights and a small trained tokenizer (as
+bench/serve_load.py makes them); the constrained requests' schema keeps their JSON short
+(enums, bounded integers), so they finish early and their rows go back to free requests as
+they would in a server. Each case runs twice; the second (warm) run is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_load import prepare_model  # noqa: E402 - bench/ scripts share their helpers this way
+
+from astrai.core.auto import AutoModel  # noqa: E402
+from astrai.core.engine import InferenceEngine, SamplingParams  # noqa: E402
+from astrai.core.engine.host_settings import quiet_gc  # noqa: E402
+from astrai.core.tokenizer import AutoTokenizer  # noqa: E402
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "enum": ["yes", "no", "maybe"]},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["answer", "confidence", "tags"],
+    "additionalProperties": False,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="configs/model/tiny.json", help="model directory or ModelConfig JSON")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--num-free", type=int, default=56)
+    p.add_argument("--num-constrained", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def run(engine, prompts, params) -> tuple[float, list]:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = engine.generate(prompts, params)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = prepare_model(args.model, Path(tmp))
+        dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32}.get(
+            args.dtype, args.dtype
+        )
+        model = AutoModel.from_pretrained(model_dir, dtype=dtype, device=args.device)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = args.num_free + args.num_constrained
+    settings = {"max_batch_size": batch}
+    if args.max_num_batched_tokens:
+        settings["max_num_batched_tokens"] = args.max_num_batched_tokens
+    engine = InferenceEngine(model, tokenizer, device=args.device, **settings)
+    quiet_gc()
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(tokenizer.vocab_size) for _ in range(args.prompt_len)] for _ in range(batch)]
+    free = SamplingParams(max_tokens=args.output_len, temperature=1.0, ignore_eos=True)
+    extra_free = [
+        SamplingParams(max_tokens=args.output_len, temperature=1.0, seed=i) for i in range(args.num_constrained)
+    ]
+    constrained = [
+        SamplingParams(max_tokens=args.output_len, temperature=1.0, seed=i, structured_output={"json_schema": SCHEMA})
+        for i in range(args.num_constrained)
+    ]
+    figures = {}
+    for name, others in (("free batch-mates", extra_free), ("constrained batch-mates", constrained)):
+        params = [free] * args.num_free + others
+        for _ in range(2):  # the second run is warm (grammar compiled, kernels built)
+            seconds, out = run(engine, prompts, params)
+        free_tokens = sum(len(c.token_ids) for c in out[: args.num_free])
+        figures[name] = {"seconds": seconds, "free_tok_s": free_tokens / seconds}
+        if others is constrained:
+            valid = sum(1 for c in out[args.num_free :] if _parses(c.text))
+            figures[name]["constrained_valid"] = f"{valid}/{args.num_constrained}"
+    ratio = figures["constrained batch-mates"]["free_tok_s"] / figures["free batch-mates"]["free_tok_s"]
+    figures["free tok/s with constrained / with free batch-mates"] = ratio
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(json.dumps({"device": device, "model": args.model, **figures}, indent=1))
+    return figures
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
