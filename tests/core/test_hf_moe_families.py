@@ -290,7 +290,9 @@ def test_what_a_qwen2_moe_config_cannot_express_fails_naming_the_field(edit, fie
 
 def test_qwen2_moe_sparse_step_and_mlp_only_layers_become_dense_layers():
     config = from_hf_dict({**QWEN15_MOE_A27B, "decoder_sparse_step": 3, "mlp_only_layers": [2, 5, 99]})
-    assert [i for i in range(24) if config.is_moe_layer(i)] == [i for i in range(24) if (i + 1) % 3 == 0 and i not in (2, 5)]
+    assert [i for i in range(24) if config.is_moe_layer(i)] == [
+        i for i in range(24) if (i + 1) % 3 == 0 and i not in (2, 5)
+    ]
 
 
 def test_a_refused_directory_fails_at_load_naming_the_field(tmp_path):
