@@ -1,6 +1,6 @@
 """Save and load model directories in the Hugging Face layout (or upstream AstrAI's).
 
-    config.json                     our config, or a Llama/Qwen2/Qwen3 one (see hf_config.py),
+    config.json                     our config, or a Llama/Qwen2/Qwen3/Mixtral/Qwen2-MoE one (see hf_config.py),
                                     or upstream AstrAI's (see upstream_config.py)
     generation_config.json          bos/eos ids for generation tools
     model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import AstraiError
 from .hf_config import HFConfigError, from_hf_dict, to_hf_dict
+from .hf_moe import MOE_ARCHITECTURES, to_hf_moe_name
 from .integrity import (
     MANIFEST_FILE,
     Entries,
@@ -108,6 +109,7 @@ def save_pretrained(
         max_shard_bytes = float("inf")  # upstream reads a single model.safetensors
     else:
         config_json = to_hf_dict(config, str(dtype).removeprefix("torch."))
+        tensors = _hf_moe_names(tensors, config_json["model_type"])
     remove_file(path / MANIFEST_FILE)  # until the new one is written, nothing here is listed
     written = [_write_json(path / CONFIG_FILE, config_json)]
     written += _write_generation_config(path, config, tokenizer)
@@ -123,6 +125,13 @@ def _upstream_config_json(config: ModelConfig) -> dict:
         return to_upstream_dict(config)
     except UpstreamConfigError as e:
         raise CheckpointError(str(e)) from None
+
+
+def _hf_moe_names(tensors: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """Mixtral's and Qwen2-MoE's names for the MoE tensors (hf_moe.py); others keep ours."""
+    if model_type not in MOE_ARCHITECTURES:
+        return tensors
+    return {to_hf_moe_name(name, model_type): t for name, t in tensors.items()}
 
 
 def _tensors_to_save(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -208,12 +217,13 @@ def _write_json(path: Path, data: dict) -> str:
 
 # -- loading --------------------------------------------------------------------------------
 def load_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a model directory (ours, a Llama / Qwen2 / Qwen3 one, or upstream AstrAI's)."""
+    """The ModelConfig of a model directory (ours, a Llama / Qwen2 / Qwen3 / Mixtral / Qwen2-MoE one,
+    or upstream AstrAI's)."""
     return _load_config(_model_dir(path))[0]
 
 
-def _load_config(path: Path) -> tuple[ModelConfig, bool]:
-    """(config, whether the directory is in upstream AstrAI's layout)."""
+def _load_config(path: Path) -> tuple[ModelConfig, str]:
+    """(config, the tensor names on disk: UPSTREAM_FORMAT, an hf_moe family's model_type, or "astrai")."""
     file = path / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: not found; a model directory needs config.json next to its weights")
@@ -229,7 +239,9 @@ def _load_config(path: Path) -> tuple[ModelConfig, bool]:
     except (HFConfigError, UpstreamConfigError) as e:
         raise CheckpointError(f"{file}: {e}") from None
     _verify(path, CONFIG_FILE, _read_manifest(path))
-    return config, upstream
+    if upstream:
+        return config, UPSTREAM_FORMAT
+    return config, data["model_type"] if data.get("model_type") in MOE_ARCHITECTURES else "astrai"
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> CausalLM:
@@ -238,7 +250,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     The model comes back in eval mode, like a freshly loaded Hugging Face model.
     """
     path = _model_dir(path)
-    config, upstream = _load_config(path)
+    config, layout = _load_config(path)
     manifest = _read_manifest(path)
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype)
@@ -247,9 +259,13 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop(_TIED_KEY)
-    if upstream:
+    if layout == UPSTREAM_FORMAT:
         expected = {to_upstream_name(name): shape for name, shape in expected.items()}
         state = from_upstream_state(_read_weights(path, expected, device, dtype, manifest), config)
+    elif layout in MOE_ARCHITECTURES:
+        ours = {to_hf_moe_name(name, layout): name for name in expected}
+        on_disk = _read_weights(path, {name: expected[ours[name]] for name in ours}, device, dtype, manifest)
+        state = {ours[name]: t for name, t in on_disk.items()}
     else:
         state = _read_weights(path, expected, device, dtype, manifest)
     model.load_state_dict(state, strict=False, assign=True)  # keys were checked above, tied head aside

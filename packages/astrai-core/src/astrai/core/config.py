@@ -54,6 +54,12 @@ class ModelConfig:
     n_activated_experts: int = 2
     moe_ffn_dim: int | None = None  # None: ffn_dim
     moe_aux_loss_coef: float = 0.01
+    # True: the top-k router probabilities are rescaled to sum to 1 (Mixtral, Qwen2-MoE with
+    # norm_topk_prob); False: each chosen expert is weighted by its softmax over all experts.
+    moe_norm_topk: bool = True
+    moe_shared_ffn_dim: int | None = None  # width of the shared experts' MLP; None: n_shared_experts * moe_ffn_dim
+    moe_shared_gate: bool = False  # a per-token sigmoid gate on the shared experts' output (Qwen2-MoE)
+    moe_dense_layers: list[int] = field(default_factory=list)  # layers with a dense ffn_dim MLP instead
     init_std: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -116,7 +122,27 @@ class ModelConfig:
                 f"must be in 1..n_routed_experts ({self.n_routed_experts}), got {self.n_activated_experts}",
             )
             _require(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+            self._validate_moe_extras()
         self._validate_rope_scaling()
+
+    def _validate_moe_extras(self) -> None:
+        shared = self.moe_shared_ffn_dim
+        _require(
+            shared is None or (isinstance(shared, int) and shared > 0 and self.n_shared_experts > 0),
+            "moe_shared_ffn_dim",
+            f"must be a positive integer with n_shared_experts > 0, or null; got {shared!r}",
+        )
+        _require(
+            not self.moe_shared_gate or self.n_shared_experts > 0,
+            "moe_shared_gate",
+            "needs shared experts (n_shared_experts > 0) to gate",
+        )
+        layers = self.moe_dense_layers
+        _require(
+            isinstance(layers, list) and all(isinstance(i, int) and 0 <= i < self.n_layers for i in layers),
+            "moe_dense_layers",
+            f"must be a list of layer indices in 0..{self.n_layers - 1}, got {layers!r}",
+        )
 
     def _validate_rope_scaling(self) -> None:
         s = self.rope_scaling
@@ -147,6 +173,17 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """Width of the rotated part of q/k."""
         return self.qk_rope_head_dim if self.attn_type == "mla" else self.head_dim
+
+    @property
+    def shared_ffn_dim(self) -> int:
+        """Width of the shared experts' MLP (0: none)."""
+        if self.n_shared_experts == 0:
+            return 0
+        return self.moe_shared_ffn_dim or self.n_shared_experts * self.moe_ffn_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` routes through experts (not a dense MLP)."""
+        return self.ffn_type == "moe" and layer_idx not in self.moe_dense_layers
 
     # -- serialisation ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

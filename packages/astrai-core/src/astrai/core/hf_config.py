@@ -3,7 +3,8 @@
 A model that transformers can run as Llama, Qwen2 or Qwen3 is written as that model's config
 so `transformers.AutoModelForCausalLM` loads our directories unchanged; our full config rides
 along under the "astrai" key so nothing is lost. Anything else (MLA, MoE, gated attention) is
-written as model_type "astrai" with our own field names.
+written as model_type "astrai" with our own field names. Mixtral and Qwen2-MoE are mapped the
+same way, their MoE block by hf_moe.py.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from typing import Any
 
 from .config import ConfigError, ModelConfig
 from .errors import AstraiError
+from .hf_moe import MOE_ARCHITECTURES, MOE_DEFAULTS, from_hf_moe_fields, moe_model_type, to_hf_moe_fields
 from .rope import rope_kind
 
 ASTRAI_MODEL_TYPE = "astrai"
 ASTRAI_ARCHITECTURE = "AstrAIForCausalLM"
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-SUPPORTED_ARCHITECTURES = sorted([ASTRAI_ARCHITECTURE, *HF_ARCHITECTURES.values()])
+SUPPORTED_ARCHITECTURES = sorted([ASTRAI_ARCHITECTURE, *HF_ARCHITECTURES.values(), *MOE_ARCHITECTURES.values()])
 
 # Bookkeeping keys that carry no architecture; ignored when reading an "astrai" config.
 _META_KEYS = {"model_type", "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
@@ -52,7 +54,9 @@ def hf_model_type(config: ModelConfig) -> str | None:
 def to_hf_dict(config: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
     """The config.json contents for `config`; dtype is the name of the stored weights' dtype."""
     model_type = hf_model_type(config)
-    if model_type is None:
+    if moe_model_type(config) is not None:
+        out = _to_moe_dict(config)
+    elif model_type is None:
         out = {"model_type": ASTRAI_MODEL_TYPE, "architectures": [ASTRAI_ARCHITECTURE], **config.to_dict()}
     else:
         out = {"model_type": model_type, "architectures": [HF_ARCHITECTURES[model_type]], **_hf_fields(config)}
@@ -103,36 +107,49 @@ def from_hf_dict(data: dict[str, Any]) -> ModelConfig:
     model_type = data.get("model_type")
     if model_type == ASTRAI_MODEL_TYPE:
         return _model_config({k: v for k, v in data.items() if k not in _META_KEYS})
+    if model_type in MOE_ARCHITECTURES:
+        return _from_moe_dict(model_type, data)
     if model_type not in HF_ARCHITECTURES:
         archs = data.get("architectures") or []
         raise HFConfigError(
             f"architecture {', '.join(archs) or '(none)'} (model_type {model_type!r}) is not supported; "
             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    archs = data.get("architectures") or [HF_ARCHITECTURES[model_type]]
-    if HF_ARCHITECTURES[model_type] not in archs:
+    _check_architectures(model_type, data, HF_ARCHITECTURES[model_type])
+    return _with_saved_copy(data, _from_hf_fields(model_type, data), _hf_fields)
+
+
+def _check_architectures(model_type: str, data: dict[str, Any], architecture: str) -> None:
+    archs = data.get("architectures") or [architecture]
+    if architecture not in archs:
         raise HFConfigError(
             f"architectures {archs} is not a causal LM for model_type {model_type!r}; "
             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    mapped = _from_hf_fields(model_type, data)
+
+
+def _with_saved_copy(data: dict[str, Any], mapped: dict[str, Any], hf_fields) -> ModelConfig:
+    """The config under our "astrai" key when the Hugging Face fields still say what it says
+    (hf_fields(config) writes them), else the mapped fields over it, else the mapped fields."""
     ours = data.get("astrai")
     if isinstance(ours, dict):
         saved = _model_config(ours)
         # Our own copy is exact; use it unless a tool edited the Hugging Face fields since.
         if all(
-            data.get(k) == v for k, v in _hf_fields(saved).items() if k not in ("rope_parameters", "use_cache")
+            data.get(k) == v for k, v in hf_fields(saved).items() if k not in ("rope_parameters", "use_cache")
         ) and _same_rope(data, saved):
             return saved
         return _model_config({**ours, **mapped})
     return _model_config(mapped)
 
 
-def _from_hf_fields(model_type: str, data: dict[str, Any]) -> dict[str, Any]:
-    d = {**_HF_DEFAULTS[model_type], **{k: v for k, v in data.items() if v is not None or k.endswith("_token_id")}}
+def _from_hf_fields(model_type: str, data: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    defaults = _HF_DEFAULTS[model_type] if defaults is None else defaults
+    d = {**defaults, **{k: v for k, v in data.items() if v is not None or k.endswith("_token_id")}}
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in d:
-            raise HFConfigError(f"field {key!r} is missing; a {HF_ARCHITECTURES[model_type]} config needs it")
+            architecture = HF_ARCHITECTURES.get(model_type) or MOE_ARCHITECTURES[model_type]
+            raise HFConfigError(f"field {key!r} is missing; a {architecture} config needs it")
     _reject(d.get("hidden_act", "silu") != "silu", "hidden_act", f"{d.get('hidden_act')!r} (only 'silu' is supported)")
     _reject(bool(d.get("mlp_bias")), "mlp_bias", "true (MLP biases are not supported)")
     if model_type in ("llama", "qwen3"):
@@ -211,3 +228,26 @@ def _model_config(fields: dict[str, Any]) -> ModelConfig:
         raise HFConfigError(str(e)) from None
     except TypeError as e:  # a field of the wrong kind, e.g. a list where a number belongs
         raise HFConfigError(f"bad ModelConfig field: {e}") from None
+
+
+# -- MoE families (Mixtral, Qwen2-MoE): attention, norms and RoPE as above, the MoE block in hf_moe.py
+def _to_moe_dict(config: ModelConfig) -> dict[str, Any]:
+    model_type = moe_model_type(config)
+    out = {"model_type": model_type, "architectures": [MOE_ARCHITECTURES[model_type]]}
+    return {**out, **_moe_fields(model_type, config), "astrai": config.to_dict()}
+
+
+def _moe_fields(model_type: str, config: ModelConfig) -> dict[str, Any]:
+    return {**_hf_fields(config), **to_hf_moe_fields(model_type, config)}
+
+
+def _from_moe_dict(model_type: str, data: dict[str, Any]) -> ModelConfig:
+    _check_architectures(model_type, data, MOE_ARCHITECTURES[model_type])
+    defaults = MOE_DEFAULTS[model_type]
+    mapped = _from_hf_fields(model_type, data, defaults)
+    d = {**defaults, **{k: v for k, v in data.items() if v is not None}}
+    try:
+        mapped.update(from_hf_moe_fields(model_type, data, d))
+    except ConfigError as e:
+        raise HFConfigError(str(e)) from None
+    return _with_saved_copy(data, mapped, lambda config: _moe_fields(model_type, config))

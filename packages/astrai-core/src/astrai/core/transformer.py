@@ -33,7 +33,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = _attention_class(config)(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MoE(config) if config.ffn_type == "moe" else MLP(config.dim, config.ffn_dim)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.dim, config.ffn_dim)
 
     def forward(
         self,
@@ -55,7 +55,7 @@ class Block(nn.Module):
         else:
             x, h = self.input_layernorm.add_forward(x, pending)
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, mask, cache))
-        return x, (self.mlp(h, valid) if valid is not None else self.mlp(h))
+        return x, (self.mlp(h, valid) if valid is not None and isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class TransformerModel(nn.Module):
