@@ -48,6 +48,10 @@ class ModelConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     ffn_type: str = "mlp"
+    # The transformers model_type save_pretrained writes when that family runs this architecture
+    # exactly ("mistral", ...; set when such a directory is loaded). None: Llama, Qwen2
+    # or Qwen3, as the architecture decides (hf_config.hf_model_type).
+    hf_family: str | None = None
     # Mixture of experts; used when ffn_type == "moe".
     n_routed_experts: int = 8
     n_shared_experts: int = 1
@@ -96,6 +100,11 @@ class ModelConfig:
             self.attn_type in ATTENTION_TYPES, "attn_type", f"must be one of {ATTENTION_TYPES}, got {self.attn_type!r}"
         )
         _require(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}, got {self.ffn_type!r}")
+        _require(
+            self.hf_family is None or isinstance(self.hf_family, str),
+            "hf_family",
+            f"must be a transformers model_type such as 'mistral', or null; got {self.hf_family!r}",
+        )
         if self.attn_type == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 _require(getattr(self, name) > 0, name, "must be > 0 for attn_type='mla'")

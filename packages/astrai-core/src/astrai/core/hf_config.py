@@ -1,9 +1,10 @@
 """config.json in the Hugging Face layout, mapped to and from ModelConfig.
 
-A model that transformers can run as Llama, Qwen2 or Qwen3 is written as that model's config
-so `transformers.AutoModelForCausalLM` loads our directories unchanged; our full config rides
-along under the "astrai" key so nothing is lost. Anything else (MLA, MoE, gated attention) is
-written as model_type "astrai" with our own field names.
+A model that transformers can run as Llama, Qwen2, Qwen3 or Mistral is written as that model's
+config so `transformers.AutoModelForCausalLM` loads our directories unchanged; our full config
+rides along under the "astrai" key so nothing is lost. Anything else (MLA, MoE, gated attention)
+is written as model_type "astrai" with our own field names. What Mistral adds to Llama lives in
+hf_families.py.
 """
 
 from __future__ import annotations
@@ -12,11 +13,24 @@ from typing import Any
 
 from .config import ConfigError, ModelConfig
 from .errors import AstraiError
+from .hf_families import (
+    FAMILY_ARCHITECTURES,
+    FAMILY_DEFAULTS,
+    FamilyError,
+    family_fields,
+    family_for,
+    family_hf_fields,
+)
 from .rope import rope_kind
 
 ASTRAI_MODEL_TYPE = "astrai"
 ASTRAI_ARCHITECTURE = "AstrAIForCausalLM"
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    **FAMILY_ARCHITECTURES,
+}
 SUPPORTED_ARCHITECTURES = sorted([ASTRAI_ARCHITECTURE, *HF_ARCHITECTURES.values()])
 
 # Bookkeeping keys that carry no architecture; ignored when reading an "astrai" config.
@@ -27,7 +41,10 @@ _HF_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, "rms_norm_eps": 1e-6},
     "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
     "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+    **FAMILY_DEFAULTS,
 }
+# Fields whose null means something else than absent (absent: the default; null: none / derived).
+_NULLABLE = {"sliding_window", "num_key_value_heads"}
 
 
 class HFConfigError(AstraiError):
@@ -40,6 +57,9 @@ def hf_model_type(config: ModelConfig) -> str | None:
         return None
     if rope_kind(config) == "ntk":  # static NTK: transformers has no such rope_type
         return None
+    family = family_for(config)  # Mistral
+    if family is not None:
+        return family
     if config.qk_norm and not config.attn_bias:
         return "qwen3"
     if config.attn_bias and not config.qk_norm:
@@ -55,12 +75,13 @@ def to_hf_dict(config: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
     if model_type is None:
         out = {"model_type": ASTRAI_MODEL_TYPE, "architectures": [ASTRAI_ARCHITECTURE], **config.to_dict()}
     else:
-        out = {"model_type": model_type, "architectures": [HF_ARCHITECTURES[model_type]], **_hf_fields(config)}
+        out = {"model_type": model_type, "architectures": [HF_ARCHITECTURES[model_type]]}
+        out.update(_hf_fields(config, model_type))
         if model_type in ("llama", "qwen3"):
             out["attention_bias"] = False
         if model_type == "llama":
             out["mlp_bias"] = False
-        else:
+        elif model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
         out["astrai"] = config.to_dict()
     if dtype is not None:
@@ -68,8 +89,8 @@ def to_hf_dict(config: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _hf_fields(config: ModelConfig) -> dict[str, Any]:
-    return {
+def _hf_fields(config: ModelConfig, model_type: str) -> dict[str, Any]:
+    fields = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.dim,
         "intermediate_size": config.ffn_dim,
@@ -88,6 +109,7 @@ def _hf_fields(config: ModelConfig) -> dict[str, Any]:
         "pad_token_id": config.pad_token_id,
         "use_cache": True,
     }
+    return family_hf_fields(model_type, config, fields)
 
 
 def _rope_parameters(config: ModelConfig) -> dict[str, Any]:
@@ -121,7 +143,9 @@ def from_hf_dict(data: dict[str, Any]) -> ModelConfig:
         saved = _model_config(ours)
         # Our own copy is exact; use it unless a tool edited the Hugging Face fields since.
         if all(
-            data.get(k) == v for k, v in _hf_fields(saved).items() if k not in ("rope_parameters", "use_cache")
+            data.get(k) == v
+            for k, v in _hf_fields(saved, model_type).items()
+            if k not in ("rope_parameters", "use_cache")
         ) and _same_rope(data, saved):
             return saved
         return _model_config({**ours, **mapped})
@@ -129,11 +153,15 @@ def from_hf_dict(data: dict[str, Any]) -> ModelConfig:
 
 
 def _from_hf_fields(model_type: str, data: dict[str, Any]) -> dict[str, Any]:
-    d = {**_HF_DEFAULTS[model_type], **{k: v for k, v in data.items() if v is not None or k.endswith("_token_id")}}
+    given = {k: v for k, v in data.items() if v is not None or k.endswith("_token_id") or k in _NULLABLE}
+    d = {**_HF_DEFAULTS[model_type], **given}
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in d:
             raise HFConfigError(f"field {key!r} is missing; a {HF_ARCHITECTURES[model_type]} config needs it")
-    _reject(d.get("hidden_act", "silu") != "silu", "hidden_act", f"{d.get('hidden_act')!r} (only 'silu' is supported)")
+    if model_type not in FAMILY_ARCHITECTURES:
+        _reject(
+            d.get("hidden_act", "silu") != "silu", "hidden_act", f"{d.get('hidden_act')!r} (only 'silu' is supported)"
+        )
     _reject(bool(d.get("mlp_bias")), "mlp_bias", "true (MLP biases are not supported)")
     if model_type in ("llama", "qwen3"):
         _reject(
@@ -141,7 +169,11 @@ def _from_hf_fields(model_type: str, data: dict[str, Any]) -> dict[str, Any]:
             "attention_bias",
             "true (a bias on o_proj is not supported; only Qwen2-style q/k/v biases are)",
         )
-    if model_type != "llama":
+    try:
+        family = family_fields(model_type, d)
+    except FamilyError as e:
+        raise HFConfigError(str(e)) from None
+    if model_type in ("qwen2", "qwen3"):
         layer_types = d.get("layer_types") or []
         _reject(
             bool(d.get("use_sliding_window")) and "sliding_attention" in layer_types,
@@ -169,6 +201,7 @@ def _from_hf_fields(model_type: str, data: dict[str, Any]) -> dict[str, Any]:
         "bos_token_id": d.get("bos_token_id"),
         "eos_token_id": d.get("eos_token_id"),
         "pad_token_id": d.get("pad_token_id"),
+        **family,
     }
 
 
