@@ -1,6 +1,6 @@
-"""Mistral directories, checked against transformers itself (float32).
+"""Mistral and Phi-3 directories, checked against transformers itself (float32).
 
-For each family (Mistral here) a random small model built with transformers' own class is saved; our
+For each family a random small model built with transformers' own class is saved; our
 AutoModel loads it with logits within 1e-4, our paged engine decodes it greedily to the tokens
 of transformers' generate, and our save_pretrained writes it back as a directory transformers
 loads as the same class with the same logits. What our config cannot express fails at load,
@@ -43,13 +43,16 @@ FAMILIES = {
     "mistral": lambda **kw: transformers.MistralConfig(
         **{**TINY, "head_dim": 24, "sliding_window": None, "rope_parameters": _rope(1e6), **kw}
     ),
+    "phi3": lambda **kw: transformers.Phi3Config(**{**TINY, "rope_parameters": _rope(10000.0), **kw}),
 }
 CLASSES = {
     "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 # What each family's config becomes in ours, beyond Llama's fields.
 MAPPED = {
     "mistral": {"head_dim": 24},
+    "phi3": {"head_dim": 16},  # Phi-3's is hidden_size // num_attention_heads
 }
 
 
@@ -133,6 +136,8 @@ def test_our_export_reloads_in_transformers_as_the_same_class_with_equal_logits(
 
 def test_the_family_is_kept_only_while_its_class_runs_the_architecture(tiny_config):
     assert to_hf_dict(tiny_config(hf_family="mistral"))["model_type"] == "mistral"
+    assert to_hf_dict(tiny_config(hf_family="phi3"))["model_type"] == "phi3"
+    assert to_hf_dict(tiny_config(hf_family="phi3", head_dim=16))["model_type"] == "llama"  # Phi-3: dim / heads
     assert to_hf_dict(tiny_config("qk_norm", hf_family="mistral"))["model_type"] == "qwen3"
 
 
@@ -145,3 +150,14 @@ def test_mistral_with_a_window_shorter_than_its_context_is_refused_naming_slidin
 def test_mistral_with_a_window_as_long_as_its_context_loads(tmp_path):
     theirs = hf_model("mistral", tmp_path, sliding_window=128)
     assert_same_logits(AutoModel.from_pretrained(tmp_path, dtype=torch.float32), theirs)
+
+
+def test_phi3_with_sliding_window_or_partial_rotary_is_refused_naming_the_field(tmp_path):
+    FAMILIES["phi3"](sliding_window=64).save_pretrained(tmp_path / "window")
+    with pytest.raises(CheckpointError, match="'sliding_window'"):
+        AutoModel.from_pretrained(tmp_path / "window")
+    config = FAMILIES["phi3"]()
+    config.rope_parameters["partial_rotary_factor"] = 0.5
+    config.save_pretrained(tmp_path / "partial")
+    with pytest.raises(CheckpointError, match="partial_rotary_factor"):
+        AutoModel.from_pretrained(tmp_path / "partial")

@@ -1,6 +1,7 @@
 """Save and load model directories in the Hugging Face layout (or upstream AstrAI's).
 
-    config.json                     our config, or a Llama/Qwen2/Qwen3 one (see hf_config.py),
+    config.json                     our config, or a Llama/Qwen2/Qwen3/Mistral/Phi-3 one
+                                    (see hf_config.py; their weight layouts: hf_families.py),
                                     or upstream AstrAI's (see upstream_config.py)
     generation_config.json          bos/eos ids for generation tools
     model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
@@ -28,7 +29,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import AstraiError
-from .hf_config import HFConfigError, from_hf_dict, to_hf_dict
+from .hf_config import HFConfigError, from_hf_dict, hf_model_type, to_hf_dict
+from .hf_families import from_hf_state, hf_shapes, to_hf_state
 from .integrity import (
     MANIFEST_FILE,
     Entries,
@@ -108,6 +110,7 @@ def save_pretrained(
         max_shard_bytes = float("inf")  # upstream reads a single model.safetensors
     else:
         config_json = to_hf_dict(config, str(dtype).removeprefix("torch."))
+        tensors = to_hf_state(tensors, hf_model_type(config) or "astrai")  # Phi-3's fused matrices
     remove_file(path / MANIFEST_FILE)  # until the new one is written, nothing here is listed
     written = [_write_json(path / CONFIG_FILE, config_json)]
     written += _write_generation_config(path, config, tokenizer)
@@ -208,12 +211,13 @@ def _write_json(path: Path, data: dict) -> str:
 
 # -- loading --------------------------------------------------------------------------------
 def load_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a model directory (ours, a Llama / Qwen2 / Qwen3 one, or upstream AstrAI's)."""
+    """The ModelConfig of a model directory (ours, a Hugging Face one of a family in
+    hf_config.HF_ARCHITECTURES, or upstream AstrAI's)."""
     return _load_config(_model_dir(path))[0]
 
 
-def _load_config(path: Path) -> tuple[ModelConfig, bool]:
-    """(config, whether the directory is in upstream AstrAI's layout)."""
+def _load_config(path: Path) -> tuple[ModelConfig, str]:
+    """(config, the weights' layout: UPSTREAM_FORMAT or config.json's model_type)."""
     file = path / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: not found; a model directory needs config.json next to its weights")
@@ -229,7 +233,7 @@ def _load_config(path: Path) -> tuple[ModelConfig, bool]:
     except (HFConfigError, UpstreamConfigError) as e:
         raise CheckpointError(f"{file}: {e}") from None
     _verify(path, CONFIG_FILE, _read_manifest(path))
-    return config, upstream
+    return config, UPSTREAM_FORMAT if upstream else str(data.get("model_type"))
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> CausalLM:
@@ -238,7 +242,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     The model comes back in eval mode, like a freshly loaded Hugging Face model.
     """
     path = _model_dir(path)
-    config, upstream = _load_config(path)
+    config, layout = _load_config(path)
     manifest = _read_manifest(path)
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype)
@@ -247,11 +251,12 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop(_TIED_KEY)
-    if upstream:
+    if layout == UPSTREAM_FORMAT:
         expected = {to_upstream_name(name): shape for name, shape in expected.items()}
         state = from_upstream_state(_read_weights(path, expected, device, dtype, manifest), config)
     else:
-        state = _read_weights(path, expected, device, dtype, manifest)
+        on_disk = _read_weights(path, hf_shapes(expected, layout), device, dtype, manifest)
+        state = from_hf_state(on_disk, expected, layout)  # Phi-3's fused matrices
     model.load_state_dict(state, strict=False, assign=True)  # keys were checked above, tied head aside
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter

@@ -1,25 +1,29 @@
-"""Hugging Face families that are a Llama underneath: Mistral.
+"""Hugging Face families that are a Llama underneath: Mistral and Phi-3.
 
-Why this exists: each such family differs from Llama in a few places, and each place maps
-either onto a ModelConfig field or onto the weights' layout:
+Why this exists: each of these differs from Llama in a few places, and each place maps either
+onto a ModelConfig field or onto the weights' layout:
 
   - Mistral is Llama with a `sliding_window`. We run full causal attention (the paged engine
     has no windowed attention), which is the same function only while no sequence is longer
     than the window: a window shorter than max_position_embeddings is refused, naming it.
+  - Phi-3 stores q/k/v as one `qkv_proj` matrix and gate/up as one `gate_up_proj` matrix
+    (gate first); they are split on load and concatenated again on save.
 
-hf_config.py calls this module (what to read, what to refuse, what to write), so it needs no
-knowledge of the family it handles. A loaded model remembers its family in
-`ModelConfig.hf_family`, which save_pretrained writes back.
+hf_config.py calls the config half (what to read, what to refuse, what to write) and
+checkpoint.py the weights half, so neither needs to know which family it handles. A loaded
+model remembers its family in `ModelConfig.hf_family`, which save_pretrained writes back.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .config import ModelConfig
 from .errors import AstraiError
 
-FAMILY_ARCHITECTURES = {"mistral": "MistralForCausalLM"}
+FAMILY_ARCHITECTURES = {"mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 # What transformers assumes when a field is absent from config.json (its config class defaults).
 FAMILY_DEFAULTS = {
@@ -31,11 +35,26 @@ FAMILY_DEFAULTS = {
         "sliding_window": 4096,
         "num_key_value_heads": 8,
     },
+    "phi3": {
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 32000,
+        "pad_token_id": 32000,
+    },
+}
+
+# Phi-3's fused matrices: the fused name, then our parts in the order they are stacked (dim 0).
+_FUSED = {
+    "phi3": {
+        "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    }
 }
 
 
 class FamilyError(AstraiError):
-    """config.json of a Mistral model asks for something we cannot run exactly."""
+    """config.json of a Mistral / Phi-3 model asks for something we cannot run exactly."""
 
 
 def _reject(bad: bool, field: str, detail: str) -> None:
@@ -47,7 +66,7 @@ def _reject(bad: bool, field: str, detail: str) -> None:
 def family_fields(model_type: str, d: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields the family sets beyond Llama's, from config.json contents `d` (the
     family's defaults already filled in); refuses what we would compute differently."""
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         _check_sliding_window(d)
         _check_act(d, ("silu",))
         return {"hf_family": model_type}
@@ -79,6 +98,13 @@ def family_for(config: ModelConfig) -> str | None:
     wanted = config.hf_family
     if wanted == "mistral" and llama_like:
         return "mistral"
+    if (
+        wanted == "phi3"
+        and llama_like
+        and config.rope_scaling is None
+        and config.dim == config.n_heads * config.head_dim
+    ):
+        return "phi3"  # Phi-3 derives head_dim from hidden_size and knows no rope scaling but longrope
     return None
 
 
@@ -87,4 +113,71 @@ def family_hf_fields(model_type: str, config: ModelConfig, fields: dict[str, Any
     out = dict(fields)
     if model_type == "mistral":
         out["sliding_window"] = None
+    elif model_type == "phi3":
+        out.pop("head_dim")  # Phi3Config has none: hidden_size // num_attention_heads
+        out["sliding_window"] = None
+        out["original_max_position_embeddings"] = config.max_len
     return out
+
+
+# -- weights ------------------------------------------------------------------------------------
+def hf_shapes(shapes: dict[str, tuple], model_type: str) -> dict[str, tuple]:
+    """{name: shape} of the tensors on disk for a model whose own tensors are `shapes`."""
+    fused = _FUSED.get(model_type)
+    if not fused:
+        return dict(shapes)
+    out: dict[str, tuple] = {}
+    for name, shape in shapes.items():
+        hit = _fused_group(name, fused)
+        if hit is None:
+            out[name] = shape
+        elif hit[1] == 0:  # the first part stands for the whole fused matrix
+            parts = [shapes[hit[0] + part] for part in fused[hit[2]]]
+            out[hit[0] + hit[2]] = (sum(p[0] for p in parts), *parts[0][1:])
+    return out
+
+
+def from_hf_state(state: dict[str, torch.Tensor], shapes: dict[str, tuple], model_type: str) -> dict[str, torch.Tensor]:
+    """Our state dict from one read in the family's layout; `shapes` are our tensors' shapes."""
+    out: dict[str, torch.Tensor] = {}
+    fused = _FUSED.get(model_type, {})
+    for name, tensor in state.items():
+        prefix, group = _split_name(name, fused)
+        if group is None:
+            out[name] = tensor
+            continue
+        parts = [prefix + part for part in fused[group]]
+        pieces = tensor.split([shapes[p][0] for p in parts], dim=0)
+        out.update({p: piece.clone() for p, piece in zip(parts, pieces)})  # no storage shared between weights
+    return out
+
+
+def to_hf_state(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """The family's layout of our state dict (names in our order, fused matrices where the first part was)."""
+    fused = _FUSED.get(model_type, {})
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        hit = _fused_group(name, fused)
+        if hit is None:
+            out[name] = tensor
+        elif hit[1] == 0:
+            prefix, _, group = hit
+            out[prefix + group] = torch.cat([state[prefix + part] for part in fused[group]], dim=0)
+    return out
+
+
+def _fused_group(name: str, fused: dict[str, tuple[str, ...]]) -> tuple[str, int, str] | None:
+    """(layer prefix, index of the part, fused name) when our tensor `name` is part of a fused one."""
+    for group, parts in fused.items():
+        for i, part in enumerate(parts):
+            if name.endswith("." + part):
+                return name[: -len(part)], i, group
+    return None
+
+
+def _split_name(name: str, fused: dict[str, tuple[str, ...]]) -> tuple[str, str | None]:
+    """(layer prefix, fused name) when `name` is a fused tensor on disk, else (name, None)."""
+    for group in fused:
+        if name.endswith("." + group):
+            return name[: -len(group)], group
+    return name, None
