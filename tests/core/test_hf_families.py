@@ -1,4 +1,4 @@
-"""Mistral and Phi-3 directories, checked against transformers itself (float32).
+"""Mistral, Phi-3 and Gemma directories, checked against transformers itself (float32).
 
 For each family a random small model built with transformers' own class is saved; our
 AutoModel loads it with logits within 1e-4, our paged engine decodes it greedily to the tokens
@@ -8,6 +8,8 @@ naming the field.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -44,15 +46,18 @@ FAMILIES = {
         **{**TINY, "head_dim": 24, "sliding_window": None, "rope_parameters": _rope(1e6), **kw}
     ),
     "phi3": lambda **kw: transformers.Phi3Config(**{**TINY, "rope_parameters": _rope(10000.0), **kw}),
+    "gemma": lambda **kw: transformers.GemmaConfig(**{**TINY, "head_dim": 24, "rope_parameters": _rope(10000.0), **kw}),
 }
 CLASSES = {
     "mistral": "MistralForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
 }
 # What each family's config becomes in ours, beyond Llama's fields.
 MAPPED = {
     "mistral": {"head_dim": 24},
     "phi3": {"head_dim": 16},  # Phi-3's is hidden_size // num_attention_heads
+    "gemma": {"head_dim": 24, "mlp_act": "gelu_tanh", "scale_embeddings": True},
 }
 
 
@@ -134,11 +139,24 @@ def test_our_export_reloads_in_transformers_as_the_same_class_with_equal_logits(
         assert ours_on_disk == set(f.keys())  # Phi-3's fused qkv_proj / gate_up_proj, by their names
 
 
+def test_a_gemma_shaped_model_of_ours_exports_as_gemma(tmp_path, make_model):
+    ours = make_model(
+        vocab_size=VOCAB, dim=64, ffn_dim=96, head_dim=24, max_len=128, mlp_act="gelu_tanh", scale_embeddings=True
+    )
+    save_pretrained(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "GemmaForCausalLM"
+    assert_same_logits(ours, theirs)
+    assert AutoModel.from_pretrained(tmp_path).config == ours.config
+
+
 def test_the_family_is_kept_only_while_its_class_runs_the_architecture(tiny_config):
     assert to_hf_dict(tiny_config(hf_family="mistral"))["model_type"] == "mistral"
     assert to_hf_dict(tiny_config(hf_family="phi3"))["model_type"] == "phi3"
     assert to_hf_dict(tiny_config(hf_family="phi3", head_dim=16))["model_type"] == "llama"  # Phi-3: dim / heads
     assert to_hf_dict(tiny_config("qk_norm", hf_family="mistral"))["model_type"] == "qwen3"
+    assert to_hf_dict(tiny_config(mlp_act="gelu_tanh"))["model_type"] == "astrai"  # no embedding scale: no Gemma
 
 
 def test_mistral_with_a_window_shorter_than_its_context_is_refused_naming_sliding_window(tmp_path):
@@ -161,3 +179,12 @@ def test_phi3_with_sliding_window_or_partial_rotary_is_refused_naming_the_field(
     config.save_pretrained(tmp_path / "partial")
     with pytest.raises(CheckpointError, match="partial_rotary_factor"):
         AutoModel.from_pretrained(tmp_path / "partial")
+
+
+def test_gemma_with_attention_biases_or_another_activation_is_refused_naming_the_field(tmp_path):
+    FAMILIES["gemma"](attention_bias=True).save_pretrained(tmp_path / "bias")
+    with pytest.raises(CheckpointError, match="'attention_bias'"):
+        AutoModel.from_pretrained(tmp_path / "bias")
+    FAMILIES["gemma"](hidden_act="relu").save_pretrained(tmp_path / "act")
+    with pytest.raises(CheckpointError, match="'hidden_act' is 'relu'"):
+        AutoModel.from_pretrained(tmp_path / "act")

@@ -1,6 +1,6 @@
 """Save and load model directories in the Hugging Face layout (or upstream AstrAI's).
 
-    config.json                     our config, or a Llama/Qwen2/Qwen3/Mistral/Phi-3 one
+    config.json                     our config, or a Llama/Qwen2/Qwen3/Mistral/Phi-3/Gemma one
                                     (see hf_config.py; their weight layouts: hf_families.py),
                                     or upstream AstrAI's (see upstream_config.py)
     generation_config.json          bos/eos ids for generation tools
@@ -110,7 +110,7 @@ def save_pretrained(
         max_shard_bytes = float("inf")  # upstream reads a single model.safetensors
     else:
         config_json = to_hf_dict(config, str(dtype).removeprefix("torch."))
-        tensors = to_hf_state(tensors, hf_model_type(config) or "astrai")  # Phi-3's fused matrices
+        tensors = to_hf_state(tensors, hf_model_type(config) or "astrai")  # Phi-3's fused, Gemma's norms
     remove_file(path / MANIFEST_FILE)  # until the new one is written, nothing here is listed
     written = [_write_json(path / CONFIG_FILE, config_json)]
     written += _write_generation_config(path, config, tokenizer)
@@ -256,7 +256,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
         state = from_upstream_state(_read_weights(path, expected, device, dtype, manifest), config)
     else:
         on_disk = _read_weights(path, hf_shapes(expected, layout), device, dtype, manifest)
-        state = from_hf_state(on_disk, expected, layout)  # Phi-3's fused matrices
+        state = from_hf_state(on_disk, expected, layout)  # Phi-3's fused matrices, Gemma's norms
     model.load_state_dict(state, strict=False, assign=True)  # keys were checked above, tied head aside
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter

@@ -1,10 +1,10 @@
 """config.json in the Hugging Face layout, mapped to and from ModelConfig.
 
-A model that transformers can run as Llama, Qwen2, Qwen3, Mistral or Phi-3 is written as that
-model's config so `transformers.AutoModelForCausalLM` loads our directories unchanged; our full
-config rides along under the "astrai" key so nothing is lost. Anything else (MLA, MoE, gated
-attention) is written as model_type "astrai" with our own field names. What Mistral and Phi-3
-add to Llama lives in hf_families.py.
+A model that transformers can run as Llama, Qwen2, Qwen3, Mistral, Phi-3 or Gemma is written as
+that model's config so `transformers.AutoModelForCausalLM` loads our directories unchanged; our
+full config rides along under the "astrai" key so nothing is lost. Anything else (MLA, MoE,
+gated attention) is written as model_type "astrai" with our own field names. What Mistral,
+Phi-3 and Gemma add to Llama lives in hf_families.py.
 """
 
 from __future__ import annotations
@@ -57,9 +57,11 @@ def hf_model_type(config: ModelConfig) -> str | None:
         return None
     if rope_kind(config) == "ntk":  # static NTK: transformers has no such rope_type
         return None
-    family = family_for(config)  # Mistral, Phi-3
+    family = family_for(config)  # Mistral, Phi-3, Gemma
     if family is not None:
         return family
+    if config.mlp_act != "silu" or config.scale_embeddings:
+        return None
     if config.qk_norm and not config.attn_bias:
         return "qwen3"
     if config.attn_bias and not config.qk_norm:

@@ -1,4 +1,4 @@
-"""Hugging Face families that are a Llama underneath: Mistral and Phi-3.
+"""Hugging Face families that are a Llama underneath: Mistral, Phi-3 and Gemma.
 
 Why this exists: each of these differs from Llama in a few places, and each place maps either
 onto a ModelConfig field or onto the weights' layout:
@@ -8,6 +8,11 @@ onto a ModelConfig field or onto the weights' layout:
     than the window: a window shorter than max_position_embeddings is refused, naming it.
   - Phi-3 stores q/k/v as one `qkv_proj` matrix and gate/up as one `gate_up_proj` matrix
     (gate first); they are split on load and concatenated again on save.
+  - Gemma scales the token embeddings by sqrt(hidden_size) (`scale_embeddings`), uses a
+    tanh-approximated GeLU gate (`mlp_act: gelu_tanh`), sets head_dim on its own, and its
+    RMSNorm multiplies by (1 + weight). Our RMSNorm multiplies by its weight, so 1 is added to
+    every norm weight on load and subtracted on save (exact in float32; in bf16 the sum is
+    rounded once, a difference below bf16's own precision).
 
 hf_config.py calls the config half (what to read, what to refuse, what to write) and
 checkpoint.py the weights half, so neither needs to know which family it handles. A loaded
@@ -23,7 +28,7 @@ import torch
 from .config import ModelConfig
 from .errors import AstraiError
 
-FAMILY_ARCHITECTURES = {"mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}
+FAMILY_ARCHITECTURES = {"mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM"}
 
 # What transformers assumes when a field is absent from config.json (its config class defaults).
 FAMILY_DEFAULTS = {
@@ -42,7 +47,21 @@ FAMILY_DEFAULTS = {
         "eos_token_id": 32000,
         "pad_token_id": 32000,
     },
+    "gemma": {
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "head_dim": 256,
+        "num_key_value_heads": 16,
+        "hidden_act": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+    },
 }
+
+# transformers' names for the tanh GeLU; GemmaConfig reads a plain "gelu" as the tanh one too.
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu")
 
 # Phi-3's fused matrices: the fused name, then our parts in the order they are stacked (dim 0).
 _FUSED = {
@@ -54,7 +73,7 @@ _FUSED = {
 
 
 class FamilyError(AstraiError):
-    """config.json of a Mistral / Phi-3 model asks for something we cannot run exactly."""
+    """config.json of a Mistral / Phi-3 / Gemma model asks for something we cannot run exactly."""
 
 
 def _reject(bad: bool, field: str, detail: str) -> None:
@@ -70,6 +89,15 @@ def family_fields(model_type: str, d: dict[str, Any]) -> dict[str, Any]:
         _check_sliding_window(d)
         _check_act(d, ("silu",))
         return {"hf_family": model_type}
+    if model_type == "gemma":
+        _check_act(d, _GELU_TANH)
+        _reject(bool(d.get("attention_bias")), "attention_bias", "true (biases on q/k/v/o are not supported)")
+        _reject(
+            bool(d.get("use_bidirectional_attention")),
+            "use_bidirectional_attention",
+            "true (only causal attention is supported)",
+        )
+        return {"hf_family": "gemma", "mlp_act": "gelu_tanh", "scale_embeddings": True}
     return {}
 
 
@@ -94,7 +122,7 @@ def family_for(config: ModelConfig) -> str | None:
     """The family (of this module) that save_pretrained writes `config` as, or None.
 
     The caller has checked that the architecture is plain GQA with a dense MLP."""
-    llama_like = not (config.attn_bias or config.qk_norm)
+    llama_like = not (config.attn_bias or config.qk_norm or config.scale_embeddings) and config.mlp_act == "silu"
     wanted = config.hf_family
     if wanted == "mistral" and llama_like:
         return "mistral"
@@ -105,6 +133,8 @@ def family_for(config: ModelConfig) -> str | None:
         and config.dim == config.n_heads * config.head_dim
     ):
         return "phi3"  # Phi-3 derives head_dim from hidden_size and knows no rope scaling but longrope
+    if config.scale_embeddings and config.mlp_act == "gelu_tanh" and not (config.attn_bias or config.qk_norm):
+        return "gemma"
     return None
 
 
@@ -117,6 +147,9 @@ def family_hf_fields(model_type: str, config: ModelConfig, fields: dict[str, Any
         out.pop("head_dim")  # Phi3Config has none: hidden_size // num_attention_heads
         out["sliding_window"] = None
         out["original_max_position_embeddings"] = config.max_len
+    elif model_type == "gemma":
+        out["hidden_act"] = "gelu_pytorch_tanh"
+        out["attention_bias"] = False
     return out
 
 
@@ -144,7 +177,7 @@ def from_hf_state(state: dict[str, torch.Tensor], shapes: dict[str, tuple], mode
     for name, tensor in state.items():
         prefix, group = _split_name(name, fused)
         if group is None:
-            out[name] = tensor
+            out[name] = _norm_from_hf(name, tensor, model_type)
             continue
         parts = [prefix + part for part in fused[group]]
         pieces = tensor.split([shapes[p][0] for p in parts], dim=0)
@@ -159,7 +192,7 @@ def to_hf_state(state: dict[str, torch.Tensor], model_type: str) -> dict[str, to
     for name, tensor in state.items():
         hit = _fused_group(name, fused)
         if hit is None:
-            out[name] = tensor
+            out[name] = _norm_to_hf(name, tensor, model_type)
         elif hit[1] == 0:
             prefix, _, group = hit
             out[prefix + group] = torch.cat([state[prefix + part] for part in fused[group]], dim=0)
@@ -181,3 +214,19 @@ def _split_name(name: str, fused: dict[str, tuple[str, ...]]) -> tuple[str, str 
         if name.endswith("." + group):
             return name[: -len(group)], group
     return name, None
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")
+
+
+def _norm_from_hf(name: str, tensor: torch.Tensor, model_type: str) -> torch.Tensor:
+    if model_type != "gemma" or not _is_norm(name):
+        return tensor
+    return (tensor.float() + 1.0).to(tensor.dtype)  # Gemma's RMSNorm multiplies by (1 + weight)
+
+
+def _norm_to_hf(name: str, tensor: torch.Tensor, model_type: str) -> torch.Tensor:
+    if model_type != "gemma" or not _is_norm(name):
+        return tensor
+    return (tensor.float() - 1.0).to(tensor.dtype)
