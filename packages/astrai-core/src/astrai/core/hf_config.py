@@ -20,6 +20,7 @@ from .hf_families import (
     family_fields,
     family_for,
     family_hf_fields,
+    refuse_unsupported,
 )
 from .rope import rope_kind
 
@@ -127,6 +128,10 @@ def from_hf_dict(data: dict[str, Any]) -> ModelConfig:
     model_type = data.get("model_type")
     if model_type == ASTRAI_MODEL_TYPE:
         return _model_config({k: v for k, v in data.items() if k not in _META_KEYS})
+    try:
+        refuse_unsupported(model_type, data)  # Gemma 2: names the field in the way
+    except FamilyError as e:
+        raise HFConfigError(str(e)) from None
     if model_type not in HF_ARCHITECTURES:
         archs = data.get("architectures") or []
         raise HFConfigError(

@@ -14,6 +14,11 @@ onto a ModelConfig field or onto the weights' layout:
     every norm weight on load and subtracted on save (exact in float32; in bf16 the sum is
     rounded once, a difference below bf16's own precision).
 
+Gemma 2 is recognised but refused: its alternating sliding-window layers need windowed attention
+in the paged engine, and its attention / final-logit soft-capping and extra norms are not built.
+The error names the first field in the way (`sliding_window`), so it fails at load instead of
+computing something else.
+
 hf_config.py calls the config half (what to read, what to refuse, what to write) and
 checkpoint.py the weights half, so neither needs to know which family it handles. A loaded
 model remembers its family in `ModelConfig.hf_family`, which save_pretrained writes back.
@@ -99,6 +104,23 @@ def family_fields(model_type: str, d: dict[str, Any]) -> dict[str, Any]:
         )
         return {"hf_family": "gemma", "mlp_act": "gelu_tanh", "scale_embeddings": True}
     return {}
+
+
+def refuse_unsupported(model_type: str, d: dict[str, Any]) -> None:
+    """Raise, naming the field, for a family we know but cannot run exactly (Gemma 2)."""
+    if model_type != "gemma2":
+        return
+    window, max_len = d.get("sliding_window", 4096), d.get("max_position_embeddings", 8192)
+    _reject(
+        window is not None and window < max_len,
+        "sliding_window",
+        f"{window}, shorter than max_position_embeddings ({max_len}): Gemma 2's alternating "
+        "sliding-window attention is not supported (the paged engine attends to the whole context)",
+    )
+    for field, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
+        cap = d.get(field, default)
+        _reject(cap is not None, field, f"{cap} (Gemma 2's logit soft-capping is not supported)")
+    _reject(True, "model_type", "'gemma2' (Gemma 2's pre/post feed-forward norms are not supported)")
 
 
 def _check_sliding_window(d: dict[str, Any]) -> None:
