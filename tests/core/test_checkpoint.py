@@ -451,11 +451,11 @@ def test_malformed_index(make_model, tmp_path):
 
 def test_unknown_architecture_names_the_supported_ones(saved):
     data = json.loads((saved / "config.json").read_text())
-    data.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    data.update(model_type="falcon", architectures=["FalconForCausalLM"])
     (saved / "config.json").write_text(json.dumps(data))
     message = error_of(saved)
-    assert "MistralForCausalLM" in message
-    for supported in ("AstrAIForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    assert "FalconForCausalLM" in message
+    for supported in ("AstrAIForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
         assert supported in message
 
 

@@ -41,8 +41,9 @@ class AutoModel:
 
     @staticmethod
     def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> CausalLM:
-        """Load our directory format, a Hugging Face Llama / Qwen2 / Qwen3 / Mixtral / Qwen2-MoE directory, or an upstream
-        AstrAI one (config.json with model_type "autoregressive_lm" or none; see upstream_config.py)."""
+        """Load our directory format, a Hugging Face Llama / Qwen2 / Qwen3 / Mistral / Phi-3 / Gemma /
+        Mixtral / Qwen2-MoE directory, or an upstream AstrAI one (config.json with model_type
+        "autoregressive_lm" or none; see upstream_config.py)."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device)

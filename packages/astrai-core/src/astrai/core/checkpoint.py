@@ -1,6 +1,8 @@
 """Save and load model directories in the Hugging Face layout (or upstream AstrAI's).
 
-    config.json                     our config, or a Llama/Qwen2/Qwen3/Mixtral/Qwen2-MoE one (see hf_config.py),
+    config.json                     our config, or a Llama/Qwen2/Qwen3/Mistral/Phi-3/Gemma/Mixtral/
+                                    Qwen2-MoE one (see hf_config.py; their weight layouts: hf_families.py,
+                                    hf_moe.py),
                                     or upstream AstrAI's (see upstream_config.py)
     generation_config.json          bos/eos ids for generation tools
     model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
@@ -28,7 +30,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import AstraiError
-from .hf_config import HFConfigError, from_hf_dict, to_hf_dict
+from .hf_config import HFConfigError, from_hf_dict, hf_model_type, to_hf_dict
+from .hf_families import from_hf_state, hf_shapes, to_hf_state
 from .hf_moe import MOE_ARCHITECTURES, to_hf_moe_name
 from .integrity import (
     MANIFEST_FILE,
@@ -110,6 +113,7 @@ def save_pretrained(
     else:
         config_json = to_hf_dict(config, str(dtype).removeprefix("torch."))
         tensors = _hf_moe_names(tensors, config_json["model_type"])
+        tensors = to_hf_state(tensors, hf_model_type(config) or "astrai")  # Phi-3's fused, Gemma's norms
     remove_file(path / MANIFEST_FILE)  # until the new one is written, nothing here is listed
     written = [_write_json(path / CONFIG_FILE, config_json)]
     written += _write_generation_config(path, config, tokenizer)
@@ -217,13 +221,13 @@ def _write_json(path: Path, data: dict) -> str:
 
 # -- loading --------------------------------------------------------------------------------
 def load_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a model directory (ours, a Llama / Qwen2 / Qwen3 / Mixtral / Qwen2-MoE one,
-    or upstream AstrAI's)."""
+    """The ModelConfig of a model directory (ours, a Hugging Face one of a family in
+    hf_config.HF_ARCHITECTURES, or upstream AstrAI's)."""
     return _load_config(_model_dir(path))[0]
 
 
 def _load_config(path: Path) -> tuple[ModelConfig, str]:
-    """(config, the tensor names on disk: UPSTREAM_FORMAT, an hf_moe family's model_type, or "astrai")."""
+    """(config, the weights' layout: UPSTREAM_FORMAT or config.json's model_type)."""
     file = path / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: not found; a model directory needs config.json next to its weights")
@@ -239,9 +243,7 @@ def _load_config(path: Path) -> tuple[ModelConfig, str]:
     except (HFConfigError, UpstreamConfigError) as e:
         raise CheckpointError(f"{file}: {e}") from None
     _verify(path, CONFIG_FILE, _read_manifest(path))
-    if upstream:
-        return config, UPSTREAM_FORMAT
-    return config, data["model_type"] if data.get("model_type") in MOE_ARCHITECTURES else "astrai"
+    return config, UPSTREAM_FORMAT if upstream else str(data.get("model_type"))
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> CausalLM:
@@ -267,7 +269,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
         on_disk = _read_weights(path, {name: expected[ours[name]] for name in ours}, device, dtype, manifest)
         state = {ours[name]: t for name, t in on_disk.items()}
     else:
-        state = _read_weights(path, expected, device, dtype, manifest)
+        on_disk = _read_weights(path, hf_shapes(expected, layout), device, dtype, manifest)
+        state = from_hf_state(on_disk, expected, layout)  # Phi-3's fused matrices, Gemma's norms
     model.load_state_dict(state, strict=False, assign=True)  # keys were checked above, tied head aside
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter

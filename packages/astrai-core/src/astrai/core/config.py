@@ -13,6 +13,7 @@ from .errors import AstraiError, require_for
 ROPE_SCALING_TYPES = ("linear", "dynamic", "ntk", "yarn", "llama3")
 ATTENTION_TYPES = ("gqa", "mla")
 FFN_TYPES = ("mlp", "moe")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 class ConfigError(AstraiError):
@@ -48,6 +49,12 @@ class ModelConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     ffn_type: str = "mlp"
+    mlp_act: str = "silu"  # gate activation of the gated MLP: SwiGLU ("silu") or GeGLU with tanh GeLU (Gemma)
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(dim) (Gemma)
+    # The transformers model_type save_pretrained writes when that family runs this architecture
+    # exactly ("mistral", "phi3", "gemma"; set when such a directory is loaded). None: Llama, Qwen2
+    # or Qwen3, as the architecture decides (hf_config.hf_model_type).
+    hf_family: str | None = None
     # Mixture of experts; used when ffn_type == "moe".
     n_routed_experts: int = 8
     n_shared_experts: int = 1
@@ -102,6 +109,17 @@ class ModelConfig:
             self.attn_type in ATTENTION_TYPES, "attn_type", f"must be one of {ATTENTION_TYPES}, got {self.attn_type!r}"
         )
         _require(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}, got {self.ffn_type!r}")
+        _require(self.mlp_act in MLP_ACTIVATIONS, "mlp_act", f"must be one of {MLP_ACTIVATIONS}, got {self.mlp_act!r}")
+        _require(
+            self.mlp_act == "silu" or self.ffn_type == "mlp",
+            "mlp_act",
+            f"{self.mlp_act!r} needs ffn_type 'mlp' (MoE experts are SwiGLU); use mlp_act 'silu'",
+        )
+        _require(
+            self.hf_family is None or isinstance(self.hf_family, str),
+            "hf_family",
+            f"must be a transformers model_type such as 'mistral', or null; got {self.hf_family!r}",
+        )
         if self.attn_type == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 _require(getattr(self, name) > 0, name, "must be > 0 for attn_type='mla'")

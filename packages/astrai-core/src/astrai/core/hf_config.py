@@ -1,10 +1,11 @@
 """config.json in the Hugging Face layout, mapped to and from ModelConfig.
 
-A model that transformers can run as Llama, Qwen2 or Qwen3 is written as that model's config
-so `transformers.AutoModelForCausalLM` loads our directories unchanged; our full config rides
-along under the "astrai" key so nothing is lost. Anything else (MLA, MoE, gated attention) is
-written as model_type "astrai" with our own field names. Mixtral and Qwen2-MoE are mapped the
-same way, their MoE block by hf_moe.py.
+A model that transformers can run as Llama, Qwen2, Qwen3, Mistral, Phi-3 or Gemma is written as
+that model's config so `transformers.AutoModelForCausalLM` loads our directories unchanged; our
+full config rides along under the "astrai" key so nothing is lost. Anything else (MLA, gated
+attention) is written as model_type "astrai" with our own field names. What Mistral, Phi-3 and
+Gemma add to Llama lives in hf_families.py; Mixtral and Qwen2-MoE are mapped the same way,
+their MoE block by hf_moe.py.
 """
 
 from __future__ import annotations
@@ -13,12 +14,26 @@ from typing import Any
 
 from .config import ConfigError, ModelConfig
 from .errors import AstraiError
+from .hf_families import (
+    FAMILY_ARCHITECTURES,
+    FAMILY_DEFAULTS,
+    FamilyError,
+    family_fields,
+    family_for,
+    family_hf_fields,
+    refuse_unsupported,
+)
 from .hf_moe import MOE_ARCHITECTURES, MOE_DEFAULTS, from_hf_moe_fields, moe_model_type, to_hf_moe_fields
 from .rope import rope_kind
 
 ASTRAI_MODEL_TYPE = "astrai"
 ASTRAI_ARCHITECTURE = "AstrAIForCausalLM"
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    **FAMILY_ARCHITECTURES,
+}
 SUPPORTED_ARCHITECTURES = sorted([ASTRAI_ARCHITECTURE, *HF_ARCHITECTURES.values(), *MOE_ARCHITECTURES.values()])
 
 # Bookkeeping keys that carry no architecture; ignored when reading an "astrai" config.
@@ -29,7 +44,10 @@ _HF_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, "rms_norm_eps": 1e-6},
     "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
     "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+    **FAMILY_DEFAULTS,
 }
+# Fields whose null means something else than absent (absent: the default; null: none / derived).
+_NULLABLE = {"sliding_window", "num_key_value_heads"}
 
 
 class HFConfigError(AstraiError):
@@ -41,6 +59,11 @@ def hf_model_type(config: ModelConfig) -> str | None:
     if config.attn_type != "gqa" or config.ffn_type != "mlp" or config.gated_attn or config.qk_norm_after_rope:
         return None
     if rope_kind(config) == "ntk":  # static NTK: transformers has no such rope_type
+        return None
+    family = family_for(config)  # Mistral, Phi-3, Gemma
+    if family is not None:
+        return family
+    if config.mlp_act != "silu" or config.scale_embeddings:
         return None
     if config.qk_norm and not config.attn_bias:
         return "qwen3"
@@ -59,12 +82,13 @@ def to_hf_dict(config: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
     elif model_type is None:
         out = {"model_type": ASTRAI_MODEL_TYPE, "architectures": [ASTRAI_ARCHITECTURE], **config.to_dict()}
     else:
-        out = {"model_type": model_type, "architectures": [HF_ARCHITECTURES[model_type]], **_hf_fields(config)}
+        out = {"model_type": model_type, "architectures": [HF_ARCHITECTURES[model_type]]}
+        out.update(_hf_fields(config, model_type))
         if model_type in ("llama", "qwen3"):
             out["attention_bias"] = False
         if model_type == "llama":
             out["mlp_bias"] = False
-        else:
+        elif model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
         out["astrai"] = config.to_dict()
     if dtype is not None:
@@ -72,8 +96,8 @@ def to_hf_dict(config: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _hf_fields(config: ModelConfig) -> dict[str, Any]:
-    return {
+def _hf_fields(config: ModelConfig, model_type: str) -> dict[str, Any]:
+    fields = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.dim,
         "intermediate_size": config.ffn_dim,
@@ -92,6 +116,7 @@ def _hf_fields(config: ModelConfig) -> dict[str, Any]:
         "pad_token_id": config.pad_token_id,
         "use_cache": True,
     }
+    return family_hf_fields(model_type, config, fields)
 
 
 def _rope_parameters(config: ModelConfig) -> dict[str, Any]:
@@ -109,6 +134,10 @@ def from_hf_dict(data: dict[str, Any]) -> ModelConfig:
         return _model_config({k: v for k, v in data.items() if k not in _META_KEYS})
     if model_type in MOE_ARCHITECTURES:
         return _from_moe_dict(model_type, data)
+    try:
+        refuse_unsupported(model_type, data)  # Gemma 2: names the field in the way
+    except FamilyError as e:
+        raise HFConfigError(str(e)) from None
     if model_type not in HF_ARCHITECTURES:
         archs = data.get("architectures") or []
         raise HFConfigError(
@@ -116,7 +145,7 @@ def from_hf_dict(data: dict[str, Any]) -> ModelConfig:
             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     _check_architectures(model_type, data, HF_ARCHITECTURES[model_type])
-    return _with_saved_copy(data, _from_hf_fields(model_type, data), _hf_fields)
+    return _with_saved_copy(data, _from_hf_fields(model_type, data), lambda config: _hf_fields(config, model_type))
 
 
 def _check_architectures(model_type: str, data: dict[str, Any], architecture: str) -> None:
@@ -145,12 +174,16 @@ def _with_saved_copy(data: dict[str, Any], mapped: dict[str, Any], hf_fields) ->
 
 def _from_hf_fields(model_type: str, data: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     defaults = _HF_DEFAULTS[model_type] if defaults is None else defaults
-    d = {**defaults, **{k: v for k, v in data.items() if v is not None or k.endswith("_token_id")}}
+    given = {k: v for k, v in data.items() if v is not None or k.endswith("_token_id") or k in _NULLABLE}
+    d = {**defaults, **given}
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in d:
             architecture = HF_ARCHITECTURES.get(model_type) or MOE_ARCHITECTURES[model_type]
             raise HFConfigError(f"field {key!r} is missing; a {architecture} config needs it")
-    _reject(d.get("hidden_act", "silu") != "silu", "hidden_act", f"{d.get('hidden_act')!r} (only 'silu' is supported)")
+    if model_type not in FAMILY_ARCHITECTURES:
+        _reject(
+            d.get("hidden_act", "silu") != "silu", "hidden_act", f"{d.get('hidden_act')!r} (only 'silu' is supported)"
+        )
     _reject(bool(d.get("mlp_bias")), "mlp_bias", "true (MLP biases are not supported)")
     if model_type in ("llama", "qwen3"):
         _reject(
@@ -158,7 +191,11 @@ def _from_hf_fields(model_type: str, data: dict[str, Any], defaults: dict[str, A
             "attention_bias",
             "true (a bias on o_proj is not supported; only Qwen2-style q/k/v biases are)",
         )
-    if model_type != "llama":
+    try:
+        family = family_fields(model_type, d)
+    except FamilyError as e:
+        raise HFConfigError(str(e)) from None
+    if model_type in ("qwen2", "qwen3", "qwen2_moe"):
         layer_types = d.get("layer_types") or []
         _reject(
             bool(d.get("use_sliding_window")) and "sliding_attention" in layer_types,
@@ -186,6 +223,7 @@ def _from_hf_fields(model_type: str, data: dict[str, Any], defaults: dict[str, A
         "bos_token_id": d.get("bos_token_id"),
         "eos_token_id": d.get("eos_token_id"),
         "pad_token_id": d.get("pad_token_id"),
+        **family,
     }
 
 
@@ -238,7 +276,7 @@ def _to_moe_dict(config: ModelConfig) -> dict[str, Any]:
 
 
 def _moe_fields(model_type: str, config: ModelConfig) -> dict[str, Any]:
-    return {**_hf_fields(config), **to_hf_moe_fields(model_type, config)}
+    return {**_hf_fields(config, model_type), **to_hf_moe_fields(model_type, config)}
 
 
 def _from_moe_dict(model_type: str, data: dict[str, Any]) -> ModelConfig:

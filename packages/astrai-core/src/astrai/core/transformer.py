@@ -33,7 +33,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = _attention_class(config)(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.dim, config.ffn_dim)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.dim, config.ffn_dim, config.mlp_act)
 
     def forward(
         self,
@@ -62,6 +62,7 @@ class TransformerModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.embed_scale = math.sqrt(config.dim) if config.scale_embeddings else None
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.rotary = RotaryEmbedding(config)
@@ -74,7 +75,7 @@ class TransformerModel(nn.Module):
         packed = position_ids is not None and cache is None and has_packed_samples(position_ids)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
-        x = self.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
         mask = None if cache is not None else build_attention_mask(position_ids, attention_mask, packed)
         valid = self._balance_tokens(attention_mask)
@@ -87,6 +88,14 @@ class TransformerModel(nn.Module):
             else:
                 x, pending = layer(x, cos, sin, mask, cache, pending, valid)
         return self.norm.add_forward(x, pending)[1]
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, times sqrt(dim) when scale_embeddings (Gemma). The factor is first
+        rounded to the embeddings' dtype, as Gemma's reference does (sqrt(3072) is 55.5 in bf16)."""
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale is None:
+            return x
+        return x * torch.tensor(self.embed_scale, dtype=x.dtype)  # a CPU scalar: no device copy
 
     def _balance_tokens(self, attention_mask) -> torch.Tensor | None:
         """The tokens an MoE balance loss counts, flattened: non-padding ones of a (batch, seq)

@@ -225,6 +225,8 @@ def check_upstream_expressible(config: ModelConfig) -> None:
             "rope_scaling.type",
             f"is {rope_kind(config)!r}; upstream applies only 'ntk' (or none)",
         ),
+        (config.mlp_act != "silu", "mlp_act", f"is {config.mlp_act!r}; upstream's MLP is SwiGLU"),
+        (config.scale_embeddings, "scale_embeddings", "is true; upstream does not scale its embeddings"),
     ]
     for is_bad, field, detail in bad:
         _reject(is_bad, f"ModelConfig.{field}", f"{detail}: not expressible in format {UPSTREAM_FORMAT!r}")
