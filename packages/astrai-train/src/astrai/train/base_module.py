@@ -29,7 +29,7 @@ from .lora import LoRAConfig, apply_lora
 from .losses import IGNORE_INDEX, TokenLoss, compiled_token_loss, token_loss
 from .metrics import HostCopy, Throughput, flops_per_token, mfu, peak_flops, precision_dtype
 from .optimizers import build_optimizer
-from .schedulers import build_scheduler
+from .schedulers import NEED_LENGTH, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,14 @@ class CausalLMModule(L.LightningModule):
         lr, weight_decay, betas, eps: optimizer settings (weight decay on matrices only).
         momentum, ns_steps: Muon momentum and Newton-Schulz steps.
         scheduler: "cosine" (warmup then cosine to min_lr_ratio * lr), "sgdr" (cosine with warm
-            restarts every cycle_steps, growing by cycle_mult) or "constant" (warmup then flat).
+            restarts every cycle_steps, growing by cycle_mult), "constant" (warmup then flat) or
+            "wsd" (warmup, flat, then over the last decay_fraction of the steps a decay of
+            decay_shape to min_lr_ratio * lr; schedulers.WarmupStableDecay).
         warmup_steps: linear warmup length in optimizer steps.
-        decay_steps: length of the cosine; defaults to trainer.max_steps (or the estimated
-            number of steps of an epoch-based run).
+        decay_steps: length of the cosine or the whole wsd schedule; defaults to
+            trainer.max_steps (or the estimated number of steps of an epoch-based run).
+        decay_fraction, decay_shape: wsd only: the share of the steps that decay (0.2: the last
+            20%), and its shape, "linear", "cosine" or "1-sqrt".
         lora: LoRA adapters (rank, alpha, dropout, targets); only the adapters train; export merges them.
         gradient_checkpointing: recompute each block's activations in backward (less memory).
         compile: torch.compile the model, and the token loss (so the float32 softmax is fused
@@ -152,12 +156,14 @@ class CausalLMModule(L.LightningModule):
         eps: float = 1e-8,
         momentum: float = 0.95,
         ns_steps: int = 5,
-        scheduler: Literal["cosine", "sgdr", "constant"] = "cosine",
+        scheduler: Literal["cosine", "sgdr", "constant", "wsd"] = "cosine",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         decay_steps: int | None = None,
         cycle_steps: int | None = None,
         cycle_mult: float = 1.0,
+        decay_fraction: float = 0.2,
+        decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt",
         lora: LoRAConfig | dict | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
@@ -233,6 +239,8 @@ class CausalLMModule(L.LightningModule):
             min_lr_ratio=h.min_lr_ratio,
             cycle_steps=h.cycle_steps,
             cycle_mult=h.cycle_mult,
+            decay_fraction=h.decay_fraction,
+            decay_shape=h.decay_shape,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -298,7 +306,7 @@ class CausalLMModule(L.LightningModule):
     def _schedule_length(self) -> int | None:
         if self.hparams.decay_steps:
             return self.hparams.decay_steps
-        if self.hparams.scheduler != "cosine":
+        if self.hparams.scheduler not in NEED_LENGTH:
             return None
         if self.trainer.max_steps > 0:
             # Preferred over estimated_stepping_batches, which builds the train dataloader before
