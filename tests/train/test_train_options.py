@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils.data import DataLoader
 from trainhelp import CycleBatches, make_trainer
 
 from astrai.core.errors import AstraiError
+from astrai.train.seq_module import SeqModule
 from astrai.train.sft_module import SFTModule
 
 
@@ -62,3 +64,41 @@ def test_neftune_leaves_validation_unchanged(tmp_path, model_config_json):
 def test_neftune_alpha_is_checked(model_config_json):
     with pytest.raises(AstraiError, match="model.neftune_alpha must be a number >= 0"):
         SFTModule(model=model_config_json, neftune_alpha=-1.0)
+
+
+# -- torch.compile mode ----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+def test_compile_mode_reaches_torch_compile(model_config_json, monkeypatch, mode):
+    module = SeqModule(model=model_config_json, compile=True, compile_mode=mode)
+    calls = []
+    monkeypatch.setattr(module.model, "compile", lambda **kwargs: calls.append(kwargs))
+    module.configure_model()
+    module.configure_model()  # Lightning may call it again: compiled once
+    assert calls == [{"mode": mode}]
+
+
+def test_compile_mode_is_checked(model_config_json):
+    with pytest.raises(AstraiError, match="model.compile_mode must be one of .*'max-autotune-no-cudagraphs'"):
+        SeqModule(model=model_config_json, compile=True, compile_mode="fast")
+    with pytest.raises(AstraiError, match="model.compile_mode is 'max-autotune' but model.compile is false"):
+        SeqModule(model=model_config_json, compile_mode="max-autotune")
+
+
+def test_compile_mode_is_a_cli_flag(model_config_json, capsys):
+    from astrai.train.cli import cli_main
+
+    args = [
+        "fit",
+        "--model=seq",
+        f"--model.model={model_config_json}",
+        "--model.compile=true",
+        "--data=pretrain",
+        "--data.tokenizer=unused",
+        "--data.train=unused.jsonl",
+    ]
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--model.compile_mode=max-autotune", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["compile_mode"] == "max-autotune"
+    with pytest.raises(SystemExit):  # jsonargparse refuses it, naming the flag and the allowed values
+        cli_main([*args, "--model.compile_mode=fast", "--print_config"])
+    assert "compile_mode" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import torch
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
-from astrai.core.errors import AstraiError
+from astrai.core.errors import AstraiError, require
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.core.transformer import CausalLM
 
@@ -34,6 +34,7 @@ from .schedulers import NEED_LENGTH, build_scheduler
 log = logging.getLogger(__name__)
 
 PARAM_DTYPES = ("float32", "bfloat16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class BatchError(AstraiError):
@@ -128,6 +129,12 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: recompute each block's activations in backward (less memory).
         compile: torch.compile the model, and the token loss (so the float32 softmax is fused
             into the cross-entropy kernels instead of materialising float32 logits).
+        compile_mode: torch.compile's mode for the model: "default", "reduce-overhead" (CUDA
+            graphs: less launch overhead for small batches, more memory), "max-autotune"
+            (autotuned Triton matmuls and CUDA graphs; long compile) or
+            "max-autotune-no-cudagraphs". The token loss stays in "default" mode (its shapes
+            change with every batch's number of labelled tokens in the chunked path, and
+            CUDA graphs would record each). Needs compile: true.
         param_dtype: dtype of the model's weights. "float32" (default): float32 weights, which
             precision "bf16-mixed" casts to bf16 for every matmul. "bfloat16" (opt-in, for speed
             and memory, use with precision "bf16-mixed"): the weights are bf16, so forward and
@@ -167,6 +174,7 @@ class CausalLMModule(L.LightningModule):
         lora: LoRAConfig | dict | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         param_dtype: Literal["float32", "bfloat16"] = "float32",
         export_dir: str | None = None,
         export_on_fit_end: bool = True,
@@ -176,6 +184,14 @@ class CausalLMModule(L.LightningModule):
         super().__init__()
         if param_dtype not in PARAM_DTYPES:
             raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got {param_dtype!r}")
+        require(
+            compile_mode in COMPILE_MODES, "model.compile_mode", f"must be one of {COMPILE_MODES}, got {compile_mode!r}"
+        )
+        require(
+            compile or compile_mode == "default",
+            "model.compile_mode",
+            f"is {compile_mode!r} but model.compile is false; set model.compile: true to compile the model",
+        )
         self.save_hyperparameters()
         if tokenizer is None and isinstance(model, str) and (Path(model) / "tokenizer.json").is_file():
             tokenizer = self.hparams.tokenizer = model
@@ -214,7 +230,7 @@ class CausalLMModule(L.LightningModule):
                     p.data = p.data.to(torch.bfloat16)
         # nn.Module.compile compiles in place, so parameter names (and checkpoints) are unchanged.
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.model.compile()
+            self.model.compile(mode=self.hparams.compile_mode)
             self._compiled = True
 
     def configure_optimizers(self):
