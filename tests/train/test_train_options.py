@@ -3,16 +3,30 @@ gradient SNR and MoE router load in the logged metrics. (WSD is in test_optimize
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from trainhelp import CycleBatches, make_trainer
 
+from astrai.core.auto import AutoModel
 from astrai.core.errors import AstraiError
+from astrai.train.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_adapter,
+    load_adapter_model,
+    read_adapter_config,
+)
+from astrai.train.adapter import main as adapter_main
+from astrai.train.lora import LoRAConfig, LoRALinear
 from astrai.train.seq_module import SeqModule
 from astrai.train.sft_module import SFTModule
 
@@ -102,3 +116,103 @@ def test_compile_mode_is_a_cli_flag(model_config_json, capsys):
     with pytest.raises(SystemExit):  # jsonargparse refuses it, naming the flag and the allowed values
         cli_main([*args, "--model.compile_mode=fast", "--print_config"])
     assert "compile_mode" in capsys.readouterr().err
+
+
+# -- adapter-only LoRA save / load ---------------------------------------------------------------
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(10, vocab, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, chat_model_dir):
+    """A LoRA run on chat_model_dir that saved its adapter alone, and the run's own logits."""
+    root = tmp_path_factory.mktemp("adapter_run")
+    module = SeqModule(
+        model=str(chat_model_dir),
+        lora={"rank": 4, "alpha": 8.0, "targets": ["all-linear"]},
+        lr=2e-2,
+        export_adapter=True,
+    )
+    vocab = module.config.vocab_size
+    make_trainer(root, max_steps=3).fit(module, DataLoader(CycleBatches(8, 16, vocab=vocab), batch_size=4))
+    module.eval()
+    with torch.no_grad():
+        logits = module.model(_ids(vocab))
+    return root, module, logits
+
+
+def test_adapter_alone_is_saved_in_peft_layout(trained_adapter, chat_model_dir):
+    root, module, _ = trained_adapter
+    adapter = root / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert config["target_modules"] == "all-linear"
+    assert config["base_model_name_or_path"] == str(Path(chat_model_dir).resolve())
+    saved = load_file(str(adapter / ADAPTER_WEIGHTS))
+    layers = {n: m for n, m in module.model.named_modules() if isinstance(m, LoRALinear)}
+    assert set(saved) == {f"base_model.model.{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    for name, layer in layers.items():  # just the adapters, as trained
+        assert torch.equal(saved[f"base_model.model.{name}.lora_A.weight"], layer.lora_A.detach())
+        assert torch.equal(saved[f"base_model.model.{name}.lora_B.weight"], layer.lora_B.detach())
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if k.endswith("lora_B.weight"))  # it trained
+
+
+def test_adapter_loads_onto_the_base_directory_with_equal_logits(trained_adapter, chat_model_dir, tmp_path):
+    root, module, expected = trained_adapter
+    ids = _ids(module.config.vocab_size)
+    loaded = load_adapter_model(chat_model_dir, root / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), expected, rtol=0, atol=0)
+        merged = load_adapter_model(chat_model_dir, root / "adapter", merge=True)
+        torch.testing.assert_close(merged(ids), expected, rtol=1e-5, atol=1e-5)
+        # the run's merged export is the same model
+        export = AutoModel.from_pretrained(str(root / "export")).eval()
+        torch.testing.assert_close(export(ids), merged(ids), rtol=1e-6, atol=1e-6)
+        # the command-line merge writes a model directory with the base's tokenizer
+        assert adapter_main(["merge", str(chat_model_dir), str(root / "adapter"), str(tmp_path / "merged")]) == 0
+        assert (tmp_path / "merged" / "tokenizer.json").is_file()
+        again = AutoModel.from_pretrained(str(tmp_path / "merged")).eval()
+        torch.testing.assert_close(again(ids), merged(ids), rtol=0, atol=0)
+    # a training module started from the adapter (model.adapter) continues from it
+    resumed = SeqModule(model=str(chat_model_dir), adapter=str(root / "adapter"), export_on_fit_end=False).eval()
+    assert resumed.lora_config == LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=["all-linear"])
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.model(ids), expected, rtol=0, atol=0)
+    assert {n for n, p in resumed.model.named_parameters() if p.requires_grad} == {
+        n for n, p in module.model.named_parameters() if p.requires_grad
+    }
+
+
+def test_adapter_loads_in_peft_onto_the_transformers_base(trained_adapter, chat_model_dir):
+    """The saved adapter is a PEFT LoRA adapter: PEFT puts it on the base in transformers."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    root, module, expected = trained_adapter
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(chat_model_dir), dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, str(root / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids(module.config.vocab_size)).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_mismatches_are_named(trained_adapter, chat_model_dir, tmp_path, model_config_json):
+    root, _, _ = trained_adapter
+    adapter = str(root / "adapter")
+    with pytest.raises(AstraiError, match=r"model.lora differs from the config of model.adapter .* \['rank'\]"):
+        SeqModule(model=str(chat_model_dir), adapter=adapter, lora={"rank": 8, "alpha": 8.0, "targets": ["all-linear"]})
+    with pytest.raises(AstraiError, match="model.export_adapter needs LoRA adapters"):
+        SeqModule(model=model_config_json, export_adapter=True)
+    other = SeqModule(model={**json.loads(Path(model_config_json).read_text()), "dim": 48, "n_heads": 4})
+    with pytest.raises(AstraiError, match=r"q_proj.lora_A.weight has shape \(4, 32\), the model expects \(4, 48\)"):
+        load_adapter(other.model, adapter)
+    bad = tmp_path / "rslora"
+    shutil.copytree(adapter, bad)
+    config = json.loads((bad / ADAPTER_CONFIG).read_text())
+    (bad / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_rslora": True}))
+    with pytest.raises(AstraiError, match="field 'use_rslora' is true"):
+        read_adapter_config(bad)
+    (bad / ADAPTER_CONFIG).write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    with pytest.raises(AstraiError, match="does not fit this model: .* keys the model has no adapter for"):
+        load_adapter(SeqModule(model=str(chat_model_dir)).model, bad)
+    with pytest.raises(AstraiError, match="holds no adapter_config.json"):
+        read_adapter_config(tmp_path)

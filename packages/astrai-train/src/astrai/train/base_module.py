@@ -11,6 +11,7 @@ Batch contract (produced by astrai.train.data, consumed by the subclasses):
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,8 @@ from astrai.core.errors import AstraiError, require
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.core.transformer import CausalLM
 
-from .export import export_model
+from .adapter import load_adapter, read_adapter_config
+from .export import export_adapter, export_model
 from .grad_accumulation import Float32Grads
 from .lora import LoRAConfig, apply_lora
 from .losses import IGNORE_INDEX, TokenLoss, compiled_token_loss, token_loss
@@ -126,6 +128,12 @@ class CausalLMModule(L.LightningModule):
         decay_fraction, decay_shape: wsd only: the share of the steps that decay (0.2: the last
             20%), and its shape, "linear", "cosine" or "1-sqrt".
         lora: LoRA adapters (rank, alpha, dropout, targets); only the adapters train; export merges them.
+        adapter: an adapter directory saved by export_adapter (or a PEFT LoRA adapter) to put
+            on `model` (its base) and train on from there; its config is the LoRA config (a
+            `lora` given too may change only the dropout).
+        export_adapter: on fit end also write the adapter alone (adapter_config.json and
+            adapter_model.safetensors, astrai.train.adapter) to adapter_dir, default
+            <trainer.default_root_dir>/adapter. Needs lora (or adapter).
         gradient_checkpointing: recompute each block's activations in backward (less memory).
         compile: torch.compile the model, and the token loss (so the float32 softmax is fused
             into the cross-entropy kernels instead of materialising float32 logits).
@@ -172,6 +180,9 @@ class CausalLMModule(L.LightningModule):
         decay_fraction: float = 0.2,
         decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt",
         lora: LoRAConfig | dict | None = None,
+        adapter: str | None = None,
+        export_adapter: bool = False,
+        adapter_dir: str | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
@@ -199,9 +210,18 @@ class CausalLMModule(L.LightningModule):
         self.model = build_model(model, self.tokenizer)
         if isinstance(lora, dict):  # from Python code; the CLI builds the dataclass itself
             lora = LoRAConfig(**lora)
+        if adapter is not None:
+            lora = self._adapter_config(adapter, lora)
+        require(
+            lora is not None or not export_adapter,
+            "model.export_adapter",
+            "needs LoRA adapters to save; set model.lora (or model.adapter), or drop export_adapter",
+        )
         self.lora_config = lora
         if lora is not None:
             apply_lora(self.model, lora)
+        if adapter is not None:
+            load_adapter(self.model, adapter, lora)
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         # Taken before any strategy wraps the model (FSDP flattens parameters); see build_optimizer.
@@ -212,6 +232,20 @@ class CausalLMModule(L.LightningModule):
         self._peak_flops: float | None = None
         self._checked: set[str] = set()
         self._float32_grads: Float32Grads | None = None
+
+    @staticmethod
+    def _adapter_config(adapter: str, lora: LoRAConfig | None) -> LoRAConfig:
+        saved = read_adapter_config(adapter)
+        if lora is None:
+            return saved
+        differ = [f for f in ("rank", "alpha", "targets") if getattr(lora, f) != getattr(saved, f)]
+        require(
+            not differ,
+            "model.lora",
+            f"differs from the config of model.adapter ({adapter}) in {differ}; drop model.lora (the "
+            "adapter's config is used) or set only its dropout",
+        )
+        return replace(saved, dropout=lora.dropout)
 
     @property
     def config(self) -> ModelConfig:
@@ -338,6 +372,15 @@ class CausalLMModule(L.LightningModule):
             path = export_model(self, self.export_path(), self.trainer)
             if path is not None:
                 log.info("exported the model to %s", path)
+        if self.hparams.export_adapter:
+            path = export_adapter(self, self.adapter_path(), self.trainer)
+            if path is not None:
+                log.info("saved the LoRA adapter to %s", path)
+
+    def adapter_path(self) -> Path:
+        if self.hparams.adapter_dir:
+            return Path(self.hparams.adapter_dir)
+        return Path(self.trainer.default_root_dir) / "adapter"
 
     def export_path(self) -> Path:
         if self.hparams.export_dir:
