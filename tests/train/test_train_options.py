@@ -3,6 +3,7 @@ gradient SNR and MoE router load in the logged metrics. (WSD is in test_optimize
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from trainhelp import CycleBatches, make_trainer
+from trainhelp import TINY_MODEL, CycleBatches, make_trainer
 
 from astrai.core.auto import AutoModel
 from astrai.core.errors import AstraiError
+from astrai.core.moe import MoE
 from astrai.train.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -216,3 +218,108 @@ def test_adapter_mismatches_are_named(trained_adapter, chat_model_dir, tmp_path,
         load_adapter(SeqModule(model=str(chat_model_dir)).model, bad)
     with pytest.raises(AstraiError, match="holds no adapter_config.json"):
         read_adapter_config(tmp_path)
+
+
+# -- gradient SNR --------------------------------------------------------------------------------
+def test_grad_snr_is_mean_squared_over_variance_of_the_micro_batch_gradients(tmp_path, model_config_json):
+    module = SeqModule(model=model_config_json, lr=1e-3, log_grad_snr=True, export_on_fit_end=False)
+    initial = copy.deepcopy(module.model.state_dict())
+    loader = DataLoader(CycleBatches(12, 16, seed=3), batch_size=4)  # three micro-batches, in order
+    trainer = make_trainer(tmp_path, max_steps=1, accumulate_grad_batches=3)
+    trainer.fit(module, loader)
+    logged = trainer.callback_metrics
+
+    # Each micro-batch's own gradient, from a copy of the initial model.
+    ref = SeqModule(model=model_config_json)
+    ref.model.load_state_dict(initial)
+    named = dict(ref.model.named_parameters())
+    grads = [torch.autograd.grad(ref.compute_loss(b, "train")[1].loss, list(named.values())) for b in loader]
+    stacked = {n: torch.stack([g[i] for g in grads]).double() for i, n in enumerate(named)}  # (N, *shape)
+    groups = {  # build_optimizer's AdamW groups: weight decay on matrices only
+        "decay": [n for n, p in named.items() if p.ndim >= 2],
+        "no_decay": [n for n, p in named.items() if p.ndim < 2],
+    }
+    signal = noise = 0.0
+    for group, names in groups.items():
+        mean_sq = sum((stacked[n].mean(0) ** 2).sum() for n in names)
+        var = sum(stacked[n].var(0, correction=1).sum() for n in names)
+        assert logged[f"train/grad_snr/{group}"].item() == pytest.approx((mean_sq / var).item(), rel=1e-4)
+        signal, noise = signal + mean_sq, noise + var
+    assert logged["train/grad_snr"].item() == pytest.approx((signal / noise).item(), rel=1e-4)
+
+
+def test_grad_snr_needs_several_micro_batches(tmp_path, model_config_json):
+    module = SeqModule(model=model_config_json, log_grad_snr=True, export_on_fit_end=False)
+    with pytest.raises(AstraiError, match="model.log_grad_snr .* set trainer.accumulate_grad_batches >= 2"):
+        make_trainer(tmp_path, max_steps=1).fit(module, DataLoader(CycleBatches(4, 16), batch_size=4))
+
+
+# -- MoE router load ---------------------------------------------------------------------------------
+MOE = {
+    "vocab_size": 320,
+    **TINY_MODEL,
+    "init_std": 0.2,
+    "ffn_type": "moe",
+    "n_routed_experts": 4,
+    "n_activated_experts": 2,
+    "n_shared_experts": 0,
+}
+
+
+def _padded_rows(n: int = 4, seq: int = 16, pad: int = 5) -> list[dict]:
+    rows = []
+    for i, row in enumerate(CycleBatches(n, seq, seed=1).rows):
+        mask = torch.ones(seq, dtype=torch.long)
+        mask[seq - pad * (i % 2) :] = 0  # every other row ends in padding
+        labels = row["labels"].masked_fill(mask == 0, -100)
+        rows.append({"input_ids": row["input_ids"], "labels": labels, "attention_mask": mask})
+    return rows
+
+
+def test_router_load_matches_the_routers_choices(tmp_path):
+    module = SeqModule(model=MOE, log_router_load=True, export_on_fit_end=False)
+    initial = copy.deepcopy(module.model.state_dict())
+    rows = _padded_rows()
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, DataLoader(rows, batch_size=4))
+    logged = trainer.callback_metrics
+
+    # The routers' inputs in the same forward of a copy of the initial model.
+    ref = SeqModule(model=MOE)
+    ref.model.load_state_dict(initial)
+    inputs = {}
+    for name, m in ref.model.named_modules():
+        if isinstance(m, MoE):
+            m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
+    batch = next(iter(DataLoader(rows, batch_size=4)))
+    ref.model.train()
+    ref.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    valid = batch["attention_mask"].reshape(-1) != 0
+    assert len(inputs) == 2
+    for name, x in inputs.items():
+        layer = int(name.split(".")[2])
+        gate = ref.model.get_submodule(name).gate
+        probs = F.linear(x.reshape(-1, x.shape[-1]), gate.weight).float().softmax(-1)[valid]
+        chosen = probs.topk(2, dim=-1).indices
+        fractions = torch.tensor([(chosen == e).sum().item() for e in range(4)], dtype=torch.float64)
+        fractions /= chosen.numel()
+        cv = fractions.std(correction=0) / fractions.mean()
+        balance = 4 * (fractions * probs.double().mean(0)).sum()
+        for e in range(4):
+            assert logged[f"train/router/layer{layer}/expert{e}"].item() == pytest.approx(fractions[e].item(), abs=1e-6)
+        assert logged[f"train/router/layer{layer}/cv"].item() == pytest.approx(cv.item(), rel=1e-5)
+        assert logged[f"train/router/layer{layer}/balance"].item() == pytest.approx(balance.item(), rel=1e-5)
+        # the balance term is the layer's own auxiliary loss (before moe_aux_loss_coef)
+        assert ref.model.get_submodule(name).aux_loss.item() == pytest.approx(balance.item(), rel=1e-5)
+
+    # validation forwards leave the numbers alone
+    before = {k: v.clone() for k, v in module._router_load.metrics().items()}
+    module.eval()
+    with torch.no_grad():
+        module(torch.randint(10, 300, (2, 16)))
+    assert all(torch.equal(before[k], v) for k, v in module._router_load.metrics().items())
+
+
+def test_router_load_needs_an_moe_model(model_config_json):
+    with pytest.raises(AstraiError, match="model.log_router_load is set but the model has no MoE layers"):
+        SeqModule(model=model_config_json, log_router_load=True)

@@ -21,6 +21,7 @@ import torch
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.core.errors import AstraiError, require
+from astrai.core.moe import MoE
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.core.transformer import CausalLM
 
@@ -29,7 +30,16 @@ from .export import export_adapter, export_model
 from .grad_accumulation import Float32Grads
 from .lora import LoRAConfig, apply_lora
 from .losses import IGNORE_INDEX, TokenLoss, compiled_token_loss, token_loss
-from .metrics import HostCopy, Throughput, flops_per_token, mfu, peak_flops, precision_dtype
+from .metrics import (
+    GradientSNR,
+    HostCopy,
+    RouterLoad,
+    Throughput,
+    flops_per_token,
+    mfu,
+    peak_flops,
+    precision_dtype,
+)
 from .optimizers import build_optimizer
 from .schedulers import NEED_LENGTH, build_scheduler
 
@@ -157,6 +167,14 @@ class CausalLMModule(L.LightningModule):
         export_on_fit_end: export when fit ends.
         export_dtype: dtype of the exported weights (e.g. "bfloat16"); default: as trained.
         peak_flops: the device's peak FLOP/s for MFU; default from Lightning's table of GPUs (none on CPU).
+        log_grad_snr: log train/grad_snr/<group> (decay, no_decay, muon) and train/grad_snr: the
+            gradients' signal-to-noise ratio across the micro-batches of each optimizer step
+            (metrics.GradientSNR). Needs two or more micro-batches a step
+            (trainer.accumulate_grad_batches x devices); not with FSDP, fp16 or GRPO.
+        log_router_load: log, per MoE layer, each expert's share of the routed tokens
+            (train/router/layer<i>/expert<e>), its coefficient of variation (.../cv, 0 = even)
+            and the Switch balance term (.../balance, 1 = even) (metrics.RouterLoad). MoE models
+            with seq, sft or dpo.
     """
 
     def __init__(
@@ -191,6 +209,8 @@ class CausalLMModule(L.LightningModule):
         export_on_fit_end: bool = True,
         export_dtype: str | None = None,
         peak_flops: float | None = None,
+        log_grad_snr: bool = False,
+        log_router_load: bool = False,
     ):
         super().__init__()
         if param_dtype not in PARAM_DTYPES:
@@ -224,6 +244,13 @@ class CausalLMModule(L.LightningModule):
             load_adapter(self.model, adapter, lora)
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        require(
+            not log_router_load or any(isinstance(m, MoE) for m in self.model.modules()),
+            "model.log_router_load",
+            "is set but the model has no MoE layers (ffn_type: moe); drop log_router_load",
+        )
+        self._grad_snr: GradientSNR | None = None
+        self._router_load: RouterLoad | None = None
         # Taken before any strategy wraps the model (FSDP flattens parameters); see build_optimizer.
         self._param_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         self._throughput = Throughput()
@@ -281,6 +308,7 @@ class CausalLMModule(L.LightningModule):
             ns_steps=h.ns_steps,
             shapes=self._param_shapes,
         )
+        self._watch(optimizer)
         scheduler = build_scheduler(
             optimizer,
             h.scheduler,
@@ -293,6 +321,47 @@ class CausalLMModule(L.LightningModule):
             decay_shape=h.decay_shape,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _watch(self, optimizer) -> None:
+        """Hooks of the opt-in gradient-SNR and router-load metrics (see log_grad_snr, log_router_load)."""
+        for old in (self._grad_snr, self._router_load):
+            if old is not None:
+                old.remove()
+        self._grad_snr = self._router_load = None
+        h = self.hparams
+        for field in ("log_grad_snr", "log_router_load"):
+            require(
+                not h.get(field) or self.automatic_optimization,
+                f"model.{field}",
+                f"is not supported by {type(self).__name__} (it optimises several times per batch); "
+                "use it with seq, sft or dpo",
+            )
+        if h.get("log_router_load"):
+            self._router_load = RouterLoad(self.model)
+        if not h.get("log_grad_snr"):
+            return
+        trainer = self._trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        world = trainer.world_size if trainer is not None else 1
+        require(
+            accumulate * world >= 2,
+            "model.log_grad_snr",
+            "compares the micro-batches of an optimizer step, and this run has one; set "
+            "trainer.accumulate_grad_batches >= 2 (or train on several devices)",
+        )
+        if trainer is not None:
+            require(
+                "FSDP" not in type(trainer.strategy).__name__,
+                "model.log_grad_snr",
+                "does not support FSDP (each rank holds shards of the gradients); use DDP or one device",
+            )
+            require(
+                not str(trainer.precision).startswith("16"),
+                "model.log_grad_snr",
+                f"does not support precision {trainer.precision!r} (the loss scaler scales the "
+                "micro-batch gradients); use bf16-mixed or 32-true",
+            )
+        self._grad_snr = GradientSNR(optimizer)
 
     def accumulated_backwards(self) -> str | None:
         """The setting that makes several backward passes add into one optimizer step, if any
@@ -315,10 +384,20 @@ class CausalLMModule(L.LightningModule):
         # Manual optimisation (GRPO) collects at its own micro-batch boundaries.
         if self._float32_grads is not None and self.automatic_optimization:
             self._float32_grads.collect()
+        if self._grad_snr is not None:
+            self._grad_snr.backwards += 1
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._float32_grads is not None:
             self._float32_grads.release(self.average_over_ranks)
+        if self._grad_snr is not None:  # before clipping, which Lightning does next
+            strategy = self.trainer.strategy
+            snr = self._grad_snr.compute(
+                strategy.world_size,
+                (lambda t: strategy.reduce(t, reduce_op="sum")) if strategy.world_size > 1 else None,
+            )
+            for name, value in (snr or {}).items():
+                self.log("train/grad_snr" if name == "total" else f"train/grad_snr/{name}", value, batch_size=1)
 
     def average_over_ranks(self, tensor: torch.Tensor) -> None:
         """tensor <- its mean over the data-parallel ranks, in place (no-op on one process)."""
@@ -452,6 +531,9 @@ class CausalLMModule(L.LightningModule):
     def add_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Add the MoE load-balancing loss of the last forward (0 for dense models)."""
         aux = self.model.aux_loss()
+        if self._router_load is not None:
+            for name, value in self._router_load.metrics().items():
+                self.log(f"train/router/{name}", value, batch_size=1)
         if torch.is_tensor(aux):
             self.log("train/aux_loss", aux.detach(), batch_size=1)
             return loss + aux
