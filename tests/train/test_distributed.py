@@ -223,3 +223,42 @@ def test_optimizer_groups_follow_the_shapes_before_sharding():
     assert len(build_optimizer(model, "adamw").param_groups) == 1  # without shapes: all taken for gains
     with pytest.raises(ValueError, match="optimizer: muon .* FSDP"):
         build_optimizer(model, "muon", shapes=shapes)
+
+
+@pytest.mark.slow
+def test_grad_snr_over_two_processes_equals_one_device_with_the_same_micro_batches(inputs, tmp_path):
+    """model.log_grad_snr under DDP: two processes of 2 accumulated micro-batches (batch 1) take the
+    same 4 one-window micro-batches as one device accumulating 4; the SNR only depends on the
+    set of micro-batch gradients, so both log the same value (the ranks' squared norms summed,
+    .grad the ranks' mean)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+    }
+
+    def snr(root: Path, extra: list[str]) -> dict[str, float]:
+        args = [*fit_args(inputs, root, 1, 1), "--model.log_grad_snr=true", *extra]
+        proc = subprocess.run(
+            [sys.executable, "-m", "astrai.train.cli", *args],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (path,) = (root / "logs").glob("version_*/metrics.csv")
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/grad_snr")]
+        return {k: float(v) for k, v in rows[0].items() if k.startswith("train/grad_snr") and v}
+
+    one = snr(tmp_path / "one", ["--trainer.accumulate_grad_batches=4"])
+    two = snr(
+        tmp_path / "two", ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accumulate_grad_batches=2"]
+    )
+    assert set(one) == {"train/grad_snr", "train/grad_snr/decay", "train/grad_snr/no_decay"}
+    assert set(two) == set(one)
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-3), key

@@ -1,14 +1,16 @@
-"""Optimizers (AdamW, Muon) and LR schedules (cosine with warmup, SGDR)."""
+"""Optimizers (AdamW, Muon) and LR schedules (cosine with warmup, SGDR, warmup-stable-decay)."""
 
 from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
 from astrai.core.config import ModelConfig
+from astrai.core.errors import AstraiError
 from astrai.core.transformer import CausalLM
 from astrai.train.optimizers import Muon, build_optimizer, newton_schulz
 from astrai.train.schedulers import WarmupCosine, WarmupSGDR, build_scheduler
@@ -218,3 +220,85 @@ def test_step_runs_a_closure_with_gradients_on_and_returns_its_loss(kind):
     assert float(opt.step(closure)) == 16.0
     assert float(w.sum()) < 16.0  # the step used the gradient the closure made
     assert opt.step() is None
+
+
+# -- warmup-stable-decay ------------------------------------------------------------------------
+def _wsd_expected(step, warmup, total, fraction, shape, floor):
+    """The WSD multiplier written out from its definition (not from the module under test)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_len = max(1, round(fraction * total))
+    start = total - decay_len
+    if step < start:
+        return 1.0
+    p = min(1.0, (step - start) / decay_len)
+    f = {"linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p)), "1-sqrt": 1 - math.sqrt(p)}[shape]
+    return floor + (1 - floor) * f
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_wsd_warms_up_stays_then_decays_in_the_chosen_shape(shape):
+    lrs = _lrs("wsd", 26, warmup_steps=4, total_steps=20, decay_fraction=0.25, decay_shape=shape, min_lr_ratio=0.1)
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # warmup
+    assert lrs[4:16] == pytest.approx([1.0] * 12)  # stable until the last 25% (5 of 20 steps)
+    # chosen steps of the decay, against the formulas: p = (step - 15) / 5
+    checks = {15: 0.0, 16: 0.2, 17: 0.4, 18: 0.6, 19: 0.8, 20: 1.0}
+    for step, p in checks.items():
+        f = {"linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p)), "1-sqrt": 1 - math.sqrt(p)}[shape]
+        assert lrs[step] == pytest.approx(0.1 + 0.9 * f), step
+    assert lrs[20:] == pytest.approx([0.1] * 6)  # flat at the floor after the decay
+    for step in range(26):
+        assert lrs[step] == pytest.approx(_wsd_expected(step, 4, 20, 0.25, shape, 0.1))
+
+
+def test_wsd_defaults_and_resume():
+    # defaults: 1-sqrt over the last 20%, down to min_lr_ratio (0.1 in build_scheduler)
+    lrs = _lrs("wsd", 100, total_steps=100)
+    assert lrs[79] == 1.0 and lrs[80] == pytest.approx(1.0)
+    assert lrs[85] == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(5 / 20)))
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, "wsd", total_steps=10, decay_fraction=0.5, decay_shape="linear")
+    for _ in range(7):
+        opt.step(), sched.step()
+    opt2 = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched2 = build_scheduler(opt2, "wsd", total_steps=10)  # other settings: the state restores them
+    sched2.load_state_dict(sched.state_dict())
+    opt.step(), sched.step(), opt2.step(), sched2.step()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(0.1 + 0.9 * (1 - 3 / 5))
+
+
+def test_wsd_errors_name_the_field():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(AstraiError, match="max_steps or model.decay_steps"):
+        build_scheduler(opt, "wsd")
+    with pytest.raises(AstraiError, match=r"model.decay_fraction must be in \(0, 1\]"):
+        build_scheduler(opt, "wsd", total_steps=10, decay_fraction=0.0)
+    with pytest.raises(AstraiError, match="model.decay_shape must be one of"):
+        build_scheduler(opt, "wsd", total_steps=10, decay_shape="sqrt")
+    with pytest.raises(AstraiError, match="model.warmup_steps .* lower warmup_steps or model.decay_fraction"):
+        build_scheduler(opt, "wsd", total_steps=10, warmup_steps=9, decay_fraction=0.5)
+
+
+def test_wsd_is_a_module_option(model_config_json, trainer_factory, tiny_data):
+    """scheduler: wsd through the training module: the length is trainer.max_steps."""
+    from astrai.train.pretrain_module import PretrainModule
+
+    module = PretrainModule(
+        model=model_config_json,
+        lr=0.01,
+        scheduler="wsd",
+        warmup_steps=2,
+        decay_fraction=0.5,
+        decay_shape="linear",
+        export_on_fit_end=False,
+    )
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = trainer_factory(max_steps=8, callbacks=[Record()])
+    trainer.fit(module, datamodule=tiny_data())
+    assert lrs == pytest.approx([0.01 * _wsd_expected(s, 2, 8, 0.5, "linear", 0.1) for s in range(8)])

@@ -11,6 +11,7 @@ Batch contract (produced by astrai.train.data, consumed by the subclasses):
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,21 +20,33 @@ import torch
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
-from astrai.core.errors import AstraiError
+from astrai.core.errors import AstraiError, require
+from astrai.core.moe import MoE
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.core.transformer import CausalLM
 
-from .export import export_model
+from .adapter import load_adapter, read_adapter_config
+from .export import export_adapter, export_model
 from .grad_accumulation import Float32Grads
 from .lora import LoRAConfig, apply_lora
 from .losses import IGNORE_INDEX, TokenLoss, compiled_token_loss, token_loss
-from .metrics import HostCopy, Throughput, flops_per_token, mfu, peak_flops, precision_dtype
+from .metrics import (
+    GradientSNR,
+    HostCopy,
+    RouterLoad,
+    Throughput,
+    flops_per_token,
+    mfu,
+    peak_flops,
+    precision_dtype,
+)
 from .optimizers import build_optimizer
-from .schedulers import build_scheduler
+from .schedulers import NEED_LENGTH, build_scheduler
 
 log = logging.getLogger(__name__)
 
 PARAM_DTYPES = ("float32", "bfloat16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class BatchError(AstraiError):
@@ -116,14 +129,30 @@ class CausalLMModule(L.LightningModule):
         lr, weight_decay, betas, eps: optimizer settings (weight decay on matrices only).
         momentum, ns_steps: Muon momentum and Newton-Schulz steps.
         scheduler: "cosine" (warmup then cosine to min_lr_ratio * lr), "sgdr" (cosine with warm
-            restarts every cycle_steps, growing by cycle_mult) or "constant" (warmup then flat).
+            restarts every cycle_steps, growing by cycle_mult), "constant" (warmup then flat) or
+            "wsd" (warmup, flat, then over the last decay_fraction of the steps a decay of
+            decay_shape to min_lr_ratio * lr; schedulers.WarmupStableDecay).
         warmup_steps: linear warmup length in optimizer steps.
-        decay_steps: length of the cosine; defaults to trainer.max_steps (or the estimated
-            number of steps of an epoch-based run).
+        decay_steps: length of the cosine or the whole wsd schedule; defaults to
+            trainer.max_steps (or the estimated number of steps of an epoch-based run).
+        decay_fraction, decay_shape: wsd only: the share of the steps that decay (0.2: the last
+            20%), and its shape, "linear", "cosine" or "1-sqrt".
         lora: LoRA adapters (rank, alpha, dropout, targets); only the adapters train; export merges them.
+        adapter: an adapter directory saved by export_adapter (or a PEFT LoRA adapter) to put
+            on `model` (its base) and train on from there; its config is the LoRA config (a
+            `lora` given too may change only the dropout).
+        export_adapter: on fit end also write the adapter alone (adapter_config.json and
+            adapter_model.safetensors, astrai.train.adapter) to adapter_dir, default
+            <trainer.default_root_dir>/adapter. Needs lora (or adapter).
         gradient_checkpointing: recompute each block's activations in backward (less memory).
         compile: torch.compile the model, and the token loss (so the float32 softmax is fused
             into the cross-entropy kernels instead of materialising float32 logits).
+        compile_mode: torch.compile's mode for the model: "default", "reduce-overhead" (CUDA
+            graphs: less launch overhead for small batches, more memory), "max-autotune"
+            (autotuned Triton matmuls and CUDA graphs; long compile) or
+            "max-autotune-no-cudagraphs". The token loss stays in "default" mode (its shapes
+            change with every batch's number of labelled tokens in the chunked path, and
+            CUDA graphs would record each). Needs compile: true.
         param_dtype: dtype of the model's weights. "float32" (default): float32 weights, which
             precision "bf16-mixed" casts to bf16 for every matmul. "bfloat16" (opt-in, for speed
             and memory, use with precision "bf16-mixed"): the weights are bf16, so forward and
@@ -138,6 +167,14 @@ class CausalLMModule(L.LightningModule):
         export_on_fit_end: export when fit ends.
         export_dtype: dtype of the exported weights (e.g. "bfloat16"); default: as trained.
         peak_flops: the device's peak FLOP/s for MFU; default from Lightning's table of GPUs (none on CPU).
+        log_grad_snr: log train/grad_snr/<group> (decay, no_decay, muon) and train/grad_snr: the
+            gradients' signal-to-noise ratio across the micro-batches of each optimizer step
+            (metrics.GradientSNR). Needs two or more micro-batches a step
+            (trainer.accumulate_grad_batches x devices); not with FSDP, fp16 or GRPO.
+        log_router_load: log, per MoE layer, each expert's share of the routed tokens
+            (train/router/layer<i>/expert<e>), its coefficient of variation (.../cv, 0 = even)
+            and the Switch balance term (.../balance, 1 = even) (metrics.RouterLoad). MoE models
+            with seq, sft or dpo.
     """
 
     def __init__(
@@ -152,24 +189,40 @@ class CausalLMModule(L.LightningModule):
         eps: float = 1e-8,
         momentum: float = 0.95,
         ns_steps: int = 5,
-        scheduler: Literal["cosine", "sgdr", "constant"] = "cosine",
+        scheduler: Literal["cosine", "sgdr", "constant", "wsd"] = "cosine",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         decay_steps: int | None = None,
         cycle_steps: int | None = None,
         cycle_mult: float = 1.0,
+        decay_fraction: float = 0.2,
+        decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt",
         lora: LoRAConfig | dict | None = None,
+        adapter: str | None = None,
+        export_adapter: bool = False,
+        adapter_dir: str | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         param_dtype: Literal["float32", "bfloat16"] = "float32",
         export_dir: str | None = None,
         export_on_fit_end: bool = True,
         export_dtype: str | None = None,
         peak_flops: float | None = None,
+        log_grad_snr: bool = False,
+        log_router_load: bool = False,
     ):
         super().__init__()
         if param_dtype not in PARAM_DTYPES:
             raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got {param_dtype!r}")
+        require(
+            compile_mode in COMPILE_MODES, "model.compile_mode", f"must be one of {COMPILE_MODES}, got {compile_mode!r}"
+        )
+        require(
+            compile or compile_mode == "default",
+            "model.compile_mode",
+            f"is {compile_mode!r} but model.compile is false; set model.compile: true to compile the model",
+        )
         self.save_hyperparameters()
         if tokenizer is None and isinstance(model, str) and (Path(model) / "tokenizer.json").is_file():
             tokenizer = self.hparams.tokenizer = model
@@ -177,11 +230,27 @@ class CausalLMModule(L.LightningModule):
         self.model = build_model(model, self.tokenizer)
         if isinstance(lora, dict):  # from Python code; the CLI builds the dataclass itself
             lora = LoRAConfig(**lora)
+        if adapter is not None:
+            lora = self._adapter_config(adapter, lora)
+        require(
+            lora is not None or not export_adapter,
+            "model.export_adapter",
+            "needs LoRA adapters to save; set model.lora (or model.adapter), or drop export_adapter",
+        )
         self.lora_config = lora
         if lora is not None:
             apply_lora(self.model, lora)
+        if adapter is not None:
+            load_adapter(self.model, adapter, lora)
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        require(
+            not log_router_load or any(isinstance(m, MoE) for m in self.model.modules()),
+            "model.log_router_load",
+            "is set but the model has no MoE layers (ffn_type: moe); drop log_router_load",
+        )
+        self._grad_snr: GradientSNR | None = None
+        self._router_load: RouterLoad | None = None
         # Taken before any strategy wraps the model (FSDP flattens parameters); see build_optimizer.
         self._param_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         self._throughput = Throughput()
@@ -190,6 +259,20 @@ class CausalLMModule(L.LightningModule):
         self._peak_flops: float | None = None
         self._checked: set[str] = set()
         self._float32_grads: Float32Grads | None = None
+
+    @staticmethod
+    def _adapter_config(adapter: str, lora: LoRAConfig | None) -> LoRAConfig:
+        saved = read_adapter_config(adapter)
+        if lora is None:
+            return saved
+        differ = [f for f in ("rank", "alpha", "targets") if getattr(lora, f) != getattr(saved, f)]
+        require(
+            not differ,
+            "model.lora",
+            f"differs from the config of model.adapter ({adapter}) in {differ}; drop model.lora (the "
+            "adapter's config is used) or set only its dropout",
+        )
+        return replace(saved, dropout=lora.dropout)
 
     @property
     def config(self) -> ModelConfig:
@@ -208,7 +291,7 @@ class CausalLMModule(L.LightningModule):
                     p.data = p.data.to(torch.bfloat16)
         # nn.Module.compile compiles in place, so parameter names (and checkpoints) are unchanged.
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.model.compile()
+            self.model.compile(mode=self.hparams.compile_mode)
             self._compiled = True
 
     def configure_optimizers(self):
@@ -225,6 +308,7 @@ class CausalLMModule(L.LightningModule):
             ns_steps=h.ns_steps,
             shapes=self._param_shapes,
         )
+        self._watch(optimizer)
         scheduler = build_scheduler(
             optimizer,
             h.scheduler,
@@ -233,8 +317,51 @@ class CausalLMModule(L.LightningModule):
             min_lr_ratio=h.min_lr_ratio,
             cycle_steps=h.cycle_steps,
             cycle_mult=h.cycle_mult,
+            decay_fraction=h.decay_fraction,
+            decay_shape=h.decay_shape,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _watch(self, optimizer) -> None:
+        """Hooks of the opt-in gradient-SNR and router-load metrics (see log_grad_snr, log_router_load)."""
+        for old in (self._grad_snr, self._router_load):
+            if old is not None:
+                old.remove()
+        self._grad_snr = self._router_load = None
+        h = self.hparams
+        for field in ("log_grad_snr", "log_router_load"):
+            require(
+                not h.get(field) or self.automatic_optimization,
+                f"model.{field}",
+                f"is not supported by {type(self).__name__} (it optimises several times per batch); "
+                "use it with seq, sft or dpo",
+            )
+        if h.get("log_router_load"):
+            self._router_load = RouterLoad(self.model)
+        if not h.get("log_grad_snr"):
+            return
+        trainer = self._trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        world = trainer.world_size if trainer is not None else 1
+        require(
+            accumulate * world >= 2,
+            "model.log_grad_snr",
+            "compares the micro-batches of an optimizer step, and this run has one; set "
+            "trainer.accumulate_grad_batches >= 2 (or train on several devices)",
+        )
+        if trainer is not None:
+            require(
+                "FSDP" not in type(trainer.strategy).__name__,
+                "model.log_grad_snr",
+                "does not support FSDP (each rank holds shards of the gradients); use DDP or one device",
+            )
+            require(
+                not str(trainer.precision).startswith("16"),
+                "model.log_grad_snr",
+                f"does not support precision {trainer.precision!r} (the loss scaler scales the "
+                "micro-batch gradients); use bf16-mixed or 32-true",
+            )
+        self._grad_snr = GradientSNR(optimizer)
 
     def accumulated_backwards(self) -> str | None:
         """The setting that makes several backward passes add into one optimizer step, if any
@@ -257,10 +384,20 @@ class CausalLMModule(L.LightningModule):
         # Manual optimisation (GRPO) collects at its own micro-batch boundaries.
         if self._float32_grads is not None and self.automatic_optimization:
             self._float32_grads.collect()
+        if self._grad_snr is not None:
+            self._grad_snr.backwards += 1
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._float32_grads is not None:
             self._float32_grads.release(self.average_over_ranks)
+        if self._grad_snr is not None:  # before clipping, which Lightning does next
+            strategy = self.trainer.strategy
+            snr = self._grad_snr.compute(
+                strategy.world_size,
+                (lambda t: strategy.reduce(t, reduce_op="sum")) if strategy.world_size > 1 else None,
+            )
+            for name, value in (snr or {}).items():
+                self.log("train/grad_snr" if name == "total" else f"train/grad_snr/{name}", value, batch_size=1)
 
     def average_over_ranks(self, tensor: torch.Tensor) -> None:
         """tensor <- its mean over the data-parallel ranks, in place (no-op on one process)."""
@@ -298,7 +435,7 @@ class CausalLMModule(L.LightningModule):
     def _schedule_length(self) -> int | None:
         if self.hparams.decay_steps:
             return self.hparams.decay_steps
-        if self.hparams.scheduler != "cosine":
+        if self.hparams.scheduler not in NEED_LENGTH:
             return None
         if self.trainer.max_steps > 0:
             # Preferred over estimated_stepping_batches, which builds the train dataloader before
@@ -314,6 +451,15 @@ class CausalLMModule(L.LightningModule):
             path = export_model(self, self.export_path(), self.trainer)
             if path is not None:
                 log.info("exported the model to %s", path)
+        if self.hparams.export_adapter:
+            path = export_adapter(self, self.adapter_path(), self.trainer)
+            if path is not None:
+                log.info("saved the LoRA adapter to %s", path)
+
+    def adapter_path(self) -> Path:
+        if self.hparams.adapter_dir:
+            return Path(self.hparams.adapter_dir)
+        return Path(self.trainer.default_root_dir) / "adapter"
 
     def export_path(self) -> Path:
         if self.hparams.export_dir:
@@ -385,6 +531,9 @@ class CausalLMModule(L.LightningModule):
     def add_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Add the MoE load-balancing loss of the last forward (0 for dense models)."""
         aux = self.model.aux_loss()
+        if self._router_load is not None:
+            for name, value in self._router_load.metrics().items():
+                self.log(f"train/router/{name}", value, batch_size=1)
         if torch.is_tensor(aux):
             self.log("train/aux_loss", aux.detach(), batch_size=1)
             return loss + aux

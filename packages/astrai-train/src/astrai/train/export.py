@@ -63,6 +63,24 @@ def export_model(
     return path
 
 
+def export_adapter(module: L.LightningModule, path: str | Path, trainer: L.Trainer | None = None) -> Path | None:
+    """Write only the LoRA matrices of ``module.model`` and their config to ``path`` (see
+    astrai.train.adapter). Every rank must call this (FSDP gathers); rank 0 writes."""
+    from .adapter import save_adapter
+
+    state = trainer.strategy.lightning_module_state_dict() if trainer is not None else module.state_dict()
+    if trainer is not None and not trainer.is_global_zero:
+        trainer.strategy.barrier("export_adapter")
+        return None
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    source = module.hparams.get("model") if hasattr(module, "hparams") else None
+    base = str(Path(source).resolve()) if isinstance(source, str) and Path(source).is_dir() else None
+    path = save_adapter(weights, module.lora_config, path, base_model=base)
+    if trainer is not None:
+        trainer.strategy.barrier("export_adapter")
+    return path
+
+
 class ModelExport(Callback):
     """Export the model every ``every_n_train_steps`` optimizer steps to ``dirpath/step-NNNNNN``
     (default dirpath: <trainer.default_root_dir>/export-steps; the final export goes to

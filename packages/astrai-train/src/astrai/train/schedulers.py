@@ -13,7 +13,12 @@ from typing import Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-SCHEDULERS = ("cosine", "sgdr", "constant")
+from astrai.core.errors import require
+
+SCHEDULERS = ("cosine", "sgdr", "constant", "wsd")
+# Schedules whose shape depends on the run's length (trainer.max_steps or model.decay_steps).
+NEED_LENGTH = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -68,14 +73,55 @@ class WarmupSGDR:
         return _cosine(t / length, self.min_ratio)
 
 
+@dataclass
+class WarmupStableDecay:
+    """WSD (warmup-stable-decay): linear warmup, then the full LR, then over the last
+    decay_fraction of total_steps (rounded, at least one step) a decay to min_ratio, then flat
+    at min_ratio.
+
+    The decay's shape, over progress p from 0 to 1: "linear" 1 - p, "cosine" (1 + cos(pi p)) / 2,
+    or "1-sqrt" 1 - sqrt(p), each rescaled to run from 1 to min_ratio. The stable phase can be
+    branched from at any step and decayed separately (Hu et al. 2024, MiniCPM); 1-sqrt is the
+    shape Hägele et al. 2024 ("Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+    Durations") found best.
+    """
+
+    warmup_steps: int
+    total_steps: int
+    decay_fraction: float = 0.2
+    decay_shape: str = "1-sqrt"
+    min_ratio: float = 0.0
+
+    @property
+    def decay_start(self) -> int:
+        return self.total_steps - max(1, round(self.decay_fraction * self.total_steps))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return _warmup(step, self.warmup_steps)
+        start = self.decay_start
+        if step < start:
+            return 1.0
+        p = min(1.0, (step - start) / max(1, self.total_steps - start))
+        if self.decay_shape == "linear":
+            shape = 1.0 - p
+        elif self.decay_shape == "cosine":
+            shape = 0.5 * (1 + math.cos(math.pi * p))
+        else:
+            shape = 1.0 - math.sqrt(p)
+        return self.min_ratio + (1 - self.min_ratio) * shape
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
-    name: Literal["cosine", "sgdr", "constant"] = "cosine",
+    name: Literal["cosine", "sgdr", "constant", "wsd"] = "cosine",
     warmup_steps: int = 0,
     total_steps: int | None = None,
     min_lr_ratio: float = 0.1,
     cycle_steps: int | None = None,
     cycle_mult: float = 1.0,
+    decay_fraction: float = 0.2,
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt",
 ) -> LambdaLR:
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}")
@@ -89,6 +135,25 @@ def build_scheduler(
         if not total_steps or total_steps <= 0:
             raise ValueError("the cosine schedule needs its length: set trainer.max_steps or model.decay_steps")
         fn = WarmupCosine(warmup_steps, total_steps, min_lr_ratio)
+    elif name == "wsd":
+        require(
+            total_steps and total_steps > 0,
+            "the wsd schedule",
+            "needs its length: set trainer.max_steps or model.decay_steps (the length of all three phases)",
+        )
+        require(
+            0.0 < decay_fraction <= 1.0,
+            "model.decay_fraction",
+            f"must be in (0, 1] (the share of the steps spent decaying), got {decay_fraction!r}",
+        )
+        require(decay_shape in DECAY_SHAPES, "model.decay_shape", f"must be one of {DECAY_SHAPES}, got {decay_shape!r}")
+        fn = WarmupStableDecay(warmup_steps, total_steps, decay_fraction, decay_shape, min_lr_ratio)
+        require(
+            warmup_steps <= fn.decay_start,
+            "model.warmup_steps",
+            f"({warmup_steps}) runs into the wsd decay, which starts at step {fn.decay_start} of "
+            f"{total_steps}; lower warmup_steps or model.decay_fraction",
+        )
     else:
         if not cycle_steps or cycle_steps <= 0:
             raise ValueError(f"the sgdr schedule needs cycle_steps > 0, got {cycle_steps!r}")

@@ -9,8 +9,13 @@ accuracy of the supervised tokens, and a loud failure when a batch supervises no
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 from torchmetrics.aggregation import MeanMetric
+
+from astrai.core.errors import require
 
 from .base_module import BatchError
 from .losses import IGNORE_INDEX
@@ -25,19 +30,52 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return correct.float() / n.clamp(min=1), n
 
 
+class NEFTune:
+    """NEFTune (Jain et al. 2023, "NEFTune: Noisy Embeddings Improve Instruction Finetuning"):
+    a forward hook on the input embedding that adds uniform noise in
+    [-alpha / sqrt(L * d), alpha / sqrt(L * d)] to every embedding, where L is the row length
+    (with packing, the packed row's) and d the hidden size; the scale follows the paper and
+    Hugging Face's implementation.
+
+    Only in training forwards: a module in eval mode (validation, test) or a forward without
+    gradients (generation, a frozen reference) gets the embeddings unchanged. The exported model
+    carries no hook.
+    """
+
+    def __init__(self, embedding: nn.Module, alpha: float):
+        self.alpha = alpha
+        self.handle = embedding.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor | None:
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        bound = self.alpha / math.sqrt(out.shape[-2] * out.shape[-1])
+        return out + torch.empty_like(out).uniform_(-bound, bound)
+
+
 class SFTModule(PretrainModule):
     """Supervised fine-tuning on chat data (see module docstring).
 
-    Args: as PretrainModule (label_smoothing and the shared CausalLMModule options). Typical
-    settings differ from pre-training: start from a pre-trained `model` directory, a lower
-    lr (e.g. 1e-4 full fine-tuning, 1e-3 with LoRA) and a short warmup.
+    Args:
+        neftune_alpha: NEFTune noise on the input embeddings while training (see NEFTune;
+            0 = off; the paper uses 5 to 15). Validation, test and generation see no noise.
+        **kwargs: as PretrainModule (label_smoothing and the shared CausalLMModule options).
+
+    Typical settings differ from pre-training: start from a pre-trained `model` directory, a
+    lower lr (e.g. 1e-4 full fine-tuning, 1e-3 with LoRA) and a short warmup.
 
     Logs, besides PretrainModule's metrics, train/acc and val/acc: next-token accuracy on the
     assistant tokens.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, neftune_alpha: float = 0.0, **kwargs):
         super().__init__(**kwargs)
+        require(
+            isinstance(neftune_alpha, (int, float)) and neftune_alpha >= 0,
+            "model.neftune_alpha",
+            f"must be a number >= 0 (0 turns NEFTune off; the paper uses 5 to 15), got {neftune_alpha!r}",
+        )
+        self.neftune = NEFTune(self.model.model.embed_tokens, float(neftune_alpha)) if neftune_alpha > 0 else None
         self.val_acc, self.test_acc = MeanMetric(), MeanMetric()
         self._first_train_batch = True
 
