@@ -14,27 +14,14 @@ import json
 import pytest
 import torch
 import transformers
+from hf_helpers import ATOL, TINY, assert_engine_greedy_equals_generate
 from safetensors import safe_open
 
 from astrai.core.auto import AutoModel
 from astrai.core.checkpoint import CheckpointError, save_pretrained
-from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.hf_config import to_hf_dict
 
-ATOL = 1e-4
 VOCAB = 128
-TINY = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
 
 
 def _rope(theta: float) -> dict:
@@ -114,14 +101,7 @@ def test_greedy_output_of_our_engine_equals_transformers_generate(tmp_path, fami
     ours = AutoModel.from_pretrained(tmp_path, dtype=torch.float32)
     g = torch.Generator().manual_seed(12)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 9, 14, 21)]
-    engine = InferenceEngine(ours, None, max_batch_size=3, max_num_batched_tokens=16, page_size=4, num_pages=16)
-    completions = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-    with torch.no_grad():
-        for prompt, completion in zip(prompts, completions):
-            expected = theirs.generate(
-                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
-            )[0, len(prompt) :].tolist()
-            assert completion.token_ids == expected
+    assert_engine_greedy_equals_generate(ours, theirs, prompts, num_pages=16)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

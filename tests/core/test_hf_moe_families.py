@@ -15,15 +15,14 @@ import json
 import pytest
 import torch
 import transformers
+from hf_helpers import ATOL, assert_engine_greedy_equals_generate
 
 from astrai.core.auto import AutoModel
 from astrai.core.checkpoint import CheckpointError, save_pretrained
 from astrai.core.config import ModelConfig
-from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.hf_config import HFConfigError, from_hf_dict, to_hf_dict
 from astrai.core.transformer import CausalLM
 
-ATOL = 1e-4
 VOCAB = 128
 TINY = dict(
     vocab_size=VOCAB,
@@ -124,14 +123,7 @@ def test_greedy_output_of_our_engine_equals_transformers_generate(tmp_path, kind
     ours = AutoModel.from_pretrained(tmp_path, dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 13, 21)]
-    engine = InferenceEngine(ours, None, max_batch_size=3, max_num_batched_tokens=16, page_size=4, num_pages=24)
-    completions = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-    with torch.no_grad():
-        for prompt, completion in zip(prompts, completions):
-            expected = theirs.generate(
-                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
-            )[0, len(prompt) :].tolist()
-            assert completion.token_ids == expected
+    assert_engine_greedy_equals_generate(ours, theirs, prompts, num_pages=24)
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))

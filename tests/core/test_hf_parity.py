@@ -9,23 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from hf_helpers import ATOL, TINY
 
 from astrai.core.auto import AutoModel
 from astrai.core.checkpoint import save_pretrained
 
-ATOL = 1e-4
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
 HF_CONFIGS = {
     "llama": lambda **kw: transformers.LlamaConfig(
         **TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw
