@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from typing import Any
 
 import zmq
 
+from .ipc import ipc_addresses, open_socket, remove_socket_files
 from .liveness import WorkerLiveness
 
 log = logging.getLogger("astrai.serve")
@@ -48,10 +48,9 @@ class ControlPlane:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         if num_consumers < 1:
             raise ValueError(f"num_consumers must be at least 1, got {num_consumers}")
-        base = os.path.join(directory or tempfile.gettempdir(), f"astrai-ctl-{uuid.uuid4().hex[:12]}")
-        self.inbox_addresses = [f"ipc://{base}-in-{i}.ipc" for i in range(num_workers)]
+        self.inbox_addresses = ipc_addresses("ctl-in", num_workers, directory)
         # One reply address per API-server process (consumer): each reads only its own answers.
-        self.reply_addresses = [f"ipc://{base}-out-{i}.ipc" for i in range(num_consumers)]
+        self.reply_addresses = ipc_addresses("ctl-out", num_consumers, directory)
         self.liveness = WorkerLiveness(num_workers)  # which workers' engines serve (liveness.py)
         self._owner_pid = os.getpid()
         self._reset()
@@ -170,23 +169,12 @@ class ControlPlane:
         self._inboxes.clear()
         self._replies.clear()
         if self._owner_pid == os.getpid():
-            for address in self.inbox_addresses + self.reply_addresses:
-                try:
-                    os.unlink(address.removeprefix("ipc://"))
-                except OSError:  # never bound, or already gone
-                    pass
+            remove_socket_files(self.inbox_addresses + self.reply_addresses)
 
 
 def _socket(kind: int, address: str, bind: bool) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)  # an exit never waits for a worker or an HTTP process that is gone
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    if bind:
-        sock.bind(address)
-    else:
-        sock.connect(address)
-    return sock
+    # No linger: an exit never waits for a worker or an HTTP process that is gone.
+    return open_socket(zmq.Context.instance(), kind, address, bind=bind)
 
 
 def combine_stats(workers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,12 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
-import uuid
 from typing import Any
 
 import zmq
 import zmq.asyncio
+
+from .ipc import ipc_addresses, open_socket, remove_socket_files
 
 log = logging.getLogger("astrai.serve")
 
@@ -40,8 +40,7 @@ class RoutedRequestQueue:
     def __init__(self, num_workers: int, directory: str | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
-        base = os.path.join(directory or tempfile.gettempdir(), f"astrai-req-{uuid.uuid4().hex[:12]}")
-        self.addresses = [f"ipc://{base}-{i}.ipc" for i in range(num_workers)]
+        self.addresses = ipc_addresses("req", num_workers, directory)
         self._reset()
         self._owner_pid = os.getpid()
 
@@ -72,10 +71,8 @@ class RoutedRequestQueue:
             self._reset()
         sock = self._push.get(worker)
         if sock is None:
-            sock = zmq.Context.instance().socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, 0)  # queue rather than block the event loop
-            sock.setsockopt(zmq.LINGER, 0)  # at exit, requests nobody will answer may go
-            sock.connect(self.addresses[worker])
+            # no linger: at exit, requests nobody will answer may go
+            sock = open_socket(zmq.Context.instance(), zmq.PUSH, self.addresses[worker], bind=False)
             self._push[worker] = sock
         sock.send(pickle.dumps((worker_pid, item), protocol=pickle.HIGHEST_PROTOCOL))
 
@@ -85,10 +82,7 @@ class RoutedRequestQueue:
         if self._pid != os.getpid():
             self._reset()
         self._worker = worker
-        self._pull = zmq.asyncio.Context.instance().socket(zmq.PULL)
-        self._pull.setsockopt(zmq.RCVHWM, 0)
-        self._pull.setsockopt(zmq.LINGER, 0)
-        self._pull.bind(self.addresses[worker])  # a dead predecessor's socket file is replaced
+        self._pull = open_socket(zmq.asyncio.Context.instance(), zmq.PULL, self.addresses[worker], bind=True)
 
     async def take_all(self, timeout: float) -> list:
         """Every request waiting for this worker, after waiting up to `timeout` seconds for
@@ -121,8 +115,4 @@ class RoutedRequestQueue:
             sock.close(linger=0)
         self._push.clear()
         if self._owner_pid == os.getpid():
-            for address in self.addresses:
-                try:
-                    os.unlink(address.removeprefix("ipc://"))
-                except OSError:  # never bound, or already gone
-                    pass
+            remove_socket_files(self.addresses)

@@ -19,15 +19,14 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
-import tempfile
 import threading
-import uuid
 from collections import deque
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from .ipc import ipc_addresses, open_socket, remove_socket_files
 from .litserve_bridge import MessageTransport
 
 
@@ -42,8 +41,7 @@ class BatchedZMQTransport(MessageTransport):
     def __init__(self, num_consumers: int, directory: str | None = None) -> None:
         if num_consumers < 1:
             raise ValueError(f"num_consumers must be at least 1, got {num_consumers}")
-        base = os.path.join(directory or tempfile.gettempdir(), f"astrai-{uuid.uuid4().hex[:12]}")
-        self.addresses = [f"ipc://{base}-{i}.ipc" for i in range(num_consumers)]
+        self.addresses = ipc_addresses("reply", num_consumers, directory)
         self._reset()
         self._owner_pid = os.getpid()
 
@@ -84,10 +82,8 @@ class BatchedZMQTransport(MessageTransport):
     def _push(self, local, consumer_id: int, items: list) -> None:
         sock = local.sockets.get(consumer_id)
         if sock is None:
-            sock = local.context.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, 0)  # queue rather than block the worker's loop
-            sock.setsockopt(zmq.LINGER, 1000)  # a closing worker still delivers what it sent
-            sock.connect(self.addresses[consumer_id])
+            # linger: a closing worker still delivers what it sent
+            sock = open_socket(local.context, zmq.PUSH, self.addresses[consumer_id], bind=False, linger_ms=1000)
             local.sockets[consumer_id] = sock
         sock.send(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
 
@@ -106,10 +102,7 @@ class BatchedZMQTransport(MessageTransport):
             return self._received.popleft()
         if self._pull is None or self._pid != os.getpid():
             self._reset()
-            self._pull = zmq.asyncio.Context().socket(zmq.PULL)
-            self._pull.setsockopt(zmq.RCVHWM, 0)
-            self._pull.setsockopt(zmq.LINGER, 0)
-            self._pull.bind(self.addresses[consumer_id])
+            self._pull = open_socket(zmq.asyncio.Context(), zmq.PULL, self.addresses[consumer_id], bind=True)
         if timeout is None:
             data = await self._pull.recv()
         else:
@@ -129,8 +122,4 @@ class BatchedZMQTransport(MessageTransport):
         for sock in (getattr(self._local, "sockets", None) or {}).values():
             sock.close(linger=1000)
         if owner:
-            for address in self.addresses:
-                try:
-                    os.unlink(address.removeprefix("ipc://"))
-                except OSError:  # never bound, or already gone
-                    pass
+            remove_socket_files(self.addresses)
