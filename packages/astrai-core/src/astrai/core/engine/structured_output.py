@@ -5,9 +5,9 @@ Why llguidance (the grammar engine vLLM and SGLang also use): it computes a step
 from a grammar and the tokenizer's vocabulary in tens of microseconds, JSON Schema included,
 and its wheel has no dependencies. Here: `SamplingParams.structured_output` names the
 constraint; `Grammars` turns it into a grammar (cached by its text) and gives each constrained
-sample a matcher; before a draw the masks of the constrained rows are filled on the host, sent
-in one copy and applied to those rows' logits on the device; after the draw each matcher
-consumes its token, and a sample whose grammar is complete stops ("stop").
+sample a matcher; before a draw the masks of the constrained rows are filled on the host (in
+llguidance's thread pool), sent in one asynchronous copy and applied to those rows' logits on
+the device; after the draw each matcher consumes its token, and a sample whose grammar is complete stops ("stop").
 
 A constrained sample's next mask needs its last token on the host (the matcher must see it
 first). With overlapped decode the next step's forward is launched on the device tokens, then
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import AstraiError
+from .device_transfer import to_device
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
 
@@ -72,6 +73,7 @@ class Grammars:
     def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int]) -> None:
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
         self._lltok = None
+        self._executor = None
         self._grammars: dict[str, str] = {}  # spec as canonical JSON -> validated grammar
 
     def _ll_tokenizer(self):
@@ -108,20 +110,37 @@ class Grammars:
 
         return llguidance.LLMatcher(self._ll_tokenizer(), self.grammar(spec), log_level=0)
 
+    def _parallel(self):
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor()  # the grammars' own thread pool: fills masks in parallel
+        return self._executor
+
     def apply(self, logits: torch.Tensor, matchers: list) -> None:
         """Mask, in place, each row of `logits` whose matcher is not None to the tokens it allows."""
+        from llguidance.torch import fill_next_token_bitmask_par
+
         # A stopped matcher (its grammar complete) allows nothing: its row's token is dropped anyway.
         rows = [i for i, m in enumerate(matchers) if m is not None and not (m.is_stopped() or m.is_error())]
         if not rows:
             return
         words = (self.vocab_size + 31) // 32
-        masks = torch.empty((len(rows), words), dtype=torch.int32)
-        for j, i in enumerate(rows):
-            masks[j] = torch.frombuffer(bytearray(matchers[i].compute_bitmask()), dtype=torch.int32)[:words]
-        index = torch.tensor(rows, dtype=torch.long)
-        masks, index = masks.to(logits.device, non_blocking=True), index.to(logits.device, non_blocking=True)
-        bits = (masks.unsqueeze(-1) >> torch.arange(32, device=logits.device, dtype=torch.int32)) & 1
-        allowed = bits.reshape(len(rows), -1)[:, : logits.shape[-1]].bool()
+        # A request's first draw with n > 1 repeats its one matcher: fill each matcher's mask once.
+        slot: dict[int, int] = {}
+        for i in rows:
+            slot.setdefault(id(matchers[i]), len(slot))
+        unique = {id(matchers[i]): matchers[i] for i in rows}
+        masks = torch.empty((len(slot), words), dtype=torch.int32)
+        fill_next_token_bitmask_par(self._parallel(), [(m, slot[k]) for k, m in unique.items()], masks)
+        if len(slot) < len(rows):
+            masks = masks[[slot[id(matchers[i])] for i in rows]]
+        # One asynchronous copy from pinned memory: a copy from pageable memory would wait for
+        # the forward pass already queued on the device and undo the step overlap.
+        masks, index = to_device([masks.reshape(-1), torch.tensor(rows, dtype=torch.int32)], logits.device)
+        masks, index = masks.view(len(rows), words), index.long()
+        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+        allowed = ((masks.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1)[:, : logits.shape[-1]].bool()
         if allowed.shape[-1] < logits.shape[-1]:  # logits wider than the tokenizer's vocabulary
             pad = torch.zeros(len(rows), logits.shape[-1] - allowed.shape[-1], dtype=torch.bool, device=logits.device)
             allowed = torch.cat([allowed, pad], dim=-1)
