@@ -144,4 +144,35 @@ def test_apply_chat_template_text_and_kwargs(tok):
 
 def test_validation_runs_through_tokenizer(tok):
     with pytest.raises(ValueError, match=r"messages\[0\]\['role'\]"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+        tok.apply_chat_template([{"role": "function", "content": "x"}])
+
+
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+TOOL_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "1+2?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "add", "arguments": '{"a": 1}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "3"},
+    {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "ok"}]},
+]
+
+
+def test_tools_calls_and_results_render_in_the_tool_call_convention():
+    text = render_chat_template(DEFAULT_CHAT_TEMPLATE, TOOL_CHAT, add_generation_prompt=True, tools=TOOLS)
+    system, rest = text.split("<|im_end|>\n", 1)
+    assert system.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert (
+        '\n<tools>\n{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}\n</tools>'
+        in system
+    )
+    assert rest == (
+        "<|im_start|>user\n1+2?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n3\n</tool_response>\n<tool_response>\nok\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_without_tools_a_conversation_renders_exactly_as_plain_chatml():
+    assert render_chat_template(DEFAULT_CHAT_TEMPLATE, CONVERSATION, tools=None) == EXPECTED
+    assert render_chat_template(DEFAULT_CHAT_TEMPLATE, CONVERSATION, tools=[]) == EXPECTED

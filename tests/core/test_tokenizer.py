@@ -343,6 +343,20 @@ def test_transformers_renders_list_content_like_us(tok, hf_tok):
     assert hf_tok.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
 
 
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+TOOL_CHAT = [
+    {"role": "user", "content": "1+2?"},
+    {"role": "assistant", "content": "Adding.", "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1}}}]},
+    {"role": "tool", "content": "3"},
+    {"role": "assistant", "content": "It is 3."},
+]
+
+
+def test_transformers_renders_tools_and_tool_turns_like_us(tok, hf_tok):
+    ours = tok.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=False)
+    assert hf_tok.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=False) == ours
+
+
 def test_loads_directory_written_by_transformers(tok, hf_tok, tmp_path):
     hf_tok.save_pretrained(str(tmp_path))
     loaded = AutoTokenizer.from_pretrained(tmp_path)
@@ -460,3 +474,11 @@ def test_assistant_mask_when_prefix_renders_differently(tok):
 def test_assistant_mask_validates_messages(tok):
     with pytest.raises(ValueError, match=r"messages\[1\].*missing 'content'"):
         tok.chat_assistant_mask([{"role": "user", "content": "x"}, {"role": "assistant"}])
+
+
+def test_assistant_mask_covers_the_calls_a_reply_makes_and_not_the_tool_results(tok):
+    ids, mask = tok.chat_assistant_mask(TOOL_CHAT, tools=TOOLS)
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == (
+        'Adding.\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call><|im_end|>It is 3.<|im_end|>'
+    )

@@ -189,3 +189,38 @@ def test_options_are_checked_by_name(tok):
         SFTDataModule(tok, "x.jsonl", overlong="drop")
     with pytest.raises(DataError, match="data.max_len"):
         SFTDataModule(tok, "x.jsonl", max_len=1)
+
+
+def test_tool_conversations_train_on_the_calls_and_not_on_the_tool_results(tmp_path):
+    import json
+    import random
+
+    from astrai.core.tokenizer_trainer import train_tokenizer
+
+    rng = random.Random(0)
+    words = ["add", "sum", "is", "three", "tool_call", "name", "arguments", "<", ">", "{", "}", '"', ":", "1", "2"]
+    bpe = train_tokenizer(
+        iter(" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)), vocab_size=300, show_progress=False
+    )
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    messages = [
+        {"role": "user", "content": "1+2?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "3"},
+        {"role": "assistant", "content": "three"},
+    ]
+    rows = [{"messages": messages, "tools": json.dumps(tools)}, {"messages": messages, "tools": json.dumps(tools)}]
+    dm = make(str(bpe.save_pretrained(tmp_path / "bpe")), tmp_path, rows)
+    row = dm.train_dataset[0]
+    trained = bpe.decode([t for t in row["labels"] if t != X])
+    assert (
+        trained == '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>three<|im_end|>'
+    )
+    assert "# Tools" in bpe.decode(row["input_ids"])  # the row's tools are in the prompt
+
+
+def test_a_tool_call_on_a_user_message_is_refused_by_name(tok, tmp_path):
+    bad = {"messages": [{"role": "user", "content": "hi", "tool_calls": []}, {"role": "assistant", "content": "yo"}]}
+    with pytest.raises(DataError, match=r"messages\[0\]\.tool_calls"):
+        make(tok, tmp_path, [bad, chat(("user", "hi"), ("assistant", "yo"))])

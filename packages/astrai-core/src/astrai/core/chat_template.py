@@ -29,24 +29,60 @@ IM_END = "<|im_end|>"  # end of turn; generation stops on it too
 # Order matters: trained tokenizers give these ids 0..4.
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, IM_START, IM_END)
 
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 # List-valued content is handled in the template as well so that transformers,
 # which passes messages through untouched, renders the same text as we do.
+# Tools follow the convention of Qwen's and Hermes' templates (astrai.core.tool_calls reads it):
+# the tools' signatures in the system turn inside <tools></tools>, each call the assistant makes
+# as a <tool_call> JSON block, and results as <tool_response> blocks in a user turn (consecutive
+# tool messages share one). Without tools the rendering is plain ChatML, as before tools existed.
 DEFAULT_CHAT_TEMPLATE = (
-    "{%- for message in messages %}\n"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}\n"
-    "{{- raise_exception('unsupported role: ' + message['role']) }}\n"
-    "{%- endif %}\n"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}\n"
-    "{%- if message['content'] is string %}\n"
-    "{{- message['content'] }}\n"
-    "{%- else %}\n"
-    "{%- for part in message['content'] %}\n"
+    "{%- macro text(content) %}\n"
+    "{%- if content is string %}\n"
+    "{{- content }}\n"
+    "{%- elif content %}\n"
+    "{%- for part in content %}\n"
     "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}\n"
     "{%- endfor %}\n"
     "{%- endif %}\n"
+    "{%- endmacro %}\n"
+    "{%- if tools %}\n"
+    "{{- '<|im_start|>system\\n' }}\n"
+    "{%- if messages and messages[0]['role'] == 'system' %}\n"
+    "{{- text(messages[0]['content']) + '\\n\\n' }}\n"
+    "{%- endif %}\n"
+    "{{- '# Tools\\n\\nYou may call the functions below. Their signatures, one JSON object a line, "
+    "are inside <tools></tools>:\\n<tools>' }}\n"
+    "{%- for tool in tools %}\n"
+    "{{- '\\n' + (tool | tojson) }}\n"
+    "{%- endfor %}\n"
+    "{{- '\\n</tools>\\n\\nTo call functions, reply with one <tool_call></tool_call> block a call, "
+    "each holding a JSON object with the name and the arguments:\\n<tool_call>\\n"
+    '{"name": <function name>, "arguments": <arguments object>}\\n</tool_call><|im_end|>\\n\' }}\n'
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}\n"
+    "{{- raise_exception('unsupported role: ' + message['role']) }}\n"
+    "{%- endif %}\n"
+    "{%- if message['role'] == 'tool' %}\n"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}\n"
+    "{{- '\\n<tool_response>\\n' + text(message['content']) + '\\n</tool_response>' }}\n"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}\n"
+    "{%- elif not (tools and loop.first and message['role'] == 'system') %}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + text(message['content']) }}\n"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] %}\n"
+    "{%- for call in message['tool_calls'] %}\n"
+    "{%- set function = call['function'] if call['function'] is defined else call %}\n"
+    "{%- if not loop.first or message['content'] %}{{- '\\n' }}{%- endif %}\n"
+    "{{- '<tool_call>\\n{\"name\": ' + (function['name'] | tojson) + ', \"arguments\": ' }}\n"
+    "{%- if function['arguments'] is string %}{{- function['arguments'] }}"
+    "{%- else %}{{- function['arguments'] | tojson }}{%- endif %}\n"
+    "{{- '}\\n</tool_call>' }}\n"
+    "{%- endfor %}\n"
+    "{%- endif %}\n"
     "{{- '<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
     "{%- endfor %}\n"
     "{%- if add_generation_prompt %}\n"
     "{{- '<|im_start|>assistant\\n' }}\n"
@@ -87,6 +123,9 @@ def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, 
         if role not in ROLES:
             raise AstraiError(f"messages[{i}]['role'] is {role!r}; expected one of {', '.join(ROLES)}")
         if message.get("content") is None:
+            if role == "assistant" and message.get("tool_calls"):  # a reply that is only calls
+                out.append({**message, "content": ""})
+                continue
             raise AstraiError(f"messages[{i}] ({role}) is missing 'content'")
         out.append({**message, "content": _content_to_text(message["content"], i)})
     return out

@@ -12,7 +12,7 @@ from typing import Any
 
 from astrai.core.errors import AstraiError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SKIP_HINT = "fix the row, or set `data.skip_bad_rows: true` to skip and count such rows"
 
 
@@ -62,7 +62,22 @@ def _content(value: Any, where: str) -> str:
     raise RecordError(where, f"must be a string, got {_type_name(value)}")
 
 
-def require_messages(value: Any, field: str, *, need_assistant: bool = True) -> list[dict[str, str]]:
+def _tool_calls(message: Mapping, role: str, where: str) -> list[dict] | None:
+    """An assistant message's `tool_calls` (OpenAI's shape, or bare {"name", "arguments"}),
+    which the chat template renders as <tool_call> blocks to train on."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    if role != "assistant" or not isinstance(calls, list):
+        raise RecordError(f"{where}.tool_calls", "must be a list of calls, on assistant messages only")
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise RecordError(f"{where}.tool_calls[{j}]", 'must be {"function": {"name": ..., "arguments": ...}}')
+    return calls
+
+
+def require_messages(value: Any, field: str, *, need_assistant: bool = True) -> list[dict[str, Any]]:
     """A chat conversation: a non-empty list of {"role", "content"} with known roles."""
     if value is None:
         raise RecordError(field, "is missing")
@@ -78,14 +93,16 @@ def require_messages(value: Any, field: str, *, need_assistant: bool = True) -> 
         role = message.get("role")
         if role not in ROLES:
             raise RecordError(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
-        if message.get("content") is None:
+        calls = _tool_calls(message, role, where)
+        if message.get("content") is None and not calls:
             raise RecordError(f"{where}.content", "is missing")
-        messages.append({"role": role, "content": _content(message["content"], f"{where}.content")})
+        content = "" if message.get("content") is None else _content(message["content"], f"{where}.content")
+        messages.append({"role": role, "content": content, **({"tool_calls": calls} if calls else {})})
     if need_assistant:
         replies = [m for m in messages if m["role"] == "assistant"]
         if not replies:
             raise RecordError(field, "has no assistant message (nothing to train on)")
-        if not any(m["content"].strip() for m in replies):
+        if not any(m["content"].strip() or m.get("tool_calls") for m in replies):
             raise RecordError(field, "every assistant message is empty")
     return messages
 

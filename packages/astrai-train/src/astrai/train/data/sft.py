@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -55,11 +56,24 @@ def sample_from_mask(ids: list[int], mask: list[int], field: str) -> dict[str, A
     return {"input_ids": ids, "labels": labels}
 
 
-def _chat(tok: AutoTokenizer, messages: list[dict], field: str) -> tuple[list[int], list[int]]:
+def _chat(tok: AutoTokenizer, messages: list[dict], field: str, tools: Any = None) -> tuple[list[int], list[int]]:
     try:
-        return tok.chat_assistant_mask(messages)
+        return tok.chat_assistant_mask(messages, **({"tools": tools} if tools else {}))
     except ValueError as e:  # the template rejected the conversation
         raise RecordError(field, str(e)) from None
+
+
+def _row_tools(tools: Any) -> list | None:
+    """A row's tools (rendered as the server renders a request's), a list or its JSON text: a
+    JSON string keeps datasets from merging different functions' schemas into one Arrow type."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise RecordError("tools", f"is not valid JSON: {e}") from None
+    if tools is not None and not isinstance(tools, list):
+        raise RecordError("tools", f"must be a list of functions (or its JSON text), got {type(tools).__name__}")
+    return tools
 
 
 def _sft_row(row: dict, tok: AutoTokenizer, *, max_len: int, overlong: str, system_prompt: str | None) -> dict:
@@ -70,7 +84,7 @@ def _sft_row(row: dict, tok: AutoTokenizer, *, max_len: int, overlong: str, syst
         prompt, response = require_text(row.get("prompt"), "prompt"), require_text(row.get("response"), "response")
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages = [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    ids, mask = _chat(tok, messages, field)
+    ids, mask = _chat(tok, messages, field, _row_tools(row.get("tools")))
     ids, mask, cut = fit_length(ids, mask, max_len, overlong, field)
     return {**sample_from_mask(ids, mask, field), TRUNCATED: cut}
 
