@@ -64,7 +64,7 @@ def test_chat_prompt_is_the_chat_template_with_generation_prompt(info):
     assert gen.prompt_ids == expected
     assert gen.params["max_tokens"] == 7 and gen.params["temperature"] == 0 and gen.params["top_k"] == 5
     assert gen.params["stop"] == ["x"] and gen.params["seed"] == 3 and gen.params["logprobs"] is None
-    assert options == {"stream": False, "include_usage": False, "logprobs": None}
+    assert options == {"stream": False, "include_usage": False, "logprobs": None, "tools": None}
 
 
 def test_chat_developer_role_is_a_system_message(info):
@@ -97,8 +97,15 @@ def test_chat_logprobs_and_usage_options(info):
         ({"model": "tiny"}, "messages", "required"),
         (chat(messages=[]), "messages", "non-empty"),
         (chat(messages="hi"), "messages", "non-empty"),
-        (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0].role", "supported roles"),
-        (chat(messages=[{"role": "user"}]), "messages[0].content", "string or a list"),
+        (chat(messages=[{"role": "function", "content": "x"}]), "messages[0].role", "supported roles"),
+        (chat(messages=[{"role": "user"}]), "messages[0].content", "is required"),
+        (chat(messages=[{"role": "user", "content": 3}]), "messages[0].content", "string or a list"),
+        (chat(messages=[{"role": "user", "content": "x", "tool_calls": []}]), "messages[0].tool_calls", "assistant"),
+        (
+            chat(messages=[{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]),
+            "messages[0].tool_calls",
+            "JSON text",
+        ),
         (
             chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
             "messages[0].content[0]",
@@ -124,7 +131,30 @@ def test_chat_logprobs_and_usage_options(info):
         (chat(min_p=1.5), "min_p", "at most 1"),
         (chat(seed=-1), "seed", "integer"),
         (chat(stop_token_ids=[10**6]), "stop_token_ids", "vocabulary"),
-        (chat(tools=[{"type": "function"}]), "tools", "not supported"),
+        (chat(tools=[{"type": "function"}]), "tools", '"function": {"name"'),
+        (chat(tools=[{"type": "function", "function": {"name": "a b"}}]), "tools", "letters, digits"),
+        (chat(tools=[]), "tools", "list of"),
+        (chat(tool_choice="always"), "tool_choice", '"required"'),
+        (chat(tool_choice="required"), "tool_choice", "declares no tools"),
+        (
+            chat(
+                tools=[{"type": "function", "function": {"name": "f"}}],
+                tool_choice={"type": "function", "function": {"name": "g"}},
+            ),
+            "tool_choice",
+            "not among",
+        ),
+        (
+            chat(
+                tools=[{"type": "function", "function": {"name": "f"}}],
+                tool_choice="required",
+                response_format={"type": "json_object"},
+            ),
+            "response_format",
+            "forced",
+        ),
+        (chat(parallel_tool_calls="yes"), "parallel_tool_calls", "true or false"),
+        (chat(functions=[{"name": "f"}]), "functions", "send `tools`"),
         (chat(response_format={"type": "yaml"}), "response_format", 'must be {"type": "text"}'),
         (chat(response_format={"type": "json_schema"}), "response_format", "json_schema"),
     ],
@@ -222,7 +252,12 @@ def test_messages_prompt_has_system_and_prefill(info):
         "max_tokens": 5,
         "ignore_eos": True,
     }
-    assert options == {"stream": False, "stop": ["\n\n"]}
+    assert options == {"stream": False, "stop": ["\n\n"], "tools": None}
+
+
+HI = [{"role": "user", "content": "Hi"}]
+F = [{"name": "f", "input_schema": {"type": "object"}}]
+USE = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}
 
 
 @pytest.mark.parametrize(
@@ -236,6 +271,21 @@ def test_messages_prompt_has_system_and_prefill(info):
         ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": "yes"}, "'ignore_eos'"),
         ({"max_tokens": 10_000, "messages": [{"role": "user", "content": "Hi"}]}, "maximum context length"),
         ({"max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}], "stop_sequences": "x y"}, None),
+        ({"max_tokens": 5, "messages": HI, "tools": [{"name": "f"}]}, "input_schema"),
+        ({"max_tokens": 5, "messages": HI, "tools": [{"name": "a b", "input_schema": {}}]}, "letters, digits"),
+        ({"max_tokens": 5, "messages": HI, "tool_choice": {"type": "any"}}, "declares no tools"),
+        ({"max_tokens": 5, "messages": HI, "tools": F, "tool_choice": {"type": "tool"}}, 'needs the tool\'s "name"'),
+        ({"max_tokens": 5, "messages": HI, "tools": F, "tool_choice": {"type": "tool", "name": "g"}}, "not among"),
+        ({"max_tokens": 5, "messages": HI, "tools": F, "tool_choice": {"type": "sometimes"}}, "tool_choice: must be"),
+        (
+            {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]},
+            "messages.0.content.0.tool_use_id",
+        ),
+        (
+            {"max_tokens": 5, "messages": [*HI, {"role": "assistant", "content": [USE]}]},
+            "send their tool_result blocks",
+        ),
+        ({"max_tokens": 5, "messages": [{"role": "user", "content": [USE]}]}, "belong in assistant messages"),
     ],
 )
 def test_messages_rejects_bad_requests(info, body, hint):

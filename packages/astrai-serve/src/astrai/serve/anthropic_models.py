@@ -22,25 +22,68 @@ from .request_models import (
     raw_at,
     sequences,
     text_or,
-    unsupported,
 )
-
-UNSUPPORTED = {
-    "tools": "tool use is not implemented; describe the tools in the system prompt instead",
-    "tool_choice": "tool use is not implemented",
-}
 
 
 class TextBlock(Part):
-    """A content block; this model reads text only."""
+    """A text content block (the model reads text: images and documents are refused)."""
 
     type: Literal["text"]
     text: str
 
 
+class ToolUseBlock(Part):
+    """A call an earlier assistant turn made."""
+
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(Part):
+    """A tool's answer to a call, in a user turn."""
+
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: text_or(TextBlock) | None = None
+    is_error: bool | None = None
+
+
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+
+
 class Message(Part):
     role: Literal["user", "assistant"]
-    content: text_or(TextBlock)
+    content: text_or(Block)
+
+
+class Tool(Part):
+    """A client tool: Anthropic's server tools (web search, code execution...) are not ours to run."""
+
+    type: Literal["custom"] | None = None
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class ToolChoice(Part):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+Tools = Annotated[
+    list[Tool],
+    Wording(
+        message='tools: must be a list of {"name", "description", "input_schema"} objects (client tools; a name '
+        "is 1-64 letters, digits, _ or -, input_schema a JSON schema object)"
+    ),
+]
+ToolChoiceField = Annotated[
+    ToolChoice,
+    Wording(message='tool_choice: must be {"type": "auto" | "any" | "tool" | "none"}, with "name" for "tool"'),
+]
 
 
 def _text_error(error: dict, body: dict, at: int, where: str) -> APIError:
@@ -49,10 +92,14 @@ def _text_error(error: dict, body: dict, at: int, where: str) -> APIError:
     if len(loc) > at + 1 and isinstance(loc[at + 1], int):
         block = raw_at(body, loc[: at + 2])
         kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+        where = f"{where}.{loc[at + 1]}"
+        if len(loc) > at + 3 and kind in ("text", "tool_use", "tool_result"):
+            field = ".".join(str(k) for k in loc[at + 3 :] if k not in ("string", "list"))
+            return bad_request(f"{where}.{field}: {error['msg']} (in a {kind!r} block)", f"{where}.{field}")
         return bad_request(
-            f"{where}.{loc[at + 1]}: content block of type {kind!r} is not supported; "
-            'send {"type": "text", "text": "..."} blocks (this model reads text only)',
-            f"{where}.{loc[at + 1]}",
+            f"{where}: content block of type {kind!r} is not supported; send text, tool_use (assistant) or "
+            "tool_result (user) blocks (this model reads text only)",
+            where,
         )
     content = raw_at(body, loc[:at])
     return bad_request(f"{where}: must be a string or a list of text blocks, got {type(content).__name__}", where)
@@ -78,8 +125,8 @@ class MessagesRequest(RequestModel):
     """POST /v1/messages. A final assistant message is a prefill: the reply continues it."""
 
     model: str | None = None
-    tools: unsupported(UNSUPPORTED["tools"]) = None
-    tool_choice: unsupported(UNSUPPORTED["tool_choice"]) = None
+    tools: Tools = None
+    tool_choice: ToolChoiceField = Field(None, description='default {"type": "auto"} with tools')
     thinking: Annotated[Any, Field(description='{"type": "enabled"} is refused (no extended thinking)')] = None
     max_tokens: Annotated[
         integer(1), Wording(required="max_tokens: Field required; set the most tokens to generate, e.g. 1024")

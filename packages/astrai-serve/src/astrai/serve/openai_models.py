@@ -8,7 +8,8 @@ model (the context length, --max-batch-size, the vocabulary) is checked in opena
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import APIError, bad_request
 from .request_models import (
@@ -30,10 +31,9 @@ from .request_models import (
 )
 
 MAX_TOP_LOGPROBS = 20
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 UNSUPPORTED_CHAT = {
-    "tools": "tool calling is not implemented; describe the tools in the system message instead",
-    "functions": "function calling is not implemented",
+    "functions": "the legacy `functions` field is not supported; send `tools` instead",
     "logit_bias": "logit biases are not implemented",
 }
 UNSUPPORTED_COMPLETION = {
@@ -67,9 +67,67 @@ class TextPart(Part):
     text: str
 
 
+class FunctionCall(Part):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text, as OpenAI sends them")
+
+
+class ToolCallIn(Part):
+    """A call an earlier assistant message made (from a previous response)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Part):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: text_or(TextPart)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: text_or(TextPart) | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("missing_content", "content is missing")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("misplaced_calls", "tool_calls on a message that is not the assistant's")
+        return self
+
+
+class FunctionSpec(Part):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments object")
+    strict: bool | None = None
+
+
+class ToolSpec(Part):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Part):
+    name: str
+
+
+class NamedToolChoice(Part):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+TOOLS_SHAPE = '\'tools\' must be a list of {"type": "function", "function": {"name", "description", "parameters"}}'
+Tools = Annotated[
+    list[ToolSpec],
+    Field(min_length=1),
+    Wording(message=TOOLS_SHAPE + " objects; a name is 1-64 letters, digits, _ or -, parameters a JSON schema object"),
+]
+ToolChoice = Annotated[
+    Literal["none", "auto", "required"] | NamedToolChoice,
+    Wording(
+        message='\'tool_choice\' must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+    ),
+]
 
 
 class StreamOptions(Part):
@@ -81,8 +139,23 @@ def _messages_error(error: dict, body: dict) -> APIError:
     if len(loc) == 1:
         return bad_request('\'messages\' must be a non-empty list of {"role", "content"} objects', "messages")
     where = f"messages[{loc[1]}]"
+    if error["type"] == "missing_content":
+        return bad_request(
+            f"'{where}.content' is required (only an assistant message with 'tool_calls' may leave it out)",
+            f"{where}.content",
+        )
+    if error["type"] == "misplaced_calls":
+        return bad_request(f"'{where}.tool_calls' is allowed on assistant messages only", f"{where}.tool_calls")
     if len(loc) == 2:
         return bad_request(f"'{where}' must be an object with 'role' and 'content'", where)
+    if loc[2] == "tool_calls":
+        return bad_request(
+            f"'{where}.tool_calls' must be a list of "
+            '{"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}} objects',
+            f"{where}.tool_calls",
+        )
+    if loc[2] == "tool_call_id":
+        return bad_request(f"'{where}.tool_call_id' must be a string", f"{where}.tool_call_id")
     if loc[2] == "role":
         role = raw_at(body, loc[:3])
         roles = ", ".join(CHAT_ROLES)
@@ -174,6 +247,9 @@ class ChatCompletionRequest(OpenAIRequest):
 
     check_order = (
         *UNSUPPORTED_CHAT,
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
         "response_format",
         "messages",
         "stream",
@@ -183,8 +259,10 @@ class ChatCompletionRequest(OpenAIRequest):
         *SAMPLING,
     )
 
-    tools: unsupported(UNSUPPORTED_CHAT["tools"]) = None
     functions: unsupported(UNSUPPORTED_CHAT["functions"]) = None
+    tools: Tools = None
+    tool_choice: ToolChoice = Field(None, description='default "auto" with tools, "none" without')
+    parallel_tool_calls: Flag = True
     response_format: ResponseFormat = None
     messages: Annotated[
         list[ChatMessage],
@@ -200,8 +278,6 @@ class ChatCompletionRequest(OpenAIRequest):
     service_tier: Anything = None
     safety_identifier: Anything = None
     prompt_cache_key: Anything = None
-    tool_choice: Anything = None
-    parallel_tool_calls: Anything = None
     function_call: Anything = None
 
 
@@ -241,7 +317,7 @@ class CompletionRequest(OpenAIRequest):
 
 # Accepted and ignored: they do not change the answer here. `user`, `metadata`, `store`,
 # `service_tier`, `safety_identifier` and `prompt_cache_key` concern OpenAI's accounting and
-# storage; the tool-choice fields mean something only with tools/functions, which are refused.
+# storage; `function_call` means something only with the legacy `functions`, which are refused.
 IGNORED_CHAT = (
     "user",
     "metadata",
@@ -249,8 +325,6 @@ IGNORED_CHAT = (
     "service_tier",
     "safety_identifier",
     "prompt_cache_key",
-    "tool_choice",
-    "parallel_tool_calls",
     "function_call",
 )
 IGNORED_COMPLETION = ("user",)

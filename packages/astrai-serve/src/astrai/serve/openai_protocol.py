@@ -3,7 +3,8 @@ stream chunks out. Pure functions and small classes; no HTTP here (see server.py
 
 Beyond OpenAI's fields we take vLLM's extras: top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, skip_special_tokens. Fields that would change the answer but that we cannot
-honour (tools, JSON mode, logit_bias, suffix) are refused rather than ignored. The request bodies
+honour (logit_bias, suffix, the legacy functions) are refused rather than ignored. Tools go
+through tool_use.py (shared with the Anthropic route). The request bodies
 are pydantic models (openai_models.py); here they meet the served model: its chat template,
 context length, batch size and vocabulary.
 """
@@ -13,8 +14,6 @@ from __future__ import annotations
 import time
 import uuid
 from typing import Any
-
-from jinja2 import TemplateError
 
 from . import request_fields as fields
 from .errors import APIError, bad_request
@@ -39,6 +38,7 @@ from .openai_models import (  # noqa: F401 - IGNORED_*, MAX_TOP_LOGPROBS: import
     structured_output,
 )
 from .request_models import validated
+from .tool_use import ReplyCalls, ToolRequest, chat_prompt_ids, openai_tool_call
 
 # Every field each route takes (its model's); in strict mode (the default) any other is refused, as OpenAI does.
 CHAT_FIELDS = ChatCompletionRequest.accepted()
@@ -112,21 +112,45 @@ def _logprobs_count(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
+def _chat_message(m) -> dict[str, Any]:
+    message = {"role": CHAT_ROLES[m.role], "content": None if m.content is None else _text_content(m.content)}
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def _tools(req: ChatCompletionRequest) -> ToolRequest:
+    """OpenAI's tools and tool_choice: the choice defaults to "auto" with tools, "none" without."""
+    functions = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = req.tool_choice or ("auto" if functions else "none")
+    tools = ToolRequest(functions, choice if isinstance(choice, str) else choice.function.name, req.parallel_tool_calls)
+    tools.check("tool_choice")
+    if tools.forced and structured_output(req.response_format) is not None:
+        raise bad_request(
+            "'response_format' cannot be combined with a forced 'tool_choice' (the reply is the tool call)",
+            "response_format",
+        )
+    return tools
+
+
 def parse_chat(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]:
     """Validate a chat completion request; returns the generation and the response options."""
     req = validated(ChatCompletionRequest, body, unknown_field, lambda: check_model(body, info))
-    messages = [{"role": CHAT_ROLES[m.role], "content": _text_content(m.content)} for m in req.messages]
+    tools = _tools(req)
+    messages = [_chat_message(m) for m in req.messages]
     options = {"stream": req.stream, "include_usage": _include_usage(req), "logprobs": _logprobs_count(req)}
+    options["tools"] = tools.parallel if tools.active else None  # None: replies are text only
     params = _sampling(req, info)
-    try:
-        text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except (ValueError, TemplateError) as e:
-        raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
-    prompt_ids = encode(info.tokenizer, text)
+    prompt_ids = chat_prompt_ids(info, messages, tools, "messages")
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     params["max_tokens"] = fit_max_tokens(len(prompt_ids), getattr(req, name), info, name, "messages")
     params["logprobs"] = options["logprobs"]
-    params["structured_output"] = structured_output(req.response_format)
+    params["structured_output"] = tools.structured_output() or structured_output(req.response_format)
     check_token_ids(params["stop_token_ids"] or [], info.tokenizer.vocab_size, "stop_token_ids")
     return Generation(prompt_ids, checked_params(params), req.stream), options
 
@@ -217,11 +241,19 @@ def new_id(prefix: str) -> str:
 def chat_response(request_id: str, info: ModelInfo, acc: Accumulator, options: dict) -> dict[str, Any]:
     def choice(c: Choice) -> dict[str, Any]:
         logprobs = chat_logprobs(info.tokenizer, c.logprobs) if options["logprobs"] is not None else None
+        message, finish_reason = {"role": "assistant", "content": c.text}, c.finish_reason
+        if options.get("tools") is not None:
+            reply = ReplyCalls(parallel=options["tools"])
+            content, calls = reply.feed(c.text, last=True)
+            message["content"] = content or None
+            if calls:
+                message["tool_calls"] = [openai_tool_call(call) for call in calls]
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         return {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": message,
             "logprobs": logprobs,
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": c.stop_reason,
         }
 
@@ -293,6 +325,7 @@ class ChatStream:
         self.id, self.info, self.options = request_id, info, options
         self.created = int(time.time())
         self.acc = Accumulator(n)
+        self.replies: dict[int, ReplyCalls] = {}  # with tools: each choice's calls so far
 
     def _chunk(self, choices: list[dict], **extra: Any) -> dict[str, Any]:
         chunk = {
@@ -323,8 +356,21 @@ class ChatStream:
             )
         ]
 
-    def _delta(self, event: dict) -> dict[str, Any]:
-        return {"content": event["text"]} if event["text"] else {}
+    def _delta(self, event: dict) -> tuple[dict[str, Any], str | None]:
+        """The chunk's delta and finish_reason; with tools, text inside a call is held until the
+        call is complete, then sent as one `tool_calls` entry the client appends by index."""
+        finish = event["finish_reason"]
+        if self.options.get("tools") is None:
+            return ({"content": event["text"]} if event["text"] else {}), finish
+        reply = self.replies.setdefault(event["index"], ReplyCalls(parallel=self.options["tools"]))
+        before = len(reply.calls)
+        content, calls = reply.feed(event["text"], last=finish is not None)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = [openai_tool_call(c, before + k) for k, c in enumerate(calls)]
+        if finish == "stop" and reply.calls:
+            finish = "tool_calls"
+        return delta, finish
 
     def _logprobs(self, event: dict) -> dict | None:
         if self.options["logprobs"] is None:
@@ -337,11 +383,14 @@ class ChatStream:
             self.acc.add(event)
             if not event["text"] and event["finish_reason"] is None and not event["logprobs"]:
                 continue  # e.g. a stop token or half of a multibyte character: nothing to show yet
+            delta, finish = self._delta(event)
+            if not delta and finish is None and not event["logprobs"]:
+                continue  # text held back (a tool call still being written)
             choice = {
                 "index": event["index"],
-                "delta": self._delta(event),
+                "delta": delta,
                 "logprobs": self._logprobs(event),
-                "finish_reason": event["finish_reason"],
+                "finish_reason": finish,
             }
             if event["finish_reason"] is not None:
                 choice["stop_reason"] = event["stop_reason"]
