@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     qs_args = ["--out", args.out, "--configs", args.configs, "--seed", str(args.seed), "--quiet"]
     qs_args += ["--steps-scale", str(args.steps_scale)] + (["--threads", str(args.threads)] if args.threads else [])
     q = Quickstart(_parser().parse_args(qs_args))
-    if not (q.export("sft") / "model.safetensors").is_file():
-        q.make_data(), q.train_tokenizer(), q.pretrain(), q.sft()
+    if not (q.export("sft") / "model.safetensors").is_file():  # the quickstart's stages 1-4
+        q.make_data()
+        q.train_tokenizer()
+        q.pretrain()
+        q.sft()
     t0 = time.time()
     questions = load_questions(q.data / "sft" / "heldout.jsonl")
     grpo = yaml.safe_load((q.configs / "grpo.yaml").read_text(encoding="utf-8"))["model"]["init_args"]
