@@ -241,3 +241,62 @@ def test_yaml_typos_fail_naming_the_field(tmp_path, word_tok, capsys):
     assert main([*_cli_args(tmp_path, word_tok, tmp_path / "run", 1), f"--config={bad}"]) == 2
     err = capsys.readouterr().err
     assert "model.num_generations must be an integer >= 2" in err and "Traceback" not in err
+
+
+def test_with_lora_the_reference_is_the_policy_without_its_adapters(tmp_path, word_tok):
+    from astrai.train.lora import LoRAConfig
+    from astrai.train.rollout import policy_state
+
+    m = module(word_tok, lora=LoRAConfig(rank=2, alpha=4))
+    assert m.ref_model is None
+    record = RecordPairs()
+    trainer = make_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[record])
+    trainer.fit(m, prompt_data(tmp_path, word_tok))
+    losses = [loss for _, _, loss in record.steps if loss is not None]
+    assert losses[0].item() == pytest.approx(0.6931472, abs=1e-6)  # adapters start at zero: policy = reference
+    assert abs(losses[-1].item() - 0.6931472) > 1e-4
+    merged = policy_state(m.model, m.lora_config)
+    engine = m.rollout_engine().engine.model.state_dict()
+    for name, value in merged.items():  # the engine samples with the merged adapters of the last step
+        torch.testing.assert_close(engine[name], value, msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_train_when_one_rank_has_no_pair(tmp_path, word_tok):
+    """DDP over gloo, one prompt per rank and step: a rank whose replies tie trains on a stand-in
+    pair with the loss times 0 instead of returning None (Lightning refuses a skipped step under DDP:
+    every rank must run the backward pass that all-reduces the gradients)."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "ddp"
+    args = _cli_args(tmp_path, word_tok, root, 6) + [
+        "--data.batch_size=1",
+        "--model.num_generations=2",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.limit_val_batches=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "astrai.train.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = root.glob("logs/version_*/metrics.csv")
+    tied = [float(row["train/tied_prompts"]) for row in _csv(path) if row.get("train/tied_prompts")]
+    assert len(tied) == 6 and 1.0 in tied and 0.0 in tied  # rank 0 had steps with and without a pair
+    assert (root / "export" / "model.safetensors").is_file()
+
+
+def _csv(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as f:
+        return list(csv.DictReader(f))
