@@ -136,6 +136,7 @@ def test_pairs_are_ranked_by_the_reward_and_the_loss_is_dpo_in_float64(tmp_path,
     assert abs(record.steps[-1][2].item() - 0.6931) > 1e-3  # the policy moved away from the reference
 
 
+@pytest.mark.slow
 def test_online_dpo_raises_the_reward_of_a_toy_task(tmp_path, word_tok):
     """Sampled replies to the same prompts with the same seeds, before and after 20 steps."""
     m = module(word_tok)
