@@ -7,7 +7,7 @@
 
 Every field of the model, data and trainer is a command-line flag; `--print_config` prints
 the complete configuration. Classes are picked by `class_path` or by class name
-(`--model=SFTModule`), and on the command line also by a short name: seq/pretrain, sft, dpo, grpo.
+(`--model=SFTModule`), and on the command line also by a short name: seq/pretrain, sft, dpo, grpo, online-dpo.
 Defaults added here: a CSV logger; checkpoints in `<default_root_dir>/checkpoints` with
 `last.ckpt` kept and written after the final step (so `--ckpt_path=last` continues the
 previous run exactly, even with a larger max_steps), each with a `.sha256` sidecar that is
@@ -36,6 +36,7 @@ from .checkpointing import Checkpoint
 from .dpo_module import DPOModule
 from .export import ModelExport
 from .grpo_module import GRPOModule
+from .online_dpo_module import OnlineDPOModule
 from .pretrain_module import PretrainModule
 from .sft_module import SFTModule
 
@@ -45,6 +46,7 @@ MODEL_ALIASES = {
     "sft": SFTModule,
     "dpo": DPOModule,
     "grpo": GRPOModule,
+    "online-dpo": OnlineDPOModule,
 }
 # The data modules, imported on demand so a missing one only matters when asked for.
 DATA_ALIASES = {
@@ -53,6 +55,7 @@ DATA_ALIASES = {
     "sft": "astrai.train.data.sft.SFTDataModule",
     "dpo": "astrai.train.data.dpo.DPODataModule",
     "grpo": "astrai.train.data.grpo.GRPODataModule",
+    "online-dpo": "astrai.train.data.grpo.GRPODataModule",  # prompts, as for GRPO
 }
 # Errors reported as one line instead of a traceback: every AstraiError (UsageError below,
 # ConfigError, CheckpointError, IntegrityError, BatchError, DataError, RewardError, ...), and two
@@ -182,8 +185,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AstraiCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"log_every_n_steps": 5},
         parser_kwargs={
-            "description": "Train AstrAI models: pre-training (seq), SFT (sft), DPO (dpo) and "
-            "GRPO (grpo) with Lightning. Every option is a flag; see --print_config."
+            "description": "Train AstrAI models: pre-training (seq), SFT (sft), DPO (dpo), "
+            "GRPO (grpo) and online DPO (online-dpo) with Lightning. Every option is a flag; see --print_config."
         },
     )
 
