@@ -511,3 +511,31 @@ def test_invalid_utf8_is_refused_with_its_offset(raw, offset):
 def test_numbers_json_cannot_carry_are_refused(raw, needle):
     err = error_of(parse_json_object, raw)
     assert err.status == 400 and needle in err.message
+
+
+def test_tools_for_a_template_that_ignores_them_are_refused_naming_tools(model_dir):
+    plain = AutoTokenizer.from_pretrained(model_dir)
+    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    info = ModelInfo("tiny", plain, max_model_len=CTX, max_batch_size=8)
+    err = error_of(oai.parse_chat, chat(tools=[{"type": "function", "function": {"name": "f"}}]), info)
+    assert err.status == 400 and err.param == "tools" and "does not render tools" in err.message
+    gen, _ = oai.parse_chat(chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none"), info)
+    assert gen.prompt_ids == plain.encode("Hello")  # with tool_choice "none" the tools are not shown at all
+
+
+def test_streamed_calls_arrive_as_indexed_tool_call_deltas_and_finish_as_tool_calls(info):
+    options = {"stream": True, "include_usage": False, "logprobs": None, "tools": True}  # parse_chat's, with tools
+    stream = oai.ChatStream("c1", info, 1, options)
+    text = 'ok <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    chunks = []
+    for k in range(0, len(text), 7):
+        chunks += stream.events([event(0, text[k : k + 7])])
+    chunks += stream.events([event(0, "", finish_reason="stop")])
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content", "") for d in deltas) == "ok"
+    calls = [call for d in deltas for call in d.get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        (0, "f", '{"x": 1}'),
+        (1, "f", "{}"),
+    ]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
