@@ -87,6 +87,7 @@ def message_response(message_id: str, info: ModelInfo, acc: Accumulator, options
         "content": [{"type": "text", "text": choice.text}],
         **stop_fields(choice.finish_reason, choice.stop_reason, options["stop"]),
         "usage": {"input_tokens": acc.prompt_tokens, "output_tokens": acc.completion_tokens},
+        "weights_version": acc.weights_version,  # the served weights (admin.py)
     }
 
 

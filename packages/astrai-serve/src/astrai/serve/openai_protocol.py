@@ -117,6 +117,8 @@ def parse_chat(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]
     req = validated(ChatCompletionRequest, body, unknown_field, lambda: check_model(body, info))
     messages = [{"role": CHAT_ROLES[m.role], "content": _text_content(m.content)} for m in req.messages]
     options = {"stream": req.stream, "include_usage": _include_usage(req), "logprobs": _logprobs_count(req)}
+    if req.return_token_ids:
+        options["return_token_ids"] = True
     params = _sampling(req, info)
     try:
         text = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -174,6 +176,8 @@ def parse_completion(body: dict, info: ModelInfo) -> tuple[Generation, dict[str,
         "echo_ids": prompt_ids if req.echo else None,
         "prompt_only": req.max_tokens == 0,
     }
+    if req.return_token_ids:
+        options["return_token_ids"] = True
     return Generation(prompt_ids, checked_params(params), req.stream), options
 
 
@@ -223,6 +227,7 @@ def chat_response(request_id: str, info: ModelInfo, acc: Accumulator, options: d
             "logprobs": logprobs,
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
+            **_token_ids(c, options),
         }
 
     return {
@@ -233,7 +238,16 @@ def chat_response(request_id: str, info: ModelInfo, acc: Accumulator, options: d
         "choices": [choice(c) for c in acc.choices],
         "usage": acc.usage(),
         "system_fingerprint": None,
+        "weights_version": acc.weights_version,
     }
+
+
+def _token_ids(c: Choice, options: dict) -> dict[str, Any]:
+    """With return_token_ids (vLLM's extension): the choice's token ids, and which weights
+    version wrote which of them as [[version, tokens], ...] (they differ across a weight update)."""
+    if not options.get("return_token_ids"):
+        return {}
+    return {"token_ids": c.token_ids, "version_spans": c.version_spans}
 
 
 def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, options: dict) -> dict[str, Any]:
@@ -252,6 +266,7 @@ def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, opti
             "logprobs": logprobs,
             "finish_reason": "length" if prompt_only else c.finish_reason,
             "stop_reason": None if prompt_only else c.stop_reason,
+            **_token_ids(c, options),
         }
 
     usage = acc.usage()
@@ -265,6 +280,7 @@ def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, opti
         "choices": [choice(c) for c in acc.choices],
         "usage": usage,
         "system_fingerprint": None,
+        "weights_version": acc.weights_version,
     }
 
 
@@ -302,6 +318,7 @@ class ChatStream:
             "model": self.info.name,
             "choices": choices,
             "system_fingerprint": None,
+            "weights_version": self.acc.weights_version,
         }
         if self.options["include_usage"]:
             chunk["usage"] = None

@@ -164,6 +164,7 @@ class InferenceEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._busy = False
+        self._paused = False  # pause(): the thread runs no step until resume()
         self._ended_outside_steps: list[Request] = []  # aborted between steps, for step() to report
         if self.device.type == "cuda":
             self._warm_up()
@@ -300,6 +301,25 @@ class InferenceEngine:
         if not self._thread_alive():
             with self._step_lock:
                 self._turn(run_step=False)
+
+    def pause(self) -> None:
+        """Stop stepping (after the step in progress) until `resume()`: requests in flight keep
+        their state and KV pages, new ones wait in the queue. For a weight update between two
+        steps of generations that then go on under the new weights (interruptible generation)."""
+        with self._cv:
+            self._paused = True
+        with self._step_lock:  # the step in progress, if any, has ended; the thread checks the flag next
+            pass
+
+    def resume(self) -> None:
+        """Step again after `pause()` (a no-op when not paused)."""
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def start(self) -> InferenceEngine:
         """Start the background engine thread (idempotent)."""
@@ -457,11 +477,13 @@ class InferenceEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._inbox or self._aborts or self._busy):
+                while not (self._stopping or (not self._paused and (self._inbox or self._aborts or self._busy))):
                     self._cv.wait()
                 if self._stopping:
                     return
             with self._step_lock:
+                if self._paused:  # paused between the check above and the lock: see pause()
+                    continue
                 self._turn(run_step=True)
                 self._busy = self.scheduler.has_work()
 

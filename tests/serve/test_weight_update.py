@@ -1,0 +1,139 @@
+"""Weight updates on a running `astrai-serve` (admin.py): pause with requests in flight holds
+them without failing them, update_weights loads a safetensors file, resume lets them go on
+under the new weights, and every token says which weights wrote it; the served weights are
+the new ones (greedy output equals the in-process engine's); keys and bodies are checked."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from weights_helpers import ADMIN, API, greedy_in_process, new_weights, start_server
+
+PROMPT = [5, 17, 33, 8]
+LONG = 1500  # tokens per in-flight request: seconds of generation on one CPU thread
+
+
+@pytest.fixture(scope="module")
+def srv(model_dir, tmp_path_factory):
+    server = start_server(model_dir, tmp_path_factory.mktemp("admin") / "server.log").wait_ready()
+    yield server
+    server.stop()
+
+
+def post(srv, path: str, body=None, headers=ADMIN, **kwargs) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, headers=headers, timeout=120, **kwargs)
+
+
+def complete(srv, max_tokens: int, out: list | None = None, **extra) -> dict:
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    r = httpx.post(srv.url + "/v1/completions", json={**body, **extra}, headers=API, timeout=300)
+    assert r.status_code == 200, r.text
+    if out is not None:
+        out.append(r.json())
+    return r.json()
+
+
+def in_flight(srv, count: int, max_tokens: int) -> tuple[list[threading.Thread], list[dict]]:
+    """`count` requests running on the server (started, and generating) in threads."""
+    answers: list[dict] = []
+    threads = [threading.Thread(target=complete, args=(srv, max_tokens, answers)) for _ in range(count)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while (stats := srv.stats()["engine"])["running"] < count:
+        assert time.monotonic() < deadline, f"the requests never started: {stats}, answers {answers}"
+        time.sleep(0.02)
+    return threads, answers
+
+
+def test_admin_endpoints_need_the_admin_key(srv):
+    for headers in ({}, API, {"Authorization": "Bearer wrong"}):
+        r = post(srv, "/admin/pause", {"mode": "interrupt"}, headers=headers)
+        assert r.status_code == 401, r.text
+        assert "admin key" in r.json()["error"]["message"]
+    assert srv.stats()["engine"]["weights_version"] == 0  # nothing was paused or loaded
+
+
+def test_admin_endpoints_are_off_without_any_key(cpu_server):
+    server = cpu_server()
+    r = httpx.post(server.url + "/admin/resume", json={}, timeout=30)
+    assert r.status_code == 403 and "--admin-key" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/admin/update_weights", {"version": 1}, "path"),
+        ("/admin/update_weights", {"path": "/x", "version": -1}, "version"),
+        ("/admin/update_weights", {"path": "/x", "version": "1"}, "version"),
+        ("/admin/update_weights", {"path": "/x", "version": 1, "dir": "/y"}, "dir"),
+        ("/admin/pause", {"mode": "stop"}, "mode"),
+        ("/admin/pause", {"timeout": 0}, "timeout"),
+    ],
+)
+def test_bad_admin_bodies_get_a_400_naming_the_field(srv, path, body, field):
+    r = post(srv, path, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and repr(field)[1:-1] in error["message"]
+
+
+def test_admin_body_that_is_not_json_is_refused(srv):
+    r = httpx.post(srv.url + "/admin/pause", content=b"{not json", headers=ADMIN, timeout=30)
+    assert r.status_code == 400, r.text
+
+
+def test_update_from_a_missing_file_fails_and_keeps_the_weights(srv, tmp_path):
+    r = post(srv, "/admin/update_weights", {"path": str(tmp_path / "none.safetensors"), "version": 9})
+    assert r.status_code == 500 and "none.safetensors" in r.json()["error"]["message"]
+    assert srv.stats()["engine"]["weights_version"] == 0
+
+
+def test_interrupted_requests_go_on_under_the_new_weights_and_say_which_wrote_which_token(srv, model_dir, tmp_path):
+    model = new_weights(model_dir, seed=7, path=tmp_path / "v7.safetensors")
+    threads, answers = in_flight(srv, 3, LONG)
+    paused = post(srv, "/admin/pause", {"mode": "interrupt"})
+    assert paused.status_code == 200, paused.text
+    assert paused.json()["paused"] and paused.json()["workers"][0]["held"] == 3
+    before = srv.stats()["engine"]["generated_tokens"]
+    time.sleep(0.3)
+    assert srv.stats()["engine"]["generated_tokens"] == before  # held: no step runs while paused
+    late: list[dict] = []  # a request sent while paused waits for resume
+    waiting = threading.Thread(target=complete, args=(srv, 8, late))
+    waiting.start()
+    updated = post(srv, "/admin/update_weights", {"path": str(tmp_path / "v7.safetensors"), "version": 7})
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["weights_version"] == 7 and not late
+    assert post(srv, "/admin/resume", {}).json()["paused"] is False
+    for t in [*threads, waiting]:
+        t.join(timeout=300)
+    for answer in answers:
+        assert answer["weights_version"] == 7
+        (choice,) = answer["choices"]
+        assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == LONG  # not failed
+        (old, n_old), (new, n_new) = choice["version_spans"]
+        assert (old, new) == (0, 7) and n_old > 0 and n_new > 0 and n_old + n_new == LONG
+    assert late[0]["choices"][0]["version_spans"] == [[7, 8]]
+    models = httpx.get(srv.url + "/v1/models", headers=API, timeout=30).json()
+    assert models["data"][0]["weights_version"] == 7
+    # The served weights are the new ones: greedy output equals the in-process engine's with them.
+    served = complete(srv, 24)["choices"][0]["token_ids"]
+    assert served == greedy_in_process(model, model_dir, PROMPT, 24)
+
+
+def test_pause_finish_lets_requests_in_flight_end_under_the_old_weights(srv, model_dir, tmp_path):
+    version = srv.stats()["engine"]["weights_version"]
+    new_weights(model_dir, seed=8, path=tmp_path / "v8.safetensors")
+    threads, answers = in_flight(srv, 2, LONG)
+    paused = post(srv, "/admin/pause", {"mode": "finish", "timeout": 120})
+    assert paused.status_code == 200, paused.text
+    assert paused.json()["workers"][0]["held"] == 0  # they ended before the pause took hold
+    post(srv, "/admin/update_weights", {"path": str(tmp_path / "v8.safetensors"), "version": version + 1})
+    post(srv, "/admin/resume", {})
+    for t in threads:
+        t.join(timeout=300)
+    assert [a["choices"][0]["version_spans"] for a in answers] == [[[version, LONG]]] * 2
+    assert complete(srv, 4)["weights_version"] == version + 1
