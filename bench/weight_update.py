@@ -131,6 +131,7 @@ def main(argv=None) -> dict:
             start = time.perf_counter()
             rollout.sync(policy, args.repeats + 1)  # the trainer's own call, end to end
             sync_s = time.perf_counter() - start
+            file_bytes = (rollout.weights_dir / "model.safetensors").stat().st_size
         finally:
             stop.set()
             stop_server(proc)
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
         "server_device": args.device,
         "trainer_device": trainer_device,
         "policy_dtype": str(next(policy.parameters()).dtype).removeprefix("torch."),
-        "file_bytes": sum(v.numel() * v.element_size() for v in rollout_state(policy).values()),
+        "file_bytes": file_bytes,
         "weights_dir": str(rollout.weights_dir),
         "in_flight": args.in_flight,
         "pause_mode": args.pause_mode,
