@@ -161,7 +161,8 @@ class ControlPlane:
                 if op == "abort":
                     on_abort(arg)
                     continue
-                token, consumer, payload = arg
+                token, consumer, *rest = arg  # (token, consumer[, the command's argument])
+                payload = rest[0] if rest else None
                 try:
                     if op not in handlers:
                         raise ValueError(f"unknown control operation {op!r}")
