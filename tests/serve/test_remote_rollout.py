@@ -12,17 +12,13 @@ import signal
 import threading
 import time
 
-import lightning as L
 import pytest
-import torch
-from conftest import API_KEY
+from conftest import API_KEY, REPO
 from weights_helpers import ADMIN_KEY, new_weights, start_server
 
 from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.errors import AstraiError
 from astrai.core.tokenizer import AutoTokenizer
-from astrai.train.data.grpo import GRPODataModule
-from astrai.train.grpo_module import GRPOModule
 from astrai.train.remote_rollout import RemoteRollout, RolloutConfig
 
 PROMPTS = [[5, 17, 33, 8], [40, 41], [7, 7, 7, 9, 12], [100, 3], [60], [2, 90, 91]]
@@ -91,35 +87,34 @@ def test_a_wrong_admin_key_fails_the_sync_naming_the_setting(pair, model_dir, tm
 
 
 def test_grpo_fit_with_model_rollout_servers_trains_against_them(pair, model_dir, tmp_path):
+    """`astrai-train fit` with the shipped configs/train/grpo.yaml, only model.rollout added."""
+    from astrai.train.cli import main
+
     rows = [{"prompt": p, "answer": "good"} for p in ("one", "two", "three", "four")]
     path = tmp_path / "grpo.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = GRPODataModule(str(model_dir), str(path), batch_size=2, cache_dir=str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    module = GRPOModule(
-        model=str(model_dir),
-        rewards=[{"fn": "astrai.train.rewards.answer_match"}],
-        group_size=4,
-        max_new_tokens=6,
-        lr=1e-3,
-        export_on_fit_end=False,
-        rollout={"servers": [s.url for s in pair], "api_key": API_KEY, "admin_key": ADMIN_KEY},
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        limit_val_batches=0,
-    )
-    trainer.fit(module, data)
-    assert trainer.global_step == 2
-    assert isinstance(module.rollout_engine(), RemoteRollout)
+    servers = ", ".join(s.url for s in pair)
+    argv = [
+        "fit",
+        f"--config={REPO / 'configs/train/grpo.yaml'}",
+        f"--model.rollout={{servers: [{servers}], api_key: {API_KEY}, admin_key: {ADMIN_KEY}}}",
+        f"--model.model={model_dir}",
+        f"--data.tokenizer={model_dir}",
+        f"--data.train={path}",
+        "--data.val=null",
+        "--data.batch_size=2",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--model.group_size=4",
+        "--model.max_new_tokens=6",
+        "--trainer.max_steps=2",
+        "--trainer.precision=32-true",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+    ]
+    assert main(argv) == 0
     assert [s.stats()["engine"]["weights_version"] for s in pair] == [2, 2]  # synced after each step
-    assert "train/reward" in trainer.callback_metrics and "train/rollout_tokens_per_sec" in trainer.callback_metrics
+    metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/reward" in metrics and "train/rollout_tokens_per_sec" in metrics
 
 
 def test_a_server_killed_mid_rollout_loses_no_sample(pair):

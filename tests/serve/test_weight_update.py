@@ -5,6 +5,7 @@ the new ones (greedy output equals the in-process engine's); keys and bodies are
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -137,3 +138,16 @@ def test_pause_finish_lets_requests_in_flight_end_under_the_old_weights(srv, mod
         t.join(timeout=300)
     assert [a["choices"][0]["version_spans"] for a in answers] == [[[version, LONG]]] * 2
     assert complete(srv, 4)["weights_version"] == version + 1
+
+
+def test_streamed_chunks_carry_token_ids_and_the_weights_version(srv):
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    version = srv.stats()["engine"]["weights_version"]
+    chunks = []
+    with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, headers=API) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    streamed = [t for c in chunks for choice in c["choices"] for t in choice["token_ids"]]
+    assert streamed == complete(srv, 12)["choices"][0]["token_ids"]
+    assert {c["weights_version"] for c in chunks} == {version}

@@ -348,11 +348,15 @@ class ChatStream:
             return None
         return chat_logprobs(self.info.tokenizer, event["logprobs"] or [])
 
+    def _ids(self, event: dict) -> bool:
+        """Whether the event's token ids must be sent (return_token_ids), even without text."""
+        return bool(self.options.get("return_token_ids") and event["token_ids"])
+
     def events(self, events: list[dict]) -> list[dict]:
         chunks = []
         for event in events:
             self.acc.add(event)
-            if not event["text"] and event["finish_reason"] is None and not event["logprobs"]:
+            if not event["text"] and event["finish_reason"] is None and not event["logprobs"] and not self._ids(event):
                 continue  # e.g. a stop token or half of a multibyte character: nothing to show yet
             choice = {
                 "index": event["index"],
@@ -362,6 +366,8 @@ class ChatStream:
             }
             if event["finish_reason"] is not None:
                 choice["stop_reason"] = event["stop_reason"]
+            if self.options.get("return_token_ids"):
+                choice["token_ids"] = event["token_ids"]
             chunks.append(self._chunk([choice]))
         return chunks
 
@@ -394,7 +400,7 @@ class CompletionStream(ChatStream):
         chunks = []
         for event in events:
             self.acc.add(event)
-            if not event["text"] and event["finish_reason"] is None and not event["logprobs"]:
+            if not event["text"] and event["finish_reason"] is None and not event["logprobs"] and not self._ids(event):
                 continue
             i = event["index"]
             logprobs = None
@@ -404,5 +410,7 @@ class CompletionStream(ChatStream):
             choice = {"index": i, "text": event["text"], "logprobs": logprobs, "finish_reason": event["finish_reason"]}
             if event["finish_reason"] is not None:
                 choice["stop_reason"] = event["stop_reason"]
+            if self.options.get("return_token_ids"):
+                choice["token_ids"] = event["token_ids"]
             chunks.append(self._chunk([choice]))
         return chunks
