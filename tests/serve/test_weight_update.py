@@ -19,7 +19,8 @@ LONG = 1500  # tokens per in-flight request: seconds of generation on one CPU th
 
 @pytest.fixture(scope="module")
 def srv(model_dir, tmp_path_factory):
-    server = start_server(model_dir, tmp_path_factory.mktemp("admin") / "server.log").wait_ready()
+    # Two engine workers: pause, update and resume must reach both (over the control plane).
+    server = start_server(model_dir, tmp_path_factory.mktemp("admin") / "server.log", "--workers", "2").wait_ready()
     yield server
     server.stop()
 
@@ -98,7 +99,8 @@ def test_interrupted_requests_go_on_under_the_new_weights_and_say_which_wrote_wh
     threads, answers = in_flight(srv, 3, LONG)
     paused = post(srv, "/admin/pause", {"mode": "interrupt"})
     assert paused.status_code == 200, paused.text
-    assert paused.json()["paused"] and paused.json()["workers"][0]["held"] == 3
+    workers = paused.json()["workers"]
+    assert paused.json()["paused"] and len(workers) == 2 and sum(w["held"] for w in workers) == 3
     before = srv.stats()["engine"]["generated_tokens"]
     time.sleep(0.3)
     assert srv.stats()["engine"]["generated_tokens"] == before  # held: no step runs while paused
@@ -107,7 +109,7 @@ def test_interrupted_requests_go_on_under_the_new_weights_and_say_which_wrote_wh
     waiting.start()
     updated = post(srv, "/admin/update_weights", {"path": str(tmp_path / "v7.safetensors"), "version": 7})
     assert updated.status_code == 200, updated.text
-    assert updated.json()["weights_version"] == 7 and not late
+    assert [w["weights_version"] for w in updated.json()["workers"]] == [7, 7] and not late
     assert post(srv, "/admin/resume", {}).json()["paused"] is False
     for t in [*threads, waiting]:
         t.join(timeout=300)
@@ -120,9 +122,16 @@ def test_interrupted_requests_go_on_under_the_new_weights_and_say_which_wrote_wh
     assert late[0]["choices"][0]["version_spans"] == [[7, 8]]
     models = httpx.get(srv.url + "/v1/models", headers=API, timeout=30).json()
     assert models["data"][0]["weights_version"] == 7
-    # The served weights are the new ones: greedy output equals the in-process engine's with them.
-    served = complete(srv, 24)["choices"][0]["token_ids"]
-    assert served == greedy_in_process(model, model_dir, PROMPT, 24)
+    # The served weights are the new ones, in both engines: greedy output equals the in-process
+    # engine's with them (two requests at once go to both workers).
+    both: list[dict] = []
+    pair = [threading.Thread(target=complete, args=(srv, 24, both)) for _ in range(2)]
+    for t in pair:
+        t.start()
+    for t in pair:
+        t.join(timeout=120)
+    expected = greedy_in_process(model, model_dir, PROMPT, 24)
+    assert [a["choices"][0]["token_ids"] for a in both] == [expected, expected]
 
 
 def test_pause_finish_lets_requests_in_flight_end_under_the_old_weights(srv, model_dir, tmp_path):
@@ -131,7 +140,7 @@ def test_pause_finish_lets_requests_in_flight_end_under_the_old_weights(srv, mod
     threads, answers = in_flight(srv, 2, LONG)
     paused = post(srv, "/admin/pause", {"mode": "finish", "timeout": 120})
     assert paused.status_code == 200, paused.text
-    assert paused.json()["workers"][0]["held"] == 0  # they ended before the pause took hold
+    assert [w["held"] for w in paused.json()["workers"]] == [0, 0]  # they ended before the pause took hold
     post(srv, "/admin/update_weights", {"path": str(tmp_path / "v8.safetensors"), "version": version + 1})
     post(srv, "/admin/resume", {})
     for t in threads:
