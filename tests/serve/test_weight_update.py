@@ -72,6 +72,7 @@ def test_admin_endpoints_are_off_without_any_key(cpu_server):
         ("/admin/update_weights", {"path": "/x", "version": -1}, "version"),
         ("/admin/update_weights", {"path": "/x", "version": "1"}, "version"),
         ("/admin/update_weights", {"path": "/x", "version": 1, "dir": "/y"}, "dir"),
+        ("/admin/update_weights", {"path": "/x", "version": 1, "recompute_kv": "yes"}, "recompute_kv"),
         ("/admin/pause", {"mode": "stop"}, "mode"),
         ("/admin/pause", {"timeout": 0}, "timeout"),
     ],
@@ -119,6 +120,10 @@ def test_interrupted_requests_go_on_under_the_new_weights_and_say_which_wrote_wh
         assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == LONG  # not failed
         (old, n_old), (new, n_new) = choice["version_spans"]
         assert (old, new) == (0, 7) and n_old > 0 and n_new > 0 and n_old + n_new == LONG
+        # held tokens' keys/values were computed again (recompute_kv): the rest is the new model's own
+        done = choice["token_ids"][:n_old]
+        rest = min(n_new, 32)  # enough to tell, without generating the whole tail again
+        assert choice["token_ids"][n_old : n_old + rest] == greedy_in_process(model, model_dir, PROMPT + done, rest)
     assert late[0]["choices"][0]["version_spans"] == [[7, 8]]
     models = httpx.get(srv.url + "/v1/models", headers=API, timeout=30).json()
     assert models["data"][0]["weights_version"] == 7

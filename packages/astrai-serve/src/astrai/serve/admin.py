@@ -5,11 +5,14 @@ its rollouts, and after each optimizer step it writes the policy's weights (safe
 tells every server, AReaLite-style:
 
   POST /admin/pause          {"mode": "interrupt" | "finish", "timeout": s}
-  POST /admin/update_weights {"path": a .safetensors file or a directory of them, "version": n}
+  POST /admin/update_weights {"path": a .safetensors file or a directory of them, "version": n,
+                              "recompute_kv": true}
   POST /admin/resume         {}
 
-"interrupt" stops every engine between two steps: requests in flight are held, not failed
-(their KV pages stay), and go on after resume under the new weights; each token's weights are
+"interrupt" stops every engine between two steps: requests in flight are held, not failed,
+and go on after resume under the new weights (by default their keys/values are computed again
+with them, as AReaLite re-prefills interrupted requests; `recompute_kv: false` keeps the old
+ones, which is faster but mixes the two policies); each token's weights are
 recorded (the `version_spans` of a choice that asked for `return_token_ids`), so the trainer
 knows which version wrote which token. "finish" lets requests in flight end first; both hold new
 requests (at the worker, before the engine) until resume. The version then shows in
@@ -93,7 +96,7 @@ class WorkerAdmin:
         start = time.perf_counter()
         state = load_safetensors(arg["path"], self.device)
         loaded = time.perf_counter()
-        self.engine.update_weights(state, arg["version"])
+        self.engine.update_weights(state, arg["version"], recompute=arg["recompute_kv"])
         end = time.perf_counter()
         return self._state(tensors=len(state), load_seconds=loaded - start, seconds=end - start)
 
@@ -134,8 +137,10 @@ def parse_pause(raw: bytes) -> dict:
 
 
 def parse_update(raw: bytes) -> dict:
-    body = _body(raw, ("path", "version", "timeout"))
-    path, version = body.get("path"), body.get("version")
+    body = _body(raw, ("path", "version", "recompute_kv", "timeout"))
+    path, version, recompute = body.get("path"), body.get("version"), body.get("recompute_kv", True)
+    if not isinstance(recompute, bool):
+        raise bad_request(f"'recompute_kv' must be true or false, got {recompute!r}", "recompute_kv")
     if not isinstance(path, str) or not path:
         raise bad_request(
             "'path' is required: the .safetensors file or the directory of them that the trainer wrote", "path"
@@ -144,7 +149,7 @@ def parse_update(raw: bytes) -> dict:
         raise bad_request(
             f"'version' is required: a non-negative integer (e.g. the trainer's step), got {version!r}", "version"
         )
-    return {"path": path, "version": version, "timeout": _timeout(body)}
+    return {"path": path, "version": version, "recompute_kv": recompute, "timeout": _timeout(body)}
 
 
 class AdminRoutes:

@@ -56,6 +56,8 @@ class RolloutConfig:
         retry_after: seconds a failed server is left out before it is checked again.
         pause_mode: how servers pause for a weight update: "interrupt" (requests in flight
             wait and go on under the new weights) or "finish" (they end first).
+        recompute_kv: requests held across an update compute their keys/values again with the
+            new weights (AReaLite's re-prefill); false keeps the old ones (faster, mixed policy).
         weights_dir: where the trainer writes the weights for the servers (default: a fresh
             directory in /dev/shm, else the system's temp directory); it must be readable by
             the servers under the same path.
@@ -68,6 +70,7 @@ class RolloutConfig:
     max_attempts: int = 3
     retry_after: float = 2.0
     pause_mode: Literal["interrupt", "finish"] = "interrupt"
+    recompute_kv: bool = True
     weights_dir: str | None = None
 
     @classmethod
@@ -183,7 +186,7 @@ class RemoteRollout:
         path = str(self.weights_dir / WEIGHTS_FILE)
         steps = [
             ("pause", {"mode": self.config.pause_mode, "timeout": timeout}),
-            ("update_weights", {"path": path, "version": self.version}),
+            ("update_weights", {"path": path, "version": self.version, "recompute_kv": self.config.recompute_kv}),
             ("resume", {}),
         ]
         try:

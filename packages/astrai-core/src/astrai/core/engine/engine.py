@@ -351,20 +351,24 @@ class InferenceEngine:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def update_weights(self, weights: nn.Module | dict[str, torch.Tensor], version: int) -> None:
+    def update_weights(
+        self, weights: nn.Module | dict[str, torch.Tensor], version: int, recompute: bool = False
+    ) -> None:
         """Copy new weights into the served model in place (GRPO pushes its policy here).
 
         `weights` is a model or a state dict with the same names and shapes; it is checked
         whole before anything is copied. It is applied between steps; the prefix cache is
         cleared (its pages were computed with the old weights). Sequences already running keep
-        their cached keys/values. Outputs finishing afterwards carry `weights_version == version`.
+        their cached keys/values, or with `recompute` have them computed again with the new
+        weights (as preempted sequences are: AReaLite's interrupted generation). Outputs
+        finishing afterwards carry `weights_version == version`.
         """
         require(is_token_id(version), "version", f"must be an integer, got {version!r}")
         state = weights.state_dict() if isinstance(weights, nn.Module) else weights
         require(isinstance(state, dict), "weights", f"must be a model or a state dict, got {type(weights).__name__}")
         _check_state(self.model.state_dict(), state)
         with self._step_lock:
-            self.core.load_weights(state, version)
+            self.core.load_weights(state, version, recompute)
 
     def stats(self) -> dict:
         """A snapshot of the engine: queue sizes, page use, prefix-cache hits, throughput.
