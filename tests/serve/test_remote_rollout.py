@@ -117,6 +117,17 @@ def test_grpo_fit_with_model_rollout_servers_trains_against_them(pair, model_dir
     assert "train/reward" in metrics and "train/rollout_tokens_per_sec" in metrics
 
 
+def test_a_server_that_is_down_is_left_out_of_syncs_and_rollouts(pair, model_dir, tmp_path, free_port):
+    dead = f"http://127.0.0.1:{free_port()}"
+    rollouts = RemoteRollout({"servers": [dead, pair[0].url], "api_key": API_KEY, "admin_key": ADMIN_KEY})
+    rollouts.sync(new_weights(model_dir, seed=13, path=tmp_path / "unused.safetensors"), 5)
+    rollout = rollouts.generate(PROMPTS, SamplingParams(n=2, max_tokens=4, temperature=1.0))
+    assert len(rollout.completion_ids) == len(PROMPTS) * 2 and rollout.versions == [5] * len(PROMPTS) * 2
+    assert rollouts.servers[0].last_error  # the dead one, set aside with its reason
+    with pytest.raises(AstraiError, match="model.rollout.servers: no server answered"):
+        RemoteRollout({"servers": [dead]}).generate(PROMPTS, SamplingParams(max_tokens=2))
+
+
 def test_a_server_killed_mid_rollout_loses_no_sample(pair):
     """Runs last: it kills one of the module's servers."""
     victim, survivor = pair

@@ -186,8 +186,11 @@ class RemoteRollout:
         path = str(self.weights_dir / WEIGHTS_FILE)
         steps = [
             ("pause", {"mode": self.config.pause_mode, "timeout": timeout}),
-            ("update_weights", {"path": path, "version": self.version, "recompute_kv": self.config.recompute_kv}),
-            ("resume", {}),
+            (
+                "update_weights",
+                {"path": path, "version": self.version, "recompute_kv": self.config.recompute_kv, "timeout": timeout},
+            ),
+            ("resume", {"timeout": timeout}),
         ]
         try:
             for op, body in steps:
