@@ -16,6 +16,8 @@ import pytest
 from conftest import API_KEY, REPO
 from weights_helpers import ADMIN_KEY, new_weights, start_server
 
+from astrai.core.auto import AutoModel
+from astrai.core.config import ModelConfig
 from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.errors import AstraiError
 from astrai.core.tokenizer import AutoTokenizer
@@ -126,6 +128,17 @@ def test_a_server_that_is_down_is_left_out_of_syncs_and_rollouts(pair, model_dir
     assert rollouts.servers[0].last_error  # the dead one, set aside with its reason
     with pytest.raises(AstraiError, match="model.rollout.servers: no server answered"):
         RemoteRollout({"servers": [dead]}).generate(PROMPTS, SamplingParams(max_tokens=2))
+
+
+def test_weights_the_servers_refuse_fail_the_sync_and_leave_them_serving(pair, model_dir):
+    config = AutoModel.from_pretrained(model_dir).config
+    wrong = AutoModel.from_config(ModelConfig.from_dict({**config.to_dict(), "dim": 32, "n_heads": 2, "n_kv_heads": 1}))
+    before = [s.stats()["engine"]["weights_version"] for s in pair]
+    with pytest.raises(AstraiError, match="no server took the new weights.*shape"):
+        remote(pair).sync(wrong, 99)
+    assert [s.stats()["engine"]["weights_version"] for s in pair] == before
+    rollout = remote(pair).generate(PROMPTS[:2], SamplingParams(n=2, max_tokens=3))  # resumed, not left paused
+    assert len(rollout.completion_ids) == 4
 
 
 def test_a_server_killed_mid_rollout_loses_no_sample(pair):

@@ -197,9 +197,16 @@ class RemoteRollout:
                 r = self._client.post(f"{server.url}/admin/{op}", json=body, headers=headers)
                 if r.status_code in (401, 403):
                     raise AstraiError(f"model.rollout.admin_key: {server.url} refused the weight update: {r.text}")
-                r.raise_for_status()
+                if r.status_code != 200:
+                    raise httpx.HTTPStatusError(
+                        f"{op}: HTTP {r.status_code}: {r.text[:300]}", request=r.request, response=r
+                    )
         except httpx.HTTPError as e:
             self._set_aside(server, f"weight update: {e}")
+            try:  # do not leave it paused: it still serves (its old weights) anyone else
+                self._client.post(f"{server.url}/admin/resume", json={}, headers=headers, timeout=10)
+            except httpx.HTTPError:
+                pass
             return False
         server.version = self.version
         return True
