@@ -12,9 +12,9 @@ tells every server, AReaLite-style:
 "interrupt" stops every engine between two steps: requests in flight are held, not failed,
 and go on after resume under the new weights (by default their keys/values are computed again
 with them, as AReaLite re-prefills interrupted requests; `recompute_kv: false` keeps the old
-ones, which is faster but mixes the two policies); each token's weights are
-recorded (the `version_spans` of a choice that asked for `return_token_ids`), so the trainer
-knows which version wrote which token. "finish" lets requests in flight end first; both hold new
+ones, which is faster but mixes the two policies); each token's weights are recorded (the
+`version_spans` of a choice that asked for `return_token_ids`), so the trainer knows which
+version wrote which token. "finish" lets requests in flight end first; both hold new
 requests (at the worker, before the engine) until resume. The version then shows in
 /v1/models and in every response (`weights_version`).
 

@@ -38,8 +38,8 @@ from astrai.core.errors import AstraiError, require, require_for
 from .base_module import BatchError, CausalLMModule, build_model
 from .lora import adapters_disabled
 from .losses import IGNORE_INDEX
-from .rewards import RewardSpec, load_rewards, score
 from .remote_rollout import RemoteRollout, RolloutConfig
+from .rewards import RewardSpec, load_rewards, score
 from .rollout import RolloutEngine, resolve_dtype
 from .schedulers import NEED_LENGTH
 from .token_nll import token_nll
