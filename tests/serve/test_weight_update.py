@@ -11,10 +11,15 @@ import time
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from weights_helpers import ADMIN, API, greedy_in_process, new_weights, start_server
 
+from astrai.serve.admin import ADMIN_PREFIX
+from astrai.serve.guard import RequestGuard
+
 PROMPT = [5, 17, 33, 8]
-LONG = 1500  # tokens per in-flight request: seconds of generation on one CPU thread
+LONG = 2000  # tokens per in-flight request: about a second or more of generation on one CPU thread
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +64,16 @@ def test_admin_endpoints_need_the_admin_key(srv):
     assert srv.stats()["engine"]["weights_version"] == 0  # nothing was paused or loaded
 
 
-def test_admin_endpoints_are_off_without_any_key(cpu_server):
-    server = cpu_server()
-    r = httpx.post(server.url + "/admin/resume", json={}, timeout=30)
+def test_admin_endpoints_are_off_without_any_key():
+    """RequestGuard as build_server installs it on a server started with neither key."""
+    app = FastAPI()
+    app.add_api_route("/admin/resume", lambda: {"paused": False}, methods=["POST"])
+    app.add_api_route("/v1/models", lambda: {"data": []}, methods=["GET"])
+    guarded = RequestGuard(app, api_key=None, max_request_bytes=1024, admin_key=None, admin_prefix=ADMIN_PREFIX)
+    client = TestClient(guarded)
+    r = client.post("/admin/resume", json={})
     assert r.status_code == 403 and "--admin-key" in r.json()["error"]["message"]
+    assert client.get("/v1/models").status_code == 200  # the other routes stay open without a key
 
 
 @pytest.mark.parametrize(
@@ -101,7 +112,8 @@ def test_interrupted_requests_go_on_under_the_new_weights_and_say_which_wrote_wh
     paused = post(srv, "/admin/pause", {"mode": "interrupt"})
     assert paused.status_code == 200, paused.text
     workers = paused.json()["workers"]
-    assert paused.json()["paused"] and len(workers) == 2 and sum(w["held"] for w in workers) == 3
+    held = sum(w["held"] for w in workers)  # all 3, unless one ended between the check and the pause
+    assert paused.json()["paused"] and len(workers) == 2 and held >= 1
     before = srv.stats()["engine"]["generated_tokens"]
     time.sleep(0.3)
     assert srv.stats()["engine"]["generated_tokens"] == before  # held: no step runs while paused
@@ -114,10 +126,14 @@ def test_interrupted_requests_go_on_under_the_new_weights_and_say_which_wrote_wh
     assert post(srv, "/admin/resume", {}).json()["paused"] is False
     for t in [*threads, waiting]:
         t.join(timeout=300)
+    spans = [a["choices"][0]["version_spans"] for a in answers]
+    assert sum(len(s) == 2 for s in spans) == held and all(s == [[0, LONG]] for s in spans if len(s) == 1)
     for answer in answers:
-        assert answer["weights_version"] == 7
         (choice,) = answer["choices"]
         assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == LONG  # not failed
+        if len(choice["version_spans"]) == 1:
+            continue  # it ended before the pause
+        assert answer["weights_version"] == 7
         (old, n_old), (new, n_new) = choice["version_spans"]
         assert (old, new) == (0, 7) and n_old > 0 and n_new > 0 and n_old + n_new == LONG
         # held tokens' keys/values were computed again (recompute_kv): the rest is the new model's own
