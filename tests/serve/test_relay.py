@@ -49,7 +49,7 @@ def test_a_step_becomes_one_reply_per_streamed_request_sent_before_any_end_is_an
 
 
 def test_a_stream_event_survives_the_wire_field_for_field():
-    event = StreamEvent("req", 1, "t", [5, 6], None, "length", None, 4, 2)
+    event = StreamEvent("req", 1, "t", [5, 6], None, "length", None, 4, 2, weights_version=3)
     back = as_event_dict(pickle.loads(pickle.dumps(event_to_tuple(event))))
     assert back == {
         "index": 1,
@@ -61,6 +61,7 @@ def test_a_stream_event_survives_the_wire_field_for_field():
         "prompt_tokens": 4,
         "completion_tokens": 2,
         "prompt_logprobs": None,
+        "weights_version": 3,
     }
     assert set(back) == set(EVENT_FIELDS)
     assert as_event_dict(back) is back  # a full answer's events arrive as dicts already

@@ -144,6 +144,7 @@ def message_response(message_id: str, info: ModelInfo, acc: Accumulator, options
         "content": content,
         **stop,
         "usage": {"input_tokens": acc.prompt_tokens, "output_tokens": acc.completion_tokens},
+        "weights_version": acc.weights_version,  # the served weights (admin.py)
     }
 
 

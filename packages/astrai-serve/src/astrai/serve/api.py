@@ -30,6 +30,7 @@ from typing import Any
 
 from astrai.core.engine.host_settings import quiet_gc
 
+from .admin import WorkerAdmin, admitted
 from .config import ServeConfig, cuda_index
 from .control_plane import ControlPlane
 from .generation import merge_events
@@ -77,6 +78,7 @@ class EngineAPI(LitAPI):
         self.control = control
         self.engine = None
         self.relay: StepRelay | None = None  # set in the worker by BurstLoop (_start_relay)
+        self.admin: WorkerAdmin | None = None  # pause / update_weights / resume (admin.py), set in setup
 
     # -- worker start-up ----------------------------------------------------------------
     def setup(self, device: str) -> None:
@@ -108,7 +110,8 @@ class EngineAPI(LitAPI):
         self._active: set[str] = set()
         self._aborted: deque[str] = deque(maxlen=4096)  # aborts of requests this engine has not seen (yet)
         self._loop: asyncio.AbstractEventLoop | None = None  # LitServe's loop, known from the first request
-        self.control.serve(self.worker_id, self._abort_from_control, self._describe)
+        self.admin = WorkerAdmin(self.engine, device)
+        self.control.serve(self.worker_id, self._abort_from_control, self._describe, self.admin.commands())
         quiet_gc()
         self.control.liveness.ready(self.worker_id)
         stats = self.engine.stats()
@@ -193,6 +196,7 @@ class EngineAPI(LitAPI):
         from astrai.core.engine import LoopSink, SamplingParams
 
         request_id = request["request_id"]
+        await admitted(self.admin)  # held here while the server is paused for a weight update
         if request_id in self._aborted:
             return  # the client left before its request reached the engine
         loop = asyncio.get_running_loop()

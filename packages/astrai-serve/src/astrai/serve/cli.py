@@ -200,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(args.config, **overrides)
         if config.api_key is None and os.environ.get("ASTRAI_API_KEY"):
             config.api_key = os.environ["ASTRAI_API_KEY"]
+        if config.admin_key is None and os.environ.get("ASTRAI_ADMIN_KEY"):
+            config.admin_key = os.environ["ASTRAI_ADMIN_KEY"]
     except AstraiError as e:  # ServeConfigError: a setting, named, and what to use instead
         return _fail(e, 2)
     except TypeError as e:  # a YAML value of the wrong type reaching the dataclass
@@ -207,7 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         import yaml
 
-        print(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "api_key"}, sort_keys=False), end="")
+        print(
+            yaml.safe_dump(
+                {k: v for k, v in config.to_dict().items() if k not in ("api_key", "admin_key")}, sort_keys=False
+            ),
+            end="",
+        )
         return 0
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

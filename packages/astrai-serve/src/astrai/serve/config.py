@@ -110,6 +110,12 @@ class ServeConfig:
         "'x-api-key: KEY' (Anthropic); default: $ASTRAI_API_KEY, else no auth",
         metavar="KEY",
     )
+    admin_key: str | None = _opt(
+        None,
+        "key of the weight-update endpoints (/admin/pause, /admin/update_weights, /admin/resume); "
+        "default: $ASTRAI_ADMIN_KEY, else the API key; with neither they are off",
+        metavar="KEY",
+    )
     docs: bool | None = _opt(
         None,
         "serve the Swagger UI (/docs, /redoc) and the OpenAPI schema (/openapi.json); "

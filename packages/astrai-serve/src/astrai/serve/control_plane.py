@@ -108,13 +108,19 @@ class ControlPlane:
         come back. Calls are serialised within that process, so the answers of one call
         cannot be taken by another; answers to an earlier call that timed out are dropped.
         """
+        return self.ask("stats", None, timeout, consumer)
+
+    def ask(self, op: str, arg: Any, timeout: float = 10.0, consumer: int = 0) -> list[dict[str, Any]]:
+        """Send `op` (stats, or a command the workers registered in `serve`, e.g. the admin
+        pause / update_weights / resume) to every worker and wait for each one's answer, as
+        `stats` does; a worker that did not answer within `timeout` gets {"worker", "error"}."""
         self._check_process()
         with self._lock:
             replies = self._replies.get(consumer)
             if replies is None:
                 replies = self._replies[consumer] = _socket(zmq.PULL, self.reply_addresses[consumer], bind=True)
             token = uuid.uuid4().hex
-            self._send(("stats", (token, consumer)))
+            self._send((op, (token, consumer, arg)))
             answers: dict[int, dict] = {}
             deadline = time.monotonic() + timeout
             while len(answers) < self.num_workers:
@@ -130,10 +136,17 @@ class ControlPlane:
 
     # -- worker side --------------------------------------------------------------------
     def serve(
-        self, worker_id: int, on_abort: Callable[[str], None], describe: Callable[[], dict[str, Any]]
+        self,
+        worker_id: int,
+        on_abort: Callable[[str], None],
+        describe: Callable[[], dict[str, Any]],
+        commands: dict[str, Callable[[Any], dict[str, Any]]] | None = None,
     ) -> threading.Thread:
         """Answer this worker's inbox on a daemon thread: aborts call `on_abort(request_id)`,
-        stats requests are answered with `describe()` (a dict with "stats" and more)."""
+        stats requests are answered with `describe()` (a dict with "stats" and more), and a
+        command `op` sent with `ask` by `commands[op](arg)` (a dict; an exception becomes
+        {"error"}). Commands run one at a time, on this thread, in the order they were sent."""
+        handlers = {"stats": lambda _: describe(), **(commands or {})}
         if not 0 <= worker_id < self.num_workers:
             raise ValueError(f"worker id {worker_id} outside 0..{self.num_workers - 1}")
         inbox = _socket(zmq.PULL, self.inbox_addresses[worker_id], bind=True)  # a dead predecessor's file is replaced
@@ -147,16 +160,19 @@ class ControlPlane:
                     return
                 if op == "abort":
                     on_abort(arg)
-                elif op == "stats":
-                    token, consumer = arg
-                    try:
-                        answer = describe()
-                    except Exception as e:  # noqa: BLE001 - reported in /stats, not fatal
-                        answer = {"error": f"{type(e).__name__}: {e}"}
-                    sock = answer_to.get(consumer)
-                    if sock is None:
-                        sock = answer_to[consumer] = _socket(zmq.PUSH, self.reply_addresses[consumer], bind=False)
-                    sock.send(pickle.dumps({**answer, "token": token, "worker": worker_id}))
+                    continue
+                token, consumer, *rest = arg  # (token, consumer[, the command's argument])
+                payload = rest[0] if rest else None
+                try:
+                    if op not in handlers:
+                        raise ValueError(f"unknown control operation {op!r}")
+                    answer = handlers[op](payload)
+                except Exception as e:  # noqa: BLE001 - reported to the asker, not fatal
+                    answer = {"error": f"{type(e).__name__}: {e}"}
+                sock = answer_to.get(consumer)
+                if sock is None:
+                    sock = answer_to[consumer] = _socket(zmq.PUSH, self.reply_addresses[consumer], bind=False)
+                sock.send(pickle.dumps({**answer, "token": token, "worker": worker_id}))
 
         thread = threading.Thread(target=loop, name=f"astrai-control-{worker_id}", daemon=True)
         thread.start()

@@ -99,6 +99,27 @@ class Choice:
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    version_spans: list[list[int]] = field(default_factory=list)  # [[weights version, tokens], ...] in order
+
+
+def version_spans(event: dict[str, Any]) -> list[list[int]]:
+    """Which weights made an event's tokens: [[version, count], ...]; an event off the wire
+    has one version (one engine step), a merged one keeps the spans of its parts."""
+    spans = event.get("version_spans")
+    if spans is not None:
+        return spans
+    return [[event.get("weights_version", 0), len(event["token_ids"])]] if event["token_ids"] else []
+
+
+def join_spans(spans: list[list[int]], more: list[list[int]]) -> list[list[int]]:
+    """spans + more, with neighbouring spans of one version made one."""
+    out = [list(s) for s in spans]
+    for version, count in more:
+        if out and out[-1][0] == version:
+            out[-1][1] += count
+        else:
+            out.append([version, count])
+    return out
 
 
 class Accumulator:
@@ -108,12 +129,15 @@ class Accumulator:
         self.choices = [Choice(i) for i in range(n)]
         self.prompt_tokens = 0
         self.prompt_logprobs: list[dict | None] | None = None  # with SamplingParams.prompt_logprobs
+        self.weights_version = 0  # the newest weights that made any of the answer (every response says it)
 
     def add(self, event: dict[str, Any]) -> Choice:
         choice = self.choices[event["index"]]
         choice.text += event["text"]
         choice.token_ids += event["token_ids"]
         choice.logprobs += event["logprobs"] or []
+        choice.version_spans = join_spans(choice.version_spans, version_spans(event))
+        self.weights_version = max(self.weights_version, event.get("weights_version", 0))
         if event["finish_reason"] is not None:
             choice.finish_reason = event["finish_reason"]
             choice.stop_reason = event["stop_reason"]
@@ -154,12 +178,14 @@ def merge_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "logprobs": None if event["logprobs"] is None else list(event["logprobs"]),
             }
             continue
+        into["version_spans"] = join_spans(version_spans(into), version_spans(event))
         into["text"] += event["text"]
         into["token_ids"] += event["token_ids"]
         if event["logprobs"] is not None:
             into["logprobs"] = (into["logprobs"] or []) + event["logprobs"]
         for key in ("finish_reason", "stop_reason", "prompt_tokens", "completion_tokens"):
             into[key] = event[key]
+        into["weights_version"] = max(into.get("weights_version", 0), event.get("weights_version", 0))
         if event.get("prompt_logprobs") is not None:
             into["prompt_logprobs"] = event["prompt_logprobs"]
     return list(merged.values())

@@ -47,10 +47,15 @@ class RequestGuard:
         max_request_bytes: int,
         rejected: Callable[[str, int], None] | None = None,
         open_paths: frozenset[str] = OPEN_PATHS,
+        admin_key: str | None = None,
+        admin_prefix: str | None = None,
     ) -> None:
         self.app = app
         self.open_paths = open_paths
         self.key = api_key.encode() if api_key else None
+        # Paths under admin_prefix (weight updates, admin.py) take admin_key instead; none: they are off.
+        self.admin_key = admin_key.encode() if admin_key else None
+        self.admin_prefix = admin_prefix
         self.limit = max_request_bytes
         self.rejected = rejected
 
@@ -74,16 +79,36 @@ class RequestGuard:
         await self.app(scope, receive, send)
 
     # -- the checks ---------------------------------------------------------------------
-    def _has_key(self, headers: dict[str, str]) -> bool:
+    def _has_key(self, headers: dict[str, str], key: bytes | None = None) -> bool:
+        key = self.key if key is None else key
         auth = headers.get("authorization", "")
         bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         sent = headers.get("x-api-key", "")
         # compare_digest on both, always: how long a check takes says nothing about the key.
-        by_bearer = hmac.compare_digest(bearer.encode("latin-1"), self.key)
-        by_header = hmac.compare_digest(sent.encode("latin-1"), self.key)
+        by_bearer = hmac.compare_digest(bearer.encode("latin-1"), key)
+        by_header = hmac.compare_digest(sent.encode("latin-1"), key)
         return by_bearer or by_header
 
+    def _check_admin_key(self, headers: dict[str, str]) -> APIError | None:
+        if self.admin_key is None:
+            return APIError(
+                403,
+                "the admin endpoints are off: start the server with --admin-key KEY (or --api-key KEY)",
+                type="permission_error",
+            )
+        if self._has_key(headers, self.admin_key):
+            return None
+        state = "invalid" if headers.get("authorization") or headers.get("x-api-key") else "missing"
+        return APIError(
+            401,
+            f"admin key {state}; send the server's admin key as 'Authorization: Bearer <key>'",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
+
     def _check_key(self, scope: Scope, headers: dict[str, str]) -> APIError | None:
+        if self.admin_prefix and scope["path"].startswith(self.admin_prefix):
+            return self._check_admin_key(headers)
         if self.key is None or scope["path"] in self.open_paths or self._has_key(headers):
             return None
         how = "'x-api-key: <key>'" if _speaks_anthropic(scope, headers) else "'Authorization: Bearer <key>'"

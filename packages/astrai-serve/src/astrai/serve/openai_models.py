@@ -238,6 +238,8 @@ class OpenAIRequest(RequestModel):
     ignore_eos: Flag = False
     skip_special_tokens: Flag = True
     stop_token_ids: TokenIds = []
+    # vLLM's extension: each choice also gives its token ids (and which weights wrote them: admin.py)
+    return_token_ids: Flag = False
     logit_bias: unsupported(UNSUPPORTED_CHAT["logit_bias"]) = None
     user: Anything = None
 

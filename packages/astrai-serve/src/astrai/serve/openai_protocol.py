@@ -145,6 +145,8 @@ def parse_chat(body: dict, info: ModelInfo) -> tuple[Generation, dict[str, Any]]
     messages = [_chat_message(m) for m in req.messages]
     options = {"stream": req.stream, "include_usage": _include_usage(req), "logprobs": _logprobs_count(req)}
     options["tools"] = tools.parallel if tools.active else None  # None: replies are text only
+    if req.return_token_ids:
+        options["return_token_ids"] = True
     params = _sampling(req, info)
     prompt_ids = chat_prompt_ids(info, messages, tools, "messages")
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -198,6 +200,8 @@ def parse_completion(body: dict, info: ModelInfo) -> tuple[Generation, dict[str,
         "echo_ids": prompt_ids if req.echo else None,
         "prompt_only": req.max_tokens == 0,
     }
+    if req.return_token_ids:
+        options["return_token_ids"] = True
     return Generation(prompt_ids, checked_params(params), req.stream), options
 
 
@@ -255,6 +259,7 @@ def chat_response(request_id: str, info: ModelInfo, acc: Accumulator, options: d
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": c.stop_reason,
+            **_token_ids(c, options),
         }
 
     return {
@@ -265,7 +270,16 @@ def chat_response(request_id: str, info: ModelInfo, acc: Accumulator, options: d
         "choices": [choice(c) for c in acc.choices],
         "usage": acc.usage(),
         "system_fingerprint": None,
+        "weights_version": acc.weights_version,
     }
+
+
+def _token_ids(c: Choice, options: dict) -> dict[str, Any]:
+    """With return_token_ids (vLLM's extension): the choice's token ids, and which weights
+    version wrote which of them as [[version, tokens], ...] (they differ across a weight update)."""
+    if not options.get("return_token_ids"):
+        return {}
+    return {"token_ids": c.token_ids, "version_spans": c.version_spans}
 
 
 def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, options: dict) -> dict[str, Any]:
@@ -284,6 +298,7 @@ def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, opti
             "logprobs": logprobs,
             "finish_reason": "length" if prompt_only else c.finish_reason,
             "stop_reason": None if prompt_only else c.stop_reason,
+            **_token_ids(c, options),
         }
 
     usage = acc.usage()
@@ -297,6 +312,7 @@ def completion_response(request_id: str, info: ModelInfo, acc: Accumulator, opti
         "choices": [choice(c) for c in acc.choices],
         "usage": usage,
         "system_fingerprint": None,
+        "weights_version": acc.weights_version,
     }
 
 
@@ -335,6 +351,7 @@ class ChatStream:
             "model": self.info.name,
             "choices": choices,
             "system_fingerprint": None,
+            "weights_version": self.acc.weights_version,
         }
         if self.options["include_usage"]:
             chunk["usage"] = None
@@ -377,11 +394,15 @@ class ChatStream:
             return None
         return chat_logprobs(self.info.tokenizer, event["logprobs"] or [])
 
+    def _ids(self, event: dict) -> bool:
+        """Whether the event's token ids must be sent (return_token_ids), even without text."""
+        return bool(self.options.get("return_token_ids") and event["token_ids"])
+
     def events(self, events: list[dict]) -> list[dict]:
         chunks = []
         for event in events:
             self.acc.add(event)
-            if not event["text"] and event["finish_reason"] is None and not event["logprobs"]:
+            if not event["text"] and event["finish_reason"] is None and not event["logprobs"] and not self._ids(event):
                 continue  # e.g. a stop token or half of a multibyte character: nothing to show yet
             delta, finish = self._delta(event)
             if not delta and finish is None and not event["logprobs"]:
@@ -394,6 +415,8 @@ class ChatStream:
             }
             if event["finish_reason"] is not None:
                 choice["stop_reason"] = event["stop_reason"]
+            if self.options.get("return_token_ids"):
+                choice["token_ids"] = event["token_ids"]
             chunks.append(self._chunk([choice]))
         return chunks
 
@@ -426,7 +449,7 @@ class CompletionStream(ChatStream):
         chunks = []
         for event in events:
             self.acc.add(event)
-            if not event["text"] and event["finish_reason"] is None and not event["logprobs"]:
+            if not event["text"] and event["finish_reason"] is None and not event["logprobs"] and not self._ids(event):
                 continue
             i = event["index"]
             logprobs = None
@@ -436,5 +459,7 @@ class CompletionStream(ChatStream):
             choice = {"index": i, "text": event["text"], "logprobs": logprobs, "finish_reason": event["finish_reason"]}
             if event["finish_reason"] is not None:
                 choice["stop_reason"] = event["stop_reason"]
+            if self.options.get("return_token_ids"):
+                choice["token_ids"] = event["token_ids"]
             chunks.append(self._chunk([choice]))
         return chunks

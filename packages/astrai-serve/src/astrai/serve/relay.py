@@ -40,6 +40,7 @@ EVENT_FIELDS = (
     "prompt_tokens",
     "completion_tokens",
     "prompt_logprobs",
+    "weights_version",  # the engine's weights when the step that made these tokens ended
 )
 
 
@@ -69,6 +70,7 @@ def event_to_tuple(event) -> tuple:
         event.prompt_tokens,
         event.completion_tokens,
         prompt_logprob_dicts(event.prompt_logprobs),
+        event.weights_version,
     )
 
 

@@ -40,6 +40,7 @@ from fastapi import Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from . import anthropic_protocol, openai_protocol
+from .admin import ADMIN_PREFIX, AdminRoutes
 from .anthropic_models import MessagesRequest
 from .config import ServeConfig, cuda_index
 from .control_plane import ControlPlane, combine_stats
@@ -134,7 +135,7 @@ class _ClosingStreamingResponse(StreamingResponse):
                 self.on_close()
 
 
-class ProtocolSpec(LitSpec):
+class ProtocolSpec(AdminRoutes, LitSpec):
     """Routes of both protocols over one worker queue (LitServe keys the queue by `api_path`)."""
 
     def __init__(self, config: ServeConfig, info: ModelInfo, control: ControlPlane) -> None:
@@ -175,6 +176,7 @@ class ProtocolSpec(LitSpec):
         self.add_endpoint("/v1/models", self.models, ["GET"])
         self.add_endpoint("/stats", self.stats, ["GET"])
         self.add_endpoint("/metrics", self.prometheus, ["GET"])
+        self.add_admin_endpoints()  # pause / update_weights / resume (admin.py)
 
     # -- plumbing to the worker ---------------------------------------------------------
     def _submit(self, payload: dict) -> tuple[str, deque, asyncio.Event]:
@@ -476,6 +478,7 @@ class ProtocolSpec(LitSpec):
         anthropic = "anthropic-version" in request.headers
         try:
             info = await self._model_info()
+            version = combine_stats(await self._workers()).get("weights_version", 0)
         except APIError as e:
             return _error_response(ANTHROPIC if anthropic else OPENAI, e)
         if anthropic:
@@ -487,6 +490,7 @@ class ProtocolSpec(LitSpec):
                 "created_at": created,
                 "max_input_tokens": info.max_model_len - 1,
                 "max_tokens": info.max_model_len - 1,
+                "weights_version": version,
             }
             return JSONResponse({"data": [model], "has_more": False, "first_id": info.name, "last_id": info.name})
         model = {
@@ -495,6 +499,7 @@ class ProtocolSpec(LitSpec):
             "created": info.created,
             "owned_by": "astrai",
             "max_model_len": info.max_model_len,
+            "weights_version": version,  # the served weights (admin.py: update_weights)
         }
         return JSONResponse({"object": "list", "data": [model]})
 
@@ -585,6 +590,8 @@ def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
         RequestGuard,
         {
             "api_key": config.api_key,
+            "admin_key": config.admin_key or config.api_key,
+            "admin_prefix": ADMIN_PREFIX,
             "max_request_bytes": config.request_limit(),
             "rejected": spec.rejected,
             "open_paths": OPEN_PATHS | {CHAT_PAGE} if config.chat_page else OPEN_PATHS,

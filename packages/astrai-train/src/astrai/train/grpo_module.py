@@ -38,6 +38,7 @@ from astrai.core.errors import AstraiError, require, require_for
 from .base_module import BatchError, CausalLMModule, build_model
 from .lora import adapters_disabled
 from .losses import IGNORE_INDEX
+from .remote_rollout import RemoteRollout, RolloutConfig
 from .rewards import RewardSpec, load_rewards, score
 from .rollout import RolloutEngine, resolve_dtype
 from .schedulers import NEED_LENGTH
@@ -167,6 +168,9 @@ class GRPOModule(CausalLMModule):
         engine: the rollout engine's settings (astrai.core.engine.EngineConfig), e.g.
             {max_batch_size: 128, kv_cache_memory: 2GiB}; max_batch_size is raised to hold a
             whole group (group_size, val_samples) when it is smaller.
+        rollout: generate on running `astrai-serve` servers instead of an in-process engine,
+            e.g. {servers: [http://127.0.0.1:8000]} (astrai.train.remote_rollout.RolloutConfig);
+            the weights go to them after every sync. rollout_dtype and engine are then unused.
         max_grad_norm: clip the gradient norm before each optimizer step (None: off).
         rollout_seed: seeds the sampling (each prompt's seed also depends on the step).
         val_temperature, val_samples: sampling of the validation completions (default: one
@@ -202,6 +206,7 @@ class GRPOModule(CausalLMModule):
         old_logps: Literal["policy", "engine"] = "policy",
         rollout_dtype: str | None = "auto",
         engine: EngineConfig | None = None,
+        rollout: RolloutConfig | None = None,
         max_grad_norm: float | None = 1.0,
         rollout_seed: int = 0,
         val_temperature: float = 0.0,
@@ -260,6 +265,7 @@ class GRPOModule(CausalLMModule):
         self.sync_interval, self.old_logps_source = sync_interval, old_logps
         self.engine_config = _engine_config(engine, needed=max(group_size, val_samples))
         self.rollout_dtype_name = rollout_dtype
+        self.rollout_config = RolloutConfig.of(rollout)  # None: the in-process engine
         self.max_grad_norm, self.rollout_seed = max_grad_norm, rollout_seed
         self.ref_model = None
         source = reference_model if reference_model is not None else self.hparams.model
@@ -271,11 +277,11 @@ class GRPOModule(CausalLMModule):
         if self.ref_model is not None:
             self.ref_model.requires_grad_(False)
             self.ref_model.enable_gradient_checkpointing(False)
-        self._rollout: RolloutEngine | None = None  # built on first use, on the training device
+        self._rollout: RolloutEngine | RemoteRollout | None = None  # built on first use
         self._checked_online = False
 
     # -- the engine ------------------------------------------------------------------------------
-    def rollout_engine(self, fresh: bool = False) -> RolloutEngine:
+    def rollout_engine(self, fresh: bool = False) -> RolloutEngine | RemoteRollout:
         """The engine, built on first use; ``fresh``: first sync it to the current weights."""
         if self.tokenizer is None:
             raise BatchError(
@@ -285,7 +291,10 @@ class GRPOModule(CausalLMModule):
         # Validation runs under inference mode; the engine's weights and KV pages must not be
         # inference tensors, or training could not update them in place later.
         with torch.inference_mode(False):
-            if self._rollout is None:
+            if self._rollout is None and self.rollout_config is not None:
+                self._rollout = RemoteRollout(self.rollout_config, self.lora_config)
+                self._rollout.sync(self.model, self.global_step)
+            elif self._rollout is None:
                 dtype = resolve_dtype(self.rollout_dtype_name, self.device)
                 self._rollout = RolloutEngine(
                     self.model, self.tokenizer, dtype, self.device, self.lora_config, self.engine_config

@@ -164,6 +164,7 @@ class InferenceEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._busy = False
+        self._paused = False  # pause(): the thread runs no step until resume()
         self._ended_outside_steps: list[Request] = []  # aborted between steps, for step() to report
         if self.device.type == "cuda":
             self._warm_up()
@@ -301,6 +302,25 @@ class InferenceEngine:
             with self._step_lock:
                 self._turn(run_step=False)
 
+    def pause(self) -> None:
+        """Stop stepping (after the step in progress) until `resume()`: requests in flight keep
+        their state and KV pages, new ones wait in the queue. For a weight update between two
+        steps of generations that then go on under the new weights (interruptible generation)."""
+        with self._cv:
+            self._paused = True
+        with self._step_lock:  # the step in progress, if any, has ended; the thread checks the flag next
+            pass
+
+    def resume(self) -> None:
+        """Step again after `pause()` (a no-op when not paused)."""
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def start(self) -> InferenceEngine:
         """Start the background engine thread (idempotent)."""
         with self._cv:
@@ -331,20 +351,24 @@ class InferenceEngine:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def update_weights(self, weights: nn.Module | dict[str, torch.Tensor], version: int) -> None:
+    def update_weights(
+        self, weights: nn.Module | dict[str, torch.Tensor], version: int, recompute: bool = False
+    ) -> None:
         """Copy new weights into the served model in place (GRPO pushes its policy here).
 
         `weights` is a model or a state dict with the same names and shapes; it is checked
         whole before anything is copied. It is applied between steps; the prefix cache is
         cleared (its pages were computed with the old weights). Sequences already running keep
-        their cached keys/values. Outputs finishing afterwards carry `weights_version == version`.
+        their cached keys/values, or with `recompute` have them computed again with the new
+        weights (as preempted sequences are: AReaLite's interrupted generation). Outputs
+        finishing afterwards carry `weights_version == version`.
         """
         require(is_token_id(version), "version", f"must be an integer, got {version!r}")
         state = weights.state_dict() if isinstance(weights, nn.Module) else weights
         require(isinstance(state, dict), "weights", f"must be a model or a state dict, got {type(weights).__name__}")
         _check_state(self.model.state_dict(), state)
         with self._step_lock:
-            self.core.load_weights(state, version)
+            self.core.load_weights(state, version, recompute)
 
     def stats(self) -> dict:
         """A snapshot of the engine: queue sizes, page use, prefix-cache hits, throughput.
@@ -457,11 +481,13 @@ class InferenceEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._inbox or self._aborts or self._busy):
+                while not (self._stopping or (not self._paused and (self._inbox or self._aborts or self._busy))):
                     self._cv.wait()
                 if self._stopping:
                     return
             with self._step_lock:
+                if self._paused:  # paused between the check above and the lock: see pause()
+                    continue
                 self._turn(run_step=True)
                 self._busy = self.scheduler.has_work()
 

@@ -473,12 +473,14 @@ class EngineCore:
 
     # -- weights and numbers -----------------------------------------------------------------
     @torch.no_grad()
-    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def load_weights(self, state: dict[str, torch.Tensor], version: int, recompute: bool = False) -> None:
         self.drain()  # tokens in flight came from the old weights and say so
         own = self.model.state_dict()
         for name, tensor in state.items():
             own[name].copy_(tensor)
         self.scheduler.reset_prefix_cache()
+        if recompute:
+            self.scheduler.recompute_running()
         self.weights_version = version
 
     def reset_stats(self) -> None:

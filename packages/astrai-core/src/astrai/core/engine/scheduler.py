@@ -181,6 +181,15 @@ class Scheduler:
                 self.allocator.prefix_cache.insert(seq.page_hashes[p], seq.pages[p])
         seq.num_registered = full
 
+    def recompute_running(self) -> int:
+        """Send every running sequence back to the waiting queue with its pages released, as a
+        preemption does: its prompt and tokens so far are computed again when it is readmitted
+        (after a weight update: its keys/values then come from the new weights). Returns how many."""
+        victims, self.running = self.running, []
+        for seq in victims:
+            self._preempt(seq)
+        return len(victims)
+
     def reset_prefix_cache(self) -> None:
         """Cached pages no longer match the model (new weights): forget them all."""
         self.allocator.clear_prefix_cache()

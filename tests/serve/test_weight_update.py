@@ -1,0 +1,183 @@
+"""Weight updates on a running `astrai-serve` (admin.py): pause with requests in flight holds
+them without failing them, update_weights loads a safetensors file, resume lets them go on
+under the new weights, and every token says which weights wrote it; the served weights are
+the new ones (greedy output equals the in-process engine's); keys and bodies are checked."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from weights_helpers import ADMIN, API, greedy_in_process, new_weights, start_server
+
+from astrai.serve.admin import ADMIN_PREFIX
+from astrai.serve.guard import RequestGuard
+
+PROMPT = [5, 17, 33, 8]
+LONG = 2000  # tokens per in-flight request: about a second or more of generation on one CPU thread
+
+
+@pytest.fixture(scope="module")
+def srv(model_dir, tmp_path_factory):
+    # Two engine workers: pause, update and resume must reach both (over the control plane).
+    server = start_server(model_dir, tmp_path_factory.mktemp("admin") / "server.log", "--workers", "2").wait_ready()
+    yield server
+    server.stop()
+
+
+def post(srv, path: str, body=None, headers=ADMIN, **kwargs) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, headers=headers, timeout=120, **kwargs)
+
+
+def complete(srv, max_tokens: int, out: list | None = None, **extra) -> dict:
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    r = httpx.post(srv.url + "/v1/completions", json={**body, **extra}, headers=API, timeout=300)
+    assert r.status_code == 200, r.text
+    if out is not None:
+        out.append(r.json())
+    return r.json()
+
+
+def in_flight(srv, count: int, max_tokens: int) -> tuple[list[threading.Thread], list[dict]]:
+    """`count` requests running on the server (started, and generating) in threads."""
+    answers: list[dict] = []
+    threads = [threading.Thread(target=complete, args=(srv, max_tokens, answers)) for _ in range(count)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while (stats := srv.stats()["engine"])["running"] < count:
+        assert time.monotonic() < deadline, f"the requests never started: {stats}, answers {answers}"
+        time.sleep(0.02)
+    return threads, answers
+
+
+def test_admin_endpoints_need_the_admin_key(srv):
+    for headers in ({}, API, {"Authorization": "Bearer wrong"}):
+        r = post(srv, "/admin/pause", {"mode": "interrupt"}, headers=headers)
+        assert r.status_code == 401, r.text
+        assert "admin key" in r.json()["error"]["message"]
+    assert srv.stats()["engine"]["weights_version"] == 0  # nothing was paused or loaded
+
+
+def test_admin_endpoints_are_off_without_any_key():
+    """RequestGuard as build_server installs it on a server started with neither key."""
+    app = FastAPI()
+    app.add_api_route("/admin/resume", lambda: {"paused": False}, methods=["POST"])
+    app.add_api_route("/v1/models", lambda: {"data": []}, methods=["GET"])
+    guarded = RequestGuard(app, api_key=None, max_request_bytes=1024, admin_key=None, admin_prefix=ADMIN_PREFIX)
+    client = TestClient(guarded)
+    r = client.post("/admin/resume", json={})
+    assert r.status_code == 403 and "--admin-key" in r.json()["error"]["message"]
+    assert client.get("/v1/models").status_code == 200  # the other routes stay open without a key
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/admin/update_weights", {"version": 1}, "path"),
+        ("/admin/update_weights", {"path": "/x", "version": -1}, "version"),
+        ("/admin/update_weights", {"path": "/x", "version": "1"}, "version"),
+        ("/admin/update_weights", {"path": "/x", "version": 1, "dir": "/y"}, "dir"),
+        ("/admin/update_weights", {"path": "/x", "version": 1, "recompute_kv": "yes"}, "recompute_kv"),
+        ("/admin/pause", {"mode": "stop"}, "mode"),
+        ("/admin/pause", {"timeout": 0}, "timeout"),
+    ],
+)
+def test_bad_admin_bodies_get_a_400_naming_the_field(srv, path, body, field):
+    r = post(srv, path, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and repr(field)[1:-1] in error["message"]
+
+
+def test_admin_body_that_is_not_json_is_refused(srv):
+    r = httpx.post(srv.url + "/admin/pause", content=b"{not json", headers=ADMIN, timeout=30)
+    assert r.status_code == 400, r.text
+
+
+def test_update_from_a_missing_file_fails_and_keeps_the_weights(srv, tmp_path):
+    r = post(srv, "/admin/update_weights", {"path": str(tmp_path / "none.safetensors"), "version": 9})
+    assert r.status_code == 500 and "none.safetensors" in r.json()["error"]["message"]
+    assert srv.stats()["engine"]["weights_version"] == 0
+
+
+def test_interrupted_requests_go_on_under_the_new_weights_and_say_which_wrote_which_token(srv, model_dir, tmp_path):
+    model = new_weights(model_dir, seed=7, path=tmp_path / "v7.safetensors")
+    threads, answers = in_flight(srv, 3, LONG)
+    paused = post(srv, "/admin/pause", {"mode": "interrupt"})
+    assert paused.status_code == 200, paused.text
+    workers = paused.json()["workers"]
+    held = sum(w["held"] for w in workers)  # all 3, unless one ended between the check and the pause
+    assert paused.json()["paused"] and len(workers) == 2 and held >= 1
+    before = srv.stats()["engine"]["generated_tokens"]
+    time.sleep(0.3)
+    assert srv.stats()["engine"]["generated_tokens"] == before  # held: no step runs while paused
+    late: list[dict] = []  # a request sent while paused waits for resume
+    waiting = threading.Thread(target=complete, args=(srv, 8, late))
+    waiting.start()
+    updated = post(srv, "/admin/update_weights", {"path": str(tmp_path / "v7.safetensors"), "version": 7})
+    assert updated.status_code == 200, updated.text
+    assert [w["weights_version"] for w in updated.json()["workers"]] == [7, 7] and not late
+    assert post(srv, "/admin/resume", {}).json()["paused"] is False
+    for t in [*threads, waiting]:
+        t.join(timeout=300)
+    spans = [a["choices"][0]["version_spans"] for a in answers]
+    assert sum(len(s) == 2 for s in spans) == held and all(s == [[0, LONG]] for s in spans if len(s) == 1)
+    for answer in answers:
+        (choice,) = answer["choices"]
+        assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == LONG  # not failed
+        if len(choice["version_spans"]) == 1:
+            continue  # it ended before the pause
+        assert answer["weights_version"] == 7
+        (old, n_old), (new, n_new) = choice["version_spans"]
+        assert (old, new) == (0, 7) and n_old > 0 and n_new > 0 and n_old + n_new == LONG
+        # held tokens' keys/values were computed again (recompute_kv): the rest is the new model's own
+        done = choice["token_ids"][:n_old]
+        rest = min(n_new, 32)  # enough to tell, without generating the whole tail again
+        assert choice["token_ids"][n_old : n_old + rest] == greedy_in_process(model, model_dir, PROMPT + done, rest)
+    assert late[0]["choices"][0]["version_spans"] == [[7, 8]]
+    models = httpx.get(srv.url + "/v1/models", headers=API, timeout=30).json()
+    assert models["data"][0]["weights_version"] == 7
+    # The served weights are the new ones, in both engines: greedy output equals the in-process
+    # engine's with them (two requests at once go to both workers).
+    both: list[dict] = []
+    pair = [threading.Thread(target=complete, args=(srv, 24, both)) for _ in range(2)]
+    for t in pair:
+        t.start()
+    for t in pair:
+        t.join(timeout=120)
+    expected = greedy_in_process(model, model_dir, PROMPT, 24)
+    assert [a["choices"][0]["token_ids"] for a in both] == [expected, expected]
+
+
+def test_pause_finish_lets_requests_in_flight_end_under_the_old_weights(srv, model_dir, tmp_path):
+    version = srv.stats()["engine"]["weights_version"]
+    new_weights(model_dir, seed=8, path=tmp_path / "v8.safetensors")
+    threads, answers = in_flight(srv, 2, LONG)
+    paused = post(srv, "/admin/pause", {"mode": "finish", "timeout": 120})
+    assert paused.status_code == 200, paused.text
+    assert [w["held"] for w in paused.json()["workers"]] == [0, 0]  # they ended before the pause took hold
+    post(srv, "/admin/update_weights", {"path": str(tmp_path / "v8.safetensors"), "version": version + 1})
+    post(srv, "/admin/resume", {})
+    for t in threads:
+        t.join(timeout=300)
+    assert [a["choices"][0]["version_spans"] for a in answers] == [[[version, LONG]]] * 2
+    assert complete(srv, 4)["weights_version"] == version + 1
+
+
+def test_streamed_chunks_carry_token_ids_and_the_weights_version(srv):
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    version = srv.stats()["engine"]["weights_version"]
+    chunks = []
+    with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, headers=API) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    streamed = [t for c in chunks for choice in c["choices"] for t in choice["token_ids"]]
+    assert streamed == complete(srv, 12)["choices"][0]["token_ids"]
+    assert {c["weights_version"] for c in chunks} == {version}
