@@ -22,7 +22,7 @@ def attention(
     softcap: float | None = None,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """softmax(cap(q k^T * scale) masked) v for q (B, H, Tq, Dk), k (B, Hkv, L, Dk), v (B, Hkv, L, Dv).
+    """softmax(cap(q k^T * scale) masked) v for q ([B,] H, Tq, Dk), k ([B,] Hkv, L, Dk), v ([B,] Hkv, L, Dv).
 
     mask: boolean, True where a query may attend, broadcastable to (B, H, Tq, L); or None with
     is_causal (the last Tq keys are the queries') or without (every key). Heads are grouped as
@@ -31,16 +31,16 @@ def attention(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
         )
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[-3] // k.shape[-3]
     if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
     if is_causal and mask is None:
         mask = causal_mask(q.shape[-2], k.shape[-2], None, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     return torch.matmul(probs, v)
 
 

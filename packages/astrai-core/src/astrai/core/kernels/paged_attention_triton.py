@@ -20,16 +20,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .paged_attention import query_block_size
 
 
 @triton.jit
 def _scores(q, k, scale, softcap, SOFTCAPPED: tl.constexpr):
-    """q k^T * scale, soft-capped when SOFTCAPPED, in log2 units (the kernels use exp2)."""
+    """q k^T * scale, soft-capped when SOFTCAPPED, in log2 units (the kernels use exp2).
+    tanh(x) = 2 sigmoid(2x) - 1: an absolute error near float32's epsilon, and Triton's interpreter
+    runs it (it has no libdevice)."""
     if SOFTCAPPED:
-        return libdevice.tanh(tl.dot(q, k) * (scale / softcap)) * (softcap * 1.4426950408889634)
+        tanh = 2.0 * tl.sigmoid(tl.dot(q, k) * (2.0 * scale / softcap)) - 1.0
+        return tanh * (softcap * 1.4426950408889634)
     return tl.dot(q, k) * (scale * 1.4426950408889634)
 
 
