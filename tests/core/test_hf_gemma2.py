@@ -183,3 +183,26 @@ def test_model_config_refuses_sliding_layers_without_a_window_naming_layer_types
         ModelConfig(n_layers=2, sliding_window=4, layer_types=["sliding_attention"])
     with pytest.raises(ConfigError, match="ModelConfig.attn_logit_softcap"):
         ModelConfig(attn_logit_softcap=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_with_the_triton_kernel_and_graphs_follows_transformers_past_the_window(tmp_path):
+    """On CUDA: the Triton kernel's windows and soft-caps, in decode and prefill graphs, against
+    transformers recomputing every step; TF32 moves logits by ~1e-3, so a token must match where the
+    reference's choice is clear and its log-prob everywhere."""
+    theirs = gemma2_dir(tmp_path).cuda()
+    ours = AutoModel.from_pretrained(tmp_path, dtype=torch.float32).cuda()
+    engine = InferenceEngine(ours, None, max_batch_size=4, max_num_batched_tokens=32, page_size=16, num_pages=32)
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (20, 33, 40, 27)]
+    completions = engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0, logprobs=1, ignore_eos=True))
+    with torch.no_grad():
+        for prompt, c in zip(prompts, completions):
+            ids = list(prompt)
+            for token, lp in zip(c.token_ids, c.samples[0].logprobs):
+                ref = torch.log_softmax(theirs(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1].double(), -1)
+                top2 = ref.topk(2).values
+                if top2[0] - top2[1] > 0.02:
+                    assert token == int(ref.argmax())
+                assert abs(lp.logprob - float(ref[token])) < 1e-2
+                ids.append(token)
