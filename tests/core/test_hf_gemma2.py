@@ -22,6 +22,7 @@ from astrai.core.auto import AutoModel
 from astrai.core.checkpoint import CheckpointError, save_pretrained
 from astrai.core.config import ConfigError, ModelConfig
 from astrai.core.engine import InferenceEngine, SamplingParams
+from astrai.core.errors import AstraiError
 
 VOCAB, WINDOW = 128, 8
 # Three layers: sliding, full, sliding (Gemma2Config's default pattern).
@@ -206,3 +207,9 @@ def test_cuda_engine_with_the_triton_kernel_and_graphs_follows_transformers_past
                     assert token == int(ref.argmax())
                 assert abs(lp.logprob - float(ref[token])) < 1e-2
                 ids.append(token)
+
+
+def test_upstream_format_refuses_a_gemma2_model_naming_the_field(tmp_path, make_model):
+    ours = make_model(vocab_size=VOCAB, sliding_window=4)
+    with pytest.raises(AstraiError, match="ModelConfig.sliding_window"):
+        save_pretrained(ours, tmp_path, format="astrai-upstream")
