@@ -168,10 +168,3 @@ def test_gemma_with_attention_biases_or_another_activation_is_refused_naming_the
     FAMILIES["gemma"](hidden_act="relu").save_pretrained(tmp_path / "act")
     with pytest.raises(CheckpointError, match="'hidden_act' is 'relu'"):
         AutoModel.from_pretrained(tmp_path / "act")
-
-
-def test_gemma2_is_refused_at_load_naming_sliding_window(tmp_path):
-    """The paged engine has no sliding-window attention, so Gemma 2 fails instead of computing otherwise."""
-    transformers.Gemma2Config(**{**TINY, "head_dim": 24, "sliding_window": 16}).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="'sliding_window' is 16.*Gemma 2"):
-        AutoModel.from_pretrained(tmp_path)

@@ -1,11 +1,12 @@
-"""Grouped-query attention, with optional q/k/v bias, qk-norm and an output gate."""
+"""Grouped-query attention, with optional q/k/v bias, qk-norm, an output gate, and Gemma 2's
+sliding window and soft-capped logits."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention_ops import attention, causal_mask
 from .config import ModelConfig
 from .kv_cache_view import KVCacheView, KVLayout
 from .norm import RMSNorm
@@ -18,7 +19,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.window, self.softcap = config.layer_window(layer_idx), config.attn_logit_softcap
+        # Passed to cache.attend only when set, so a cache without these options serves other models.
+        self.cache_options = {k: v for k, v in (("window", self.window), ("softcap", self.softcap)) if v is not None}
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.dim, q_out, bias=config.attn_bias)
         self.k_proj = nn.Linear(config.dim, kv_out, bias=config.attn_bias)
@@ -61,16 +65,19 @@ class Attention(nn.Module):
         norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
         q, k = apply_rope_qk(q, k, cos, sin, norms, self.norm_after_rope)
         if cache is not None:
-            out = cache.attend(self.layer_idx, q, k, v, self.scale)
+            out = cache.attend(self.layer_idx, q, k, v, self.scale, **self.cache_options)
         else:
-            out = F.scaled_dot_product_attention(
+            if self.window is not None:  # token indices, not positions: equal within a sample
+                band = causal_mask(t, t, self.window, x.device)
+                mask = band if mask is None else mask & band
+            out = attention(
                 q.transpose(1, 2),
                 k.transpose(1, 2),
                 v.transpose(1, 2),
-                attn_mask=mask,
+                mask,
+                self.scale,
+                self.softcap,
                 is_causal=mask is None,
-                scale=self.scale,
-                enable_gqa=True,
             ).transpose(1, 2)
         out = out.reshape(b, t, -1)
         if gate:

@@ -14,6 +14,7 @@ ROPE_SCALING_TYPES = ("linear", "dynamic", "ntk", "yarn", "llama3")
 ATTENTION_TYPES = ("gqa", "mla")
 FFN_TYPES = ("mlp", "moe")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names for a layer's attention span
 
 
 class ConfigError(AstraiError):
@@ -55,6 +56,18 @@ class ModelConfig:
     # exactly ("mistral", "phi3", "gemma"; set when such a directory is loaded). None: Llama, Qwen2
     # or Qwen3, as the architecture decides (hf_config.hf_model_type).
     hf_family: str | None = None
+    # Gemma 2's attention and block (all off by default). Sliding-window attention: on a layer that
+    # slides, the query at position p sees only keys p - sliding_window + 1 .. p. layer_types says
+    # which layers slide, one entry per layer ("sliding_attention" / "full_attention"); None: every
+    # layer slides when sliding_window is set.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    attn_logit_softcap: float | None = None  # attention scores s -> cap * tanh(s / cap) before the softmax
+    final_logit_softcap: float | None = None  # output logits z -> cap * tanh(z / cap)
+    query_pre_attn_scalar: float | None = None  # the attention scale is its -1/2 power; None: head_dim's
+    # Norms on the attention and MLP outputs too (before each residual add), and the MLP input
+    # normed by a norm of its own: four per block (Gemma 2).
+    sandwich_norm: bool = False
     # Mixture of experts; used when ffn_type == "moe".
     n_routed_experts: int = 8
     n_shared_experts: int = 1
@@ -142,6 +155,37 @@ class ModelConfig:
             _require(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
             self._validate_moe_extras()
         self._validate_rope_scaling()
+        self._validate_gemma2_fields()
+
+    def _validate_gemma2_fields(self) -> None:
+        window, types = self.sliding_window, self.layer_types
+        _require(
+            window is None or (isinstance(window, int) and not isinstance(window, bool) and window > 0),
+            "sliding_window",
+            f"must be a positive integer (keys a sliding layer sees) or null, got {window!r}",
+        )
+        _require(
+            types is None
+            or (isinstance(types, list) and len(types) == self.n_layers and all(t in LAYER_TYPES for t in types)),
+            "layer_types",
+            f"must be null or a list of {self.n_layers} entries (one per layer), each one of {LAYER_TYPES}; "
+            f"got {types!r}",
+        )
+        _require(
+            window is not None or not types or "sliding_attention" not in types,
+            "layer_types",
+            "has sliding_attention layers but sliding_window is null; set sliding_window or make them full_attention",
+        )
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            _require(
+                value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                name,
+                f"must be a positive number or null, got {value!r}",
+            )
+        if self.attn_type == "mla":
+            for name in ("sliding_window", "attn_logit_softcap", "query_pre_attn_scalar"):
+                _require(getattr(self, name) is None, name, "is not supported with attn_type='mla'; set it to null")
 
     def _validate_moe_extras(self) -> None:
         shared = self.moe_shared_ffn_dim
@@ -198,6 +242,18 @@ class ModelConfig:
         if self.n_shared_experts == 0:
             return 0
         return self.moe_shared_ffn_dim or self.n_shared_experts * self.moe_ffn_dim
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer `layer_idx`, or None when it attends to the whole context."""
+        if self.sliding_window is None or (self.layer_types and self.layer_types[layer_idx] != "sliding_attention"):
+            return None
+        return self.sliding_window
+
+    @property
+    def has_gemma2_features(self) -> bool:
+        """Whether any of Gemma 2's additions is on (only the gemma2 family writes them to config.json)."""
+        extras = (self.sliding_window, self.attn_logit_softcap, self.final_logit_softcap, self.query_pre_attn_scalar)
+        return self.sandwich_norm or any(x is not None for x in extras)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` routes through experts (not a dense MLP)."""

@@ -1,10 +1,10 @@
 """config.json in the Hugging Face layout, mapped to and from ModelConfig.
 
-A model that transformers can run as Llama, Qwen2, Qwen3, Mistral, Phi-3 or Gemma is written as
+A model that transformers can run as Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma or Gemma 2 is written as
 that model's config so `transformers.AutoModelForCausalLM` loads our directories unchanged; our
 full config rides along under the "astrai" key so nothing is lost. Anything else (MLA, gated
-attention) is written as model_type "astrai" with our own field names. What Mistral, Phi-3 and
-Gemma add to Llama lives in hf_families.py; Mixtral and Qwen2-MoE are mapped the same way,
+attention) is written as model_type "astrai" with our own field names. What Mistral, Phi-3,
+Gemma and Gemma 2 add to Llama lives in hf_families.py; Mixtral and Qwen2-MoE are mapped the same way,
 their MoE block by hf_moe.py.
 """
 
@@ -21,7 +21,6 @@ from .hf_families import (
     family_fields,
     family_for,
     family_hf_fields,
-    refuse_unsupported,
 )
 from .hf_moe import MOE_ARCHITECTURES, MOE_DEFAULTS, from_hf_moe_fields, moe_model_type, to_hf_moe_fields
 from .rope import rope_kind
@@ -47,7 +46,7 @@ _HF_DEFAULTS = {
     **FAMILY_DEFAULTS,
 }
 # Fields whose null means something else than absent (absent: the default; null: none / derived).
-_NULLABLE = {"sliding_window", "num_key_value_heads"}
+_NULLABLE = {"sliding_window", "num_key_value_heads", "attn_logit_softcapping", "final_logit_softcapping"}
 
 
 class HFConfigError(AstraiError):
@@ -60,8 +59,8 @@ def hf_model_type(config: ModelConfig) -> str | None:
         return None
     if rope_kind(config) == "ntk":  # static NTK: transformers has no such rope_type
         return None
-    family = family_for(config)  # Mistral, Phi-3, Gemma
-    if family is not None:
+    family = family_for(config)  # Mistral, Phi-3, Gemma, Gemma 2
+    if family is not None or config.has_gemma2_features:
         return family
     if config.mlp_act != "silu" or config.scale_embeddings:
         return None
@@ -134,10 +133,6 @@ def from_hf_dict(data: dict[str, Any]) -> ModelConfig:
         return _model_config({k: v for k, v in data.items() if k not in _META_KEYS})
     if model_type in MOE_ARCHITECTURES:
         return _from_moe_dict(model_type, data)
-    try:
-        refuse_unsupported(model_type, data)  # Gemma 2: names the field in the way
-    except FamilyError as e:
-        raise HFConfigError(str(e)) from None
     if model_type not in HF_ARCHITECTURES:
         archs = data.get("architectures") or []
         raise HFConfigError(

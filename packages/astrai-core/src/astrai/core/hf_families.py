@@ -1,4 +1,4 @@
-"""Hugging Face families that are a Llama underneath: Mistral, Phi-3 and Gemma.
+"""Hugging Face families that are a Llama underneath: Mistral, Phi-3, Gemma and Gemma 2.
 
 Why this exists: each of these differs from Llama in a few places, and each place maps either
 onto a ModelConfig field or onto the weights' layout:
@@ -14,10 +14,14 @@ onto a ModelConfig field or onto the weights' layout:
     every norm weight on load and subtracted on save (exact in float32; in bf16 the sum is
     rounded once, a difference below bf16's own precision).
 
-Gemma 2 is recognised but refused: its alternating sliding-window layers need windowed attention
-in the paged engine, and its attention / final-logit soft-capping and extra norms are not built.
-The error names the first field in the way (`sliding_window`), so it fails at load instead of
-computing something else.
+  - Gemma 2 is Gemma (embedding scale, GeLU-tanh, norms of 1 + weight) plus: four norms per
+    block (`sandwich_norm`: the attention and MLP outputs are normed too, and the MLP input by
+    `pre_feedforward_layernorm`), attention scale query_pre_attn_scalar ** -0.5, soft-capped
+    attention scores and output logits (`attn_logit_softcap`, `final_logit_softcap`), and
+    sliding-window attention on the layers `layer_types` marks "sliding_attention" (every
+    other one by default), which the paged engine runs with a per-layer window. A layer type
+    other than full / sliding attention, bidirectional attention or attention biases are
+    refused, naming the field.
 
 hf_config.py calls the config half (what to read, what to refuse, what to write) and
 checkpoint.py the weights half, so neither needs to know which family it handles. A loaded
@@ -30,10 +34,16 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from .config import LAYER_TYPES, ModelConfig
 from .errors import AstraiError
 
-FAMILY_ARCHITECTURES = {"mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM"}
+FAMILY_ARCHITECTURES = {
+    "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+_GEMMAS = ("gemma", "gemma2")  # families whose RMSNorm multiplies by (1 + weight)
 
 # What transformers assumes when a field is absent from config.json (its config class defaults).
 FAMILY_DEFAULTS = {
@@ -63,6 +73,21 @@ FAMILY_DEFAULTS = {
         "hidden_act": "gelu_pytorch_tanh",
         "tie_word_embeddings": True,
     },
+    "gemma2": {
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "head_dim": 256,
+        "num_key_value_heads": 4,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
 }
 
 # transformers' names for the tanh GeLU; GemmaConfig reads a plain "gelu" as the tanh one too.
@@ -78,7 +103,7 @@ _FUSED = {
 
 
 class FamilyError(AstraiError):
-    """config.json of a Mistral / Phi-3 / Gemma model asks for something we cannot run exactly."""
+    """config.json of a Mistral / Phi-3 / Gemma / Gemma 2 model asks for something we cannot run exactly."""
 
 
 def _reject(bad: bool, field: str, detail: str) -> None:
@@ -94,33 +119,44 @@ def family_fields(model_type: str, d: dict[str, Any]) -> dict[str, Any]:
         _check_sliding_window(d)
         _check_act(d, ("silu",))
         return {"hf_family": model_type}
-    if model_type == "gemma":
-        _check_act(d, _GELU_TANH)
+    if model_type in _GEMMAS:
+        if model_type == "gemma":
+            _check_act(d, _GELU_TANH)
+        else:  # Gemma2Config reads hidden_activation, where a plain "gelu" is the exact (erf) one
+            act = d["hidden_activation"]
+            _reject(act not in _GELU_TANH[:2], "hidden_activation", f"{act!r} (Gemma 2 supports gelu_pytorch_tanh)")
         _reject(bool(d.get("attention_bias")), "attention_bias", "true (biases on q/k/v/o are not supported)")
         _reject(
             bool(d.get("use_bidirectional_attention")),
             "use_bidirectional_attention",
             "true (only causal attention is supported)",
         )
-        return {"hf_family": "gemma", "mlp_act": "gelu_tanh", "scale_embeddings": True}
+        fields = {"hf_family": model_type, "mlp_act": "gelu_tanh", "scale_embeddings": True}
+        return fields if model_type == "gemma" else {**fields, **_gemma2_fields(d)}
     return {}
 
 
-def refuse_unsupported(model_type: str, d: dict[str, Any]) -> None:
-    """Raise, naming the field, for a family we know but cannot run exactly (Gemma 2)."""
-    if model_type != "gemma2":
-        return
-    window, max_len = d.get("sliding_window", 4096), d.get("max_position_embeddings", 8192)
+def _gemma2_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2's window, layer types, soft-caps, attention scale and four norms per block."""
+    n_layers, window = d["num_hidden_layers"], d.get("sliding_window")
+    # Gemma2Config's default: layers 0, 2, 4, ... slide; 1, 3, 5, ... attend to everything.
+    default = [("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(n_layers)]
+    types = d.get("layer_types") or default
     _reject(
-        window is not None and window < max_len,
-        "sliding_window",
-        f"{window}, shorter than max_position_embeddings ({max_len}): Gemma 2's alternating "
-        "sliding-window attention is not supported (the paged engine attends to the whole context)",
+        not isinstance(types, list) or len(types) != n_layers,
+        "layer_types",
+        f"{types!r}: it needs one entry per layer ({n_layers})",
     )
-    for field, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
-        cap = d.get(field, default)
-        _reject(cap is not None, field, f"{cap} (Gemma 2's logit soft-capping is not supported)")
-    _reject(True, "model_type", "'gemma2' (Gemma 2's pre/post feed-forward norms are not supported)")
+    unknown = sorted({str(t) for t in types} - set(LAYER_TYPES))
+    _reject(bool(unknown), "layer_types", f"{types!r}: {unknown} not supported (only {', '.join(LAYER_TYPES)})")
+    return {
+        "sandwich_norm": True,
+        "sliding_window": window,
+        "layer_types": None if window is None else list(types),  # no window: sliding layers see everything
+        "attn_logit_softcap": d.get("attn_logit_softcapping"),
+        "final_logit_softcap": d.get("final_logit_softcapping"),
+        "query_pre_attn_scalar": d["query_pre_attn_scalar"],
+    }
 
 
 def _check_sliding_window(d: dict[str, Any]) -> None:
@@ -144,6 +180,10 @@ def family_for(config: ModelConfig) -> str | None:
     """The family (of this module) that save_pretrained writes `config` as, or None.
 
     The caller has checked that the architecture is plain GQA with a dense MLP."""
+    no_bias_or_qk_norm = not (config.attn_bias or config.qk_norm)
+    if config.has_gemma2_features:  # only Gemma 2 has its norms, soft-caps and windows
+        gemma2 = config.sandwich_norm and config.scale_embeddings and config.mlp_act == "gelu_tanh"
+        return "gemma2" if gemma2 and no_bias_or_qk_norm else None
     llama_like = not (config.attn_bias or config.qk_norm or config.scale_embeddings) and config.mlp_act == "silu"
     wanted = config.hf_family
     if wanted == "mistral" and llama_like:
@@ -172,6 +212,19 @@ def family_hf_fields(model_type: str, config: ModelConfig, fields: dict[str, Any
     elif model_type == "gemma":
         out["hidden_act"] = "gelu_pytorch_tanh"
         out["attention_bias"] = False
+    elif model_type == "gemma2":
+        out.pop("hidden_act")
+        n = config.n_layers
+        out.update(
+            hidden_activation="gelu_pytorch_tanh",
+            attention_bias=False,
+            query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
+            # No window: every layer full; the window then goes unread but Gemma2Config wants a number.
+            sliding_window=config.sliding_window or config.max_len,
+            layer_types=["full_attention" if config.layer_window(i) is None else "sliding_attention" for i in range(n)],
+            attn_logit_softcapping=config.attn_logit_softcap,
+            final_logit_softcapping=config.final_logit_softcap,
+        )
     return out
 
 
@@ -243,12 +296,12 @@ def _is_norm(name: str) -> bool:
 
 
 def _norm_from_hf(name: str, tensor: torch.Tensor, model_type: str) -> torch.Tensor:
-    if model_type != "gemma" or not _is_norm(name):
+    if model_type not in _GEMMAS or not _is_norm(name):
         return tensor
     return (tensor.float() + 1.0).to(tensor.dtype)  # Gemma's RMSNorm multiplies by (1 + weight)
 
 
 def _norm_to_hf(name: str, tensor: torch.Tensor, model_type: str) -> torch.Tensor:
-    if model_type != "gemma" or not _is_norm(name):
+    if model_type not in _GEMMAS or not _is_norm(name):
         return tensor
     return (tensor.float() - 1.0).to(tensor.dtype)

@@ -60,6 +60,8 @@ def moe_model_type(config: ModelConfig) -> str | None:
     """The transformers MoE model_type that runs this architecture exactly, or None."""
     if config.ffn_type != "moe" or config.attn_type != "gqa" or config.gated_attn or config.qk_norm:
         return None
+    if config.has_gemma2_features:  # windows, soft-caps, extra norms: no MoE family has them
+        return None
     if rope_kind(config) == "ntk":  # static NTK: transformers has no such rope_type
         return None
     plain_router = config.moe_norm_topk and not config.moe_dense_layers

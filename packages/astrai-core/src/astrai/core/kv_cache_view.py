@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
+
+from .attention_ops import attention, causal_mask
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,20 @@ class KVLayout:
 
 class KVCacheView(Protocol):
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor | None,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        """Store k/v for the new tokens, attend q over the cache; q (B, T, H, Dk) -> (B, T, H, Dv)."""
+        """Store k/v for the new tokens, attend q over the cache; q (B, T, H, Dk) -> (B, T, H, Dv).
+
+        window: a query sees only the last `window` keys up to its own (sliding layers);
+        softcap: scores s become softcap * tanh(s / softcap) before the softmax (Gemma 2). Layers
+        pass these only when set."""
         ...
 
 
@@ -56,7 +68,7 @@ class ContiguousKVCache:
     def length(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[1]
 
-    def attend(self, layer_idx, q, k, v, scale):
+    def attend(self, layer_idx, q, k, v, scale, window=None, softcap=None):
         if self.keys[layer_idx] is not None:
             k = torch.cat([self.keys[layer_idx], k], dim=1)
             if v is not None:
@@ -66,13 +78,6 @@ class ContiguousKVCache:
             v = k[..., : self.layout.v_dim]
         t_new, t_all = q.shape[1], k.shape[1]
         # New queries sit at the end: query i sees keys up to (t_all - t_new + i).
-        mask = torch.ones(t_new, t_all, dtype=torch.bool, device=q.device).tril(t_all - t_new)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
+        mask = causal_mask(t_new, t_all, window, q.device)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale, softcap)
         return out.transpose(1, 2)

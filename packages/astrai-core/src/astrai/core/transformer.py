@@ -34,6 +34,10 @@ class Block(nn.Module):
         self.self_attn = _attention_class(config)(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.dim, config.ffn_dim, config.mlp_act)
+        self.sandwich_norm = config.sandwich_norm
+        if config.sandwich_norm:  # Gemma 2: post_attention_layernorm norms the attention output instead
+            self.pre_feedforward_layernorm = RMSNorm(config.dim, config.norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(
         self,
@@ -54,7 +58,11 @@ class Block(nn.Module):
             h = self.input_layernorm(x)
         else:
             x, h = self.input_layernorm.add_forward(x, pending)
-        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, mask, cache))
+        attn = self.self_attn(h, cos, sin, mask, cache)
+        if self.sandwich_norm:  # x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))
+            x, h = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(attn))
+            return x, self.post_feedforward_layernorm(self.mlp(h))
+        x, h = self.post_attention_layernorm.add_forward(x, attn)
         return x, (self.mlp(h, valid) if valid is not None and isinstance(self.mlp, MoE) else self.mlp(h))
 
 
@@ -133,7 +141,13 @@ class CausalLM(nn.Module):
         hidden = self.model(input_ids, position_ids, attention_mask, cache)
         if logits_index is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logits_index)
-        return self.lm_head(hidden)
+        return self.compute_logits(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states: the LM head, soft-capped when final_logit_softcap is set."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     # -- helpers used by the trainer and the engine ---------------------------------
     def kv_layout(self) -> KVLayout:

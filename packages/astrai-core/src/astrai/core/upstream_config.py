@@ -228,6 +228,10 @@ def check_upstream_expressible(config: ModelConfig) -> None:
         (config.mlp_act != "silu", "mlp_act", f"is {config.mlp_act!r}; upstream's MLP is SwiGLU"),
         (config.scale_embeddings, "scale_embeddings", "is true; upstream does not scale its embeddings"),
     ]
+    gemma2 = ("sandwich_norm", "sliding_window", "attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar")
+    bad += [
+        (getattr(config, f) not in (None, False), f, "is set; upstream has none of Gemma 2's additions") for f in gemma2
+    ]
     for is_bad, field, detail in bad:
         _reject(is_bad, f"ModelConfig.{field}", f"{detail}: not expressible in format {UPSTREAM_FORMAT!r}")
 

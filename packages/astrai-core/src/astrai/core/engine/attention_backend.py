@@ -6,6 +6,11 @@ pages hold its keys. A backend turns queries plus the page pool into attention o
 `TorchPagedAttention` is plain PyTorch (the CPU path); `KernelPagedAttention` calls the
 Triton kernel of `astrai.core.kernels` on CUDA. Another kernel (FlexAttention, ...) plugs in
 by implementing the same two methods, `prepare` and `__call__`.
+
+Gemma 2's sliding layers pass `window` (a query sees only the last `window` keys up to its own)
+and its soft-capped attention `softcap` (scores s -> softcap * tanh(s / softcap) before the
+softmax); both backends honour them, and layers pass them only when set. Pages that fell out of
+every window stay allocated: correctness first.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
+from ..attention_ops import attention, causal_mask
 from .device_transfer import to_device
 from .kv_dtype import as_bytes
 
@@ -59,10 +64,19 @@ class AttentionBackend(Protocol):
         ...
 
     def __call__(
-        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, state: Any, scale: float, v_dim: int
+        self,
+        q: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor | None,
+        state: Any,
+        scale: float,
+        v_dim: int,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """q (T, H, Dk); k_pool (pages, page_size, Hkv, Dk); v_pool likewise with Dv, or None when
-        the values are the first v_dim channels of the keys (MLA) -> (T, H, Dv)."""
+        the values are the first v_dim channels of the keys (MLA) -> (T, H, Dv). window, softcap:
+        see the module docstring."""
         ...
 
 
@@ -115,6 +129,7 @@ class _TorchPlan:
     decode_tokens: torch.Tensor | None  # (Bd,) row positions of one-token sequences
     decode_slots: torch.Tensor | None  # (Bd, L) slots of their contexts, padded
     decode_mask: torch.Tensor | None  # (Bd, 1, 1, L) True where the slot is part of the context
+    decode_lens: torch.Tensor | None  # (Bd, 1, 1, 1) their context lengths, for a window's start
     prefills: list[tuple[int, int, torch.Tensor]]  # (query start, query length, context slots)
     has_padding: bool = False  # rows with an empty context, whose output is zero
 
@@ -135,14 +150,15 @@ class TorchPagedAttention:
         decode = [i for i in range(len(ctx)) if starts[i + 1] - starts[i] == 1 and ctx[i] > 0]
         prefill = [i for i in range(len(ctx)) if starts[i + 1] - starts[i] > 1]
         device = meta.slot_mapping.device
-        plan = _TorchPlan(None, None, None, [], has_padding=0 in ctx)
+        plan = _TorchPlan(None, None, None, None, [], has_padding=0 in ctx)
         if decode:
             rows = torch.tensor(decode, device=device)
             width = max(ctx[i] for i in decode)
             pos = torch.arange(width, device=device)
             table = meta.page_table.index_select(0, rows)
             plan.decode_slots = table.gather(1, (pos // ps).expand(len(decode), -1)) * ps + pos % ps
-            plan.decode_mask = (pos < meta.context_lens.index_select(0, rows)[:, None])[:, None, None, :]
+            plan.decode_lens = meta.context_lens.index_select(0, rows)[:, None, None, None]
+            plan.decode_mask = pos < plan.decode_lens
             plan.decode_tokens = meta.query_start.index_select(0, rows)
         for i in prefill:
             pos = torch.arange(ctx[i], device=device)
@@ -150,7 +166,9 @@ class TorchPagedAttention:
             plan.prefills.append((starts[i], starts[i + 1] - starts[i], slots))
         return plan
 
-    def __call__(self, q, k_pool, v_pool, plan: _TorchPlan, scale: float, v_dim: int) -> torch.Tensor:
+    def __call__(
+        self, q, k_pool, v_pool, plan: _TorchPlan, scale: float, v_dim: int, window=None, softcap=None
+    ) -> torch.Tensor:
         k_pool = k_pool.flatten(0, 1)  # (slots, Hkv, Dk)
         v_pool = k_pool[..., :v_dim] if v_pool is None else v_pool.flatten(0, 1)
         out = (q.new_zeros if plan.has_padding else q.new_empty)(q.shape[0], q.shape[1], v_dim)
@@ -158,18 +176,19 @@ class TorchPagedAttention:
             qd = q.index_select(0, plan.decode_tokens).unsqueeze(2)  # (Bd, H, 1, Dk)
             kd = _gather(k_pool, plan.decode_slots, q.dtype).transpose(1, 2)  # (Bd, Hkv, L, Dk)
             vd = _gather(v_pool, plan.decode_slots, q.dtype).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
+            mask = plan.decode_mask
+            if window is not None:  # the one query sits at position len - 1 and sees keys from len - window
+                mask = mask & (torch.arange(mask.shape[-1], device=q.device) >= plan.decode_lens - window)
+            od = attention(qd, kd, vd, mask, scale, softcap)
             out.index_copy_(0, plan.decode_tokens, od.squeeze(2))
         for start, n, slots in plan.prefills:
             qp = q[start : start + n].transpose(0, 1).unsqueeze(0)  # (1, H, n, Dk)
             kp = _gather(k_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, Dk)
             vp = _gather(v_pool, slots, q.dtype).transpose(0, 1).unsqueeze(0)
             ctx = slots.shape[0]
-            # Query i sits at position ctx - n + i and sees keys up to there.
-            mask = None if ctx == n else torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
-            op = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-            )
+            # Query i sits at position ctx - n + i and sees keys up to there (the last `window` of them).
+            mask = None if ctx == n and window is None else causal_mask(n, ctx, window, q.device)
+            op = attention(qp, kp, vp, mask, scale, softcap, is_causal=mask is None)
             out[start : start + n] = op.squeeze(0).transpose(0, 1)
         return out
 
@@ -192,7 +211,9 @@ class KernelPagedAttention:
     def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
         return meta
 
-    def __call__(self, q, k_pool, v_pool, meta: AttentionMetadata, scale: float, v_dim: int) -> torch.Tensor:
+    def __call__(
+        self, q, k_pool, v_pool, meta: AttentionMetadata, scale: float, v_dim: int, window=None, softcap=None
+    ) -> torch.Tensor:
         from ..kernels.paged_attention import paged_attention
 
         return paged_attention(
@@ -206,6 +227,8 @@ class KernelPagedAttention:
             v_dim=v_dim,
             max_q_len=meta.max_query_len,
             blocks=meta.blocks,
+            window=window,
+            softcap=softcap,
         )
 
 

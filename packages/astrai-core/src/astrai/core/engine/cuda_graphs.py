@@ -49,8 +49,8 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 def graph_blocker(model, backend: AttentionBackend) -> str | None:
     """Why decode steps of this model cannot be captured in a CUDA graph, or None if they can."""
     config = model.config
-    if not (hasattr(model, "model") and hasattr(model, "lm_head")):
-        return f"{type(model).__name__} is not split into a .model body and an .lm_head"
+    if not (hasattr(model, "model") and hasattr(model, "compute_logits")):
+        return f"{type(model).__name__} is not split into a .model body and compute_logits (the LM head)"
     if config.ffn_type == "moe":
         return "MoE routing gives each expert a data-dependent number of tokens"
     if rope_kind(config) == "dynamic":
@@ -157,7 +157,7 @@ class DecodeRunner:
             hidden = entry[1]
         else:
             hidden = self._body(bucket, context_lens)
-        return self.model.lm_head(hidden[:b])
+        return self.model.compute_logits(hidden[:b])
 
     def _replay(self, graph: torch.cuda.CUDAGraph, batch: int) -> None:
         if self.replay_events is None:

@@ -58,13 +58,24 @@ class PagedCacheView:
         self.cache, self.meta, self.backend = cache, meta, backend
         self.state = backend.prepare(meta)
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float):
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor | None,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+    ):
         if q.shape[0] != 1:
             raise ValueError(f"the paged cache expects one flattened row of tokens, got batch {q.shape[0]}")
         k_pool = self.cache.k[layer_idx]
         v_pool = self.cache.v[layer_idx] if self.cache.v is not None else None
         self._store(k[0], v[0] if v_pool is not None else None, k_pool, v_pool)
-        out = self.backend(q[0], k_pool, v_pool, self.state, scale, self.cache.layout.v_dim)
+        # Gemma 2's options reach the backend only when set: a backend without them serves other models.
+        options = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
+        out = self.backend(q[0], k_pool, v_pool, self.state, scale, self.cache.layout.v_dim, **options)
         return out.unsqueeze(0)
 
     def _store(self, k, v, k_pool, v_pool) -> None:

@@ -126,7 +126,7 @@ class PrefillRunner:
         else:
             hidden = self._body(bucket, [c.start + c.length for c in chunks])
         rows = self.last[: len(sampled)]
-        return self.model.lm_head(hidden.index_select(0, rows)), sampled, n
+        return self.model.compute_logits(hidden.index_select(0, rows)), sampled, n
 
     def _write_inputs(self, chunks: list[Chunk]) -> tuple[int, int, list[Chunk]]:
         """Fill the buffers for this step (unused sequence slots and list entries after the live

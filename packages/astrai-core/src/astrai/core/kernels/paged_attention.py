@@ -9,15 +9,19 @@ sequence b owns rows query_start[b]:query_start[b+1]; these are its newest token
 with context length seq_lens[b] the i-th of its q_len queries sits at position
 seq_lens[b] - q_len + i and sees keys 0..that position. Decode (q_len = 1), prefill and
 chunked prefill are the same call.
+
+window (sliding layers, Gemma 2): the query at position p sees only keys p - window + 1 .. p.
+softcap (Gemma 2): scores s become softcap * tanh(s / softcap) before the softmax.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from ..attention_ops import attention, causal_mask
 
 
-def paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None):
+def paged_attention_reference(
+    q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, window=None, softcap=None
+):
     """Gather each sequence's pages and run SDPA: the CPU path, and the oracle for the kernel."""
     n_heads = q.shape[1]
     v_dim = v_dim if v_cache is None else v_cache.shape[-1]
@@ -32,15 +36,8 @@ def paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_s
         k = k_cache[pages].flatten(0, 1)[:ctx].to(q.dtype)  # an fp8 pool is read in the query's dtype
         v = k[..., :v_dim] if v_cache is None else v_cache[pages].flatten(0, 1)[:ctx].to(q.dtype)
         q_len = hi - lo
-        mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(ctx - q_len)
-        o = F.scaled_dot_product_attention(
-            q[lo:hi].transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
+        mask = causal_mask(q_len, ctx, window, q.device)
+        o = attention(q[lo:hi].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale, softcap)
         out[lo:hi] = o.transpose(0, 1)
     return out
 
@@ -58,7 +55,18 @@ def _next_power_of_2(n: int) -> int:
 
 
 def paged_attention(
-    q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None, blocks=None
+    q,
+    k_cache,
+    v_cache,
+    page_table,
+    seq_lens,
+    query_start,
+    scale,
+    v_dim=None,
+    max_q_len=None,
+    blocks=None,
+    window=None,
+    softcap=None,
 ):
     """Triton kernel on CUDA, the reference elsewhere. max_q_len avoids a host sync when known;
     blocks: the kernel's program list (paged_attention_triton), ignored by the reference."""
@@ -66,6 +74,8 @@ def paged_attention(
         from .paged_attention_triton import paged_attention_triton
 
         return paged_attention_triton(
-            q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim, max_q_len, blocks
+            q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim, max_q_len, blocks, window, softcap
         )
-    return paged_attention_reference(q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim)
+    return paged_attention_reference(
+        q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim, window, softcap
+    )

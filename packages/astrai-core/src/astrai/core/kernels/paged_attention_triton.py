@@ -7,6 +7,12 @@ never cross a page and which splits the contexts of small batches (_paged_decode
 pool is converted as it is read: to float16 under bf16 queries (every e4m3 value is exact in
 float16, the conversion is one instruction on Hopper where bf16 takes several, and the
 probabilities keep more bits), otherwise to the queries' dtype.
+
+Gemma 2: on a sliding layer (SLIDING, `window`) a query at position p sees only keys
+p - window + 1 .. p, and the key loop starts at the first tile one of the program's queries
+sees; soft-capped attention (SOFTCAPPED, `softcap`) squashes each score s into
+softcap * tanh(s / softcap) before the softmax. Both are compile-time switches, so other models
+run the kernels they ran before.
 """
 
 from __future__ import annotations
@@ -16,6 +22,17 @@ import triton
 import triton.language as tl
 
 from .paged_attention import query_block_size
+
+
+@triton.jit
+def _scores(q, k, scale, softcap, SOFTCAPPED: tl.constexpr):
+    """q k^T * scale, soft-capped when SOFTCAPPED, in log2 units (the kernels use exp2).
+    tanh(x) = 2 sigmoid(2x) - 1: an absolute error near float32's epsilon, and Triton's interpreter
+    runs it (it has no libdevice)."""
+    if SOFTCAPPED:
+        tanh = 2.0 * tl.sigmoid(tl.dot(q, k) * (2.0 * scale / softcap)) - 1.0
+        return tanh * (softcap * 1.4426950408889634)
+    return tl.dot(q, k) * (scale * 1.4426950408889634)
 
 
 @triton.jit
@@ -30,6 +47,8 @@ def _paged_attention_kernel(
     block_seq,
     block_index,
     scale,
+    window,
+    softcap,
     stride_qt,
     stride_qh,
     stride_kp,
@@ -52,6 +71,8 @@ def _paged_attention_kernel(
     BLOCK_DV: tl.constexpr,
     LISTED: tl.constexpr,
     F16_DOT: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAPPED: tl.constexpr,
 ):
     if LISTED:  # the programs' (sequence, query block) pairs come from a list; -1: nothing to do
         b = tl.load(block_seq + tl.program_id(0))
@@ -88,8 +109,10 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M * GROUP_P, BLOCK_DV], tl.float32)
     # Keys past the last query of this block are never visible: stop there.
     kv_end = tl.minimum(ctx, ctx - q_len + (mblk + 1) * BLOCK_M)
-    qk_scale = scale * 1.4426950408889634  # log2(e): use exp2
-    for start in range(0, kv_end, BLOCK_N):
+    kv_start = 0
+    if SLIDING:  # keys before the window of this block's first query are never visible: start there
+        kv_start = tl.maximum(ctx - q_len + mblk * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    for start in range(kv_start, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_end
         page = tl.load(page_table + b * stride_pt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
@@ -99,8 +122,10 @@ def _paged_attention_kernel(
             mask=n_ok[None, :] & (dk[:, None] < DK),
             other=0.0,
         ).to(q.dtype)
-        s = tl.dot(q, k) * qk_scale
+        s = _scores(q, k, scale, softcap, SOFTCAPPED)
         visible = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
+        if SLIDING:
+            visible = visible & (n[None, :] > qpos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -135,6 +160,8 @@ def _paged_decode_kernel(
     seq_lens,
     query_start,
     scale,
+    window,
+    softcap,
     stride_qt,
     stride_qh,
     stride_kp,
@@ -157,13 +184,17 @@ def _paged_decode_kernel(
     BLOCK_DV: tl.constexpr,
     SPLITS: tl.constexpr,
     F16_DOT: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAPPED: tl.constexpr,
 ):
     """One query token per sequence; program (sequence, KV head, split of the context). A key
     tile lies inside one page (PAGE % BLOCK_N == 0), so its page number is one scalar load and
     its addresses are that page's base plus offsets fixed outside the loop: the general kernel's
     per-key page lookups and address arithmetic were most of a decode step's instructions.
     With SPLITS > 1 each program attends to its share of the context and leaves its output,
-    running max and sum in part* for _combine_splits_kernel (few sequences, long contexts)."""
+    running max and sum in part* for _combine_splits_kernel (few sequences, long contexts).
+    SLIDING: the query (at ctx - 1) sees keys from ctx - window; tiles before the one holding that
+    key are skipped, so a split wholly before the window is empty."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -186,18 +217,21 @@ def _paged_decode_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    qk_scale = scale * 1.4426950408889634  # log2(e): use exp2
     j = tl.arange(0, BLOCK_N)
     k_offsets = j[None, :] * stride_ks + kvh * stride_kh + dk[:, None]
     v_offsets = j[:, None] * stride_vs + kvh * stride_vh + dv[None, :]
+    if SLIDING:  # tiles stay BLOCK_N-aligned, so each still lies inside one page
+        lo = tl.maximum(lo, tl.maximum(ctx - window, 0) // BLOCK_N * BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         page = tl.load(page_table + b * stride_pt + start // PAGE).to(tl.int64)
         first = start % PAGE
         n_ok = start + j < hi
+        if SLIDING:
+            n_ok = n_ok & (start + j >= ctx - window)
         k = tl.load(
             K + page * stride_kp + first * stride_ks + k_offsets, mask=n_ok[None, :] & (dk[:, None] < DK), other=0.0
         ).to(q.dtype)
-        s = tl.where(n_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
+        s = tl.where(n_ok[None, :], _scores(q, k, scale, softcap, SOFTCAPPED), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has a visible key
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -271,7 +305,7 @@ def decode_splits(batch: int, n_kv_heads: int) -> int:
     return splits
 
 
-def _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f16_dot):
+def _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f16_dot, window, softcap):
     n_heads, dk = q.shape[1], q.shape[2]
     n_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     batch = seq_lens.shape[0]
@@ -295,6 +329,8 @@ def _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f1
         seq_lens,
         query_start,
         scale,
+        window or 0,
+        softcap or 1.0,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -317,6 +353,8 @@ def _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f1
         BLOCK_DV=block_dv,
         SPLITS=splits,
         F16_DOT=f16_dot,
+        SLIDING=window is not None,
+        SOFTCAPPED=softcap is not None,
         num_warps=DECODE_WARPS,
         num_stages=DECODE_STAGES,
         **cap,
@@ -340,12 +378,24 @@ def _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f1
 
 
 def paged_attention_triton(
-    q, k_cache, v_cache, page_table, seq_lens, query_start, scale, v_dim=None, max_q_len=None, blocks=None
+    q,
+    k_cache,
+    v_cache,
+    page_table,
+    seq_lens,
+    query_start,
+    scale,
+    v_dim=None,
+    max_q_len=None,
+    blocks=None,
+    window=None,
+    softcap=None,
 ):
     """blocks: None, or (block_seq, block_index) int32 tensors listing the (sequence, query block)
     of every program, query blocks of query_block_size(...) tokens, unused entries -1: the
     launch then depends on the list's length only, not on the step's sequence lengths (CUDA
-    graphs for prefill steps)."""
+    graphs for prefill steps). window, softcap: Gemma 2's sliding window and soft-cap (the
+    module docstring), None for off."""
     n_tokens, n_heads, dk = q.shape
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1, "last dims must be contiguous"
     n_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
@@ -359,7 +409,7 @@ def paged_attention_triton(
     if blocks is None and max_q_len is None:
         max_q_len = int((query_start[1:] - query_start[:-1]).max())
     if blocks is None and max_q_len == 1 and not wide and page_size % DECODE_BLOCK_N == 0:
-        return _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f16_dot)
+        return _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f16_dot, window, softcap)
     block_n, stages, warps = (32, 1, 8) if wide else (64, 2, 4)
     if blocks is not None:
         block_m = query_block_size(n_heads, n_kv_heads, dk)
@@ -380,6 +430,8 @@ def paged_attention_triton(
         block_seq,
         block_index,
         scale,
+        window or 0,
+        softcap or 1.0,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -402,6 +454,8 @@ def paged_attention_triton(
         BLOCK_DV=block_dv,
         LISTED=blocks is not None,
         F16_DOT=f16_dot,
+        SLIDING=window is not None,
+        SOFTCAPPED=softcap is not None,
         num_warps=warps,
         num_stages=stages,
     )
