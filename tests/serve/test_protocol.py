@@ -400,6 +400,20 @@ def test_anthropic_stream_event_sequence(info):
     delta = items[5][1]
     assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
     assert delta["usage"] == {"output_tokens": 2}
+    assert delta["weights_version"] == 0
+
+
+def test_anthropic_stream_with_tools_puts_each_call_in_its_own_tool_use_block(info):
+    stream = anth.MessageStream("msg_1", info, 4, {"stop": [], "tools": True})
+    text = 'Checking. <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    items = stream.start() + stream.events([event(text=text[:15]), event(text=text[15:], finish_reason="stop")])
+    items += stream.end()
+    blocks = [(d["index"], d["content_block"]["type"]) for n, d in items if n == "content_block_start"]
+    assert blocks == [(0, "text"), (1, "tool_use")]
+    json_deltas = [d["delta"]["partial_json"] for n, d in items if d.get("delta", {}).get("type") == "input_json_delta"]
+    assert json_deltas == ['{"x": 1}']
+    assert [d["index"] for n, d in items if n == "content_block_stop"] == [0, 1]
+    assert items[-2][1]["delta"]["stop_reason"] == "tool_use"
 
 
 @pytest.mark.parametrize("text", ["a\u2028b", "c\u2029d", "e\x85f", '中文\n\r\t"x'])

@@ -224,6 +224,11 @@ class MessageStream:
         closing = [_event("content_block_stop", index=self.block)] if self.text_open else []
         return [
             *closing,
-            _event("message_delta", delta=delta, usage={"output_tokens": self.acc.completion_tokens}),
+            _event(
+                "message_delta",
+                delta=delta,
+                usage={"output_tokens": self.acc.completion_tokens},
+                weights_version=self.acc.weights_version,  # the served weights (admin.py), as in whole replies
+            ),
             _event("message_stop"),
         ]
