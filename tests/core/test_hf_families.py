@@ -9,6 +9,7 @@ naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -139,10 +140,24 @@ def test_the_family_is_kept_only_while_its_class_runs_the_architecture(tiny_conf
     assert to_hf_dict(tiny_config(mlp_act="gelu_tanh"))["model_type"] == "astrai"  # no embedding scale: no Gemma
 
 
-def test_mistral_with_a_window_shorter_than_its_context_is_refused_naming_sliding_window(tmp_path):
-    FAMILIES["mistral"](sliding_window=16).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="'sliding_window' is 16, shorter than max_position_embeddings"):
-        AutoModel.from_pretrained(tmp_path)
+def test_mistral_with_a_window_shorter_than_its_sequences_matches_transformers_in_logits_engine_and_export(tmp_path):
+    torch.manual_seed(5)
+    theirs = hf_model("mistral", tmp_path / "hf", sliding_window=6)  # shorter than every test sequence
+    ours = AutoModel.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert (ours.config.sliding_window, ours.config.layer_types) == (6, None)
+    assert_same_logits(ours, theirs)
+    without = AutoModel.from_config(dataclasses.replace(ours.config, sliding_window=None), dtype=torch.float32)
+    without.load_state_dict(ours.state_dict())
+    ids = torch.randint(3, VOCAB, (1, 20))
+    with torch.no_grad():
+        assert (without(ids) - ours(ids)).abs().max() > 1e-2  # the window matters at this length
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 9, 14, 21)]
+    assert_engine_greedy_equals_generate(ours, theirs, prompts, num_pages=24)
+    save_pretrained(ours, tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(again).__name__ == "MistralForCausalLM" and again.config.sliding_window == 6
+    assert_same_logits(ours, again)
 
 
 def test_mistral_with_a_window_as_long_as_its_context_loads(tmp_path):

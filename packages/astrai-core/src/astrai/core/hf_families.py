@@ -3,9 +3,8 @@
 Why this exists: each of these differs from Llama in a few places, and each place maps either
 onto a ModelConfig field or onto the weights' layout:
 
-  - Mistral is Llama with a `sliding_window`. We run full causal attention (the paged engine
-    has no windowed attention), which is the same function only while no sequence is longer
-    than the window: a window shorter than max_position_embeddings is refused, naming it.
+  - Mistral is Llama with a `sliding_window` on every layer: ModelConfig.sliding_window with
+    layer_types None, run by the windowed attention Gemma 2 brought (model and paged engine).
   - Phi-3 stores q/k/v as one `qkv_proj` matrix and gate/up as one `gate_up_proj` matrix
     (gate first); they are split on load and concatenated again on save.
   - Gemma scales the token embeddings by sqrt(hidden_size) (`scale_embeddings`), uses a
@@ -115,7 +114,11 @@ def _reject(bad: bool, field: str, detail: str) -> None:
 def family_fields(model_type: str, d: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields the family sets beyond Llama's, from config.json contents `d` (the
     family's defaults already filled in); refuses what we would compute differently."""
-    if model_type in ("mistral", "phi3"):
+    if model_type == "mistral":  # a window slides on every layer (ModelConfig.layer_types None)
+        _check_act(d, ("silu",))
+        window = d.get("sliding_window")
+        return {"hf_family": model_type, **({"sliding_window": window} if window else {})}
+    if model_type == "phi3":
         _check_sliding_window(d)
         _check_act(d, ("silu",))
         return {"hf_family": model_type}
@@ -181,10 +184,12 @@ def family_for(config: ModelConfig) -> str | None:
 
     The caller has checked that the architecture is plain GQA with a dense MLP."""
     no_bias_or_qk_norm = not (config.attn_bias or config.qk_norm)
+    llama_like = not (config.attn_bias or config.qk_norm or config.scale_embeddings) and config.mlp_act == "silu"
+    if config.hf_family == "mistral" and llama_like and _window_only(config):
+        return "mistral"
     if config.has_gemma2_features:  # only Gemma 2 has its norms, soft-caps and windows
         gemma2 = config.sandwich_norm and config.scale_embeddings and config.mlp_act == "gelu_tanh"
         return "gemma2" if gemma2 and no_bias_or_qk_norm else None
-    llama_like = not (config.attn_bias or config.qk_norm or config.scale_embeddings) and config.mlp_act == "silu"
     wanted = config.hf_family
     if wanted == "mistral" and llama_like:
         return "mistral"
@@ -200,11 +205,17 @@ def family_for(config: ModelConfig) -> str | None:
     return None
 
 
+def _window_only(config: ModelConfig) -> bool:
+    """No Gemma 2 feature but (perhaps) one window for every layer: what MistralConfig says."""
+    extras = (config.attn_logit_softcap, config.final_logit_softcap, config.query_pre_attn_scalar)
+    return not config.sandwich_norm and config.layer_types is None and all(x is None for x in extras)
+
+
 def family_hf_fields(model_type: str, config: ModelConfig, fields: dict[str, Any]) -> dict[str, Any]:
     """The config.json fields (Llama's, in `fields`) adjusted for the family."""
     out = dict(fields)
     if model_type == "mistral":
-        out["sliding_window"] = None
+        out["sliding_window"] = config.sliding_window
     elif model_type == "phi3":
         out.pop("head_dim")  # Phi3Config has none: hidden_size // num_attention_heads
         out["sliding_window"] = None
