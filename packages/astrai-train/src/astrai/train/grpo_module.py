@@ -491,7 +491,7 @@ class GRPOModule(CausalLMModule):
         return f"model.micro_batch_size ({self.micro_batch_size})" if self.micro_batch_size else None
 
     def _schedule_length(self) -> int | None:
-        if self.hparams.decay_steps or self.hparams.scheduler not in NEED_LENGTH or self.trainer.max_steps > 0:
+        if self.schedule_args.decay_steps or self.schedule_args.name not in NEED_LENGTH or self.trainer.max_steps > 0:
             return super()._schedule_length()
         # Epoch-based run: several optimizer steps per batch (an estimate when mini-batches split it).
         per_batch = 1
