@@ -165,15 +165,13 @@ class ExportArgs:
         )
 
 
+_GROUPS = {"optimizer": OptimizerArgs, "schedule": ScheduleArgs, "export": ExportArgs}
+_SCHEDULE_FIELDS = ("warmup_steps", "min_lr_ratio", "decay_steps", "cycle_steps", "cycle_mult", "decay_fraction")
 # The flat options of before the groups, and where each one went (under model.).
 MOVED_OPTIONS = {
     **{name: f"optimizer.{name}" for name in ("lr", "weight_decay", "betas", "eps", "momentum", "ns_steps")},
     "scheduler": "schedule.name",
-    **{
-        name: f"schedule.{name}"
-        for name in ("warmup_steps", "min_lr_ratio", "decay_steps", "cycle_steps", "cycle_mult")
-        + ("decay_fraction", "decay_shape")
-    },
+    **{name: f"schedule.{name}" for name in (*_SCHEDULE_FIELDS, "decay_shape")},
     "export_dir": "export.dir",
     "export_on_fit_end": "export.on_fit_end",
     "export_dtype": "export.dtype",
@@ -229,9 +227,6 @@ def as_group(cls: type[Group], value: Group | dict[str, Any] | None, option: str
     if unknown:
         raise AstraiError(f"model.{option} has no option {unknown}; its options are {fields}")
     return cls(**value)
-
-
-_GROUPS = {"optimizer": OptimizerArgs, "schedule": ScheduleArgs, "export": ExportArgs}
 
 
 def plain_hparams(hparams: dict[str, Any], **groups: object) -> None:
