@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -128,8 +129,8 @@ def check_moved_in_config(config: object, where: str = "") -> None:
 def _check_option(option: str, value: object, where: str) -> None:
     if option in MOVED_OPTIONS:
         raise UsageError(str(moved_option_error(option, where)))
-    # `optimizer: muon`: the group's old single value (a mapping or --model.optimizer.name is fine).
-    if option in GROUP_NAMES and isinstance(value, str) and value and not value.lstrip().startswith("{"):
+    # `optimizer: muon`: the group's old single value, a bare name (not a mapping or a file).
+    if option in GROUP_NAMES and isinstance(value, str) and re.fullmatch(r"[\w-]+", value.strip()):
         raise UsageError(str(moved_option_error(option, where)))
 
 
