@@ -171,7 +171,7 @@ class GRPOModule(CausalLMModule):
         rollout_seed: seeds the sampling (each prompt's seed also depends on the step).
         val_temperature, val_samples: sampling of the validation completions (default: one
             greedy completion per prompt).
-        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, lr, lora, ...).
+        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, schedule, export, lora, ...).
 
     Logs train/reward (mean), train/reward_std (mean within-group std), train/reward/<name>,
     train/kl, train/clip_frac, train/ratio, train/loss, train/completion_len(_max),
