@@ -128,14 +128,13 @@ def make_module(args, config: dict, param_dtype: str) -> PretrainModule:
     torch.manual_seed(0)
     return PretrainModule(
         model=config,
-        optimizer=args.optimizer,
-        lr=1e-4,
-        scheduler="constant",
         gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile,
         param_dtype=param_dtype,
-        export_on_fit_end=False,
         peak_flops=args.peak_flops,
+        optimizer={"name": args.optimizer, "lr": 1e-4},
+        schedule={"name": "constant"},
+        export={"on_fit_end": False},
     )
 
 

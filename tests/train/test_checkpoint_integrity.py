@@ -148,7 +148,7 @@ def test_astrai_train_exits_2_instead_of_resuming_from_a_damaged_last_ckpt(tmp_p
                 f"--trainer.default_root_dir={root}",
                 "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false",
-                "--model.export_on_fit_end=false",
+                "--model.export.on_fit_end=false",
                 *extra,
             ]
         )

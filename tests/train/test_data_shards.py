@@ -216,7 +216,7 @@ def test_lightning_fits_a_model_on_shards_with_document_attention(tmp_path, toke
     docs = [rng.integers(5, 320, size=int(n)).tolist() for n in rng.integers(3, 40, size=40)]
     root = write_shard(tmp_path / "out" / "__default__" / "shard_0000", documents(*docs)).parent.parent
     dm = PretrainDataModule(tokenizer_dir, str(root), seq_len=16, batch_size=4, document_attention=True)
-    module = PretrainModule(model=TINY_MODEL, tokenizer=tokenizer_dir, export_on_fit_end=False)
+    module = PretrainModule(model=TINY_MODEL, tokenizer=tokenizer_dir, export={"on_fit_end": False})
     trainer = make_trainer(tmp_path, max_steps=3)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -51,9 +51,9 @@ def fit_args(inputs, root: Path, steps: int, batch_size: int) -> list[str]:
         "fit",
         "--model=seq",
         f"--model.model={inputs['model']}",
-        "--model.lr=3e-3",
-        "--model.warmup_steps=2",
-        f"--model.decay_steps={FULL}",
+        "--model.optimizer.lr=3e-3",
+        "--model.schedule.warmup_steps=2",
+        f"--model.schedule.decay_steps={FULL}",
         "--data=pretrain",
         f"--data.train={inputs['rows']}",
         f"--data.tokenizer={inputs['tokenizer']}",
@@ -221,7 +221,7 @@ def test_optimizer_groups_follow_the_shapes_before_sharding():
     assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(0.1, 1), (0.0, 1)]
     assert groups[0]["params"][0] is model.weight
     assert len(build_optimizer(model, "adamw").param_groups) == 1  # without shapes: all taken for gains
-    with pytest.raises(ValueError, match="optimizer: muon .* FSDP"):
+    with pytest.raises(ValueError, match="optimizer.name: muon .* FSDP"):
         build_optimizer(model, "muon", shapes=shapes)
 
 

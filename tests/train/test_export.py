@@ -30,7 +30,7 @@ def trained(tmp_path_factory, tokenizer_dir):
     """A PretrainModule fitted on the cycle task and exported on fit end (default location)."""
     root = tmp_path_factory.mktemp("export_run")
     torch.manual_seed(0)
-    module = PretrainModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=1e-2)
+    module = PretrainModule(model=TINY_MODEL, tokenizer=tokenizer_dir, optimizer={"lr": 1e-2})
     trainer = make_trainer(root, max_steps=25, logger=L.pytorch.loggers.CSVLogger(root, name="logs"))
     trainer.fit(module, DataLoader(CycleBatches(16, 16), batch_size=4, shuffle=True))
     return module.eval(), root / "export"
@@ -79,9 +79,9 @@ def test_lora_export_is_merged(tmp_path, tokenizer_dir):
     module = SFTModule(
         model=TINY_MODEL,
         tokenizer=tokenizer_dir,
-        lr=1e-2,
-        export_dir=str(tmp_path / "out"),
         lora={"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]},
+        optimizer={"lr": 1e-2},
+        export={"dir": str(tmp_path / "out")},
     )
     make_trainer(tmp_path, max_steps=5).fit(module, DataLoader(CycleBatches(8, 16), batch_size=4))
     names = _tensor_names(tmp_path / "out")
@@ -95,22 +95,22 @@ def test_lora_export_is_merged(tmp_path, tokenizer_dir):
 
 def test_export_dtype_and_no_export(tmp_path, tokenizer_dir):
     module = PretrainModule(
-        model=TINY_MODEL, tokenizer=tokenizer_dir, export_dtype="bfloat16", export_dir=str(tmp_path / "bf16")
+        model=TINY_MODEL, tokenizer=tokenizer_dir, export={"dtype": "bfloat16", "dir": str(tmp_path / "bf16")}
     )
     path = export_model(module, tmp_path / "bf16")
     assert set(_tensor_names(path).values()) == {torch.bfloat16}
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
     quiet = PretrainModule(
-        model=TINY_MODEL, tokenizer=tokenizer_dir, export_on_fit_end=False, export_dir=str(tmp_path / "none")
+        model=TINY_MODEL, tokenizer=tokenizer_dir, export={"on_fit_end": False, "dir": str(tmp_path / "none")}
     )
     make_trainer(tmp_path, max_steps=1).fit(quiet, DataLoader(CycleBatches(4, 8), batch_size=4))
     assert not (tmp_path / "none").exists()
-    with pytest.raises(ValueError, match="export_dtype"):
+    with pytest.raises(ValueError, match="model.export.dtype"):
         export_model(module, tmp_path / "x", dtype="int8")
 
 
 def test_export_callback_writes_every_n_steps_and_keeps_the_last(tmp_path, tokenizer_dir):
-    module = PretrainModule(model=TINY_MODEL, tokenizer=tokenizer_dir, export_on_fit_end=False)
+    module = PretrainModule(model=TINY_MODEL, tokenizer=tokenizer_dir, export={"on_fit_end": False})
     callback = ModelExport(every_n_train_steps=2, dirpath=str(tmp_path / "exports"), keep_last=2)
     trainer = make_trainer(tmp_path, max_steps=7, callbacks=[callback], accumulate_grad_batches=2)
     trainer.fit(module, DataLoader(CycleBatches(16, 8), batch_size=2))
@@ -124,7 +124,13 @@ def test_export_callback_writes_every_n_steps_and_keeps_the_last(tmp_path, token
 def test_fsdp_fit_exports_the_gathered_model(tmp_path, tokenizer_dir, lora):
     """Under FSDP the weights are sharded: the export gathers them (and merges LoRA) on rank 0."""
     torch.manual_seed(0)
-    module = SFTModule(model=TINY_MODEL, tokenizer=tokenizer_dir, lr=1e-2, lora=lora, export_dir=str(tmp_path / "out"))
+    module = SFTModule(
+        model=TINY_MODEL,
+        tokenizer=tokenizer_dir,
+        lora=lora,
+        optimizer={"lr": 1e-2},
+        export={"dir": str(tmp_path / "out")},
+    )
     trainer = make_trainer(tmp_path, max_steps=4, accelerator="gpu", strategy="fsdp", precision="bf16-mixed")
     trainer.fit(module, DataLoader(CycleBatches(8, 16), batch_size=4))
     assert not any("lora" in name for name in _tensor_names(tmp_path / "out"))

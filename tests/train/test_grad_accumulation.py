@@ -95,7 +95,10 @@ class RecordingGRPOModule(Recording, GRPOModule):
 def test_lightning_accumulation_with_bf16_weights(tmp_path):
     torch.manual_seed(0)
     module = RecordingPretrainModule(
-        model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, param_dtype="bfloat16"
+        model={"vocab_size": 320, **TINY_MODEL},
+        param_dtype="bfloat16",
+        optimizer={"lr": 1e-2},
+        export={"on_fit_end": False},
     )
     loader = DataLoader(CycleBatches(24, 16), batch_size=2, shuffle=True)
     trainer = make_trainer(tmp_path, max_steps=4, accumulate_grad_batches=3)
@@ -120,10 +123,10 @@ def test_grpo_micro_batches_with_bf16_weights(tmp_path):
         max_new_tokens=3,
         rewards=[{"fn": "astrai.train.rewards.similarity"}],
         micro_batch_size=2,
-        lr=1e-2,
         param_dtype="bfloat16",
         max_grad_norm=None,  # unclipped: the sum itself
-        export_on_fit_end=False,
+        optimizer={"lr": 1e-2},
+        export={"on_fit_end": False},
     )
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(module, data)
@@ -136,7 +139,9 @@ def test_bf16_accumulation_is_refused_under_fsdp(tmp_path):
     does not handle sharded gradients, so the run stops at start, naming the settings."""
     from dist_helpers import CPUFSDPStrategy
 
-    module = PretrainModule(model={"vocab_size": 320, **TINY_MODEL}, param_dtype="bfloat16", export_on_fit_end=False)
+    module = PretrainModule(
+        model={"vocab_size": 320, **TINY_MODEL}, param_dtype="bfloat16", export={"on_fit_end": False}
+    )
     loader = DataLoader(CycleBatches(8, 16), batch_size=2)
     trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, strategy=CPUFSDPStrategy())
     environ = dict(os.environ)

@@ -51,12 +51,11 @@ def module(tok, **kwargs) -> GRPOModule:
         rewards=ANSWER,
         group_size=8,
         max_new_tokens=4,
-        lr=1e-2,
-        scheduler="constant",
-        weight_decay=0.0,
-        export_on_fit_end=False,
         val_temperature=1.0,
         val_samples=8,
+        optimizer={"lr": 1e-2, "weight_decay": 0.0},
+        schedule={"name": "constant"},
+        export={"on_fit_end": False},
     )
     options.update(kwargs)
     return GRPOModule(**options)
@@ -186,7 +185,7 @@ def test_reference_read_from_a_directory_stays_out_of_checkpoints(tmp_path, word
 
     source = module(word_tok)
     directory = export_model(source, tmp_path / "policy")
-    m = GRPOModule(model=str(directory), rewards=ANSWER, kl_coef=0.1, export_on_fit_end=False)
+    m = GRPOModule(model=str(directory), rewards=ANSWER, kl_coef=0.1, export={"on_fit_end": False})
     state = {"state_dict": m.state_dict()}
     m.on_save_checkpoint(state)
     assert not any(k.startswith("ref_model.") for k in state["state_dict"])

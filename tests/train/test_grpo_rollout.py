@@ -29,7 +29,7 @@ def make_module(tokenizer_dir, **kwargs) -> GRPOModule:
         model=model,
         tokenizer=tokenizer_dir,
         rewards=[{"fn": "astrai.train.rewards.format_match"}],
-        export_on_fit_end=False,
+        export={"on_fit_end": False},
         **kwargs,
     )
 

@@ -107,7 +107,11 @@ class _SyncsAreErrors(Callback):
 def test_training_step_never_waits_for_the_device(tmp_path, options):
     torch.manual_seed(0)
     module = PretrainModule(
-        model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, peak_flops=1e12, **options
+        model={"vocab_size": 320, **TINY_MODEL},
+        peak_flops=1e12,
+        optimizer={"lr": 1e-2},
+        export={"on_fit_end": False},
+        **options,
     )
     strict = _SyncsAreErrors()
     trainer = make_trainer(tmp_path, max_steps=4, accelerator="gpu", precision="bf16-mixed", callbacks=[strict])
@@ -145,7 +149,12 @@ def _fine_tuning(kind: str):
     torch.manual_seed(0)
     module = {"sft": SFTModule, "dpo": DPOModule}[kind]
     return (
-        module(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, peak_flops=1e12),
+        module(
+            model={"vocab_size": 320, **TINY_MODEL},
+            peak_flops=1e12,
+            optimizer={"lr": 1e-2},
+            export={"on_fit_end": False},
+        ),
         DataLoader(CycleBatches(16, 16) if kind == "sft" else _Pairs(), batch_size=4),
     )
 

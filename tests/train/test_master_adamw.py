@@ -191,9 +191,14 @@ def test_fused_kernel_matches_the_torch_ops_on_cuda_and_never_syncs():
 
 
 # -- the module option ------------------------------------------------------------------------------
-def _module(**kw):
+def _module(name="adamw", **kw):
     torch.manual_seed(0)
-    return PretrainModule(model={"vocab_size": 320, **TINY_MODEL}, lr=1e-2, export_on_fit_end=False, **kw)
+    return PretrainModule(
+        model={"vocab_size": 320, **TINY_MODEL},
+        optimizer={"name": name, "lr": 1e-2},
+        export={"on_fit_end": False},
+        **kw,
+    )
 
 
 def test_bf16_params_train_the_model(tmp_path):
@@ -213,4 +218,4 @@ def test_param_dtype_settings_are_checked(tmp_path):
         _module(param_dtype="float16")
     loader = DataLoader(CycleBatches(8, 16), batch_size=4)
     with pytest.raises(ValueError, match="muon"):
-        make_trainer(tmp_path, max_steps=2).fit(_module(param_dtype="bfloat16", optimizer="muon"), loader)
+        make_trainer(tmp_path, max_steps=2).fit(_module("muon", param_dtype="bfloat16"), loader)

@@ -33,10 +33,10 @@ def test_pretrain_module_learns_and_logs(tmp_path, tokenizer_dir, model_config_j
     module = PretrainModule(
         model=model_config_json,
         tokenizer=tokenizer_dir,
-        lr=1e-2,
-        warmup_steps=2,
-        export_on_fit_end=False,
         peak_flops=1e12,
+        optimizer={"lr": 1e-2},
+        schedule={"warmup_steps": 2},
+        export={"on_fit_end": False},
     )
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert module.config.vocab_size == tok.vocab_size  # taken from the tokenizer, not the JSON
@@ -91,7 +91,7 @@ def test_throughput_ignores_the_first_step():
 
 def test_moe_model_trains_with_the_balance_loss(tmp_path, tokenizer_dir):
     cfg = {**TINY_MODEL, "ffn_type": "moe", "n_routed_experts": 4, "n_activated_experts": 2, "moe_ffn_dim": 32}
-    module = PretrainModule(model=cfg, tokenizer=tokenizer_dir, lr=1e-2, export_on_fit_end=False)
+    module = PretrainModule(model=cfg, tokenizer=tokenizer_dir, optimizer={"lr": 1e-2}, export={"on_fit_end": False})
     trainer = make_trainer(tmp_path, max_steps=4)
     trainer.fit(module, DataLoader(CycleBatches(8, 16), batch_size=4))
     assert trainer.callback_metrics["train/aux_loss"] > 0
@@ -101,12 +101,9 @@ def test_muon_and_sgdr_train_the_model(tmp_path, tokenizer_dir, model_config_jso
     module = PretrainModule(
         model=model_config_json,
         tokenizer=tokenizer_dir,
-        optimizer="muon",
-        lr=2e-2,
-        scheduler="sgdr",
-        cycle_steps=5,
-        min_lr_ratio=0.0,
-        export_on_fit_end=False,
+        optimizer={"name": "muon", "lr": 2e-2},
+        schedule={"name": "sgdr", "cycle_steps": 5, "min_lr_ratio": 0.0},
+        export={"on_fit_end": False},
     )
     val = DataLoader(CycleBatches(8, 16), batch_size=4)
     trainer = make_trainer(tmp_path, max_steps=20)
@@ -190,7 +187,7 @@ class MaskedCycle(Dataset):
 
 
 def test_sft_fit_raises_reply_accuracy(tmp_path, tokenizer_dir):
-    module = _sft_module(tokenizer_dir, lr=1e-2, export_on_fit_end=False)
+    module = _sft_module(tokenizer_dir, optimizer={"lr": 1e-2}, export={"on_fit_end": False})
     val = DataLoader(MaskedCycle(8), batch_size=4)
     trainer = make_trainer(tmp_path, max_steps=30)
     before = _val_metrics(trainer, module, val)
@@ -314,7 +311,7 @@ def _pairs(n=16, batch_size=4, shuffle=False):
 
 def _dpo(tokenizer_dir, **kw):
     torch.manual_seed(0)
-    return DPOModule(model={**TINY_MODEL, "init_std": 0.2}, tokenizer=tokenizer_dir, export_on_fit_end=False, **kw)
+    return DPOModule(model={**TINY_MODEL, "init_std": 0.2}, tokenizer=tokenizer_dir, export={"on_fit_end": False}, **kw)
 
 
 def _logps64(model, ids, labels) -> float:
@@ -380,7 +377,7 @@ def test_dpo_rpo_alpha_adds_the_chosen_replies_mean_token_nll_and_logs_which_rep
 
 
 def test_dpo_fit_learns_the_preference(tmp_path, tokenizer_dir):
-    module = _dpo(tokenizer_dir, beta=0.1, lr=5e-3)
+    module = _dpo(tokenizer_dir, beta=0.1, optimizer={"lr": 5e-3})
     trainer = make_trainer(tmp_path, max_steps=20)
     before = _val_metrics(trainer, module, _pairs(8))
     assert before["val/loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference
@@ -395,7 +392,7 @@ def test_dpo_fit_learns_the_preference(tmp_path, tokenizer_dir):
 
 
 def test_dpo_with_lora_uses_the_policy_without_adapters(tmp_path, tokenizer_dir):
-    module = _dpo(tokenizer_dir, lora={"rank": 4, "alpha": 8, "targets": ["all-linear"]}, lr=1e-2)
+    module = _dpo(tokenizer_dir, lora={"rank": 4, "alpha": 8, "targets": ["all-linear"]}, optimizer={"lr": 1e-2})
     assert module.ref_model is None
     base = _dpo(tokenizer_dir).model.eval()
     trainer = make_trainer(tmp_path, max_steps=10)
@@ -426,8 +423,8 @@ def test_dpo_uses_precomputed_reference_logps(tokenizer_dir):
 def test_dpo_checkpoints_leave_out_a_reference_read_from_disk(tmp_path, tokenizer_dir):
     sft = _dpo(tokenizer_dir).model
     AutoModel.save_pretrained(sft, tmp_path / "sft", tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
-    from_disk = DPOModule(model=str(tmp_path / "sft"), lr=1e-2, export_on_fit_end=False)
-    from_config = _dpo(tokenizer_dir, lr=1e-2)
+    from_disk = DPOModule(model=str(tmp_path / "sft"), optimizer={"lr": 1e-2}, export={"on_fit_end": False})
+    from_config = _dpo(tokenizer_dir, optimizer={"lr": 1e-2})
     for name, module in (("disk", from_disk), ("config", from_config)):
         trainer = make_trainer(tmp_path / name, max_steps=3)
         trainer.fit(module, _pairs(8))
@@ -455,7 +452,11 @@ def test_dpo_settings_are_checked(tokenizer_dir):
 )
 def test_compiled_module_trains_and_keeps_parameter_names(tmp_path, tokenizer_dir, model_config_json):
     module = PretrainModule(
-        model=model_config_json, tokenizer=tokenizer_dir, compile=True, lr=1e-2, export_on_fit_end=False
+        model=model_config_json,
+        tokenizer=tokenizer_dir,
+        compile=True,
+        optimizer={"lr": 1e-2},
+        export={"on_fit_end": False},
     )
     names = set(module.state_dict())
     trainer = make_trainer(tmp_path, max_steps=3, accelerator="gpu")

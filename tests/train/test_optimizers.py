@@ -195,7 +195,7 @@ def test_schedule_state_survives_a_round_trip():
 
 def test_schedule_errors_name_the_setting():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    with pytest.raises(ValueError, match="max_steps or model.decay_steps"):
+    with pytest.raises(ValueError, match="max_steps or model.schedule.decay_steps"):
         build_scheduler(opt, "cosine", total_steps=None)
     with pytest.raises(ValueError, match="cycle_steps"):
         build_scheduler(opt, "sgdr")
@@ -270,28 +270,25 @@ def test_wsd_defaults_and_resume():
 
 def test_wsd_errors_name_the_field():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    with pytest.raises(AstraiError, match="max_steps or model.decay_steps"):
+    with pytest.raises(AstraiError, match="max_steps or model.schedule.decay_steps"):
         build_scheduler(opt, "wsd")
-    with pytest.raises(AstraiError, match=r"model.decay_fraction must be in \(0, 1\]"):
+    with pytest.raises(AstraiError, match=r"model.schedule.decay_fraction must be in \(0, 1\]"):
         build_scheduler(opt, "wsd", total_steps=10, decay_fraction=0.0)
-    with pytest.raises(AstraiError, match="model.decay_shape must be one of"):
+    with pytest.raises(AstraiError, match="model.schedule.decay_shape must be one of"):
         build_scheduler(opt, "wsd", total_steps=10, decay_shape="sqrt")
-    with pytest.raises(AstraiError, match="model.warmup_steps .* lower warmup_steps or model.decay_fraction"):
+    with pytest.raises(AstraiError, match="model.schedule.warmup_steps .* lower it or model.schedule.decay_fraction"):
         build_scheduler(opt, "wsd", total_steps=10, warmup_steps=9, decay_fraction=0.5)
 
 
 def test_wsd_is_a_module_option(model_config_json, trainer_factory, tiny_data):
-    """scheduler: wsd through the training module: the length is trainer.max_steps."""
+    """schedule.name: wsd through the training module: the length is trainer.max_steps."""
     from astrai.train.pretrain_module import PretrainModule
 
     module = PretrainModule(
         model=model_config_json,
-        lr=0.01,
-        scheduler="wsd",
-        warmup_steps=2,
-        decay_fraction=0.5,
-        decay_shape="linear",
-        export_on_fit_end=False,
+        optimizer={"lr": 0.01},
+        schedule={"name": "wsd", "warmup_steps": 2, "decay_fraction": 0.5, "decay_shape": "linear"},
+        export={"on_fit_end": False},
     )
     lrs = []
 

@@ -23,10 +23,14 @@ def _loader():
     return ResumableDataLoader(ds, batch_size=4, sampler=ResumableSampler(ds, seed=3))
 
 
-def _module(tokenizer_dir, **kw):
+def _module(tokenizer_dir, optimizer=None, schedule=None):
     torch.manual_seed(0)
     return PretrainModule(
-        model=TINY_MODEL, tokenizer=tokenizer_dir, lr=5e-3, warmup_steps=3, export_on_fit_end=False, **kw
+        model=TINY_MODEL,
+        tokenizer=tokenizer_dir,
+        optimizer={"lr": 5e-3, **(optimizer or {})},
+        schedule={"warmup_steps": 3, **(schedule or {})},
+        export={"on_fit_end": False},
     )
 
 
@@ -64,7 +68,10 @@ def _optimizer_state(trainer):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(optimizer="adamw", scheduler="cosine"), dict(optimizer="muon", scheduler="sgdr", cycle_steps=4)],
+    [
+        dict(optimizer={"name": "adamw"}, schedule={"name": "cosine"}),
+        dict(optimizer={"name": "muon"}, schedule={"name": "sgdr", "cycle_steps": 4}),
+    ],
     ids=["adamw-cosine", "muon-sgdr"],
 )
 def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer_dir, options):
@@ -104,9 +111,9 @@ def test_cli_resume_with_ckpt_path_last(tmp_path, tokenizer_dir):
                 "fit",
                 "--model=seq",
                 f"--model.model={_tiny_json(tmp_path)}",
-                "--model.lr=3e-3",
-                "--model.warmup_steps=2",
-                "--model.decay_steps=10",
+                "--model.optimizer.lr=3e-3",
+                "--model.schedule.warmup_steps=2",
+                "--model.schedule.decay_steps=10",
                 "--data=pretrain",
                 f"--data.train={rows}",
                 f"--data.tokenizer={tokenizer_dir}",

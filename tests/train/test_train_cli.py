@@ -66,12 +66,12 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 
 
 def test_aliases_become_class_paths():
-    assert expand_aliases(["fit", "--model=sft", "--data", "dpo", "--model.lr=1", "--data.train=sft"]) == [
+    assert expand_aliases(["fit", "--model=sft", "--data", "dpo", "--model.optimizer.lr=1", "--data.train=sft"]) == [
         "fit",
         "--model=astrai.train.sft_module.SFTModule",
         "--data",
         "astrai.train.data.dpo.DPODataModule",
-        "--model.lr=1",
+        "--model.optimizer.lr=1",
         "--data.train=sft",
     ]
     assert expand_aliases(["--model.class_path=seq"]) == [
@@ -85,7 +85,7 @@ def test_print_config_is_complete_and_reproducible(files, tokenizer_dir, tmp_pat
         "--model=sft",
         "--data=sft",
         f"--data.train={files / 'chat.jsonl'}",
-        "--model.lr=1e-4",
+        "--model.optimizer.lr=1e-4",
         "--model.lora.rank=4",
         *_common(files, tokenizer_dir, tmp_path),
     ]
@@ -95,9 +95,10 @@ def test_print_config_is_complete_and_reproducible(files, tokenizer_dir, tmp_pat
     config = yaml.safe_load(printed)
     model = config["model"]
     assert model["class_path"] == "astrai.train.sft_module.SFTModule"
-    assert model["init_args"]["lr"] == 1e-4 and model["init_args"]["lora"]["rank"] == 4
-    for key in ("optimizer", "scheduler", "warmup_steps", "gradient_checkpointing", "compile", "export_dir"):
+    assert model["init_args"]["optimizer"]["lr"] == 1e-4 and model["init_args"]["lora"]["rank"] == 4
+    for key in ("optimizer", "schedule", "export", "gradient_checkpointing", "compile"):
         assert key in model["init_args"], key
+    assert model["init_args"]["schedule"]["warmup_steps"] == 0 and model["init_args"]["export"]["dir"] is None
     assert config["data"]["class_path"] == "astrai.train.data.sft.SFTDataModule"
     assert config["trainer"]["max_steps"] == 4 and config["checkpoint"]["save_last"] is True
     (tmp_path / "run.yaml").write_text(printed)
@@ -114,7 +115,7 @@ def test_pretrain_fit_validate_test_and_export(files, tokenizer_dir, tmp_path):
         "--data.val_fraction=0.2",
         "--data.seq_len=24",
         "--data.batch_size=4",
-        "--model.lr=3e-3",
+        "--model.optimizer.lr=3e-3",
         "--trainer.val_check_interval=4",
         "--trainer.check_val_every_n_epoch=null",
         "--trainer.precision=bf16-mixed",
@@ -149,7 +150,7 @@ def test_sft_and_dpo_fit_through_the_data_modules(files, tokenizer_dir, tmp_path
             "--data.packing=true",
             "--data.max_len=64",
             "--data.batch_size=2",
-            "--model.lr=3e-3",
+            "--model.optimizer.lr=3e-3",
             *_common(files, tokenizer_dir, tmp_path / "sft"),
         ]
     )
@@ -164,7 +165,7 @@ def test_sft_and_dpo_fit_through_the_data_modules(files, tokenizer_dir, tmp_path
             f"--data.train={files / 'pairs.jsonl'}",
             "--data.max_len=64",
             "--data.batch_size=2",
-            "--model.lr=1e-3",
+            "--model.optimizer.lr=1e-3",
             "--model.beta=0.2",
             "--model.lora.rank=4",
             "--model.lora.targets=[all-linear]",
@@ -239,7 +240,7 @@ def test_bad_input_gives_one_clear_line(files, tokenizer_dir, tmp_path, capsys):
     assert main([*base, "--data.train=/nowhere/rows.jsonl"]) == 2
     assert "/nowhere/rows.jsonl" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main([*base, "--model.optimizer=sgd"])
+        main([*base, "--model.optimizer.name=sgd"])
     err = capsys.readouterr().err
     assert "optimizer" in err and "adamw" in err and "muon" in err
 

@@ -36,7 +36,7 @@ from astrai.train.sft_module import SFTModule
 # -- NEFTune -------------------------------------------------------------------------------------
 def test_neftune_adds_uniform_noise_of_the_paper_scale_in_training_only(model_config_json):
     alpha, batch, seq, dim = 5.0, 4, 64, 32
-    module = SFTModule(model=model_config_json, neftune_alpha=alpha, export_on_fit_end=False)
+    module = SFTModule(model=model_config_json, neftune_alpha=alpha, export={"on_fit_end": False})
     embed = module.model.model.embed_tokens
     ids = torch.randint(10, 300, (batch, seq), generator=torch.Generator().manual_seed(0))
     clean = F.embedding(ids, embed.weight).detach()
@@ -55,15 +55,15 @@ def test_neftune_adds_uniform_noise_of_the_paper_scale_in_training_only(model_co
         assert torch.equal(embed(ids), clean)
     module.eval()  # validation / test
     assert torch.equal(embed(ids), clean)
-    plain = SFTModule(model=model_config_json, export_on_fit_end=False)
+    plain = SFTModule(model=model_config_json, export={"on_fit_end": False})
     plain.model.load_state_dict(module.model.state_dict())
     plain.eval()
     torch.testing.assert_close(module(ids), plain(ids), rtol=0, atol=0)
 
 
 def test_neftune_leaves_validation_unchanged(tmp_path, model_config_json):
-    module = SFTModule(model=model_config_json, neftune_alpha=10.0, export_on_fit_end=False)
-    plain = SFTModule(model=model_config_json, export_on_fit_end=False)
+    module = SFTModule(model=model_config_json, neftune_alpha=10.0, export={"on_fit_end": False})
+    plain = SFTModule(model=model_config_json, export={"on_fit_end": False})
     plain.model.load_state_dict(module.model.state_dict())
     val = DataLoader(CycleBatches(8, 16, seed=0), batch_size=4)
     (noisy,) = make_trainer(tmp_path).validate(module, val, verbose=False)
@@ -132,8 +132,8 @@ def trained_adapter(tmp_path_factory, chat_model_dir):
     module = PretrainModule(
         model=str(chat_model_dir),
         lora={"rank": 4, "alpha": 8.0, "targets": ["all-linear"]},
-        lr=2e-2,
-        export_adapter=True,
+        optimizer={"lr": 2e-2},
+        export={"adapter": True},
     )
     vocab = module.config.vocab_size
     make_trainer(root, max_steps=3).fit(module, DataLoader(CycleBatches(8, 16, vocab=vocab), batch_size=4))
@@ -177,7 +177,9 @@ def test_adapter_loads_onto_the_base_directory_with_equal_logits(trained_adapter
         again = AutoModel.from_pretrained(str(tmp_path / "merged")).eval()
         torch.testing.assert_close(again(ids), merged(ids), rtol=0, atol=0)
     # a training module started from the adapter (model.adapter) continues from it
-    resumed = PretrainModule(model=str(chat_model_dir), adapter=str(root / "adapter"), export_on_fit_end=False).eval()
+    resumed = PretrainModule(
+        model=str(chat_model_dir), adapter=str(root / "adapter"), export={"on_fit_end": False}
+    ).eval()
     assert resumed.lora_config == LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=["all-linear"])
     with torch.no_grad():
         torch.testing.assert_close(resumed.model(ids), expected, rtol=0, atol=0)
@@ -204,8 +206,8 @@ def test_adapter_mismatches_are_named(trained_adapter, chat_model_dir, tmp_path,
         PretrainModule(
             model=str(chat_model_dir), adapter=adapter, lora={"rank": 8, "alpha": 8.0, "targets": ["all-linear"]}
         )
-    with pytest.raises(AstraiError, match="model.export_adapter needs LoRA adapters"):
-        PretrainModule(model=model_config_json, export_adapter=True)
+    with pytest.raises(AstraiError, match="model.export.adapter needs LoRA adapters"):
+        PretrainModule(model=model_config_json, export={"adapter": True})
     other = PretrainModule(model={**json.loads(Path(model_config_json).read_text()), "dim": 48, "n_heads": 4})
     with pytest.raises(AstraiError, match=r"q_proj.lora_A.weight has shape \(4, 32\), the model expects \(4, 48\)"):
         load_adapter(other.model, adapter)
@@ -224,7 +226,9 @@ def test_adapter_mismatches_are_named(trained_adapter, chat_model_dir, tmp_path,
 
 # -- gradient SNR --------------------------------------------------------------------------------
 def test_grad_snr_is_mean_squared_over_variance_of_the_micro_batch_gradients(tmp_path, model_config_json):
-    module = PretrainModule(model=model_config_json, lr=1e-3, log_grad_snr=True, export_on_fit_end=False)
+    module = PretrainModule(
+        model=model_config_json, log_grad_snr=True, optimizer={"lr": 1e-3}, export={"on_fit_end": False}
+    )
     initial = copy.deepcopy(module.model.state_dict())
     loader = DataLoader(CycleBatches(12, 16, seed=3), batch_size=4)  # three micro-batches, in order
     trainer = make_trainer(tmp_path, max_steps=1, accumulate_grad_batches=3)
@@ -251,7 +255,7 @@ def test_grad_snr_is_mean_squared_over_variance_of_the_micro_batch_gradients(tmp
 
 
 def test_grad_snr_needs_several_micro_batches(tmp_path, model_config_json):
-    module = PretrainModule(model=model_config_json, log_grad_snr=True, export_on_fit_end=False)
+    module = PretrainModule(model=model_config_json, log_grad_snr=True, export={"on_fit_end": False})
     with pytest.raises(AstraiError, match="model.log_grad_snr .* set trainer.accumulate_grad_batches >= 2"):
         make_trainer(tmp_path, max_steps=1).fit(module, DataLoader(CycleBatches(4, 16), batch_size=4))
 
@@ -279,7 +283,7 @@ def _padded_rows(n: int = 4, seq: int = 16, pad: int = 5) -> list[dict]:
 
 
 def test_router_load_matches_the_routers_choices(tmp_path):
-    module = PretrainModule(model=MOE, log_router_load=True, export_on_fit_end=False)
+    module = PretrainModule(model=MOE, log_router_load=True, export={"on_fit_end": False})
     initial = copy.deepcopy(module.model.state_dict())
     rows = _padded_rows()
     trainer = make_trainer(tmp_path, max_steps=1)

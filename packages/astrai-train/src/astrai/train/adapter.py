@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from astrai.core.errors import AstraiError
+from astrai.core.errors import AstraiError, require
 from astrai.core.integrity import fsync_dir
 
 from .lora import ALL_LINEAR, LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_lora
@@ -71,7 +72,7 @@ def save_adapter(
     tensors = {_file_key(k): v.detach().cpu().contiguous() for k, v in adapter_state_dict(state).items()}
     if not tensors:
         raise AdapterError(
-            "model.export_adapter: the model has no LoRA matrices to save; set model.lora (or model.adapter)"
+            "model.export.adapter: the model has no LoRA matrices to save; set model.lora (or model.adapter)"
         )
     targets: str | list[str] = ALL_LINEAR if ALL_LINEAR in config.targets else list(config.targets)
     meta = {
@@ -136,6 +137,22 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
         )
     except ValueError as e:
         raise AdapterError(f"{file}: {e}") from None
+
+
+def adapter_lora_config(path: str | Path, lora: LoRAConfig | None) -> LoRAConfig:
+    """The LoRA config of a run that starts from the adapter in ``path`` (model.adapter): the
+    saved one, with the dropout of ``lora`` (model.lora) when that is given too."""
+    saved = read_adapter_config(path)
+    if lora is None:
+        return saved
+    differ = [f for f in ("rank", "alpha", "targets") if getattr(lora, f) != getattr(saved, f)]
+    require(
+        not differ,
+        "model.lora",
+        f"differs from the config of model.adapter ({path}) in {differ}; drop model.lora (the "
+        "adapter's config is used) or set only its dropout",
+    )
+    return replace(saved, dropout=lora.dropout)
 
 
 def load_adapter(model: nn.Module, path: str | Path, config: LoRAConfig | None = None) -> LoRAConfig:

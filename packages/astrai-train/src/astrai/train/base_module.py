@@ -11,7 +11,6 @@ Batch contract (produced by astrai.train.data, consumed by the subclasses):
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +24,7 @@ from astrai.core.moe import MoE
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.core.transformer import CausalLM
 
-from .adapter import load_adapter, read_adapter_config
+from .adapter import adapter_lora_config, load_adapter
 from .export import export_adapter, export_model
 from .grad_accumulation import Float32Grads
 from .lora import LoRAConfig, apply_lora
@@ -40,6 +39,7 @@ from .metrics import (
     peak_flops,
     precision_dtype,
 )
+from .module_args import ExportArgs, OptimizerArgs, ScheduleArgs, as_group, plain_hparams, refuse_moved_options
 from .optimizers import build_optimizer
 from .schedulers import NEED_LENGTH, build_scheduler
 
@@ -124,26 +124,16 @@ class CausalLMModule(L.LightningModule):
             vocab_size and bos/eos/pad ids come from the tokenizer.
         tokenizer: tokenizer directory, saved with the exported model; defaults to the model
             directory when that holds a tokenizer.
-        optimizer: "adamw" (fused on CUDA; MasterWeightAdamW with param_dtype "bfloat16") or
-            "muon" (hidden 2-D weights; AdamW for the rest).
-        lr, weight_decay, betas, eps: optimizer settings (weight decay on matrices only).
-        momentum, ns_steps: Muon momentum and Newton-Schulz steps.
-        scheduler: "cosine" (warmup then cosine to min_lr_ratio * lr), "sgdr" (cosine with warm
-            restarts every cycle_steps, growing by cycle_mult), "constant" (warmup then flat) or
-            "wsd" (warmup, flat, then over the last decay_fraction of the steps a decay of
-            decay_shape to min_lr_ratio * lr; schedulers.WarmupStableDecay).
-        warmup_steps: linear warmup length in optimizer steps.
-        decay_steps: length of the cosine or the whole wsd schedule; defaults to
-            trainer.max_steps (or the estimated number of steps of an epoch-based run).
-        decay_fraction, decay_shape: wsd only: the share of the steps that decay (0.2: the last
-            20%), and its shape, "linear", "cosine" or "1-sqrt".
+        optimizer: the optimizer and its settings (module_args.OptimizerArgs: name, lr,
+            weight_decay, betas, eps, momentum, ns_steps); a mapping of them in Python.
+        schedule: the learning-rate schedule (module_args.ScheduleArgs: name, warmup_steps,
+            min_lr_ratio, decay_steps, cycle_steps, cycle_mult, decay_fraction, decay_shape).
+        export: what is written when fit ends (module_args.ExportArgs: dir, on_fit_end, dtype,
+            adapter, adapter_dir).
         lora: LoRA adapters (rank, alpha, dropout, targets); only the adapters train; export merges them.
-        adapter: an adapter directory saved by export_adapter (or a PEFT LoRA adapter) to put
+        adapter: an adapter directory saved by export.adapter (or a PEFT LoRA adapter) to put
             on `model` (its base) and train on from there; its config is the LoRA config (a
             `lora` given too may change only the dropout).
-        export_adapter: on fit end also write the adapter alone (adapter_config.json and
-            adapter_model.safetensors, astrai.train.adapter) to adapter_dir, default
-            <trainer.default_root_dir>/adapter. Needs lora (or adapter).
         gradient_checkpointing: recompute each block's activations in backward (less memory).
         compile: torch.compile the model, and the token loss (so the float32 softmax is fused
             into the cross-entropy kernels instead of materialising float32 logits).
@@ -162,10 +152,7 @@ class CausalLMModule(L.LightningModule):
             residual stream and the norm gains are bf16 (RMSNorm still normalises in float32),
             gradients are bf16, the export is bf16. With accumulate_grad_batches > 1 the
             micro-batches' gradients are summed in float32 and rounded to bf16 once per step
-            (grad_accumulation.py; not under FSDP). Not with optimizer "muon" (no master weights).
-        export_dir: where to export the model on fit end; default <trainer.default_root_dir>/export.
-        export_on_fit_end: export when fit ends.
-        export_dtype: dtype of the exported weights (e.g. "bfloat16"); default: as trained.
+            (grad_accumulation.py; not under FSDP). Not with optimizer.name "muon" (no master weights).
         peak_flops: the device's peak FLOP/s for MFU; default from Lightning's table of GPUs (none on CPU).
         log_grad_snr: log train/grad_snr/<group> (decay, no_decay, muon) and train/grad_snr: the
             gradients' signal-to-noise ratio across the micro-batches of each optimizer step
@@ -175,6 +162,8 @@ class CausalLMModule(L.LightningModule):
             (train/router/layer<i>/expert<e>), its coefficient of variation (.../cv, 0 = even)
             and the Switch balance term (.../balance, 1 = even) (metrics.RouterLoad). MoE models
             with seq, sft or dpo.
+        **moved: the flat options of before the groups (lr, scheduler, export_dir, ...) are
+            refused with an error naming their new place (module_args.MOVED_OPTIONS).
     """
 
     def __init__(
@@ -182,37 +171,22 @@ class CausalLMModule(L.LightningModule):
         model: str | dict[str, Any],
         tokenizer: str | None = None,
         *,
-        optimizer: Literal["adamw", "muon"] = "adamw",
-        lr: float = 3e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        momentum: float = 0.95,
-        ns_steps: int = 5,
-        scheduler: Literal["cosine", "sgdr", "constant", "wsd"] = "cosine",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
-        decay_steps: int | None = None,
-        cycle_steps: int | None = None,
-        cycle_mult: float = 1.0,
-        decay_fraction: float = 0.2,
-        decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt",
+        optimizer: OptimizerArgs = OptimizerArgs(),  # noqa: B008 (frozen: one shared default is safe)
+        schedule: ScheduleArgs = ScheduleArgs(),  # noqa: B008
+        export: ExportArgs = ExportArgs(),  # noqa: B008
         lora: LoRAConfig | dict | None = None,
         adapter: str | None = None,
-        export_adapter: bool = False,
-        adapter_dir: str | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         param_dtype: Literal["float32", "bfloat16"] = "float32",
-        export_dir: str | None = None,
-        export_on_fit_end: bool = True,
-        export_dtype: str | None = None,
         peak_flops: float | None = None,
         log_grad_snr: bool = False,
         log_router_load: bool = False,
+        **moved: Any,
     ):
         super().__init__()
+        refuse_moved_options(moved)
         if param_dtype not in PARAM_DTYPES:
             raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got {param_dtype!r}")
         require(
@@ -223,7 +197,11 @@ class CausalLMModule(L.LightningModule):
             "model.compile_mode",
             f"is {compile_mode!r} but model.compile is false; set model.compile: true to compile the model",
         )
+        self.optimizer_args = as_group(OptimizerArgs, optimizer, "optimizer")
+        self.schedule_args = as_group(ScheduleArgs, schedule, "schedule")
+        self.export_args = as_group(ExportArgs, export, "export")
         self.save_hyperparameters()
+        plain_hparams(self.hparams, optimizer=self.optimizer_args, schedule=self.schedule_args, export=self.export_args)
         if tokenizer is None and isinstance(model, str) and (Path(model) / "tokenizer.json").is_file():
             tokenizer = self.hparams.tokenizer = model
         self.tokenizer = load_tokenizer(tokenizer)
@@ -231,11 +209,11 @@ class CausalLMModule(L.LightningModule):
         if isinstance(lora, dict):  # from Python code; the CLI builds the dataclass itself
             lora = LoRAConfig(**lora)
         if adapter is not None:
-            lora = self._adapter_config(adapter, lora)
+            lora = adapter_lora_config(adapter, lora)
         require(
-            lora is not None or not export_adapter,
-            "model.export_adapter",
-            "needs LoRA adapters to save; set model.lora (or model.adapter), or drop export_adapter",
+            lora is not None or not self.export_args.adapter,
+            "model.export.adapter",
+            "needs LoRA adapters to save; set model.lora (or model.adapter), or drop model.export.adapter",
         )
         self.lora_config = lora
         if lora is not None:
@@ -260,20 +238,6 @@ class CausalLMModule(L.LightningModule):
         self._checked: set[str] = set()
         self._float32_grads: Float32Grads | None = None
 
-    @staticmethod
-    def _adapter_config(adapter: str, lora: LoRAConfig | None) -> LoRAConfig:
-        saved = read_adapter_config(adapter)
-        if lora is None:
-            return saved
-        differ = [f for f in ("rank", "alpha", "targets") if getattr(lora, f) != getattr(saved, f)]
-        require(
-            not differ,
-            "model.lora",
-            f"differs from the config of model.adapter ({adapter}) in {differ}; drop model.lora (the "
-            "adapter's config is used) or set only its dropout",
-        )
-        return replace(saved, dropout=lora.dropout)
-
     @property
     def config(self) -> ModelConfig:
         return self.model.config
@@ -295,30 +259,30 @@ class CausalLMModule(L.LightningModule):
             self._compiled = True
 
     def configure_optimizers(self):
-        h = self.hparams
+        opt, sched = self.optimizer_args, self.schedule_args
         self._float32_grads = self.float32_grads_for(self.accumulated_backwards())
         optimizer = build_optimizer(
             self.model,
-            h.optimizer,
-            lr=h.lr,
-            weight_decay=h.weight_decay,
-            betas=h.betas,
-            eps=h.eps,
-            momentum=h.momentum,
-            ns_steps=h.ns_steps,
+            opt.name,
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            betas=opt.betas,
+            eps=opt.eps,
+            momentum=opt.momentum,
+            ns_steps=opt.ns_steps,
             shapes=self._param_shapes,
         )
         self._watch(optimizer)
         scheduler = build_scheduler(
             optimizer,
-            h.scheduler,
-            warmup_steps=h.warmup_steps,
+            sched.name,
+            warmup_steps=sched.warmup_steps,
             total_steps=self._schedule_length(),
-            min_lr_ratio=h.min_lr_ratio,
-            cycle_steps=h.cycle_steps,
-            cycle_mult=h.cycle_mult,
-            decay_fraction=h.decay_fraction,
-            decay_shape=h.decay_shape,
+            min_lr_ratio=sched.min_lr_ratio,
+            cycle_steps=sched.cycle_steps,
+            cycle_mult=sched.cycle_mult,
+            decay_fraction=sched.decay_fraction,
+            decay_shape=sched.decay_shape,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -433,9 +397,9 @@ class CausalLMModule(L.LightningModule):
         return wrapped if isinstance(wrapped, FullyShardedDataParallel) else None
 
     def _schedule_length(self) -> int | None:
-        if self.hparams.decay_steps:
-            return self.hparams.decay_steps
-        if self.hparams.scheduler not in NEED_LENGTH:
+        if self.schedule_args.decay_steps:
+            return self.schedule_args.decay_steps
+        if self.schedule_args.name not in NEED_LENGTH:
             return None
         if self.trainer.max_steps > 0:
             # Preferred over estimated_stepping_batches, which builds the train dataloader before
@@ -447,23 +411,23 @@ class CausalLMModule(L.LightningModule):
         self._peak_flops = self.hparams.peak_flops or peak_flops(self.device, precision_dtype(self.trainer.precision))
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_on_fit_end:
+        if self.export_args.on_fit_end:
             path = export_model(self, self.export_path(), self.trainer)
             if path is not None:
                 log.info("exported the model to %s", path)
-        if self.hparams.export_adapter:
+        if self.export_args.adapter:
             path = export_adapter(self, self.adapter_path(), self.trainer)
             if path is not None:
                 log.info("saved the LoRA adapter to %s", path)
 
     def adapter_path(self) -> Path:
-        if self.hparams.adapter_dir:
-            return Path(self.hparams.adapter_dir)
+        if self.export_args.adapter_dir:
+            return Path(self.export_args.adapter_dir)
         return Path(self.trainer.default_root_dir) / "adapter"
 
     def export_path(self) -> Path:
-        if self.hparams.export_dir:
-            return Path(self.hparams.export_dir)
+        if self.export_args.dir:
+            return Path(self.export_args.dir)
         return Path(self.trainer.default_root_dir) / "export"
 
     # -- helpers for the subclasses ----------------------------------------------------

@@ -1,6 +1,6 @@
 """`astrai-train`: LightningCLI over the training modules and the data modules.
 
-    astrai-train fit --config configs/train/sft-lora.yaml --model.lr=1e-4 --trainer.max_steps=100
+    astrai-train fit --config configs/train/sft-lora.yaml --model.optimizer.lr=1e-4 --trainer.max_steps=100
     astrai-train fit --model=sft --model.model=runs/pretrain/export --data=sft --data.train=chat.jsonl ...
     astrai-train fit --config run.yaml --ckpt_path=last          # resume exactly where it stopped
     astrai-train validate --config run.yaml --ckpt_path=last
@@ -8,6 +8,9 @@
 Every field of the model, data and trainer is a command-line flag; `--print_config` prints
 the complete configuration. Classes are picked by `class_path` or by class name
 (`--model=SFTModule`), and on the command line also by a short name: seq/pretrain, sft, dpo, grpo, online-dpo.
+The model's optimizer, schedule and export options are groups (module_args.py): an option of
+the old flat layout (`--model.lr`, `model.scheduler: cosine` in a config file) stops the run
+with a message naming its new place (`model.optimizer.lr`, `model.schedule.name`).
 Defaults added here: a CSV logger; checkpoints in `<default_root_dir>/checkpoints` with
 `last.ckpt` kept and written after the final step (so `--ckpt_path=last` continues the
 previous run exactly, even with a larger max_steps), each with a `.sha256` sidecar that is
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import lightning as L
+import yaml
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
@@ -36,6 +41,7 @@ from .checkpointing import Checkpoint
 from .dpo_module import DPOModule
 from .export import ModelExport
 from .grpo_module import GRPOModule
+from .module_args import GROUP_NAMES, MOVED_OPTIONS, moved_option_error
 from .online_dpo_module import OnlineDPOModule
 from .pretrain_module import PretrainModule
 from .sft_module import SFTModule
@@ -92,6 +98,52 @@ def expand_aliases(args: list[str]) -> list[str]:
     return out
 
 
+def check_moved_options(args: list[str]) -> None:
+    """Refuse a model option of the old flat layout (--model.lr=..., or model.lr in a --config
+    file or a --model YAML) with a message naming its new place, before jsonargparse would refuse
+    it with a generic one."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if flag == "--config" and Path(value).is_file():
+            check_moved_in_config(_load_yaml(value), value)
+        elif flag == "--model" and value.endswith((".yaml", ".yml")) and Path(value).is_file():
+            check_moved_in_config({"model": _load_yaml(value)}, value)
+        elif flag.startswith("--model."):
+            option = flag.removeprefix("--model.").removeprefix("init_args.")
+            _check_option(option, value if eq or not value.startswith("--") else None, "")
+
+
+def check_moved_in_config(config: object, where: str = "") -> None:
+    """check_moved_options for a parsed configuration (a --config file, or cli_main's dict)."""
+    if not isinstance(config, dict):
+        return
+    for section in (config, *(config.get(s) for s in ("fit", "validate", "test", "predict"))):
+        model = section.get("model") if isinstance(section, dict) else None
+        if not isinstance(model, dict):
+            continue
+        init_args = model.get("init_args")
+        options = {**(init_args if isinstance(init_args, dict) else {}), **model}
+        for option, value in options.items():
+            _check_option(option, value, where)
+
+
+def _check_option(option: str, value: object, where: str) -> None:
+    if option in MOVED_OPTIONS:
+        raise UsageError(str(moved_option_error(option, where)))
+    # `optimizer: muon`: the group's old single value, a bare name (not a mapping or a file).
+    if option in GROUP_NAMES and isinstance(value, str) and re.fullmatch(r"[\w-]+", value.strip()):
+        raise UsageError(str(moved_option_error(option, where)))
+
+
+def _load_yaml(path: str) -> object:
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None  # jsonargparse reports an unreadable file in its own words
+
+
 def _import_data_modules() -> None:
     """Import the data modules so `--data=SFTDataModule` resolves by class name."""
     import importlib
@@ -108,6 +160,13 @@ class AstraiCLI(LightningCLI):
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(ModelExport, "export")
+
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, dict):
+            check_moved_in_config(args)
+        else:
+            check_moved_options(sys.argv[1:] if args is None else list(args))
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -181,7 +240,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AstraiCLI:
         args=args,
         run=run,
         seed_everything_default=42,
-        auto_configure_optimizers=False,  # optimizer and schedule are model options (--model.lr, ...)
+        auto_configure_optimizers=False,  # optimizer and schedule are model options (--model.optimizer.lr, ...)
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"log_every_n_steps": 5},
         parser_kwargs={

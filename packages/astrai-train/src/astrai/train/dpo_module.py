@@ -47,7 +47,7 @@ class DPOModule(CausalLMModule):
             between chosen and rejected; on near-miss pairs, which share all but a few tokens,
             it can do so by making both less likely, and greedy answers get worse. The NLL term
             keeps the chosen replies likely. 0 (default) is plain DPO.
-        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, lr, lora, ...).
+        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, schedule, export, lora, ...).
 
     Logs {train,val}/loss, reward_acc (share of pairs whose chosen reward is higher),
     margin (mean chosen - rejected reward), chosen_reward, rejected_reward, chosen_logps,

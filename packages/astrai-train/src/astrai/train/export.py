@@ -33,9 +33,9 @@ def export_model(
     Every rank must call this (gathering FSDP shards is collective); rank 0 writes and
     returns the path, the other ranks return None.
     """
-    dtype = dtype or getattr(module.hparams, "export_dtype", None)
+    dtype = dtype or getattr(getattr(module, "export_args", None), "dtype", None)
     if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"export_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"model.export.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     state = trainer.strategy.lightning_module_state_dict() if trainer is not None else module.state_dict()
     if trainer is not None and not trainer.is_global_zero:
         trainer.strategy.barrier("export")

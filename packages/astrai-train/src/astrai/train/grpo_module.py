@@ -175,7 +175,7 @@ class GRPOModule(CausalLMModule):
         rollout_seed: seeds the sampling (each prompt's seed also depends on the step).
         val_temperature, val_samples: sampling of the validation completions (default: one
             greedy completion per prompt).
-        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, lr, lora, ...).
+        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, schedule, export, lora, ...).
 
     Logs train/reward (mean), train/reward_std (mean within-group std), train/reward/<name>,
     train/kl, train/clip_frac, train/ratio, train/loss, train/completion_len(_max),
@@ -500,7 +500,7 @@ class GRPOModule(CausalLMModule):
         return f"model.micro_batch_size ({self.micro_batch_size})" if self.micro_batch_size else None
 
     def _schedule_length(self) -> int | None:
-        if self.hparams.decay_steps or self.hparams.scheduler not in NEED_LENGTH or self.trainer.max_steps > 0:
+        if self.schedule_args.decay_steps or self.schedule_args.name not in NEED_LENGTH or self.trainer.max_steps > 0:
             return super()._schedule_length()
         # Epoch-based run: several optimizer steps per batch (an estimate when mini-batches split it).
         per_batch = 1

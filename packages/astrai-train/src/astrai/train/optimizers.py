@@ -153,15 +153,15 @@ def build_optimizer(
     low = [n for n, p in trainable if p.dtype in (torch.bfloat16, torch.float16)]
     if low and name == "muon":
         raise ValueError(
-            f"optimizer: muon keeps no float32 master weights, but {len(low)} trainable weights (e.g. "
-            f"{low[0]}) are {dict(trainable)[low[0]].dtype}; use optimizer: adamw, or float32 weights "
+            f"model.optimizer.name: muon keeps no float32 master weights, but {len(low)} trainable weights (e.g. "
+            f"{low[0]}) are {dict(trainable)[low[0]].dtype}; use optimizer.name: adamw, or float32 weights "
             "(param_dtype: float32, precision: bf16-mixed)"
         )
     hidden = [p for n, p in trainable if name == "muon" and ndim[id(p)] == 2 and not _is_embedding_or_head(n)]
     if any(p.ndim != 2 for p in hidden):
         raise ValueError(
-            "optimizer: muon orthogonalises whole weight matrices, but the strategy shards them "
-            "(FSDP); use --model.optimizer=adamw with FSDP, or a DDP strategy with muon"
+            "model.optimizer.name: muon orthogonalises whole weight matrices, but the strategy shards them "
+            "(FSDP); use --model.optimizer.name=adamw with FSDP, or a DDP strategy with muon"
         )
     hidden_ids = {id(p) for p in hidden}
     rest = [p for _, p in trainable if id(p) not in hidden_ids]

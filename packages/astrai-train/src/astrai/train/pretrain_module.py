@@ -16,7 +16,7 @@ class PretrainModule(CausalLMModule):
     Args:
         label_smoothing: spread this share of the target probability over the whole vocabulary
             (training loss only; validation loss and perplexity stay the plain likelihood).
-        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, lr, ...).
+        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, schedule, export, ...).
 
     Logs train/loss, train/ppl, train/tokens_per_sec, train/mfu (on GPUs), train/lr, and
     val/loss, val/ppl (token-weighted over the whole validation set); test/ likewise. The

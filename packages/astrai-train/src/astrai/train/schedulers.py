@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from astrai.core.errors import require
 
 SCHEDULERS = ("cosine", "sgdr", "constant", "wsd")
-# Schedules whose shape depends on the run's length (trainer.max_steps or model.decay_steps).
+# Schedules whose shape depends on the run's length (trainer.max_steps or model.schedule.decay_steps).
 NEED_LENGTH = ("cosine", "wsd")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
@@ -133,26 +133,32 @@ def build_scheduler(
         fn = WarmupConstant(warmup_steps)
     elif name == "cosine":
         if not total_steps or total_steps <= 0:
-            raise ValueError("the cosine schedule needs its length: set trainer.max_steps or model.decay_steps")
+            raise ValueError(
+                "the cosine schedule needs its length: set trainer.max_steps or model.schedule.decay_steps"
+            )
         fn = WarmupCosine(warmup_steps, total_steps, min_lr_ratio)
     elif name == "wsd":
         require(
             total_steps and total_steps > 0,
             "the wsd schedule",
-            "needs its length: set trainer.max_steps or model.decay_steps (the length of all three phases)",
+            "needs its length: set trainer.max_steps or model.schedule.decay_steps (the length of all three phases)",
         )
         require(
             0.0 < decay_fraction <= 1.0,
-            "model.decay_fraction",
+            "model.schedule.decay_fraction",
             f"must be in (0, 1] (the share of the steps spent decaying), got {decay_fraction!r}",
         )
-        require(decay_shape in DECAY_SHAPES, "model.decay_shape", f"must be one of {DECAY_SHAPES}, got {decay_shape!r}")
+        require(
+            decay_shape in DECAY_SHAPES,
+            "model.schedule.decay_shape",
+            f"must be one of {DECAY_SHAPES}, got {decay_shape!r}",
+        )
         fn = WarmupStableDecay(warmup_steps, total_steps, decay_fraction, decay_shape, min_lr_ratio)
         require(
             warmup_steps <= fn.decay_start,
-            "model.warmup_steps",
+            "model.schedule.warmup_steps",
             f"({warmup_steps}) runs into the wsd decay, which starts at step {fn.decay_start} of "
-            f"{total_steps}; lower warmup_steps or model.decay_fraction",
+            f"{total_steps}; lower it or model.schedule.decay_fraction",
         )
     else:
         if not cycle_steps or cycle_steps <= 0:

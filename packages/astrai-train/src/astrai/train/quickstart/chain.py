@@ -144,15 +144,15 @@ class Quickstart:
     def stage_overrides(self, stage: str, data: dict[str, Path]) -> dict[str, Any]:
         """Paths under --out and step counts scaled by --steps-scale."""
         config = yaml.safe_load((self.configs / f"{stage}.yaml").read_text(encoding="utf-8"))
-        trainer, model = config.get("trainer", {}), config["model"].get("init_args", {})
+        trainer, schedule = config.get("trainer", {}), config["model"].get("init_args", {}).get("schedule", {})
         steps = max(2, round(trainer.get("max_steps", 100) * self.scale))
         interval = min(steps, trainer.get("val_check_interval", steps))  # a short run validates once, at its end
         overrides: dict[str, Any] = {
             "trainer.max_steps": steps,
             "trainer.val_check_interval": interval,
             "trainer.default_root_dir": self.out / stage,
-            "model.warmup_steps": min(steps // 2, round(model.get("warmup_steps", 0) * self.scale)),
-            "model.export_dir": self.export(stage),
+            "model.schedule.warmup_steps": min(steps // 2, round(schedule.get("warmup_steps", 0) * self.scale)),
+            "model.export.dir": self.export(stage),
             "data.tokenizer": self.tokenizer,
             "data.cache_dir": self.cache,
         }
