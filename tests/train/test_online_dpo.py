@@ -48,10 +48,9 @@ def module(tok, **kwargs) -> OnlineDPOModule:
         num_generations=6,
         max_new_tokens=4,
         beta=0.5,
-        lr=1e-2,
-        scheduler="constant",
-        weight_decay=0.0,
-        export_on_fit_end=False,
+        optimizer={"lr": 1e-2, "weight_decay": 0.0},
+        schedule={"name": "constant"},
+        export={"on_fit_end": False},
         val_temperature=1.0,
         val_samples=8,
     )
@@ -194,9 +193,9 @@ def _cli_args(tmp_path: Path, tok: str, root: Path, steps: int) -> list[str]:
         "--data.batch_size=2",
         "--model.num_generations=4",
         "--model.max_new_tokens=3",
-        "--model.lr=1e-2",
-        "--model.warmup_steps=0",
-        "--model.scheduler=constant",  # a cosine would take its length from each run's max_steps
+        "--model.optimizer.lr=1e-2",
+        "--model.schedule.warmup_steps=0",
+        "--model.schedule.name=constant",  # a cosine would take its length from each run's max_steps
         "--model.rewards=[{fn: astrai.train.rewards.answer_match}]",
         "--trainer.precision=32-true",
         "--trainer.accelerator=cpu",

@@ -116,7 +116,7 @@ class OnlineDPOModule(DPOModule):
         rollout_seed: seeds the sampling (each prompt's seed also depends on the step).
         val_temperature, val_samples: sampling of the validation replies (default: one greedy
             reply per prompt).
-        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, lr, lora, ...).
+        **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, schedule, export, lora, ...).
 
     Logs, besides DPOModule's train/* (loss, reward_acc, margin, chosen_reward and
     rejected_reward: the implicit DPO rewards, ...): train/reward (mean reward of all sampled
