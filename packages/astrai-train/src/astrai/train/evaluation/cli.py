@@ -113,13 +113,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     include_paths = [str(Path(p).resolve()) for p in (args.include_path or [default_include_path()])]
     for path in include_paths:
         require(Path(path).is_dir(), "--include-path", f"{path} is not a folder of task YAMLs")
-    task_manager = TaskManager(include_path=include_paths)
+    # Indexing lm-eval's own few thousand task YAMLs takes seconds: only done when a name is not local.
+    task_manager = TaskManager(include_path=include_paths, include_defaults=False)
     if args.list_tasks:
         print("\n".join(local_tasks(task_manager, include_paths)))
         return {}
     require(args.model, "MODEL_DIR", "is missing: give the model directory to evaluate")
     require(args.tasks, "--tasks", "is missing: give comma-separated task names (see --list-tasks)")
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not set(names) <= set(task_manager.all_tasks):
+        task_manager = TaskManager(include_path=include_paths)
     find_tasks(task_manager, names, include_paths)
     lm = AstraiLM(
         args.model,
@@ -149,7 +152,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     except ValueError as e:
         if "marked as unsafe" in str(e):
             raise AstraiError(
-                f"--confirm-run-unsafe-code is needed: {e} Such tasks run model-written code in subprocesses."
+                "--confirm-run-unsafe-code is needed to run a task marked unsafe_code (it executes "
+                f"model-written programs in subprocesses; use a sandbox for untrusted models): {e}"
             ) from None
         raise
 

@@ -103,6 +103,7 @@ class AstraiLM(TemplateLM):
         self.max_gen_toks = positive_int(max_gen_toks, "max_gen_toks")
         self.add_bos_token = str(add_bos_token).lower() in ("1", "true", "yes")
         self.seed = int(seed)
+        self._warned_long_generation = False
 
     # -- what lm-eval reads off a model ---------------------------------------------------
     @property
@@ -206,11 +207,6 @@ class AstraiLM(TemplateLM):
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
         max_tokens = int(kwargs.pop("max_gen_toks"))
-        require(
-            max_tokens < self.max_length,
-            "generation_kwargs.max_gen_toks",
-            f"({max_tokens}) must be below --max-length ({self.max_length})",
-        )
         sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 1.0)) if sample else 0.0
         kwargs.pop("temperature", None)
@@ -220,12 +216,26 @@ class AstraiLM(TemplateLM):
         seed = self.seed + index if temperature > 0 else None
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=until, seed=seed, **extra)
 
+    def prompt_room(self, max_tokens: int) -> int:
+        """Most prompt tokens kept (the last ones): what max_tokens leaves of max_length, but at
+        least half of it; the engine then ends a generation that reaches max_length."""
+        if max_tokens > self.max_length // 2 and not self._warned_long_generation:
+            self._warned_long_generation = True
+            log.warning(
+                "astrai model: max_gen_toks %d leaves little of --max-length %d for the prompt; prompts keep "
+                "their last %d tokens and generations stop at the length limit",
+                max_tokens,
+                self.max_length,
+                self.max_length - self.max_length // 2,
+            )
+        return self.max_length - min(max_tokens, self.max_length // 2)
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Every request through one engine, all queued at once; text up to the first stop string."""
         prompts, params = [], []
         for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
             p = self.sampling_params(gen_kwargs, i)
-            ids = self.tok_encode(context)[-(self.max_length - p.max_tokens) :] or [self.prefix_token_id]
+            ids = self.tok_encode(context)[-self.prompt_room(p.max_tokens) :] or [self.prefix_token_id]
             prompts.append(ids)
             params.append(p)
         if not prompts:
