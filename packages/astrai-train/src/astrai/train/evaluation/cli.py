@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     )
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     try:
-        return simple_evaluate(
+        results = simple_evaluate(
             model=lm,
             tasks=names,
             num_fewshot=args.num_fewshot,
@@ -156,6 +157,17 @@ def evaluate(args: argparse.Namespace) -> dict:
                 f"model-written programs in subprocesses; use a sandbox for untrusted models): {e}"
             ) from None
         raise
+    if results is not None:  # lm-eval records no arguments for a model passed as an object
+        results["config"].update(model="astrai", model_args=lm.settings(), batch_size=lm.batch_size)
+    return results
+
+
+class _CustomDatasetNotice(logging.Filter):
+    """Drops lm-eval's advice to pass `--metadata` (its own CLI's flag) for every task with a
+    custom_dataset loader, which is each local task here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
 
 
 def write_results(results: dict, path: str) -> Path:
@@ -174,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
+    logging.getLogger("lm_eval.api.task").addFilter(_CustomDatasetNotice())
     try:
         results = evaluate(args)
     except AstraiError as e:

@@ -105,6 +105,18 @@ class AstraiLM(TemplateLM):
         self.seed = int(seed)
         self._warned_long_generation = False
 
+    def settings(self) -> dict:
+        """What this model was built with, for the results file."""
+        return {
+            "pretrained": self.pretrained,
+            "device": str(self._device),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "max_num_seqs": self.max_num_seqs,
+            "seed": self.seed,
+        }
+
     # -- what lm-eval reads off a model ---------------------------------------------------
     @property
     def device(self) -> torch.device:
