@@ -22,12 +22,13 @@ from astrai.core.errors import AstraiError, require
 INSTALL_HINT = "astrai-eval needs lm-evaluation-harness: pip install 'astrai-train[eval]'"
 
 
-def default_include_path() -> Path:
-    """configs/eval of the working directory, else of the repository holding this file."""
+def default_include_paths() -> list[Path]:
+    """configs/eval of the working directory, else of the repository holding this file; none
+    when neither exists (an installed package run elsewhere: lm-eval's own tasks only)."""
     for root in (Path.cwd(), *Path(__file__).resolve().parents):
         if (root / "configs" / "eval").is_dir():
-            return root / "configs" / "eval"
-    return Path("configs/eval")
+            return [root / "configs" / "eval"]
+    return []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +87,8 @@ def local_tasks(task_manager, include_paths: list[str]) -> list[str]:
     """Names of the tasks whose YAML lies in one of the include paths."""
     names = []
     for name, entry in task_manager.task_index.items():
-        path = str(entry.yaml_path or "")
-        if any(path.startswith(p) for p in include_paths):
+        path = Path(entry.yaml_path or "/").resolve()
+        if any(path.is_relative_to(p) for p in include_paths):
             names.append(name)
     return sorted(names)
 
@@ -111,11 +112,11 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     from .lm_model import AstraiLM
 
-    include_paths = [str(Path(p).resolve()) for p in (args.include_path or [default_include_path()])]
+    include_paths = [str(Path(p).resolve()) for p in (args.include_path or default_include_paths())]
     for path in include_paths:
         require(Path(path).is_dir(), "--include-path", f"{path} is not a folder of task YAMLs")
     # Indexing lm-eval's own few thousand task YAMLs takes seconds: only done when a name is not local.
-    task_manager = TaskManager(include_path=include_paths, include_defaults=False)
+    task_manager = TaskManager(include_path=include_paths or None, include_defaults=False)
     if args.list_tasks:
         print("\n".join(local_tasks(task_manager, include_paths)))
         return {}
@@ -123,7 +124,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     require(args.tasks, "--tasks", "is missing: give comma-separated task names (see --list-tasks)")
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not set(names) <= set(task_manager.all_tasks):
-        task_manager = TaskManager(include_path=include_paths)
+        task_manager = TaskManager(include_path=include_paths or None)
     find_tasks(task_manager, names, include_paths)
     lm = AstraiLM(
         args.model,

@@ -20,6 +20,7 @@ lm-eval asks a model for three things, and each has one path here:
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -87,22 +88,21 @@ class AstraiLM(TemplateLM):
         super().__init__()
         if unused:
             log.warning("astrai model: ignoring arguments %s", sorted(unused))
-        self._device = torch.device(device or default_device())
-        self.model = AutoModel.from_pretrained(
-            pretrained, dtype=resolve_dtype(dtype, self._device), device=self._device
-        )
-        self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
-        self.pretrained = str(pretrained)
         self.batch_size = positive_int(batch_size or 16, "--batch-size")
+        self.max_num_seqs = positive_int(max_num_seqs, "--max-num-seqs")
+        self.max_gen_toks = positive_int(max_gen_toks, "max_gen_toks")
+        self.add_bos_token = str(add_bos_token).lower() in ("1", "true", "yes")
+        self.seed = int(seed)
+        self._device = torch.device(device or default_device())
+        dtype = resolve_dtype(dtype, self._device)
+        self.pretrained = str(pretrained)
+        self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
+        self.model = AutoModel.from_pretrained(pretrained, dtype=dtype, device=self._device)
         model_max = self.model.config.max_len
         self.max_length = positive_int(max_length or model_max, "--max-length")
         require(
             self.max_length <= model_max, "--max-length", f"is {self.max_length}, above the model's max_len {model_max}"
         )
-        self.max_num_seqs = positive_int(max_num_seqs, "--max-num-seqs")
-        self.max_gen_toks = positive_int(max_gen_toks, "max_gen_toks")
-        self.add_bos_token = str(add_bos_token).lower() in ("1", "true", "yes")
-        self.seed = int(seed)
         self._warned_long_generation = False
 
     def settings(self) -> dict:
@@ -260,6 +260,7 @@ class AstraiLM(TemplateLM):
         finally:
             engine.shutdown()
             del engine
+            gc.collect()  # the engine's KV cache goes now, before the next scoring forward
             if self._device.type == "cuda":
                 torch.cuda.empty_cache()
         texts = []
