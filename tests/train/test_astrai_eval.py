@@ -275,3 +275,24 @@ def test_unknown_task_is_refused_naming_the_local_tasks(eval_model_dir, capsys):
     code, log = _run(capsys, eval_model_dir, "--tasks", "astrai_mmlu_style,no_such_task", "--include-path", CONFIGS)
     assert code == 2
     assert "no_such_task" in log and "astrai_code_pass_at_k" in log and "astrai_perplexity" in log
+
+
+def test_every_shipped_task_reads_its_sample_data_from_beside_its_yaml(tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(tmp_path)  # relative data paths must not depend on the working directory
+    expected = {
+        "astrai_perplexity": (CONFIGS / "samples" / "perplexity.txt").read_text().count("\n\n") + 1,
+        "astrai_mmlu_style": len((CONFIGS / "samples" / "mmlu_style.jsonl").read_text().splitlines()),
+        "astrai_exact_match": len((CONFIGS / "samples" / "exact_match.jsonl").read_text().splitlines()),
+        "astrai_code_pass_at_k": len((CONFIGS / "samples" / "code.jsonl").read_text().splitlines()),
+    }
+    tasks = TaskManager(include_path=str(CONFIGS), include_defaults=False).load(list(expected))["tasks"]
+    assert {name: len(list(task.test_docs())) for name, task in tasks.items()} == expected
+
+
+def test_shipped_code_problems_pass_with_their_canonical_solutions_and_fail_without():
+    rows = [json.loads(line) for line in (CONFIGS / "samples" / "code.jsonl").read_text().splitlines()]
+    tests = [f"{row['test']}\ncheck({row['entry_point']})" for row in rows]
+    programs = [[row["prompt"] + row["canonical_solution"], row["prompt"] + "    return None\n"] for row in rows]
+    assert pass_at_k(tests, programs, k=[1, 2], timeout=20) == {"pass@1": 0.5, "pass@2": 1.0}
