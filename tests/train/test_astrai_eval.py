@@ -95,15 +95,12 @@ def _logp(model64, tokenizer, context: str, continuation: str) -> float:
 def _rolling_logp(model64, tokens: list[int], prefix: int, window: int) -> float:
     """log p(text): disjoint chunks of `window` tokens, each scored by one forward whose input is the
     `window` tokens (prefix token first) that end just before the chunk's last token."""
-    full, total = [prefix, *tokens], 0.0
+    full, total = [prefix, *tokens], 0.0  # tokens[t] is full[t + 1]
     for start in range(0, len(tokens), window):
         end = min(start + window, len(tokens))
-        inputs = full[max(0, end - window) : end]
-        logps = model64(torch.tensor([inputs]))[0].log_softmax(-1)
-        for target in range(
-            start, end
-        ):  # tokens[target] = full[target + 1], predicted at input position target - offset
-            total += float(logps[target - max(0, end - window), full[target + 1]])
+        first = max(0, end - window)
+        logps = model64(torch.tensor([full[first:end]]))[0].log_softmax(-1)
+        total += sum(float(logps[t - first, full[t + 1]]) for t in range(start, end))
     return total
 
 
