@@ -23,7 +23,7 @@ def _loader():
     return ResumableDataLoader(ds, batch_size=4, sampler=ResumableSampler(ds, seed=3))
 
 
-def _module(tokenizer_dir, optimizer=None, schedule=None):
+def _module(tokenizer_dir, optimizer=None, schedule=None, **kw):
     torch.manual_seed(0)
     return PretrainModule(
         model=TINY_MODEL,
@@ -31,6 +31,7 @@ def _module(tokenizer_dir, optimizer=None, schedule=None):
         optimizer={"lr": 5e-3, **(optimizer or {})},
         schedule={"warmup_steps": 3, **(schedule or {})},
         export={"on_fit_end": False},
+        **kw,
     )
 
 
