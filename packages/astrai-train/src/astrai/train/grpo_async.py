@@ -150,16 +150,19 @@ class RolloutProducer:
         self._raise_failure()
 
     def close(self) -> None:
-        """Drop the commands not started, let the running one end, stop the thread."""
+        """Drop the generation jobs not started, finish the weight syncs (the backend ends with
+        the latest weights, as after synchronous training), stop the thread."""
         with self._cv:
-            self._closed = True
-            for command in self._queue:
+            for command in [c for c in self._queue if not c.is_sync]:
                 command.error = RolloutProducerError("the rollout producer was closed before this job ran")
                 command.done.set()
-            self._queue.clear()
+                self._queue.remove(command)
+            self._cv.wait_for(lambda: not self._queue and not self._running)
+            self._closed = True
             self._cv.notify_all()
         self._thread.join()
         self._jobs.clear()
+        self._raise_failure()
 
     # -- internals ------------------------------------------------------------------------------
     def _enqueue(self, command: _Command) -> None:
