@@ -11,7 +11,9 @@ import threading
 import lightning as L
 import pytest
 import torch
+from data_helpers import word_tokenizer
 from test_grpo_module import module, online_data
+from train_helpers import make_trainer
 
 from astrai.core.engine import SamplingParams
 from astrai.train.grpo_async import (
@@ -24,8 +26,6 @@ from astrai.train.grpo_async import (
 )
 from astrai.train.grpo_module import GRPOModule, grpo_loss
 from astrai.train.rollout import Rollout, RolloutEngine
-from train_helpers import make_trainer
-from data_helpers import word_tokenizer
 
 METRICS = ("train/loss", "train/reward", "train/ratio", "train/clip_frac", "train/weights_lag")
 
