@@ -212,6 +212,10 @@ class RolloutProducer:
                 if command.ready is not None:
                     self._stream.wait_event(command.ready)
                 command.result = command.work()
+                if self._stream is not None:
+                    # The trainer reads the results, and a snapshot's memory goes back to the
+                    # allocator when the command is dropped: the stream's work must be done first.
+                    self._stream.synchronize()
             except BaseException as e:  # handed to the trainer, which raises it
                 command.error = e
                 if command.is_sync:

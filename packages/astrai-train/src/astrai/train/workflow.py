@@ -98,11 +98,11 @@ class CalculatorToolWorkflow(RolloutWorkflow):
         return self.result_template.format(result=result)
 
     def run(self, rollout, prompt_ids, params, seeds, tokenizer, rows) -> Rollout:
-        budget = params.max_tokens
+        limit = getattr(rollout, "max_model_len", None)
+        budget = params.max_tokens or limit or 1 << 20  # tokens per episode, the inserted ones included
         first = rollout.generate(prompt_ids, self.turn_params(params, 0, budget), seeds)
         out = dataclasses.replace(first, loss_masks=[[1] * len(c) for c in first.completion_ids])
         last_turn = list(first.completion_ids)  # what the model wrote in its latest turn
-        limit = getattr(rollout, "max_model_len", None)
         for turn in range(1, self.max_turns + 1):
             calls = {}
             for i, tokens in enumerate(last_turn):
