@@ -162,7 +162,7 @@ def test_the_producer_generates_in_the_background_and_syncs_from_a_snapshot_in_o
         producer.close()
 
 
-def test_a_failed_job_is_raised_when_its_result_is_taken(word_tok):
+def test_a_failed_job_is_raised_when_its_result_is_taken():
     producer = RolloutProducer(rollout=None)
     try:
         producer.submit(lambda: 1 / 0)
