@@ -49,7 +49,13 @@ class WeightsSnapshot:
 
     def __init__(self, policy: torch.nn.Module):
         self.config = getattr(policy, "config", None)
-        self._state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        clones: dict[tuple, torch.Tensor] = {}  # tied weights stay one tensor, as in the policy
+        self._state = {}
+        for name, tensor in policy.state_dict().items():
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+            if key not in clones:
+                clones[key] = tensor.detach().clone()
+            self._state[name] = clones[key]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._state
