@@ -190,7 +190,6 @@ def test_a_user_workflow_class_loads_from_yaml_and_runs(tmp_path, tokenizer_dir)
                 "rewards": [{"fn": "astrai.train.rewards.answer_match"}],
                 "group_size": 2,
                 "max_new_tokens": 4,
-                "export_on_fit_end": False,
                 "workflow": {"class_path": f"{__name__}.EveryOtherToken", "init_args": {"keep_first": False}},
             },
         },
