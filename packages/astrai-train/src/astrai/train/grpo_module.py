@@ -16,6 +16,9 @@ Each training step takes a batch of prompts and
      step number as the weights' version.
 
 Offline batches (prompts with responses and rewards already given, data/grpo.py) skip 1-2.
+An episode is code (``workflow``, workflow.py: single turn by default, or multi-turn with a
+calculator tool); with ``asynchronous`` the rollouts of later batches are generated in the
+background while the trainer trains, within ``max_staleness`` weight versions (grpo_async.py).
 Optimisation is manual (several optimizer steps per batch), so gradient clipping is this
 module's ``max_grad_norm``, not the Trainer's ``gradient_clip_val``; ``trainer.max_steps``
 counts optimizer steps.
@@ -23,8 +26,10 @@ counts optimizer steps.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -36,6 +41,14 @@ from astrai.core.engine import EngineConfig, SamplingParams
 from astrai.core.errors import AstraiError, require, require_for
 
 from .base_module import BatchError, CausalLMModule, build_model
+from .grpo_async import (
+    RolloutProducer,
+    behaviour_weights,
+    fresh_groups,
+    lookahead_batches,
+    select_groups,
+    updates_per_batch,
+)
 from .lora import adapters_disabled
 from .losses import IGNORE_INDEX
 from .remote_rollout import RemoteRollout, RolloutConfig
@@ -43,12 +56,14 @@ from .rewards import RewardSpec, load_rewards, score
 from .rollout import RolloutEngine, resolve_dtype
 from .schedulers import NEED_LENGTH
 from .token_nll import token_nll
+from .workflow import RolloutWorkflow, apply_loss_masks, load_workflow
 
 AGGREGATIONS = ("token", "sequence")
 OLD_LOGPS = ("policy", "engine")
 ONLINE_KEYS = ("prompt_ids", "prompts", "rows")
 OFFLINE_KEYS = ("input_ids", "labels", "attention_mask", "rewards", "group_ids")
 REF_PREFIX = "ref_model."
+MAX_ALL_STALE_BATCHES = 4  # a run whose rollouts are all too stale this many times in a row stops
 _check = require_for("model")  # constructor checks name the config field: model.group_size, ...
 
 
@@ -95,6 +110,7 @@ def grpo_loss(
     kl_coef: float = 0.0,
     aggregation: Literal["token", "sequence"] = "token",
     normalizer: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> GRPOLoss:
     """Clipped policy-gradient loss with an optional KL penalty (see module docstring).
 
@@ -102,6 +118,8 @@ def grpo_loss(
     advantages: (N,). ``normalizer`` is what the summed loss is divided by: by default this
     call's completion tokens (token) or sequences (sequence); pass the mini-batch's count when
     a mini-batch is split into micro-batches, so the gradients add up to the mini-batch's.
+    ``weights``: (N, T) per-token importance weights on the clipped term (decoupled PPO: the
+    proximal over the behaviour policy, for samples of older weights); None is all ones.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -110,6 +128,8 @@ def grpo_loss(
     adv = advantages.to(logps.dtype)[:, None]
     high = epsilon if epsilon_high is None else epsilon_high
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon, 1 + high) * adv)
+    if weights is not None:
+        per_token = per_token * weights
     kl = torch.zeros_like(logps)
     if ref_logps is not None:
         delta = ref_logps - logps
@@ -175,6 +195,16 @@ class GRPOModule(CausalLMModule):
         rollout_seed: seeds the sampling (each prompt's seed also depends on the step).
         val_temperature, val_samples: sampling of the validation completions (default: one
             greedy completion per prompt).
+        workflow: how an episode runs (astrai.train.workflow): a RolloutWorkflow, or
+            {class_path: ..., init_args: {...}}; default single turn.
+        asynchronous: generate the rollouts of later batches in a background thread while the
+            trainer trains (the YAML word ``async`` is a Python keyword, hence the name).
+        max_staleness: with ``asynchronous``, the most optimizer steps (weights versions) the
+            weights that sampled a group may be behind the policy that trains on it; it sets how
+            many batches are generated ahead, and older groups are dropped. 0 is synchronous.
+        behaviour_weight_cap: with ``asynchronous`` and old_logps=policy, samples of older
+            weights weigh pi_policy_before_update / pi_sampled per token (decoupled PPO),
+            truncated at this value.
         **kwargs: the shared options of CausalLMModule (model, tokenizer, optimizer, schedule, export, lora, ...).
 
     Logs train/reward (mean), train/reward_std (mean within-group std), train/reward/<name>,
@@ -211,6 +241,10 @@ class GRPOModule(CausalLMModule):
         rollout_seed: int = 0,
         val_temperature: float = 0.0,
         val_samples: int = 1,
+        workflow: RolloutWorkflow | dict | None = None,
+        asynchronous: bool = False,
+        max_staleness: int = 1,
+        behaviour_weight_cap: float = 2.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -247,6 +281,25 @@ class GRPOModule(CausalLMModule):
             "is only used for the KL penalty; set model.kl_coef > 0 or drop it",
         )
         resolve_dtype(rollout_dtype, torch.device("cpu"))  # checks the name now rather than at the first step
+        _check(isinstance(asynchronous, bool), "asynchronous", f"must be true or false, got {asynchronous!r}")
+        _check(
+            isinstance(max_staleness, int) and max_staleness >= 0,
+            "max_staleness",
+            f"must be an integer >= 0 (optimizer steps), got {max_staleness!r}",
+        )
+        _check(
+            not asynchronous or max_staleness >= sync_interval - 1,
+            "max_staleness",
+            f"({max_staleness}) must be at least sync_interval - 1 ({sync_interval - 1}): weights synced "
+            "every sync_interval steps are that old already; raise it or lower model.sync_interval",
+        )
+        _check(behaviour_weight_cap >= 1, "behaviour_weight_cap", f"must be >= 1, got {behaviour_weight_cap!r}")
+        self.workflow = load_workflow(workflow)
+        self.asynchronous, self.max_staleness = asynchronous, max_staleness
+        self.behaviour_weight_cap = behaviour_weight_cap
+        self._producer: RolloutProducer | None = None
+        self._stale_dropped = 0  # completions dropped for staleness so far
+        self._all_stale = 0  # rollout batches in a row without a fresh enough group
         self.rewards = load_rewards(rewards)
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.sampling = SamplingParams(
@@ -306,16 +359,17 @@ class GRPOModule(CausalLMModule):
 
     def _generate(self, batch: dict, params: SamplingParams, stage: str, step: int):
         self._check_online(batch, stage)
-        if not self.rewards:
-            raise BatchError(
-                f"GRPOModule: {stage} generates completions and scores them, but model.rewards is "
-                "empty; name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]"
-            )
         engine = self.rollout_engine(fresh=stage != "train")
-        seeds = [_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
+        return self._episodes(engine, batch, params, stage, self._seeds(batch, step))
+
+    def _seeds(self, batch: dict, step: int) -> list[int]:
+        return [_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
+
+    def _episodes(self, engine, batch: dict, params: SamplingParams, stage: str, seeds: list[int]):
+        """Run the workflow's episodes and score them (in the trainer's thread or the producer's)."""
         prompts, rows = batch["prompts"], batch["rows"]
         try:
-            rollout = engine.generate(batch["prompt_ids"], params, seeds)
+            rollout = self.workflow.run(engine, batch["prompt_ids"], params, seeds, self.tokenizer, rows)
             group = rollout.group_ids
             total, parts = score(self.rewards, [prompts[g] for g in group], rollout.texts, [rows[g] for g in group])
         except ValueError as e:  # prompts too long for the engine, a reward that fails on this data
@@ -328,6 +382,11 @@ class GRPOModule(CausalLMModule):
             raise BatchError(
                 f"GRPOModule: a {stage} batch needs {list(ONLINE_KEYS)} (prompts to complete; see "
                 f"astrai.train.data.grpo), got {have}"
+            )
+        if not self.rewards:
+            raise BatchError(
+                f"GRPOModule: {stage} generates completions and scores them, but model.rewards is "
+                "empty; name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]"
             )
         if not self._checked_online:
             self._checked_online = True
@@ -378,16 +437,53 @@ class GRPOModule(CausalLMModule):
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         if isinstance(batch, dict) and "prompt_ids" in batch:
-            data, stats = self._online_batch(batch)
+            episodes = (
+                self._async_episodes(batch)
+                if self.asynchronous
+                else self._generate(batch, self.sampling, "train", self.global_step)
+            )
+            if episodes is None:
+                return  # the asynchronous pipeline is still filling, or every group was too stale
+            data, stats = self._online_batch(*episodes)
         else:
             self.check_once(batch, OFFLINE_KEYS, "train")
             data, stats = {k: batch[k] for k in OFFLINE_KEYS}, {}
         self._optimise(data, stats)
 
-    def _online_batch(self, batch: dict) -> tuple[dict, dict]:
-        rollout, total, parts = self._generate(batch, self.sampling, "train", self.global_step)
-        data = rollout.tensors(self.tokenizer.pad_token_id or 0, self.device)
+    def _async_episodes(self, batch: dict):
+        """Queue this batch's episodes in the producer; return the oldest queued batch's once
+        ``lookahead_batches`` are queued after it, without its groups that became too stale."""
+        self._check_online(batch, "train")
+        if self._producer is None:
+            self._producer = RolloutProducer(self.rollout_engine(), self.device)
+        seeds = self._seeds(batch, self.global_step)
+        self._producer.submit(
+            functools.partial(self._episodes, self._producer.rollout, batch, self.sampling, "train", seeds)
+        )
+        updates = updates_per_batch(len(batch["prompt_ids"]) * self.group_size, self.mini_batch_size, self.ppo_epochs)
+        if self._producer.pending <= lookahead_batches(self.max_staleness, self.sync_interval, updates):
+            return None
+        rollout, total, parts = self._producer.take()
+        keep = fresh_groups(rollout.versions, rollout.group_ids, self.global_step, self.max_staleness)
+        before = len(rollout.group_ids)
+        if len(keep) < len(set(rollout.group_ids)):
+            rollout, rows = select_groups(rollout, keep)
+            total, parts = total[rows], {name: values[rows] for name, values in parts.items()}
+        self._stale_dropped += before - len(rollout.group_ids)
+        self.log("train/stale_dropped", float(self._stale_dropped), batch_size=1)
+        self._all_stale = 0 if keep else self._all_stale + 1
+        if self._all_stale > MAX_ALL_STALE_BATCHES:
+            raise BatchError(
+                f"GRPOModule: every group of the last {self._all_stale} rollout batches was generated by "
+                f"weights more than model.max_staleness={self.max_staleness} versions old; the rollout "
+                "backend is not getting the new weights (check its sync), or raise model.max_staleness"
+            )
+        return (rollout, total, parts) if keep else None
+
+    def _online_batch(self, rollout, total: torch.Tensor, parts: dict) -> tuple[dict, dict]:
+        data = apply_loss_masks(rollout.tensors(self.tokenizer.pad_token_id or 0, self.device), rollout)
         data["rewards"] = total.to(self.device, torch.float32)
+        data["versions"] = torch.tensor(rollout.versions, dtype=torch.long, device=self.device)
         lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
         stats = {f"reward/{name}": values.mean() for name, values in parts.items()}
         stats.update(
@@ -412,6 +508,12 @@ class GRPOModule(CausalLMModule):
             if "engine_logps" in data:
                 stats["logp_gap"] = ((old - data["engine_logps"]).abs() * mask).sum() / mask.sum().clamp(min=1)
         ref = self.reference_logps(data) if self.kl_coef > 0 else None
+        weights = None
+        if self.asynchronous and old is not data.get("engine_logps") and "versions" in data:
+            stale = data["versions"] < self.global_step
+            if stale.any():  # decoupled PPO: correct for the older weights that sampled these rows
+                weights = behaviour_weights(old, data["engine_logps"], stale, self.behaviour_weight_cap)
+                stats["behaviour_weight"] = (weights * mask).sum() / mask.sum().clamp(min=1)
 
         opt, sched = self.optimizers(), self.lr_schedulers()
         n = rewards.shape[0]
@@ -446,6 +548,7 @@ class GRPOModule(CausalLMModule):
                         self.kl_coef,
                         self.aggregation,
                         normalizer,
+                        None if weights is None else weights[idx],
                     )
                     loss = out.loss
                     aux = self.model.aux_loss()
@@ -469,7 +572,10 @@ class GRPOModule(CausalLMModule):
                 sched.step()
                 updates += 1
                 if self._rollout is not None and self.global_step % self.sync_interval == 0:
-                    self._rollout.sync(self.model, self.global_step)
+                    if self._producer is not None:  # in turn with the queued rollouts, without waiting
+                        self._producer.publish(self.model, self.global_step)
+                    else:
+                        self._rollout.sync(self.model, self.global_step)
         self._log_step(rewards, groups, sums, tokens, updates, stats, data)
 
     def _log_step(self, rewards, groups, sums, tokens, updates, stats, data) -> None:
@@ -518,7 +624,9 @@ class GRPOModule(CausalLMModule):
                 + (f"keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__)
             )
         # A fixed seed per batch: every validation run samples alike, so runs are comparable.
-        rollout, total, parts = self._generate(batch, self.val_sampling, stage, -1 - batch_idx)
+        # The rollout producer (asynchronous) finishes what it was given and waits meanwhile.
+        with self._producer.paused() if self._producer is not None else contextlib.nullcontext():
+            rollout, total, parts = self._generate(batch, self.val_sampling, stage, -1 - batch_idx)
         n = len(rollout.texts)
         self.log(f"{stage}/reward", total.mean().float(), batch_size=n, prog_bar=True, sync_dist=True)
         for name, values in parts.items():
@@ -531,6 +639,15 @@ class GRPOModule(CausalLMModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "test")
+
+    def on_train_end(self) -> None:
+        # Batches queued ahead are not trained: the run ends at max_steps or its last epoch.
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
+    def teardown(self, stage: str) -> None:
+        self.on_train_end()  # also after a failed run, so that no producer thread is left behind
 
     # -- checkpoints without a frozen reference that can be read again from disk ---------------------
     def on_save_checkpoint(self, checkpoint) -> None:

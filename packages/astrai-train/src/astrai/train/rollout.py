@@ -63,6 +63,9 @@ class Rollout:
     group_ids: list[int] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # weights version that generated each completion
     seconds: float = 0.0
+    # Per completion token: 1 written by the model, 0 inserted by a workflow (a tool's answer),
+    # which gets no loss (workflow.apply_loss_masks). Empty: every token is the model's.
+    loss_masks: list[list[int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
