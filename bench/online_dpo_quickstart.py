@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply online-dpo.yaml's max_steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and of the measures")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides, e.g. model.optimizer.lr=1e-4")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides, e.g. model.optimizer.lr=1e-4"
+    )
     args = parser.parse_args(argv)
 
     from astrai.train.quickstart.chain import Quickstart, _change, _parser, verdict
