@@ -88,8 +88,10 @@ def test_a_wrong_admin_key_fails_the_sync_naming_the_setting(pair, model_dir, tm
         remote(pair, admin_key="wrong").sync(policy, 4)
 
 
-def test_grpo_fit_with_model_rollout_servers_trains_against_them(pair, model_dir, tmp_path):
-    """`astrai-train fit` with the shipped configs/train/grpo.yaml, only model.rollout added."""
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_grpo_fit_with_model_rollout_servers_trains_against_them(pair, model_dir, tmp_path, asynchronous):
+    """`astrai-train fit` with the shipped configs/train/grpo.yaml, only model.rollout added
+    (and, asynchronous, generation running ahead on the servers while the trainer trains)."""
     from astrai.train.cli import main
 
     rows = [{"prompt": p, "answer": "good"} for p in ("one", "two", "three", "four")]
@@ -113,10 +115,15 @@ def test_grpo_fit_with_model_rollout_servers_trains_against_them(pair, model_dir
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
     ]
+    if asynchronous:
+        argv += ["--model.asynchronous=true", "--model.max_staleness=1", "--trainer.max_steps=3"]
     assert main(argv) == 0
-    assert [s.stats()["engine"]["weights_version"] for s in pair] == [2, 2]  # synced after each step
+    steps = 3 if asynchronous else 2
+    assert [s.stats()["engine"]["weights_version"] for s in pair] == [steps, steps]  # synced after each step
     metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/reward" in metrics and "train/rollout_tokens_per_sec" in metrics
+    if asynchronous:
+        assert "train/stale_dropped" in metrics and "train/behaviour_weight" in metrics
 
 
 def test_a_server_that_is_down_is_left_out_of_syncs_and_rollouts(pair, model_dir, tmp_path, free_port):
