@@ -143,7 +143,7 @@ def test_help_explains_the_security_settings(capsys):
 )
 def test_docs_routes_exist_only_when_docs_are_on(key, docs, served):
     from astrai.serve.generation import ModelInfo
-    from astrai.serve.server import build_server
+    from astrai.serve.launch import build_server
 
     server = build_server(build_config(model="/m", device="cpu", api_key=key, docs=docs), ModelInfo("m", None, 64))
     paths = {route.path for route in server.app.routes}

@@ -104,7 +104,7 @@ def test_null_means_not_sent_and_nested_unknown_keys_are_ignored():
 
 
 def _served_schema(**config) -> dict:
-    from astrai.serve.server import build_server
+    from astrai.serve.launch import build_server
 
     server = build_server(build_config(model="/m", device="cpu", **config), ModelInfo("m", None, 64))
     client = TestClient(server.app)

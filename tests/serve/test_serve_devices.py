@@ -14,7 +14,7 @@ from astrai.serve import cli
 from astrai.serve.api import pin_gpu
 from astrai.serve.config import ServeConfigError, build_config, parse_devices
 from astrai.serve.control_plane import ControlPlane, combine_stats
-from astrai.serve.server import placement
+from astrai.serve.launch import placement
 
 
 # -- parsing and checks -------------------------------------------------------------------------

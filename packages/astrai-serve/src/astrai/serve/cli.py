@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except STARTUP_ERRORS as e:
         return _fail(e, 1)
 
-    from .server import build_server, run_server
+    from .launch import build_server, run_server
 
     _stop_on_signals()
     try:

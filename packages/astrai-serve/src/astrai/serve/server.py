@@ -1,4 +1,5 @@
-"""HTTP side: our own LitSpec with the OpenAI and Anthropic routes, and `build_server()`.
+"""HTTP side: our own LitSpec with the OpenAI and Anthropic routes (launch.py builds and runs
+the LitServer around it).
 
 LitServe runs these routes in its API-server process. Each route validates and tokenizes
 the request, sends one payload to the least busy worker (request_queue.py) and relays what
@@ -25,10 +26,8 @@ the server).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import pickle
-import threading
 import time
 import uuid
 from collections import deque
@@ -37,37 +36,28 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from . import anthropic_protocol, openai_protocol
-from .admin import ADMIN_PREFIX, AdminRoutes
+from .admin import AdminRoutes
 from .anthropic_models import MessagesRequest
-from .config import ServeConfig, cuda_index
+from .config import ServeConfig
 from .control_plane import ControlPlane, combine_stats
 from .errors import APIError, anthropic_error_body, openai_error_body
 from .generation import Accumulator, ModelInfo, merge_events, worker_error
-from .guard import CHAT_PAGE, OPEN_PATHS, RequestGuard
 from .litserve_bridge import (
-    FAILED,
-    READY,
     LitAPI,
     LitAPIStatus,
-    LitServer,
     LitSpec,
-    ReplyTransportServer,
     new_reply_buffer,
     queue_request,
-    serve_at_root,
-    startup_state,
 )
 from .liveness import process_alive
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_models import ChatCompletionRequest, CompletionRequest
 from .relay import as_event_dict
 from .request_fields import parse_json_object, unknown_fields
-from .request_models import install_request_schemas
-from .request_queue import RoutedRequestQueue
-from .transport import BatchedZMQTransport
+from .sse import _ClosingStreamingResponse, _sse_anthropic, _sse_openai  # noqa: F401 - tests import them from here
 
 log = logging.getLogger("astrai.serve")
 OPENAI, ANTHROPIC = "openai", "anthropic"
@@ -91,48 +81,6 @@ _CHAT_PAGE_HTML = (Path(__file__).parent / "static" / "chat.html").read_text(enc
 def _error_response(protocol: str, err: APIError) -> JSONResponse:
     body = anthropic_error_body(err) if protocol == ANTHROPIC else openai_error_body(err)
     return JSONResponse(body, status_code=err.status)
-
-
-# Characters that JSON leaves raw but that str.splitlines() (httpx's aiter_lines, many SSE
-# clients) treats as line breaks: raw, they would cut an event's data line in two.
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
-def _json_line(data) -> str:
-    """JSON on one line for any line splitter; other non-ASCII text stays readable (UTF-8)."""
-    text = json.dumps(data, ensure_ascii=False)
-    # translate() looks up every character in Python: only pay for it when there is a break.
-    if "\u2028" in text or "\u2029" in text or "\x85" in text:
-        return text.translate(_LINE_BREAKS)
-    return text
-
-
-def _sse_openai(item: dict) -> str:
-    return f"data: {_json_line(item)}\n\n"
-
-
-def _sse_anthropic(item: tuple[str, dict]) -> str:
-    name, data = item
-    return f"event: {name}\ndata: {_json_line(data)}\n\n"
-
-
-class _ClosingStreamingResponse(StreamingResponse):
-    """Closes its body generator however the response ends. When the client leaves while a chunk
-    is being written, Starlette abandons the generator at its `yield`, and its clean-up (the
-    engine abort in `_stream`) would wait for the garbage collector."""
-
-    def __init__(self, *args, on_close: Callable[[], None], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.on_close = on_close  # runs even when the body never started
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                await self.body_iterator.aclose()
-            finally:
-                self.on_close()
 
 
 class ProtocolSpec(AdminRoutes, LitSpec):
@@ -545,120 +493,3 @@ def _describe(data: Any) -> str:
         except Exception:  # noqa: BLE001 - best effort description of a worker failure
             return "unknown error"
     return f"{type(data).__name__}: {data}"
-
-
-def placement(config: ServeConfig, cuda_available: bool) -> tuple[str, list[int], int]:
-    """(accelerator, device indexes, workers per device) for LitServer.
-
-    LitServe starts len(devices) x workers_per_device workers and hands each its device
-    ("cuda:1"; "cpu" on the CPU, where the index list is just [0]).
-    """
-    gpus = config.gpus()
-    if gpus is not None:
-        return "cuda", gpus, config.workers
-    device = config.device
-    if device == "auto":
-        device = "cuda" if cuda_available else "cpu"
-    if device == "cpu":
-        return "cpu", [0], config.workers
-    return "cuda", [cuda_index(device)], config.workers
-
-
-def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
-    """A LitServer with one engine per worker and ``config.workers`` workers per device, all
-    each request sent to the least busy serving one."""
-    import torch
-
-    from .api import EngineAPI
-
-    accelerator, devices, per_device = placement(config, torch.cuda.is_available())
-    control = ControlPlane(len(devices) * per_device, config.api_servers or 1)
-    spec = ProtocolSpec(config, info, control)
-    api = EngineAPI(config, spec, control)
-    log.info(
-        "%d engine(s): %d on each of %s",
-        control.num_workers,
-        per_device,
-        "the CPU" if accelerator == "cpu" else ", ".join(f"cuda:{i}" for i in devices),
-    )
-    # timeout=False: requests leave LitServe's queue at once (the engine schedules them), so a
-    # queue timeout would only cut off long generations.
-    # fast_queue is ours (BatchedZMQTransport), not LitServe's: see transport.py.
-    # RequestGuard checks the key and the body size on every route (guard.py says why not
-    # LitServe's own auth and size hooks); without docs FastAPI adds no /docs, /redoc, /openapi.json.
-    guard = (
-        RequestGuard,
-        {
-            "api_key": config.api_key,
-            "admin_key": config.admin_key or config.api_key,
-            "admin_prefix": ADMIN_PREFIX,
-            "max_request_bytes": config.request_limit(),
-            "rejected": spec.rejected,
-            "open_paths": OPEN_PATHS | {CHAT_PAGE} if config.chat_page else OPEN_PATHS,
-        },
-    )
-    server = ReplyTransportServer(
-        api,
-        accelerator=accelerator,
-        devices=1 if accelerator == "cpu" else devices,
-        workers_per_device=per_device,
-        timeout=False,
-        fast_queue=False,
-        restart_workers=config.worker_restart,
-        model_metadata={"model": info.name, "max_model_len": info.max_model_len},
-        middlewares=[guard],
-        disable_openapi_url=not config.docs_enabled(),
-    )
-    if config.chat_page:
-        serve_at_root(server, spec.chat_page)
-    install_request_schemas(server.app, _MODELS)  # the request bodies in /openapi.json (behind the key)
-    server.control_plane = control  # run_server closes it (its socket files)
-    server.make_request_queue = RoutedRequestQueue
-    if config.fast_queue:
-        server.make_transport = BatchedZMQTransport
-    return server
-
-
-def run_server(server: LitServer, config: ServeConfig) -> None:
-    """`server.run()` with a start-up watchdog.
-
-    LitServe waits for its worker's status without checking that the process is alive, so a
-    worker that dies before reporting (an import error, the OOM killer) would hang start-up.
-    The watchdog marks such a worker failed, and `run()` raises RuntimeError.
-    """
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(0.2):
-            status, workers = startup_state(server)
-            if status is None or not workers:
-                continue
-            try:
-                states = dict(status)
-                if any(v == READY for v in states.values()):
-                    return
-                if any(not w.is_alive() for w in workers):
-                    for key in states:
-                        status[key] = FAILED
-                    return
-            except (OSError, EOFError, BrokenPipeError):  # the manager is gone: shutting down
-                return
-
-    threading.Thread(target=watch, name="astrai-startup-watch", daemon=True).start()
-    from astrai.core.engine.host_settings import quiet_gc
-
-    quiet_gc()  # the HTTP process is forked from this one: it starts with the same frozen objects
-    try:
-        server.run(
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            generate_client_file=False,
-            num_api_servers=config.api_servers or 1,
-        )
-    finally:
-        done.set()
-        for queue in server.request_queues():  # their socket files
-            queue.close()
-        if getattr(server, "control_plane", None) is not None:
-            server.control_plane.close()
