@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from astrai.core.engine import EngineConfig, SamplingParams
-from astrai.core.errors import AstraiError, require, require_for
+from astrai.core.errors import require_for
 
 from .base_module import BatchError, CausalLMModule, build_model
 from .grpo_async import (
@@ -60,7 +59,7 @@ from .lora import adapters_disabled
 from .losses import IGNORE_INDEX
 from .remote_rollout import RemoteRollout, RolloutConfig
 from .rewards import RewardSpec, load_rewards, score
-from .rollout import RolloutEngine, resolve_dtype
+from .rollout import RolloutEngine, engine_config_for, log_reward_metrics, resolve_dtype, sample_seed
 from .schedulers import NEED_LENGTH
 from .token_nll import token_nll
 from .workflow import RolloutWorkflow, apply_loss_masks, load_workflow
@@ -71,11 +70,6 @@ OFFLINE_KEYS = ("input_ids", "labels", "attention_mask", "rewards", "group_ids")
 REF_PREFIX = "ref_model."
 MAX_ALL_STALE_BATCHES = 4  # a run whose rollouts are all too stale this many times in a row stops
 _check = require_for("model")  # constructor checks name the config field: model.group_size, ...
-
-
-def _seed(*parts: int) -> int:
-    # hash() of a tuple of ints is the same in every process and run (only str hashing is salted).
-    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 # ---- the Lightning module ------------------------------------------------------------------------
@@ -238,7 +232,7 @@ class GRPOModule(CausalLMModule):
         self.scale_rewards, self.aggregation, self.ppo_epochs = scale_rewards, aggregation, ppo_epochs
         self.mini_batch_size, self.micro_batch_size = mini_batch_size, micro_batch_size
         self.sync_interval, self.old_logps_source = sync_interval, old_logps
-        self.engine_config = _engine_config(engine, needed=max(group_size, val_samples))
+        self.engine_config = engine_config_for(engine, needed=max(group_size, val_samples))
         self.rollout_dtype_name = rollout_dtype
         self.rollout_config = RolloutConfig.of(rollout)  # None: the in-process engine
         self.max_grad_norm, self.rollout_seed = max_grad_norm, rollout_seed
@@ -285,7 +279,7 @@ class GRPOModule(CausalLMModule):
         return self._episodes(engine, batch, params, stage, self._seeds(batch, step))
 
     def _seeds(self, batch: dict, step: int) -> list[int]:
-        return [_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
+        return [sample_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
 
     def _episodes(self, engine, batch: dict, params: SamplingParams, stage: str, seeds: list[int]):
         """Run the workflow's episodes and score them (in the trainer's thread or the producer's)."""
@@ -441,7 +435,7 @@ class GRPOModule(CausalLMModule):
         n = rewards.shape[0]
         mini = min(self.mini_batch_size or n, n)
         micro = min(self.micro_batch_size or mini, mini)
-        shuffle = torch.Generator().manual_seed(_seed(self.rollout_seed, self.global_step, 1))
+        shuffle = torch.Generator().manual_seed(sample_seed(self.rollout_seed, self.global_step, 1))
         # Device tensors: reading a value back per micro-batch would wait for the device each time.
         sums = {name: torch.zeros((), device=self.device) for name in ("loss", "kl", "clip_frac", "ratio")}
         tokens, updates = torch.zeros((), device=self.device), 0
@@ -549,12 +543,7 @@ class GRPOModule(CausalLMModule):
         # The rollout producer (asynchronous) finishes what it was given and waits meanwhile.
         with self._producer.paused() if self._producer is not None else contextlib.nullcontext():
             rollout, total, parts = self._generate(batch, self.val_sampling, stage, -1 - batch_idx)
-        n = len(rollout.texts)
-        self.log(f"{stage}/reward", total.mean().float(), batch_size=n, prog_bar=True, sync_dist=True)
-        for name, values in parts.items():
-            self.log(f"{stage}/reward/{name}", values.mean().float(), batch_size=n, sync_dist=True)
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
-        self.log(f"{stage}/completion_len", lengths.mean(), batch_size=n, sync_dist=True)
+        log_reward_metrics(self, stage, rollout, total, parts)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val")
@@ -584,23 +573,3 @@ class GRPOModule(CausalLMModule):
             state = checkpoint.setdefault("state_dict", {})
             for key, value in self.ref_model.state_dict().items():
                 state.setdefault(REF_PREFIX + key, value)
-
-
-def _engine_config(engine: EngineConfig | dict | None, needed: int) -> EngineConfig:
-    """model.engine as an EngineConfig (LightningCLI gives one; Python callers may pass a dict),
-    checked now so that a bad setting fails when the run starts; its batch holds a whole group
-    (one request of n = group_size), since a request's samples run in one step."""
-    if isinstance(engine, dict):
-        unknown = sorted(set(engine) - {f.name for f in dataclasses.fields(EngineConfig)})
-        require(not unknown, "model.engine", f"has no setting {unknown}; its settings are EngineConfig's fields")
-        engine = EngineConfig(**engine)
-    engine = engine or EngineConfig()
-    try:
-        engine.validate()
-    except AstraiError as e:
-        raise AstraiError(f"model.engine.{e}") from None
-    if engine.max_batch_size < needed:
-        engine = engine.replace(
-            max_batch_size=needed, max_num_batched_tokens=max(engine.max_num_batched_tokens, needed)
-        )
-    return engine

@@ -31,9 +31,8 @@ from astrai.core.errors import require_for
 
 from .base_module import BatchError
 from .dpo_module import SIDES, DPOModule
-from .grpo_module import _engine_config
 from .rewards import RewardSpec, load_rewards, score
-from .rollout import Rollout, RolloutEngine, resolve_dtype
+from .rollout import Rollout, RolloutEngine, engine_config_for, log_reward_metrics, resolve_dtype, sample_seed
 
 PROMPT_KEYS = ("prompt_ids", "prompts", "rows")
 _check = require_for("model")
@@ -62,11 +61,6 @@ def _subset(rollout: Rollout, rows: list[int]) -> Rollout:
         logps=[rollout.logps[i] for i in rows],
         group_ids=[rollout.group_ids[i] for i in rows],
     )
-
-
-def _seed(*parts: int) -> int:
-    # hash() of a tuple of ints is the same in every process and run (only str hashing is salted).
-    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 @dataclass
@@ -176,7 +170,7 @@ class OnlineDPOModule(DPOModule):
             self.sampling.validate(), self.val_sampling.validate()
         except ValueError as e:
             raise ValueError(f"model: {e}") from None
-        self.engine_config = _engine_config(engine, needed=max(num_generations, val_samples))
+        self.engine_config = engine_config_for(engine, needed=max(num_generations, val_samples))
         self.rollout_dtype_name, self.rollout_seed = rollout_dtype, rollout_seed
         self._rollout: RolloutEngine | None = None  # built on first use, on the training device
         self._checked_prompts = False
@@ -209,7 +203,7 @@ class OnlineDPOModule(DPOModule):
         """Replies to the batch's prompts from the current policy, and their rewards (total, parts)."""
         self._check_prompts(batch, stage)
         engine = self.rollout_engine()
-        seeds = [_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
+        seeds = [sample_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
         prompts, rows = batch["prompts"], batch["rows"]
         try:
             rollout = engine.generate(batch["prompt_ids"], params, seeds)
@@ -290,12 +284,7 @@ class OnlineDPOModule(DPOModule):
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         # A fixed seed per batch: every validation run samples alike, so runs are comparable.
         rollout, total, parts = self.generate(batch, self.val_sampling, stage, -1 - batch_idx)
-        n = len(rollout.texts)
-        self.log(f"{stage}/reward", total.mean().float(), batch_size=n, prog_bar=True, sync_dist=True)
-        for name, values in parts.items():
-            self.log(f"{stage}/reward/{name}", values.mean().float(), batch_size=n, sync_dist=True)
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
-        self.log(f"{stage}/completion_len", lengths.mean(), batch_size=n, sync_dist=True)
+        log_reward_metrics(self, stage, rollout, total, parts)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val")

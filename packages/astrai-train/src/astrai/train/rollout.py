@@ -24,6 +24,7 @@ from astrai.core.auto import AutoModel
 from astrai.core.engine import EngineConfig, InferenceEngine, SamplingParams
 from astrai.core.engine.kv_dtype import pool_dtype
 from astrai.core.engine.paged_cache import PagedKVCache
+from astrai.core.errors import AstraiError, require
 from astrai.core.tokenizer import AutoTokenizer
 
 from .lora import LoRAConfig, merge_lora_state_dict
@@ -185,3 +186,40 @@ def default_kv_budget(
     stored = pool_dtype(config.kv_cache_dtype, dtype, device)
     per_page = PagedKVCache.bytes_per_page(model.kv_layout(), page_size, stored)
     return max(per_page, min(pages * per_page, int(DEFAULT_KV_SHARE * free)))
+
+
+def sample_seed(*parts: int) -> int:
+    """A sampling seed from integers (run seed, step, rank, prompt): the same in every process and
+    run, since hash() of a tuple of ints is not salted (only str hashing is)."""
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def engine_config_for(engine: EngineConfig | dict | None, needed: int) -> EngineConfig:
+    """model.engine of an online strategy (GRPO, online DPO) as an EngineConfig (LightningCLI gives
+    one; Python callers may pass a dict), checked now so that a bad setting fails when the run
+    starts; its batch holds `needed` samples (one request of n samples runs in one step)."""
+    if isinstance(engine, dict):
+        unknown = sorted(set(engine) - {f.name for f in dataclasses.fields(EngineConfig)})
+        require(not unknown, "model.engine", f"has no setting {unknown}; its settings are EngineConfig's fields")
+        engine = EngineConfig(**engine)
+    engine = engine or EngineConfig()
+    try:
+        engine.validate()
+    except AstraiError as e:
+        raise AstraiError(f"model.engine.{e}") from None
+    if engine.max_batch_size < needed:
+        engine = engine.replace(
+            max_batch_size=needed, max_num_batched_tokens=max(engine.max_num_batched_tokens, needed)
+        )
+    return engine
+
+
+def log_reward_metrics(module, stage: str, rollout: Rollout, total: torch.Tensor, parts: dict) -> None:
+    """An evaluation batch's mean reward, each reward's mean and the completion length, logged
+    by an online strategy under `stage` (val / test)."""
+    n = len(rollout.texts)
+    module.log(f"{stage}/reward", total.mean().float(), batch_size=n, prog_bar=True, sync_dist=True)
+    for name, values in parts.items():
+        module.log(f"{stage}/reward/{name}", values.mean().float(), batch_size=n, sync_dist=True)
+    lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+    module.log(f"{stage}/completion_len", lengths.mean(), batch_size=n, sync_dist=True)
