@@ -10,12 +10,14 @@ enforced by constrained decoding: astrai.core.tool_calls' grammar, not by hoping
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
 
+from astrai.core.chat_template import render_chat_template
 from astrai.core.tool_calls import ToolCall, ToolCallParser, tool_call_grammar
 
 from .errors import bad_request
@@ -74,14 +76,28 @@ def chat_prompt_ids(
     template. A template that ignores tools cannot prompt for calls: refused, naming the field.
     `said` starts a template error's message (each protocol's wording)."""
     variables = {"tools": [{"type": "function", "function": f} for f in tools.functions]} if tools.active else {}
-    text = _render(info, messages, where, said, **variables)
-    if variables and text == _render(info, messages, where, said):
+    if variables and not renders_tools(info.tokenizer.chat_template or ""):
         raise bad_request(
             "this model's chat template does not render tools, so the model cannot be asked to call "
             "them; serve a tokenizer whose template shows `tools` (astrai's default template does)",
             "tools",
         )
-    return encode(info.tokenizer, text + prefill)
+    return encode(info.tokenizer, _render(info, messages, where, said, **variables) + prefill)
+
+
+_PROBE = [{"role": "user", "content": "hi"}]
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe_tool", "parameters": {"type": "object"}}}]
+
+
+@functools.lru_cache(maxsize=8)
+def renders_tools(template: str) -> bool:
+    """Whether a chat template shows `tools` at all: a probe conversation rendered with and
+    without one tool differs. Once per template, not per request."""
+    try:
+        plain = render_chat_template(template, _PROBE, add_generation_prompt=True)
+        return plain != render_chat_template(template, _PROBE, add_generation_prompt=True, tools=_PROBE_TOOLS)
+    except (ValueError, TemplateError):
+        return True  # a template that fails on the probe fails on the request too, with its own message
 
 
 def _render(info: ModelInfo, messages: list[dict], where: str, said: str, **variables: Any) -> str:
