@@ -74,6 +74,7 @@ class Grammars:
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
         self._lltok = None
         self._executor = None
+        self._shifts: dict[torch.device, torch.Tensor] = {}  # bit positions of a mask word
         self._grammars: dict[str, str] = {}  # spec as canonical JSON -> validated grammar
 
     def _ll_tokenizer(self):
@@ -139,7 +140,9 @@ class Grammars:
         # the forward pass already queued on the device and undo the step overlap.
         masks, index = to_device([masks.reshape(-1), torch.tensor(rows, dtype=torch.int32)], logits.device)
         masks, index = masks.view(len(rows), words), index.long()
-        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+        shifts = self._shifts.get(logits.device)
+        if shifts is None:  # made once per device, not every constrained step
+            shifts = self._shifts[logits.device] = torch.arange(32, device=logits.device, dtype=torch.int32)
         allowed = ((masks.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1)[:, : logits.shape[-1]].bool()
         if allowed.shape[-1] < logits.shape[-1]:  # logits wider than the tokenizer's vocabulary
             pad = torch.zeros(len(rows), logits.shape[-1] - allowed.shape[-1], dtype=torch.bool, device=logits.device)
