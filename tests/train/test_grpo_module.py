@@ -136,6 +136,42 @@ def test_policy_and_engine_old_logps_agree_in_float32(tmp_path, word_tok):
     assert "train/kl" in metrics and float(metrics["train/kl"]) > 0  # the policy moved after the first step
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_old_logps_from_the_training_forward_give_the_same_updates(tmp_path, word_tok, asynchronous):
+    """With one optimizer step per rollout batch, the behaviour log-probs come from the training
+    forward instead of a separate forward over the batch first; the weights after three steps,
+    logp_gap and (asynchronous, with rows of older weights) the decoupled-PPO weights are those
+    of the separate forward."""
+    runs = {}
+    for in_step in (True, False):
+        m = module(word_tok, group_size=4, max_new_tokens=3, asynchronous=asynchronous, max_staleness=1)
+        if not in_step:
+            m._old_logps_in_step = lambda completions: False
+        else:
+            assert m._old_logps_in_step(8)
+        trainer = make_trainer(tmp_path / str(in_step), max_steps=3, limit_val_batches=0)
+        trainer.fit(m, online_data(tmp_path / str(in_step), word_tok, batch_size=2))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        runs[in_step] = (dict(m.model.state_dict()), metrics)
+    (fused, fused_metrics), (separate, separate_metrics) = runs[True], runs[False]
+    for name, value in separate.items():
+        torch.testing.assert_close(fused[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert fused_metrics["train/logp_gap"] == pytest.approx(separate_metrics["train/logp_gap"], abs=1e-6)
+    assert fused_metrics["train/loss"] == pytest.approx(separate_metrics["train/loss"], abs=1e-6)
+    if asynchronous:
+        assert fused_metrics["train/behaviour_weight"] == pytest.approx(separate_metrics["train/behaviour_weight"])
+    start = module(word_tok).model.state_dict()
+    assert any(not torch.equal(fused[name], start[name]) for name in start)  # the policy did move
+
+
+def test_old_logps_need_their_own_forward_when_a_batch_gives_several_updates(word_tok):
+    assert not module(word_tok, ppo_epochs=2)._old_logps_in_step(8)
+    assert not module(word_tok, mini_batch_size=4)._old_logps_in_step(8)
+    assert module(word_tok, mini_batch_size=8)._old_logps_in_step(8)
+    dropout = LoRAConfig(rank=2, alpha=4, dropout=0.1)
+    assert not module(word_tok, lora=dropout)._old_logps_in_step(8)
+
+
 def offline_rows() -> list[dict]:
     return [
         {"prompt": p, "responses": ["good", "bad", "one two", "yo"], "rewards": [1.0, 0.0, 0.0, 0.2]}

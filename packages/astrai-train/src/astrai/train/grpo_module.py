@@ -417,27 +417,33 @@ class GRPOModule(CausalLMModule):
         mask = data["labels"] != IGNORE_INDEX
         rewards, groups = data["rewards"].float(), data["group_ids"]
         advantages = group_advantages(rewards, groups, self.scale_rewards)
-        if self.old_logps_source == "engine" and "engine_logps" in data:
-            old = data["engine_logps"]
+        n = rewards.shape[0]
+        engine_logps = data.get("engine_logps")
+        if self.old_logps_source == "engine" and engine_logps is not None:
+            old = engine_logps
+        elif self._old_logps_in_step(n):
+            old = None  # each micro-batch's own forward gives them, see _old_logps_in_step
         else:
             old = self._frozen_logps(self.model, data)
-            if "engine_logps" in data:
-                stats["logp_gap"] = ((old - data["engine_logps"]).abs() * mask).sum() / mask.sum().clamp(min=1)
-        ref = self.reference_logps(data) if self.kl_coef > 0 else None
-        weights = None
-        if self.asynchronous and old is not data.get("engine_logps") and "versions" in data:
+        stale = None
+        if self.asynchronous and old is not engine_logps and "versions" in data:
             stale = data["versions"] < self.global_step
-            if stale.any():  # decoupled PPO: correct for the older weights that sampled these rows
-                weights = behaviour_weights(old, data["engine_logps"], stale, self.behaviour_weight_cap)
+            stale = stale if stale.any() else None  # rows of older weights get decoupled-PPO weights
+        weights = None
+        if old is not None and old is not engine_logps and engine_logps is not None:
+            stats["logp_gap"] = ((old - engine_logps).abs() * mask).sum() / mask.sum().clamp(min=1)
+            if stale is not None:
+                weights = behaviour_weights(old, engine_logps, stale, self.behaviour_weight_cap)
                 stats["behaviour_weight"] = (weights * mask).sum() / mask.sum().clamp(min=1)
+        ref = self.reference_logps(data) if self.kl_coef > 0 else None
 
         opt, sched = self.optimizers(), self.lr_schedulers()
-        n = rewards.shape[0]
         mini = min(self.mini_batch_size or n, n)
         micro = min(self.micro_batch_size or mini, mini)
         shuffle = torch.Generator().manual_seed(sample_seed(self.rollout_seed, self.global_step, 1))
         # Device tensors: reading a value back per micro-batch would wait for the device each time.
-        sums = {name: torch.zeros((), device=self.device) for name in ("loss", "kl", "clip_frac", "ratio")}
+        names = ("loss", "kl", "clip_frac", "ratio", "logp_gap", "behaviour_weight")
+        sums = {name: torch.zeros((), device=self.device) for name in names}
         tokens, updates = torch.zeros((), device=self.device), 0
         max_steps = self.trainer.max_steps
         for _ in range(self.ppo_epochs):
@@ -453,9 +459,15 @@ class GRPOModule(CausalLMModule):
                 normalizer = mask[rows].sum() if self.aggregation == "token" else len(rows)
                 for m in range(0, len(rows), micro):
                     idx = rows[m : m + micro]
+                    logps = self._token_logps(self.model, data, idx)
+                    if old is None:  # the policy before this (the batch's only) update: this forward
+                        old_rows = logps.detach()
+                        weight_rows = self._in_step_stats(old_rows, engine_logps, stale, mask, idx, sums)
+                    else:
+                        old_rows, weight_rows = old[idx], None if weights is None else weights[idx]
                     out = grpo_loss(
-                        self._token_logps(self.model, data, idx),
-                        old[idx],
+                        logps,
+                        old_rows,
                         advantages[idx],
                         mask[idx],
                         None if ref is None else ref[idx],
@@ -464,7 +476,7 @@ class GRPOModule(CausalLMModule):
                         self.kl_coef,
                         self.aggregation,
                         normalizer,
-                        None if weights is None else weights[idx],
+                        weight_rows,
                     )
                     loss = out.loss
                     aux = self.model.aux_loss()
@@ -492,7 +504,35 @@ class GRPOModule(CausalLMModule):
                         self._producer.publish(self.model, self.global_step)
                     else:
                         self._rollout.sync(self.model, self.global_step)
+        if old is None and engine_logps is not None:  # summed per micro-batch by _in_step_stats
+            stats["logp_gap"] = sums["logp_gap"] / mask.sum().clamp(min=1)
+            if stale is not None:
+                stats["behaviour_weight"] = sums["behaviour_weight"] / mask.sum().clamp(min=1)
         self._log_step(rewards, groups, sums, tokens, updates, stats, data)
+
+    def _old_logps_in_step(self, completions: int) -> bool:
+        """Whether the behaviour (old) log-probs of old_logps=policy can come from the training
+        forward itself, saving the separate forward over the whole batch that computes them
+        first: so when the batch gives one optimizer step (one epoch, one mini-batch), since
+        the policy has not changed before that step, and when nothing random (LoRA dropout)
+        makes the training forward differ from an evaluation one. The ratio is then exactly 1
+        with the gradient of the log-probs, as TRL does with one iteration."""
+        one_update = updates_per_batch(completions, self.mini_batch_size, self.ppo_epochs) == 1
+        dropout = self.lora_config is not None and self.lora_config.dropout > 0
+        return one_update and not dropout
+
+    def _in_step_stats(self, old_rows, engine_logps, stale, mask, idx, sums):
+        """A micro-batch's share of logp_gap and, for rows of older weights, their decoupled-PPO
+        weights (returned) when the old log-probs come from the training forward."""
+        if engine_logps is None:
+            return None
+        rows_mask = mask[idx]
+        sums["logp_gap"] += ((old_rows - engine_logps[idx]).abs() * rows_mask).sum()
+        if stale is None:
+            return None
+        weights = behaviour_weights(old_rows, engine_logps[idx], stale[idx], self.behaviour_weight_cap)
+        sums["behaviour_weight"] += (weights * rows_mask).sum()
+        return weights
 
     def _log_step(self, rewards, groups, sums, tokens, updates, stats, data) -> None:
         _, group_std = group_moments(rewards, groups)

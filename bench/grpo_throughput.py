@@ -1,0 +1,289 @@
+"""GRPO steps per hour on one device: our GRPOModule synchronous and asynchronous, and TRL's
+GRPOTrainer, on the same model, prompts, reward and settings, in one run (issue 21, part 5).
+
+    uv run python bench/grpo_throughput.py                                 # tiny model, CPU
+    python3 bench/grpo_throughput.py --model configs/model/qwen2.5-0.5b.json --device cuda \\
+        --runs sync async-1 async-2 trl
+
+Every run is its own subprocess (a clean device, its own peak memory), on a real Lightning fit
+(``--worker``, below) or on TRL (bench/grpo_trl.py: TRL without vLLM generates with
+transformers ``generate``, which is what its GRPOTrainer does out of the box). The task is
+bench/grpo_task.py's sums with a random-weight model, which rarely ends a completion early, so
+every step generates close to prompts x group x max-new-tokens tokens.
+
+Per run, over the steps after the warm-up: steps/hour; rollout tokens/s (generated tokens over
+the time spent generating); the trainer's tokens/s and MFU (prompt + completion tokens trained
+on, over the step time the trainer did not spend waiting for rollouts, counted at 6 x params
+FLOPs a token plus attention: the policy's extra forward for the old log-probs is not counted);
+the share of the step the trainer waited for rollouts (synchronous: all of generation;
+asynchronous: only what the background generation had not finished); weight-sync seconds; peak
+device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="configs/model/tiny.json", help="model directory or ModelConfig JSON")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--runs", nargs="+", default=["sync", "async-1"], help="sync, async-K (max_staleness K), trl")
+    p.add_argument("--steps", type=int, default=None, help="measured optimizer steps (default 5 GPU, 2 CPU)")
+    p.add_argument("--warmup", type=int, default=2, help="steps before measuring (compile, CUDA graphs)")
+    p.add_argument("--trl-steps", type=int, default=None, help="TRL's measured steps (default: --steps)")
+    p.add_argument("--prompts-per-step", type=int, default=None, help="default 64 GPU, 4 CPU")
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 GPU, 16 CPU")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="completions a forward/backward (16 GPU, 8 CPU)")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    p.add_argument("--param-dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--output", default=None, help="also write every run's record to this JSON file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one of ours
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    gpu = args.device != "cpu"
+    args.steps = args.steps or (5 if gpu else 2)
+    args.prompts_per_step = args.prompts_per_step or (64 if gpu else 4)
+    args.max_new_tokens = args.max_new_tokens or (256 if gpu else 16)
+    args.micro_batch_size = args.micro_batch_size or (16 if gpu else 8)
+    args.compile = gpu if args.compile is None else args.compile
+    args.param_dtype = args.param_dtype or ("bfloat16" if gpu else "float32")
+    return args
+
+
+# ---- our GRPO, one run per process --------------------------------------------------------------
+
+
+class _Clock:
+    """Seconds spent in a function, summed, and what it returned (wrapped around the rollout
+    backend's generate/sync and the producer's take: measurement only)."""
+
+    def __init__(self):
+        self.seconds, self.calls, self.tokens = 0.0, 0, 0
+
+    def wrap(self, owner, name: str, count_tokens: bool = False):
+        original = getattr(owner, name)
+
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            out = original(*a, **kw)
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            if count_tokens:
+                self.tokens += out.num_tokens
+            return out
+
+        setattr(owner, name, timed)
+        return self
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    import lightning as L
+    import torch
+
+    from astrai.train import grpo_async
+    from astrai.train.data.grpo import GRPODataModule
+    from astrai.train.grpo_module import GRPOModule
+    from astrai.train.metrics import flops_per_token, mfu
+    from astrai.train.rollout import RolloutEngine
+
+    mode = args.worker
+    staleness = int(mode.split("-")[1]) if mode.startswith("async-") else 0
+    generate = _Clock().wrap(RolloutEngine, "generate", count_tokens=True)
+    sync = _Clock().wrap(RolloutEngine, "sync")
+    wait = _Clock().wrap(grpo_async.RolloutProducer, "take")
+    cuda = args.device.startswith("cuda")
+    module = GRPOModule(
+        model=args.model,
+        rewards=[{"fn": "astrai.train.rewards.answer_match"}],
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        kl_coef=0.0,
+        micro_batch_size=args.micro_batch_size,
+        optimizer={"lr": args.lr, "weight_decay": 0.0},
+        schedule={"name": "constant"},
+        engine={"max_batch_size": min(512, args.prompts_per_step * args.group_size)},
+        asynchronous=staleness > 0,
+        max_staleness=max(staleness, 1),
+        compile=args.compile,
+        param_dtype=args.param_dtype,
+        export={"on_fit_end": False},
+    )
+    trained: list[int] = []
+    log_throughput = module.log_throughput
+
+    def count_trained(tokens, seq_len):
+        trained.append(tokens)
+        return log_throughput(tokens, seq_len)
+
+    module.log_throughput = count_trained
+    data = GRPODataModule(
+        tokenizer=args.model,
+        train=args.data,
+        batch_size=args.prompts_per_step,
+        max_prompt_len=64,
+        cache_dir=str(Path(args.result).parent / "cache"),
+    )
+    steps: list[dict] = []
+    fill = staleness  # batches the asynchronous pipeline takes before its first optimizer step
+
+    class StepClock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if cuda:
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+            self.before = (generate.seconds, generate.tokens, sync.seconds, wait.seconds, len(trained))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if cuda:
+                torch.cuda.synchronize()
+            gen_s, gen_tok, sync_s, wait_s, n_trained = self.before
+            record = {
+                "batch": batch_idx,
+                "seconds": time.perf_counter() - self.start,
+                "generate_seconds": generate.seconds - gen_s,
+                "completion_tokens": generate.tokens - gen_tok,
+                "sync_seconds": sync.seconds - sync_s,
+                # synchronous: the trainer generates; asynchronous: it waits in take()
+                "wait_seconds": (wait.seconds - wait_s) if staleness else (generate.seconds - gen_s),
+                "trained_tokens": sum(trained[n_trained:]),
+            }
+            steps.append(record)
+
+    trainer = L.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[StepClock()],
+        enable_progress_bar=False,
+    )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=data)
+    measured = [s for s in steps if s["batch"] >= fill + args.warmup][: args.steps]
+    seq_len = args.max_new_tokens + 64
+    per_token = flops_per_token(module.model, module.config, seq_len)
+    peak = module._peak_flops
+    for s in measured:
+        train_seconds = max(s["seconds"] - s["wait_seconds"], 1e-9)
+        s["trainer_tokens_per_sec"] = s["trained_tokens"] / train_seconds
+        s["trainer_mfu"] = mfu(s["trainer_tokens_per_sec"], per_token, peak)
+    return {
+        "framework": "astrai",
+        "run": mode,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "steps": measured,
+        "warmup_seconds": [s["seconds"] for s in steps if s["batch"] < fill + args.warmup],
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "weight_sync_seconds": statistics.median([s["sync_seconds"] for s in measured]) if measured else None,
+        "settings": {
+            "compile": args.compile,
+            "param_dtype": args.param_dtype,
+            "precision": str(trainer.precision),
+            "max_staleness": staleness,
+            "old_logps": module.old_logps_source,
+            "micro_batch_size": args.micro_batch_size,
+        },
+    }
+
+
+# ---- the orchestrator ----------------------------------------------------------------------------
+
+
+def summarise(record: dict) -> dict:
+    steps = record["steps"]
+    if not steps:
+        return {"run": record.get("run", record["framework"]), "error": "no measured step"}
+    seconds = statistics.mean(s["seconds"] for s in steps)
+    gen = sum(s["generate_seconds"] for s in steps)
+    wait = sum(s.get("wait_seconds", s["generate_seconds"]) for s in steps)
+    out = {
+        "run": record.get("run", record["framework"]),
+        "step_s": seconds,
+        "steps_per_hour": 3600 / seconds,
+        "rollout_tok_s": sum(s["completion_tokens"] for s in steps) / max(gen, 1e-9),
+        "wait_share": wait / sum(s["seconds"] for s in steps),
+        "weight_sync_s": record.get("weight_sync_seconds"),
+        "peak_gib": record.get("peak_memory_gib"),
+    }
+    if "trainer_tokens_per_sec" in steps[0]:
+        out["trainer_tok_s"] = statistics.mean(s["trainer_tokens_per_sec"] for s in steps)
+        mfus = [s["trainer_mfu"] for s in steps if s.get("trainer_mfu") is not None]
+        out["trainer_mfu"] = statistics.mean(mfus) if mfus else None
+    else:  # TRL: its step minus its generate
+        train = sum(s["seconds"] - s["generate_seconds"] for s in steps)
+        out["trainer_tok_s"] = sum(s["trained_tokens"] for s in steps) / max(train, 1e-9)
+    return out
+
+
+def launch(args, run: str, model_dir: Path, data: Path, workdir: Path) -> dict:
+    result = workdir / f"{run}.json"
+    if run == "trl":
+        cmd = [sys.executable, str(BENCH / "grpo_trl.py"), "--out", str(result)]
+        steps = args.trl_steps or args.steps
+        cmd += ["--steps", str(steps), "--warmup", "1"]
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", run, "--result", str(result)]
+        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd += ["--compile" if args.compile else "--no-compile", "--param-dtype", args.param_dtype]
+    cmd += ["--model", str(model_dir), "--data", str(data), "--device", args.device, "--lr", str(args.lr)]
+    cmd += ["--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size)]
+    cmd += ["--max-new-tokens", str(args.max_new_tokens), "--micro-batch-size", str(args.micro_batch_size)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if done.returncode != 0 or not result.exists():
+        return {"framework": run, "run": run, "steps": [], "error": f"exit {done.returncode}"}
+    record = json.loads(result.read_text())
+    record["wall_seconds"] = time.perf_counter() - start
+    return record
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        record = run_ours(args)
+        Path(args.result).write_text(json.dumps(record, indent=1))
+        return
+    from grpo_task import write_prompts
+    from serve_load import prepare_model
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="grpo_bench_"))
+    model_dir = prepare_model(args.model, workdir)
+    total_steps = args.warmup + args.steps + 2  # + the asynchronous pipeline's fill
+    data = write_prompts(workdir / "prompts.jsonl", args.prompts_per_step * total_steps)
+    records = [launch(args, run, model_dir, data, workdir) for run in args.runs]
+    rows = [summarise(r) if r["steps"] else {"run": r["run"], "error": r.get("error")} for r in records]
+    print(json.dumps(rows, indent=1))
+    rates = {r["run"]: r["steps_per_hour"] for r in rows if "steps_per_hour" in r}
+    for name, rate in rates.items():
+        ratios = [f"{rate / rates[ref]:.2f}x {ref}" for ref in ("trl", "sync") if ref in rates and ref != name]
+        print(f"{name}: {rate:.0f} steps/hour" + (f" = {', '.join(ratios)}" if ratios else ""))
+    if args.output:
+        Path(args.output).write_text(json.dumps({"args": vars(args), "runs": records, "summary": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
