@@ -11,7 +11,8 @@ computes is left to TRL's defaults, recorded under "settings".
         [--device cuda|cpu] [--steps 4] [--warmup 1] [--prompts-per-step 64] [--group-size 8] \\
         [--max-new-tokens 256] [--micro-batch-size 16] [--lr 1e-6] [--seed 0] [--temperature 1.0]
 
-TRL and accelerate are not in our uv environment: pip install trl==1.16.0 accelerate beside it.
+TRL, accelerate and psutil are not in our uv environment: pip install trl==1.16.0 accelerate psutil
+(pip install --no-deps --target DIR ..., then PYTHONPATH=DIR).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from grpo_task import sum_reward
 
 try:
+    import psutil  # noqa: F401  (accelerate's get_max_memory, for TRL's device_map="auto" on a GPU)
     import transformers
     import trl
     from datasets import Dataset
@@ -33,7 +35,7 @@ try:
     from trl import GRPOConfig, GRPOTrainer
 except (ImportError, RuntimeError) as error:  # TRL raises RuntimeError when accelerate is missing
     raise SystemExit(
-        f"bench/grpo_trl.py needs TRL and accelerate ({error}): pip install trl==1.16.0 accelerate "
+        f"bench/grpo_trl.py needs TRL, accelerate and psutil ({error}): pip install trl==1.16.0 accelerate psutil "
         "(or pip install --target DIR ... and PYTHONPATH=DIR:bench)"
     ) from error
 
@@ -212,7 +214,7 @@ def main(argv=None) -> dict:
         "settings": settings,
         "notes": (
             "TRL GRPOTrainer, transformers generate (no vLLM), the model path loaded by TRL in float32"
-            + (" under bf16 autocast" if cuda else " (CPU, no bf16)")
+            + (" under bf16 autocast (generate too: accelerate wraps forward)" if cuda else " (CPU, no bf16)")
             + "; one generate of all prompts x group a step, then gradient_accumulation_steps micro-batches "
             "and one optimizer step; on-policy, so no separate old-logprob forward (ratio against detached "
             "logprobs), no reference model (beta 0). Step seconds run log to log: they include the batch "
