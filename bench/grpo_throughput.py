@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--param-dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--output", default=None, help="also write every run's record to this JSON file")
+    p.add_argument("--run-timeout", type=float, default=None, help="seconds a run may take before it is stopped")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one of ours
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -253,11 +254,17 @@ def launch(args, run: str, model_dir: Path, data: Path, workdir: Path) -> dict:
     cmd += ["--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size)]
     cmd += ["--max-new-tokens", str(args.max_new_tokens), "--micro-batch-size", str(args.micro_batch_size)]
     start = time.perf_counter()
-    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    if done.returncode != 0 or not result.exists():
-        return {"framework": run, "run": run, "steps": [], "error": f"exit {done.returncode}"}
+    try:
+        done = subprocess.run(
+            cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=args.run_timeout
+        ).returncode
+    except subprocess.TimeoutExpired:
+        done = f"timed out after {args.run_timeout} s"
+    if done != 0 or not result.exists():
+        return {"framework": run, "run": run, "steps": [], "error": f"exit {done}"}
     record = json.loads(result.read_text())
     record["wall_seconds"] = time.perf_counter() - start
+    print(f"{run}: {json.dumps(summarise(record))}", flush=True)
     return record
 
 
