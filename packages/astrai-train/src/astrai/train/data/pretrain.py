@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, Sequence, Value
 
+from astrai.core.integrity import atomic_write
 from astrai.core.tokenizer import AutoTokenizer
 
 from .base import BaseDataModule, per_row
@@ -127,11 +128,15 @@ def _stream_dtype(vocab_size: int) -> np.dtype:
 
 
 def _write_stream(ds: Dataset, path: Path, dtype: np.dtype) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        for batch in ds.with_format("arrow").iter(batch_size=16384):
-            f.write(pc.list_flatten(batch["input_ids"]).to_numpy(zero_copy_only=False).astype(dtype).tobytes())
-    os.replace(tmp, path)  # atomic: a half-written file is never read
+    """Atomic, through a uniquely named temporary file: a half-written file is never read, and
+    two nodes filling one shared cache at once (their process ids may be equal) never share one."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            for batch in ds.with_format("arrow").iter(batch_size=16384):
+                f.write(pc.list_flatten(batch["input_ids"]).to_numpy(zero_copy_only=False).astype(dtype).tobytes())
+
+    atomic_write(path, write)
 
 
 def token_stream(ds: Dataset, vocab_size: int) -> np.ndarray:

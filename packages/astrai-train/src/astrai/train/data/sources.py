@@ -20,6 +20,8 @@ from typing import Any
 import datasets
 from datasets import Dataset
 
+from astrai.core.integrity import atomic_write_text
+
 from .records import SKIP_HINT, DataError
 
 log = logging.getLogger(__name__)
@@ -92,10 +94,8 @@ def _cleaned_copy(path: Path, good: list[str], cache_dir: str | None) -> Path:
     root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "astrai-cleaned"
     root.mkdir(parents=True, exist_ok=True)
     out = root / f"{path.stem}-{key}.jsonl"
-    if not out.exists():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(good), encoding="utf-8")
-        os.replace(tmp, out)
+    if not out.exists():  # several nodes may write it at once: each through its own temporary file
+        atomic_write_text(out, "".join(good))
     return out
 
 
