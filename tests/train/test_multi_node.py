@@ -22,7 +22,9 @@ logs a step-0 loss 1.1e-2 away from the reference, 100 times the tolerance; Ligh
 
 Each launch gets a cold data cache shared by both nodes: both nodes' local rank 0 run
 prepare_data (Lightning's default, prepare_data_per_node) at the same time on the same folder,
-as two nodes on one shared filesystem do. The last test races four processes through the one
+as two nodes on one shared filesystem do. A launch whose node or process count differs from
+--trainer.num_nodes / --trainer.devices must stop at start-up (cli.check_launch), with or without
+a DDP strategy. The last test races four processes through the one
 cache file of ours that was not written safely that way (the cleaned copy of a JSONL file with
 bad lines; it used one fixed temporary name, so a second writer lost its file or read an empty one).
 """
@@ -44,7 +46,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import write_text_rows
 
-from astrai.train.cli import cli_main
+from astrai.train.cli import cli_main, main
 from astrai.train.data.sources import _cleaned_copy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,12 +86,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "GROUP_", "ROLE_")
+LAUNCHER_NAMES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"}
+
+
 def base_env() -> dict[str, str]:
     """This environment without any launcher's variables (a test run inside a SLURM job or under
     torchrun must not leak them into the other launcher's processes)."""
-    launcher = ("SLURM_", "TORCHELASTIC_", "GROUP_", "ROLE_")
-    names = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher) and k not in names}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_NAMES}
     return {**env, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
@@ -214,6 +218,49 @@ def test_two_nodes_export_the_one_process_weights(two_nodes, reference):
     assert set(got) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=WEIGHT_TOL, msg=name)
+
+
+MISMATCHED_LAUNCHES = {
+    # srun --nodes 2 --ntasks-per-node 1, this task 0; the flags say one node
+    "slurm": {
+        "SLURM_JOB_NAME": "astrai-multinode-test",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "2",
+        "SLURM_PROCID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_LOCALID": "0",
+    },
+    # torchrun --nnodes 2 --nproc-per-node 1, node 0; the flags say one node
+    "torchrun": {
+        "TORCHELASTIC_RUN_ID": "astrai-multinode-test",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "1",
+        "GROUP_WORLD_SIZE": "2",
+    },
+}
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp"])  # auto: one device, so no DDP, and no check by Lightning
+@pytest.mark.parametrize("launcher", list(MISMATCHED_LAUNCHES))
+def test_num_nodes_that_differs_from_the_launch_stops_before_training_with_the_fix(
+    launcher, strategy, inputs, tmp_path, monkeypatch, capsys
+):
+    for name in [*os.environ]:
+        if name.startswith(LAUNCHER_PREFIXES) or name in LAUNCHER_NAMES:
+            monkeypatch.delenv(name)
+    for name, value in MISMATCHED_LAUNCHES[launcher].items():
+        monkeypatch.setenv(name, value)
+    flags = ["--trainer.num_nodes=1", "--trainer.devices=1", f"--trainer.strategy={strategy}"]
+    assert main(fit_args(inputs, tmp_path, 2, tmp_path / "cache") + flags) == 2  # before any data or step
+    err = capsys.readouterr().err
+    assert "astrai-train: error: trainer.num_nodes / trainer.devices:" in err, err
+    assert "started 2 x 1 processes" in err and "--trainer.num_nodes=2 --trainer.devices=1" in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "export").exists()
 
 
 def clean_into_shared_cache(start, source: str, good: list[str], cache: str, results) -> None:

@@ -16,7 +16,8 @@ Defaults added here: a CSV logger; checkpoints in `<default_root_dir>/checkpoint
 previous run exactly, even with a larger max_steps), each with a `.sha256` sidecar that is
 checked before a run resumes from it (checkpoint_io.py); the model exported to
 `<default_root_dir>/export` on fit end and, with `--export.every_n_train_steps`, at intervals;
-and the tokenizer given once, for model and data.
+and the tokenizer given once, for model and data. Under torchrun or SLURM, a trainer whose
+num_nodes x devices differs from the processes launched stops at start-up (check_launch).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import lightning as L
 import yaml
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
@@ -198,13 +200,48 @@ class AstraiCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
         config["plugins"] = _with_checksums(config.get("plugins"), config.get("strategy"))
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        check_launch(trainer.num_nodes, trainer.num_devices)
+        return trainer
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as e:  # our constructors say which field and why
             raise UsageError(str(e)) from e
+
+
+def launched_processes() -> tuple[str, int, int] | None:
+    """(launcher, nodes, processes per node) when torchrun or SLURM started this process, in
+    Lightning's order of detection (torchrun first: it can run inside a SLURM job); else None."""
+    env = os.environ
+    if TorchElasticEnvironment.detect() and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        nodes = int(env.get("GROUP_WORLD_SIZE", 0)) or world // int(env.get("LOCAL_WORLD_SIZE", world))
+        return "torchrun --nnodes / --nproc-per-node", nodes, world // max(nodes, 1)
+    if SLURMEnvironment.detect():
+        tasks, nodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_NNODES", 1))
+        return "SLURM --nodes / --ntasks-per-node", nodes, int(env.get("SLURM_NTASKS_PER_NODE", tasks // nodes))
+    return None
+
+
+def check_launch(num_nodes: int, devices: int) -> None:
+    """Stop when the launcher started another number of processes than the trainer's flags make.
+
+    Lightning checks this only under a DDP/FSDP strategy, and only once `fit` starts (with a
+    traceback); with one device per process and no strategy given, every process of a multi-node
+    launch trains alone, and all of them write the same checkpoints and export."""
+    launch = launched_processes()
+    if launch is None:
+        return
+    launcher, nodes, per_node = launch
+    if (nodes, per_node) != (num_nodes, devices):
+        raise UsageError(
+            f"trainer.num_nodes / trainer.devices: {launcher} started {nodes} x {per_node} processes, but the "
+            f"trainer has num_nodes={num_nodes}, devices={devices}; set --trainer.num_nodes={nodes} "
+            f"--trainer.devices={per_node} (with --trainer.strategy=ddp or fsdp), or launch "
+            f"{num_nodes} x {devices} processes"
+        )
 
 
 def _with_checksums(plugins, strategy) -> list:
