@@ -24,9 +24,12 @@ Each launch gets a cold data cache shared by both nodes: both nodes' local rank 
 prepare_data (Lightning's default, prepare_data_per_node) at the same time on the same folder,
 as two nodes on one shared filesystem do. A launch whose node or process count differs from
 --trainer.num_nodes / --trainer.devices must stop at start-up (cli.check_launch), with or without
-a DDP strategy. The last test races four processes through the one
-cache file of ours that was not written safely that way (the cleaned copy of a JSONL file with
-bad lines; it used one fixed temporary name, so a second writer lost its file or read an empty one).
+a DDP strategy. The last test races four processes through the one cache file of ours that was
+not written safely that way (the cleaned copy of a JSONL file with bad lines: it had one fixed
+temporary name, so a second writer lost its file or read an empty one).
+
+A hung launch (a rendezvous that never completes) is killed after LAUNCH_TIMEOUT, torchrun's
+workers included (they run in sessions of their own).
 """
 
 from __future__ import annotations
@@ -124,9 +127,38 @@ def slurm_nodes(args: list[str], port: int) -> list[tuple[list[str], dict[str, s
     ]
 
 
-def run_nodes(nodes: list[tuple[list[str], dict[str, str]]], logs: Path) -> list[tuple[int, str]]:
-    """Start every node at once, wait for all within LAUNCH_TIMEOUT; on a timeout or a failed node
-    kill every node's process group (torchrun's workers included). Returns (exit code, log)."""
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc): torchrun starts its workers in sessions of their
+    own, so killing torchrun's process group would leave them behind."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def run_nodes(
+    nodes: list[tuple[list[str], dict[str, str]]], logs: Path, timeout: float = LAUNCH_TIMEOUT
+) -> list[tuple[int, str]]:
+    """Start every node at once, wait for all within `timeout`; on a timeout or a failed node kill
+    every node with all its processes (torchrun's workers included). Returns (exit code, log)."""
     procs, files = [], []
     try:
         for rank, (argv, env) in enumerate(nodes):
@@ -136,7 +168,7 @@ def run_nodes(nodes: list[tuple[list[str], dict[str, str]]], logs: Path) -> list
                     argv, cwd=REPO, env=env, stdout=files[-1], stderr=subprocess.STDOUT, start_new_session=True
                 )
             )
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline or any(p.returncode not in (None, 0) for p in procs):
                 break
@@ -144,8 +176,7 @@ def run_nodes(nodes: list[tuple[list[str], dict[str, str]]], logs: Path) -> list
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
+                kill_tree(p)
         for f in files:
             f.close()
     return [(p.returncode, (logs / f"node{rank}.log").read_text()) for rank, p in enumerate(procs)]
