@@ -10,17 +10,19 @@
   Lightning's SLURMEnvironment reads these itself and checks them against --trainer.num_nodes.
 
 Both run with `--trainer.num_nodes=2 --trainer.devices=1 --trainer.strategy=ddp`, batch 2 per
-node. The reference is one process with batch 4, the same global batch: the ResumableSampler
-deals one seeded permutation of the windows out to the global ranks, so the two nodes together
-read exactly the reference's windows at every step; every window is full, so the mean of the two
-nodes' gradients is the reference gradient. The loss curve and the exported weights therefore
-equal the one-process run up to float32 summation order (tolerances as in test_distributed.py).
-Measured on CPU: 4.8e-7 (loss) and 7.5e-8 (weights) from the reference, for both launchers.
-That equality is the proof of world size 2: a node training alone (batch 2, world size 1)
-logs a step-0 loss 1.1e-2 away from the reference, 100 times the tolerance; Lightning's own
-"Starting with 2 processes" line and rank 1's "GLOBAL_RANK: 1, MEMBER: 2/2" are checked too.
+node, for HALF steps; a second launch of both nodes resumes from last.ckpt (`--ckpt_path=last`,
+read by every process) to FULL. The reference, also stopped at HALF and resumed, is one process
+with batch 4, the same global batch: the ResumableSampler deals one seeded permutation of the
+windows out to the global ranks, so the two nodes together read exactly the reference's windows
+at every step; every window is full, so the mean of the two nodes' gradients is the reference
+gradient. The loss curve and the exported weights therefore equal the one-process run up to
+float32 summation order (tolerances as in test_distributed.py). Measured on CPU: 9.5e-7 (loss,
+8 steps) and 1.2e-7 (weights, both exports) from the reference, for both launchers. That
+equality is the proof of world size 2: a node training alone (batch 2, world size 1) logs a
+step-0 loss 1.1e-2 away from the reference, 100 times the tolerance; Lightning's own "Starting
+with 2 processes" line and rank 1's "GLOBAL_RANK: 1, MEMBER: 2/2" are checked too.
 
-Each launch gets a cold data cache shared by both nodes: both nodes' local rank 0 run
+The first launch finds a cold data cache shared by both nodes: both nodes' local rank 0 run
 prepare_data (Lightning's default, prepare_data_per_node) at the same time on the same folder,
 as two nodes on one shared filesystem do. A launch whose node or process count differs from
 --trainer.num_nodes / --trainer.devices must stop at start-up (cli.check_launch), with or without
@@ -37,6 +39,7 @@ from __future__ import annotations
 import csv
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,28 +56,28 @@ from astrai.train.cli import cli_main, main
 from astrai.train.data.sources import _cleaned_copy
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 5
+HALF, FULL = 5, 8  # the first launch stops at HALF; a second one resumes from last.ckpt to FULL
 LOSS_TOL = 1e-4  # float32 summation order; one node's batch alone moves step 0 by 1.1e-2
 WEIGHT_TOL = 1e-5
 LAUNCH_TIMEOUT = 240  # seconds for both nodes together; a hung rendezvous is killed, not waited on
 NODES = 2
 
 
-def fit_args(inputs, root: Path, batch_size: int, cache: Path) -> list[str]:
+def fit_args(inputs, root: Path, batch_size: int, cache: Path, steps: int = HALF) -> list[str]:
     return [
         "fit",
         "--model=seq",
         f"--model.model={inputs['model']}",
         "--model.optimizer.lr=3e-3",
         "--model.schedule.warmup_steps=2",
-        f"--model.schedule.decay_steps={STEPS}",
+        f"--model.schedule.decay_steps={FULL}",
         "--data=pretrain",
         f"--data.train={inputs['rows']}",
         f"--data.tokenizer={inputs['tokenizer']}",
         "--data.seq_len=16",
         f"--data.batch_size={batch_size}",
         f"--data.cache_dir={cache}",
-        f"--trainer.max_steps={STEPS}",
+        f"--trainer.max_steps={steps}",
         "--trainer.accelerator=cpu",
         f"--trainer.default_root_dir={root}",
         "--trainer.log_every_n_steps=1",
@@ -199,26 +202,33 @@ def inputs(tmp_path_factory, tokenizer_dir) -> dict[str, Path | str]:
 
 @pytest.fixture(scope="module")
 def reference(inputs, tmp_path_factory) -> Path:
-    """One process, batch 4 (the two nodes' global batch)."""
+    """One process, batch 4 (the two nodes' global batch): HALF steps, then resumed to FULL."""
     root = tmp_path_factory.mktemp("one_process")
     cli_main(fit_args(inputs, root, 4, root / "cache"))
+    shutil.copytree(root / "export", root / f"export-{HALF}")
+    cli_main(fit_args(inputs, root, 4, root / "cache", FULL) + ["--ckpt_path=last"])
     return root
 
 
 @pytest.fixture(scope="module", params=["torchrun", "slurm"])
 def two_nodes(request, inputs, tmp_path_factory) -> tuple[Path, list[str]]:
-    """The run as 2 nodes x 1 process, batch 2 each; returns its root and the nodes' logs."""
+    """The run as 2 nodes x 1 process, batch 2 each, HALF steps; then the same two nodes resume
+    it from last.ckpt to FULL. Returns its root and the nodes' logs of the first launch."""
     root = tmp_path_factory.mktemp(f"two_nodes_{request.param}")
-    args = fit_args(inputs, root, 2, root / "cache") + [
-        f"--trainer.num_nodes={NODES}",
-        "--trainer.devices=1",
-        "--trainer.strategy=ddp",
-    ]
+    flags = [f"--trainer.num_nodes={NODES}", "--trainer.devices=1", "--trainer.strategy=ddp"]
     launcher = torchrun_nodes if request.param == "torchrun" else slurm_nodes
-    results = run_nodes(launcher(args, free_port()), root)
-    for rank, (code, log) in enumerate(results):
-        assert code == 0, f"node {rank} ({request.param}) exited with {code}:\n{log[-6000:]}"
-    return root, [log for _, log in results]
+    first = []
+    for steps, resume in ((HALF, []), (FULL, ["--ckpt_path=last"])):
+        logs = root / f"launch-{steps}"
+        logs.mkdir()
+        args = fit_args(inputs, root, 2, root / "cache", steps) + flags + resume
+        results = run_nodes(launcher(args, free_port()), logs)
+        for rank, (code, log) in enumerate(results):
+            assert code == 0, f"node {rank} ({request.param}, to step {steps}) exited with {code}:\n{log[-6000:]}"
+        if steps == HALF:
+            shutil.copytree(root / "export", root / f"export-{HALF}")
+            first = [log for _, log in results]
+    return root, first
 
 
 @pytest.mark.slow
@@ -228,24 +238,25 @@ def test_two_nodes_form_one_world_of_two_processes(two_nodes):
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1], logs[1][-3000:]
     # Rank 0 alone writes the checkpoint, the logs and the export (all nodes share this folder here).
     assert (root / "checkpoints" / "last.ckpt").is_file() and (root / "export" / "model.safetensors").is_file()
-    assert [p.name for p in (root / "logs").iterdir()] == ["version_0"]
+    assert sorted(p.name for p in (root / "logs").iterdir()) == ["version_0", "version_1"]  # one per launch
 
 
 @pytest.mark.slow
-def test_two_nodes_log_the_one_process_loss_curve_with_the_same_global_batch(two_nodes, reference):
+def test_two_nodes_log_the_one_process_loss_curve_with_the_same_global_batch_across_a_resume(two_nodes, reference):
     root, _ = two_nodes
     ref, got = losses(reference), losses(root)
-    assert sorted(ref) == list(range(STEPS)) and sorted(got) == list(range(STEPS)), (ref, got)
-    assert ref[0] - ref[STEPS - 1] > 100 * LOSS_TOL  # the tolerance can tell the steps apart
-    for step in range(STEPS):
+    assert sorted(ref) == list(range(FULL)) and sorted(got) == list(range(FULL)), (ref, got)
+    assert ref[0] - ref[FULL - 1] > 100 * LOSS_TOL  # the tolerance can tell the steps apart
+    for step in range(FULL):
         assert got[step] == pytest.approx(ref[step], abs=LOSS_TOL), f"step {step}: {got} vs {ref}"
 
 
 @pytest.mark.slow
-def test_two_nodes_export_the_one_process_weights(two_nodes, reference):
+@pytest.mark.parametrize("export", [f"export-{HALF}", "export"])
+def test_two_nodes_export_the_one_process_weights(two_nodes, reference, export):
     root, _ = two_nodes
-    expected = load_file(reference / "export" / "model.safetensors")
-    got = load_file(root / "export" / "model.safetensors")
+    expected = load_file(reference / export / "model.safetensors")
+    got = load_file(root / export / "model.safetensors")
     assert set(got) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=WEIGHT_TOL, msg=name)
