@@ -164,6 +164,29 @@ def test_old_logps_from_the_training_forward_give_the_same_updates(tmp_path, wor
     assert any(not torch.equal(fused[name], start[name]) for name in start)  # the policy did move
 
 
+def test_a_compiled_policy_compiles_once_for_every_rollout_length(tmp_path, word_tok):
+    """Rollout batches (and their micro-batches) change length every step; the policy is compiled
+    for dynamic lengths at once instead of once for the first length and again when it changes."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = module(word_tok, group_size=4, max_new_tokens=6, compile=True, micro_batch_size=2)
+    lengths = set()
+    token_logps = m._token_logps
+
+    def recorded(model, data, idx):
+        lengths.add(int(data["attention_mask"][idx].sum(1).max()))
+        return token_logps(model, data, idx)
+
+    m._token_logps = recorded
+    trainer = make_trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(m, online_data(tmp_path, word_tok, batch_size=2))
+    assert len(lengths) >= 2  # the shapes did change
+    assert counters["frames"]["total"] == 1  # and dynamo compiled the forward once
+    torch._dynamo.reset()
+
+
 def test_old_logps_need_their_own_forward_when_a_batch_gives_several_updates(word_tok):
     assert not module(word_tok, ppo_epochs=2)._old_logps_in_step(8)
     assert not module(word_tok, mini_batch_size=4)._old_logps_in_step(8)

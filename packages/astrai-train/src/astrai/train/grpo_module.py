@@ -324,6 +324,9 @@ class GRPOModule(CausalLMModule):
         # padding after them, so no mask is needed (and the fast causal path is used).
         ids, cut = data["input_ids"][idx, :length], labels[:, :length]
         flat = (cut != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+        if self.hparams.compile:  # lengths change every micro-batch: compile once for any, not first for one
+            torch._dynamo.maybe_mark_dynamic(ids, 1)
+            torch._dynamo.maybe_mark_dynamic(flat, 0)
         logits = model(ids, logits_index=flat)
         lp = -token_nll(logits, cut.reshape(-1)[flat])  # float32 softmax in row chunks
         out = lp.new_zeros(cut.numel()).index_put((flat,), lp).view(cut.shape)
