@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import TINY_MODEL, write_text_rows
+from train_helpers import TINY_MODEL, logged_losses, pretrain_fit_args, write_text_rows
 
 from astrai.core.auto import AutoModel
 from astrai.train.cli import cli_main
@@ -47,38 +47,7 @@ def inputs(tmp_path_factory, tokenizer_dir) -> dict[str, Path | str]:
 
 
 def fit_args(inputs, root: Path, steps: int, batch_size: int) -> list[str]:
-    return [
-        "fit",
-        "--model=seq",
-        f"--model.model={inputs['model']}",
-        "--model.optimizer.lr=3e-3",
-        "--model.schedule.warmup_steps=2",
-        f"--model.schedule.decay_steps={FULL}",
-        "--data=pretrain",
-        f"--data.train={inputs['rows']}",
-        f"--data.tokenizer={inputs['tokenizer']}",
-        "--data.seq_len=16",
-        f"--data.batch_size={batch_size}",
-        f"--data.cache_dir={inputs['cache']}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.accelerator=cpu",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
-
-
-def losses(root: Path) -> dict[int, float]:
-    """train/loss per step from every CSV log under root (one version per run)."""
-    out: dict[int, float] = {}
-    for path in sorted((root / "logs").glob("version_*/metrics.csv")):
-        with path.open() as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    assert row["epoch"] == "0", "the runs must stay inside the first epoch"
-                    out[int(row["step"])] = float(row["train/loss"])
-    return out
+    return pretrain_fit_args(inputs, root, steps, batch_size, inputs["cache"], FULL)
 
 
 def resume_on_one_device(inputs, root: Path) -> None:
@@ -128,7 +97,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_log_the_one_device_loss_curve(distributed, reference):
     root, log = distributed
     assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log
-    ref, got = losses(reference), losses(root)
+    ref, got = logged_losses(reference), logged_losses(root)
     assert sorted(ref) == list(range(FULL)) and sorted(got) == list(range(FULL))
     # The tolerance can tell runs apart: training moves the loss far more than it allows.
     assert ref[0] - ref[FULL - 1] > 100 * LOSS_TOL
@@ -163,7 +132,7 @@ def test_export_passes_the_serve_preflight(distributed):
 @pytest.mark.slow
 def test_distributed_checkpoint_resumes_on_one_device(distributed, reference):
     root, _ = distributed
-    ref, got = losses(reference), losses(root)
+    ref, got = logged_losses(reference), logged_losses(root)
     for step in range(HALF, FULL):
         assert got[step] == pytest.approx(ref[step], abs=LOSS_TOL), f"step {step}: {got} vs {ref}"
     expected, resumed = weights(reference / "export"), weights(root / "export")

@@ -36,7 +36,6 @@ workers included (they run in sessions of their own).
 
 from __future__ import annotations
 
-import csv
 import multiprocessing
 import os
 import shutil
@@ -50,7 +49,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import write_text_rows
+from train_helpers import logged_losses, pretrain_fit_args, write_text_rows
 
 from astrai.train.cli import cli_main, main
 from astrai.train.data.sources import _cleaned_copy
@@ -64,26 +63,7 @@ NODES = 2
 
 
 def fit_args(inputs, root: Path, batch_size: int, cache: Path, steps: int = HALF) -> list[str]:
-    return [
-        "fit",
-        "--model=seq",
-        f"--model.model={inputs['model']}",
-        "--model.optimizer.lr=3e-3",
-        "--model.schedule.warmup_steps=2",
-        f"--model.schedule.decay_steps={FULL}",
-        "--data=pretrain",
-        f"--data.train={inputs['rows']}",
-        f"--data.tokenizer={inputs['tokenizer']}",
-        "--data.seq_len=16",
-        f"--data.batch_size={batch_size}",
-        f"--data.cache_dir={cache}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.accelerator=cpu",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
+    return pretrain_fit_args(inputs, root, steps, batch_size, cache, FULL)
 
 
 def free_port() -> int:
@@ -185,16 +165,6 @@ def run_nodes(
     return [(p.returncode, (logs / f"node{rank}.log").read_text()) for rank, p in enumerate(procs)]
 
 
-def losses(root: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for path in sorted((root / "logs").glob("version_*/metrics.csv")):
-        with path.open() as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    out[int(row["step"])] = float(row["train/loss"])
-    return out
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tokenizer_dir) -> dict[str, Path | str]:
     return write_text_rows(tmp_path_factory.mktemp("multi_node_inputs"), tokenizer_dir)
@@ -244,7 +214,7 @@ def test_two_nodes_form_one_world_of_two_processes(two_nodes):
 @pytest.mark.slow
 def test_two_nodes_log_the_one_process_loss_curve_with_the_same_global_batch_across_a_resume(two_nodes, reference):
     root, _ = two_nodes
-    ref, got = losses(reference), losses(root)
+    ref, got = logged_losses(reference), logged_losses(root)
     assert sorted(ref) == list(range(FULL)) and sorted(got) == list(range(FULL)), (ref, got)
     assert ref[0] - ref[FULL - 1] > 100 * LOSS_TOL  # the tolerance can tell the steps apart
     for step in range(FULL):

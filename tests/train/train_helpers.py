@@ -3,6 +3,7 @@ a tiny corpus and model shape, learnable batches that follow the batch contract,
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -105,3 +106,41 @@ def write_text_rows(root: Path, tokenizer_dir) -> dict[str, Path | str]:
     model = root / "tiny.json"
     model.write_text(json.dumps(TINY_MODEL))
     return {"rows": rows, "model": model, "tokenizer": tokenizer_dir, "cache": root / "cache"}
+
+
+def pretrain_fit_args(inputs, root: Path, steps: int, batch_size: int, cache: Path, decay_steps: int) -> list[str]:
+    """`astrai-train` arguments of a CPU pre-training run of the tiny model over write_text_rows'
+    inputs: logged every step, no progress bar (the multi-process tests compare these logs)."""
+    return [
+        "fit",
+        "--model=seq",
+        f"--model.model={inputs['model']}",
+        "--model.optimizer.lr=3e-3",
+        "--model.schedule.warmup_steps=2",
+        f"--model.schedule.decay_steps={decay_steps}",
+        "--data=pretrain",
+        f"--data.train={inputs['rows']}",
+        f"--data.tokenizer={inputs['tokenizer']}",
+        "--data.seq_len=16",
+        f"--data.batch_size={batch_size}",
+        f"--data.cache_dir={cache}",
+        f"--trainer.max_steps={steps}",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def logged_losses(root: Path) -> dict[int, float]:
+    """train/loss per step from every CSV log under root (one version per run); every row must
+    be of the first epoch (the multi-process tests compare runs inside it)."""
+    out: dict[int, float] = {}
+    for path in sorted((root / "logs").glob("version_*/metrics.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    assert row["epoch"] == "0", "the runs must stay inside the first epoch"
+                    out[int(row["step"])] = float(row["train/loss"])
+    return out
