@@ -8,8 +8,10 @@ GRPOTrainer, on the same model, prompts, reward and settings, in one run (issue 
 Every run is its own subprocess (a clean device, its own peak memory), on a real Lightning fit
 (``--worker``, below) or on TRL (bench/grpo_trl.py: TRL without vLLM generates with
 transformers ``generate``, which is what its GRPOTrainer does out of the box). The task is
-bench/grpo_task.py's sums with a random-weight model, which rarely ends a completion early, so
-every step generates close to prompts x group x max-new-tokens tokens.
+bench/grpo_task.py's sums with a random-weight model. Every completion runs to max-new-tokens
+(ours with ignore_eos; TRL's because transformers practically never draws EOS from the
+151,936-row vocabulary), so each step generates and trains on the same number of tokens in
+every framework (``completion_tokens_per_step`` shows it).
 
 Per run, over the steps after the warm-up: steps/hour; rollout tokens/s (generated tokens over
 the time spent generating); the trainer's tokens/s and MFU (prompt + completion tokens trained
@@ -23,6 +25,7 @@ device memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -127,6 +130,11 @@ def run_ours(args: argparse.Namespace) -> dict:
         param_dtype=args.param_dtype,
         export={"on_fit_end": False},
     )
+    # Our engine draws only tokens the tokenizer can decode (1,024 here, of the 151,936 rows of
+    # the Qwen2.5 embedding), so a random model ends about a third of its replies early with
+    # EOS, where transformers, drawing from every row, practically never does: without this,
+    # our runs would generate and train on fewer tokens than TRL's (they did on an H100).
+    module.sampling = dataclasses.replace(module.sampling, ignore_eos=True)
     trained: list[int] = []
     log_throughput = module.log_throughput
 
@@ -226,6 +234,7 @@ def summarise(record: dict) -> dict:
         "step_s": seconds,
         "steps_per_hour": 3600 / seconds,
         "rollout_tok_s": sum(s["completion_tokens"] for s in steps) / max(gen, 1e-9),
+        "completion_tokens_per_step": statistics.mean(s["completion_tokens"] for s in steps),
         "wait_share": wait / sum(s["seconds"] for s in steps),
         "weight_sync_s": record.get("weight_sync_seconds"),
         "peak_gib": record.get("peak_memory_gib"),
