@@ -1,7 +1,11 @@
 """GRPO on two trainer processes (DDP, gloo on CPU) with `model.rollout.servers`: one real
-`astrai-serve` takes exactly one weight update per sync (rank 0 pushes, rank 1 waits for the
-version), not one per rank, and both ranks' rollouts come from the newest weights
-(astrai.train.remote_rollout, "Several trainer processes")."""
+`astrai-serve` takes exactly one weight update per sync (rank 0 pushes), not one per rank, and
+both ranks' rollouts come from the new weights, synchronous or asynchronous
+(astrai.train.remote_rollout, "Several trainer processes"). Two ranks played by threads show
+what the fit cannot (its logging collectives already keep rank 1 behind rank 0's push): a
+follower's sync returns at once and its next rollout waits for the new version; a failed
+first push fails every rank instead of leaving one in the broadcast; sharded strategies are
+refused."""
 
 from __future__ import annotations
 
@@ -173,3 +177,24 @@ def test_a_follower_rank_pushes_nothing_and_samples_only_once_rank_0_has_pushed(
     second.join(timeout=60)
     assert rollout.versions == [11] * len(PROMPTS) * 2
     assert updates(server) - before == 2
+
+
+def test_a_first_sync_that_fails_on_rank_0_fails_on_every_rank_instead_of_hanging(server, model_dir):
+    shared = {"barrier": threading.Barrier(2, timeout=60)}
+    config = {"servers": [server.url], "api_key": API_KEY, "admin_key": "wrong"}
+    leader, follower = (RemoteRollout(config, strategy=ThreadRank(rank, shared)) for rank in (0, 1))
+    policy = AutoModel.from_pretrained(model_dir)
+    errors: list = []
+
+    def sync_leader():
+        try:
+            leader.sync(policy, 20)
+        except AstraiError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=sync_leader)
+    thread.start()
+    with pytest.raises(AstraiError, match="rank 0 could not load the weights.*model.rollout.admin_key"):
+        follower.sync(policy, 20)
+    thread.join(timeout=60)
+    assert len(errors) == 1 and "model.rollout.admin_key" in str(errors[0])

@@ -141,11 +141,12 @@ class RemoteRollout:
         self.servers = [_Server(url.rstrip("/")) for url in self.config.servers]
         self._turn = itertools.count()
         self.version: int | None = None
-        self.sync_seconds = 0.0  # the last sync's write + update of every server
-        self.weights_dir = Path(self.config.weights_dir or (_fresh_dir() if self.leader else "."))
-        if self.leader and self.config.weights_dir is None:
-            weakref.finalize(self, shutil.rmtree, self.weights_dir, True)
-        if self.leader:  # a follower writes nothing
+        self.sync_seconds = 0.0  # the last sync's write + update of every server (rank 0's; ~0 on others)
+        self.weights_dir: Path | None = None  # a follower (DDP rank > 0) writes nothing
+        if self.leader:
+            self.weights_dir = Path(self.config.weights_dir or _fresh_dir())
+            if self.config.weights_dir is None:
+                weakref.finalize(self, shutil.rmtree, self.weights_dir, True)
             self.weights_dir.mkdir(parents=True, exist_ok=True)
         self._max_model_len: int | None = None
         # One client for the admin calls: a new one costs ~50 ms (its SSL context), more than an update.
