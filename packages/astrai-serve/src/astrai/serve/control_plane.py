@@ -38,7 +38,7 @@ log = logging.getLogger("astrai.serve")
 
 # Engine statistics that are the same for every engine, or that do not add up: the combined
 # /stats shows the smallest (max_model_len: what every engine can serve) or the mean.
-_SMALLEST = ("page_size", "max_model_len", "weights_version")
+_SMALLEST = ("page_size", "max_model_len", "weights_version", "weight_updates")
 _MEAN = ("prefix_cache_hit_rate",)
 
 

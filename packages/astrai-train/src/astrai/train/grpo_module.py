@@ -57,7 +57,7 @@ from .grpo_loss import (  # noqa: F401 - importable from here
 )
 from .lora import adapters_disabled
 from .losses import IGNORE_INDEX
-from .remote_rollout import RemoteRollout, RolloutConfig
+from .remote_rollout import RemoteRollout, RolloutConfig, check_strategy
 from .rewards import RewardSpec, load_rewards, score
 from .rollout import RolloutEngine, engine_config_for, log_reward_metrics, resolve_dtype, sample_seed
 from .schedulers import NEED_LENGTH
@@ -261,7 +261,8 @@ class GRPOModule(CausalLMModule):
         # inference tensors, or training could not update them in place later.
         with torch.inference_mode(False):
             if self._rollout is None and self.rollout_config is not None:
-                self._rollout = RemoteRollout(self.rollout_config, self.lora_config)
+                strategy = getattr(self._trainer, "strategy", None)  # under DDP rank 0 alone pushes
+                self._rollout = RemoteRollout(self.rollout_config, self.lora_config, strategy)
                 self._rollout.sync(self.model, self.global_step)
             elif self._rollout is None:
                 dtype = resolve_dtype(self.rollout_dtype_name, self.device)
@@ -593,6 +594,10 @@ class GRPOModule(CausalLMModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "test")
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        check_strategy(self.trainer.strategy if self.rollout_config is not None else None)  # FSDP etc.: refused
 
     def on_train_end(self) -> None:
         # Batches queued ahead are not trained: the run ends at max_steps or its last epoch.

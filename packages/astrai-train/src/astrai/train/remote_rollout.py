@@ -14,6 +14,19 @@ set aside for `retry_after` seconds and the request is sent again to another, wi
 seed, so a server killed mid-rollout costs time, not samples. A server that comes back gets
 the current weights before it serves again. On one host the weights go through /dev/shm
 (memory) when it exists.
+
+Several trainer processes (DDP): the weights are the same on every rank, so only global rank 0
+(the leader) writes them and drives pause / update / resume; the other ranks (followers) push
+nothing. The first sync, made where GRPOModule builds the client (the trainer's thread, the same
+point on every rank), ends with a broadcast from rank 0, so no rank generates before the
+servers hold this run's weights. A later ``sync`` on a follower only records the version and
+returns: its next ``generate`` first waits (polling /v1/models) until a server reports that
+version or a newer one, and uses only such servers. No collective is made after the first
+sync, so ``sync`` may run in the asynchronous producer's thread (grpo_async.py), where each
+rank's syncs happen at times of their own (a waiting sync can be replaced by a newer one) and a
+barrier would deadlock or pair the wrong calls; rank 0's producer pushes every version it is
+given, in order, without waiting for anyone, so a follower's wait always ends. Strategies whose
+ranks hold parts of the weights (FSDP, DeepSpeed, model parallel) are refused (check_strategy).
 """
 
 from __future__ import annotations
@@ -115,19 +128,26 @@ class _Server:
 class RemoteRollout:
     """Rollouts from `astrai-serve` servers; see the module docstring."""
 
-    def __init__(self, config: RolloutConfig | dict, lora: LoRAConfig | None = None) -> None:
+    def __init__(self, config: RolloutConfig | dict, lora: LoRAConfig | None = None, strategy=None) -> None:
         self.config = RolloutConfig.of(config)
+        check_strategy(strategy)
+        # The Lightning strategy when several processes train (None: one process, the leader).
+        self._group = strategy if getattr(strategy, "world_size", 1) > 1 else None
+        self.leader = self._group is None or self._group.global_rank == 0
+        self._joined = self._group is None  # the first (collective) sync is done
         self.lora = lora
         self.api_key = self.config.api_key or os.environ.get("ASTRAI_API_KEY")
         self.admin_key = self.config.admin_key or os.environ.get("ASTRAI_ADMIN_KEY") or self.api_key
         self.servers = [_Server(url.rstrip("/")) for url in self.config.servers]
         self._turn = itertools.count()
         self.version: int | None = None
-        self.sync_seconds = 0.0  # the last sync's write + update of every server
-        self.weights_dir = Path(self.config.weights_dir or _fresh_dir())
-        if self.config.weights_dir is None:
-            weakref.finalize(self, shutil.rmtree, self.weights_dir, True)
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        self.sync_seconds = 0.0  # the last sync's write + update of every server (rank 0's; ~0 on others)
+        self.weights_dir: Path | None = None  # a follower (DDP rank > 0) writes nothing
+        if self.leader:
+            self.weights_dir = Path(self.config.weights_dir or _fresh_dir())
+            if self.config.weights_dir is None:
+                weakref.finalize(self, shutil.rmtree, self.weights_dir, True)
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
         self._max_model_len: int | None = None
         # One client for the admin calls: a new one costs ~50 ms (its SSL context), more than an update.
         self._client = httpx.Client(timeout=self.config.timeout + 10)
@@ -155,14 +175,67 @@ class RemoteRollout:
 
     def sync(self, policy: nn.Module, version: int) -> None:
         """Write the policy's weights (adapters merged) and load them into every server that
-        answers: pause, update_weights, resume. Later rollouts carry ``version``."""
+        answers: pause, update_weights, resume. Later rollouts carry ``version``. Under DDP
+        only rank 0 does this; see the module docstring for the other ranks."""
         start = time.perf_counter()
+        if self._joined and self.leader:
+            self._push(policy, version)
+        elif self._joined:
+            self.version = version  # generate() waits for a server that serves it
+            for server in self.servers:
+                server.version = None
+        else:  # the first sync under DDP: every rank, in the trainer's thread
+            error, updated = None, []
+            if self.leader:
+                try:
+                    updated = self._push(policy, version)
+                except Exception as e:  # told to the other ranks, which would wait for it otherwise
+                    error = e
+            told, updated = self._group.broadcast((None if error is None else str(error), updated), src=0)
+            self._joined = True
+            if error is not None:
+                raise error
+            if told is not None:
+                raise AstraiError(f"rank 0 could not load the weights into the rollout servers: {told}")
+            self.version = version
+            for server in self.servers:  # those rank 0 updated serve this run's weights now
+                server.version = version if server.url in updated else None
+        self.sync_seconds = time.perf_counter() - start
+
+    def _push(self, policy: nn.Module, version: int) -> list[str]:
+        """The leader's sync; the URLs of the servers that took the weights."""
         self._write(policy_state(policy, self.lora))
         self.version = version
-        updated = [self._update(server) for server in self.servers]
-        if not any(updated):
+        updated = [server.url for server in self.servers if self._update(server)]
+        if not updated:
             raise AstraiError(f"model.rollout.servers: no server took the new weights ({self._errors()})")
-        self.sync_seconds = time.perf_counter() - start
+        return updated
+
+    def _served_version(self, server: _Server) -> int | None:
+        """The weights version a server reports on /v1/models (None: it did not answer)."""
+        try:
+            r = self._client.get(server.url + "/v1/models", headers=self._headers(self.api_key), timeout=30)
+            r.raise_for_status()
+            return int(r.json()["data"][0]["weights_version"])
+        except (httpx.HTTPError, KeyError, ValueError, TypeError, IndexError) as e:
+            self._set_aside(server, f"/v1/models: {e}")
+            return None
+
+    def _follow(self, server: _Server) -> bool:
+        """A follower's stand-in for _update: the server may serve if it holds our version or a
+        newer one (rank 0 went on), which only rank 0 loads into it."""
+        served = self._served_version(server)
+        if served is None or served < self.version:
+            if served is not None:
+                server.last_error = f"waiting for rank 0 to load weights version {self.version} (serves {served})"
+            return False
+        server.version = self.version
+        return True
+
+    def _follow_all(self) -> None:
+        for server in self.servers:
+            if server.down_until <= time.monotonic() and server.version != self.version:
+                self._follow(server)
 
     def _write(self, state: dict) -> None:
         """One safetensors file; tied tensors once (safetensors refuses shared storage), written
@@ -299,14 +372,17 @@ class RemoteRollout:
                 turn = next(self._turn)
                 return min(ready, key=lambda s: (s.in_flight, (self.servers.index(s) - turn) % len(self.servers)))
             async with self._revive:
-                for server in self.servers:
-                    if server.down_until <= time.monotonic() and server.version != self.version:
-                        if await self._healthy(client, server):  # back from a failure: current weights first
-                            await asyncio.to_thread(self._update, server)
+                if not self.leader:  # rank 0 loads the weights: wait until a server has them
+                    await asyncio.to_thread(self._follow_all)
+                else:
+                    for server in self.servers:
+                        if server.down_until <= time.monotonic() and server.version != self.version:
+                            if await self._healthy(client, server):  # back from a failure: current weights first
+                                await asyncio.to_thread(self._update, server)
             if time.monotonic() > deadline:
                 raise AstraiError(f"model.rollout.servers: no server is serving ({self._errors()})")
             if not any(s.down_until <= time.monotonic() and s.version == self.version for s in self.servers):
-                await asyncio.sleep(min(self.config.retry_after, 0.5) or 0.05)
+                await asyncio.sleep(min(self.config.retry_after, 0.5 if self.leader else 0.05) or 0.05)
 
     async def _healthy(self, client: httpx.AsyncClient, server: _Server) -> bool:
         try:
@@ -326,6 +402,23 @@ class RemoteRollout:
 
     def _errors(self) -> str:
         return "; ".join(f"{s.url}: {s.last_error or 'ok'}" for s in self.servers)
+
+
+def check_strategy(strategy) -> None:
+    """Refuse a Lightning strategy whose ranks do not each hold the whole policy: rank 0 alone
+    writes the weights for the servers (see the module docstring)."""
+    if strategy is None:
+        return
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    name = type(strategy).__name__
+    require(
+        isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) and "DeepSpeed" not in name,
+        "model.rollout.servers",
+        f"needs each trainer process to hold the whole policy (one device or trainer.strategy: ddp): "
+        f"rank 0 alone writes the weights for the servers, and under trainer.strategy {name} the "
+        "ranks hold shards of them; train with ddp, or drop model.rollout for the in-process engine",
+    )
 
 
 def _fresh_dir() -> str:

@@ -400,6 +400,7 @@ class InferenceEngine:
             "aborted_requests": c.num_aborted,
             "tokens_per_s": c.tokens_per_s(),
             "weights_version": c.weights_version,
+            "weight_updates": c.weight_updates,
             "max_model_len": self.max_model_len,
         }
 

@@ -95,6 +95,7 @@ class EngineCore:
         self.backend, self.device = backend, device
         self.sampler = Sampler(tokenizer.vocab_size if tokenizer is not None else None)
         self.weights_version = 0
+        self.weight_updates = 0  # load_weights calls (a trainer's pushes; not reset by reset_stats)
         self.num_steps = self.num_computed = self.num_generated = 0
         self.num_overlapped = 0  # steps launched while the previous step's tokens were in flight
         self.num_aborted = 0  # requests stopped by abort() (a client that left, a shutdown)
@@ -482,6 +483,7 @@ class EngineCore:
         if recompute:
             self.scheduler.recompute_running()
         self.weights_version = version
+        self.weight_updates += 1
 
     def reset_stats(self) -> None:
         """Forget the counters, the scheduler's prefix-cache hits included (after warm-up requests)."""
