@@ -98,9 +98,18 @@ def main(argv=None) -> dict:
     for name, others in (("free batch-mates", extra_free), ("constrained batch-mates", constrained)):
         params = [free] * args.num_free + others
         for _ in range(2):  # the second run is warm (grammar compiled, kernels built)
+            before = engine.stats()
             seconds, out = run(engine, prompts, params)
         free_tokens = sum(len(c.token_ids) for c in out[: args.num_free])
-        figures[name] = {"seconds": seconds, "free_tok_s": free_tokens / seconds}
+        stats = {k: engine.stats()[k] - before[k] for k in ("steps", "overlapped_steps")}
+        figures[name] = {
+            "seconds": seconds,
+            "free_tok_s": free_tokens / seconds,
+            # where a loss comes from: more steps, or steps that no longer overlap the host's work
+            "steps": stats["steps"],
+            "overlapped_steps": stats["overlapped_steps"],
+            "batch_mates_tokens": sum(len(c.token_ids) for c in out[args.num_free :]),
+        }
         if others is constrained:
             valid = sum(1 for c in out[args.num_free :] if _parses(c.text))
             figures[name]["constrained_valid"] = f"{valid}/{args.num_constrained}"
