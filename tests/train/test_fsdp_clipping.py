@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import HALF, LOSS_TOL, REPO, STRATEGIES, WEIGHT_TOL, fit_args, losses, weights
-from train_helpers import write_text_rows
+from test_distributed import HALF, LOSS_TOL, REPO, STRATEGIES, WEIGHT_TOL, fit_args, weights
+from train_helpers import logged_losses, write_text_rows
 
 from astrai.train.cli import cli_main
 
@@ -76,7 +76,7 @@ def test_fsdp_clips_like_one_device_and_clipping_changes_training(inputs, fsdp_c
     sharded_root, accelerator = fsdp_clipped
     clipped = one_device(inputs, tmp_path / "clipped", accelerator, f"--trainer.gradient_clip_val={CLIP}")
     unclipped = one_device(inputs, tmp_path / "unclipped", accelerator)
-    ref, got = losses(clipped), losses(sharded_root)
+    ref, got = logged_losses(clipped), logged_losses(sharded_root)
     assert sorted(got) == list(range(HALF))
     for step in range(HALF):
         assert got[step] == pytest.approx(ref[step], abs=LOSS_TOL), f"step {step}: {got} vs {ref}"
