@@ -12,7 +12,7 @@ from lightning.fabric.utilities.cloud_io import _load as lightning_load
 
 from astrai.core.errors import AstraiError
 from astrai.train.cli import cli_main, main
-from astrai.train.module_args import ExportArgs, OptimizerArgs, ScheduleArgs
+from astrai.train.module_args import ExportArgs, OptimizerArgs, ScheduleArgs, regroup_options
 from astrai.train.pretrain_module import PretrainModule
 from astrai.train.sft_module import SFTModule
 
@@ -139,3 +139,16 @@ def test_checkpoint_hyperparameters_are_plain_values_lightning_loads(tmp_path, m
     assert hparams["lora"]["rank"] == 4
     rebuilt = SFTModule(**hparams)  # what load_from_checkpoint does
     assert rebuilt.optimizer_args == module.optimizer_args and rebuilt.lora_config == module.lora_config
+
+
+def test_saved_flat_options_are_moved_into_their_groups():
+    """What a checkpoint of before the groups saved becomes when it is read back (regroup_options)."""
+    old = {"model": "m", "optimizer": "muon", "lr": 0.02, "scheduler": "wsd", "decay_fraction": 0.2, "export_dir": "x"}
+    assert regroup_options(old) == {
+        "model": "m",
+        "optimizer": {"name": "muon", "lr": 0.02},
+        "schedule": {"name": "wsd", "decay_fraction": 0.2},
+        "export": {"dir": "x"},
+    }
+    new = {"optimizer": {"lr": 1e-3}, "schedule": {"name": "cosine"}}
+    assert regroup_options(new) == new  # a checkpoint of today is read as it was saved

@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from train_helpers import CORPUS, TINY_MODEL
 
 from astrai.core.auto import AutoModel
+from astrai.train.checkpoint_io import write_sidecar
 from astrai.train.checkpointing import Checkpoint
 from astrai.train.cli import cli_main, expand_aliases, main
 from astrai.train.sft_module import SFTModule
@@ -286,3 +287,25 @@ def test_the_old_pretraining_class_path_still_loads_with_a_deprecation_warning(t
     from astrai.train.seq_module import SeqModule
 
     assert SeqModule is PretrainModule
+
+
+def test_a_checkpoint_saved_before_the_option_groups_resumes_with_its_options_regrouped(files, tokenizer_dir, tmp_path):
+    """Checkpoints written before optimizer/schedule/export were grouped keep flat hyperparameters
+    (lr, scheduler, warmup_steps, export_dir...). LightningCLI reads a --ckpt_path file's
+    hyperparameters back into the configuration; they are moved into their groups, so such a run
+    resumes (with the checkpoint's values) instead of failing in the parser."""
+    args = ["--model=seq", "--data=pretrain", f"--data.train={files / 'text.jsonl'}", "--data.seq_len=16"]
+    cli_main(["fit", *args, "--model.optimizer.lr=3e-3", *_common(files, tokenizer_dir, tmp_path, steps=2)])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    hparams = checkpoint["hyper_parameters"]
+    for group in ("optimizer", "schedule", "export"):
+        hparams.pop(group, None)
+    hparams.update({"lr": 2e-3, "weight_decay": 0.05, "scheduler": "constant", "warmup_steps": 1, "export_dir": None})
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    write_sidecar(old)
+    cli = cli_main(["fit", *args, f"--ckpt_path={old}", *_common(files, tokenizer_dir, tmp_path, steps=3)])
+    assert cli.trainer.global_step == 3
+    assert cli.model.optimizer_args.lr == 2e-3 and cli.model.optimizer_args.weight_decay == 0.05
+    assert cli.model.schedule_args.name == "constant" and cli.model.schedule_args.warmup_steps == 1

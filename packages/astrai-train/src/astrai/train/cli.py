@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -43,7 +44,7 @@ from .checkpointing import Checkpoint
 from .dpo_module import DPOModule
 from .export import ModelExport
 from .grpo_module import GRPOModule
-from .module_args import GROUP_NAMES, MOVED_OPTIONS, moved_option_error
+from .module_args import GROUP_NAMES, MOVED_OPTIONS, moved_option_error, regroup_options
 from .online_dpo_module import OnlineDPOModule
 from .pretrain_module import PretrainModule
 from .sft_module import SFTModule
@@ -203,6 +204,26 @@ class AstraiCLI(LightningCLI):
         trainer = super()._instantiate_trainer(config, callbacks)
         check_launch(trainer.num_nodes, trainer.num_devices)
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """As Lightning's: a --ckpt_path file's saved hyperparameters go back into the model's
+        configuration. Ours first moves the flat options of a checkpoint saved before the
+        option groups (lr, scheduler, export_dir, ...) into their groups, so it still resumes."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        class_path = hparams.pop("_class_path", None)
+        hparams = regroup_options(hparams)
+        model = {"class_path": class_path, "dict_kwargs": hparams} if class_path else hparams
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"astrai-train: the hyperparameters saved in {ckpt_path} do not parse (see above)\n")
+            raise
 
     def instantiate_classes(self) -> None:
         try:

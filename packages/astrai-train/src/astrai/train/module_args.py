@@ -199,6 +199,22 @@ def moved_option_error(old: str, where: str = "") -> AstraiError:
     )
 
 
+def regroup_options(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Saved hyperparameters with the flat options of before the groups (a checkpoint of an older
+    version) moved into their groups: {"lr": 1e-3} -> {"optimizer": {"lr": 1e-3}}. Used where
+    the values come from a file we wrote, not from a user, who gets moved_option_error instead."""
+    out = dict(hparams)
+    for old, group in GROUP_NAMES.items():  # `optimizer: muon`: the group's old single value
+        if isinstance(out.get(old), str):
+            out[old] = {group.partition(".")[2]: out[old]}
+    for old, new in MOVED_OPTIONS.items():
+        if old in out:
+            group, _, field = new.partition(".")
+            value = out.pop(old)
+            out[group] = {**(out.get(group) or {}), field: value}
+    return out
+
+
 def refuse_moved_options(options: dict[str, Any]) -> None:
     """Keyword arguments a training module did not take: an option that moved raises its
     moved_option_error; anything else the TypeError Python would have raised."""
