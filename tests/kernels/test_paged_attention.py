@@ -222,13 +222,18 @@ _INTERPRETED = textwrap.dedent("""
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the compiled kernel is tested instead")
 def test_triton_kernel_matches_reference_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED, str(HERE)],
-        env=env,
+    proc = run_interpreted(_INTERPRETED)
+    assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-4000:]
+
+
+def run_interpreted(script: str) -> subprocess.CompletedProcess:
+    """`script` (given this folder as argv[1]) in a fresh Python under TRITON_INTERPRET=1: the
+    variable must be set before triton is imported, hence the subprocess."""
+    return subprocess.run(
+        [sys.executable, "-c", script, str(HERE)],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
         cwd=HERE.parents[1],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-4000:]

@@ -2,23 +2,16 @@
 engine's torch backend against dense float64 math, the Triton kernel against the reference (on CUDA,
 and on the CPU through Triton's interpreter)."""
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from test_paged_attention import make_case
+from test_paged_attention import make_case, needs_triton, run_interpreted
 
 from astrai.core.engine.attention_backend import TorchPagedAttention, build_metadata
 from astrai.core.kernels.paged_attention import paged_attention_reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-HERE = Path(__file__).resolve().parent
 # (window, softcap): each alone, both, and a window wider than every context (no effect).
 OPTIONS = [(5, None), (None, 2.0), (7, 3.0), (1000, None)]
 
@@ -96,7 +89,7 @@ _INTERPRETED = textwrap.dedent("""
     import sys
     import torch
     sys.path.insert(0, sys.argv[1])
-    from test_paged_attention import make_case
+    from test_paged_attention import make_case, needs_triton, run_interpreted
     from astrai.core.kernels.paged_attention import paged_attention_reference
     from astrai.core.kernels import paged_attention_triton as kernel
     from astrai.core.kernels.paged_attention_triton import paged_attention_triton
@@ -125,13 +118,5 @@ _INTERPRETED = textwrap.dedent("""
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the compiled kernel is tested instead")
 def test_triton_kernel_windows_and_softcaps_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED, str(HERE)],
-        env=env,
-        cwd=HERE.parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_interpreted(_INTERPRETED)
     assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-4000:]
