@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import CORPUS, QUIET_WARNINGS, TINY_MODEL, TinyData, make_trainer
+from train_helpers import CORPUS, QUIET_WARNINGS, TINY_MODEL, TinyData, make_trainer, save_random_model
 
 from astrai.core.tokenizer_trainer import train_tokenizer
 
@@ -50,21 +50,5 @@ def trainer_factory(tmp_path):
 def chat_model_dir(tmp_path_factory, tokenizer_dir):
     """A model directory (random tiny weights + the tokenizer and its chat template) that the
     inference engine can serve."""
-    import torch
-
-    from astrai.core.auto import AutoModel
-    from astrai.core.config import ModelConfig
-    from astrai.core.tokenizer import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = ModelConfig(
-        vocab_size=tok.vocab_size,
-        **{**TINY_MODEL, "init_std": 0.2},
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(7)
     path = tmp_path_factory.mktemp("chat_model") / "model"
-    AutoModel.save_pretrained(AutoModel.from_config(config), path, tokenizer=tok)
-    return path
+    return save_random_model(path, tokenizer_dir, seed=7, **{**TINY_MODEL, "init_std": 0.2})

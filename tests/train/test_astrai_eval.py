@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import save_random_model
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
@@ -39,24 +40,9 @@ QUESTIONS = ["What is 3 + 4?", "Name a colour.", "hello", "the cat sat on the", 
 @pytest.fixture(scope="session")
 def eval_model_dir(tmp_path_factory, tokenizer_dir):
     """A random tiny model (logits O(1), max_len 512) with the test tokenizer."""
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = ModelConfig(
-        vocab_size=tok.vocab_size,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=64,
-        max_len=MAX_LEN,
-        init_std=0.2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(11)
     path = tmp_path_factory.mktemp("eval_model") / "model"
-    AutoModel.save_pretrained(AutoModel.from_config(config), path, tokenizer=tok)
-    return path
+    fields = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_len=MAX_LEN, init_std=0.2)
+    return save_random_model(path, tokenizer_dir, seed=11, **fields)
 
 
 def _write_tasks(folder: Path, tasks: dict[str, str], rows: dict[str, str]) -> str:

@@ -144,3 +144,23 @@ def logged_losses(root: Path) -> dict[int, float]:
                     assert row["epoch"] == "0", "the runs must stay inside the first epoch"
                     out[int(row["step"])] = float(row["train/loss"])
     return out
+
+
+def save_random_model(path: Path, tokenizer_dir, seed: int, **fields) -> Path:
+    """A model directory the engine can serve: random weights of a ModelConfig of `fields`, with
+    the vocabulary and special ids of the tokenizer (saved beside it, chat template included)."""
+    from astrai.core.auto import AutoModel
+    from astrai.core.config import ModelConfig
+    from astrai.core.tokenizer import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = ModelConfig(
+        vocab_size=tok.vocab_size,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **fields,
+    )
+    torch.manual_seed(seed)
+    AutoModel.save_pretrained(AutoModel.from_config(config), path, tokenizer=tok)
+    return path
