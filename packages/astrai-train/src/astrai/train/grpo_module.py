@@ -22,32 +22,28 @@ background while the trainer trains, within ``max_staleness`` weight versions (g
 Optimisation is manual (several optimizer steps per batch), so gradient clipping is this
 module's ``max_grad_norm``, not the Trainer's ``gradient_clip_val``; ``trainer.max_steps``
 counts optimizer steps.
+
+This file holds the options and the update; the rollout side (steps 1-2) is grpo_episodes.py,
+the log-probs grpo_logps.py, the loss grpo_loss.py and the logged statistics grpo_stats.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from astrai.core.engine import EngineConfig, SamplingParams
 from astrai.core.errors import require_for
 
 from .base_module import BatchError, CausalLMModule, build_model
-from .grpo_async import (
-    RolloutProducer,
-    behaviour_weights,
-    fresh_groups,
-    lookahead_batches,
-    select_groups,
-    updates_per_batch,
-)
+from .grpo_async import behaviour_weights, updates_per_batch
+from .grpo_episodes import GRPOEpisodes
+from .grpo_logps import frozen_logps, token_logps
 from .grpo_loss import (  # noqa: F401 - importable from here
     AGGREGATIONS,
     GRPOLoss,
@@ -55,27 +51,25 @@ from .grpo_loss import (  # noqa: F401 - importable from here
     group_moments,
     grpo_loss,
 )
+from .grpo_stats import in_step_stats, step_metrics
 from .lora import adapters_disabled
 from .losses import IGNORE_INDEX
-from .remote_rollout import RemoteRollout, RolloutConfig, check_strategy
-from .rewards import RewardSpec, load_rewards, score
-from .rollout import RolloutEngine, engine_config_for, log_reward_metrics, resolve_dtype, sample_seed
+from .remote_rollout import RolloutConfig, check_strategy
+from .rewards import RewardSpec, load_rewards
+from .rollout import engine_config_for, log_reward_metrics, resolve_dtype, sample_seed
 from .schedulers import NEED_LENGTH
-from .token_nll import token_nll
-from .workflow import RolloutWorkflow, apply_loss_masks, load_workflow
+from .workflow import RolloutWorkflow, load_workflow
 
 OLD_LOGPS = ("policy", "engine")
-ONLINE_KEYS = ("prompt_ids", "prompts", "rows")
 OFFLINE_KEYS = ("input_ids", "labels", "attention_mask", "rewards", "group_ids")
 REF_PREFIX = "ref_model."
-MAX_ALL_STALE_BATCHES = 4  # a run whose rollouts are all too stale this many times in a row stops
 _check = require_for("model")  # constructor checks name the config field: model.group_size, ...
 
 
 # ---- the Lightning module ------------------------------------------------------------------------
 
 
-class GRPOModule(CausalLMModule):
+class GRPOModule(GRPOEpisodes, CausalLMModule):
     """GRPO fine-tuning of a policy that starts from `model` (usually an SFT or DPO export).
 
     Args:
@@ -213,9 +207,6 @@ class GRPOModule(CausalLMModule):
         self.workflow = load_workflow(workflow)
         self.asynchronous, self.max_staleness = asynchronous, max_staleness
         self.behaviour_weight_cap = behaviour_weight_cap
-        self._producer: RolloutProducer | None = None
-        self._stale_dropped = 0  # completions dropped for staleness so far
-        self._all_stale = 0  # rollout batches in a row without a fresh enough group
         self.rewards = load_rewards(rewards)
         self.group_size, self.max_new_tokens = group_size, max_new_tokens
         self.sampling = SamplingParams(
@@ -246,107 +237,16 @@ class GRPOModule(CausalLMModule):
         if self.ref_model is not None:
             self.ref_model.requires_grad_(False)
             self.ref_model.enable_gradient_checkpointing(False)
-        self._rollout: RolloutEngine | RemoteRollout | None = None  # built on first use
-        self._checked_online = False
-
-    # -- the engine ------------------------------------------------------------------------------
-    def rollout_engine(self, fresh: bool = False) -> RolloutEngine | RemoteRollout:
-        """The engine, built on first use; ``fresh``: first sync it to the current weights."""
-        if self.tokenizer is None:
-            raise BatchError(
-                "GRPOModule: generating completions needs a tokenizer; set model.tokenizer "
-                "(or give a model directory that holds one)"
-            )
-        # Validation runs under inference mode; the engine's weights and KV pages must not be
-        # inference tensors, or training could not update them in place later.
-        with torch.inference_mode(False):
-            if self._rollout is None and self.rollout_config is not None:
-                strategy = getattr(self._trainer, "strategy", None)  # under DDP rank 0 alone pushes
-                self._rollout = RemoteRollout(self.rollout_config, self.lora_config, strategy)
-                self._rollout.sync(self.model, self.global_step)
-            elif self._rollout is None:
-                dtype = resolve_dtype(self.rollout_dtype_name, self.device)
-                self._rollout = RolloutEngine(
-                    self.model, self.tokenizer, dtype, self.device, self.lora_config, self.engine_config
-                )
-                self._rollout.sync(self.model, self.global_step)
-            elif fresh and self._rollout.version != self.global_step:
-                self._rollout.sync(self.model, self.global_step)
-        return self._rollout
-
-    def _generate(self, batch: dict, params: SamplingParams, stage: str, step: int):
-        self._check_online(batch, stage)
-        engine = self.rollout_engine(fresh=stage != "train")
-        return self._episodes(engine, batch, params, stage, self._seeds(batch, step))
-
-    def _seeds(self, batch: dict, step: int) -> list[int]:
-        return [sample_seed(self.rollout_seed, step, self.global_rank, i) for i in range(len(batch["prompt_ids"]))]
-
-    def _episodes(self, engine, batch: dict, params: SamplingParams, stage: str, seeds: list[int]):
-        """Run the workflow's episodes and score them (in the trainer's thread or the producer's)."""
-        prompts, rows = batch["prompts"], batch["rows"]
-        try:
-            rollout = self.workflow.run(engine, batch["prompt_ids"], params, seeds, self.tokenizer, rows)
-            group = rollout.group_ids
-            total, parts = score(self.rewards, [prompts[g] for g in group], rollout.texts, [rows[g] for g in group])
-        except ValueError as e:  # prompts too long for the engine, a reward that fails on this data
-            raise BatchError(f"GRPOModule ({stage}): {e}") from e
-        return rollout, total, parts
-
-    def _check_online(self, batch, stage: str) -> None:
-        if not isinstance(batch, dict) or any(k not in batch for k in ONLINE_KEYS):
-            have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise BatchError(
-                f"GRPOModule: a {stage} batch needs {list(ONLINE_KEYS)} (prompts to complete; see "
-                f"astrai.train.data.grpo), got {have}"
-            )
-        if not self.rewards:
-            raise BatchError(
-                f"GRPOModule: {stage} generates completions and scores them, but model.rewards is "
-                "empty; name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]"
-            )
-        if not self._checked_online:
-            self._checked_online = True
-            vocab = self.config.vocab_size
-            bad = [t for ids in batch["prompt_ids"] for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise BatchError(
-                    f"GRPOModule: batch['prompt_ids'] holds token id {bad[0]}, outside the model's "
-                    f"vocabulary 0..{vocab - 1}; was the data tokenised with another tokenizer?"
-                )
+        self._init_rollout_state()
 
     # -- log-probabilities ---------------------------------------------------------------------------
     def _token_logps(self, model, data: dict, idx: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probs (len(idx), T) of the labels of rows ``idx``; 0 where unlabelled.
-        Only labelled positions go through the output head."""
-        labels = data["labels"][idx]
-        length = int(data["attention_mask"][idx].sum(1).max())
-        # Rows are right-padded: causal attention already keeps real tokens from seeing the
-        # padding after them, so no mask is needed (and the fast causal path is used).
-        ids, cut = data["input_ids"][idx, :length], labels[:, :length]
-        flat = (cut != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
-        if self.hparams.compile:  # lengths change every micro-batch: compile once for any, not first for one
-            torch._dynamo.maybe_mark_dynamic(ids, 1)
-            torch._dynamo.maybe_mark_dynamic(flat, 0)
-        logits = model(ids, logits_index=flat)
-        lp = -token_nll(logits, cut.reshape(-1)[flat])  # float32 softmax in row chunks
-        out = lp.new_zeros(cut.numel()).index_put((flat,), lp).view(cut.shape)
-        return F.pad(out, (0, labels.shape[1] - length))
+        """Per-token log-probs (len(idx), T) of the labels of rows ``idx`` (grpo_logps.token_logps)."""
+        return token_logps(model, data, idx, dynamic=self.hparams.compile)
 
-    @torch.no_grad()
     def _frozen_logps(self, model, data: dict) -> torch.Tensor:
-        n = data["labels"].shape[0]
-        step = self.micro_batch_size or n
-        was_training = model.training
-        model.eval()  # no (LoRA) dropout in the behaviour / reference log-probs
-        try:
-            parts = [
-                self._token_logps(model, data, torch.arange(s, min(s + step, n), device=self.device))
-                for s in range(0, n, step)
-            ]
-        finally:
-            model.train(was_training)
-        return torch.cat(parts)
+        """Every row's log-probs without gradients, micro_batch_size rows at a time, in eval mode."""
+        return frozen_logps(self._token_logps, model, data, self.micro_batch_size, self.device)
 
     def reference_logps(self, data: dict) -> torch.Tensor:
         if self.ref_model is not None:
@@ -369,53 +269,6 @@ class GRPOModule(CausalLMModule):
             self.check_once(batch, OFFLINE_KEYS, "train")
             data, stats = {k: batch[k] for k in OFFLINE_KEYS}, {}
         self._optimise(data, stats)
-
-    def _async_episodes(self, batch: dict):
-        """Queue this batch's episodes in the producer; return the oldest queued batch's once
-        ``lookahead_batches`` are queued after it, without its groups that became too stale."""
-        self._check_online(batch, "train")
-        if self._producer is None:
-            self._producer = RolloutProducer(self.rollout_engine(), self.device)
-        seeds = self._seeds(batch, self.global_step)
-        self._producer.submit(
-            functools.partial(self._episodes, self._producer.rollout, batch, self.sampling, "train", seeds)
-        )
-        updates = updates_per_batch(len(batch["prompt_ids"]) * self.group_size, self.mini_batch_size, self.ppo_epochs)
-        if self._producer.pending <= lookahead_batches(self.max_staleness, self.sync_interval, updates):
-            return None
-        rollout, total, parts = self._producer.take()
-        keep = fresh_groups(rollout.versions, rollout.group_ids, self.global_step, self.max_staleness)
-        before = len(rollout.group_ids)
-        if len(keep) < len(set(rollout.group_ids)):
-            rollout, rows = select_groups(rollout, keep)
-            total, parts = total[rows], {name: values[rows] for name, values in parts.items()}
-        self._stale_dropped += before - len(rollout.group_ids)
-        self.log("train/stale_dropped", float(self._stale_dropped), batch_size=1)
-        self._all_stale = 0 if keep else self._all_stale + 1
-        if self._all_stale > MAX_ALL_STALE_BATCHES:
-            raise BatchError(
-                f"GRPOModule: every group of the last {self._all_stale} rollout batches was generated by "
-                f"weights more than model.max_staleness={self.max_staleness} versions old; the rollout "
-                "backend is not getting the new weights (check its sync), or raise model.max_staleness"
-            )
-        return (rollout, total, parts) if keep else None
-
-    def _online_batch(self, rollout, total: torch.Tensor, parts: dict) -> tuple[dict, dict]:
-        data = apply_loss_masks(rollout.tensors(self.tokenizer.pad_token_id or 0, self.device), rollout)
-        data["rewards"] = total.to(self.device, torch.float32)
-        data["versions"] = torch.tensor(rollout.versions, dtype=torch.long, device=self.device)
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
-        stats = {f"reward/{name}": values.mean() for name, values in parts.items()}
-        stats.update(
-            {
-                "completion_len": lengths.mean(),
-                "completion_len_max": lengths.max(),
-                "truncated": torch.tensor([r == "length" for r in rollout.finish_reasons], dtype=torch.float32).mean(),
-                "rollout_tokens_per_sec": rollout.num_tokens / max(rollout.seconds, 1e-9),
-                "weights_lag": float(self.global_step - min(rollout.versions)),
-            }
-        )
-        return data, stats
 
     def _optimise(self, data: dict, stats: dict) -> None:
         mask = data["labels"] != IGNORE_INDEX
@@ -466,7 +319,9 @@ class GRPOModule(CausalLMModule):
                     logps = self._token_logps(self.model, data, idx)
                     if old is None:  # the policy before this (the batch's only) update: this forward
                         old_rows = logps.detach()
-                        weight_rows = self._in_step_stats(old_rows, engine_logps, stale, mask, idx, sums)
+                        weight_rows = in_step_stats(
+                            old_rows, engine_logps, stale, mask, idx, sums, self.behaviour_weight_cap
+                        )
                     else:
                         old_rows, weight_rows = old[idx], None if weights is None else weights[idx]
                     out = grpo_loss(
@@ -504,11 +359,8 @@ class GRPOModule(CausalLMModule):
                 sched.step()
                 updates += 1
                 if self._rollout is not None and self.global_step % self.sync_interval == 0:
-                    if self._producer is not None:  # in turn with the queued rollouts, without waiting
-                        self._producer.publish(self.model, self.global_step)
-                    else:
-                        self._rollout.sync(self.model, self.global_step)
-        if old is None and engine_logps is not None:  # summed per micro-batch by _in_step_stats
+                    self._sync_rollout()
+        if old is None and engine_logps is not None:  # summed per micro-batch by in_step_stats
             stats["logp_gap"] = sums["logp_gap"] / mask.sum().clamp(min=1)
             if stale is not None:
                 stats["behaviour_weight"] = sums["behaviour_weight"] / mask.sum().clamp(min=1)
@@ -525,31 +377,8 @@ class GRPOModule(CausalLMModule):
         dropout = self.lora_config is not None and self.lora_config.dropout > 0
         return one_update and not dropout
 
-    def _in_step_stats(self, old_rows, engine_logps, stale, mask, idx, sums):
-        """A micro-batch's share of logp_gap and, for rows of older weights, their decoupled-PPO
-        weights (returned) when the old log-probs come from the training forward."""
-        if engine_logps is None:
-            return None
-        rows_mask = mask[idx]
-        sums["logp_gap"] += ((old_rows - engine_logps[idx]).abs() * rows_mask).sum()
-        if stale is None:
-            return None
-        weights = behaviour_weights(old_rows, engine_logps[idx], stale[idx], self.behaviour_weight_cap)
-        sums["behaviour_weight"] += (weights * rows_mask).sum()
-        return weights
-
     def _log_step(self, rewards, groups, sums, tokens, updates, stats, data) -> None:
-        _, group_std = group_moments(rewards, groups)
-        metrics = {
-            "reward": rewards.mean(),
-            "reward_std": group_std.mean(),
-            "zero_std_groups": (group_std < 1e-6).float().mean(),
-            "loss": sums["loss"] / max(updates, 1),
-        }
-        if tokens.item() > 0:  # one wait per step (the progress bar waits for its values anyway)
-            metrics.update({name: sums[name] / tokens for name in ("clip_frac", "ratio")})
-            if self.kl_coef > 0:
-                metrics["kl"] = sums["kl"] / tokens
+        metrics = step_metrics(rewards, groups, sums, tokens, updates, with_kl=self.kl_coef > 0)
         metrics.update(stats)
         for name, value in metrics.items():
             self.log(
@@ -598,15 +427,6 @@ class GRPOModule(CausalLMModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         check_strategy(self.trainer.strategy if self.rollout_config is not None else None)  # FSDP etc.: refused
-
-    def on_train_end(self) -> None:
-        # Batches queued ahead are not trained: the run ends at max_steps or its last epoch.
-        if self._producer is not None:
-            self._producer.close()
-            self._producer = None
-
-    def teardown(self, stage: str) -> None:
-        self.on_train_end()  # also after a failed run, so that no producer thread is left behind
 
     # -- checkpoints without a frozen reference that can be read again from disk ---------------------
     def on_save_checkpoint(self, checkpoint) -> None:
