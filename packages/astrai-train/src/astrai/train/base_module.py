@@ -1,5 +1,6 @@
-"""What every training module shares: building the model, LoRA, gradient checkpointing,
-torch.compile, the optimizer and LR schedule, throughput/MFU logging and export on fit end.
+"""What every training module shares: building the model (model_source.py), LoRA, gradient
+checkpointing, torch.compile, the optimizer and LR schedule, throughput/MFU logging and export
+on fit end.
 
 Batch contract (produced by astrai.train.data, consumed by the subclasses):
   labels[b, t] is the token to predict after input_ids[b, :t+1]; -100 = no target.
@@ -17,12 +18,9 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
 from astrai.core.errors import AstraiError, require
 from astrai.core.moe import MoE
-from astrai.core.tokenizer import AutoTokenizer
-from astrai.core.transformer import CausalLM
 
 from .adapter import adapter_lora_config, load_adapter
 from .export import export_adapter, export_model
@@ -39,6 +37,7 @@ from .metrics import (
     peak_flops,
     precision_dtype,
 )
+from .model_source import build_model, load_tokenizer
 from .module_args import ExportArgs, OptimizerArgs, ScheduleArgs, as_group, plain_hparams, refuse_moved_options
 from .optimizers import build_optimizer
 from .schedulers import NEED_LENGTH, build_scheduler
@@ -51,44 +50,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 class BatchError(AstraiError):
     """A batch does not follow the batch contract; the message names the key and what was expected."""
-
-
-def load_tokenizer(path: str | None) -> AutoTokenizer | None:
-    if path is None:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"model.tokenizer: {e}") from None
-
-
-def build_model(source: str | dict[str, Any], tokenizer: AutoTokenizer | None) -> CausalLM:
-    """A model directory (ours or Hugging Face) is loaded with its weights; a ModelConfig (JSON
-    file or mapping) builds a freshly initialised model whose vocabulary and special-token ids
-    come from the tokenizer."""
-    if isinstance(source, str) and Path(source).is_dir():
-        model = AutoModel.from_pretrained(source, dtype=torch.float32)  # fp32 master weights
-        if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(
-                f"model.tokenizer has {tokenizer.vocab_size} tokens but the model in {source} embeds "
-                f"only {model.config.vocab_size}; use the tokenizer the model was trained with"
-            )
-        return model.train()
-    if isinstance(source, dict):
-        fields = dict(source)
-    elif isinstance(source, str) and Path(source).is_file():
-        fields = ModelConfig.from_json(source).to_dict()
-    else:
-        raise ValueError(
-            f"model: {source!r} is neither a model directory nor a ModelConfig JSON file "
-            "(nor a mapping of ModelConfig fields)"
-        )
-    if tokenizer is not None:
-        fields["vocab_size"] = tokenizer.vocab_size
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if fields.get(name) is None:
-                fields[name] = getattr(tokenizer, name)
-    return AutoModel.from_config(ModelConfig.from_dict(fields))
 
 
 def check_batch(batch: Any, required: tuple[str, ...], owner: str) -> None:

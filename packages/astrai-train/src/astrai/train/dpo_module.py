@@ -17,9 +17,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .base_module import BatchError, CausalLMModule, build_model
+from .base_module import BatchError, CausalLMModule
 from .lora import adapters_disabled
 from .losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss, sequence_logps
+from .model_source import build_model
 
 SIDES = ("chosen", "rejected")
 DPO_KEYS = tuple(f"{side}_{key}" for side in SIDES for key in ("input_ids", "labels", "attention_mask"))

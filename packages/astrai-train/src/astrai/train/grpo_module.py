@@ -40,7 +40,7 @@ import torch
 from astrai.core.engine import EngineConfig, SamplingParams
 from astrai.core.errors import require_for
 
-from .base_module import BatchError, CausalLMModule, build_model
+from .base_module import BatchError, CausalLMModule
 from .grpo_async import behaviour_weights, updates_per_batch
 from .grpo_episodes import GRPOEpisodes
 from .grpo_logps import frozen_logps, token_logps
@@ -54,6 +54,7 @@ from .grpo_loss import (  # noqa: F401 - importable from here
 from .grpo_stats import in_step_stats, step_metrics
 from .lora import adapters_disabled
 from .losses import IGNORE_INDEX
+from .model_source import build_model
 from .remote_rollout import RolloutConfig, check_strategy
 from .rewards import RewardSpec, load_rewards
 from .rollout import engine_config_for, log_reward_metrics, resolve_dtype, sample_seed
