@@ -6,13 +6,14 @@ import torch
 from engine_helpers import assert_pages_released, full_recompute_logits, greedy_reference, random_prompts
 
 from astrai.core.engine import InferenceEngine, SamplingParams
-from astrai.core.engine.sampler import Sampler, SampleRow, apply_penalties
+from astrai.core.engine.sampler import Sampler, SampleRow, apply_penalties, invert_cdf, seeded_uniform
 
 N_DRAWS = 4000
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, n: int = N_DRAWS) -> torch.Tensor:
-    rows = [SampleRow(params.validate(), None, [], []) for _ in range(n)]
+def draw(logits: torch.Tensor, params: SamplingParams, n: int = N_DRAWS, seeded: bool = False) -> torch.Tensor:
+    """n draws from the same logits: unseeded rows race, seeded ones (seeds 0..n-1) invert the CDF."""
+    rows = [SampleRow(params.validate(), i if seeded else None, [], [], position=7) for i in range(n)]
     tokens, _ = Sampler()(logits.expand(n, -1).clone(), rows)
     return torch.tensor(tokens)
 
@@ -80,6 +81,49 @@ def test_min_p_drops_tokens_below_the_threshold(logits):
     assert 1 < len(kept) < 40
     tokens = draw(logits, SamplingParams(min_p=0.2))
     assert set(tokens.tolist()) == kept
+
+
+def test_seeded_draws_follow_the_same_filtered_distribution(logits):
+    probs = torch.softmax(logits.double() / 0.8, -1)
+    top = probs.topk(12).indices.tolist()
+    expected = torch.zeros(40, dtype=torch.float64)
+    expected[top] = probs[top] / probs[top].sum()
+    tokens = draw(logits, SamplingParams(temperature=0.8, top_k=12), seeded=True)
+    assert set(tokens.tolist()) <= set(top)
+    assert (frequencies(tokens, 40) - expected).abs().max() < 0.035
+
+
+def test_seeded_uniform_is_uniform_and_changes_with_seed_and_position():
+    by_position = torch.tensor([seeded_uniform(99, p) for p in range(20000)], dtype=torch.float64)
+    by_seed = torch.tensor([seeded_uniform(s, 3) for s in range(20000)], dtype=torch.float64)
+    for u in (by_position, by_seed):
+        assert 0 <= u.min() and u.max() < 1
+        counts = torch.histc(u, bins=10, min=0, max=1)
+        assert ((counts - 2000).abs() < 200).all(), counts  # ~4.5 sigma
+        assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.03  # neighbours independent
+    assert seeded_uniform(5, 0) == seeded_uniform(5, 0) != seeded_uniform(5, 1) != seeded_uniform(6, 0)
+
+
+def test_inverting_the_cdf_never_picks_a_token_without_probability():
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.25]])  # second: unnormalised
+    edges = torch.tensor([0.0, 0.29999, 0.3, 0.5, 1 - 2**-24])
+    for u in edges:
+        picked = invert_cdf(probs, u.expand(2)).tolist()
+        assert probs[0, picked[0]] > 0 and probs[1, picked[1]] > 0, (float(u), picked)
+    assert invert_cdf(probs, torch.tensor([0.2, 0.5])).tolist() == [1, 0]
+    assert invert_cdf(probs, torch.tensor([0.31, 0.7])).tolist() == [3, 5]
+
+
+def test_a_seeded_row_draws_the_same_token_beside_any_batch_mates(logits):
+    params = SamplingParams(temperature=1.0).validate()
+    row = SampleRow(params, 1234, [], [], position=11)
+    alone, _ = Sampler()(logits[None].clone(), [row])
+    mates = [SampleRow(params, None, [], []), SampleRow(SamplingParams(temperature=0.5).validate(), 9, [], [], 2)]
+    for batch in ([row] + mates, mates + [row]):
+        tokens, _ = Sampler()(logits.expand(len(batch), -1).clone(), batch)
+        assert tokens[batch.index(row)] == alone[0]
+    later = [Sampler()(logits[None].clone(), [SampleRow(params, 1234, [], [], position=p)])[0][0] for p in range(40)]
+    assert len(set(later)) > 5  # the position moves the draw along
 
 
 def test_penalties_follow_the_formula():

@@ -50,6 +50,7 @@ from astrai.core.errors import AstraiError, require
 
 from .lora import LoRAConfig
 from .rollout import Rollout, policy_state
+from .weights_file import WeightsWriter
 
 WEIGHTS_FILE = "model.safetensors"
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -143,6 +144,7 @@ class RemoteRollout:
         self.version: int | None = None
         self.sync_seconds = 0.0  # the last sync's write + update of every server (rank 0's; ~0 on others)
         self.weights_dir: Path | None = None  # a follower (DDP rank > 0) writes nothing
+        self._writer = WeightsWriter()
         if self.leader:
             self.weights_dir = Path(self.config.weights_dir or _fresh_dir())
             if self.config.weights_dir is None:
@@ -238,20 +240,16 @@ class RemoteRollout:
                 self._follow(server)
 
     def _write(self, state: dict) -> None:
-        """One safetensors file; tied tensors once (safetensors refuses shared storage), written
-        under another name first so a server never reads half a file."""
-        from safetensors.torch import save_file
-
+        """One safetensors file (weights_file.py); tied tensors once (safetensors refuses shared
+        storage), written under another name first so a server never reads half a file."""
         seen: set[int] = set()
         tensors = {}
         for name, tensor in state.items():
             if tensor.data_ptr() in seen:
                 continue
             seen.add(tensor.data_ptr())
-            tensors[name] = tensor.detach().to("cpu").contiguous()
-        partial = self.weights_dir / (WEIGHTS_FILE + ".partial")
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-        os.replace(partial, self.weights_dir / WEIGHTS_FILE)
+            tensors[name] = tensor
+        self._writer.write(tensors, self.weights_dir / WEIGHTS_FILE)
 
     def _update(self, server: _Server) -> bool:
         """Pause, update, resume one server; False (and set aside) when it fails."""

@@ -278,12 +278,12 @@ class EngineCore:
         seqs = [c.seq for c in chunks]
         counts = [seq.num_samples for seq in seqs]
         if all(n == 1 for n in counts):
-            rows = [_sample_row(seq, 0) for seq in seqs]
+            rows = [_sample_row(c, 0) for c in chunks]
         else:  # a request's first token with n > 1: n draws from its one row of logits
             rows, row_logit = [], []
-            for j, seq in enumerate(seqs):
-                for k in range(seq.num_samples):
-                    rows.append(_sample_row(seq, k))
+            for j, c in enumerate(chunks):
+                for k in range(c.seq.num_samples):
+                    rows.append(_sample_row(c, k))
                     row_logit.append(j)
             (index,) = to_device([torch.tensor(row_logit)], logits.device)
             logits = logits.index_select(0, index)
@@ -502,12 +502,14 @@ class EngineCore:
         return sum(n for _, n in recent) / span if span > 0 else 0.0
 
 
-def _sample_row(seq: Sequence, k: int) -> SampleRow:
-    """The sampler's row for draw k of seq (k > 0 only for the forks of a first token)."""
-    r = seq.request
+def _sample_row(chunk: Chunk, k: int) -> SampleRow:
+    """The sampler's row for draw k of the chunk's sequence (k > 0 only for the forks of a first
+    token); the token it draws lands at position chunk.start + chunk.length."""
+    seq, r = chunk.seq, chunk.seq.request
+    seed, position = r.sample_seeds[seq.index + k], chunk.start + chunk.length
     if r.params.has_penalties:
-        return SampleRow(r.params, r.generators[seq.index + k], r.prompt_token_ids, seq.output_ids)
-    return SampleRow(r.params, r.generators[seq.index + k], [], [])
+        return SampleRow(r.params, seed, r.prompt_token_ids, seq.output_ids, position)
+    return SampleRow(r.params, seed, [], [], position)
 
 
 def _overlappable(seq: Sequence) -> bool:

@@ -81,7 +81,7 @@ class RequestIntake:
             params=params,
             arrival=0,
             max_tokens=min(params.max_tokens or room, room),
-            generators=self._generators(params),
+            sample_seeds=_sample_seeds(params),
             eos_ids=self.eos_ids,
             sink=sink,
         )
@@ -105,16 +105,12 @@ class RequestIntake:
             raise AstraiError(f"prompt has token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
         return list(prompt), None
 
-    def _generators(self, params: SamplingParams) -> list[torch.Generator | None]:
-        """One generator per sample when seeded: sample 0 uses the seed itself, sample i a mix of both."""
-        if params.seed is None:
-            return [None] * params.n
-        gens = []
-        for i in range(params.n):
-            g = torch.Generator(device=self.device)
-            g.manual_seed((params.seed if i == 0 else hash((params.seed, i))) & 0xFFFF_FFFF_FFFF_FFFF)
-            gens.append(g)
-        return gens
+
+def _sample_seeds(params: SamplingParams) -> list[int | None]:
+    """One key per sample when seeded: sample 0 uses the seed itself, sample i a mix of both."""
+    if params.seed is None:
+        return [None] * params.n
+    return [(params.seed if i == 0 else hash((params.seed, i))) & 0xFFFF_FFFF_FFFF_FFFF for i in range(params.n)]
 
 
 def is_token_id(value) -> bool:

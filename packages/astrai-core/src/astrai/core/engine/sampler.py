@@ -1,11 +1,16 @@
 """Batched sampling on the logits' device; the order of the steps is documented in params.py.
 
 Every row of the batch carries its own parameters; the filters run on the whole batch
-at once and only when at least one row uses them. The draw is an exponential race: the
-token with the largest p / E, E ~ Exp(1) drawn per token, is an exact sample from p (E = 0
-cannot happen, and U = 0 gives E = inf: that token loses), so one argmax samples every row.
-A seeded row draws its E from its own torch.Generator, so its output does not depend on what
-else is in the batch.
+at once and only when at least one row uses them. An unseeded row's draw is an exponential
+race: the token with the largest p / E, E ~ Exp(1) drawn per token, is an exact sample from p
+(E = 0 cannot happen, and U = 0 gives E = inf: that token loses), so one argmax samples every row.
+
+A seeded row inverts its cumulative distribution at one uniform number, a hash of its seed and
+the position of the token it draws (`seeded_uniform`), so its output depends neither on what
+else is in the batch nor on how often it was drawn before (a recomputed step draws the same
+token). Why not a torch.Generator per row: its noise takes one kernel launch per row and step,
+which on a GPU made a batch of 512 seeded rollouts host-bound (the hash costs one entry in the
+per-row numbers that cross anyway; the inversion, two passes over the batch's probabilities).
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from .params import SamplingParams
 @dataclass
 class SampleRow:
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int | None  # the sample's 64-bit key (request_intake), None when unseeded
     prompt_ids: list[int]
     output_ids: list[int]
+    position: int = 0  # where the drawn token lands in its sequence: a seeded draw's counter
 
 
 class Sampler:
@@ -67,11 +73,12 @@ class Sampler:
                 [p.top_p if p.top_p < 1 else 2.0 for p in params],  # 2: nothing reaches it, top-p off
                 [p.min_p for p in params],
                 [float(g) for g in greedy],
+                [seeded_uniform(r.seed, r.position) if r.seed is not None else -1.0 for r in rows],
             ],
             dtype=torch.float32,
         )
         (numbers,) = to_device([numbers], x.device)
-        temps, ks, k_off, top_p, min_p, is_greedy = numbers
+        temps, ks, k_off, top_p, min_p, is_greedy, uniform = numbers
         scaled = x / temps[:, None]
         if top_k:
             scaled = top_k_filter(scaled, ks.long(), k_max, k_off.bool())
@@ -80,15 +87,39 @@ class Sampler:
         probs = scaled.softmax(-1)
         if any(p.min_p > 0 for p in params):
             probs = min_p_filter(probs, min_p)
-        # E = -log(U), U ~ Uniform[0, 1): several times faster than exponential_() on CPU.
-        noise = torch.rand_like(probs)
-        for i, r in enumerate(rows):
-            if r.generator is not None:
-                noise[i].uniform_(generator=r.generator)
-        tokens = (probs / noise.log_().neg_()).argmax(-1)
+        seeded = [r.seed is not None for r in rows]
+        if all(seeded):
+            tokens = invert_cdf(probs, uniform)
+        else:
+            # E = -log(U), U ~ Uniform[0, 1): several times faster than exponential_() on CPU.
+            tokens = (probs / torch.rand_like(probs).log_().neg_()).argmax(-1)
+            if any(seeded):
+                tokens = torch.where(uniform >= 0, invert_cdf(probs, uniform.clamp(min=0)), tokens)
         if any(greedy):
             tokens = torch.where(is_greedy.bool(), x.argmax(-1), tokens)
         return tokens
+
+
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def seeded_uniform(seed: int, position: int) -> float:
+    """A number in [0, 1) that depends only on (seed, position): splitmix64 of the pair, its top
+    24 bits (exact in float32, the dtype it crosses to the device in)."""
+    z = (seed + (position + 1) * 0x9E37_79B9_7F4A_7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & _MASK64
+    return ((z ^ (z >> 31)) >> 40) / float(1 << 24)
+
+
+def invert_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Each row's token where its cumulative probability first exceeds uniform (B,) in [0, 1)
+    times the row's total (probs need not sum to 1). The target stays below the total, so the
+    chosen token always has probability > 0 (the cumulative sum only rises on such tokens)."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniform[:, None] * total, total * (1 - 2**-20))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:

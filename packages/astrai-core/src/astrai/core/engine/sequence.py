@@ -12,8 +12,6 @@ import threading
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
 from .outputs import Completion, Sample, TokenLogprob
 from .params import SamplingParams
 from .stop import SampleText
@@ -33,7 +31,7 @@ class Request:
     params: SamplingParams
     arrival: int  # admission order: first come, first served; the newest is preempted first
     max_tokens: int  # params.max_tokens capped by the room left under max_model_len
-    generators: list[torch.Generator | None]  # one per sample, None when unseeded
+    sample_seeds: list[int | None]  # one per sample (sampler.seeded_uniform's key), None when unseeded
     eos_ids: frozenset[int]
     sink: object = None  # where StreamEvents go (a callable or an asyncio loop's queue), then the end marker
     samples: list[Sample | None] = field(default_factory=list)  # filled in as samples finish
