@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from ..errors import AstraiError
-from .device_transfer import to_device
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
 
@@ -75,6 +74,9 @@ class Grammars:
         self._lltok = None
         self._executor = None
         self._shifts: dict[torch.device, torch.Tensor] = {}  # bit positions of a mask word
+        self._host_masks: torch.Tensor | None = None  # filled in place each step (pinned on CUDA)
+        self._host_rows: torch.Tensor | None = None
+        self._copied = None  # CUDA event: the last step's copy out of the host buffers has run
         self._grammars: dict[str, str] = {}  # spec as canonical JSON -> validated grammar
 
     def _ll_tokenizer(self):
@@ -132,14 +134,18 @@ class Grammars:
         for i in rows:
             slot.setdefault(id(matchers[i]), len(slot))
         unique = {id(matchers[i]): matchers[i] for i in rows}
-        masks = torch.empty((len(slot), words), dtype=torch.int32)
-        fill_next_token_bitmask_par(self._parallel(), [(m, slot[k]) for k, m in unique.items()], masks)
-        if len(slot) < len(rows):
-            masks = masks[[slot[id(matchers[i])] for i in rows]]
-        # One asynchronous copy from pinned memory: a copy from pageable memory would wait for
-        # the forward pass already queued on the device and undo the step overlap.
-        masks, index = to_device([masks.reshape(-1), torch.tensor(rows, dtype=torch.int32)], logits.device)
-        masks, index = masks.view(len(rows), words), index.long()
+        masks, index = self._host_buffers(len(rows), words, logits.device)
+        fill_next_token_bitmask_par(self._parallel(), [(m, slot[k]) for k, m in unique.items()], masks[: len(slot)])
+        if len(slot) < len(rows):  # repeated matchers: each row its matcher's mask (a copy, so in order)
+            masks[: len(rows)] = masks[[slot[id(matchers[i])] for i in rows]]
+        index[: len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        # Asynchronous copies from pinned memory: a copy from pageable memory would wait for the
+        # forward pass already queued on the device and undo the step overlap.
+        masks = masks[: len(rows)].to(logits.device, non_blocking=True)
+        index = index[: len(rows)].to(logits.device, non_blocking=True).long()
+        if logits.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(logits.device))
         shifts = self._shifts.get(logits.device)
         if shifts is None:  # made once per device, not every constrained step
             shifts = self._shifts[logits.device] = torch.arange(32, device=logits.device, dtype=torch.int32)
@@ -149,3 +155,15 @@ class Grammars:
             allowed = torch.cat([allowed, pad], dim=-1)
         picked = logits.index_select(0, index)
         logits.index_copy_(0, index, picked.masked_fill(~allowed, float("-inf")))
+
+    def _host_buffers(self, rows: int, words: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's mask and row-index buffers on the host, kept from step to step (no allocation,
+        pinning or extra copy of the masks each step), once the last step's copies out of them
+        have run."""
+        if self._copied is not None:
+            self._copied.synchronize()  # queued a step ago: long done
+        if self._host_masks is None or self._host_masks.shape[0] < rows:
+            pin = device.type == "cuda"
+            self._host_masks = torch.empty((rows, words), dtype=torch.int32, pin_memory=pin)
+            self._host_rows = torch.empty(rows, dtype=torch.int32, pin_memory=pin)
+        return self._host_masks, self._host_rows
