@@ -20,12 +20,17 @@ tokens).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import logging
 from typing import Any
 
 import torch
 
 from ..errors import AstraiError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
 
@@ -46,6 +51,26 @@ def check_spec(spec: Any) -> None:
         raise AstraiError(f"{field}['json_object'] must be true, got {value!r}")
     if kind in ("regex", "lark") and not (isinstance(value, str) and value):
         raise AstraiError(f"{field}['{kind}'] must be a non-empty string")
+
+
+def mask_rows(logits: torch.Tensor, masks: torch.Tensor, index: torch.Tensor, shifts_cache: dict) -> None:
+    """In place, with torch ops: row index[i] of logits keeps the tokens whose bit is set in
+    masks[i] (kernels/token_mask.py does the same in one launch on CUDA)."""
+    shifts = shifts_cache.get(logits.device)
+    if shifts is None:  # made once per device, not every constrained step
+        shifts = shifts_cache[logits.device] = torch.arange(32, device=logits.device, dtype=torch.int32)
+    rows = len(index)
+    allowed = ((masks.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, : logits.shape[-1]].bool()
+    if allowed.shape[-1] < logits.shape[-1]:  # logits wider than the tokenizer's vocabulary
+        pad = torch.zeros(rows, logits.shape[-1] - allowed.shape[-1], dtype=torch.bool, device=logits.device)
+        allowed = torch.cat([allowed, pad], dim=-1)
+    picked = logits.index_select(0, index)
+    logits.index_copy_(0, index, picked.masked_fill(~allowed, float("-inf")))
+
+
+@functools.cache
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def grammar_text(spec: dict) -> str:
@@ -77,6 +102,7 @@ class Grammars:
         self._host_masks: torch.Tensor | None = None  # filled in place each step (pinned on CUDA)
         self._host_rows: torch.Tensor | None = None
         self._copied = None  # CUDA event: the last step's copy out of the host buffers has run
+        self._use_kernel = True  # kernels/token_mask.py on CUDA, until it fails to build
         self._grammars: dict[str, str] = {}  # spec as canonical JSON -> validated grammar
 
     def _ll_tokenizer(self):
@@ -142,19 +168,20 @@ class Grammars:
         # Asynchronous copies from pinned memory: a copy from pageable memory would wait for the
         # forward pass already queued on the device and undo the step overlap.
         masks = masks[: len(rows)].to(logits.device, non_blocking=True)
-        index = index[: len(rows)].to(logits.device, non_blocking=True).long()
+        index = index[: len(rows)].to(logits.device, non_blocking=True)
         if logits.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record(torch.cuda.current_stream(logits.device))
-        shifts = self._shifts.get(logits.device)
-        if shifts is None:  # made once per device, not every constrained step
-            shifts = self._shifts[logits.device] = torch.arange(32, device=logits.device, dtype=torch.int32)
-        allowed = ((masks.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1)[:, : logits.shape[-1]].bool()
-        if allowed.shape[-1] < logits.shape[-1]:  # logits wider than the tokenizer's vocabulary
-            pad = torch.zeros(len(rows), logits.shape[-1] - allowed.shape[-1], dtype=torch.bool, device=logits.device)
-            allowed = torch.cat([allowed, pad], dim=-1)
-        picked = logits.index_select(0, index)
-        logits.index_copy_(0, index, picked.masked_fill(~allowed, float("-inf")))
+            if self._use_kernel and logits.stride(-1) == 1 and has_triton():
+                try:
+                    from ..kernels.token_mask import apply_token_masks
+
+                    apply_token_masks(logits, masks, index)
+                    return
+                except Exception as e:  # a kernel that fails to build: the torch ops do the same
+                    log.warning("grammar mask kernel unavailable, masking with torch ops: %s", e)
+                    self._use_kernel = False
+        mask_rows(logits, masks, index.long(), self._shifts)
 
     def _host_buffers(self, rows: int, words: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's mask and row-index buffers on the host, kept from step to step (no allocation,
