@@ -193,6 +193,11 @@ def run_ours(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=data)
     measured = [s for s in steps if s["batch"] >= fill + args.warmup][: args.steps]
+    # The rollout engine's own counts over the whole run: whether its steps overlapped the host's
+    # work, were preempted or ran as many steps as the tokens need (where its speed goes).
+    engine = getattr(module._rollout, "engine", None)
+    keys = ("steps", "overlapped_steps", "preemptions", "computed_tokens", "generated_tokens", "pages_total")
+    engine_stats = {k: engine.stats()[k] for k in keys} if engine is not None else None
     seq_len = args.max_new_tokens + 64
     per_token = flops_per_token(module.model, module.config, seq_len)
     peak = module._peak_flops
@@ -207,6 +212,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         "steps": measured,
         "warmup_seconds": [s["seconds"] for s in steps if s["batch"] < fill + args.warmup],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "rollout_engine": engine_stats,
         "weight_sync_seconds": statistics.median([s["sync_seconds"] for s in measured]) if measured else None,
         "settings": {
             "compile": args.compile,
