@@ -204,6 +204,16 @@ def test_seed_reproduces_whatever_else_is_in_the_batch(model, tokenizer):
     assert other_seed.token_ids != alone
 
 
+def test_seeded_samples_are_the_same_when_preempted_and_recomputed(model, tokenizer):
+    prompts = random_prompts(6, tokenizer.vocab_size, 5, 14, seed=2)
+    params = [SamplingParams(n=2, max_tokens=14, temperature=1.0, seed=s, ignore_eos=True) for s in range(6)]
+    roomy = InferenceEngine(model, tokenizer, max_batch_size=12, page_size=4)
+    tight = InferenceEngine(model, tokenizer, max_batch_size=12, max_num_batched_tokens=64, page_size=4, num_pages=14)
+    want, got = roomy.generate(prompts, params), tight.generate(prompts, params)
+    assert tight.stats()["preemptions"] > 0 and roomy.stats()["preemptions"] == 0
+    assert [[s.token_ids for s in c.samples] for c in got] == [[s.token_ids for s in c.samples] for c in want]
+
+
 def test_n_samples_share_the_prompt_and_fork(model, tokenizer):
     prompt = random_prompts(1, tokenizer.vocab_size, 10, 10, seed=24)[0]  # ends mid-page: forks copy it
     engine = InferenceEngine(model, tokenizer, page_size=4)
