@@ -27,10 +27,9 @@ from .grpo_async import RolloutProducer, fresh_groups, lookahead_batches, select
 from .grpo_stats import rollout_stats
 from .remote_rollout import RemoteRollout
 from .rewards import score
-from .rollout import Rollout, RolloutEngine, resolve_dtype, sample_seed
+from .rollout import Rollout, RolloutEngine, check_online_batch, resolve_dtype, sample_seed
 from .workflow import apply_loss_masks
 
-ONLINE_KEYS = ("prompt_ids", "prompts", "rows")
 MAX_ALL_STALE_BATCHES = 4  # a run whose rollouts are all too stale this many times in a row stops
 
 Episodes = tuple[Rollout, torch.Tensor, dict[str, torch.Tensor]]  # rollout, total reward, each reward
@@ -138,26 +137,17 @@ class GRPOEpisodes:
         return rollout, total, parts
 
     def _check_online(self, batch, stage: str) -> None:
-        if not isinstance(batch, dict) or any(k not in batch for k in ONLINE_KEYS):
-            have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise BatchError(
-                f"GRPOModule: a {stage} batch needs {list(ONLINE_KEYS)} (prompts to complete; see "
-                f"astrai.train.data.grpo), got {have}"
-            )
-        if not self.rewards:
-            raise BatchError(
-                f"GRPOModule: {stage} generates completions and scores them, but model.rewards is "
-                "empty; name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]"
-            )
-        if not self._checked_online:
-            self._checked_online = True
-            vocab = self.config.vocab_size
-            bad = [t for ids in batch["prompt_ids"] for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise BatchError(
-                    f"GRPOModule: batch['prompt_ids'] holds token id {bad[0]}, outside the model's "
-                    f"vocabulary 0..{vocab - 1}; was the data tokenised with another tokenizer?"
-                )
+        vocab = None if self._checked_online else self.config.vocab_size  # token ids: once a run
+        check_online_batch(
+            "GRPOModule",
+            batch,
+            stage,
+            "prompts to complete; see astrai.train.data.grpo",
+            f"{stage} generates completions and scores them",
+            self.rewards,
+            vocab,
+        )
+        self._checked_online = True
 
     def _async_episodes(self, batch: dict):
         """Queue this batch's episodes in the producer; return the oldest queued batch's once

@@ -32,9 +32,16 @@ from astrai.core.errors import require_for
 from .base_module import BatchError
 from .dpo_module import SIDES, DPOModule
 from .rewards import RewardSpec, load_rewards, score
-from .rollout import Rollout, RolloutEngine, engine_config_for, log_reward_metrics, resolve_dtype, sample_seed
+from .rollout import (
+    Rollout,
+    RolloutEngine,
+    check_online_batch,
+    engine_config_for,
+    log_reward_metrics,
+    resolve_dtype,
+    sample_seed,
+)
 
-PROMPT_KEYS = ("prompt_ids", "prompts", "rows")
 _check = require_for("model")
 
 
@@ -230,26 +237,17 @@ class OnlineDPOModule(DPOModule):
         return pairs
 
     def _check_prompts(self, batch: Any, stage: str) -> None:
-        if not isinstance(batch, dict) or any(k not in batch for k in PROMPT_KEYS):
-            have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise BatchError(
-                f"OnlineDPOModule: a {stage} batch needs {list(PROMPT_KEYS)} (prompts to answer; "
-                f"astrai.train.data.grpo.GRPODataModule with prompt rows serves them), got {have}"
-            )
-        if not self.rewards:
-            raise BatchError(
-                "OnlineDPOModule: replies are ranked by the rewards, but model.rewards is empty; "
-                "name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]"
-            )
-        if not self._checked_prompts:
-            self._checked_prompts = True
-            vocab = self.config.vocab_size
-            bad = [t for ids in batch["prompt_ids"] for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise BatchError(
-                    f"OnlineDPOModule: batch['prompt_ids'] holds token id {bad[0]}, outside the model's "
-                    f"vocabulary 0..{vocab - 1}; was the data tokenised with another tokenizer?"
-                )
+        vocab = None if self._checked_prompts else self.config.vocab_size  # token ids: once a run
+        check_online_batch(
+            "OnlineDPOModule",
+            batch,
+            stage,
+            "prompts to answer; astrai.train.data.grpo.GRPODataModule with prompt rows serves them",
+            "replies are ranked by the rewards",
+            self.rewards,
+            vocab,
+        )
+        self._checked_prompts = True
 
     # -- steps -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

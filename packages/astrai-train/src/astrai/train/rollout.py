@@ -223,3 +223,28 @@ def log_reward_metrics(module, stage: str, rollout: Rollout, total: torch.Tensor
         module.log(f"{stage}/reward/{name}", values.mean().float(), batch_size=n, sync_dist=True)
     lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
     module.log(f"{stage}/completion_len", lengths.mean(), batch_size=n, sync_dist=True)
+
+
+PROMPT_KEYS = ("prompt_ids", "prompts", "rows")  # what an online batch (data/grpo.py) holds
+
+
+def check_online_batch(owner: str, batch, stage: str, served_by: str, rewards_use: str, rewards, vocab: int | None):
+    """An online strategy's (GRPO, online DPO) batch of prompts: its keys, the rewards it needs,
+    and (with `vocab`, once per run) its token ids; raises BatchError naming what to fix."""
+    from .base_module import BatchError
+
+    if not isinstance(batch, dict) or any(k not in batch for k in PROMPT_KEYS):
+        have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise BatchError(f"{owner}: a {stage} batch needs {list(PROMPT_KEYS)} ({served_by}), got {have}")
+    if not rewards:
+        raise BatchError(
+            f"{owner}: {rewards_use}, but model.rewards is empty; "
+            "name at least one, e.g. [{fn: astrai.train.rewards.answer_match}]"
+        )
+    if vocab is not None:
+        bad = [t for ids in batch["prompt_ids"] for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise BatchError(
+                f"{owner}: batch['prompt_ids'] holds token id {bad[0]}, outside the model's "
+                f"vocabulary 0..{vocab - 1}; was the data tokenised with another tokenizer?"
+            )
