@@ -9,9 +9,9 @@ from ..sizes import parse_bytes  # the one byte-size parser, also astrai.core.pa
 from .attention_backend import AttentionBackend, AttentionMetadata, KernelPagedAttention, TorchPagedAttention
 from .config import EngineConfig
 from .engine import InferenceEngine
-from .engine_core import END, LoopSink
 from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
 from .params import SamplingParams
+from .request_output import END, LoopSink
 
 __all__ = [
     "AttentionBackend",

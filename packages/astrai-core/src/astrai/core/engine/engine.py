@@ -29,7 +29,7 @@ from ..packed_linear import pack_projections
 from .attention_backend import AttentionBackend, default_backend
 from .config import EngineConfig, engine_fields
 from .cuda_graphs import DecodeRunner, graph_blocker
-from .engine_core import END, EngineCore, LoopSink
+from .engine_core import EngineCore
 from .host_settings import limit_cpu_threads
 from .kv_dtype import pool_dtype
 from .outputs import Completion, StreamEvent
@@ -38,6 +38,7 @@ from .paged_cache import PagedKVCache, pool_pages
 from .params import SamplingParams
 from .prefill_graphs import PrefillRunner
 from .request_intake import RequestIntake, is_token_id
+from .request_output import END, LoopSink
 from .scheduler import Scheduler
 from .sequence import Request
 from .structured_output import Grammars

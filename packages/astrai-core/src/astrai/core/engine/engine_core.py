@@ -2,7 +2,8 @@
 
 A step flattens the new tokens of every scheduled sequence into one row, runs the model once
 with a paged cache view, samples the sequences whose prompt is fully computed, and hands the
-new text to each request's sink. Not thread-safe: InferenceEngine calls it under its lock.
+new text to each request's sink (request_output.py turns what a token ends or streams into
+events, samples and completions). Not thread-safe: InferenceEngine calls it under its lock.
 
 Overlap: reading a step's tokens on the host (stop checks, detokenising, streaming) and
 scheduling the next step cost about as much as a large decode step on the GPU. So a decode
@@ -15,27 +16,27 @@ admission, forks, penalties that count output tokens) first reads the tokens in 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable
 
 import torch
 
 from .attention_backend import AttentionBackend, build_metadata
 from .cuda_graphs import DecodeRunner
 from .device_transfer import to_device
-from .outputs import Completion, EngineError, Sample, StreamEvent, TokenLogprob
+from .outputs import TokenLogprob
 from .paged_cache import PagedKVCache
 from .prefill_graphs import PrefillRunner
+from .request_output import END as END  # END and LoopSink were defined here: still importable from here
+from .request_output import LoopSink as LoopSink
+from .request_output import RequestOutput, logprob_list
 from .sampler import Drawn, Sampler, SampleRow
 from .scheduler import Chunk, Scheduler, StepPlan, is_decode
 from .sequence import Request, Sequence, Status
 from .stop import SampleText
 from .structured_output import Grammars
 
-END = object()  # the last item a request's sink receives
 _RATE_WINDOW_S = 10.0
 
 
@@ -62,25 +63,6 @@ class InFlight:
     rows: dict[Sequence, int]  # the row of each sequence's token in drawn.tokens, for the next step to feed on
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopSink:
-    """Where an asyncio consumer's events go: `deliver` runs inside `loop` once per engine step
-    with the (target, item) pairs of every request that shares that loop and deliver function.
-
-    The default fills each request's asyncio queue (`target`). A server passes its own deliver
-    to handle a whole step's events in one call instead of waking one task per request.
-    """
-
-    loop: asyncio.AbstractEventLoop
-    target: object
-    deliver: Callable[[list[tuple[object, object]]], None] = _put_all
-
-
 class EngineCore:
     def __init__(
         self,
@@ -94,14 +76,12 @@ class EngineCore:
         self.model, self.tokenizer, self.cache, self.scheduler = model, tokenizer, cache, scheduler
         self.backend, self.device = backend, device
         self.sampler = Sampler(tokenizer.vocab_size if tokenizer is not None else None)
-        self.weights_version = 0
         self.weight_updates = 0  # load_weights calls (a trainer's pushes; not reset by reset_stats)
         self.num_steps = self.num_computed = self.num_generated = 0
         self.num_overlapped = 0  # steps launched while the previous step's tokens were in flight
         self.num_aborted = 0  # requests stopped by abort() (a client that left, a shutdown)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step
-        self._ended: list[Request] = []  # requests that finished or failed since the last step()
-        self._outbox: list[tuple[object, object]] = []  # (sink, item) to deliver after the step
+        self.output = RequestOutput(scheduler)  # events, finished samples and completions (request_output.py)
         self.decode_runner: DecodeRunner | None = None  # static-buffer (CUDA-graph) path for decode steps
         self.prefill_runner: PrefillRunner | None = None  # the same for prefill and mixed steps
         self.decode_timing = DecodeTiming()
@@ -117,7 +97,7 @@ class EngineCore:
             token_ids=list(r.prompt_token_ids),
             text=self._sample_text(r),
             num_samples=r.params.n,
-            logprobs=_logprob_list(r),
+            logprobs=logprob_list(r),
         )
         if r.params.structured_output is not None:
             seq.matcher = self.grammars.matcher(r.params.structured_output)
@@ -127,11 +107,10 @@ class EngineCore:
     def abort(self, r: Request) -> None:
         self.num_aborted += 1
         for seq in list(r.seqs):
-            self._finish(seq, "abort", None)
+            self.output.finish(seq, "abort", None)
 
     def take_ended(self) -> list[Request]:
-        ended, self._ended = self._ended, []
-        return ended
+        return self.output.take_ended()
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> None:
@@ -334,7 +313,7 @@ class EngineCore:
         n, seq.num_samples = seq.num_samples, 1
         for k in range(1, n):
             child = self.scheduler.fork(seq, k, self._sample_text(seq.request))
-            child.logprobs = _logprob_list(seq.request)
+            child.logprobs = logprob_list(seq.request)
             if seq.matcher is not None:  # before the parent's matcher takes its own first token
                 child.matcher = seq.matcher.deep_copy()
             seq.request.seqs.append(child)
@@ -353,124 +332,26 @@ class EngineCore:
         if reason is None and len(seq.token_ids) - seq.num_prompt_tokens >= seq.request.max_tokens:
             reason = "length"
         if reason is not None:
-            self._finish(seq, reason, stop_reason)
+            self.output.finish(seq, reason, stop_reason)
         else:
-            self._emit(seq, None, None)
+            self.output.emit(seq, None, None)
 
     def _sample_text(self, r: Request) -> SampleText:
         return SampleText(self.tokenizer, r.params, r.eos_ids)
 
-    # -- requests out ----------------------------------------------------------------------
-    def _emit(self, seq: Sequence, finish_reason, stop_reason) -> None:
-        r = seq.request
-        final = finish_reason is not None
-        if r.sink is None:
-            if final:
-                seq.text.delta(final=True)  # flush the decoder into seq.text.text
-            return
-        text = seq.text.delta(final=final)
-        n_prompt = len(r.prompt_token_ids)
-        prompt_logprobs = r.prompt_logprobs if seq.index == 0 and seq.num_streamed == 0 else None
-        new = seq.token_ids[n_prompt + seq.num_streamed :]
-        logprobs = seq.logprobs[seq.num_streamed :] if seq.logprobs is not None else None
-        seq.num_streamed = len(seq.token_ids) - n_prompt
-        self._send(
-            r,
-            StreamEvent(
-                r.request_id,
-                seq.index,
-                text,
-                new,
-                logprobs,
-                finish_reason,
-                stop_reason,
-                n_prompt,
-                seq.num_streamed,
-                self.weights_version,
-                prompt_logprobs,
-            ),
-        )
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
-        """End seq (and, before its first token, the samples it would have forked)."""
-        r = seq.request
-        self.scheduler.remove(seq)
-        r.seqs.remove(seq)
-        self._emit(seq, reason, stop_reason)
-        r.samples[seq.index] = Sample(seq.index, seq.output_ids, seq.text.text, reason, stop_reason, seq.logprobs)
-        for k in range(1, seq.num_samples):
-            idx = seq.index + k
-            r.samples[idx] = Sample(idx, [], "", reason, stop_reason, _logprob_list(r))
-            if r.sink is not None:
-                self._send(
-                    r,
-                    StreamEvent(
-                        r.request_id,
-                        idx,
-                        "",
-                        [],
-                        r.samples[idx].logprobs,
-                        reason,
-                        stop_reason,
-                        len(r.prompt_token_ids),
-                        0,
-                        self.weights_version,
-                    ),
-                )
-        if r.finished:
-            r.completion = self._completion(r)
-            self._end(r, END)
-
+    # -- requests out (request_output.py) ---------------------------------------------------
     def fail(self, requests: list[Request], error: Exception) -> None:
         """End requests with an EngineError; their samples keep what they had and end with "abort"."""
-        for r in dict.fromkeys(requests):
-            if r.completion is not None:
-                continue
-            for seq in list(r.seqs):
-                self.scheduler.remove(seq)
-                r.samples[seq.index] = Sample(seq.index, seq.output_ids, seq.text.text, "abort", None, seq.logprobs)
-            r.seqs.clear()
-            for i, sample in enumerate(r.samples):
-                if sample is None:
-                    r.samples[i] = Sample(i, [], "", "abort")
-            r.error = EngineError(f"request {r.request_id!r} failed in an engine step: {error!r}")
-            r.error.__cause__ = error
-            r.completion = self._completion(r, error=str(r.error))
-            self._end(r, r.error)
-
-    def _completion(self, r: Request, error: str | None = None) -> Completion:
-        return Completion(
-            r.request_id,
-            r.prompt_token_ids,
-            list(r.samples),
-            r.prompt,
-            self.weights_version,
-            error=error,
-            prompt_logprobs=r.prompt_logprobs,
-        )
-
-    def _end(self, r: Request, last_item) -> None:
-        self._ended.append(r)
-        if r.sink is not None:
-            self._send(r, last_item)
-
-    def _send(self, r: Request, item) -> None:
-        self._outbox.append((r.sink, item))
+        self.output.fail(requests, error)
 
     def flush(self) -> None:
         """Deliver what the step produced: one wake-up per asyncio loop per step, not one per event."""
-        outbox, self._outbox = self._outbox, []
-        by_loop: dict = {}
-        for sink, item in outbox:
-            if isinstance(sink, LoopSink):
-                by_loop.setdefault((sink.loop, sink.deliver), []).append((sink.target, item))
-            else:
-                sink(item)
-        for (loop, deliver), items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(deliver, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+        self.output.flush()
+
+    @property
+    def weights_version(self) -> int:
+        """The version of the weights loaded last (what events and completions carry)."""
+        return self.output.weights_version
 
     # -- weights and numbers -----------------------------------------------------------------
     @torch.no_grad()
@@ -482,7 +363,7 @@ class EngineCore:
         self.scheduler.reset_prefix_cache()
         if recompute:
             self.scheduler.recompute_running()
-        self.weights_version = version
+        self.output.weights_version = version
         self.weight_updates += 1
 
     def reset_stats(self) -> None:
@@ -516,10 +397,6 @@ def _overlappable(seq: Sequence) -> bool:
     """A sequence whose next step may launch before its last token is read: one sample, and no
     penalties (they count the output tokens on the host)."""
     return seq.num_samples == 1 and not seq.request.params.has_penalties
-
-
-def _logprob_list(r: Request):
-    return [] if r.params.logprobs is not None else None
 
 
 def _scores_prompt(chunk: Chunk) -> bool:
