@@ -1,7 +1,8 @@
 """InferenceEngine: continuous batching over a paged KV cache, for one model on one device.
 
 This file is the front door: it checks requests, queues them, runs steps (engine_core.py does the
-work of one step) and hands results back to whoever waits for them.
+work of one step) and hands results back to whoever waits for them. engine_build.py builds the
+parts it serves with (cache, scheduler, core, CUDA graphs) from its EngineConfig.
 
 Threads: requests may be submitted from any thread. `stream` and `astream` start a background
 engine thread on first use (`start()` does it explicitly; `shutdown()` or the context manager
@@ -14,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from collections.abc import Sequence as SequenceABC
 
@@ -25,25 +24,15 @@ import torch
 from torch import nn
 
 from ..errors import AstraiError, require
-from ..packed_linear import pack_projections
-from .attention_backend import AttentionBackend, default_backend
-from .config import EngineConfig, engine_fields
-from .cuda_graphs import DecodeRunner, graph_blocker
-from .engine_core import EngineCore
-from .host_settings import limit_cpu_threads
-from .kv_dtype import pool_dtype
+from .attention_backend import AttentionBackend
+from .config import EngineConfig
+from .engine_build import build_parts, warm_up
 from .outputs import Completion, StreamEvent
-from .page_allocator import PageAllocator
-from .paged_cache import PagedKVCache, pool_pages
 from .params import SamplingParams
-from .prefill_graphs import PrefillRunner
-from .request_intake import RequestIntake, is_token_id
+from .request_intake import is_token_id
 from .request_output import END, LoopSink
-from .scheduler import Scheduler
 from .sequence import Request
-from .structured_output import Grammars
-
-log = logging.getLogger(__name__)
+from .weights_check import check_state
 
 
 class InferenceEngine:
@@ -82,79 +71,12 @@ class InferenceEngine:
         attention_backend: AttentionBackend | None = None,
         **settings,
     ):
-        unknown = sorted(set(settings) - {f.name for f in engine_fields()})
-        require(not unknown, "InferenceEngine", f"has no setting {unknown}; EngineConfig's fields are its settings")
-        config = (config or EngineConfig()).replace(**settings).validate()
-        self.config = config
-        max_batch_size, max_num_batched_tokens, page_size = (
-            config.max_batch_size,
-            config.max_num_batched_tokens,
-            config.page_size,
-        )
-        if not hasattr(model, "kv_layout") or not hasattr(model, "config"):
-            raise TypeError(f"model must be a CausalLM (with .config and .kv_layout()), got {type(model).__name__}")
-        model_config = model.config
-        max_model_len = model_config.max_len if config.max_model_len is None else config.max_model_len
-        require(
-            2 <= max_model_len <= model_config.max_len,
-            "max_model_len",
-            f"must be an integer in [2, model max_len={model_config.max_len}], got {max_model_len!r}",
-        )
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        limit_cpu_threads(self.device)
-        self.model = model.to(self.device).eval()
-        pack_projections(self.model)
-        self.tokenizer = tokenizer
-        dtype = pool_dtype(config.kv_cache_dtype, next(model.parameters()).dtype, self.device)
-        layout = model.kv_layout()
-        wanted = max_batch_size * -(-max_model_len // page_size)
-        pages = pool_pages(
-            config.num_pages,
-            config.kv_cache_bytes(),
-            PagedKVCache.bytes_per_page(layout, page_size, dtype),
-            wanted,
-            self.device,
-        )
-        self.page_size, self.max_batch_size = page_size, max_batch_size
-        self.max_model_len = min(max_model_len, pages * page_size)
-        self.cache = PagedKVCache(layout, pages, page_size, dtype, self.device)
-        self.allocator = PageAllocator(pages)
-        self.scheduler = Scheduler(self.allocator, page_size, max_batch_size, max_num_batched_tokens)
-        self.eos_ids = frozenset(tokenizer.stop_token_ids if tokenizer is not None else _config_eos(model_config))
-        grammars = Grammars(tokenizer, model_config.vocab_size, self.eos_ids)
-        self.intake = RequestIntake(
-            tokenizer, model_config.vocab_size, self.max_model_len, max_batch_size, self.eos_ids, self.device, grammars
-        )
-        self.core = EngineCore(
-            self.model,
-            tokenizer,
-            self.cache,
-            self.scheduler,
-            attention_backend or default_backend(self.device),
-            self.device,
-        )
-        self.core.grammars = grammars
-        if self._use_cuda_graphs(config.cuda_graphs):
-            self.core.decode_runner = DecodeRunner(
-                self.model, self.cache, self.core.backend, max_batch_size, self.max_model_len, capture=True
-            )
-            if config.prefill_graphs is not False:
-                self.core.prefill_runner = PrefillRunner(
-                    self.model,
-                    self.cache,
-                    self.core.backend,
-                    max_batch_size,
-                    max_num_batched_tokens,
-                    self.max_model_len,
-                    capture=True,
-                )
-        else:
-            require(
-                config.prefill_graphs is not True,
-                "prefill_graphs",
-                "(True) needs the decode CUDA graphs: a CUDA device, cuda_graphs not False and a model "
-                "they can capture (see the log line); leave prefill_graphs None or False",
-            )
+        parts = build_parts(model, tokenizer, config, settings, device, attention_backend)
+        self.config, self.device, self.model, self.tokenizer = parts.config, parts.device, parts.model, tokenizer
+        self.page_size, self.max_batch_size = parts.page_size, parts.max_batch_size
+        self.max_model_len, self.eos_ids = parts.max_model_len, parts.eos_ids
+        self.cache, self.allocator, self.scheduler = parts.cache, parts.allocator, parts.scheduler
+        self.intake, self.core = parts.intake, parts.core
 
         self._step_lock = threading.RLock()  # model, cache, scheduler and core state
         self._cv = threading.Condition()  # inbox, aborts, active requests, thread control
@@ -168,38 +90,7 @@ class InferenceEngine:
         self._paused = False  # pause(): the thread runs no step until resume()
         self._ended_outside_steps: list[Request] = []  # aborted between steps, for step() to report
         if self.device.type == "cuda":
-            self._warm_up()
-
-    def _warm_up(self) -> None:
-        """Run two tiny requests so that the first real ones do not wait for kernels to compile:
-        Triton compiles a kernel again for a size that is 1, a multiple of 16 or neither (about
-        a second each, once per machine thanks to its disk cache), and prefill and mixed steps
-        meet sizes the captured decode steps did not. Leaves no trace in stats or the prefix cache."""
-        start = time.perf_counter()
-        vocab = self.model.config.vocab_size
-        for n in (31, 48):  # a prefill of neither kind, then one of a multiple of 16
-            if n < self.max_model_len:
-                self.generate([[(n + 7 * i) % vocab for i in range(n)]], SamplingParams(max_tokens=2, ignore_eos=True))
-        self.core.reset_stats()
-        self.scheduler.reset_prefix_cache()
-        log.info("warm-up requests ran in %.2f s", time.perf_counter() - start)
-
-    def _use_cuda_graphs(self, wanted: bool | None) -> bool:
-        if wanted is False:
-            return False
-        if self.device.type != "cuda":
-            require(
-                wanted is None,
-                "cuda_graphs",
-                f"(True) needs a CUDA device, but the engine runs on "
-                f"{self.device}; leave it None (auto) or set it False",
-            )
-            return False
-        blocker = graph_blocker(self.model, self.core.backend)
-        if blocker is not None:
-            log.log(logging.WARNING if wanted else logging.INFO, "CUDA graphs off, decode runs eagerly: %s", blocker)
-            return False
-        return True
+            warm_up(self)
 
     @property
     def weights_version(self) -> int:
@@ -367,7 +258,7 @@ class InferenceEngine:
         require(is_token_id(version), "version", f"must be an integer, got {version!r}")
         state = weights.state_dict() if isinstance(weights, nn.Module) else weights
         require(isinstance(state, dict), "weights", f"must be a model or a state dict, got {type(weights).__name__}")
-        _check_state(self.model.state_dict(), state)
+        check_state(self.model.state_dict(), state)
         with self._step_lock:
             self.core.load_weights(state, version, recompute)
 
@@ -544,27 +435,3 @@ class InferenceEngine:
         finally:
             if not request.done.is_set():
                 self.abort(request.request_id)
-
-
-def _check_state(own: dict, state: dict) -> None:
-    """Names and shapes of new weights must match the served model's (tied weights may come once)."""
-    by_storage: dict[int, list[str]] = {}
-    for name, t in own.items():
-        by_storage.setdefault(t.data_ptr(), []).append(name)
-    missing = {m for m in set(own) - set(state) if not any(o in state for o in by_storage[own[m].data_ptr()])}
-    unexpected = set(state) - set(own)
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in state
-        if k in own and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        raise AstraiError(
-            "update_weights: the weights do not match the served model; "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}, shape mismatches {shapes[:5]}"
-        )
-
-
-def _config_eos(config) -> list[int]:
-    eos = config.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
