@@ -27,6 +27,7 @@ from astrai.core.engine.paged_cache import PagedKVCache
 from astrai.core.errors import AstraiError, require
 from astrai.core.tokenizer import AutoTokenizer
 
+from .base_module import BatchError
 from .lora import LoRAConfig, merge_lora_state_dict
 from .losses import IGNORE_INDEX
 
@@ -231,8 +232,6 @@ PROMPT_KEYS = ("prompt_ids", "prompts", "rows")  # what an online batch (data/gr
 def check_online_batch(owner: str, batch, stage: str, served_by: str, rewards_use: str, rewards, vocab: int | None):
     """An online strategy's (GRPO, online DPO) batch of prompts: its keys, the rewards it needs,
     and (with `vocab`, once per run) its token ids; raises BatchError naming what to fix."""
-    from .base_module import BatchError
-
     if not isinstance(batch, dict) or any(k not in batch for k in PROMPT_KEYS):
         have = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise BatchError(f"{owner}: a {stage} batch needs {list(PROMPT_KEYS)} ({served_by}), got {have}")

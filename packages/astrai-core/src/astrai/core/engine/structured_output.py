@@ -20,8 +20,6 @@ tokens).
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import logging
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import AstraiError
+from ..kernels.dispatch import use_fused
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +65,6 @@ def mask_rows(logits: torch.Tensor, masks: torch.Tensor, index: torch.Tensor, sh
         allowed = torch.cat([allowed, pad], dim=-1)
     picked = logits.index_select(0, index)
     logits.index_copy_(0, index, picked.masked_fill(~allowed, float("-inf")))
-
-
-@functools.cache
-def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def grammar_text(spec: dict) -> str:
@@ -172,7 +166,7 @@ class Grammars:
         if logits.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record(torch.cuda.current_stream(logits.device))
-            if self._use_kernel and logits.stride(-1) == 1 and has_triton():
+            if self._use_kernel and logits.stride(-1) == 1 and use_fused(logits):
                 try:
                     from ..kernels.token_mask import apply_token_masks
 
