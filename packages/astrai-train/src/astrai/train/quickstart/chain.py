@@ -37,7 +37,18 @@ from .corpus import Question, is_correct, load_questions, write_corpus
 from .measures import Change, greedy_answers, paired_change, sampled_rewards
 
 STAGES = 6
-SMOKE = {"scale": 0.04, "docs": 400}
+# --smoke: every stage's steps x scale on `docs` documents, and less measuring: the first
+# `heldout_questions` held-out questions (greedy accuracy, DPO's validation pairs, GRPO's rewards),
+# the first `dpo_questions` of DPO's training questions, `pair_samples` replies sampled per
+# question for DPO's pairs and `reward_samples` per held-out question for GRPO's reward.
+SMOKE = {
+    "scale": 0.04,
+    "docs": 400,
+    "heldout_questions": 20,
+    "dpo_questions": 40,
+    "pair_samples": 4,
+    "reward_samples": 4,
+}
 
 
 def default_configs() -> Path:
@@ -77,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help=f"a seconds-long check of the chain (steps x{SMOKE['scale']}, {SMOKE['docs']} documents); "
-        "its numbers mean nothing",
+        help=f"a seconds-long check of the chain (steps x{SMOKE['scale']}, {SMOKE['docs']} documents, "
+        f"{SMOKE['heldout_questions']} held-out questions, fewer sampled replies); its numbers mean nothing",
     )
     parser.add_argument(
         "--threads",
@@ -102,6 +113,11 @@ class Quickstart:
         if self.scale <= 0:
             raise ValueError(f"--steps-scale must be > 0, got {self.scale}")
         self.docs = SMOKE["docs"] if args.smoke else args.docs
+        # What --smoke measures on; None (all questions) and {} (sample_pairs' defaults) are the full run's.
+        self.heldout_questions = SMOKE["heldout_questions"] if args.smoke else None
+        self.dpo_questions = SMOKE["dpo_questions"] if args.smoke else None
+        self.pair_sampling = {"samples": SMOKE["pair_samples"]} if args.smoke else {}
+        self.reward_samples = SMOKE["reward_samples"] if args.smoke else None  # None: grpo.yaml's val_samples
         self.seed, self.quiet = args.seed, args.quiet
         if args.threads is not None:
             if args.threads < 1:
@@ -203,7 +219,7 @@ class Quickstart:
     def sft(self) -> None:
         overrides = self.stage_overrides("sft", {"train": self.files["sft_train"], "val": self.files["sft_val"]})
         self.banner(4, f"supervised fine-tuning ({overrides['trainer.max_steps']} steps)")
-        self.questions = load_questions(self.files["sft_heldout"])
+        self.questions = load_questions(self.files["sft_heldout"])[: self.heldout_questions]
         before, _ = greedy_answers(self.export("pretrain"), self.questions)
         self.cli("fit", "sft", {**overrides, "model.model": self.export("pretrain")})
         after, replies = greedy_answers(self.export("sft"), self.questions)
@@ -227,11 +243,12 @@ class Quickstart:
     def dpo_pairs(self) -> dict[str, Path]:
         """DPO's training and validation pairs: the reference against the SFT model's own wrong replies."""
         paths = {}
-        for split, name, seed in (
-            ("train", "dpo_questions", self.seed),
-            ("val", "dpo_heldout_questions", self.seed + 1),
+        for split, name, seed, limit in (
+            ("train", "dpo_questions", self.seed, self.dpo_questions),
+            ("val", "dpo_heldout_questions", self.seed + 1, self.heldout_questions),
         ):
-            pairs = sample_pairs(self.export("sft"), read_questions(self.files[name]), seed=seed)
+            questions = read_questions(self.files[name])[:limit]
+            pairs = sample_pairs(self.export("sft"), questions, seed=seed, **self.pair_sampling)
             paths[split] = write_pairs(self.data / "dpo" / f"{split}.jsonl", pairs)
             print(f"  {len(pairs)} {split} pairs -> {paths[split]}")
         return paths
@@ -263,7 +280,7 @@ class Quickstart:
         config = yaml.safe_load((self.configs / "grpo.yaml").read_text(encoding="utf-8"))["model"]["init_args"]
         sampling = {
             "rewards": load_rewards(config["rewards"], "grpo.yaml: model.rewards"),
-            "samples": config.get("val_samples", 16),
+            "samples": self.reward_samples or config.get("val_samples", 16),
             "temperature": config.get("val_temperature", 1.0),
             "max_tokens": config.get("max_new_tokens", 24),
             "seed": self.seed,
