@@ -7,7 +7,8 @@ and its wheel has no dependencies. Here: `SamplingParams.structured_output` name
 constraint; `Grammars` turns it into a grammar (cached by its text) and gives each constrained
 sample a matcher; before a draw the masks of the constrained rows are filled on the host (in
 llguidance's thread pool), sent in one asynchronous copy and applied to those rows' logits on
-the device; after the draw each matcher consumes its token, and a sample whose grammar is complete stops ("stop").
+the device; after the draw the step's matchers take their tokens in one call (the same pool),
+and a sample whose grammar is complete stops ("stop").
 
 A constrained sample's next mask needs its last token on the host (the matcher must see it
 first). With overlapped decode the next step's forward is launched on the device tokens, then
@@ -32,6 +33,7 @@ from ..kernels.dispatch import use_fused
 log = logging.getLogger(__name__)
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
+THREADS: int | None = None  # the grammars' thread pool size; None: llguidance's default
 
 
 def check_spec(spec: Any) -> None:
@@ -137,8 +139,18 @@ class Grammars:
         if self._executor is None:
             import llguidance
 
-            self._executor = llguidance.LLExecutor()  # the grammars' own thread pool: fills masks in parallel
+            # the grammars' own thread pool: fills masks and feeds tokens in parallel
+            self._executor = llguidance.LLExecutor(num_threads=THREADS)
         return self._executor
+
+    def consume(self, pairs: list[tuple[object, int]]) -> None:
+        """Feed each matcher its token: one call for a step's constrained samples, in the grammars'
+        thread pool when there are several (a matcher that cannot take its token is left in
+        error, as consume_token leaves it)."""
+        if len(pairs) > 1:
+            self._parallel().consume_token_par(pairs)
+        elif pairs:
+            pairs[0][0].consume_token(pairs[0][1])
 
     def apply(self, logits: torch.Tensor, matchers: list) -> None:
         """Mask, in place, each row of `logits` whose matcher is not None to the tokens it allows."""
