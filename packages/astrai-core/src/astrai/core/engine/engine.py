@@ -27,6 +27,7 @@ from ..errors import AstraiError, require
 from .attention_backend import AttentionBackend
 from .config import EngineConfig
 from .engine_build import build_parts, warm_up
+from .host_settings import paused_gc
 from .outputs import Completion, StreamEvent
 from .params import SamplingParams
 from .request_intake import is_token_id
@@ -134,7 +135,8 @@ class InferenceEngine:
         for r in requests:
             self._submit(r)
         try:
-            self._wait(requests, use_tqdm)
+            with paused_gc():
+                self._wait(requests, use_tqdm)
         finally:
             for r in requests:
                 if not r.done.is_set():

@@ -16,6 +16,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -45,3 +47,19 @@ def quiet_gc() -> None:
     # collection left behind have piled up; after the freeze that count would still be the
     # frozen hundreds of thousands, and cyclic garbage (abandoned streams) would linger.
     gc.collect()
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic collector off for a block (a blocking `generate`): a process that was not
+    quieted (a trainer generating its rollouts in-process: Lightning, the compiled graphs and
+    the datasets are millions of objects) would otherwise walk its whole heap several times a
+    batch. Cycles made meanwhile are collected after the block; the collector is only turned
+    back on if it was on."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
