@@ -110,3 +110,22 @@ def test_constrained_samples_overlap_decode_steps_and_give_the_plain_engines_tok
     assert [c.token_ids for c in overlapped] == [c.token_ids for c in plain]
     assert valid(json.loads(overlapped[0].text)) and re.fullmatch(r"[a-z]{3,8} [0-9]+", overlapped[1].text)
     assert engine.stats()["overlapped_steps"] > 10
+
+
+def test_each_request_gets_a_matcher_at_the_grammars_start_and_few_grammars_are_kept(model, tokenizer, monkeypatch):
+    from astrai.core.engine import structured_output
+
+    grammars = InferenceEngine(model, tokenizer, max_batch_size=2).core.grammars
+    spec = {"regex": "ab|cd"}
+    first = grammars.matcher(spec)
+    a = tokenizer.encode("a", add_special_tokens=False)
+    assert first.consume_tokens(a)  # the first request's matcher moves on...
+    second = grammars.matcher(spec)
+    assert second.validate_tokens(tokenizer.encode("cd", add_special_tokens=False)) > 0  # ...the next starts over
+    assert not first.validate_tokens(tokenizer.encode("cd", add_special_tokens=False))
+
+    monkeypatch.setattr(structured_output, "CACHED_GRAMMARS", 2)
+    for pattern in ("x", "y", "x", "z"):  # "y" is the least recently used when "z" comes
+        grammars.matcher({"regex": pattern})
+    kept = {json.loads(key)["regex"] for key in grammars._fresh}
+    assert kept == {"x", "z"} and len(grammars._grammars) == 2
