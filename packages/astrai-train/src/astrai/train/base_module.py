@@ -96,8 +96,9 @@ class CausalLMModule(L.LightningModule):
             on `model` (its base) and train on from there; its config is the LoRA config (a
             `lora` given too may change only the dropout).
         gradient_checkpointing: recompute each block's activations in backward (less memory).
-        compile: torch.compile the model, and the token loss (so the float32 softmax is fused
-            into the cross-entropy kernels instead of materialising float32 logits).
+        compile: torch.compile the model, and the token loss and per-token log-probs (so the
+            float32 softmax is fused into the cross-entropy kernels instead of materialising
+            float32 logits).
         compile_mode: torch.compile's mode for the model: "default", "reduce-overhead" (CUDA
             graphs: less launch overhead for small batches, more memory), "max-autotune"
             (autotuned Triton matmuls and CUDA graphs; long compile) or

@@ -102,7 +102,7 @@ class DPOModule(CausalLMModule):
         return ids, labels, mask
 
     def _logps(self, model, ids, labels, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        logps = sequence_logps(model(ids, attention_mask=mask), labels)
+        logps = sequence_logps(model(ids, attention_mask=mask), labels, compiled=self.hparams.compile)
         return logps.chunk(2)
 
     @torch.no_grad()

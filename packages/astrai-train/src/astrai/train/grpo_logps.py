@@ -11,14 +11,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .losses import IGNORE_INDEX
-from .token_nll import token_nll
+from .losses import IGNORE_INDEX, label_logps
 
 
 def token_logps(model, data: dict, idx: torch.Tensor, dynamic: bool = False) -> torch.Tensor:
     """Per-token log-probs (len(idx), T) of the labels of rows ``idx``; 0 where unlabelled.
     Only labelled positions go through the output head. ``dynamic``: the model is compiled,
-    and lengths change every micro-batch: compile once for any, not first for one."""
+    and lengths change every micro-batch: compile once for any, not first for one; the
+    log-softmax is then compiled too (losses.label_logps), fused instead of run in chunks."""
     labels = data["labels"][idx]
     length = int(data["attention_mask"][idx].sum(1).max())
     # Rows are right-padded: causal attention already keeps real tokens from seeing the
@@ -29,7 +29,7 @@ def token_logps(model, data: dict, idx: torch.Tensor, dynamic: bool = False) -> 
         torch._dynamo.maybe_mark_dynamic(ids, 1)
         torch._dynamo.maybe_mark_dynamic(flat, 0)
     logits = model(ids, logits_index=flat)
-    lp = -token_nll(logits, cut.reshape(-1)[flat])  # float32 softmax in row chunks
+    lp = label_logps(logits, cut.reshape(-1)[flat], compiled=dynamic)  # float32 softmax
     out = lp.new_zeros(cut.numel()).index_put((flat,), lp).view(cut.shape)
     return F.pad(out, (0, labels.shape[1] - length))
 

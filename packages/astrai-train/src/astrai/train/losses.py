@@ -72,10 +72,38 @@ def compiled_token_loss() -> Callable[..., TokenLoss]:
     return torch.compile(_dense_token_loss)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(label) over the labelled positions of each row: shape (batch,)."""
-    nll = token_nll(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))  # zero where ignored
-    return -nll.view(labels.shape).sum(-1)
+def _dense_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """label_logps as one F.cross_entropy over float32 logits: the form torch.compile fuses."""
+    return -F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+@functools.cache
+def _compiled_label_logps() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """_dense_label_logps under torch.compile (built once, on first use): inductor reads the
+    logits once and fuses the float32 log-softmax, its gather and its backward, so no float32
+    copy of the logits is kept, as compiled_token_loss does for the loss."""
+    return torch.compile(_dense_label_logps)
+
+
+def label_logps(logits: torch.Tensor, labels: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    """log p(label) per row of (rows, vocab) logits, in float32; 0 where the label is IGNORE_INDEX.
+
+    Eager, through token_nll's row chunks. ``compiled`` (the model is compiled): through the
+    compiled dense formula, with the rows marked dynamic, since their number changes with every
+    batch's length: compiled once for any, not first for one and again for the next.
+    """
+    if not compiled:
+        return -token_nll(logits, labels)
+    torch._dynamo.maybe_mark_dynamic(logits, 0)
+    torch._dynamo.maybe_mark_dynamic(labels, 0)
+    return _compiled_label_logps()(logits, labels)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    """Sum of log p(label) over the labelled positions of each row: shape (batch,).
+    ``compiled``: as label_logps's."""
+    lp = label_logps(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), compiled)  # zero where ignored
+    return lp.view(labels.shape).sum(-1)
 
 
 class DPOLoss(NamedTuple):
