@@ -129,3 +129,17 @@ def test_each_request_gets_a_matcher_at_the_grammars_start_and_few_grammars_are_
         grammars.matcher({"regex": pattern})
     kept = {json.loads(key)["regex"] for key in grammars._fresh}
     assert kept == {"x", "z"} and len(grammars._grammars) == 2
+
+
+def test_masks_filled_in_the_thread_pool_give_the_same_samples(model, tokenizer, monkeypatch):
+    from astrai.core.engine import structured_output
+
+    params = [
+        SamplingParams(max_tokens=60, temperature=1.0, seed=i, structured_output={"json_schema": SCHEMA})
+        for i in range(4)
+    ]
+    one_by_one = InferenceEngine(model, tokenizer, max_batch_size=4).generate(["a", "b", "c", "d"], params)
+    monkeypatch.setattr(structured_output, "PARALLEL_MASKS", 1)
+    pooled = InferenceEngine(model, tokenizer, max_batch_size=4).generate(["a", "b", "c", "d"], params)
+    assert [c.token_ids for c in pooled] == [c.token_ids for c in one_by_one]
+    assert all(valid(json.loads(c.text)) for c in pooled)

@@ -286,7 +286,6 @@ class EngineCore:
     def _resolve(self, inflight: InFlight) -> None:
         """Hand the sampled tokens of a step to their sequences."""
         tokens, logprobs = inflight.drawn.result()
-        fed = self._feed_grammars(inflight, tokens)
         at = dropped = 0
         for seq, n in zip(inflight.seqs, inflight.counts):
             seq.num_inflight -= 1
@@ -295,7 +294,7 @@ class EngineCore:
                 dropped += n
                 continue
             if n == 1:
-                self._append(seq, tokens[at], logprobs[at], fed=fed)
+                self._append(seq, tokens[at], logprobs[at])
                 at += 1
             else:
                 for target in self._fork(seq):
@@ -307,20 +306,6 @@ class EngineCore:
         self._recent.append((time.perf_counter(), at - dropped))
         while self._recent and self._recent[-1][0] - self._recent[0][0] > _RATE_WINDOW_S:
             self._recent.popleft()
-
-    def _feed_grammars(self, inflight: InFlight, tokens: list[int]) -> bool:
-        """Feed the step's constrained samples their tokens all at once (grammars.consume), before
-        the rows are handed over one by one; False when the step has none. A request's first draw
-        with n > 1 is left to _append: its forks copy the matcher before it takes a token."""
-        if self.grammars is None or all(seq.matcher is None for seq in inflight.seqs):
-            return False
-        pairs, at = [], 0
-        for seq, n in zip(inflight.seqs, inflight.counts):
-            if n == 1 and seq.matcher is not None and seq.status is not Status.FINISHED:
-                pairs.append((seq.matcher, tokens[at]))
-            at += n
-        self.grammars.consume(pairs)
-        return True
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """seq and, on a request's first token, the n - 1 samples forked from it."""
@@ -335,15 +320,13 @@ class EngineCore:
             targets.append(child)
         return targets
 
-    def _append(self, seq: Sequence, token: int, logprob, fed: bool = False) -> None:
-        """Hand a sampled token to its sequence; `fed`: its matcher has taken it (_feed_grammars)."""
+    def _append(self, seq: Sequence, token: int, logprob) -> None:
         seq.token_ids.append(token)
         if seq.logprobs is not None:
             seq.logprobs.append(logprob)
         reason, stop_reason = seq.text.append(token)
         if seq.matcher is not None and reason is None:
-            if not fed:
-                seq.matcher.consume_token(token)
+            seq.matcher.consume_token(token)
             if seq.matcher.is_stopped() or seq.matcher.is_error():  # the grammar is complete
                 reason = "stop"
         if reason is None and len(seq.token_ids) - seq.num_prompt_tokens >= seq.request.max_tokens:

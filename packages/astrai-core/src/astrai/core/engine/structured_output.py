@@ -5,10 +5,10 @@ Why llguidance (the grammar engine vLLM and SGLang also use): it computes a step
 from a grammar and the tokenizer's vocabulary in tens of microseconds, JSON Schema included,
 and its wheel has no dependencies. Here: `SamplingParams.structured_output` names the
 constraint; `Grammars` turns it into a grammar (cached by its text) and gives each constrained
-sample a matcher; before a draw the masks of the constrained rows are filled on the host (in
-llguidance's thread pool), sent in one asynchronous copy and applied to those rows' logits on
-the device; after the draw the step's matchers take their tokens in one call (the same pool),
-and a sample whose grammar is complete stops ("stop").
+sample a matcher (a copy of one kept per grammar); before a draw the masks of the constrained
+rows are filled on the host (in llguidance's thread pool for large batches), sent in one
+asynchronous copy and applied to those rows' logits on the device; after the draw each matcher
+consumes its token, and a sample whose grammar is complete stops ("stop").
 
 A constrained sample's next mask needs its last token on the host (the matcher must see it
 first). With overlapped decode the next step's forward is launched on the device tokens, then
@@ -33,7 +33,10 @@ from ..kernels.dispatch import use_fused
 log = logging.getLogger(__name__)
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
-THREADS: int | None = None  # the grammars' thread pool size; None: llguidance's default
+# Masks filled one matcher after another below this many a step; from it on, in llguidance's
+# thread pool. Why: waking a pool of a dozen threads costs more than filling a few dozen masks
+# (each takes microseconds, with a real vocabulary too); see bench/RESULTS.md.
+PARALLEL_MASKS = 128
 CACHED_GRAMMARS = 256  # distinct settings whose grammar (and fresh matcher) are kept, least recent out
 
 
@@ -149,22 +152,12 @@ class Grammars:
         if self._executor is None:
             import llguidance
 
-            # the grammars' own thread pool: fills masks and feeds tokens in parallel
-            self._executor = llguidance.LLExecutor(num_threads=THREADS)
+            self._executor = llguidance.LLExecutor()  # the grammars' own thread pool: fills masks in parallel
         return self._executor
-
-    def consume(self, pairs: list[tuple[object, int]]) -> None:
-        """Feed each matcher its token: one call for a step's constrained samples, in the grammars'
-        thread pool when there are several (a matcher that cannot take its token is left in
-        error, as consume_token leaves it)."""
-        if len(pairs) > 1:
-            self._parallel().consume_token_par(pairs)
-        elif pairs:
-            pairs[0][0].consume_token(pairs[0][1])
 
     def apply(self, logits: torch.Tensor, matchers: list) -> None:
         """Mask, in place, each row of `logits` whose matcher is not None to the tokens it allows."""
-        from llguidance.torch import fill_next_token_bitmask_par
+        from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
         # A stopped matcher (its grammar complete) allows nothing: its row's token is dropped anyway.
         rows = [i for i, m in enumerate(matchers) if m is not None and not (m.is_stopped() or m.is_error())]
@@ -177,7 +170,12 @@ class Grammars:
             slot.setdefault(id(matchers[i]), len(slot))
         unique = {id(matchers[i]): matchers[i] for i in rows}
         masks, index = self._host_buffers(len(rows), words, logits.device)
-        fill_next_token_bitmask_par(self._parallel(), [(m, slot[k]) for k, m in unique.items()], masks[: len(slot)])
+        filled = masks[: len(slot)]
+        if len(slot) >= PARALLEL_MASKS:
+            fill_next_token_bitmask_par(self._parallel(), [(m, slot[k]) for k, m in unique.items()], filled)
+        else:
+            for k, m in unique.items():
+                fill_next_token_bitmask(m, filled, slot[k])
         if len(slot) < len(rows):  # repeated matchers: each row its matcher's mask (a copy, so in order)
             masks[: len(rows)] = masks[[slot[id(matchers[i])] for i in rows]]
         index[: len(rows)] = torch.tensor(rows, dtype=torch.int32)
