@@ -186,3 +186,22 @@ def test_default_kv_budget_counts_the_pool_dtype(tokenizer_dir):
     fp8 = config.replace(kv_cache_dtype="fp8")
     assert default_kv_budget(model, torch.bfloat16, cpu, fp8, free=2**40) == want // 2
     assert default_kv_budget(model, torch.bfloat16, cpu, config, free=want) == int(DEFAULT_KV_SHARE * want)
+
+
+def test_rollout_tensors_pad_every_row_and_label_only_completions_even_an_empty_one():
+    from astrai.train.rollout import Rollout
+
+    rollout = Rollout(seconds=0.0)
+    for prompt, completion in (([5, 6, 7], [8, 9]), ([5], [4, 3, 2, 1]), ([5, 6], [])):
+        rollout.prompt_ids.append(prompt)
+        rollout.completion_ids.append(completion)
+        rollout.logps.append([-0.5 * (t + 1) for t in range(len(completion))])
+        rollout.group_ids.append(0)
+    data = rollout.tensors(pad_id=0)
+    assert data["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 3, 2, 1], [5, 6, 0, 0, 0]]
+    assert data["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    x = -100
+    assert data["labels"].tolist() == [[x, x, 8, 9, x], [4, 3, 2, 1, x], [x, x, x, x, x]]
+    assert data["engine_logps"].tolist() == [[0, 0, -0.5, -1.0, 0], [-0.5, -1.0, -1.5, -2.0, 0], [0] * 5]
+    assert data["input_ids"].dtype == data["labels"].dtype == torch.long
+    assert data["engine_logps"].dtype == torch.float32
