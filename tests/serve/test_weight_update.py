@@ -181,3 +181,26 @@ def test_streamed_chunks_carry_token_ids_and_the_weights_version(srv):
     streamed = [t for c in chunks for choice in c["choices"] for t in choice["token_ids"]]
     assert streamed == complete(srv, 12)["choices"][0]["token_ids"]
     assert {c["weights_version"] for c in chunks} == {version}
+
+
+def test_a_client_gone_during_a_finish_pause_ends_its_request_and_so_the_pause(srv):
+    # The abort of a disconnected client must reach the engine while the pause waits for the
+    # requests in flight to end; were it queued behind the pause, the request would run to
+    # its last token first.
+    before = srv.stats()["engine"]["generated_tokens"]
+    paused: list[httpx.Response] = []
+    pauser = threading.Thread(target=lambda: paused.append(post(srv, "/admin/pause", {"mode": "finish"})))
+    body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=API, timeout=300) as stream:
+        lines = stream.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass  # the request generates
+        pauser.start()
+        time.sleep(0.3)  # the pause reaches the workers; the request has most of its tokens to go
+        assert not paused  # the pause waits for it
+    pauser.join(timeout=120)
+    try:
+        assert paused and paused[0].status_code == 200, paused and paused[0].text
+        assert srv.stats()["engine"]["generated_tokens"] - before < LONG  # aborted, not run to its end
+    finally:
+        post(srv, "/admin/resume", {})

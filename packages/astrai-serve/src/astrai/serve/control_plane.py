@@ -1,4 +1,5 @@
-"""A side channel from the HTTP process to every engine worker: aborts and statistics.
+"""A side channel from the HTTP process to every engine worker: aborts, statistics and the
+admin commands (admin.py: pause, update_weights, resume).
 
 Requests travel to one worker each (request_queue.py), read by the worker's request loop
 only between its bursts; an abort must reach the engine that holds the request at once, and
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
 import threading
 import time
 import uuid
@@ -145,14 +147,33 @@ class ControlPlane:
         """Answer this worker's inbox on a daemon thread: aborts call `on_abort(request_id)`,
         stats requests are answered with `describe()` (a dict with "stats" and more), and a
         command `op` sent with `ask` by `commands[op](arg)` (a dict; an exception becomes
-        {"error"}). Commands run one at a time, on this thread, in the order they were sent."""
-        handlers = {"stats": lambda _: describe(), **(commands or {})}
+        {"error"}). Commands run one at a time, in the order they were sent, on a second
+        thread: a command that takes long (a pause that lets requests finish) must not hold
+        up the aborts, which may be what it waits for, or /stats."""
         if not 0 <= worker_id < self.num_workers:
             raise ValueError(f"worker id {worker_id} outside 0..{self.num_workers - 1}")
         inbox = _socket(zmq.PULL, self.inbox_addresses[worker_id], bind=True)  # a dead predecessor's file is replaced
+        commands = commands or {}
+        pending: queue.SimpleQueue = queue.SimpleQueue()  # (op, token, consumer, argument), in arrival order
+
+        def answer(sockets: dict[int, zmq.Socket], token: str, consumer: int, run: Callable[[Any], dict], arg) -> None:
+            try:
+                reply = run(arg)
+            except Exception as e:  # noqa: BLE001 - reported to the asker, not fatal
+                reply = {"error": f"{type(e).__name__}: {e}"}
+            sock = sockets.get(consumer)
+            if sock is None:  # each thread its own sockets (ZeroMQ sockets are not thread-safe)
+                sock = sockets[consumer] = _socket(zmq.PUSH, self.reply_addresses[consumer], bind=False)
+            sock.send(pickle.dumps({**reply, "token": token, "worker": worker_id}))
+
+        def run_commands() -> None:
+            sockets: dict[int, zmq.Socket] = {}
+            while True:
+                op, token, consumer, payload = pending.get()
+                answer(sockets, token, consumer, commands[op], payload)
 
         def loop() -> None:
-            answer_to: dict[int, zmq.Socket] = {}  # consumer -> PUSH socket, this thread's own
+            sockets: dict[int, zmq.Socket] = {}  # consumer -> PUSH socket, this thread's own
             while True:
                 try:
                     op, arg = pickle.loads(inbox.recv())
@@ -162,18 +183,14 @@ class ControlPlane:
                     on_abort(arg)
                     continue
                 token, consumer, *rest = arg  # (token, consumer[, the command's argument])
-                payload = rest[0] if rest else None
-                try:
-                    if op not in handlers:
-                        raise ValueError(f"unknown control operation {op!r}")
-                    answer = handlers[op](payload)
-                except Exception as e:  # noqa: BLE001 - reported to the asker, not fatal
-                    answer = {"error": f"{type(e).__name__}: {e}"}
-                sock = answer_to.get(consumer)
-                if sock is None:
-                    sock = answer_to[consumer] = _socket(zmq.PUSH, self.reply_addresses[consumer], bind=False)
-                sock.send(pickle.dumps({**answer, "token": token, "worker": worker_id}))
+                if op in commands:
+                    pending.put((op, token, consumer, rest[0] if rest else None))
+                elif op == "stats":
+                    answer(sockets, token, consumer, lambda _: describe(), None)
+                else:
+                    answer(sockets, token, consumer, _unknown, op)
 
+        threading.Thread(target=run_commands, name=f"astrai-commands-{worker_id}", daemon=True).start()
         thread = threading.Thread(target=loop, name=f"astrai-control-{worker_id}", daemon=True)
         thread.start()
         return thread
@@ -186,6 +203,10 @@ class ControlPlane:
         self._replies.clear()
         if self._owner_pid == os.getpid():
             remove_socket_files(self.inbox_addresses + self.reply_addresses)
+
+
+def _unknown(op: str) -> dict:
+    raise ValueError(f"unknown control operation {op!r}")
 
 
 def _socket(kind: int, address: str, bind: bool) -> zmq.Socket:
