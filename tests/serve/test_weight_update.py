@@ -204,3 +204,21 @@ def test_a_client_gone_during_a_finish_pause_ends_its_request_and_so_the_pause(s
         assert srv.stats()["engine"]["generated_tokens"] - before < LONG  # aborted, not run to its end
     finally:
         post(srv, "/admin/resume", {})
+
+
+def test_stats_answer_while_a_finish_pause_waits_for_the_requests_in_flight(srv):
+    threads, _ = in_flight(srv, 1, LONG)
+    paused: list[httpx.Response] = []
+    pauser = threading.Thread(target=lambda: paused.append(post(srv, "/admin/pause", {"mode": "finish"})))
+    pauser.start()
+    try:
+        time.sleep(0.3)  # the pause is waiting for the request, which has most of its tokens to go
+        stats = srv.stats()["engine"]
+        assert not paused  # answered while the pause still waits
+        assert stats["running"] == 1
+    finally:
+        pauser.join(timeout=120)
+        post(srv, "/admin/resume", {})
+        for t in threads:
+            t.join(timeout=300)
+    assert paused[0].status_code == 200, paused[0].text

@@ -38,6 +38,8 @@ from .liveness import WorkerLiveness
 
 log = logging.getLogger("astrai.serve")
 
+_READ_SLICE_S = 0.02  # how long a call reads answers before an overlapping call may
+
 # Engine statistics that are the same for every engine, or that do not add up: the combined
 # /stats shows the smallest (max_model_len: what every engine can serve) or the mean.
 _SMALLEST = ("page_size", "max_model_len", "weights_version", "weight_updates")
@@ -59,7 +61,8 @@ class ControlPlane:
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._lock = threading.Lock()  # one stats call at a time per process: its answers are its own
+        self._lock = threading.Lock()  # one reader of the reply socket at a time
+        self._waiting: dict[str, dict[int, dict]] = {}  # token of a call in progress -> answers read for it
         self._send_lock = threading.Lock()  # the inbox sockets, shared by the threads that send
         self._inboxes: dict[int, zmq.Socket] = {}
         self._replies: dict[int, zmq.Socket] = {}  # consumer -> this process's PULL socket
@@ -107,8 +110,8 @@ class ControlPlane:
         {"worker", "error"} for a worker that did not answer within `timeout` seconds.
 
         Blocking: call it from a thread of API-server process `consumer`, where the answers
-        come back. Calls are serialised within that process, so the answers of one call
-        cannot be taken by another; answers to an earlier call that timed out are dropped.
+        come back. Calls may overlap (a /stats during a long pause): whichever call reads an
+        answer hands it to the call it belongs to; answers to a call that timed out are dropped.
         """
         return self.ask("stats", None, timeout, consumer)
 
@@ -117,24 +120,32 @@ class ControlPlane:
         pause / update_weights / resume) to every worker and wait for each one's answer, as
         `stats` does; a worker that did not answer within `timeout` gets {"worker", "error"}."""
         self._check_process()
+        token = uuid.uuid4().hex
         with self._lock:
-            replies = self._replies.get(consumer)
-            if replies is None:
-                replies = self._replies[consumer] = _socket(zmq.PULL, self.reply_addresses[consumer], bind=True)
-            token = uuid.uuid4().hex
+            if consumer not in self._replies:
+                self._replies[consumer] = _socket(zmq.PULL, self.reply_addresses[consumer], bind=True)
+            answers = self._waiting[token] = {}
+        try:
             self._send((op, (token, consumer, arg)))
-            answers: dict[int, dict] = {}
             deadline = time.monotonic() + timeout
-            while len(answers) < self.num_workers:
-                left = deadline - time.monotonic()
-                if left <= 0 or not replies.poll(left * 1000):
-                    break
-                answer = pickle.loads(replies.recv())
-                if answer.pop("token", None) == token:
-                    answers[answer["worker"]] = answer
+            while len(answers) < self.num_workers and (left := deadline - time.monotonic()) > 0:
+                with self._lock:  # read for a short while, then let an overlapping call read
+                    self._read_answers(self._replies[consumer], min(left, _READ_SLICE_S))
+        finally:
+            with self._lock:
+                del self._waiting[token]
         return [
             answers.get(i) or {"worker": i, "error": f"no answer within {timeout:g} s"} for i in range(self.num_workers)
         ]
+
+    def _read_answers(self, replies: zmq.Socket, seconds: float) -> None:
+        """File the answers that arrive within `seconds` under the calls waiting for them."""
+        while replies.poll(seconds * 1000):
+            answer = pickle.loads(replies.recv())
+            waiting = self._waiting.get(answer.pop("token", None))
+            if waiting is not None:
+                waiting[answer["worker"]] = answer
+            seconds = 0  # then only what is already there
 
     # -- worker side --------------------------------------------------------------------
     def serve(
