@@ -113,11 +113,14 @@ def test_a_worker_started_in_a_killed_ones_place_gets_new_requests_but_drops_its
         # Sent to the dead process (the HTTP side has not noticed yet): nobody must run these.
         for i in range(5):
             queue.put(("c", f"for-the-dead-{i}", 0.0, {}), 0, first.pid)
-        second = _start(queue, 0, results, 3)
+        # The successor reports on a queue of its own: a process killed right after writing to
+        # a multiprocessing queue can die holding its write lock, and every later writer waits.
+        fresh = mp.get_context("spawn").Queue()
+        second = _start(queue, 0, fresh, 3)
         try:
             for i in range(3):
                 queue.put(("c", f"after-{i}", 0.0, {}), 0, second.pid)
-            takes = _takes(results, 3)
+            takes = _takes(fresh, 3)
             assert [item[1] for take in takes for item in take] == [f"after-{i}" for i in range(3)]
         finally:
             second.kill()
