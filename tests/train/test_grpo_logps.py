@@ -15,7 +15,7 @@ from train_helpers import TINY_MODEL
 
 from astrai.core.config import ModelConfig
 from astrai.core.transformer import CausalLM
-from astrai.train.grpo_logps import token_logps
+from astrai.train.grpo_logps import BatchLayout, RowCut, token_logps
 from astrai.train.losses import IGNORE_INDEX, _dense_label_logps, label_logps, sequence_logps
 
 VOCAB = 61
@@ -109,3 +109,22 @@ def test_compiled_label_logps_keep_no_float32_copy_of_bf16_logits():
     assert not compiled_big
     torch.testing.assert_close(compiled, dense, rtol=1e-5, atol=1e-5)
     assert compiled.dtype == torch.float32 and not compiled[::5].any()
+
+
+def test_micro_batches_cut_on_the_host_equal_the_cut_read_from_the_device():
+    """BatchLayout reads the batch's lengths and labelled positions once; its cuts (any rows, in
+    any order) give the shapes, positions and log-probs that reading each micro-batch from the
+    device gives."""
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=VOCAB, **{**TINY_MODEL, "init_std": 0.5}))
+    data = _batch(rows=5, width=14, seed=3)
+    layout = BatchLayout(data)
+    assert layout.num_rows == 5 and layout.lengths.tolist() == [14, 12, 10, 8, 6]
+    assert layout.labelled_tokens() == int((data["labels"] != IGNORE_INDEX).sum())
+    for rows in ([3, 4], [4, 0, 2], [1], [0, 1, 2, 3, 4]):
+        host = torch.tensor(rows)
+        cut, read = layout.cut(host), RowCut.on_device(data, host)
+        assert cut.length == read.length == max(14 - 2 * r for r in rows)
+        assert torch.equal(cut.index, read.index) and torch.equal(cut.flat, read.flat) and cut.flat.numel() > 0
+        assert layout.labelled_tokens(host) == int((data["labels"][host] != IGNORE_INDEX).sum())
+        torch.testing.assert_close(token_logps(model, data, cut), token_logps(model, data, host), rtol=0, atol=0)

@@ -6,11 +6,13 @@ batches are checked with errors that name the field."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from data_helpers import word_tokenizer, write_jsonl
+from lightning.pytorch.callbacks import Callback
 from train_helpers import TINY_MODEL, make_trainer
 
 from astrai.train.base_module import BatchError
@@ -175,9 +177,9 @@ def test_a_compiled_policy_compiles_once_for_every_rollout_length(tmp_path, word
     lengths = set()
     token_logps = m._token_logps
 
-    def recorded(model, data, idx):
-        lengths.add(int(data["attention_mask"][idx].sum(1).max()))
-        return token_logps(model, data, idx)
+    def recorded(model, data, cut):
+        lengths.add(cut.length)
+        return token_logps(model, data, cut)
 
     m._token_logps = recorded
     trainer = make_trainer(tmp_path, max_steps=3, limit_val_batches=0)
@@ -225,6 +227,48 @@ def test_offline_grpo_prefers_the_rewarded_responses(tmp_path, word_tok):
     assert (gain[:, 1] < 0).all() and (gain[:, 2] < 0).all()
     assert m._rollout is None  # offline training never builds the engine
     assert float(trainer.callback_metrics["train/reward"]) == pytest.approx(0.3)
+
+
+class _CountedWaits(Callback):
+    """The host's waits for the device in each training step after the first (CUDA's sync
+    debug mode, in "warn", warns once per synchronising call)."""
+
+    def __init__(self):
+        self.per_step: list[int] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx > 0:  # the first step checks the batch once
+            self._caught = warnings.catch_warnings(record=True)
+            self._seen = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx > 0:
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(None, None, None)
+            self.per_step.append(sum("synchronizing" in str(w.message) for w in self._seen))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on CUDA only")
+def test_a_grpo_step_waits_for_the_device_no_more_often_with_more_micro_batches(tmp_path, word_tok):
+    """Micro-batches are cut on the host (grpo_logps.BatchLayout): a step of 8 micro-batches
+    waits as often as a step of one (reading each one's length and labelled positions from the
+    device waited twice per micro-batch)."""
+    path = write_jsonl(tmp_path / "offline.jsonl", offline_rows())
+    waits = {}
+    for micro in (1, 8):
+        dm = GRPODataModule(word_tok, path, batch_size=2, cache_dir=str(tmp_path / "cache"))
+        counted = _CountedWaits()
+        m = module(word_tok, micro_batch_size=micro)
+        trainer = make_trainer(tmp_path, max_steps=3, accelerator="gpu", limit_val_batches=0, callbacks=[counted])
+        try:
+            trainer.fit(m, dm)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(counted.per_step) == 2
+        waits[micro] = counted.per_step
+    assert waits[1] == waits[8], waits
 
 
 def test_reference_only_when_the_kl_needs_it(tmp_path, word_tok):

@@ -85,7 +85,10 @@ def grpo_loss(
     else:
         total = ((per_token * mask).sum(-1) / lengths.clamp(min=1)).sum()
         denominator = logps.shape[0] if normalizer is None else normalizer
-    loss = total / torch.as_tensor(denominator, dtype=logps.dtype, device=logps.device).clamp(min=1)
+    if torch.is_tensor(denominator):
+        loss = total / denominator.to(logps.dtype).clamp(min=1)
+    else:  # a host number divides as is: a device tensor made from it would be a blocking copy
+        loss = total / max(float(denominator), 1.0)
     with torch.no_grad():
         n = lengths.sum()
         clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))

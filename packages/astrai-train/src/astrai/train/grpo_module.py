@@ -43,7 +43,7 @@ from astrai.core.errors import require_for
 from .base_module import BatchError, CausalLMModule
 from .grpo_async import behaviour_weights, updates_per_batch
 from .grpo_episodes import GRPOEpisodes
-from .grpo_logps import frozen_logps, token_logps
+from .grpo_logps import BatchLayout, RowCut, frozen_logps, token_logps
 from .grpo_loss import (  # noqa: F401 - importable from here
     AGGREGATIONS,
     GRPOLoss,
@@ -241,19 +241,20 @@ class GRPOModule(GRPOEpisodes, CausalLMModule):
         self._init_rollout_state()
 
     # -- log-probabilities ---------------------------------------------------------------------------
-    def _token_logps(self, model, data: dict, idx: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probs (len(idx), T) of the labels of rows ``idx`` (grpo_logps.token_logps)."""
-        return token_logps(model, data, idx, dynamic=self.hparams.compile)
+    def _token_logps(self, model, data: dict, rows: RowCut | torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs (rows, T) of the labels of ``rows`` (grpo_logps.token_logps)."""
+        return token_logps(model, data, rows, dynamic=self.hparams.compile)
 
-    def _frozen_logps(self, model, data: dict) -> torch.Tensor:
+    def _frozen_logps(self, model, data: dict, layout: BatchLayout | None = None) -> torch.Tensor:
         """Every row's log-probs without gradients, micro_batch_size rows at a time, in eval mode."""
-        return frozen_logps(self._token_logps, model, data, self.micro_batch_size, self.device)
+        layout = layout or BatchLayout(data)
+        return frozen_logps(self._token_logps, model, layout, data, self.micro_batch_size)
 
-    def reference_logps(self, data: dict) -> torch.Tensor:
+    def reference_logps(self, data: dict, layout: BatchLayout | None = None) -> torch.Tensor:
         if self.ref_model is not None:
-            return self._frozen_logps(self.ref_model, data)
+            return self._frozen_logps(self.ref_model, data, layout)
         with adapters_disabled(self.model):
-            return self._frozen_logps(self.model, data)
+            return self._frozen_logps(self.model, data, layout)
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -273,6 +274,7 @@ class GRPOModule(GRPOEpisodes, CausalLMModule):
 
     def _optimise(self, data: dict, stats: dict) -> None:
         mask = data["labels"] != IGNORE_INDEX
+        layout = BatchLayout(data)  # micro-batches are cut on the host: see grpo_logps
         rewards, groups = data["rewards"].float(), data["group_ids"]
         advantages = group_advantages(rewards, groups, self.scale_rewards)
         n = rewards.shape[0]
@@ -282,7 +284,7 @@ class GRPOModule(GRPOEpisodes, CausalLMModule):
         elif self._old_logps_in_step(n):
             old = None  # each micro-batch's own forward gives them, see _old_logps_in_step
         else:
-            old = self._frozen_logps(self.model, data)
+            old = self._frozen_logps(self.model, data, layout)
         stale = None
         if self.asynchronous and old is not engine_logps and "versions" in data:
             stale = data["versions"] < self.global_step
@@ -293,7 +295,7 @@ class GRPOModule(GRPOEpisodes, CausalLMModule):
             if stale is not None:
                 weights = behaviour_weights(old, engine_logps, stale, self.behaviour_weight_cap)
                 stats["behaviour_weight"] = (weights * mask).sum() / mask.sum().clamp(min=1)
-        ref = self.reference_logps(data) if self.kl_coef > 0 else None
+        ref = self.reference_logps(data, layout) if self.kl_coef > 0 else None
 
         opt, sched = self.optimizers(), self.lr_schedulers()
         mini = min(self.mini_batch_size or n, n)
@@ -305,19 +307,16 @@ class GRPOModule(GRPOEpisodes, CausalLMModule):
         tokens, updates = torch.zeros((), device=self.device), 0
         max_steps = self.trainer.max_steps
         for _ in range(self.ppo_epochs):
-            order = (
-                torch.randperm(n, generator=shuffle).to(self.device)
-                if mini < n
-                else torch.arange(n, device=self.device)
-            )
+            order = torch.randperm(n, generator=shuffle) if mini < n else torch.arange(n)  # on the host
             for start in range(0, n, mini):
                 if 0 < max_steps <= self.global_step:
                     break
                 rows = order[start : start + mini]
-                normalizer = mask[rows].sum() if self.aggregation == "token" else len(rows)
+                normalizer = layout.labelled_tokens(rows) if self.aggregation == "token" else len(rows)
                 for m in range(0, len(rows), micro):
-                    idx = rows[m : m + micro]
-                    logps = self._token_logps(self.model, data, idx)
+                    cut = layout.cut(rows[m : m + micro])
+                    idx = cut.index
+                    logps = self._token_logps(self.model, data, cut)
                     if old is None:  # the policy before this (the batch's only) update: this forward
                         old_rows = logps.detach()
                         weight_rows = in_step_stats(
@@ -365,7 +364,7 @@ class GRPOModule(GRPOEpisodes, CausalLMModule):
             stats["logp_gap"] = sums["logp_gap"] / mask.sum().clamp(min=1)
             if stale is not None:
                 stats["behaviour_weight"] = sums["behaviour_weight"] / mask.sum().clamp(min=1)
-        self._log_step(rewards, groups, sums, tokens, updates, stats, data)
+        self._log_step(rewards, groups, sums, tokens, updates, stats, data, layout)
 
     def _old_logps_in_step(self, completions: int) -> bool:
         """Whether the behaviour (old) log-probs of old_logps=policy can come from the training
@@ -378,7 +377,7 @@ class GRPOModule(GRPOEpisodes, CausalLMModule):
         dropout = self.lora_config is not None and self.lora_config.dropout > 0
         return one_update and not dropout
 
-    def _log_step(self, rewards, groups, sums, tokens, updates, stats, data) -> None:
+    def _log_step(self, rewards, groups, sums, tokens, updates, stats, data, layout: BatchLayout) -> None:
         metrics = step_metrics(rewards, groups, sums, tokens, updates, with_kl=self.kl_coef > 0)
         metrics.update(stats)
         for name, value in metrics.items():
@@ -389,7 +388,7 @@ class GRPOModule(GRPOEpisodes, CausalLMModule):
                 prog_bar=name in ("reward", "loss"),
             )
         self.log_lr()
-        self.log_throughput(int(data["attention_mask"].sum()) * self.ppo_epochs, data["input_ids"].shape[1])
+        self.log_throughput(int(layout.lengths.sum()) * self.ppo_epochs, data["input_ids"].shape[1])
 
     def accumulated_backwards(self) -> str | None:
         # Several micro-batches add into each optimizer step when micro_batch_size splits them.
