@@ -3,7 +3,11 @@ GRPOTrainer, on the same model, prompts, reward and settings, in one run (issue 
 
     uv run python bench/grpo_throughput.py                                 # tiny model, CPU
     python3 bench/grpo_throughput.py --model configs/model/qwen2.5-0.5b.json --device cuda \\
-        --runs sync async-1 async-2 trl
+        --runs sync async-1 async-2 trl rollout
+
+The ``rollout`` run generates the same steps' prompts with the same module's engine (settings,
+dtype, seeded sampling) and trains nothing: against ``sync``'s rollout tokens/s, it shows what
+generating inside the training process costs.
 
 Every run is its own subprocess (a clean device, its own peak memory), on a real Lightning fit
 (``--worker``, below) or on TRL (bench/grpo_trl.py: TRL without vLLM generates with
@@ -43,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="configs/model/tiny.json", help="model directory or ModelConfig JSON")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--runs", nargs="+", default=["sync", "async-1"], help="sync, async-K (max_staleness K), trl")
+    p.add_argument(
+        "--runs", nargs="+", default=["sync", "async-1"], help="sync, async-K (max_staleness K), trl, rollout"
+    )
     p.add_argument("--steps", type=int, default=None, help="measured optimizer steps (default 5 GPU, 2 CPU)")
     p.add_argument("--warmup", type=int, default=2, help="steps before measuring (compile, CUDA graphs)")
     p.add_argument("--trl-steps", type=int, default=None, help="TRL's measured steps (default: --steps)")
@@ -143,6 +149,8 @@ def run_ours(args: argparse.Namespace) -> dict:
         return log_throughput(tokens, seq_len)
 
     module.log_throughput = count_trained
+    if mode == "rollout":
+        return rollout_only(args, module, cuda)
     data = GRPODataModule(
         tokenizer=args.model,
         train=args.data,
@@ -225,6 +233,42 @@ def run_ours(args: argparse.Namespace) -> dict:
     }
 
 
+def rollout_only(args: argparse.Namespace, module, cuda: bool) -> dict:
+    """The sync run's rollouts without its trainer: the module's engine (built as in training)
+    generates each step's prompts, seeded as in training; nothing trains in between."""
+    import torch
+
+    from astrai.train.data.grpo import GRPODataModule
+
+    module.to(torch.device(args.device))
+    data = GRPODataModule(
+        tokenizer=args.model,
+        train=args.data,
+        batch_size=args.prompts_per_step,
+        max_prompt_len=64,
+        cache_dir=str(Path(args.result).parent / "cache"),
+    )
+    data.setup("fit")
+    engine = module.rollout_engine()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    steps = []
+    for i, batch in zip(range(args.warmup + args.steps), data.train_dataloader()):
+        start = time.perf_counter()
+        out = engine.generate(batch["prompt_ids"], module.sampling, module._seeds(batch, i))
+        seconds = time.perf_counter() - start
+        steps.append({"batch": i, "seconds": seconds, "generate_seconds": seconds, "completion_tokens": out.num_tokens})
+    keys = ("steps", "overlapped_steps", "preemptions", "computed_tokens", "generated_tokens", "pages_total")
+    return {
+        "framework": "astrai",
+        "run": "rollout",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "steps": steps[args.warmup :],
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "rollout_engine": {k: engine.engine.stats()[k] for k in keys},
+    }
+
+
 # ---- the orchestrator ----------------------------------------------------------------------------
 
 
@@ -245,6 +289,8 @@ def summarise(record: dict) -> dict:
         "weight_sync_s": record.get("weight_sync_seconds"),
         "peak_gib": record.get("peak_memory_gib"),
     }
+    if "trained_tokens" not in steps[0]:
+        return out  # the rollout run: nothing trained
     if "trainer_tokens_per_sec" in steps[0]:
         out["trainer_tok_s"] = statistics.mean(s["trainer_tokens_per_sec"] for s in steps)
         mfus = [s["trainer_mfu"] for s in steps if s.get("trainer_mfu") is not None]
@@ -299,7 +345,13 @@ def main(argv=None) -> None:
     records = [launch(args, run, model_dir, data, workdir) for run in args.runs]
     rows = [summarise(r) if r["steps"] else {"run": r["run"], "error": r.get("error")} for r in records]
     print(json.dumps(rows, indent=1))
-    rates = {r["run"]: r["steps_per_hour"] for r in rows if "steps_per_hour" in r}
+    rates = {r["run"]: r["steps_per_hour"] for r in rows if "steps_per_hour" in r and r["run"] != "rollout"}
+    alone = {r["run"]: r["rollout_tok_s"] for r in rows if "rollout_tok_s" in r}
+    if "rollout" in alone and "sync" in alone:
+        print(
+            f"rollouts: {alone['sync']:,.0f} tok/s inside the sync run, {alone['rollout']:,.0f} alone "
+            f"({alone['sync'] / alone['rollout']:.2f}x)"
+        )
     for name, rate in rates.items():
         ratios = [f"{rate / rates[ref]:.2f}x {ref}" for ref in ("trl", "sync") if ref in rates and ref != name]
         print(f"{name}: {rate:.0f} steps/hour" + (f" = {', '.join(ratios)}" if ratios else ""))

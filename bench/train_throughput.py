@@ -11,10 +11,19 @@ two ends of the timed window. Optionally, in the same process:
   --param-dtype float32 bfloat16   run ours once per weight dtype (module option param_dtype).
   --accumulate N   N batches per optimizer step (trainer.accumulate_grad_batches); tokens/s
                count all N, a "step" is one optimizer step (Lightning runs only).
+  --grpo       also GRPO's trainer side (GRPOModule) on the same tokens: offline batches of
+               accumulate x batch-size rows of seq-len tokens, the last --completion-len of each
+               labelled (a rollout's completion), one optimizer step per batch in micro-batches
+               of batch-size rows, as a GRPO run with old_logps=policy trains (no generation).
+               Side by side with the pre-training path, it shows what GRPO's own step costs.
+  --profile    after the timed steps, one more step of each run under torch.profiler: the
+               operators with the most device (or CPU) time.
 
     uv run python bench/train_throughput.py --model configs/model/tinyllama-1.1b.json \
         --batch-size 8 --seq-len 2048 --compile --overhead --reference --param-dtype float32 bfloat16
     uv run python bench/train_throughput.py   # CPU: tiny model, Lightning only
+    uv run python bench/train_throughput.py --model configs/model/qwen2.5-0.5b.json --batch-size 16 \
+        --seq-len 320 --accumulate 32 --param-dtype bfloat16 --compile --grpo --profile
 
 MFU = tokens/s x model FLOPs per token (astrai.train.metrics.flops_per_token, the same for
 the reference, whose shape is ours) / peak FLOP/s of the device (Lightning's table by GPU
@@ -39,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
+from astrai.train.grpo_module import GRPOModule
 from astrai.train.metrics import flops_per_token, peak_flops, precision_dtype
 from astrai.train.pretrain_module import PretrainModule
 
@@ -53,6 +63,64 @@ class RandomTokens(Dataset):
     def __getitem__(self, i):
         ids = torch.randint(0, self.vocab, (self.seq_len + 1,), generator=torch.Generator().manual_seed(i))
         return {"input_ids": ids[:-1], "labels": ids[1:]}
+
+
+class RolloutRows(Dataset):
+    """GRPO's offline batches, one optimizer step's each: `rows` sequences of seq_len tokens
+    whose last `completion` tokens are the completion (labelled), random rewards in groups of 8."""
+
+    def __init__(self, n_batches: int, rows: int, seq_len: int, completion: int, vocab: int):
+        self.n_batches, self.rows, self.seq_len, self.completion, self.vocab = (
+            n_batches,
+            rows,
+            seq_len,
+            completion,
+            vocab,
+        )
+
+    def __len__(self):
+        return self.n_batches
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        ids = torch.randint(0, self.vocab, (self.rows, self.seq_len), generator=g)
+        labels = torch.full_like(ids, -100)
+        start = self.seq_len - self.completion
+        labels[:, start - 1 : -1] = ids[:, start:]  # labels[t] is the token after input_ids[:t+1]
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": torch.ones_like(ids),
+            "rewards": torch.rand(self.rows, generator=g),
+            "group_ids": torch.arange(self.rows) // 8,
+        }
+
+
+class ProfileOneStep(L.Callback):
+    """torch.profiler over the optimizer step that starts at global step `at`; prints its
+    operators with the most device time (CPU time on a CPU)."""
+
+    def __init__(self, at: int, name: str, rows: int = 25):
+        self.at, self.name, self.rows = at, name, rows
+        self.profiler = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.profiler is None and trainer.global_step == self.at:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.profiler is not None and trainer.global_step == self.at + 1:
+            if module.device.type == "cuda":
+                torch.cuda.synchronize(module.device)
+            self.profiler.__exit__(None, None, None)
+            key = "self_device_time_total" if module.device.type == "cuda" else "self_cpu_time_total"
+            print(f"\n-- profile of one optimizer step: {self.name} --")
+            print(self.profiler.key_averages().table(sort_by=key, row_limit=self.rows))
+            self.profiler = None
 
 
 class Window:
@@ -148,27 +216,61 @@ def make_loader(args, config: dict, world_size: int = 1) -> DataLoader:
     )
 
 
-def run_lightning(args, config: dict, param_dtype: str, device: torch.device) -> dict | None:
-    module = make_module(args, config, param_dtype)
-    timer = StepTimer(args.warmup, args.steps, allocated(device))
-    trainer = L.Trainer(
+def make_trainer(args, timer: StepTimer, name: str, accumulate: int) -> L.Trainer:
+    callbacks = [timer]
+    if args.profile:  # one step after the timed ones
+        callbacks.append(ProfileOneStep(args.warmup + args.steps, name))
+    return L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
         strategy=args.strategy,
         precision=args.precision,
-        max_steps=args.warmup + args.steps,
+        max_steps=args.warmup + args.steps + int(args.profile),
         logger=False,
-        accumulate_grad_batches=args.accumulate,
+        accumulate_grad_batches=accumulate,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=callbacks,
         limit_val_batches=0,
     )
+
+
+def run_lightning(args, config: dict, param_dtype: str, device: torch.device) -> dict | None:
+    module = make_module(args, config, param_dtype)
+    timer = StepTimer(args.warmup, args.steps, allocated(device))
+    name = f"lightning {param_dtype}"
+    trainer = make_trainer(args, timer, name, args.accumulate)
     trainer.fit(module, make_loader(args, config, trainer.world_size))
     if not trainer.is_global_zero:
         return None
-    return result_row(f"lightning {param_dtype}", args, timer.window, trainer.world_size)
+    return result_row(name, args, timer.window, trainer.world_size)
+
+
+def run_grpo(args, config: dict, param_dtype: str, device: torch.device) -> dict | None:
+    """GRPOModule's optimizer steps on rollout-shaped offline batches (see --grpo)."""
+    torch.manual_seed(0)
+    module = GRPOModule(
+        model=config,
+        group_size=8,
+        micro_batch_size=args.batch_size,
+        gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile,
+        param_dtype=param_dtype,
+        peak_flops=args.peak_flops,
+        optimizer={"name": args.optimizer, "lr": 1e-4},
+        schedule={"name": "constant"},
+        export={"on_fit_end": False},
+    )
+    timer = StepTimer(args.warmup, args.steps, allocated(device))
+    name = f"grpo {param_dtype}"
+    trainer = make_trainer(args, timer, name, 1)
+    rows = args.accumulate * args.batch_size
+    batches = RolloutRows(args.warmup + args.steps + 2, rows, args.seq_len, args.completion_len, config["vocab_size"])
+    trainer.fit(module, DataLoader(batches, batch_size=None, pin_memory=torch.cuda.is_available()))
+    if not trainer.is_global_zero:
+        return None
+    return result_row(name, args, timer.window, trainer.world_size)
 
 
 def plain_autocast(precision: str, device: torch.device):
@@ -282,6 +384,11 @@ def print_report(header: dict, rows: list[dict], args) -> None:
     print()
     for dtype in args.param_dtype:
         ours, plain = by_name.get(f"lightning {dtype}"), by_name.get(f"plain loop {dtype}")
+        grpo = by_name.get(f"grpo {dtype}")
+        if ours and grpo:
+            ratio = grpo["tokens_per_sec"] / ours["tokens_per_sec"]
+            grpo["vs_pretrain"] = round(ratio, 3)
+            print(f"GRPO trainer / pre-training path, param_dtype {dtype}: {ratio:.3f}x tokens/s (same tokens)")
         if ours and plain:
             overhead = ours["step_ms"] / plain["step_ms"] - 1
             ours["lightning_overhead"] = round(overhead, 4)
@@ -315,6 +422,11 @@ def main():
     p.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (Lightning runs only)")
     p.add_argument("--overhead", action="store_true", help="also time a plain loop (Lightning's overhead)")
     p.add_argument("--reference", action="store_true", help="also time transformers' LlamaForCausalLM")
+    p.add_argument("--grpo", action="store_true", help="also time GRPO's trainer on the same tokens (see above)")
+    p.add_argument(
+        "--completion-len", type=int, default=None, help="with --grpo: labelled tokens a row (default: seq-len - 64)"
+    )
+    p.add_argument("--profile", action="store_true", help="profile one more step of each run (see above)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
     p.add_argument("--strategy", default="auto")
@@ -327,6 +439,10 @@ def main():
         args.devices = int(args.devices)
     if args.accumulate < 1:
         p.error(f"--accumulate must be >= 1, got {args.accumulate}")
+    if args.completion_len is None:
+        args.completion_len = max(1, args.seq_len - 64)
+    if not 1 <= args.completion_len < args.seq_len:
+        p.error(f"--completion-len must be in [1, seq-len), got {args.completion_len}")
     if args.accumulate > 1 and (args.overhead or args.reference):
         p.error("--accumulate times Lightning runs only: drop --overhead / --reference")
     if args.overhead or args.reference:
@@ -352,6 +468,9 @@ def main():
         if args.overhead:
             rows.append(run_plain(args, config, dtype, device))
             release()
+        if args.grpo:
+            rows.append(run_grpo(args, config, dtype, device))
+            release()
     if args.reference:
         rows.append(run_reference(args, config, device))
         release()
@@ -368,6 +487,7 @@ def main():
         "compile": args.compile,
         "gradient_checkpointing": args.gradient_checkpointing,
         "steps_timed": args.steps,
+        "grpo_completion_len": args.completion_len if args.grpo else None,
         "peak_flops_per_device": args.peak_flops or peak_flops(device, precision_dtype(args.precision)),
     }
     print_report(header, rows, args)
