@@ -279,3 +279,11 @@ def test_shipped_code_problems_pass_with_their_canonical_solutions_and_fail_with
     tests = [f"{row['test']}\ncheck({row['entry_point']})" for row in rows]
     programs = [[row["prompt"] + row["canonical_solution"], row["prompt"] + "    return None\n"] for row in rows]
     assert pass_at_k(tests, programs, k=[1, 2], timeout=20) == {"pass@1": 0.5, "pass@2": 1.0}
+
+
+def test_an_unknown_dtype_is_refused_naming_the_flag(eval_model_dir, capsys):
+    code, log = _run(
+        capsys, eval_model_dir, "--tasks", "astrai_mmlu_style", "--include-path", CONFIGS, "--dtype", "fp4"
+    )
+    assert code == 2
+    assert "--dtype" in log and "fp4" in log and "bfloat16" in log and "Traceback" not in log

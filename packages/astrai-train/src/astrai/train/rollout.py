@@ -39,14 +39,14 @@ DEFAULT_KV_SHARE = 0.25
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The engine's dtype: as named, or by default bfloat16 on GPUs that have it, else float32."""
+def resolve_dtype(name: str | None, device: torch.device, field: str = "model.rollout_dtype") -> torch.dtype:
+    """An inference model's dtype: as named, or by default bfloat16 on GPUs that have it, else
+    float32. ``field``: the setting's name as the user writes it, for the error."""
     if name is None or name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"model.rollout_dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    require(name in _DTYPES, field, f"must be auto or one of {', '.join(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
 
 

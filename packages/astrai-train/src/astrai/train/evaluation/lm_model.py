@@ -36,23 +36,16 @@ from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.errors import require
 from astrai.core.tokenizer import AutoTokenizer
 
+from ..rollout import resolve_dtype
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # generation_kwargs that map onto SamplingParams fields of the same name.
 SAMPLING_KEYS = ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """As named, or by default bfloat16 on GPUs that have it, else float32."""
-    if name in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    require(name in DTYPES, "--dtype", f"must be auto or one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def positive_int(value, field: str) -> int:
@@ -94,7 +87,7 @@ class AstraiLM(TemplateLM):
         self.add_bos_token = str(add_bos_token).lower() in ("1", "true", "yes")
         self.seed = int(seed)
         self._device = torch.device(device or default_device())
-        dtype = resolve_dtype(dtype, self._device)
+        dtype = resolve_dtype(dtype, self._device, "--dtype")
         self.pretrained = str(pretrained)
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
         self.model = AutoModel.from_pretrained(pretrained, dtype=dtype, device=self._device)
