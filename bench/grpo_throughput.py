@@ -103,12 +103,24 @@ class _Clock:
         return self
 
 
+def prompt_batches(args: argparse.Namespace):
+    """The bench's prompts, args.prompts_per_step a batch (the same in every run of ours)."""
+    from astrai.train.data.grpo import GRPODataModule
+
+    return GRPODataModule(
+        tokenizer=args.model,
+        train=args.data,
+        batch_size=args.prompts_per_step,
+        max_prompt_len=64,
+        cache_dir=str(Path(args.result).parent / "cache"),
+    )
+
+
 def run_ours(args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
     from astrai.train import grpo_async
-    from astrai.train.data.grpo import GRPODataModule
     from astrai.train.grpo_module import GRPOModule
     from astrai.train.metrics import flops_per_token, mfu
     from astrai.train.rollout import RolloutEngine
@@ -151,13 +163,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     module.log_throughput = count_trained
     if mode == "rollout":
         return rollout_only(args, module, cuda)
-    data = GRPODataModule(
-        tokenizer=args.model,
-        train=args.data,
-        batch_size=args.prompts_per_step,
-        max_prompt_len=64,
-        cache_dir=str(Path(args.result).parent / "cache"),
-    )
+    data = prompt_batches(args)
     steps: list[dict] = []
     fill = staleness  # batches the asynchronous pipeline takes before its first optimizer step
 
@@ -238,16 +244,8 @@ def rollout_only(args: argparse.Namespace, module, cuda: bool) -> dict:
     generates each step's prompts, seeded as in training; nothing trains in between."""
     import torch
 
-    from astrai.train.data.grpo import GRPODataModule
-
     module.to(torch.device(args.device))
-    data = GRPODataModule(
-        tokenizer=args.model,
-        train=args.data,
-        batch_size=args.prompts_per_step,
-        max_prompt_len=64,
-        cache_dir=str(Path(args.result).parent / "cache"),
-    )
+    data = prompt_batches(args)
     data.setup("fit")
     engine = module.rollout_engine()
     if cuda:

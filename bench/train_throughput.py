@@ -192,9 +192,9 @@ def shape_stats(config: dict, seq_len: int) -> tuple[int, float]:
     return model.num_parameters(), flops_per_token(model, model.config, seq_len)
 
 
-def make_module(args, config: dict, param_dtype: str) -> PretrainModule:
-    torch.manual_seed(0)
-    return PretrainModule(
+def module_options(args, config: dict, param_dtype: str) -> dict:
+    """The options every timed module shares (the pre-training and the GRPO run alike)."""
+    return dict(
         model=config,
         gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile,
@@ -204,6 +204,11 @@ def make_module(args, config: dict, param_dtype: str) -> PretrainModule:
         schedule={"name": "constant"},
         export={"on_fit_end": False},
     )
+
+
+def make_module(args, config: dict, param_dtype: str) -> PretrainModule:
+    torch.manual_seed(0)
+    return PretrainModule(**module_options(args, config, param_dtype))
 
 
 def make_loader(args, config: dict, world_size: int = 1) -> DataLoader:
@@ -250,18 +255,7 @@ def run_lightning(args, config: dict, param_dtype: str, device: torch.device) ->
 def run_grpo(args, config: dict, param_dtype: str, device: torch.device) -> dict | None:
     """GRPOModule's optimizer steps on rollout-shaped offline batches (see --grpo)."""
     torch.manual_seed(0)
-    module = GRPOModule(
-        model=config,
-        group_size=8,
-        micro_batch_size=args.batch_size,
-        gradient_checkpointing=args.gradient_checkpointing,
-        compile=args.compile,
-        param_dtype=param_dtype,
-        peak_flops=args.peak_flops,
-        optimizer={"name": args.optimizer, "lr": 1e-4},
-        schedule={"name": "constant"},
-        export={"on_fit_end": False},
-    )
+    module = GRPOModule(group_size=8, micro_batch_size=args.batch_size, **module_options(args, config, param_dtype))
     timer = StepTimer(args.warmup, args.steps, allocated(device))
     name = f"grpo {param_dtype}"
     trainer = make_trainer(args, timer, name, 1)
