@@ -44,13 +44,15 @@ def complete(srv, max_tokens: int, out: list | None = None, **extra) -> dict:
 
 
 def in_flight(srv, count: int, max_tokens: int) -> tuple[list[threading.Thread], list[dict]]:
-    """`count` requests running on the server (started, and generating) in threads."""
+    """`count` requests sent from threads, every one started (generating, or already done: on a
+    loaded machine the first may finish before the last is admitted) and at least one still
+    generating."""
     answers: list[dict] = []
     threads = [threading.Thread(target=complete, args=(srv, max_tokens, answers)) for _ in range(count)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 60
-    while (stats := srv.stats()["engine"])["running"] < count:
+    while (running := (stats := srv.stats()["engine"])["running"]) + len(answers) < count or not running:
         assert time.monotonic() < deadline, f"the requests never started: {stats}, answers {answers}"
         time.sleep(0.02)
     return threads, answers
