@@ -1,4 +1,5 @@
-"""Process settings for a GPU engine (engine/host_settings.py): torch CPU threads and the frozen GC."""
+"""Process settings for a GPU engine (engine/host_settings.py): torch CPU threads, the frozen GC,
+and the caller's autocast kept out of the engine."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import weakref
 
 import pytest
 import torch
+from engine_helpers import padded_engine, tiny_model
 
+from astrai.core.engine import SamplingParams
 from astrai.core.engine.host_settings import limit_cpu_threads, paused_gc, quiet_gc
 
 
@@ -99,3 +102,22 @@ def test_generate_runs_with_the_collector_off_and_gives_it_back(monkeypatch):
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert seen and not any(seen)
     assert gc.isenabled()
+
+
+def test_generate_inside_an_autocast_region_computes_as_outside_it():
+    """A trainer generates its rollouts inside a training step, under Lightning's
+    mixed-precision autocast; the engine computes in its own dtypes all the same (a float32
+    engine's bfloat16 keys could not be stored in its cache before)."""
+    model = tiny_model(300, seed=0)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=3, logprobs=0, ignore_eos=True)
+
+    def sampled() -> list[tuple[list[int], list[float]]]:
+        out = padded_engine(model).generate(prompts, params)
+        return [(s.token_ids, [lp.logprob for lp in s.logprobs]) for c in out for s in c.samples]
+
+    plain = sampled()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        under = sampled()
+    assert under == plain and len(plain) == 4 and all(len(ids) == 12 for ids, _ in plain)

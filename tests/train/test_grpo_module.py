@@ -190,6 +190,17 @@ def test_a_compiled_policy_compiles_once_for_every_rollout_length(tmp_path, word
     torch._dynamo.reset()
 
 
+def test_rollouts_inside_a_mixed_precision_training_step_run_in_the_engines_own_dtype(tmp_path, word_tok):
+    """Lightning runs training_step, and so the in-process rollouts, under its autocast; a
+    bf16-mixed run on the CPU could not generate (the float32 engine's keys came out bfloat16)."""
+    m = module(word_tok, group_size=4, max_new_tokens=4)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0, precision="bf16-mixed")
+    trainer.fit(m, online_data(tmp_path, word_tok, batch_size=2))
+    assert trainer.global_step == 2
+    assert m._rollout.engine.model.lm_head.weight.dtype == torch.float32
+    assert float(trainer.callback_metrics["train/completion_len"]) > 0
+
+
 def test_old_logps_need_their_own_forward_when_a_batch_gives_several_updates(word_tok):
     assert not module(word_tok, ppo_epochs=2)._old_logps_in_step(8)
     assert not module(word_tok, mini_batch_size=4)._old_logps_in_step(8)

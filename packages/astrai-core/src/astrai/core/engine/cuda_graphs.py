@@ -34,6 +34,7 @@ import torch
 
 from ..rope import rope_kind
 from .attention_backend import AttentionBackend, AttentionMetadata
+from .host_settings import own_numerics
 from .paged_cache import PagedKVCache
 from .scheduler import Chunk
 
@@ -68,7 +69,7 @@ def capture_graphs(
     graphs, pool = {}, None
     # inference_mode: with autograd on, a warm-up would keep every layer's activations alive
     # (GiBs at prefill sizes) and the graphs would record the unpacked training path.
-    with torch.cuda.device(device), torch.inference_mode():
+    with torch.cuda.device(device), torch.inference_mode(), own_numerics(device):
         # One side stream for every warm-up: the allocator caches blocks per stream, so a new
         # stream per bucket would keep each warm-up's activations reserved (GiBs for prefill).
         side = torch.cuda.Stream()

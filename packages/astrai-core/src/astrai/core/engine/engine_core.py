@@ -25,6 +25,7 @@ import torch
 from .attention_backend import AttentionBackend, build_metadata
 from .cuda_graphs import DecodeRunner
 from .device_transfer import to_device
+from .host_settings import own_numerics
 from .outputs import TokenLogprob
 from .paged_cache import PagedKVCache
 from .prefill_graphs import PrefillRunner
@@ -173,9 +174,12 @@ class EngineCore:
             except Exception as e:
                 self.fail([c.seq.request], e)
 
-    @torch.inference_mode()
     def _run(self, chunks: list[Chunk], decode: bool) -> None:
         """Run the chunks through the model and sample; `decode`: every chunk is one sampled token."""
+        with torch.inference_mode(), own_numerics(self.device):
+            self._run_chunks(chunks, decode)
+
+    def _run_chunks(self, chunks: list[Chunk], decode: bool) -> None:
         runner = self.decode_runner
         through_runner = decode and runner is not None and len(chunks) <= runner.max_batch_size
         if through_runner:

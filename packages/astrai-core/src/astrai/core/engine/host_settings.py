@@ -9,6 +9,8 @@ defaults that suit CPU number crunching cost the engine real time:
 - the cyclic garbage collector: a full collection walks every live object (torch, the model,
   the tokenizer: hundreds of thousands) and stalls the engine for longer than several steps.
 Measured: see bench/RESULTS.md, 2026-11-25 row "`diag` host timing of `decode256`".
+
+And one setting of the calling thread that must not reach the engine: autocast (own_numerics).
 """
 
 from __future__ import annotations
@@ -63,3 +65,13 @@ def paused_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def own_numerics(device: torch.device):
+    """The calling thread's autocast off for the engine's work on `device`: the engine computes
+    in its model's and cache's dtypes. A trainer generating rollouts in-process calls the engine
+    inside its training step, under Lightning's mixed-precision autocast: a float32 engine's
+    keys then came out bfloat16 and could not be stored in its float32 cache, and a bfloat16
+    engine's softmaxes and norms ran in float32 (autocast's float32 op list), in its captured
+    CUDA graphs too, giving other log-probs than the same engine outside a training step."""
+    return torch.autocast(device.type, enabled=False)
