@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 21's open GPU measurements on one GPU, from the repository root (each part fits one
+# 10-minute slot):
+#
+#   bash bench/grpo_gpu.sh split      # GRPO's trainer vs the pre-training path on the same tokens
+#                                     # (+ a torch.profiler table of a step each), then sync vs
+#                                     # the same rollouts alone vs TRL (~8 min on an H100)
+#   bash bench/grpo_gpu.sh tests      # the GRPO, loss-compile and structured-output GPU tests
+#   bash bench/grpo_gpu.sh learning   # quickstart GRPO sync vs async-1 vs async-2 (part 6's GPU half)
+#
+# Expects the packages importable (PYTHONPATH with packages/*/src, or installed). The `trl` run
+# needs trl, accelerate and psutil; `learning` needs jsonargparse with its `signatures` extra
+# (typeshed-client), which LightningCLI uses. Figures go to stdout; with $OUT set, the JSON
+# records land there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+OUT_DIR="${OUT:-/tmp/astrai-grpo-gpu}"
+mkdir -p "$OUT_DIR"
+MODEL=configs/model/qwen2.5-0.5b.json
+
+split() {
+  python3 bench/train_throughput.py --model "$MODEL" --batch-size 16 --seq-len 320 --accumulate 32 \
+    --steps 2 --warmup 2 --param-dtype bfloat16 --compile --grpo --profile | tee "$OUT_DIR/trainer_split.txt"
+  python3 bench/grpo_throughput.py --model "$MODEL" --device cuda --runs sync rollout trl --steps 3 --warmup 2 \
+    --trl-steps 2 --run-timeout 200 --output "$OUT_DIR/grpo_throughput.json"
+}
+
+tests() {
+  python3 -m pytest -q -p no:cacheprovider tests/train/test_grpo_module.py tests/train/test_grpo_logps.py \
+    tests/train/test_loss_compile.py tests/engine/test_structured_output.py tests/engine/test_host.py 2>&1 \
+    | tee "$OUT_DIR/tests.txt"
+}
+
+learning() {
+  python3 bench/grpo_async_quickstart.py --out "$OUT_DIR/quickstart" --runs sync async-1 async-2
+}
+
+for part in "${@:-split tests}"; do
+  for name in $part; do "$name"; done
+done
