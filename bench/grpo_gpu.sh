@@ -27,7 +27,7 @@ split() {
 }
 
 tests() {
-  python3 -m pytest -q -p no:cacheprovider tests/train/test_grpo_module.py tests/train/test_grpo_logps.py \
+  python3 -m pytest -q --tb=short -rfs -p no:cacheprovider tests/train/test_grpo_module.py tests/train/test_grpo_logps.py \
     tests/train/test_loss_compile.py tests/engine/test_structured_output.py tests/engine/test_host.py 2>&1 \
     | tee "$OUT_DIR/tests.txt"
 }
