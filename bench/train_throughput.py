@@ -138,13 +138,17 @@ class Window:
             torch.cuda.synchronize(self.device)
 
     def after_step(self, done: int) -> bool:
-        """Call after `done` optimizer steps; True when the window is complete."""
-        if done == self.warmup:
+        """Call after each batch with the optimizer steps `done` so far (with gradient
+        accumulation, after every micro-batch: several calls see the same count); True when the
+        window is complete. It opens on the first call that sees `warmup` steps done and closes
+        on the first that sees warmup + steps (opening again on each later micro-batch of a step
+        timed as little as one micro-batch of the first timed step)."""
+        if done == self.warmup and self.start is None:
             self._sync()
             self.start = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-        elif done == self.warmup + self.steps:
+        elif done == self.warmup + self.steps and self.end is None:
             self._sync()
             self.end = time.perf_counter()
             if self.device.type == "cuda":
@@ -169,6 +173,7 @@ class StepTimer(L.Callback):
     def on_train_start(self, trainer, module):
         # The module's device is known here (each rank's own); the memory base was taken before fit.
         self.window = Window(self.warmup, self.steps, module.device, self.base)
+        self.window.after_step(0)  # with no warm-up, the window opens before the first batch
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.window.after_step(trainer.global_step)
@@ -277,6 +282,7 @@ def plain_autocast(precision: str, device: torch.device):
 
 def timed_loop(args, loader, device, step_fn) -> Window:
     window = Window(args.warmup, args.steps, device)
+    window.after_step(0)
     for done, batch in enumerate(loader, start=1):
         step_fn({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         if window.after_step(done):
