@@ -287,3 +287,12 @@ def test_an_unknown_dtype_is_refused_naming_the_flag(eval_model_dir, capsys):
     )
     assert code == 2
     assert "--dtype" in log and "fp4" in log and "bfloat16" in log and "Traceback" not in log
+
+
+def test_the_evaluated_model_loads_without_the_training_side():
+    """astrai-eval's model (lm_model) shares resolve_dtype with GRPO's rollouts, but not its
+    imports: Lightning stays unloaded (seconds of start-up for nothing)."""
+    code = "import sys, astrai.train.evaluation.lm_model; print('lightning.pytorch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -31,23 +31,12 @@ from astrai.core.errors import AstraiError, require
 from astrai.core.tokenizer import AutoTokenizer
 
 from .base_module import BatchError
+from .inference_dtype import resolve_dtype as resolve_dtype  # importable from here, as before
 from .lora import LoRAConfig, merge_lora_state_dict
 from .losses import IGNORE_INDEX
 
 # Share of free GPU memory the engine's KV cache may take by default: training needs the rest.
 DEFAULT_KV_SHARE = 0.25
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str | None, device: torch.device, field: str = "model.rollout_dtype") -> torch.dtype:
-    """An inference model's dtype: as named, or by default bfloat16 on GPUs that have it, else
-    float32. ``field``: the setting's name as the user writes it, for the error."""
-    if name is None or name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    require(name in _DTYPES, field, f"must be auto or one of {', '.join(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
 
 
 def policy_state(model: nn.Module, lora: LoRAConfig | None = None) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.errors import require
 from astrai.core.tokenizer import AutoTokenizer
 
-from ..rollout import resolve_dtype
+from ..inference_dtype import resolve_dtype
 
 log = logging.getLogger(__name__)
 
