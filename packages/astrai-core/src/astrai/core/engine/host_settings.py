@@ -19,7 +19,7 @@ import gc
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -73,5 +73,9 @@ def own_numerics(device: torch.device):
     inside its training step, under Lightning's mixed-precision autocast: a float32 engine's
     keys then came out bfloat16 and could not be stored in its float32 cache, and a bfloat16
     engine's softmaxes and norms ran in float32 (autocast's float32 op list), in its captured
-    CUDA graphs too, giving other log-probs than the same engine outside a training step."""
-    return torch.autocast(device.type, enabled=False)
+    CUDA graphs too, giving other log-probs than the same engine outside a training step.
+    Without autocast on (a server, a plain script) nothing is entered: a step's context costs
+    a check, not an autocast context's few microseconds."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
