@@ -8,6 +8,8 @@ log-softmax is compiled) and one compile serves all the cases.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -15,7 +17,7 @@ from train_helpers import TINY_MODEL
 
 from astrai.core.config import ModelConfig
 from astrai.core.transformer import CausalLM
-from astrai.train.grpo_logps import BatchLayout, RowCut, token_logps
+from astrai.train.grpo_logps import BatchLayout, token_logps
 from astrai.train.losses import IGNORE_INDEX, _dense_label_logps, label_logps, sequence_logps
 
 VOCAB = 61
@@ -45,7 +47,7 @@ def _batch(rows=4, width=12, seed=0) -> dict:
 
 def _logps_and_grads(model, data, idx, dynamic):
     model.zero_grad()
-    lp = token_logps(model, data, idx, dynamic=dynamic)
+    lp = token_logps(model, data, BatchLayout(data).cut(idx), dynamic=dynamic)
     weights = torch.linspace(-1, 2, lp.numel()).view(lp.shape)  # a gradient that differs by position
     (lp * weights).sum().backward()
     return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -113,18 +115,31 @@ def test_compiled_label_logps_keep_no_float32_copy_of_bf16_logits():
 
 def test_micro_batches_cut_on_the_host_equal_the_cut_read_from_the_device():
     """BatchLayout reads the batch's lengths and labelled positions once; its cuts (any rows, in
-    any order) give the shapes, positions and log-probs that reading each micro-batch from the
-    device gives."""
+    any order) hold the length and labelled positions read from the device tensors themselves,
+    and give the log-probs of a float64 forward of each row."""
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(vocab_size=VOCAB, **{**TINY_MODEL, "init_std": 0.5}))
     data = _batch(rows=5, width=14, seed=3)
     layout = BatchLayout(data)
     assert layout.num_rows == 5 and layout.lengths.tolist() == [14, 12, 10, 8, 6]
     assert layout.labelled_tokens() == int((data["labels"] != IGNORE_INDEX).sum())
+    reference = copy.deepcopy(model).double()
     for rows in ([3, 4], [4, 0, 2], [1], [0, 1, 2, 3, 4]):
-        host = torch.tensor(rows)
-        cut, read = layout.cut(host), RowCut.on_device(data, host)
-        assert cut.length == read.length == max(14 - 2 * r for r in rows)
-        assert torch.equal(cut.index, read.index) and torch.equal(cut.flat, read.flat) and cut.flat.numel() > 0
-        assert layout.labelled_tokens(host) == int((data["labels"][host] != IGNORE_INDEX).sum())
-        torch.testing.assert_close(token_logps(model, data, cut), token_logps(model, data, host), rtol=0, atol=0)
+        idx = torch.tensor(rows)
+        cut = layout.cut(idx)
+        length = int(data["attention_mask"][idx].sum(1).max())
+        labelled = data["labels"][idx, :length] != IGNORE_INDEX
+        assert cut.length == length == max(14 - 2 * r for r in rows)
+        assert torch.equal(cut.index, idx) and torch.equal(cut.flat, labelled.reshape(-1).nonzero().squeeze(1))
+        assert layout.labelled_tokens(idx) == int(labelled.sum())
+        lp = token_logps(model, data, cut)
+        for i, r in enumerate(rows):
+            with torch.no_grad():
+                logits = reference(data["input_ids"][r : r + 1, : 14 - 2 * r])[0]
+            labels = data["labels"][r, : 14 - 2 * r]
+            keep = labels != IGNORE_INDEX
+            expected = logits.log_softmax(-1)[keep].gather(1, labels[keep][:, None])[:, 0]
+            torch.testing.assert_close(
+                lp[i][data["labels"][r] != IGNORE_INDEX].double(), expected, rtol=1e-5, atol=1e-5
+            )
+            assert not lp[i][data["labels"][r] == IGNORE_INDEX].any()

@@ -28,13 +28,6 @@ class RowCut:
     length: int  # tokens of the longest of these rows: the block is (rows, length)
     flat: torch.Tensor  # labelled positions of the (rows, length) block, flattened, on the device
 
-    @classmethod
-    def on_device(cls, data: dict, index: torch.Tensor) -> RowCut:
-        """The cut read from the device tensors themselves (the host waits twice)."""
-        length = int(data["attention_mask"][index].sum(1).max())
-        flat = (data["labels"][index, :length] != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
-        return cls(index, length, flat)
-
 
 class BatchLayout:
     """Each row's length and labelled positions, copied to the host once per batch (one wait),
@@ -69,13 +62,12 @@ class BatchLayout:
         return host.pin_memory().to(self.device, non_blocking=True)
 
 
-def token_logps(model, data: dict, rows: RowCut | torch.Tensor, dynamic: bool = False) -> torch.Tensor:
-    """Per-token log-probs (rows, T) of the labels of ``rows`` (a RowCut, or row numbers on the
-    device: then the cut is read from the device); 0 where unlabelled. Only labelled positions
-    go through the output head. ``dynamic``: the model is compiled, and lengths change every
-    micro-batch: compile once for any, not first for one; the log-softmax is then compiled too
-    (losses.label_logps), fused instead of run in chunks."""
-    cut = rows if isinstance(rows, RowCut) else RowCut.on_device(data, rows)
+def token_logps(model, data: dict, cut: RowCut, dynamic: bool = False) -> torch.Tensor:
+    """Per-token log-probs (rows, T) of the labels of the rows ``cut`` holds (BatchLayout.cut);
+    0 where unlabelled. Only labelled positions go through the output head. ``dynamic``: the
+    model is compiled, and lengths change every micro-batch: compile once for any, not first
+    for one; the log-softmax is then compiled too (losses.label_logps), fused instead of run in
+    chunks."""
     labels = data["labels"][cut.index]
     # Rows are right-padded: causal attention already keeps real tokens from seeing the
     # padding after them, so no mask is needed (and the fast causal path is used).

@@ -241,9 +241,9 @@ class GRPOModule(GRPOEpisodes, CausalLMModule):
         self._init_rollout_state()
 
     # -- log-probabilities ---------------------------------------------------------------------------
-    def _token_logps(self, model, data: dict, rows: RowCut | torch.Tensor) -> torch.Tensor:
-        """Per-token log-probs (rows, T) of the labels of ``rows`` (grpo_logps.token_logps)."""
-        return token_logps(model, data, rows, dynamic=self.hparams.compile)
+    def _token_logps(self, model, data: dict, cut: RowCut) -> torch.Tensor:
+        """Per-token log-probs (rows, T) of the labels of the rows ``cut`` holds (grpo_logps.token_logps)."""
+        return token_logps(model, data, cut, dynamic=self.hparams.compile)
 
     def _frozen_logps(self, model, data: dict, layout: BatchLayout | None = None) -> torch.Tensor:
         """Every row's log-probs without gradients, micro_batch_size rows at a time, in eval mode."""
