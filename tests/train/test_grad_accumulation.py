@@ -153,3 +153,26 @@ def test_bf16_accumulation_is_refused_under_fsdp(tmp_path):
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environ)
+
+
+@pytest.mark.parametrize("with_bf16", [True, False], ids=["two-dtypes", "float32-only"])
+def test_released_gradients_outlive_the_next_sum(with_bf16):
+    """Each released gradient is its own tensor, not a view of the float32 buffer, which the
+    next sum zeroes and refills: with parameters of two dtypes (a cast per parameter) and with
+    float32 ones only (where a cast of the buffer to its own dtype would be the buffer)."""
+    w16 = torch.ones(3, dtype=torch.bfloat16, requires_grad=True)
+    w32 = torch.ones(2, dtype=torch.float32, requires_grad=True)
+    sums = Float32Grads([w16, w32] if with_bf16 else [w32])
+    for x in (1.0, SMALL):
+        if with_bf16:
+            _backward(w16, x)
+        _backward(w32, x)
+        sums.collect()
+    sums.release()
+    assert w32.grad.dtype == torch.float32 and (not with_bf16 or w16.grad.dtype == torch.bfloat16)
+    assert torch.equal(w32.grad, torch.full((2,), 1 + SMALL))  # float32 keeps the small part
+    released = w32.grad
+    w32.grad = None  # the optimizer's zero_grad; the tensor it held lives on (an optimizer may keep it)
+    _backward(w32, 3.0)
+    sums.collect()
+    assert torch.equal(released, torch.full((2,), 1 + SMALL))

@@ -28,6 +28,9 @@ class Float32Grads:
         if not params:
             raise ValueError("Float32Grads needs at least one parameter")
         self.params = params
+        self.sizes = [p.numel() for p in params]
+        dtypes = {p.dtype for p in params}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else None  # the parameters' one dtype, if they share one
         self.buffer: torch.Tensor | None = None  # made on first use, on the parameters' device
         self.sums: list[torch.Tensor] = []
         self.seen = [False] * len(params)  # parameters that got a gradient since the last release
@@ -35,9 +38,8 @@ class Float32Grads:
     def collect(self) -> None:
         """Add the parameters' current gradients to the sum and clear them (after a backward)."""
         if self.buffer is None:
-            sizes = [p.numel() for p in self.params]
-            self.buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=self.params[0].device)
-            self.sums = [s.view_as(p) for s, p in zip(self.buffer.split(sizes), self.params)]
+            self.buffer = torch.zeros(sum(self.sizes), dtype=torch.float32, device=self.params[0].device)
+            self.sums = [s.view_as(p) for s, p in zip(self.buffer.split(self.sizes), self.params)]
         got = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not got:
             return
@@ -58,11 +60,12 @@ class Float32Grads:
             return
         if average_over_ranks is not None:
             average_over_ranks(self.buffer)
-        dtypes = {p.dtype for p in self.params}
-        # With one dtype (the usual case), one cast of the whole buffer; its views become the grads.
-        rounded = self.buffer.to(dtypes.pop()).split([p.numel() for p in self.params]) if len(dtypes) == 1 else None
-        for i, (p, total) in enumerate(zip(self.params, self.sums)):
+        # With one dtype (the usual case), one cast of the whole buffer, whose views become the
+        # grads; else a cast per parameter. Copies either way: the buffer is zeroed next.
+        shared = self.dtype is not None
+        rounded = self.buffer.to(self.dtype, copy=True).split(self.sizes) if shared else self.sums
+        for i, p in enumerate(self.params):
             if self.seen[i]:
-                p.grad = total.to(p.dtype) if rounded is None else rounded[i].view_as(p)
+                p.grad = rounded[i].view_as(p).to(p.dtype, copy=not shared)
         self.buffer.zero_()
         self.seen = [False] * len(self.params)
