@@ -10,7 +10,7 @@ import pytest
 import torch
 from engine_helpers import padded_engine, tiny_model
 
-from astrai.core.engine import SamplingParams
+from astrai.core.engine import InferenceEngine, SamplingParams
 from astrai.core.engine.host_settings import limit_cpu_threads, paused_gc, quiet_gc
 
 
@@ -86,10 +86,6 @@ def test_paused_gc_keeps_the_collector_off_inside_and_restores_it_after():
 
 
 def test_generate_runs_with_the_collector_off_and_gives_it_back(monkeypatch):
-    from engine_helpers import tiny_model
-
-    from astrai.core.engine import InferenceEngine, SamplingParams
-
     seen = []
     engine = InferenceEngine(tiny_model(32), None, max_batch_size=2)
     step = engine.core.step
