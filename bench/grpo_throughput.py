@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+# The rollout engine's counts a run records: whether its steps overlapped the host's work, were
+# preempted or ran as many steps as the tokens need (where its speed goes).
+ENGINE_STATS = ("steps", "overlapped_steps", "preemptions", "computed_tokens", "generated_tokens", "pages_total")
 sys.path.insert(0, str(BENCH))
 
 
@@ -207,11 +210,8 @@ def run_ours(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=data)
     measured = [s for s in steps if s["batch"] >= fill + args.warmup][: args.steps]
-    # The rollout engine's own counts over the whole run: whether its steps overlapped the host's
-    # work, were preempted or ran as many steps as the tokens need (where its speed goes).
     engine = getattr(module._rollout, "engine", None)
-    keys = ("steps", "overlapped_steps", "preemptions", "computed_tokens", "generated_tokens", "pages_total")
-    engine_stats = {k: engine.stats()[k] for k in keys} if engine is not None else None
+    engine_stats = {k: engine.stats()[k] for k in ENGINE_STATS} if engine is not None else None
     seq_len = args.max_new_tokens + 64
     per_token = flops_per_token(module.model, module.config, seq_len)
     peak = module._peak_flops
@@ -256,14 +256,13 @@ def rollout_only(args: argparse.Namespace, module, cuda: bool) -> dict:
         out = engine.generate(batch["prompt_ids"], module.sampling, module._seeds(batch, i))
         seconds = time.perf_counter() - start
         steps.append({"batch": i, "seconds": seconds, "generate_seconds": seconds, "completion_tokens": out.num_tokens})
-    keys = ("steps", "overlapped_steps", "preemptions", "computed_tokens", "generated_tokens", "pages_total")
     return {
         "framework": "astrai",
         "run": "rollout",
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "steps": steps[args.warmup :],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "rollout_engine": {k: engine.engine.stats()[k] for k in keys},
+        "rollout_engine": {k: engine.engine.stats()[k] for k in ENGINE_STATS},
     }
 
 
