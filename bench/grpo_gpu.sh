@@ -2,9 +2,10 @@
 # Issue 21's open GPU measurements on one GPU, from the repository root (each part fits one
 # 10-minute slot):
 #
-#   bash bench/grpo_gpu.sh split      # GRPO's trainer vs the pre-training path on the same tokens
-#                                     # (+ a torch.profiler table of a step each), then sync vs
-#                                     # the same rollouts alone vs TRL (~8 min on an H100)
+#   bash bench/grpo_gpu.sh trainer    # GRPO's trainer vs the pre-training path on the same tokens
+#                                     # (+ profiles, idle gaps, host waits of a step each; ~4 min)
+#   bash bench/grpo_gpu.sh side       # sync vs the same rollouts alone vs TRL (~6 min on an H100)
+#   bash bench/grpo_gpu.sh split      # both (longer than one 10-minute slot)
 #   bash bench/grpo_gpu.sh tests      # the GRPO, loss-compile and structured-output GPU tests
 #   bash bench/grpo_gpu.sh learning   # quickstart GRPO sync vs async-1 vs async-2 (part 6's GPU half)
 #
@@ -19,9 +20,12 @@ OUT_DIR="${OUT:-/tmp/astrai-grpo-gpu}"
 mkdir -p "$OUT_DIR"
 MODEL=configs/model/qwen2.5-0.5b.json
 
-split() {
+trainer() {
   python3 bench/train_throughput.py --model "$MODEL" --batch-size 16 --seq-len 320 --accumulate 32 \
     --steps 2 --warmup 2 --param-dtype bfloat16 --compile --grpo --profile | tee "$OUT_DIR/trainer_split.txt"
+}
+
+side() {
   python3 bench/grpo_throughput.py --model "$MODEL" --device cuda --runs sync rollout trl --steps 3 --warmup 2 \
     --trl-steps 2 --run-timeout 200 --output "$OUT_DIR/grpo_throughput.json"
 }
@@ -32,10 +36,21 @@ tests() {
     | tee "$OUT_DIR/tests.txt"
 }
 
+split() {
+  trainer
+  side
+}
+
 learning() {
-  python3 bench/grpo_async_quickstart.py --out "$OUT_DIR/quickstart" --runs sync async-1 async-2
+  # The quickstart's checkpoints stay out of $OUT_DIR (only the figures come back from a device run).
+  python3 bench/grpo_async_quickstart.py --out /tmp/astrai-grpo-quickstart --runs sync async-1 async-2 \
+    | tee "$OUT_DIR/learning.txt"
 }
 
 for part in "${@:-split tests}"; do
-  for name in $part; do "$name"; done
+  for name in $part; do
+    started=$SECONDS
+    "$name"
+    echo "== $name: $((SECONDS - started)) s"
+  done
 done

@@ -17,7 +17,10 @@ two ends of the timed window. Optionally, in the same process:
                of batch-size rows, as a GRPO run with old_logps=policy trains (no generation).
                Side by side with the pre-training path, it shows what GRPO's own step costs.
   --profile    after the timed steps, one more step of each run under torch.profiler: the
-               operators with the most device (or CPU) time.
+               operators with the most device time and with the most host time, and the
+               step's wall time against its device time (how long the device sat idle). On a
+               GPU, one step more under torch.cuda.set_sync_debug_mode: every operation that
+               made the host wait for the device, counted by the line of ours that asked.
 
     uv run python bench/train_throughput.py --model configs/model/tinyllama-1.1b.json \
         --batch-size 8 --seq-len 2048 --compile --overhead --reference --param-dtype float32 bfloat16
@@ -40,6 +43,7 @@ import gc
 import json
 import logging
 import time
+import traceback
 import warnings
 
 import lightning as L
@@ -98,11 +102,13 @@ class RolloutRows(Dataset):
 
 class ProfileOneStep(L.Callback):
     """torch.profiler over the optimizer step that starts at global step `at`; prints its
-    operators with the most device time (CPU time on a CPU)."""
+    operators with the most device time and with the most host time, and the step's wall time
+    against its device time. On a GPU, the step after it runs under SyncCounter."""
 
     def __init__(self, at: int, name: str, rows: int = 25):
         self.at, self.name, self.rows = at, name, rows
-        self.profiler = None
+        self.profiler = self.syncs = None
+        self.started = 0.0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if self.profiler is None and trainer.global_step == self.at:
@@ -111,16 +117,100 @@ class ProfileOneStep(L.Callback):
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
+            self.started = time.perf_counter()
+        if self.syncs is None and module.device.type == "cuda" and trainer.global_step == self.at + 1:
+            torch.cuda.synchronize(module.device)
+            self.syncs = SyncCounter().__enter__()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.profiler is not None and trainer.global_step == self.at + 1:
+        if self.profiler is not None and self.started and trainer.global_step == self.at + 1:
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
+            wall = time.perf_counter() - self.started
             self.profiler.__exit__(None, None, None)
-            key = "self_device_time_total" if module.device.type == "cuda" else "self_cpu_time_total"
+            self.started = 0.0
+            averages = self.profiler.key_averages()
             print(f"\n-- profile of one optimizer step: {self.name} --")
-            print(self.profiler.key_averages().table(sort_by=key, row_limit=self.rows))
-            self.profiler = None
+            if module.device.type == "cuda":
+                busy = sum(e.self_device_time_total for e in averages) / 1e6
+                print(f"wall {wall:.3f} s under the profiler, device busy {busy:.3f} s ({busy / wall:.0%})")
+                print(averages.table(sort_by="self_device_time_total", row_limit=self.rows))
+                print_idle_gaps(self.profiler.events())
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=self.rows))
+        if self.syncs is not None and trainer.global_step == self.at + 2:
+            self.syncs.__exit__(None, None, None)
+            print(f"\n-- host waits for the device in one optimizer step: {self.name} --")
+            self.syncs.print_report()
+            self.syncs = None
+
+
+def print_idle_gaps(events, largest: int = 12) -> None:
+    """Where the device sat idle in a profiled step: the gaps between its kernels (merged),
+    and for the largest, the host operations under way at the gap's middle (innermost last)."""
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    host = [e for e in events if e.device_type.name == "CPU"]
+    if not kernels:
+        return
+    gaps, end = [], kernels[0][1]
+    for start, stop in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, end, start))
+        end = max(end, stop)
+    total = sum(g[0] for g in gaps) / 1e3
+    print(
+        f"device idle between kernels: {total:.1f} ms in {len(gaps)} gaps; over 1 ms: "
+        f"{sum(g[0] for g in gaps if g[0] > 1e3) / 1e3:.1f} ms in {sum(g[0] > 1e3 for g in gaps)}"
+    )
+    for length, start, stop in sorted(gaps, reverse=True)[:largest]:
+        middle = (start + stop) / 2
+        under_way = sorted(
+            (e for e in host if e.time_range.start <= middle <= e.time_range.end),
+            key=lambda e: -(e.time_range.end - e.time_range.start),
+        )
+        names = " > ".join(e.name[:40] for e in under_way[-4:]) or "(no host operation)"
+        print(f"  {length / 1e3:7.2f} ms  {names}")
+
+
+class SyncCounter:
+    """Counts the operations that make the host wait for the device (torch's sync debug mode,
+    which warns at each), by the innermost line of astrai's code (else Lightning's) that
+    called them: each is a point where the GPU runs dry while the host catches up."""
+
+    OURS = ("astrai", "bench")
+
+    def __init__(self):
+        self.sites: dict[str, int] = {}
+        self.messages: dict[str, str] = {}
+
+    def __enter__(self):
+        self.caught = warnings.catch_warnings()
+        self.caught.__enter__()
+        warnings.simplefilter("always")
+        self.old_show = warnings.showwarning
+        warnings.showwarning = self.record
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self.old_show
+        self.caught.__exit__(*exc)
+
+    def record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return self.old_show(message, category, filename, lineno, file, line)
+        frames = traceback.extract_stack()[:-1]
+        ours = [f for f in frames if any(f"/{part}/" in f.filename for part in self.OURS)]
+        lightning = [f for f in frames if "/lightning/" in f.filename]
+        frame = (ours or lightning or frames)[-1]
+        site = f"{frame.filename.split('/src/')[-1]}:{frame.lineno} {frame.name}: {(frame.line or '').strip()[:60]}"
+        self.sites[site] = self.sites.get(site, 0) + 1
+        self.messages.setdefault(site, str(message).split("\n")[0][:80])
+
+    def print_report(self) -> None:
+        print(f"{sum(self.sites.values())} waits")
+        for site, count in sorted(self.sites.items(), key=lambda item: -item[1]):
+            print(f"{count:6d}  {site}  [{self.messages[site]}]")
 
 
 class Window:
@@ -217,7 +307,7 @@ def make_module(args, config: dict, param_dtype: str) -> PretrainModule:
 
 
 def make_loader(args, config: dict, world_size: int = 1) -> DataLoader:
-    rows = (args.warmup + args.steps + 1) * args.accumulate * args.batch_size * world_size
+    rows = (args.warmup + args.steps + 2) * args.accumulate * args.batch_size * world_size
     return DataLoader(
         RandomTokens(rows, args.seq_len, config["vocab_size"]),
         batch_size=args.batch_size,
@@ -235,7 +325,7 @@ def make_trainer(args, timer: StepTimer, name: str, accumulate: int) -> L.Traine
         devices=args.devices,
         strategy=args.strategy,
         precision=args.precision,
-        max_steps=args.warmup + args.steps + int(args.profile),
+        max_steps=args.warmup + args.steps + 2 * int(args.profile),
         logger=False,
         accumulate_grad_batches=accumulate,
         enable_checkpointing=False,
