@@ -55,7 +55,7 @@ def grpo_run(q: Quickstart, name: str, out: Path, extra: dict) -> dict:
     overrides.update(
         {
             "trainer.default_root_dir": out / name,
-            "model.export_dir": out / name / "export",
+            "model.export.dir": out / name / "export",
             "model.model": q.export("dpo"),
             "trainer.limit_val_batches": 0,
             "trainer.logger": False,

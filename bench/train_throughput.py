@@ -222,6 +222,7 @@ class Window:
         self.base = base if base is not None else allocated(device)
         self.start = self.end = None
         self.peak = None
+        self.step_ends: list[float] = []  # each timed step's end (one more wait per step)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -238,13 +239,22 @@ class Window:
             self.start = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-        elif done == self.warmup + self.steps and self.end is None:
+        elif self.start is not None and self.end is None and done > self.warmup + len(self.step_ends):
             self._sync()
-            self.end = time.perf_counter()
-            if self.device.type == "cuda":
-                self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-            return True
+            self.step_ends.append(time.perf_counter())
+            if done == self.warmup + self.steps:
+                self.end = self.step_ends[-1]
+                if self.device.type == "cuda":
+                    self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+                return True
         return False
+
+    @property
+    def each_step_ms(self) -> list[float]:
+        """Every timed optimizer step's milliseconds (a slow one stands out: a recompilation,
+        the allocator asking the driver for memory)."""
+        ends = [self.start, *self.step_ends]
+        return [round((b - a) * 1e3, 1) for a, b in zip(ends, ends[1:])]
 
     @property
     def step_seconds(self) -> float:
@@ -443,6 +453,7 @@ def result_row(name: str, args, window: Window, world_size: int) -> dict:
         "run": name,
         "tokens_per_sec": round(per_device * world_size),
         "step_ms": round(window.step_seconds * 1e3, 2),
+        "each_step_ms": window.each_step_ms,
         "model_tflops_per_device": round(per_device * fpt / 1e12, 2),
         "mfu": round(per_device * fpt / peak, 4) if peak else None,
         "peak_memory_gib": round(window.peak / 2**30, 2) if window.peak is not None else None,
@@ -517,6 +528,7 @@ def main():
         "--completion-len", type=int, default=None, help="with --grpo: labelled tokens a row (default: seq-len - 64)"
     )
     p.add_argument("--profile", action="store_true", help="profile one more step of each run (see above)")
+    p.add_argument("--grpo-first", action="store_true", help="with --grpo: run GRPO's trainer before the others")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
     p.add_argument("--strategy", default="auto")
@@ -550,6 +562,9 @@ def main():
 
     rows = []
     for dtype in args.param_dtype:
+        if args.grpo and args.grpo_first:
+            rows.append(run_grpo(args, config, dtype, device))
+            release()
         row = run_lightning(args, config, dtype, device)
         if row is None:  # not rank zero
             return
@@ -558,7 +573,7 @@ def main():
         if args.overhead:
             rows.append(run_plain(args, config, dtype, device))
             release()
-        if args.grpo:
+        if args.grpo and not args.grpo_first:
             rows.append(run_grpo(args, config, dtype, device))
             release()
     if args.reference:

@@ -84,7 +84,13 @@ def test_reference_matches_dense_math(mla, fp8):
 @cuda
 @pytest.mark.parametrize(
     "n_heads,n_kv_heads,dk,dv,mla",
-    [(16, 8, 128, 128, False), (14, 2, 64, 64, False), (8, 8, 64, 64, False), (16, 1, 576, 512, True)],
+    [
+        (16, 8, 128, 128, False),
+        (14, 2, 64, 64, False),
+        (8, 8, 64, 64, False),
+        (4, 2, 8, 8, False),
+        (16, 1, 576, 512, True),
+    ],
 )
 @pytest.mark.parametrize("q_lens", [[1] * 7, [1, 37, 1, 130, 5]])
 @pytest.mark.parametrize("listed", [False, True])
@@ -132,10 +138,11 @@ def test_triton_reads_fp8_pools(n_heads, n_kv_heads, dk, dv, mla, q_lens):
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("batch", [7, 160, 300])  # at 16 / 8 heads: contexts split in 32, 2, 1
 @pytest.mark.parametrize("page_size", [8, 16, 32])  # 8: the general kernel; 16, 32: the decode kernel
-@pytest.mark.parametrize("n_heads,n_kv_heads,dk", [(16, 8, 128), (14, 2, 64), (32, 1, 64), (8, 8, 80)])
+@pytest.mark.parametrize("n_heads,n_kv_heads,dk", [(16, 8, 128), (14, 2, 64), (32, 1, 64), (8, 8, 80), (4, 2, 8)])
 def test_triton_decode(fp8, batch, page_size, n_heads, n_kv_heads, dk):
     """Decode steps (one query per sequence) against the reference: groups of 1 to 32 heads
-    (more than tl.dot's 16 rows at 32), a head narrower than its tile (80), pages of one or
+    (more than tl.dot's 16 rows at 32), a head narrower than its tile (80) or than tl.dot's
+    smallest (8, a tiny model's), pages of one or
     several key tiles, contexts that end mid-tile and mid-page, and a padding row (context 0:
     zeros, as CUDA-graph decode pads its batches)."""
     from astrai.core.kernels.paged_attention_triton import paged_attention_triton

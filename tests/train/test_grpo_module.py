@@ -248,14 +248,15 @@ class _CountedWaits(Callback):
         self.per_step: list[int] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if batch_idx > 0:  # the first step checks the batch once
+        self._counting = trainer.global_step > 0  # the first step checks the batch once
+        if self._counting:  # (by step, not batch_idx: an epoch here is shorter than the run)
             self._caught = warnings.catch_warnings(record=True)
             self._seen = self._caught.__enter__()
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if batch_idx > 0:
+        if self._counting:
             torch.cuda.set_sync_debug_mode("default")
             self._caught.__exit__(None, None, None)
             self.per_step.append(sum("synchronizing" in str(w.message) for w in self._seen))

@@ -41,4 +41,5 @@ def test_the_window_spans_the_timed_optimizer_steps_whatever_the_accumulation(
             closed.append(window.after_step(done))
     assert window.end - window.start == steps * accumulate  # micro-batches inside the window
     assert window.step_seconds == accumulate
+    assert window.each_step_ms == [accumulate * 1e3] * steps  # each timed step on its own
     assert closed.count(True) == 1

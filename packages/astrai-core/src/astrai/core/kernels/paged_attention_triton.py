@@ -294,6 +294,13 @@ DECODE_BLOCK_N, DECODE_STAGES, DECODE_WARPS, DECODE_MAX_REGISTERS = 16, 5, 1, 12
 # Splitting pays when there are too few programs to fill the GPU and costs a little when there
 # are enough (measured: see bench/RESULTS.md, 2026-11-26 split-KV notes of the decode kernel rows).
 DECODE_PROGRAMS, DECODE_MAX_SPLITS = 1024, 32
+MIN_DOT_SIZE = 16  # tl.dot's smallest inner (K) size for 16-bit inputs
+
+
+def head_block(dim: int) -> int:
+    """The tile width of a head dimension: a power of two, and at least tl.dot's smallest
+    inner size (16), which heads of tiny models (8 wide) are below; the loads mask the rest."""
+    return max(MIN_DOT_SIZE, triton.next_power_of_2(dim))
 
 
 def decode_splits(batch: int, n_kv_heads: int) -> int:
@@ -311,7 +318,7 @@ def _decode(q, k_cache, v, out, page_table, seq_lens, query_start, scale, dv, f1
     batch = seq_lens.shape[0]
     group = n_heads // n_kv_heads
     rows = max(16, triton.next_power_of_2(group))
-    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    block_dk, block_dv = head_block(dk), head_block(dv)
     splits = decode_splits(batch, n_kv_heads)
     part = q.new_empty(batch * n_heads * splits, block_dv, dtype=torch.float32) if splits > 1 else out
     stats = q.new_empty(2, batch * n_heads * splits, dtype=torch.float32) if splits > 1 else (out, out)
@@ -403,7 +410,7 @@ def paged_attention_triton(
     dv = v_dim if v_cache is None else v_cache.shape[-1]
     out = q.new_empty(n_tokens, n_heads, dv)
     group = n_heads // n_kv_heads
-    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    block_dk, block_dv = head_block(dk), head_block(dv)
     wide = block_dk > 128  # MLA latents: keep tiles small enough for shared memory
     f16_dot = k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16
     if blocks is None and max_q_len is None:
