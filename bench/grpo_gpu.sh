@@ -12,7 +12,8 @@
 # Expects the packages importable (PYTHONPATH with packages/*/src, or installed). The `trl` run
 # needs trl, accelerate and psutil; `learning` needs jsonargparse with its `signatures` extra
 # (typeshed-client), which LightningCLI uses. Figures go to stdout; with $OUT set, the JSON
-# records land there.
+# records land there. To bound a part's time use `timeout -s KILL`: Lightning's signal handler takes
+# a plain SIGTERM and the run goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1

@@ -460,6 +460,15 @@ def result_row(name: str, args, window: Window, world_size: int) -> dict:
     }
 
 
+def finished(rows: list[dict], row: dict) -> None:
+    """Keep a run's row and print it at once: a run cut short later leaves the earlier figures.
+    Other ranks than zero have no row."""
+    if row is None:
+        return
+    rows.append(row)
+    print(f"finished: {json.dumps(row)}", flush=True)
+
+
 def release() -> None:
     """Free the last run's model, optimizer and compiled graphs before the next one."""
     torch._dynamo.reset()  # first: compiled graphs hold the old modules
@@ -563,21 +572,21 @@ def main():
     rows = []
     for dtype in args.param_dtype:
         if args.grpo and args.grpo_first:
-            rows.append(run_grpo(args, config, dtype, device))
+            finished(rows, run_grpo(args, config, dtype, device))
             release()
         row = run_lightning(args, config, dtype, device)
         if row is None:  # not rank zero
             return
-        rows.append(row)
+        finished(rows, row)
         release()
         if args.overhead:
-            rows.append(run_plain(args, config, dtype, device))
+            finished(rows, run_plain(args, config, dtype, device))
             release()
         if args.grpo and not args.grpo_first:
-            rows.append(run_grpo(args, config, dtype, device))
+            finished(rows, run_grpo(args, config, dtype, device))
             release()
     if args.reference:
-        rows.append(run_reference(args, config, device))
+        finished(rows, run_reference(args, config, device))
         release()
     header = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
