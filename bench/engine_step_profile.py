@@ -2,6 +2,7 @@
 
     uv run python bench/engine_step_profile.py                      # tiny.json, 256 sequences, CPU
     uv run python bench/engine_step_profile.py --profile 25         # plus the top cProfile entries
+    uv run python bench/engine_step_profile.py --batch 512 --rollout   # sampled as GRPO's rollouts are
     python3 bench/engine_step_profile.py --model configs/model/qwen3-0.6b.json --device cuda \
         --prompt-len 384 --kv-cache-dtype fp8 --kernels 15                 # where a step's GPU time goes
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import pstats
 import statistics
 import sys
@@ -43,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=40, help="decode steps timed")
     p.add_argument("--stream", action="store_true", help="give every request a sink, as astream does")
+    p.add_argument(
+        "--rollout",
+        action="store_true",
+        help="sample as GRPO's rollouts do: temperature 1, a seed per request, the chosen tokens' logprobs",
+    )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest cProfile entries")
     p.add_argument(
         "--kernels",
@@ -108,8 +115,12 @@ def main(argv=None) -> int:
         )
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=args.steps + 50, temperature=0, ignore_eos=True)
-    for _ in range(args.batch):
+    if args.rollout:
+        params = dataclasses.replace(params, temperature=1.0, logprobs=0)
+    for i in range(args.batch):
         prompt = torch.randint(5, config.vocab_size, (args.prompt_len,), generator=g).tolist()
+        if args.rollout:
+            params = dataclasses.replace(params, seed=i)
         if args.stream:
             # A plain callable sink: events pile up in a list, as in a stream's queue.
             request = engine.intake.build(prompt, params, None, sink=[].append)
