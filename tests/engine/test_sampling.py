@@ -1,12 +1,22 @@
 """Sampling: filters keep exactly the tokens they should, draws follow the distribution,
 penalties follow their formula, seeds reproduce, logprobs match a full recompute."""
 
+import random
+
 import pytest
 import torch
 from engine_helpers import assert_pages_released, full_recompute_logits, greedy_reference, random_prompts
 
 from astrai.core.engine import InferenceEngine, SamplingParams
-from astrai.core.engine.sampler import Sampler, SampleRow, apply_penalties, invert_cdf, seeded_uniform
+from astrai.core.engine.sampler import (
+    Sampler,
+    SampleRow,
+    apply_penalties,
+    invert_cdf,
+    row_uniforms,
+    seeded_uniform,
+    seeded_uniforms,
+)
 
 N_DRAWS = 4000
 
@@ -102,6 +112,23 @@ def test_seeded_uniform_is_uniform_and_changes_with_seed_and_position():
         assert ((counts - 2000).abs() < 200).all(), counts  # ~4.5 sigma
         assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.03  # neighbours independent
     assert seeded_uniform(5, 0) == seeded_uniform(5, 0) != seeded_uniform(5, 1) != seeded_uniform(6, 0)
+
+
+def test_the_batched_hash_equals_the_definition_bit_for_bit():
+    """seeded_uniforms (int64 tensors, which wrap) against seeded_uniform (Python integers, masked)
+    on 64-bit keys across the whole range, the sign bit's half included, and long positions."""
+    g = random.Random(0)
+    seeds = [0, 1, 2**63 - 1, 2**63, 2**64 - 1] + [g.getrandbits(64) for _ in range(3000)]
+    positions = [g.choice([0, 1, 7, 2**20, 2**31 + 5, g.randrange(1 << 40)]) for _ in seeds]
+    expected = torch.tensor([seeded_uniform(s, p) for s, p in zip(seeds, positions)], dtype=torch.float32)
+    assert torch.equal(seeded_uniforms(seeds, positions), expected)
+
+
+def test_unseeded_rows_get_no_uniform():
+    params = SamplingParams(temperature=1.0)
+    rows = [SampleRow(params, seed, [], [], position) for seed, position in [(None, 3), (2**64 - 1, 5), (7, 0)]]
+    assert row_uniforms(rows).tolist() == [-1.0, seeded_uniform(2**64 - 1, 5), seeded_uniform(7, 0)]
+    assert row_uniforms(rows[:1]).tolist() == [-1.0]
 
 
 def test_inverting_the_cdf_never_picks_a_token_without_probability():

@@ -52,11 +52,13 @@ class Sampler:
         """Queue the draw; the tokens stay on the device until Drawn.result() reads them."""
         # Widening bf16 to float32 is exact, so greedy rows can take the argmax of the logits as they are.
         x = logits
-        if any(r.params.has_penalties for r in rows):
+        params = [r.params for r in rows]
+        # Samples of one request share its parameters: check each set once, not each row.
+        if any(p.has_penalties for p in {id(p): p for p in params}.values()):
             x = apply_penalties(x.float(), rows)
         if self.vocab_limit is not None and self.vocab_limit < x.shape[-1]:
             x = x[:, : self.vocab_limit]
-        greedy = [r.params.greedy for r in rows]
+        greedy = [p.temperature == 0 for p in params]  # SamplingParams.greedy, inlined (a hot loop)
         tokens = x.argmax(-1) if all(greedy) else self._draw(x.float(), rows, greedy)
         return Drawn(tokens, rows, *_queue_read(logits, tokens, rows))
 
@@ -73,10 +75,10 @@ class Sampler:
                 [p.top_p if p.top_p < 1 else 2.0 for p in params],  # 2: nothing reaches it, top-p off
                 [p.min_p for p in params],
                 [float(g) for g in greedy],
-                [seeded_uniform(r.seed, r.position) if r.seed is not None else -1.0 for r in rows],
             ],
             dtype=torch.float32,
         )
+        numbers = torch.cat([numbers, row_uniforms(rows)[None]])
         (numbers,) = to_device([numbers], x.device)
         temps, ks, k_off, top_p, min_p, is_greedy, uniform = numbers
         scaled = x / temps[:, None]
@@ -101,15 +103,47 @@ class Sampler:
 
 
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+_GOLDEN, _MIX1, _MIX2 = 0x9E37_79B9_7F4A_7C15, 0xBF58_476D_1CE4_E5B9, 0x94D0_49BB_1331_11EB
 
 
 def seeded_uniform(seed: int, position: int) -> float:
     """A number in [0, 1) that depends only on (seed, position): splitmix64 of the pair, its top
-    24 bits (exact in float32, the dtype it crosses to the device in)."""
-    z = (seed + (position + 1) * 0x9E37_79B9_7F4A_7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & _MASK64
+    24 bits (exact in float32, the dtype it crosses to the device in). The definition, in
+    Python integers; the sampler computes it for a whole batch at once (seeded_uniforms)."""
+    z = (seed + (position + 1) * _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
     return ((z ^ (z >> 31)) >> 40) / float(1 << 24)
+
+
+def _int64(x: int) -> int:
+    """A 64-bit pattern as the signed integer an int64 tensor holds."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 patterns (torch's is arithmetic: mask the sign's copies off)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def seeded_uniforms(seeds: list[int], positions: list[int]) -> torch.Tensor:
+    """seeded_uniform of every (seed, position) pair, as a float32 CPU tensor, bit for bit: int64
+    tensor arithmetic wraps as the 64-bit masks above do. A step of 512 seeded rows spent
+    more host time on the Python loop than on everything else the sampler prepares."""
+    z = torch.tensor([_int64(s) for s in seeds], dtype=torch.int64)
+    z = z + (torch.tensor(positions, dtype=torch.int64) + 1) * _int64(_GOLDEN)
+    z = (z ^ _shift_right(z, 30)) * _int64(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _int64(_MIX2)
+    return _shift_right(z ^ _shift_right(z, 31), 40).to(torch.float32) / float(1 << 24)
+
+
+def row_uniforms(rows: list[SampleRow]) -> torch.Tensor:
+    """Each row's seeded uniform, -1 for an unseeded row (float32, on the host)."""
+    seeded = [r.seed is not None for r in rows]
+    if not any(seeded):
+        return torch.full((len(rows),), -1.0)
+    uniforms = seeded_uniforms([r.seed or 0 for r in rows], [r.position for r in rows])
+    return uniforms if all(seeded) else torch.where(torch.tensor(seeded), uniforms, -1.0)
 
 
 def invert_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -183,10 +217,11 @@ class Drawn:
         token_list, *extra = self._copy.wait()
         out: list[TokenLogprob | None] = [None] * len(self._rows)
         if self._wanted:
-            chosen, top_v, top_i = extra
+            chosen, top_v, top_i = extra if len(extra) == 3 else (extra[0], None, None)  # (no alternatives)
             for j, i in enumerate(self._wanted):
                 k = self._rows[i].params.logprobs
-                out[i] = TokenLogprob(token_list[i], chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
+                top = list(zip(top_i[j][:k], top_v[j][:k])) if k else []
+                out[i] = TokenLogprob(token_list[i], chosen[j], top)
         return token_list, out
 
 
@@ -204,5 +239,7 @@ def _queue_read(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow
     lp = raw.float().log_softmax(-1)
     chosen = lp.gather(1, chosen_tokens[:, None])[:, 0]
     k_max = min(max(rows[i].params.logprobs for i in wanted), lp.shape[-1])
-    top_v, top_i = lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long())
+    if not k_max:  # only the chosen tokens' (rollouts): no alternatives to copy back
+        return HostCopy(tokens, chosen), wanted
+    top_v, top_i = lp.topk(k_max, dim=-1)
     return HostCopy(tokens, chosen, top_v, top_i), wanted
