@@ -3,6 +3,7 @@
     uv run python bench/engine_step_profile.py                      # tiny.json, 256 sequences, CPU
     uv run python bench/engine_step_profile.py --profile 25         # plus the top cProfile entries
     uv run python bench/engine_step_profile.py --batch 512 --rollout   # sampled as GRPO's rollouts are
+    uv run python bench/engine_step_profile.py --batch 512 --rollout --sampler-only --model M.json
     python3 bench/engine_step_profile.py --model configs/model/qwen3-0.6b.json --device cuda \
         --prompt-len 384 --kv-cache-dtype fp8 --kernels 15                 # where a step's GPU time goes
 
@@ -29,6 +30,7 @@ import pstats
 import statistics
 import sys
 import time
+import timeit
 
 import torch
 
@@ -45,6 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=40, help="decode steps timed")
     p.add_argument("--stream", action="store_true", help="give every request a sink, as astream does")
+    p.add_argument(
+        "--sampler-only",
+        action="store_true",
+        help="time only the sampler's draw and read-back of --batch rows over random logits of the model's "
+        "vocabulary (best of 15 repeats: steadier than a whole step on a shared machine)",
+    )
     p.add_argument(
         "--rollout",
         action="store_true",
@@ -113,6 +121,8 @@ def main(argv=None) -> int:
         engine.core.decode_runner = DecodeRunner(
             engine.model, engine.cache, engine.core.backend, args.batch, engine.max_model_len, capture=False
         )
+    if args.sampler_only:
+        return time_sampler(engine, args, config.vocab_size)
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=args.steps + 50, temperature=0, ignore_eos=True)
     if args.rollout:
@@ -157,6 +167,22 @@ def main(argv=None) -> int:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     if args.kernels:
         print_kernels(engine, args.steps, args.kernels)
+    return 0
+
+
+def time_sampler(engine: InferenceEngine, args, vocab: int) -> int:
+    """Host time of the sampler for one decode batch: per-row numbers, the draw, the read-back."""
+    from astrai.core.engine.sampler import SampleRow
+
+    params = SamplingParams(temperature=0 if not args.rollout else 1.0, logprobs=0 if args.rollout else None)
+    params = params.validate()
+    rows = [SampleRow(params, (i * 7919) << 40 if args.rollout else None, [], [], 100 + i) for i in range(args.batch)]
+    logits = torch.randn(args.batch, vocab, device=engine.device)
+    sampler = engine.core.sampler
+    best = min(timeit.repeat(lambda: sampler.draw(logits, rows).result(), number=20, repeat=15)) / 20
+    print(
+        f"sampler on {engine.device}, {args.batch} rows, vocab {vocab}: draw + result {best * 1e3:.3f} ms (best of 15)"
+    )
     return 0
 
 
