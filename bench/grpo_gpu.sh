@@ -6,6 +6,8 @@
 #                                     # (+ profiles, idle gaps, host waits of a step each; ~4 min)
 #   bash bench/grpo_gpu.sh side       # sync vs the same rollouts alone vs TRL (~6 min on an H100)
 #   bash bench/grpo_gpu.sh split      # both (longer than one 10-minute slot)
+#   bash bench/grpo_gpu.sh engine     # the rollout engine's decode step at 512 sampled rows: host
+#                                     # time against device time per step, the sampler alone (~2 min)
 #   bash bench/grpo_gpu.sh tests      # the GRPO, loss-compile and structured-output GPU tests
 #   bash bench/grpo_gpu.sh learning   # quickstart GRPO sync vs async-1 vs async-2 (part 6's GPU half)
 #
@@ -23,7 +25,7 @@ MODEL=configs/model/qwen2.5-0.5b.json
 
 trainer() {
   python3 bench/train_throughput.py --model "$MODEL" --batch-size 16 --seq-len 320 --accumulate 32 \
-    --steps 2 --warmup 2 --param-dtype bfloat16 --compile --grpo --profile | tee "$OUT_DIR/trainer_split.txt"
+    --steps 3 --warmup 2 --param-dtype bfloat16 --compile --grpo --grpo-first --profile | tee "$OUT_DIR/trainer_split.txt"
 }
 
 side() {
@@ -35,6 +37,15 @@ tests() {
   python3 -m pytest -q --tb=short -rfs -p no:cacheprovider tests/train/test_grpo_module.py tests/train/test_grpo_logps.py \
     tests/train/test_loss_compile.py tests/engine/test_structured_output.py tests/engine/test_host.py 2>&1 \
     | tee "$OUT_DIR/tests.txt"
+}
+
+engine() {
+  # Is a rollout decode step host-bound? Thread CPU time of whole steps (eager) and the kernels'
+  # device time per step; then the sampler's host time alone at the model's vocabulary.
+  python3 bench/engine_step_profile.py --model "$MODEL" --device cuda --batch 512 --prompt-len 64 --rollout \
+    --steps 40 --kernels 15 | tee "$OUT_DIR/engine_step.txt"
+  python3 bench/engine_step_profile.py --model "$MODEL" --device cuda --batch 512 --rollout --sampler-only \
+    | tee -a "$OUT_DIR/engine_step.txt"
 }
 
 split() {
