@@ -6,6 +6,7 @@
 #                                     # (+ profiles, idle gaps, host waits of a step each; ~4 min)
 #   bash bench/grpo_gpu.sh side       # sync vs the same rollouts alone vs TRL (~6 min on an H100)
 #   bash bench/grpo_gpu.sh split      # both (longer than one 10-minute slot)
+#   bash bench/grpo_gpu.sh async      # sync vs async-1 vs async-2 side by side (~6 min)
 #   bash bench/grpo_gpu.sh engine     # the rollout engine's decode step at 512 sampled rows: host
 #                                     # time against device time per step, the sampler alone (~2 min)
 #   bash bench/grpo_gpu.sh tests      # the GRPO, loss-compile and structured-output GPU tests
@@ -46,6 +47,11 @@ engine() {
     --steps 40 --kernels 15 | tee "$OUT_DIR/engine_step.txt"
   python3 bench/engine_step_profile.py --model "$MODEL" --device cuda --batch 512 --rollout --sampler-only \
     | tee -a "$OUT_DIR/engine_step.txt"
+}
+
+async() {
+  python3 bench/grpo_throughput.py --model "$MODEL" --device cuda --runs sync async-1 async-2 --steps 3 --warmup 2 \
+    --run-timeout 170 --output "$OUT_DIR/grpo_async.json"
 }
 
 split() {

@@ -77,7 +77,10 @@ class RolloutProducer:
     def __init__(self, rollout, device: torch.device | str = "cpu"):
         self.rollout = rollout
         device = torch.device(device)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # The highest priority the device offers: a rollout step's kernels are short and paced by
+        # the host, the trainer's are long; ready rollout kernels going first keeps generation
+        # moving while training fills the rest of the device, instead of queueing behind it.
+        self._stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
         self._cv = threading.Condition()
         self._queue: deque[_Command] = deque()  # not started yet
         self._jobs: deque[_Command] = deque()  # generation jobs not taken yet, oldest first
