@@ -174,9 +174,17 @@ def time_sampler(engine: InferenceEngine, args, vocab: int) -> int:
     """Host time of the sampler for one decode batch: per-row numbers, the draw, the read-back."""
     from astrai.core.engine.sampler import SampleRow
 
-    params = SamplingParams(temperature=0 if not args.rollout else 1.0, logprobs=0 if args.rollout else None)
-    params = params.validate()
-    rows = [SampleRow(params, (i * 7919) << 40 if args.rollout else None, [], [], 100 + i) for i in range(args.batch)]
+    # As in the engine: each request has its own (validated) parameters, shared by its n samples
+    # (GRPO: a request per prompt, n = 8, a seed each).
+    group = 8 if args.rollout else 1
+    params = [
+        SamplingParams(temperature=1.0 if args.rollout else 0, logprobs=0 if args.rollout else None).validate()
+        for _ in range(-(-args.batch // group))
+    ]
+    rows = [
+        SampleRow(params[i // group], (i * 7919) << 40 if args.rollout else None, [], [], 100 + i)
+        for i in range(args.batch)
+    ]
     logits = torch.randn(args.batch, vocab, device=engine.device)
     sampler = engine.core.sampler
     best = min(timeit.repeat(lambda: sampler.draw(logits, rows).result(), number=20, repeat=15)) / 20

@@ -53,20 +53,24 @@ class Sampler:
         # Widening bf16 to float32 is exact, so greedy rows can take the argmax of the logits as they are.
         x = logits
         params = [r.params for r in rows]
-        # Samples of one request share its parameters: check each set once, not each row.
-        if any(p.has_penalties for p in {id(p): p for p in params}.values()):
+        # The samples of one request share its parameters: the batch-wide checks look at each
+        # set once (a GRPO step of 512 rows has 64), not at every row.
+        shared = list({id(p): p for p in params}.values())
+        if any(p.has_penalties for p in shared):
             x = apply_penalties(x.float(), rows)
         if self.vocab_limit is not None and self.vocab_limit < x.shape[-1]:
             x = x[:, : self.vocab_limit]
         greedy = [p.temperature == 0 for p in params]  # SamplingParams.greedy, inlined (a hot loop)
-        tokens = x.argmax(-1) if all(greedy) else self._draw(x.float(), rows, greedy)
-        return Drawn(tokens, rows, *_queue_read(logits, tokens, rows))
+        tokens = x.argmax(-1) if all(greedy) else self._draw(x.float(), rows, params, shared, greedy)
+        return Drawn(tokens, rows, *_queue_read(logits, tokens, rows, shared))
 
-    def _draw(self, x: torch.Tensor, rows: list[SampleRow], greedy: list[bool]) -> torch.Tensor:
+    def _draw(
+        self, x: torch.Tensor, rows: list[SampleRow], params: list[SamplingParams], shared: list[SamplingParams], greedy
+    ) -> torch.Tensor:
+        """Draw every row (params: each row's; shared: the distinct ones; greedy: each row's flag)."""
         vocab = x.shape[-1]
-        params = [r.params for r in rows]
-        top_k = any(p.top_k > 0 for p in params)
-        k_max = min(max(p.top_k for p in params), vocab)
+        top_k = any(p.top_k > 0 for p in shared)
+        k_max = min(max(p.top_k for p in shared), vocab)
         numbers = torch.tensor(
             [
                 [p.temperature or 1.0 for p in params],
@@ -84,10 +88,10 @@ class Sampler:
         scaled = x / temps[:, None]
         if top_k:
             scaled = top_k_filter(scaled, ks.long(), k_max, k_off.bool())
-        if any(p.top_p < 1 for p in params):
+        if any(p.top_p < 1 for p in shared):
             scaled = top_p_filter(scaled, top_p)
         probs = scaled.softmax(-1)
-        if any(p.min_p > 0 for p in params):
+        if any(p.min_p > 0 for p in shared):
             probs = min_p_filter(probs, min_p)
         seeded = [r.seed is not None for r in rows]
         if all(seeded):
@@ -225,8 +229,11 @@ class Drawn:
         return token_list, out
 
 
-def _queue_read(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow]) -> tuple[HostCopy, list[int]]:
-    """Start copying the tokens, and the logprobs rows ask for, to the host.
+def _queue_read(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow], shared: list[SamplingParams]
+) -> tuple[HostCopy, list[int]]:
+    """Start copying the tokens, and the logprobs rows ask for, to the host (shared: the rows'
+    distinct parameters).
 
     Logprobs are those of the raw logits (the model's distribution, whole vocabulary)."""
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
@@ -238,7 +245,7 @@ def _queue_read(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow
         raw, chosen_tokens = logits.index_select(0, idx), tokens.index_select(0, idx)
     lp = raw.float().log_softmax(-1)
     chosen = lp.gather(1, chosen_tokens[:, None])[:, 0]
-    k_max = min(max(rows[i].params.logprobs for i in wanted), lp.shape[-1])
+    k_max = min(max(p.logprobs for p in shared if p.logprobs is not None), lp.shape[-1])
     if not k_max:  # only the chosen tokens' (rollouts): no alternatives to copy back
         return HostCopy(tokens, chosen), wanted
     top_v, top_i = lp.topk(k_max, dim=-1)
