@@ -12,7 +12,8 @@
 #   bash bench/grpo_gpu.sh tests      # the GRPO, loss-compile and structured-output GPU tests
 #   bash bench/grpo_gpu.sh learning   # quickstart GRPO sync vs async-1 vs async-2 (part 6's GPU half)
 #
-# Expects the packages importable (PYTHONPATH with packages/*/src, or installed). The `trl` run
+# Expects the packages importable (PYTHONPATH with packages/*/src, or installed; on a machine
+# without our dependencies, carry the wheels bench/gpu_wheels.sh downloads). The `trl` run
 # needs trl, accelerate and psutil; `learning` needs jsonargparse with its `signatures` extra
 # (typeshed-client), which LightningCLI uses. Figures go to stdout; with $OUT set, the JSON
 # records land there. To bound a part's time use `timeout -s KILL`: Lightning's signal handler takes
