@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,7 @@ class _CountedWaits(Callback):
 
     def __init__(self):
         self.per_step: list[int] = []
+        self.sites: list[dict[str, int]] = []  # per step: file:line of the Python caller -> waits
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self._counting = trainer.global_step > 0  # the first step checks the batch once
@@ -259,7 +261,9 @@ class _CountedWaits(Callback):
         if self._counting:
             torch.cuda.set_sync_debug_mode("default")
             self._caught.__exit__(None, None, None)
-            self.per_step.append(sum("synchronizing" in str(w.message) for w in self._seen))
+            waits = [w for w in self._seen if "synchronizing" in str(w.message)]
+            self.per_step.append(len(waits))
+            self.sites.append(dict(Counter(f"{Path(w.filename).name}:{w.lineno}" for w in waits)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists on CUDA only")
@@ -268,7 +272,7 @@ def test_a_grpo_step_waits_for_the_device_no_more_often_with_more_micro_batches(
     waits as often as a step of one (reading each one's length and labelled positions from the
     device waited twice per micro-batch)."""
     path = write_jsonl(tmp_path / "offline.jsonl", offline_rows())
-    waits = {}
+    waits, sites = {}, {}
     for micro in (1, 8):
         dm = GRPODataModule(word_tok, path, batch_size=2, cache_dir=str(tmp_path / "cache"))
         counted = _CountedWaits()
@@ -280,7 +284,8 @@ def test_a_grpo_step_waits_for_the_device_no_more_often_with_more_micro_batches(
             torch.cuda.set_sync_debug_mode("default")
         assert len(counted.per_step) == 2
         waits[micro] = counted.per_step
-    assert waits[1] == waits[8], waits
+        sites[micro] = counted.sites
+    assert waits[1] == waits[8], sites  # where each step waited, if they differ
 
 
 def test_reference_only_when_the_kl_needs_it(tmp_path, word_tok):
