@@ -132,10 +132,8 @@ class ProfileOneStep(L.Callback):
             averages = self.profiler.key_averages()
             print(f"\n-- profile of one optimizer step: {self.name} --")
             if module.device.type == "cuda":
-                busy = sum(e.self_device_time_total for e in averages) / 1e6
-                print(f"wall {wall:.3f} s under the profiler, device busy {busy:.3f} s ({busy / wall:.0%})")
                 print(averages.table(sort_by="self_device_time_total", row_limit=self.rows))
-                print_idle_gaps(self.profiler.events())
+                print_idle_gaps(self.profiler.events(), wall)
             print(averages.table(sort_by="self_cpu_time_total", row_limit=self.rows))
         if self.syncs is not None and trainer.global_step == self.at + 2:
             self.syncs.__exit__(None, None, None)
@@ -144,21 +142,25 @@ class ProfileOneStep(L.Callback):
             self.syncs = None
 
 
-def print_idle_gaps(events, largest: int = 12) -> None:
-    """Where the device sat idle in a profiled step: the gaps between its kernels (merged),
-    and for the largest, the host operations under way at the gap's middle (innermost last)."""
+def print_idle_gaps(events, wall: float, largest: int = 12) -> None:
+    """Where the device sat idle in a profiled step of `wall` seconds: its kernels' busy time
+    (the union of their intervals: operator rows would count a kernel twice), the gaps between
+    them, and for the largest gaps, the host operations under way at the middle (innermost last)."""
     kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
     host = [e for e in events if e.device_type.name == "CPU"]
     if not kernels:
         return
-    gaps, end = [], kernels[0][1]
+    busy, gaps = [list(kernels[0])], []
     for start, stop in kernels[1:]:
-        if start > end:
-            gaps.append((start - end, end, start))
-        end = max(end, stop)
-    total = sum(g[0] for g in gaps) / 1e3
+        if start > busy[-1][1]:
+            gaps.append((start - busy[-1][1], busy[-1][1], start))
+            busy.append([start, stop])
+        else:
+            busy[-1][1] = max(busy[-1][1], stop)
+    busy_s = sum(b - a for a, b in busy) / 1e6
+    print(f"wall {wall:.3f} s under the profiler, device busy {busy_s:.3f} s ({busy_s / wall:.0%})")
     print(
-        f"device idle between kernels: {total:.1f} ms in {len(gaps)} gaps; over 1 ms: "
+        f"device idle between kernels: {sum(g[0] for g in gaps) / 1e3:.1f} ms in {len(gaps)} gaps; over 1 ms: "
         f"{sum(g[0] for g in gaps if g[0] > 1e3) / 1e3:.1f} ms in {sum(g[0] > 1e3 for g in gaps)}"
     )
     for length, start, stop in sorted(gaps, reverse=True)[:largest]:
@@ -197,7 +199,8 @@ class SyncCounter:
         self.caught.__exit__(*exc)
 
     def record(self, message, category, filename, lineno, file=None, line=None):
-        if "synchronizing" not in str(message):
+        text = str(message)
+        if "synchronizing" not in text or text.startswith("Synchronization debug mode"):  # (its own notice)
             return self.old_show(message, category, filename, lineno, file, line)
         frames = traceback.extract_stack()[:-1]
         ours = [f for f in frames if any(f"/{part}/" in f.filename for part in self.OURS)]
