@@ -39,6 +39,9 @@ tests() {
   python3 -m pytest -q --tb=short -rfs -p no:cacheprovider tests/train/test_grpo_module.py tests/train/test_grpo_logps.py \
     tests/train/test_loss_compile.py tests/engine/test_structured_output.py tests/engine/test_host.py 2>&1 \
     | tee "$OUT_DIR/tests.txt"
+  # Heads 8 wide (the tests' tiny model) in the paged-attention kernels: tiles at least 16 wide.
+  python3 -m pytest -q --tb=short -rfs -p no:cacheprovider tests/kernels/test_paged_attention.py -k "4-2-8" 2>&1 \
+    | tee -a "$OUT_DIR/tests.txt"
 }
 
 engine() {
