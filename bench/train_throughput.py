@@ -108,7 +108,7 @@ class ProfileOneStep(L.Callback):
     def __init__(self, at: int, name: str, rows: int = 25):
         self.at, self.name, self.rows = at, name, rows
         self.profiler = self.syncs = None
-        self.started = 0.0
+        self.started = 0.0  # when the profiled step began (perf_counter)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if self.profiler is None and trainer.global_step == self.at:
@@ -123,17 +123,17 @@ class ProfileOneStep(L.Callback):
             self.syncs = SyncCounter().__enter__()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.profiler is not None and self.started and trainer.global_step == self.at + 1:
+        if self.profiler is not None and trainer.global_step == self.at + 1:
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             wall = time.perf_counter() - self.started
-            self.profiler.__exit__(None, None, None)
-            self.started = 0.0
-            averages = self.profiler.key_averages()
+            profiler, self.profiler = self.profiler, None
+            profiler.__exit__(None, None, None)
+            averages = profiler.key_averages()
             print(f"\n-- profile of one optimizer step: {self.name} --")
             if module.device.type == "cuda":
                 print(averages.table(sort_by="self_device_time_total", row_limit=self.rows))
-                print_idle_gaps(self.profiler.events(), wall)
+                print_idle_gaps(profiler.events(), wall)
             print(averages.table(sort_by="self_cpu_time_total", row_limit=self.rows))
         if self.syncs is not None and trainer.global_step == self.at + 2:
             self.syncs.__exit__(None, None, None)

@@ -127,8 +127,9 @@ def test_the_batched_hash_equals_the_definition_bit_for_bit():
 def test_unseeded_rows_get_no_uniform():
     params = SamplingParams(temperature=1.0)
     rows = [SampleRow(params, seed, [], [], position) for seed, position in [(None, 3), (2**64 - 1, 5), (7, 0)]]
-    assert row_uniforms(rows).tolist() == [-1.0, seeded_uniform(2**64 - 1, 5), seeded_uniform(7, 0)]
-    assert row_uniforms(rows[:1]).tolist() == [-1.0]
+    seeded = [r.seed is not None for r in rows]
+    assert row_uniforms(rows, seeded).tolist() == [-1.0, seeded_uniform(2**64 - 1, 5), seeded_uniform(7, 0)]
+    assert row_uniforms(rows[:1], seeded[:1]).tolist() == [-1.0]
 
 
 def test_inverting_the_cdf_never_picks_a_token_without_probability():

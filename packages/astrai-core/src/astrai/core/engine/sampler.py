@@ -60,14 +60,20 @@ class Sampler:
             x = apply_penalties(x.float(), rows)
         if self.vocab_limit is not None and self.vocab_limit < x.shape[-1]:
             x = x[:, : self.vocab_limit]
-        greedy = [p.temperature == 0 for p in params]  # SamplingParams.greedy, inlined (a hot loop)
+        greedy = [p.greedy for p in params]
         tokens = x.argmax(-1) if all(greedy) else self._draw(x.float(), rows, params, shared, greedy)
         return Drawn(tokens, rows, *_queue_read(logits, tokens, rows, shared))
 
     def _draw(
-        self, x: torch.Tensor, rows: list[SampleRow], params: list[SamplingParams], shared: list[SamplingParams], greedy
+        self,
+        x: torch.Tensor,
+        rows: list[SampleRow],
+        params: list[SamplingParams],
+        shared: list[SamplingParams],
+        greedy: list[bool],
     ) -> torch.Tensor:
         """Draw every row (params: each row's; shared: the distinct ones; greedy: each row's flag)."""
+        seeded = [r.seed is not None for r in rows]
         vocab = x.shape[-1]
         top_k = any(p.top_k > 0 for p in shared)
         k_max = min(max(p.top_k for p in shared), vocab)
@@ -82,7 +88,7 @@ class Sampler:
             ],
             dtype=torch.float32,
         )
-        numbers = torch.cat([numbers, row_uniforms(rows)[None]])
+        numbers = torch.cat([numbers, row_uniforms(rows, seeded)[None]])
         (numbers,) = to_device([numbers], x.device)
         temps, ks, k_off, top_p, min_p, is_greedy, uniform = numbers
         scaled = x / temps[:, None]
@@ -93,7 +99,6 @@ class Sampler:
         probs = scaled.softmax(-1)
         if any(p.min_p > 0 for p in shared):
             probs = min_p_filter(probs, min_p)
-        seeded = [r.seed is not None for r in rows]
         if all(seeded):
             tokens = invert_cdf(probs, uniform)
         else:
@@ -141,9 +146,9 @@ def seeded_uniforms(seeds: list[int], positions: list[int]) -> torch.Tensor:
     return _shift_right(z ^ _shift_right(z, 31), 40).to(torch.float32) / float(1 << 24)
 
 
-def row_uniforms(rows: list[SampleRow]) -> torch.Tensor:
-    """Each row's seeded uniform, -1 for an unseeded row (float32, on the host)."""
-    seeded = [r.seed is not None for r in rows]
+def row_uniforms(rows: list[SampleRow], seeded: list[bool]) -> torch.Tensor:
+    """Each row's seeded uniform, -1 for an unseeded row (seeded: whether each row has a seed;
+    float32, on the host)."""
     if not any(seeded):
         return torch.full((len(rows),), -1.0)
     uniforms = seeded_uniforms([r.seed or 0 for r in rows], [r.position for r in rows])
@@ -221,7 +226,8 @@ class Drawn:
         token_list, *extra = self._copy.wait()
         out: list[TokenLogprob | None] = [None] * len(self._rows)
         if self._wanted:
-            chosen, top_v, top_i = extra if len(extra) == 3 else (extra[0], None, None)  # (no alternatives)
+            chosen, *alternatives = extra  # the top values and ids, when a row asked for any
+            top_v, top_i = alternatives or (None, None)
             for j, i in enumerate(self._wanted):
                 k = self._rows[i].params.logprobs
                 top = list(zip(top_i[j][:k], top_v[j][:k])) if k else []
