@@ -58,7 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="sample as GRPO's rollouts do: temperature 1, a seed per request, the chosen tokens' logprobs",
     )
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest cProfile entries")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the N costliest cProfile entries, by own time and by cumulative time",
+    )
     p.add_argument(
         "--kernels",
         type=int,
@@ -164,7 +170,9 @@ def main(argv=None) -> int:
         f"median thread CPU ms: step {step_ms:.2f}, model forward {forward_ms:.2f}, host (rest) {host_ms:.2f}"
     )
     if profiler:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(args.profile)
+        stats.sort_stats("cumulative").print_stats(args.profile)  # which of our calls holds that time
     if args.kernels:
         print_kernels(engine, args.steps, args.kernels)
     return 0

@@ -62,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=None, help="completions a forward/backward (16 GPU, 8 CPU)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="our runs' model.compile_mode (reduce-overhead: the trainer's forward and backward as CUDA graphs)",
+    )
     p.add_argument("--param-dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--output", default=None, help="also write every run's record to this JSON file")
@@ -148,6 +154,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         asynchronous=staleness > 0,
         max_staleness=max(staleness, 1),
         compile=args.compile,
+        compile_mode=args.compile_mode if args.compile else "default",
         param_dtype=args.param_dtype,
         export={"on_fit_end": False},
     )
@@ -230,6 +237,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         "weight_sync_seconds": statistics.median([s["sync_seconds"] for s in measured]) if measured else None,
         "settings": {
             "compile": args.compile,
+            "compile_mode": args.compile_mode if args.compile else None,
             "param_dtype": args.param_dtype,
             "precision": str(trainer.precision),
             "max_staleness": staleness,
@@ -308,6 +316,7 @@ def launch(args, run: str, model_dir: Path, data: Path, workdir: Path) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", run, "--result", str(result)]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
         cmd += ["--compile" if args.compile else "--no-compile", "--param-dtype", args.param_dtype]
+        cmd += ["--compile-mode", args.compile_mode]
     cmd += ["--model", str(model_dir), "--data", str(data), "--device", args.device, "--lr", str(args.lr)]
     cmd += ["--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size)]
     cmd += ["--max-new-tokens", str(args.max_new_tokens), "--micro-batch-size", str(args.micro_batch_size)]

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from astrai.core.auto import AutoModel
 from astrai.core.config import ModelConfig
+from astrai.train.base_module import COMPILE_MODES
 from astrai.train.grpo_module import GRPOModule
 from astrai.train.metrics import flops_per_token, peak_flops, precision_dtype
 from astrai.train.pretrain_module import PretrainModule
@@ -300,12 +301,13 @@ def shape_stats(config: dict, seq_len: int) -> tuple[int, float]:
     return model.num_parameters(), flops_per_token(model, model.config, seq_len)
 
 
-def module_options(args, config: dict, param_dtype: str) -> dict:
+def module_options(args, config: dict, param_dtype: str, compile_mode: str = "default") -> dict:
     """The options every timed module shares (the pre-training and the GRPO run alike)."""
     return dict(
         model=config,
         gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile,
+        compile_mode=compile_mode,
         param_dtype=param_dtype,
         peak_flops=args.peak_flops,
         optimizer={"name": args.optimizer, "lr": 1e-4},
@@ -314,9 +316,9 @@ def module_options(args, config: dict, param_dtype: str) -> dict:
     )
 
 
-def make_module(args, config: dict, param_dtype: str) -> PretrainModule:
+def make_module(args, config: dict, param_dtype: str, compile_mode: str = "default") -> PretrainModule:
     torch.manual_seed(0)
-    return PretrainModule(**module_options(args, config, param_dtype))
+    return PretrainModule(**module_options(args, config, param_dtype, compile_mode))
 
 
 def make_loader(args, config: dict, world_size: int = 1) -> DataLoader:
@@ -349,10 +351,14 @@ def make_trainer(args, timer: StepTimer, name: str, accumulate: int) -> L.Traine
     )
 
 
-def run_lightning(args, config: dict, param_dtype: str, device: torch.device) -> dict | None:
-    module = make_module(args, config, param_dtype)
+def run_name(kind: str, param_dtype: str, compile_mode: str) -> str:
+    return f"{kind} {param_dtype}" + ("" if compile_mode == "default" else f" {compile_mode}")
+
+
+def run_lightning(args, config: dict, param_dtype: str, device: torch.device, compile_mode: str) -> dict | None:
+    module = make_module(args, config, param_dtype, compile_mode)
     timer = StepTimer(args.warmup, args.steps, allocated(device))
-    name = f"lightning {param_dtype}"
+    name = run_name("lightning", param_dtype, compile_mode)
     trainer = make_trainer(args, timer, name, args.accumulate)
     trainer.fit(module, make_loader(args, config, trainer.world_size))
     if not trainer.is_global_zero:
@@ -360,12 +366,13 @@ def run_lightning(args, config: dict, param_dtype: str, device: torch.device) ->
     return result_row(name, args, timer.window, trainer.world_size)
 
 
-def run_grpo(args, config: dict, param_dtype: str, device: torch.device) -> dict | None:
+def run_grpo(args, config: dict, param_dtype: str, device: torch.device, compile_mode: str) -> dict | None:
     """GRPOModule's optimizer steps on rollout-shaped offline batches (see --grpo)."""
     torch.manual_seed(0)
-    module = GRPOModule(group_size=8, micro_batch_size=args.batch_size, **module_options(args, config, param_dtype))
+    options = module_options(args, config, param_dtype, compile_mode)
+    module = GRPOModule(group_size=8, micro_batch_size=args.batch_size, **options)
     timer = StepTimer(args.warmup, args.steps, allocated(device))
-    name = f"grpo {param_dtype}"
+    name = run_name("grpo", param_dtype, compile_mode)
     trainer = make_trainer(args, timer, name, 1)
     rows = args.accumulate * args.batch_size
     batches = RolloutRows(args.warmup + args.steps + 2, rows, args.seq_len, args.completion_len, config["vocab_size"])
@@ -531,6 +538,14 @@ def main():
         help="module option param_dtype; several: one run of ours each",
     )
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--compile-mode",
+        nargs="+",
+        default=["default"],
+        choices=COMPILE_MODES,
+        help="with --compile: module option compile_mode; several: one run of ours each (e.g. default "
+        "reduce-overhead: CUDA graphs against launching every kernel)",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (Lightning runs only)")
     p.add_argument("--overhead", action="store_true", help="also time a plain loop (Lightning's overhead)")
@@ -541,6 +556,7 @@ def main():
     )
     p.add_argument("--profile", action="store_true", help="profile one more step of each run (see above)")
     p.add_argument("--grpo-first", action="store_true", help="with --grpo: run GRPO's trainer before the others")
+    p.add_argument("--grpo-only", action="store_true", help="with --grpo: only GRPO's trainer (no pre-training run)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
     p.add_argument("--strategy", default="auto")
@@ -557,6 +573,10 @@ def main():
         args.completion_len = max(1, args.seq_len - 64)
     if not 1 <= args.completion_len < args.seq_len:
         p.error(f"--completion-len must be in [1, seq-len), got {args.completion_len}")
+    if args.grpo_only and not args.grpo:
+        p.error("--grpo-only needs --grpo")
+    if args.compile_mode != ["default"] and not args.compile:
+        p.error("--compile-mode needs --compile")
     if args.accumulate > 1 and (args.overhead or args.reference):
         p.error("--accumulate times Lightning runs only: drop --overhead / --reference")
     if args.overhead or args.reference:
@@ -574,20 +594,23 @@ def main():
 
     rows = []
     for dtype in args.param_dtype:
-        if args.grpo and args.grpo_first:
-            finished(rows, run_grpo(args, config, dtype, device))
+        for mode in args.compile_mode:
+            if args.grpo and (args.grpo_first or args.grpo_only):
+                finished(rows, run_grpo(args, config, dtype, device, mode))
+                release()
+            if args.grpo_only:
+                continue
+            row = run_lightning(args, config, dtype, device, mode)
+            if row is None:  # not rank zero
+                return
+            finished(rows, row)
             release()
-        row = run_lightning(args, config, dtype, device)
-        if row is None:  # not rank zero
-            return
-        finished(rows, row)
-        release()
-        if args.overhead:
-            finished(rows, run_plain(args, config, dtype, device))
-            release()
-        if args.grpo and not args.grpo_first:
-            finished(rows, run_grpo(args, config, dtype, device))
-            release()
+            if args.overhead:
+                finished(rows, run_plain(args, config, dtype, device))
+                release()
+            if args.grpo and not args.grpo_first:
+                finished(rows, run_grpo(args, config, dtype, device, mode))
+                release()
     if args.reference:
         finished(rows, run_reference(args, config, device))
         release()
@@ -602,6 +625,7 @@ def main():
         "precision": args.precision,
         "optimizer": args.optimizer,
         "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
         "gradient_checkpointing": args.gradient_checkpointing,
         "steps_timed": args.steps,
         "grpo_completion_len": args.completion_len if args.grpo else None,
