@@ -42,7 +42,15 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 # The rollout engine's counts a run records: whether its steps overlapped the host's work, were
 # preempted or ran as many steps as the tokens need (where its speed goes).
-ENGINE_STATS = ("steps", "overlapped_steps", "preemptions", "computed_tokens", "generated_tokens", "pages_total")
+ENGINE_STATS = (
+    "steps",
+    "overlapped_steps",
+    "grouped_steps",
+    "preemptions",
+    "computed_tokens",
+    "generated_tokens",
+    "pages_total",
+)
 sys.path.insert(0, str(BENCH))
 
 
@@ -62,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=None, help="completions a forward/backward (16 GPU, 8 CPU)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    p.add_argument(
+        "--scheduler-steps",
+        type=int,
+        default=None,
+        help="our rollout engine's num_scheduler_steps (decode steps per scheduling; default: the rollout engine's, 8)",
+    )
     p.add_argument(
         "--compile-mode",
         default="default",
@@ -150,7 +164,10 @@ def run_ours(args: argparse.Namespace) -> dict:
         micro_batch_size=args.micro_batch_size,
         optimizer={"lr": args.lr, "weight_decay": 0.0},
         schedule={"name": "constant"},
-        engine={"max_batch_size": min(512, args.prompts_per_step * args.group_size)},
+        engine={
+            "max_batch_size": min(512, args.prompts_per_step * args.group_size),
+            "num_scheduler_steps": args.scheduler_steps,
+        },
         asynchronous=staleness > 0,
         max_staleness=max(staleness, 1),
         compile=args.compile,
@@ -243,6 +260,7 @@ def run_ours(args: argparse.Namespace) -> dict:
             "max_staleness": staleness,
             "old_logps": module.old_logps_source,
             "micro_batch_size": args.micro_batch_size,
+            "num_scheduler_steps": engine.core.num_scheduler_steps if engine is not None else None,
         },
     }
 
@@ -317,6 +335,8 @@ def launch(args, run: str, model_dir: Path, data: Path, workdir: Path) -> dict:
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
         cmd += ["--compile" if args.compile else "--no-compile", "--param-dtype", args.param_dtype]
         cmd += ["--compile-mode", args.compile_mode]
+        if args.scheduler_steps is not None:
+            cmd += ["--scheduler-steps", str(args.scheduler_steps)]
     cmd += ["--model", str(model_dir), "--data", str(data), "--device", args.device, "--lr", str(args.lr)]
     cmd += ["--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size)]
     cmd += ["--max-new-tokens", str(args.max_new_tokens), "--micro-batch-size", str(args.micro_batch_size)]

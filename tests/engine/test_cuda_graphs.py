@@ -164,3 +164,20 @@ def test_capture_is_logged_with_its_time(caplog):
     assert runner.buckets == [1, 2, 4, 8, 16, 20] and set(runner.graphs) == set(runner.buckets)
     assert runner.capture_seconds > 0
     assert any("captured CUDA graphs" in r.getMessage() for r in caplog.records)
+
+
+def test_multi_step_groups_replay_the_graphs_and_draw_the_single_step_tokens():
+    """Steps after a group's first move positions, slots and input tokens on the device between
+    replays (DecodeRunner.run_steps); with every sample in lockstep the batch, and so every
+    replayed step, is the single-step engine's: the seeded tokens must be the same."""
+    model = bf16_model(5)
+    prompts = random_prompts(20, VOCAB, 2, 60, seed=9)
+    params = [SamplingParams(max_tokens=30, temperature=1.0, seed=i, logprobs=0, ignore_eos=True) for i in range(20)]
+    single = graph_engine(model).generate(prompts, params)
+    engine = graph_engine(model, num_scheduler_steps=8)
+    grouped = engine.generate(prompts, params)
+    assert tokens(grouped) == tokens(single)
+    for a, b in zip(grouped, single):
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.samples[0].logprobs, b.samples[0].logprobs)) < 1e-3
+    assert engine.stats()["grouped_steps"] >= 24
+    assert_pages_released(engine)

@@ -48,6 +48,7 @@ def test_an_unknown_setting_is_refused_naming_it():
         ({"page_size": True}, "page_size must be a positive integer, got True"),
         ({"num_pages": -1}, "num_pages must be a positive integer or left out, got -1"),
         ({"max_model_len": "long"}, "max_model_len must be a positive integer or left out, got 'long'"),
+        ({"num_scheduler_steps": 0}, "num_scheduler_steps must be a positive integer or left out, got 0"),
         (
             {"max_batch_size": 64, "max_num_batched_tokens": 32},
             r"max_num_batched_tokens \(32\) must be >= max_batch_size \(64\)",

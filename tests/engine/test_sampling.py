@@ -128,8 +128,16 @@ def test_unseeded_rows_get_no_uniform():
     params = SamplingParams(temperature=1.0)
     rows = [SampleRow(params, seed, [], [], position) for seed, position in [(None, 3), (2**64 - 1, 5), (7, 0)]]
     seeded = [r.seed is not None for r in rows]
-    assert row_uniforms(rows, seeded).tolist() == [-1.0, seeded_uniform(2**64 - 1, 5), seeded_uniform(7, 0)]
-    assert row_uniforms(rows[:1], seeded[:1]).tolist() == [-1.0]
+    assert row_uniforms(rows, seeded).tolist() == [[-1.0, seeded_uniform(2**64 - 1, 5), seeded_uniform(7, 0)]]
+    assert row_uniforms(rows[:1], seeded[:1]).tolist() == [[-1.0]]
+
+
+def test_the_uniforms_of_later_steps_are_those_of_the_later_positions():
+    params = SamplingParams(temperature=1.0)
+    rows = [SampleRow(params, seed, [], [], position) for seed, position in [(None, 3), (2**63 + 11, 5), (7, 0)]]
+    seeded = [r.seed is not None for r in rows]
+    expected = [[-1.0, seeded_uniform(2**63 + 11, 5 + k), seeded_uniform(7, k)] for k in range(4)]
+    assert row_uniforms(rows, seeded, steps=4).tolist() == expected
 
 
 def test_inverting_the_cdf_never_picks_a_token_without_probability():

@@ -12,7 +12,7 @@ from astrai.core.engine import EngineConfig, SamplingParams
 from astrai.core.tokenizer import AutoTokenizer
 from astrai.train.grpo_module import GRPOModule
 from astrai.train.lora import LoRAConfig, lora_layers
-from astrai.train.rollout import RolloutEngine
+from astrai.train.rollout import ROLLOUT_SCHEDULER_STEPS, RolloutEngine
 
 PROMPTS = [
     [{"role": "user", "content": "Hello world!"}],
@@ -147,6 +147,9 @@ def test_engine_options_and_limits(tokenizer_dir):
     module = make_module(tokenizer_dir, engine={"max_batch_size": 4, "max_model_len": 40})
     engine = module.rollout_engine()
     assert engine.engine.max_batch_size == 4 and engine.max_model_len == 40
+    assert engine.engine.core.num_scheduler_steps == ROLLOUT_SCHEDULER_STEPS > 1  # decode steps in groups
+    single = make_module(tokenizer_dir, engine={"num_scheduler_steps": 1}).rollout_engine()
+    assert single.engine.core.num_scheduler_steps == 1  # unless the config says otherwise
     with pytest.raises(ValueError, match=r"prompt 0 has 40 tokens.*max_model_len=40.*max_prompt_len"):
         engine.generate([[5] * 40], SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match=r"model.engine has no setting \['max_batch_sizes'\]"):

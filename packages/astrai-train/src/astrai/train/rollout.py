@@ -37,6 +37,11 @@ from .losses import IGNORE_INDEX
 
 # Share of free GPU memory the engine's KV cache may take by default: training needs the rest.
 DEFAULT_KV_SHARE = 0.25
+# Decode steps per scheduling in the rollout engine (EngineConfig.num_scheduler_steps): a
+# GRPO batch decodes hundreds of samples in lockstep, whose per-step host work (Python per
+# sample) outlasted the GPU's step; grouping reads their tokens once per group. Requests all
+# arrive at once, so no one waits for a group to end.
+ROLLOUT_SCHEDULER_STEPS = 8
 
 
 def policy_state(model: nn.Module, lora: LoRAConfig | None = None) -> dict[str, torch.Tensor]:
@@ -107,7 +112,8 @@ class RolloutEngine:
         lora: the policy's LoRA config, so synced weights have the adapters merged.
         engine: the engine's settings (astrai.core.engine.EngineConfig); `**settings` override
             its fields. By default the KV cache holds max_batch_size sequences of
-            max_model_len tokens, and on a GPU at most a quarter of the free memory.
+            max_model_len tokens, and on a GPU at most a quarter of the free memory, and
+            decode steps run in groups of ROLLOUT_SCHEDULER_STEPS (num_scheduler_steps).
     """
 
     def __init__(
@@ -126,6 +132,8 @@ class RolloutEngine:
         model.load_state_dict(policy_state(policy, lora))
         model.requires_grad_(False)
         config = (engine or EngineConfig()).replace(**settings)
+        if config.num_scheduler_steps is None:
+            config = config.replace(num_scheduler_steps=ROLLOUT_SCHEDULER_STEPS)
         if device.type == "cuda" and config.num_pages is None and config.kv_cache_memory is None:
             budget = default_kv_budget(model, dtype, device, config, torch.cuda.mem_get_info(device)[0])
             config = config.replace(kv_cache_memory=budget)

@@ -57,13 +57,21 @@ class EngineConfig:
     prefill_graphs: bool | None = _setting(
         None, "also run prefill and mixed steps as CUDA graphs (default: whenever the decode graphs are on)"
     )
+    num_scheduler_steps: int | None = _setting(
+        None,
+        "decode steps launched per scheduling when every running sequence is a plain decode (no "
+        "grammar, penalties or top logprobs) and nothing waits: the host reads their tokens once "
+        "per group, so large batches stop waiting on Python; a sample that stops inside a group "
+        "wastes its rest, and new requests wait for the group to end (default: 1; GRPO's rollout "
+        "engine: 8)",
+    )
 
     def validate(self) -> EngineConfig:
         """Check every field that can be checked without the model; raises AstraiError naming it."""
         for name in ("max_batch_size", "max_num_batched_tokens", "page_size"):
             value = getattr(self, name)
             require(is_token_id(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
-        for name in ("num_pages", "max_model_len"):
+        for name in ("num_pages", "max_model_len", "num_scheduler_steps"):
             value = getattr(self, name)
             require(
                 value is None or (is_token_id(value) and value >= 1),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -151,6 +152,37 @@ class DecodeRunner:
         context_lens = self._write_inputs(chunks, bucket, feed_rows)
         if feed is not None:
             self.ids[:b].copy_(feed.index_select(0, self.ids[:b]))
+        return self._logits(b, bucket, context_lens)
+
+    def run_steps(
+        self,
+        chunks: list[Chunk],
+        steps: int,
+        draw: Callable[[torch.Tensor], torch.Tensor],
+        feed: torch.Tensor | None = None,
+        feed_rows: list[int] | None = None,
+    ) -> None:
+        """``steps`` decode steps of the chunks in a row (multi-step decoding), queued without
+        waiting: the first as run() runs it, each later one feeding on the tokens the one
+        before drew and moving every row one position on, on the device. ``draw(logits)``
+        samples a step and returns its tokens (B,). The sequences' pages must already cover
+        every position the steps write."""
+        b, ps = len(chunks), self.cache.page_size
+        bucket = self.bucket(b)
+        tokens = draw(self.run(chunks, feed, feed_rows))
+        for _ in range(1, steps):
+            positions = self.positions[:b]
+            positions.add_(1)
+            self.context_lens[:b].add_(1)
+            pages = self.page_table[:b].gather(1, positions.div(ps, rounding_mode="floor")[:, None])[:, 0]
+            self.slots[:b].copy_(pages * ps + positions % ps)
+            self.ids[:b].copy_(tokens)
+            # The eager body (no graphs: the CPU) reads the context lengths on the host.
+            context_lens = None if self.graphs else self.context_lens[:bucket].tolist()
+            tokens = draw(self._logits(b, bucket, context_lens))
+
+    def _logits(self, b: int, bucket: int, context_lens: list[int] | None) -> torch.Tensor:
+        """The logits of the first b rows of the inputs now in the buffers (bucket rows run)."""
         self.num_steps += 1
         entry = self.graphs.get(bucket)
         if entry is not None:

@@ -289,6 +289,7 @@ class InferenceEngine:
             "page_copies": s.num_page_copies,
             "steps": c.num_steps,
             "overlapped_steps": c.num_overlapped,
+            "grouped_steps": c.num_grouped,
             "computed_tokens": c.num_computed,
             "generated_tokens": c.num_generated,
             "aborted_requests": c.num_aborted,

@@ -101,6 +101,7 @@ def build_parts(
     intake = RequestIntake(tokenizer, model_config.vocab_size, max_model_len, max_batch_size, eos_ids, device, grammars)
     core = EngineCore(model, tokenizer, cache, scheduler, attention_backend or default_backend(device), device)
     core.grammars = grammars
+    core.num_scheduler_steps = config.num_scheduler_steps or 1
     if _use_cuda_graphs(config.cuda_graphs, device, model, core.backend):
         core.decode_runner = DecodeRunner(model, cache, core.backend, max_batch_size, max_model_len, capture=True)
         if config.prefill_graphs is not False:

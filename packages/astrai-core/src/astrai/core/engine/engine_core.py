@@ -12,6 +12,15 @@ step, when it is again a pure decode of the same sequences, is scheduled and lau
 feeding on those device tokens, and only then are they read. A sequence that turns out to have
 stopped wasted one row of that step; nothing it computed is kept. Anything else (prefill,
 admission, forks, penalties that count output tokens) first reads the tokens in flight.
+
+Multi-step decoding (num_scheduler_steps K > 1): even overlapped, a step of hundreds of
+sequences costs the host more than the GPU (scheduling, inputs, sampling, stop checks: Python
+per sequence), so large decode batches ran at the host's pace. When every running sequence is
+a plain decode and nobody waits for a slot, one scheduling launches up to K steps back to back:
+pages for all of them are reserved first, each step after the first feeds on the tokens the
+one before drew and moves its positions on the device (DecodeRunner.run_steps), the sampler's
+per-row numbers cross once (sampler.StepDraws), and the host reads the K tokens of every
+sequence in one go. A sequence that stops inside the group wastes the rest of its rows.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from .prefill_graphs import PrefillRunner
 from .request_output import END as END  # END and LoopSink were defined here: still importable from here
 from .request_output import LoopSink as LoopSink
 from .request_output import RequestOutput, logprob_list
-from .sampler import Drawn, Sampler, SampleRow
+from .sampler import Drawn, Sampler, SampleRow, multi_step_ready
 from .scheduler import Chunk, Scheduler, StepPlan, is_decode
 from .sequence import Request, Sequence, Status
 from .stop import SampleText
@@ -47,11 +56,13 @@ class DecodeTiming:
     def __init__(self) -> None:
         self.by_batch: dict[int, list] = {}  # batch -> [steps, seconds, context tokens read]
 
-    def add(self, chunks: list[Chunk], seconds: float) -> None:
+    def add(self, chunks: list[Chunk], seconds: float, steps: int = 1) -> None:
+        """`steps` decode steps of the chunks (a multi-step group) took `seconds`."""
         entry = self.by_batch.setdefault(len(chunks), [0, 0.0, 0])
-        entry[0] += 1
+        entry[0] += steps
         entry[1] += seconds
-        entry[2] += sum(c.start for c in chunks) + len(chunks)
+        # Step j reads start + j + 1 tokens of each sequence's context.
+        entry[2] += steps * (sum(c.start for c in chunks) + len(chunks)) + len(chunks) * steps * (steps - 1) // 2
 
 
 @dataclasses.dataclass
@@ -80,6 +91,7 @@ class EngineCore:
         self.weight_updates = 0  # load_weights calls (a trainer's pushes; not reset by reset_stats)
         self.num_steps = self.num_computed = self.num_generated = 0
         self.num_overlapped = 0  # steps launched while the previous step's tokens were in flight
+        self.num_grouped = 0  # decode steps launched in multi-step groups (num_scheduler_steps)
         self.num_aborted = 0  # requests stopped by abort() (a client that left, a shutdown)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step
         self.output = RequestOutput(scheduler)  # events, finished samples and completions (request_output.py)
@@ -87,6 +99,7 @@ class EngineCore:
         self.prefill_runner: PrefillRunner | None = None  # the same for prefill and mixed steps
         self.decode_timing = DecodeTiming()
         self.overlap = True  # runner decode steps leave their tokens in flight (module doc)
+        self.num_scheduler_steps = 1  # most decode steps one scheduling launches (module doc)
         self._inflight: InFlight | None = None
         self.grammars: Grammars | None = None  # set by InferenceEngine (structured_output.py)
 
@@ -133,14 +146,36 @@ class EngineCore:
             return
         decode = is_decode(plan.chunks)
         try:
+            steps = self._group_steps(plan) if decode else 1
             self.cache.copy_pages(plan.copies)
-            self._run(plan.chunks, decode)
+            self._run(plan.chunks, decode, steps)
         except Exception as e:
             self.drain()
             self._isolate(plan.chunks, e)
         else:
             if decode:
-                self.decode_timing.add(plan.chunks, time.perf_counter() - start)
+                self.decode_timing.add(plan.chunks, time.perf_counter() - start, steps)
+
+    def _group_steps(self, plan: StepPlan) -> int:
+        """How many decode steps to launch for this pure-decode plan (module doc): up to
+        num_scheduler_steps when every chunk is a plain decode through the runner, no sequence
+        would pass its max_tokens and nobody waits for a slot; pages for every step are then
+        reserved here (a shortage of pages gives one step)."""
+        most, runner, s = self.num_scheduler_steps, self.decode_runner, self.scheduler
+        if most <= 1 or runner is None or not self.overlap or len(plan.chunks) > runner.max_batch_size:
+            return 1
+        if plan.preempted or (s.waiting and sum(seq.num_samples for seq in s.running) < s.max_batch_size):
+            return 1
+        room = runner.width * self.cache.page_size
+        for c in plan.chunks:
+            seq = c.seq
+            if seq.matcher is not None or seq.num_samples != 1 or not multi_step_ready(seq.request.params):
+                return 1
+            left = seq.request.max_tokens - (len(seq.token_ids) + seq.num_inflight - seq.num_prompt_tokens)
+            most = min(most, left, room - c.start)
+        if most <= 1:
+            return 1
+        return most if all(s.reserve(c.seq, most, plan) for c in plan.chunks) else 1
 
     def _can_overlap(self) -> bool:
         """The next step may launch before the tokens in flight are read: it can only be a pure
@@ -174,10 +209,27 @@ class EngineCore:
             except Exception as e:
                 self.fail([c.seq.request], e)
 
-    def _run(self, chunks: list[Chunk], decode: bool) -> None:
-        """Run the chunks through the model and sample; `decode`: every chunk is one sampled token."""
+    def _run(self, chunks: list[Chunk], decode: bool, steps: int = 1) -> None:
+        """Run the chunks through the model and sample; `decode`: every chunk is one sampled
+        token; `steps` > 1: that many decode steps of them (_group_steps said they can)."""
         with torch.inference_mode(), own_numerics(self.device):
-            self._run_chunks(chunks, decode)
+            if steps > 1:
+                self._run_group(chunks, steps)
+            else:
+                self._run_chunks(chunks, decode)
+
+    def _run_group(self, chunks: list[Chunk], steps: int) -> None:
+        """`steps` decode steps of the chunks through the runner, their tokens left in flight."""
+        feed, feed_rows = self._feed(chunks)
+        draws = self.sampler.steps([_sample_row(c, 0) for c in chunks], steps, self.device)
+        self.decode_runner.run_steps(chunks, steps, draws.draw, feed, feed_rows)
+        for c in chunks:
+            if c.seq.status is not Status.FINISHED:  # (a drain can end one)
+                self.scheduler.commit(Chunk(c.seq, c.start, steps))
+        self.num_steps += steps
+        self.num_grouped += steps
+        self.num_computed += steps * len(chunks)
+        self._hold([c.seq for c in chunks], [1] * len(chunks), draws.finish(), keep=True)
 
     def _run_chunks(self, chunks: list[Chunk], decode: bool) -> None:
         runner = self.decode_runner
@@ -277,9 +329,13 @@ class EngineCore:
             live = [None if seq.status is Status.FINISHED else seq.matcher for seq in seqs]  # (a drain can end one)
             matchers = [m for m, n in zip(live, counts) for _ in range(n)]
             self.grammars.apply(logits, matchers)
-        drawn = self.sampler.draw(logits, rows)
+        self._hold(seqs, counts, self.sampler.draw(logits, rows), keep)
+
+    def _hold(self, seqs: list[Sequence], counts: list[int], drawn: Drawn, keep: bool) -> None:
+        """Put the queued draw in flight and read the previous one; read this one too unless
+        `keep` allows and every sequence can go on without the host having its tokens."""
         for seq in seqs:
-            seq.num_inflight += 1
+            seq.num_inflight += drawn.steps
         keep = keep and all(_overlappable(seq) for seq in seqs)
         previous, self._inflight = self._inflight, InFlight(seqs, counts, drawn, {s: i for i, s in enumerate(seqs)})
         if previous is not None:
@@ -288,7 +344,10 @@ class EngineCore:
             self.drain()
 
     def _resolve(self, inflight: InFlight) -> None:
-        """Hand the sampled tokens of a step to their sequences."""
+        """Hand the sampled tokens of a step (or of a multi-step group) to their sequences."""
+        if inflight.drawn.steps > 1:
+            self._resolve_group(inflight)
+            return
         tokens, logprobs = inflight.drawn.result()
         at = dropped = 0
         for seq, n in zip(inflight.seqs, inflight.counts):
@@ -306,8 +365,26 @@ class EngineCore:
                     at += 1
             if seq.status is Status.RUNNING:
                 self.scheduler.register(seq)  # pages that held this token can now be hashed
-        self.num_generated += at - dropped
-        self._recent.append((time.perf_counter(), at - dropped))
+        self._count_generated(at - dropped)
+
+    def _resolve_group(self, inflight: InFlight) -> None:
+        """Hand each sequence its tokens of a multi-step group, in order, up to where it stops."""
+        results = inflight.drawn.results()
+        generated = 0
+        for i, seq in enumerate(inflight.seqs):
+            seq.num_inflight -= len(results)
+            for tokens, logprobs in results:
+                if seq.status is Status.FINISHED:  # stopped earlier in the group, or before it
+                    break
+                self._append(seq, tokens[i], logprobs[i])
+                generated += 1
+            if seq.status is Status.RUNNING:
+                self.scheduler.register(seq)
+        self._count_generated(generated)
+
+    def _count_generated(self, tokens: int) -> None:
+        self.num_generated += tokens
+        self._recent.append((time.perf_counter(), tokens))
         while self._recent and self._recent[-1][0] - self._recent[0][0] > _RATE_WINDOW_S:
             self._recent.popleft()
 
@@ -373,6 +450,7 @@ class EngineCore:
     def reset_stats(self) -> None:
         """Forget the counters, the scheduler's prefix-cache hits included (after warm-up requests)."""
         self.num_steps = self.num_computed = self.num_generated = self.num_overlapped = self.num_aborted = 0
+        self.num_grouped = 0
         self.scheduler.lookup_tokens = self.scheduler.hit_tokens = 0
         self._recent.clear()
         self.decode_timing = DecodeTiming()

@@ -47,68 +47,138 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprob | None]]:
         return self.draw(logits, rows).result()
 
-    @torch.inference_mode()
     def draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> Drawn:
         """Queue the draw; the tokens stay on the device until Drawn.result() reads them."""
-        # Widening bf16 to float32 is exact, so greedy rows can take the argmax of the logits as they are.
-        x = logits
+        steps = self.steps(rows, 1, logits.device)
+        steps.draw(logits)
+        return steps.finish()
+
+    def steps(self, rows: list[SampleRow], count: int, device: torch.device) -> StepDraws:
+        """The draws of `rows` in `count` consecutive decode steps (see StepDraws)."""
+        return StepDraws(rows, count, device, self.vocab_limit)
+
+
+def multi_step_ready(params: SamplingParams) -> bool:
+    """Whether a row with these parameters can be drawn several steps in a row without the host
+    reading its tokens in between: penalties count the output tokens on the host, and top
+    alternatives are copied back per step."""
+    return not params.has_penalties and not params.logprobs
+
+
+class StepDraws:
+    """The draws of the same rows in `count` consecutive decode steps, queued on the device.
+
+    The rows' numbers (temperature, filters, and each seeded row's uniform at its position and
+    at the `count - 1` positions after it) cross to the device once, so the steps after the
+    first ask the host for nothing: a multi-step decode (engine_core.py) launches them back to
+    back. With count > 1 every row must be multi_step_ready.
+    """
+
+    def __init__(self, rows: list[SampleRow], count: int, device: torch.device, vocab_limit: int | None):
+        self.rows, self.count, self.vocab_limit = rows, count, vocab_limit
         params = [r.params for r in rows]
         # The samples of one request share its parameters: the batch-wide checks look at each
         # set once (a GRPO step of 512 rows has 64), not at every row.
-        shared = list({id(p): p for p in params}.values())
-        if any(p.has_penalties for p in shared):
-            x = apply_penalties(x.float(), rows)
-        if self.vocab_limit is not None and self.vocab_limit < x.shape[-1]:
-            x = x[:, : self.vocab_limit]
-        greedy = [p.greedy for p in params]
-        tokens = x.argmax(-1) if all(greedy) else self._draw(x.float(), rows, params, shared, greedy)
-        return Drawn(tokens, rows, *_queue_read(logits, tokens, rows, shared))
+        self.shared = list({id(p): p for p in params}.values())
+        if count > 1 and not all(multi_step_ready(p) for p in self.shared):
+            raise ValueError("several steps need rows without penalties or top logprobs (multi_step_ready)")
+        self.penalties = any(p.has_penalties for p in self.shared)
+        self.greedy = [p.greedy for p in params]
+        self.all_greedy = all(self.greedy)
+        self.numbers = None if self.all_greedy else self._numbers(params, device)
+        self.wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        self.wanted_index = None
+        if self.wanted and len(self.wanted) < len(rows):
+            (self.wanted_index,) = to_device([torch.tensor(self.wanted, dtype=torch.long)], device)
+        self.tokens: list[torch.Tensor] = []  # each step's (B,) tokens, on the device
+        self.chosen: list[torch.Tensor] = []  # each step's logprobs of the wanted rows' tokens
+        self.alternatives: tuple[torch.Tensor, torch.Tensor] | None = None  # top values and ids (one step)
 
-    def _draw(
-        self,
-        x: torch.Tensor,
-        rows: list[SampleRow],
-        params: list[SamplingParams],
-        shared: list[SamplingParams],
-        greedy: list[bool],
-    ) -> torch.Tensor:
-        """Draw every row (params: each row's; shared: the distinct ones; greedy: each row's flag)."""
-        seeded = [r.seed is not None for r in rows]
-        vocab = x.shape[-1]
-        top_k = any(p.top_k > 0 for p in shared)
-        k_max = min(max(p.top_k for p in shared), vocab)
+    def _numbers(self, params: list[SamplingParams], device: torch.device) -> torch.Tensor:
+        """Rows: temperature, top-k, top-k off, top-p, min-p, greedy, then one row of uniforms per step."""
+        self.top_k = any(p.top_k > 0 for p in self.shared)
+        self.k_max = max(p.top_k for p in self.shared)
+        self.seeded = [r.seed is not None for r in self.rows]
         numbers = torch.tensor(
             [
                 [p.temperature or 1.0 for p in params],
-                [min(p.top_k, vocab) if p.top_k > 0 else k_max for p in params],
+                [p.top_k if p.top_k > 0 else self.k_max for p in params],
                 [float(p.top_k <= 0) for p in params],  # top-k off
                 [p.top_p if p.top_p < 1 else 2.0 for p in params],  # 2: nothing reaches it, top-p off
                 [p.min_p for p in params],
-                [float(g) for g in greedy],
+                [float(g) for g in self.greedy],
             ],
             dtype=torch.float32,
         )
-        numbers = torch.cat([numbers, row_uniforms(rows, seeded)[None]])
-        (numbers,) = to_device([numbers], x.device)
-        temps, ks, k_off, top_p, min_p, is_greedy, uniform = numbers
+        numbers = torch.cat([numbers, row_uniforms(self.rows, self.seeded, self.count)])
+        (numbers,) = to_device([numbers], device)
+        return numbers
+
+    @torch.inference_mode()
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """Queue the next step's draw from ``logits`` (B, vocab); its tokens (B,), on the device."""
+        step = len(self.tokens)
+        if step >= self.count:
+            raise RuntimeError(f"all {self.count} steps of these draws are queued already")
+        # Widening bf16 to float32 is exact, so greedy rows can take the argmax of the logits as they are.
+        x = logits
+        if self.penalties:
+            x = apply_penalties(x.float(), self.rows)
+        if self.vocab_limit is not None and self.vocab_limit < x.shape[-1]:
+            x = x[:, : self.vocab_limit]
+        tokens = x.argmax(-1) if self.all_greedy else self._pick(x.float(), step)
+        self.tokens.append(tokens)
+        self._logprobs(logits, tokens)
+        return tokens
+
+    def _pick(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Draw every row of float32 logits ``x`` at ``step``."""
+        temps, ks, k_off, top_p, min_p, is_greedy = self.numbers[:6]
+        uniform = self.numbers[6 + step]
+        vocab = x.shape[-1]
         scaled = x / temps[:, None]
-        if top_k:
-            scaled = top_k_filter(scaled, ks.long(), k_max, k_off.bool())
-        if any(p.top_p < 1 for p in shared):
+        if self.top_k:
+            k_max = min(self.k_max, vocab)
+            scaled = top_k_filter(scaled, ks.long().clamp(max=k_max), k_max, k_off.bool())
+        if any(p.top_p < 1 for p in self.shared):
             scaled = top_p_filter(scaled, top_p)
         probs = scaled.softmax(-1)
-        if any(p.min_p > 0 for p in shared):
+        if any(p.min_p > 0 for p in self.shared):
             probs = min_p_filter(probs, min_p)
-        if all(seeded):
+        if all(self.seeded):
             tokens = invert_cdf(probs, uniform)
         else:
             # E = -log(U), U ~ Uniform[0, 1): several times faster than exponential_() on CPU.
             tokens = (probs / torch.rand_like(probs).log_().neg_()).argmax(-1)
-            if any(seeded):
+            if any(self.seeded):
                 tokens = torch.where(uniform >= 0, invert_cdf(probs, uniform.clamp(min=0)), tokens)
-        if any(greedy):
+        if any(self.greedy):
             tokens = torch.where(is_greedy.bool(), x.argmax(-1), tokens)
         return tokens
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Queue the logprobs the rows ask for: those of the raw logits (the model's
+        distribution, whole vocabulary)."""
+        if not self.wanted:
+            return
+        raw, chosen_tokens = logits, tokens
+        if self.wanted_index is not None:
+            raw, chosen_tokens = logits.index_select(0, self.wanted_index), tokens.index_select(0, self.wanted_index)
+        lp = raw.float().log_softmax(-1)
+        self.chosen.append(lp.gather(1, chosen_tokens[:, None])[:, 0])
+        k_max = min(max(p.logprobs for p in self.shared if p.logprobs is not None), lp.shape[-1])
+        if k_max:  # not for rollouts, which want only the chosen tokens'
+            self.alternatives = lp.topk(k_max, dim=-1)
+
+    def finish(self) -> Drawn:
+        """Start copying every step's tokens (and logprobs) to the host."""
+        if not self.tokens:
+            raise RuntimeError("no step was drawn")
+        if self.count == 1:
+            parts = [self.tokens[0], *self.chosen[:1], *(self.alternatives or ())]
+        else:
+            parts = [torch.stack(self.tokens), *([torch.stack(self.chosen)] if self.chosen else [])]
+        return Drawn(self.tokens[-1], self.rows, HostCopy(*parts), self.wanted, len(self.tokens))
 
 
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -135,23 +205,25 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def seeded_uniforms(seeds: list[int], positions: list[int]) -> torch.Tensor:
+def seeded_uniforms(seeds: list[int], positions: list[int] | torch.Tensor) -> torch.Tensor:
     """seeded_uniform of every (seed, position) pair, as a float32 CPU tensor, bit for bit: int64
-    tensor arithmetic wraps as the 64-bit masks above do. A step of 512 seeded rows spent
-    more host time on the Python loop than on everything else the sampler prepares."""
+    tensor arithmetic wraps as the 64-bit masks above do. ``positions`` may also be an int64
+    tensor that broadcasts against the seeds (as (steps, 1) + (B,) does). A step of 512 seeded
+    rows spent more host time on the Python loop than on everything else the sampler prepares."""
     z = torch.tensor([_int64(s) for s in seeds], dtype=torch.int64)
-    z = z + (torch.tensor(positions, dtype=torch.int64) + 1) * _int64(_GOLDEN)
+    z = z + (torch.as_tensor(positions, dtype=torch.int64) + 1) * _int64(_GOLDEN)
     z = (z ^ _shift_right(z, 30)) * _int64(_MIX1)
     z = (z ^ _shift_right(z, 27)) * _int64(_MIX2)
     return _shift_right(z ^ _shift_right(z, 31), 40).to(torch.float32) / float(1 << 24)
 
 
-def row_uniforms(rows: list[SampleRow], seeded: list[bool]) -> torch.Tensor:
-    """Each row's seeded uniform, -1 for an unseeded row (seeded: whether each row has a seed;
-    float32, on the host)."""
+def row_uniforms(rows: list[SampleRow], seeded: list[bool], steps: int = 1) -> torch.Tensor:
+    """Each row's seeded uniform at its position and the ``steps - 1`` after it, (steps, B), -1
+    for an unseeded row (seeded: whether each row has a seed; float32, on the host)."""
     if not any(seeded):
-        return torch.full((len(rows),), -1.0)
-    uniforms = seeded_uniforms([r.seed or 0 for r in rows], [r.position for r in rows])
+        return torch.full((steps, len(rows)), -1.0)
+    positions = torch.tensor([r.position for r in rows], dtype=torch.int64) + torch.arange(steps)[:, None]
+    uniforms = seeded_uniforms([r.seed or 0 for r in rows], positions)
     return uniforms if all(seeded) else torch.where(torch.tensor(seeded), uniforms, -1.0)
 
 
@@ -216,43 +288,32 @@ def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 class Drawn:
-    """A queued draw: `tokens` (B,) on the device, and their host copies (with logprobs) in flight."""
+    """Queued draws: `tokens` (B,), the last step's, on the device, and every step's host copies
+    (with logprobs) in flight."""
 
-    def __init__(self, tokens: torch.Tensor, rows: list[SampleRow], copy: HostCopy, wanted: list[int]):
-        self.tokens, self._rows, self._copy, self._wanted = tokens, rows, copy, wanted
+    def __init__(self, tokens: torch.Tensor, rows: list[SampleRow], copy: HostCopy, wanted: list[int], steps: int = 1):
+        self.tokens, self._rows, self._copy, self._wanted, self.steps = tokens, rows, copy, wanted, steps
 
     def result(self) -> tuple[list[int], list[TokenLogprob | None]]:
-        """The sampled tokens as ints, and the logprobs rows asked for: one wait for the device."""
-        token_list, *extra = self._copy.wait()
-        out: list[TokenLogprob | None] = [None] * len(self._rows)
-        if self._wanted:
-            chosen, *alternatives = extra  # the top values and ids, when a row asked for any
-            top_v, top_i = alternatives or (None, None)
+        """The sampled tokens of a one-step draw as ints, and the logprobs rows asked for: one
+        wait for the device."""
+        if self.steps != 1:
+            raise RuntimeError(f"a draw of {self.steps} steps: read it with results()")
+        return self.results()[0]
+
+    def results(self) -> list[tuple[list[int], list[TokenLogprob | None]]]:
+        """Each step's tokens and logprobs, as result() gives one step's: one wait for the device."""
+        token_lists, *extra = self._copy.wait()
+        if self.steps == 1:
+            token_lists, extra = [token_lists], [[e] for e in extra]
+        chosen, *alternatives = extra or [None]
+        top_v, top_i = alternatives or (None, None)
+        out = []
+        for step, token_list in enumerate(token_lists):
+            logprobs: list[TokenLogprob | None] = [None] * len(self._rows)
             for j, i in enumerate(self._wanted):
                 k = self._rows[i].params.logprobs
-                top = list(zip(top_i[j][:k], top_v[j][:k])) if k else []
-                out[i] = TokenLogprob(token_list[i], chosen[j], top)
-        return token_list, out
-
-
-def _queue_read(
-    logits: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow], shared: list[SamplingParams]
-) -> tuple[HostCopy, list[int]]:
-    """Start copying the tokens, and the logprobs rows ask for, to the host (shared: the rows'
-    distinct parameters).
-
-    Logprobs are those of the raw logits (the model's distribution, whole vocabulary)."""
-    wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    if not wanted:
-        return HostCopy(tokens), wanted
-    raw, chosen_tokens = logits, tokens
-    if len(wanted) < len(rows):
-        (idx,) = to_device([torch.tensor(wanted, dtype=torch.long)], logits.device)
-        raw, chosen_tokens = logits.index_select(0, idx), tokens.index_select(0, idx)
-    lp = raw.float().log_softmax(-1)
-    chosen = lp.gather(1, chosen_tokens[:, None])[:, 0]
-    k_max = min(max(p.logprobs for p in shared if p.logprobs is not None), lp.shape[-1])
-    if not k_max:  # only the chosen tokens' (rollouts): no alternatives to copy back
-        return HostCopy(tokens, chosen), wanted
-    top_v, top_i = lp.topk(k_max, dim=-1)
-    return HostCopy(tokens, chosen, top_v, top_i), wanted
+                top = list(zip(top_i[0][j][:k], top_v[0][j][:k])) if k else []
+                logprobs[i] = TokenLogprob(token_list[i], chosen[step][j], top)
+            out.append((token_list, logprobs))
+        return out

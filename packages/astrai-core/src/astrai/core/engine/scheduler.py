@@ -196,6 +196,11 @@ class Scheduler:
         self.epoch += 1
 
     # -- pages ---------------------------------------------------------------------------
+    def reserve(self, seq: Sequence, tokens: int, plan: StepPlan) -> bool:
+        """Pages for the next `tokens` tokens of seq (a multi-step decode), all or nothing,
+        without preempting anyone: False when the pool is short."""
+        return self._grow(seq, tokens, plan)
+
     def _make_room(self, seq: Sequence, length: int, plan: StepPlan) -> bool:
         while not self._grow(seq, length, plan):
             victim = self.running.pop()
