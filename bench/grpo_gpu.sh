@@ -11,6 +11,8 @@
 #                                     # time against device time per step, the sampler alone (~2 min)
 #   bash bench/grpo_gpu.sh tests      # the GRPO, loss-compile and structured-output GPU tests
 #   bash bench/grpo_gpu.sh learning   # quickstart GRPO sync vs async-1 vs async-2 (part 6's GPU half)
+#   bash bench/grpo_gpu.sh multistep  # the rollout engine one decode step per scheduling against
+#                                     # groups of 8 (num_scheduler_steps), with its GPU test (~2 min)
 #
 # Expects the packages importable (PYTHONPATH with packages/*/src, or installed; on a machine
 # without our dependencies, carry the wheels bench/gpu_wheels.sh downloads). The `trl` run
@@ -56,6 +58,15 @@ engine() {
 async() {
   python3 bench/grpo_throughput.py --model "$MODEL" --device cuda --runs sync async-1 async-2 --steps 3 --warmup 2 \
     --run-timeout 170 --output "$OUT_DIR/grpo_async.json"
+}
+
+multistep() {
+  python3 -m pytest -q --tb=short -rfs -p no:cacheprovider tests/engine/test_cuda_graphs.py -k multi_step 2>&1 \
+    | tee "$OUT_DIR/multistep_test.txt"
+  for k in 1 8; do
+    python3 bench/grpo_throughput.py --model "$MODEL" --device cuda --runs rollout --scheduler-steps "$k" --steps 3 \
+      --warmup 1 --output "$OUT_DIR/rollout_k$k.json"
+  done
 }
 
 split() {

@@ -368,8 +368,12 @@ def main(argv=None) -> None:
     model_dir = prepare_model(args.model, workdir)
     total_steps = args.warmup + args.steps + 2  # + the asynchronous pipeline's fill
     data = write_prompts(workdir / "prompts.jsonl", args.prompts_per_step * total_steps)
-    records = [launch(args, run, model_dir, data, workdir) for run in args.runs]
-    rows = [summarise(r) if r["steps"] else {"run": r["run"], "error": r.get("error")} for r in records]
+    records, rows = [], []
+    for run in args.runs:  # each run's row printed as it ends: a run cut short later leaves it
+        records.append(launch(args, run, model_dir, data, workdir))
+        r = records[-1]
+        rows.append(summarise(r) if r["steps"] else {"run": r["run"], "error": r.get("error")})
+        print(f"finished: {json.dumps(rows[-1])}", flush=True)
     print(json.dumps(rows, indent=1))
     rates = {r["run"]: r["steps_per_hour"] for r in rows if "steps_per_hour" in r and r["run"] != "rollout"}
     alone = {r["run"]: r["rollout_tok_s"] for r in rows if "rollout_tok_s" in r}
