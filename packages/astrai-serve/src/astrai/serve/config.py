@@ -101,6 +101,7 @@ class ServeConfig:
     max_model_len: int | None = _engine_opt("max_model_len")
     cuda_graphs: bool | None = _engine_opt("cuda_graphs")
     prefill_graphs: bool | None = _engine_opt("prefill_graphs")
+    num_scheduler_steps: int | None = _engine_opt("num_scheduler_steps")
     served_model_name: str | None = _opt(
         None, "model name clients send and /v1/models lists (default: the directory name)", metavar="NAME"
     )
