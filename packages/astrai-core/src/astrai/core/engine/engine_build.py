@@ -146,7 +146,9 @@ def warm_up(engine) -> None:
     vocab = engine.model.config.vocab_size
     for n in (31, 48):  # a prefill of neither kind, then one of a multiple of 16
         if n < engine.max_model_len:
-            engine.generate([[(n + 7 * i) % vocab for i in range(n)]], SamplingParams(max_tokens=2, ignore_eos=True))
+            # logprobs=0: the chosen-token log-prob kernel too (rollouts ask for it)
+            params = SamplingParams(max_tokens=2, ignore_eos=True, logprobs=0)
+            engine.generate([[(n + 7 * i) % vocab for i in range(n)]], params)
     engine.core.reset_stats()
     engine.scheduler.reset_prefix_cache()
     log.info("warm-up requests ran in %.2f s", time.perf_counter() - start)

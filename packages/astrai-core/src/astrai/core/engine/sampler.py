@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.dispatch import use_fused
 from .device_transfer import HostCopy, to_device
 from .outputs import TokenLogprob
 from .params import SamplingParams
@@ -164,9 +165,16 @@ class StepDraws:
         raw, chosen_tokens = logits, tokens
         if self.wanted_index is not None:
             raw, chosen_tokens = logits.index_select(0, self.wanted_index), tokens.index_select(0, self.wanted_index)
+        k_max = min(max(p.logprobs for p in self.shared if p.logprobs is not None), raw.shape[-1])
+        if not k_max and raw.stride(-1) == 1 and use_fused(raw):
+            # Rollouts want only the chosen tokens': one pass over the logits instead of a
+            # float32 copy and a full log-softmax (kernels/token_logprobs.py).
+            from ..kernels.token_logprobs import token_logprobs
+
+            self.chosen.append(token_logprobs(raw, chosen_tokens))
+            return
         lp = raw.float().log_softmax(-1)
         self.chosen.append(lp.gather(1, chosen_tokens[:, None])[:, 0])
-        k_max = min(max(p.logprobs for p in self.shared if p.logprobs is not None), lp.shape[-1])
         if k_max:  # not for rollouts, which want only the chosen tokens'
             self.alternatives = lp.topk(k_max, dim=-1)
 
