@@ -67,8 +67,9 @@ class Sequence:
     epoch: int = 0  # scheduler epoch (weights) its cached keys/values were computed under
     logprobs: list[TokenLogprob] | None = None
     num_streamed: int = 0  # output tokens already sent to a stream
-    # Tokens sampled on the device that the host has not read yet (0 or 1): they come after
-    # token_ids. While the device runs the next decode step, the host reads this one (engine_core.py).
+    # Tokens sampled on the device that the host has not read yet (0, 1, or a multi-step group's
+    # K): they come after token_ids. While the device runs the next decode step (or group), the
+    # host reads these (engine_core.py).
     num_inflight: int = 0
     matcher: object = None  # with params.structured_output: its grammar's state (structured_output.py)
 
