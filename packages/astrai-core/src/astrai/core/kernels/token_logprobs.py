@@ -15,14 +15,13 @@ import triton
 import triton.language as tl
 
 _BLOCK = 4096
-_LOWEST = -3.0e38  # the running maximum starts finite, so masked lanes never give inf - inf
 
 
 @triton.jit
 def _token_logprob_kernel(Logits, stride, Tokens, Out, vocab, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = Logits + row * stride
-    running_max = tl.full([BLOCK], _LOWEST, tl.float32)
+    running_max = tl.full([BLOCK], -3.0e38, tl.float32)  # finite: masked lanes never give inf - inf
     running_sum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
