@@ -4,6 +4,7 @@
     uv run python bench/engine_step_profile.py --profile 25         # plus the top cProfile entries
     uv run python bench/engine_step_profile.py --batch 512 --rollout   # sampled as GRPO's rollouts are
     uv run python bench/engine_step_profile.py --batch 512 --rollout --sampler-only --model M.json
+    uv run python bench/engine_step_profile.py --batch 512 --rollout --padded --scheduler-steps 8
     python3 bench/engine_step_profile.py --model configs/model/qwen3-0.6b.json --device cuda \
         --prompt-len 384 --kv-cache-dtype fp8 --kernels 15                 # where a step's GPU time goes
 
@@ -72,6 +73,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="N",
         help="then profile --steps more steps and print the N costliest kernels per step",
     )
+    p.add_argument(
+        "--scheduler-steps",
+        type=int,
+        default=1,
+        metavar="K",
+        help="the engine's num_scheduler_steps: decode steps launched per scheduling (multi-step decoding "
+        "needs the runner: CUDA graphs or --padded); times are then per decode step",
+    )
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
@@ -120,6 +129,7 @@ def main(argv=None) -> int:
         device=args.device,
         cuda_graphs=args.cuda_graphs,
         kv_cache_dtype=args.kv_cache_dtype,
+        num_scheduler_steps=args.scheduler_steps,
     )
     if args.padded:
         from astrai.core.engine.cuda_graphs import DecodeRunner
@@ -155,18 +165,22 @@ def main(argv=None) -> int:
     steps, forwards = [], []
     if profiler:
         profiler.enable()
-    for _ in range(args.steps):
-        forward_before, start = timer.total, clock()
+    done = 0
+    while done < args.steps:  # per decode step: a multi-step group counts as its K steps
+        forward_before, start, before = timer.total, clock(), engine.core.num_steps
         engine.step()
-        steps.append(clock() - start)
-        forwards.append(timer.total - forward_before)
+        taken = max(1, engine.core.num_steps - before)
+        steps += [(clock() - start) / taken] * taken
+        forwards += [(timer.total - forward_before) / taken] * taken
+        done += taken
     if profiler:
         profiler.disable()
     step_ms, forward_ms = statistics.median(steps) * 1e3, statistics.median(forwards) * 1e3
     host_ms = statistics.median(s - f for s, f in zip(steps, forwards)) * 1e3
     graphs = "CUDA graphs" if runner is not None and runner.graphs else "padded static buffers" if runner else "eager"
     print(
-        f"{args.model} on {engine.device} ({graphs}), {args.batch} decoding sequences, {args.steps} steps, "
+        f"{args.model} on {engine.device} ({graphs}), {args.batch} decoding sequences, {len(steps)} steps "
+        f"({args.scheduler_steps} a scheduling), "
         f"median thread CPU ms: step {step_ms:.2f}, model forward {forward_ms:.2f}, host (rest) {host_ms:.2f}"
     )
     if profiler:
