@@ -233,6 +233,13 @@ def test_triton_kernel_matches_reference_in_the_interpreter():
     assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-4000:]
 
 
+def check_kernel_interpreted(module: str) -> None:
+    """Run test module `module`'s check_kernel('cpu') in the Triton interpreter (run_interpreted)."""
+    script = f"import sys; sys.path.insert(0, sys.argv[1])\nfrom {module} import check_kernel\n"
+    proc = run_interpreted(script + "check_kernel('cpu'); print('kernel ok')")
+    assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-4000:]
+
+
 def run_interpreted(script: str) -> subprocess.CompletedProcess:
     """`script` (given this folder as argv[1]) in a fresh Python under TRITON_INTERPRET=1: the
     variable must be set before triton is imported, hence the subprocess."""

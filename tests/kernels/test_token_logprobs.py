@@ -3,7 +3,7 @@ row, in float32 and bfloat16 logits, with vocabularies that do and do not fill i
 
 import pytest
 import torch
-from test_paged_attention import needs_triton, run_interpreted
+from test_paged_attention import check_kernel_interpreted, needs_triton
 
 
 def check_kernel(device: str) -> None:
@@ -31,9 +31,7 @@ def check_kernel(device: str) -> None:
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the compiled kernel is tested instead")
 def test_token_logprob_kernel_matches_log_softmax_in_the_interpreter():
-    script = "import sys; sys.path.insert(0, sys.argv[1])\nfrom test_token_logprobs import check_kernel\n"
-    proc = run_interpreted(script + "check_kernel('cpu'); print('kernel ok')")
-    assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-4000:]
+    check_kernel_interpreted("test_token_logprobs")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -3,7 +3,7 @@ do, and touches no other row."""
 
 import pytest
 import torch
-from test_paged_attention import needs_triton, run_interpreted
+from test_paged_attention import check_kernel_interpreted, needs_triton
 
 from astrai.core.engine.structured_output import mask_rows
 
@@ -39,9 +39,7 @@ def test_mask_rows_keeps_exactly_the_set_bits():
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the compiled kernel is tested instead")
 def test_mask_kernel_matches_the_torch_ops_in_the_interpreter():
-    script = "import sys; sys.path.insert(0, sys.argv[1])\nfrom test_token_mask import check_kernel\n"
-    proc = run_interpreted(script + "check_kernel('cpu'); print('kernel ok')")
-    assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-4000:]
+    check_kernel_interpreted("test_token_mask")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
