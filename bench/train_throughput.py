@@ -400,9 +400,9 @@ def timed_loop(args, loader, device, step_fn) -> Window:
     raise RuntimeError("the loader ran out before the timed steps ended")
 
 
-def run_plain(args, config: dict, param_dtype: str, device: torch.device) -> dict:
+def run_plain(args, config: dict, param_dtype: str, device: torch.device, compile_mode: str) -> dict:
     """The PretrainModule and its optimizer without Lightning: what a hand-written loop would do."""
-    module = make_module(args, config, param_dtype)
+    module = make_module(args, config, param_dtype, compile_mode)
     module.configure_model()  # param dtype, torch.compile: as Lightning calls it
     module.to(device).train()
     setup = module.configure_optimizers()
@@ -419,7 +419,7 @@ def run_plain(args, config: dict, param_dtype: str, device: torch.device) -> dic
         scheduler.step()
 
     window = timed_loop(args, make_loader(args, config), device, step)
-    return result_row(f"plain loop {param_dtype}", args, window, 1)
+    return result_row(run_name("plain loop", param_dtype, compile_mode), args, window, 1)
 
 
 def run_reference(args, config: dict, device: torch.device) -> dict:
@@ -606,7 +606,7 @@ def main():
             finished(rows, row)
             release()
             if args.overhead:
-                finished(rows, run_plain(args, config, dtype, device))
+                finished(rows, run_plain(args, config, dtype, device, mode))
                 release()
             if args.grpo and not args.grpo_first:
                 finished(rows, run_grpo(args, config, dtype, device, mode))

@@ -86,6 +86,9 @@ class StepDraws:
         self.penalties = any(p.has_penalties for p in self.shared)
         self.greedy = [p.greedy for p in params]
         self.all_greedy = all(self.greedy)
+        self.seeded = [r.seed is not None for r in rows]
+        self.top_k = any(p.top_k > 0 for p in self.shared)
+        self.k_max = max(p.top_k for p in self.shared)
         self.numbers = None if self.all_greedy else self._numbers(params, device)
         self.wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         self.wanted_index = None
@@ -97,9 +100,6 @@ class StepDraws:
 
     def _numbers(self, params: list[SamplingParams], device: torch.device) -> torch.Tensor:
         """Rows: temperature, top-k, top-k off, top-p, min-p, greedy, then one row of uniforms per step."""
-        self.top_k = any(p.top_k > 0 for p in self.shared)
-        self.k_max = max(p.top_k for p in self.shared)
-        self.seeded = [r.seed is not None for r in self.rows]
         numbers = torch.tensor(
             [
                 [p.temperature or 1.0 for p in params],
@@ -311,17 +311,19 @@ class Drawn:
 
     def results(self) -> list[tuple[list[int], list[TokenLogprob | None]]]:
         """Each step's tokens and logprobs, as result() gives one step's: one wait for the device."""
-        token_lists, *extra = self._copy.wait()
-        if self.steps == 1:
-            token_lists, extra = [token_lists], [[e] for e in extra]
-        chosen, *alternatives = extra or [None]
-        top_v, top_i = alternatives or (None, None)
+        # StepDraws.finish copied: the tokens, (K, B) for K > 1 steps; the wanted rows' chosen
+        # logprobs, shaped alike; for one step, top alternatives (values, ids) when asked for.
+        copied = self._copy.wait()
+        per_step = (lambda x: x) if self.steps > 1 else (lambda x: [x])  # noqa: E731
+        token_lists = per_step(copied[0])
+        chosen = per_step(copied[1]) if self._wanted else None
+        top_v, top_i = copied[2:] if len(copied) > 2 else (None, None)
         out = []
         for step, token_list in enumerate(token_lists):
             logprobs: list[TokenLogprob | None] = [None] * len(self._rows)
             for j, i in enumerate(self._wanted):
                 k = self._rows[i].params.logprobs
-                top = list(zip(top_i[0][j][:k], top_v[0][j][:k])) if k else []
+                top = list(zip(top_i[j][:k], top_v[j][:k])) if k else []
                 logprobs[i] = TokenLogprob(token_list[i], chosen[step][j], top)
             out.append((token_list, logprobs))
         return out
