@@ -57,31 +57,34 @@ def test_serve_wheel_installs_and_serves_without_the_training_stack(tmp_path, mo
     (tmp_path / "requirements.txt").write_text(requirements)
 
     venv = tmp_path / "venv"
-    python = venv / "bin" / "python"
-    run(uv, "venv", "--python", sys.executable, venv)
-    run(uv, "pip", "install", "--no-deps", "--python", python, "-r", tmp_path / "requirements.txt", *wheels)
-    run(uv, "pip", "check", "--python", python)
-    for module in TRAINING_ONLY:
-        proc = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
-        assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr, f"{module} is importable"
+    try:  # the venv holds a copy of torch with its CUDA libraries (GBs): freed whatever happens
+        python = venv / "bin" / "python"
+        run(uv, "venv", "--python", sys.executable, venv)
+        run(uv, "pip", "install", "--no-deps", "--python", python, "-r", tmp_path / "requirements.txt", *wheels)
+        run(uv, "pip", "check", "--python", python)
+        for module in TRAINING_ONLY:
+            proc = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+            assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr, f"{module} is importable"
 
-    help_text = run(venv / "bin" / "astrai-serve", "--help").stdout
-    assert "--model" in help_text and "--api-key" in help_text
+        help_text = run(venv / "bin" / "astrai-serve", "--help").stdout
+        assert "--model" in help_text and "--api-key" in help_text
 
-    # The installed command serves a real request (cwd outside the repo: only the venv is used).
-    port = free_port()
-    server = launch(
-        [venv / "bin" / "astrai-serve", "--model", model_dir, "--port", port, "--device", "cpu"],
-        port,
-        tmp_path / "server.log",
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": ""},
-    )
-    try:
-        server.wait_ready()
-        r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        # The installed command serves a real request (cwd outside the repo: only the venv is used).
+        port = free_port()
+        server = launch(
+            [venv / "bin" / "astrai-serve", "--model", model_dir, "--port", port, "--device", "cpu"],
+            port,
+            tmp_path / "server.log",
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": ""},
+        )
+        try:
+            server.wait_ready()
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        finally:
+            server.stop()
+        location = run(python, "-c", "import astrai.serve; print(astrai.serve.__file__)").stdout
+        assert location.startswith(str(venv))
     finally:
-        server.stop()
-    location = run(python, "-c", "import astrai.serve; print(astrai.serve.__file__)").stdout
-    assert location.startswith(str(venv))
+        shutil.rmtree(venv, ignore_errors=True)
