@@ -35,6 +35,7 @@ from .config import ServeConfig, cuda_index
 from .control_plane import ControlPlane
 from .generation import merge_events
 from .litserve_bridge import BurstLoop, LitAPI, LitSpec
+from .parent_watch import exit_with_parent
 from .relay import RelayedRequest, StepRelay
 
 log = logging.getLogger("astrai.serve")
@@ -91,6 +92,7 @@ class EngineAPI(LitAPI):
         logging.basicConfig(
             level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        exit_with_parent()  # an orphaned worker would keep its GPU memory (parent_watch.py)
         cfg = self.config
         self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))  # set by LitServe before setup()
         delay = self.control.liveness.starting(self.worker_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from astrai.core.errors import AstraiError
 
 from .config import ServeConfig, ServeConfigError, build_config, cuda_index
+from .parent_watch import exit_with_parent
 
 log = logging.getLogger("astrai.serve")
 # Start-up failures reported as one line and exit code 1: every AstraiError (ServeConfigError,
@@ -162,7 +164,20 @@ def _check_port(host: str, port: int) -> None:
             ) from None
 
 
-def _raise_interrupt(signum, frame) -> None:
+_stopping = False
+
+
+def _on_stop_signal(signum, frame) -> None:
+    """The first SIGINT / SIGTERM starts LitServe's graceful shutdown (KeyboardInterrupt). Another
+    during that shutdown (a second Ctrl-C; `uv run` passing on a SIGTERM the process also got)
+    would cut it short before it stops the workers, and the at-exit join would then wait for
+    them forever: so it kills the child processes first, then ends the shutdown."""
+    global _stopping
+    if _stopping:
+        print(f"astrai-serve: {signal.Signals(signum).name} again: stopping the workers now", file=sys.stderr)
+        for child in multiprocessing.active_children():
+            child.kill()
+    _stopping = True
     raise KeyboardInterrupt
 
 
@@ -172,11 +187,17 @@ def _stop_on_signals() -> None:
     A shell starts background jobs with SIGINT ignored, and LitServe leaves its worker
     running on SIGTERM; either would leave the port bound after `kill`.
     """
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    # Forked children (LitServe's HTTP process) re-raise the signal that stopped them once
-    # they have shut down; with the default disposition that ends them quietly.
-    os.register_at_fork(after_in_child=_default_signals)
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    # Forked children (LitServe's HTTP process, its manager) re-raise the signal that stopped
+    # them once they have shut down; with the default disposition that ends them quietly. They
+    # also end when this process is gone (parent_watch.py).
+    os.register_at_fork(after_in_child=_forked_child)
+
+
+def _forked_child() -> None:
+    _default_signals()
+    exit_with_parent()
 
 
 def _default_signals() -> None:
@@ -233,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_server(build_server(config, info), config)
     except RuntimeError as e:  # LitServe: the worker failed in setup(); its log is above
         return _fail(f"the inference worker failed to start ({e}); see its log above", 1)
+    except KeyboardInterrupt:  # a second signal cut the graceful shutdown short (_on_stop_signal)
+        return 130
     return 0
 
 
