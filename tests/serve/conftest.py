@@ -6,6 +6,7 @@ and the tokenizer is trained here on a few bilingual lines; nothing is downloade
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -85,8 +86,11 @@ def serve_command():
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGINT to the whole process group (LitServe's graceful path), SIGKILL if it lingers."""
+    """SIGINT to the whole process group (LitServe's graceful path), SIGKILL if it lingers; a
+    group whose main process already ended gets SIGKILL, so no test leaves its workers behind."""
     if proc.poll() is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         return
     os.killpg(proc.pid, signal.SIGINT)
     try:

@@ -14,7 +14,7 @@ from .control_plane import ControlPlane
 from .generation import ModelInfo
 from .guard import CHAT_PAGE, OPEN_PATHS, RequestGuard
 from .litserve_bridge import FAILED, READY, LitServer, ReplyTransportServer, serve_at_root, startup_state
-from .request_models import install_request_schemas
+from .openapi_doc import install_openapi_doc
 from .request_queue import RoutedRequestQueue
 from .server import _MODELS, ProtocolSpec
 from .transport import BatchedZMQTransport
@@ -86,7 +86,7 @@ def build_server(config: ServeConfig, info: ModelInfo) -> LitServer:
     )
     if config.chat_page:
         serve_at_root(server, spec.chat_page)
-    install_request_schemas(server.app, _MODELS)  # the request bodies in /openapi.json (behind the key)
+    install_openapi_doc(server.app, _MODELS, {"/v1/messages"})  # bodies and errors in /openapi.json (behind the key)
     server.control_plane = control  # run_server closes it (its socket files)
     server.make_request_queue = RoutedRequestQueue
     if config.fast_queue:

@@ -8,7 +8,7 @@ model (the context length, --max-batch-size, the vocabulary) is checked in opena
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import APIError, bad_request
@@ -80,7 +80,22 @@ class ToolCallIn(Part):
     function: FunctionCall
 
 
+# _content_or_calls's two rules in JSON Schema, so that /openapi.json refuses what the server refuses.
+_CALLS = {
+    "required": ["role", "tool_calls"],
+    "properties": {"role": {"const": "assistant"}, "tool_calls": {"minItems": 1}},
+}
+_CONTENT_OR_CALLS = {
+    "anyOf": [{"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}, _CALLS],
+    "not": {
+        "required": ["role", "tool_calls"],
+        "properties": {"role": {"not": {"const": "assistant"}}, "tool_calls": {"type": "array"}},
+    },
+}
+
+
 class ChatMessage(Part):
+    model_config = ConfigDict(**Part.model_config, json_schema_extra=_CONTENT_OR_CALLS)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: text_or(TextPart) | None = None
     tool_calls: list[ToolCallIn] | None = None

@@ -4,7 +4,7 @@ mapping from a pydantic ValidationError to the 400 a client reads.
 Request bodies are pydantic models (openai_models.py, anthropic_models.py) rather than code that
 walks each body field by field: a field's type, bounds and default are declared once, pydantic
 checks them, and the same declaration is the JSON Schema the OpenAPI document shows
-(`install_request_schemas`). Models are strict, as the hand-written readers were: JSON `true` is
+(openapi_doc.py). Models are strict, as the hand-written readers were: JSON `true` is
 not a number, "0.5" is not a float, 1 is not a boolean. Top-level nulls mean "not sent" (OpenAI's
 SDKs send them), and unknown top-level fields are refused (`extra='forbid'`); in lenient mode
 (--no-strict-fields) server.py drops and logs them before the model sees the body.
@@ -53,10 +53,25 @@ class Wording:
     explain: Callable[[dict, dict], APIError] | None = None
 
 
+def _null_admitted(schema: dict[str, Any], model: type) -> None:
+    """Show in the JSON Schema what _null_is_not_sent accepts: an optional field sent as null."""
+    required = set(schema.get("required", ()))
+    properties = schema.get("properties", {})
+    for name, field in properties.items():
+        if name in required or not field or _admits_null(field):
+            continue
+        kept = {key: field.pop(key) for key in ("title", "default", "description") if key in field}
+        properties[name] = {"anyOf": [field, {"type": "null"}], **kept}
+
+
+def _admits_null(field: dict[str, Any]) -> bool:
+    return field.get("type") == "null" or any(branch.get("type") == "null" for branch in field.get("anyOf", ()))
+
+
 class RequestModel(BaseModel):
     """A request body: strict types, unknown top-level fields refused, null = not sent."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_null_admitted)
     # Fields whose errors are reported first, in this order (the order the hand-written parsers
     # checked them in); the others follow in declaration order.
     check_order: ClassVar[tuple[str, ...]] = ()
@@ -208,33 +223,3 @@ def raw_at(body: Any, loc: tuple) -> Any:
         except (KeyError, IndexError, TypeError):
             return None
     return body
-
-
-# -- the OpenAPI document ----------------------------------------------------------------------
-def install_request_schemas(app: Any, models: dict[str, type[BaseModel]]) -> None:
-    """Show `models[path]` as the request body of each POST `path` in the app's OpenAPI document.
-
-    The routes take a plain Request, so FastAPI validates nothing before RequestGuard's key and
-    size checks and our own JSON reading; the schema is attached as `openapi_extra`, and the
-    models' nested definitions are added to components/schemas when the document is first built
-    (FastAPI's documented way to extend it: replace `app.openapi`)."""
-    from fastapi.routing import APIRoute
-
-    components: dict[str, Any] = {}
-    for model in models.values():
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, definition in {**schema.pop("$defs", {}), model.__name__: schema}.items():
-            if components.setdefault(name, definition) != definition:
-                raise ValueError(f"two request models define a different {name!r}; rename one")
-    for route in app.routes:
-        if isinstance(route, APIRoute) and route.path in models and "POST" in route.methods:
-            ref = {"$ref": f"#/components/schemas/{models[route.path].__name__}"}
-            route.openapi_extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            build().setdefault("components", {}).setdefault("schemas", {}).update(components)
-        return app.openapi_schema
-
-    app.openapi = openapi
