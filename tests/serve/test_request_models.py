@@ -125,16 +125,60 @@ def test_the_openapi_schema_lists_the_three_request_bodies_fields():
         assert schemas[name]["additionalProperties"] is False
     chat = schemas["ChatCompletionRequest"]
     assert chat["required"] == ["messages"]
-    assert chat["properties"]["temperature"] == {
+    assert chat["properties"]["temperature"] == {  # null: not sent (RequestModel._null_is_not_sent)
+        "anyOf": [{"maximum": 2.0, "minimum": 0.0, "type": "number"}, {"type": "null"}],
         "default": 1.0,
-        "maximum": 2.0,
-        "minimum": 0.0,
         "title": "Temperature",
-        "type": "number",
     }
     assert schemas["MessagesRequest"]["required"] == ["max_tokens", "messages"]
     refs = {ref.rsplit("/", 1)[-1] for ref in _refs(doc)}
     assert refs <= set(schemas), refs - set(schemas)  # every nested model is defined
+
+
+def test_the_openapi_schema_documents_each_routes_errors_in_its_protocols_shape():
+    doc = _served_schema(api_key="k", docs=True)
+    schemas = doc["components"]["schemas"]
+    for path in ROUTES:
+        responses = doc["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "401", "404", "413", "500", "503"}, path
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+        error = "AnthropicErrorResponse" if path == "/v1/messages" else "OpenAIErrorResponse"
+        for status in ("400", "401", "413"):
+            assert responses[status]["content"]["application/json"]["schema"] == {
+                "$ref": f"#/components/schemas/{error}"
+            }
+    assert set(schemas["OpenAIErrorResponse"]["properties"]) == {"error"}
+    assert set(schemas["OpenAIErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+    assert schemas["AnthropicErrorResponse"]["properties"]["type"] == {
+        "const": "error",
+        "title": "Type",
+        "type": "string",
+    }
+
+
+def test_the_documented_chat_message_refuses_what_the_server_refuses():
+    from jsonschema_rs import Draft202012Validator
+
+    doc = _served_schema(docs=True)
+    validator = Draft202012Validator({"$ref": "#/components/schemas/ChatMessage", "components": doc["components"]})
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    cases = [
+        ({"role": "user", "content": "x"}, True),
+        ({"role": "assistant", "tool_calls": [call]}, True),
+        ({"role": "assistant", "content": None, "tool_calls": [call]}, True),
+        ({"role": "tool", "content": None}, False),
+        ({"role": "assistant"}, False),
+        ({"role": "assistant", "tool_calls": []}, False),
+        ({"role": "user", "content": "x", "tool_calls": [call]}, False),
+    ]
+    for message, accepted in cases:
+        assert validator.is_valid(message) is accepted, message
+        body = {"messages": [message]}
+        if accepted:
+            ChatCompletionRequest.model_validate(body)
+        else:
+            with pytest.raises(ValidationError):
+                ChatCompletionRequest.model_validate(body)
 
 
 def _refs(node):
