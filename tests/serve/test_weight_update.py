@@ -11,8 +11,10 @@ import time
 
 import httpx
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
 from weights_helpers import ADMIN, API, greedy_in_process, new_weights, start_server
 
 from astrai.serve.admin import ADMIN_PREFIX
@@ -102,10 +104,31 @@ def test_admin_body_that_is_not_json_is_refused(srv):
     assert r.status_code == 400, r.text
 
 
-def test_update_from_a_missing_file_fails_and_keeps_the_weights(srv, tmp_path):
-    r = post(srv, "/admin/update_weights", {"path": str(tmp_path / "none.safetensors"), "version": 9})
-    assert r.status_code == 500 and "none.safetensors" in r.json()["error"]["message"]
+def _unlike_the_model(model_dir, path):
+    """The test model's weights with one tensor's shape changed."""
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = torch.zeros(3, 5)
+    save_file(tensors, str(path))
+    return name
+
+
+@pytest.mark.parametrize("weights", ["missing", "not safetensors", "another shape"])
+def test_update_from_weights_that_cannot_serve_is_a_400_naming_path_and_keeps_the_weights(
+    srv, model_dir, tmp_path, weights
+):
+    path, needle = tmp_path / "w.safetensors", "w.safetensors"
+    if weights == "not safetensors":
+        path.write_text('{"a json file": "written where the weights should be"}')
+    elif weights == "another shape":
+        needle = _unlike_the_model(model_dir, path) + ": (3, 5)"
+    before = complete(srv, 8)["choices"][0]["text"]
+    r = post(srv, "/admin/update_weights", {"path": str(path), "version": 9})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "path" and needle in error["message"], error
     assert srv.stats()["engine"]["weights_version"] == 0
+    assert complete(srv, 8)["choices"][0]["text"] == before  # the served weights did not change
 
 
 def test_interrupted_requests_go_on_under_the_new_weights_and_say_which_wrote_which_token(srv, model_dir, tmp_path):
@@ -224,3 +247,20 @@ def test_stats_answer_while_a_finish_pause_waits_for_the_requests_in_flight(srv)
         for t in threads:
             t.join(timeout=300)
     assert paused[0].status_code == 200, paused[0].text
+
+
+def test_a_finish_pause_that_runs_out_of_time_is_a_409_naming_timeout_and_leaves_the_server_serving(srv):
+    threads, answers = in_flight(srv, 1, LONG)
+    try:
+        r = post(srv, "/admin/pause", {"mode": "finish", "timeout": 0.05})
+        assert r.status_code == 409, r.text
+        error = r.json()["error"]
+        assert error["param"] == "timeout" and "mode 'interrupt'" in error["message"], error
+        for _ in range(4):  # not paused on any worker (the one without requests paused, then resumed)
+            body = {"prompt": PROMPT, "max_tokens": 4, "ignore_eos": True}
+            r = httpx.post(srv.url + "/v1/completions", json=body, headers=API, timeout=60)
+            assert r.status_code == 200, r.text
+    finally:
+        for t in threads:
+            t.join(timeout=300)
+    assert answers and answers[0]["choices"][0]["finish_reason"] == "length"

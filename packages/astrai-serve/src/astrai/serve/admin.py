@@ -35,6 +35,8 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
+from astrai.core.errors import AstraiError
+
 from .errors import APIError, bad_request, openai_error_body
 from .request_fields import parse_json_object
 
@@ -45,17 +47,31 @@ _FINISH_POLL_S = 0.01
 
 
 # -- the worker side -------------------------------------------------------------------------
+class CommandRefused(Exception):
+    """A command a worker could not carry out because of what the request asked (a path with no
+    weights, the weights of another model): the client's to fix, so the route answers `status`
+    naming `param` (the control plane passes both on), not a 500."""
+
+    def __init__(self, message: str, param: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.http_status, self.param = status, param
+
+
 def load_safetensors(path: str | Path, device: str) -> dict:
     """Every tensor of `path` (one .safetensors file, or every one in a directory) on `device`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"no .safetensors file at {path}; write the weights there first")
+        raise CommandRefused(f"'path': no .safetensors file at {path}; write the weights there first", "path")
     state: dict = {}
     for file in files:
-        state.update(load_file(str(file), device=device))
+        try:
+            state.update(load_file(str(file), device=device))
+        except (SafetensorError, OSError) as e:
+            raise CommandRefused(f"'path': {file} is not a readable .safetensors file ({e})", "path") from None
     return state
 
 
@@ -84,9 +100,11 @@ class WorkerAdmin:
             while self.engine.has_unfinished_requests():
                 if time.monotonic() > deadline:
                     self.admitting.set()
-                    raise TimeoutError(
+                    raise CommandRefused(
                         f"requests still running after {arg['timeout']:g} s of pause mode 'finish'; not paused "
-                        "(raise 'timeout' or pause with mode 'interrupt')"
+                        "(raise 'timeout' or pause with mode 'interrupt')",
+                        "timeout",
+                        status=409,
                     )
                 time.sleep(_FINISH_POLL_S)
         self.engine.pause()
@@ -96,7 +114,10 @@ class WorkerAdmin:
         start = time.perf_counter()
         state = load_safetensors(arg["path"], self.device)
         loaded = time.perf_counter()
-        self.engine.update_weights(state, arg["version"], recompute=arg["recompute_kv"])
+        try:  # names and shapes are checked before anything is copied: a refusal keeps the weights
+            self.engine.update_weights(state, arg["version"], recompute=arg["recompute_kv"])
+        except AstraiError as e:
+            raise CommandRefused(f"'path': {e}", "path") from None
         end = time.perf_counter()
         return self._state(tensors=len(state), load_seconds=loaded - start, seconds=end - start)
 
@@ -142,8 +163,9 @@ def parse_update(raw: bytes) -> dict:
     if not isinstance(recompute, bool):
         raise bad_request(f"'recompute_kv' must be true or false, got {recompute!r}", "recompute_kv")
     if not isinstance(path, str) or not path:
+        what = "is required" if path is None else f"must be a non-empty string, got {path!r}"
         raise bad_request(
-            "'path' is required: the .safetensors file or the directory of them that the trainer wrote", "path"
+            f"'path' {what}: the .safetensors file or the directory of them that the trainer wrote", "path"
         )
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise bad_request(
@@ -174,11 +196,14 @@ class AdminRoutes:
             arg = parse(await request.body())
             answers = await asyncio.to_thread(self.control.ask, op, arg, arg["timeout"] + 5.0, self.response_queue_id)
             failed = [a for a in answers if "error" in a]
+            if failed and op == "pause" and len(failed) < len(answers):
+                # All or none: a server paused on some workers would hold the requests sent there.
+                await asyncio.to_thread(self.control.ask, "resume", {}, arg["timeout"] + 5.0, self.response_queue_id)
             if failed:
                 worker = failed[0]
+                status = worker.get("status") or (503 if worker["error"].startswith("no answer") else 500)
                 raise APIError(
-                    503 if worker["error"].startswith("no answer") else 500,
-                    f"{op} failed on worker {worker['worker']}: {worker['error']}",
+                    status, f"{op} failed on worker {worker['worker']}: {worker['error']}", param=worker.get("param")
                 )
         except APIError as e:
             return JSONResponse(openai_error_body(e), status_code=e.status)

@@ -171,7 +171,11 @@ class ControlPlane:
             try:
                 reply = run(arg)
             except Exception as e:  # noqa: BLE001 - reported to the asker, not fatal
-                reply = {"error": f"{type(e).__name__}: {e}"}
+                status = getattr(e, "http_status", None)  # the request's fault (admin.CommandRefused)
+                if isinstance(status, int):
+                    reply = {"error": str(e), "status": status, "param": getattr(e, "param", None)}
+                else:
+                    reply = {"error": f"{type(e).__name__}: {e}"}
             sock = sockets.get(consumer)
             if sock is None:  # each thread its own sockets (ZeroMQ sockets are not thread-safe)
                 sock = sockets[consumer] = _socket(zmq.PUSH, self.reply_addresses[consumer], bind=False)
