@@ -148,6 +148,14 @@ def test_weights_the_servers_refuse_fail_the_sync_and_leave_them_serving(pair, m
     assert len(rollout.completion_ids) == 4
 
 
+def test_weights_a_server_cannot_read_fail_the_sync_naming_weights_dir(pair, model_dir, tmp_path):
+    policy = new_weights(model_dir, seed=13, path=tmp_path / "unused.safetensors")
+    rollout = remote(pair, weights_dir=str(tmp_path / "trainer-only"))
+    rollout._writer.write = lambda tensors, path: None  # as if written to a disk the servers do not see
+    with pytest.raises(AstraiError, match="cannot read the weights.*model.rollout.weights_dir"):
+        rollout.sync(policy, 5)
+
+
 def test_a_server_killed_mid_rollout_loses_no_sample(pair):
     """Runs last: it kills one of the module's servers."""
     victim, survivor = pair

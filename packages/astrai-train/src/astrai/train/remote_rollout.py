@@ -269,8 +269,9 @@ class RemoteRollout:
                 if r.status_code in (401, 403):
                     raise AstraiError(f"model.rollout.admin_key: {server.url} refused the weight update: {r.text}")
                 if r.status_code != 200:
+                    hint = _PATH_HINT if r.status_code == 400 and _error_param(r) == "path" else ""
                     raise httpx.HTTPStatusError(
-                        f"{op}: HTTP {r.status_code}: {r.text[:300]}", request=r.request, response=r
+                        f"{op}: HTTP {r.status_code}: {r.text[:300]}{hint}", request=r.request, response=r
                     )
         except httpx.HTTPError as e:
             self._set_aside(server, f"weight update: {e}")
@@ -400,6 +401,19 @@ class RemoteRollout:
 
     def _errors(self) -> str:
         return "; ".join(f"{s.url}: {s.last_error or 'ok'}" for s in self.servers)
+
+
+_PATH_HINT = (
+    " (the server cannot read the weights the trainer wrote: a server on another host needs "
+    "model.rollout.weights_dir on a file system both see)"
+)
+
+
+def _error_param(response: httpx.Response) -> str | None:
+    try:
+        return response.json()["error"]["param"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def check_strategy(strategy) -> None:
