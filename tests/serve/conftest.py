@@ -146,6 +146,17 @@ def launch():
     return Server
 
 
+def start_cpu_server(model_dir: Path, log: Path, *extra) -> Server:
+    """`astrai-serve` of the test model on the CPU on a free port (MODEL_NAME, one torch
+    thread), with `extra` arguments; started, not yet ready."""
+    port = _free_port()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    argv = _serve_command(
+        "--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name", MODEL_NAME, *extra
+    )  # fmt: skip
+    return Server(argv, port, log, model_dir, env=env, cwd=REPO)
+
+
 @pytest.fixture
 def cpu_server(model_dir, tmp_path):
     """cpu_server(*extra_args) -> a ready `astrai-serve` of its own on the CPU (the test model,
@@ -153,12 +164,7 @@ def cpu_server(model_dir, tmp_path):
     started = []
 
     def start(*extra) -> Server:
-        port = _free_port()
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-        argv = _serve_command(
-            "--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name", MODEL_NAME, *extra
-        )
-        started.append(Server(argv, port, tmp_path / f"server-{len(started)}.log", model_dir, env=env, cwd=REPO))
+        started.append(start_cpu_server(model_dir, tmp_path / f"server-{len(started)}.log", *extra))
         return started[-1].wait_ready()
 
     yield start
@@ -169,26 +175,8 @@ def cpu_server(model_dir, tmp_path):
 @pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory):
     """The real `astrai-serve` on a free port, with an API key; one per test session."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    argv = _serve_command(
-        "--model",
-        model_dir,
-        "--port",
-        port,
-        "--device",
-        "cpu",
-        "--served-model-name",
-        MODEL_NAME,
-        "--api-key",
-        API_KEY,
-        "--max-batch-size",
-        "32",
-        "--log-level",
-        "info",
-    )
-    srv = Server(argv, port, log, model_dir, env=env, cwd=REPO)
+    srv = start_cpu_server(model_dir, log, "--api-key", API_KEY, "--max-batch-size", "32", "--log-level", "info")
     try:
         yield srv.wait_ready()
     finally:

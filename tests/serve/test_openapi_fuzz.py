@@ -11,7 +11,7 @@ tool_result), and JSON Schema does not say them.
 from __future__ import annotations
 
 import pytest
-from conftest import API_KEY, MODEL_NAME, REPO, Server, _free_port, _serve_command
+from conftest import API_KEY, start_cpu_server
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -38,25 +38,8 @@ MAX_MODEL_LEN = 96
 
 @pytest.fixture(scope="module")
 def docs_server(model_dir, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("fuzz-log") / "server.log"
-    argv = _serve_command(
-        "--model",
-        model_dir,
-        "--port",
-        port,
-        "--device",
-        "cpu",
-        "--served-model-name",
-        MODEL_NAME,
-        "--api-key",
-        API_KEY,
-        "--docs",
-        "--max-model-len",
-        MAX_MODEL_LEN,
-    )
-    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    srv = Server(argv, port, log, model_dir, env={**__import__("os").environ, **env}, cwd=REPO)
+    srv = start_cpu_server(model_dir, log, "--api-key", API_KEY, "--docs", "--max-model-len", MAX_MODEL_LEN)
     try:
         yield srv.wait_ready()
     finally:

@@ -9,7 +9,6 @@ must not stall the event loop.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import threading
 import time
@@ -18,6 +17,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from conftest import start_cpu_server
 
 # "/" is the static chat page, open like /health (test_chat_page.py checks it holds no data).
 GET_ROUTES = ["/stats", "/metrics", "/v1/models", "/info", "/docs", "/redoc", "/openapi.json", "/no-such-route"]
@@ -29,28 +29,11 @@ BODIES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION, "/v1/mess
 
 
 @pytest.fixture(scope="module")
-def lenient(launch, model_dir, serve_command, free_port, tmp_path_factory):
+def lenient(launch, model_dir, tmp_path_factory):
     """A second server with a key, --docs, an 8 MiB body limit and --no-strict-fields."""
-    port = free_port()
     log = tmp_path_factory.mktemp("serve-lenient") / "server.log"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    argv = serve_command(
-        "--model",
-        model_dir,
-        "--port",
-        port,
-        "--device",
-        "cpu",
-        "--served-model-name",
-        "tiny-serve",
-        "--api-key",
-        launch.api_key,
-        "--docs",
-        "--max-request-bytes",
-        "8MiB",
-        "--no-strict-fields",
-    )
-    srv = launch(argv, port, log, model_dir, env=env)
+    args = ("--api-key", launch.api_key, "--docs", "--max-request-bytes", "8MiB", "--no-strict-fields")
+    srv = start_cpu_server(model_dir, log, *args)
     try:
         yield srv.wait_ready()
     finally:

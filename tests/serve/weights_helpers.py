@@ -4,11 +4,10 @@ answer to compare a server's with."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-from conftest import API_KEY, MODEL_NAME, REPO, Server, _free_port, _serve_command
+from conftest import API_KEY, Server, start_cpu_server
 from safetensors.torch import save_file
 
 from astrai.core.auto import AutoModel
@@ -22,13 +21,9 @@ API = {"Authorization": f"Bearer {API_KEY}"}
 
 def start_server(model_dir: Path, log: Path, *extra) -> Server:
     """A CPU `astrai-serve` of the test model with the API key and ADMIN_KEY (not yet ready)."""
-    port = _free_port()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    argv = _serve_command(
-        "--model", model_dir, "--port", port, "--device", "cpu", "--served-model-name", MODEL_NAME,
-        "--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--max-batch-size", "32", *extra,
-    )  # fmt: skip
-    return Server(argv, port, log, model_dir, env=env, cwd=REPO)
+    return start_cpu_server(
+        model_dir, log, "--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--max-batch-size", "32", *extra
+    )
 
 
 def new_weights(model_dir: Path, seed: int, path: Path) -> torch.nn.Module:
