@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 
+import httpx
 import pytest
 from conftest import API_KEY, REPO
 from weights_helpers import ADMIN_KEY, new_weights, start_server
@@ -154,6 +155,23 @@ def test_weights_a_server_cannot_read_fail_the_sync_naming_weights_dir(pair, mod
     rollout._writer.write = lambda tensors, path: None  # as if written to a disk the servers do not see
     with pytest.raises(AstraiError, match="cannot read the weights.*model.rollout.weights_dir"):
         rollout.sync(policy, 5)
+
+
+def test_a_sync_interrupted_between_pause_and_resume_leaves_the_servers_serving(pair, model_dir, tmp_path):
+    policy = new_weights(model_dir, seed=14, path=tmp_path / "unused.safetensors")
+    rollout = remote(pair)
+
+    def interrupt_after_pause(response):  # Ctrl-C lands while the servers are paused
+        if response.request.url.path == "/admin/update_weights":
+            raise KeyboardInterrupt
+
+    rollout._client.event_hooks["response"].append(interrupt_after_pause)
+    with pytest.raises(KeyboardInterrupt):
+        rollout.sync(policy, 6)
+    for server in pair:  # a paused server would hold this request until the timeout
+        body = {"prompt": PROMPTS[0], "max_tokens": 2}
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=20)
+        assert r.status_code == 200, r.text
 
 
 def test_a_server_killed_mid_rollout_loses_no_sample(pair):

@@ -275,13 +275,20 @@ class RemoteRollout:
                     )
         except httpx.HTTPError as e:
             self._set_aside(server, f"weight update: {e}")
-            try:  # do not leave it paused: it still serves (its old weights) anyone else
-                self._client.post(f"{server.url}/admin/resume", json={}, headers=headers, timeout=10)
-            except httpx.HTTPError:
-                pass
+            self._resume_quietly(server, headers)
             return False
+        except BaseException:  # Ctrl-C or a crash between pause and resume: the server stays ours to resume
+            self._resume_quietly(server, headers)
+            raise
         server.version = self.version
         return True
+
+    def _resume_quietly(self, server: _Server, headers: dict[str, str]) -> None:
+        """Do not leave a server paused: it still serves (its old weights) anyone else."""
+        try:
+            self._client.post(f"{server.url}/admin/resume", json={}, headers=headers, timeout=10)
+        except httpx.HTTPError:
+            pass
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> Rollout:
