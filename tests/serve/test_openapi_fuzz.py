@@ -10,14 +10,15 @@ tool_result), and JSON Schema does not say them.
 
 from __future__ import annotations
 
+import httpx
 import pytest
+import schemathesis
 from conftest import API_KEY, start_cpu_server
-
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from jsonschema_rs import Draft202012Validator  # schemathesis's validator
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
     response_schema_conformance,
@@ -82,9 +83,6 @@ MINIMAL = {
 def test_every_optional_field_sent_as_null_is_accepted_as_the_document_says(docs_server):
     """OpenAI's SDKs send unset fields as null: the server takes null as "not sent", and the
     document must say so, or a client generated from it would refuse to send them."""
-    import httpx
-    from jsonschema_rs import Draft202012Validator  # schemathesis's validator
-
     doc = httpx.get(docs_server.url + "/openapi.json", headers=AUTH, timeout=10).json()
     for path, minimal in MINIMAL.items():
         ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]

@@ -196,13 +196,9 @@ def _stop_on_signals() -> None:
 
 
 def _forked_child() -> None:
-    _default_signals()
-    exit_with_parent()
-
-
-def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    exit_with_parent()
 
 
 def _fail(error: object, code: int) -> int:

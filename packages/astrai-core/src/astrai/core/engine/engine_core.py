@@ -449,8 +449,8 @@ class EngineCore:
 
     def reset_stats(self) -> None:
         """Forget the counters, the scheduler's prefix-cache hits included (after warm-up requests)."""
-        self.num_steps = self.num_computed = self.num_generated = self.num_overlapped = self.num_aborted = 0
-        self.num_grouped = 0
+        self.num_steps = self.num_computed = self.num_generated = self.num_overlapped = self.num_grouped = 0
+        self.num_aborted = 0
         self.scheduler.lookup_tokens = self.scheduler.hit_tokens = 0
         self._recent.clear()
         self.decode_timing = DecodeTiming()
